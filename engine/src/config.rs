@@ -1,0 +1,730 @@
+//! The node's configuration: TOML, validated once at start.
+//!
+//! Parsing (unknown keys, wrong types, unknown variants) is serde's and names the line and the
+//! key; [`Config::validate`] then checks what types cannot say (sizes that fit, names that
+//! exist, cores that exist) and names the key, the value and what is allowed.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The embedded default: one node, one `mem` device with `file` media, one volume.
+pub const DEFAULT_CONFIG: &str = include_str!("../../configs/single-node.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("could not read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config is not valid TOML for fathom: {0}")]
+    Parse(String),
+    #[error("config key `{key}` = {value} is not allowed: {allowed}")]
+    Invalid {
+        key: String,
+        value: String,
+        allowed: String,
+    },
+}
+
+fn invalid(
+    key: impl Into<String>,
+    value: impl fmt::Display,
+    allowed: impl Into<String>,
+) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        value: value.to_string(),
+        allowed: allowed.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub dma: DmaConfig,
+    #[serde(default)]
+    pub reactor: ReactorConfig,
+    #[serde(rename = "device", default)]
+    pub devices: Vec<DeviceConfig>,
+    #[serde(rename = "volume", default)]
+    pub volumes: Vec<VolumeConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Names the node in logs and in the shared-memory stats region.
+    pub id: String,
+    /// Where `file` media live when their path is relative.
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DmaConfig {
+    /// DMA memory reserved at start for queue rings, PRP lists and IO buffers.
+    #[serde(default = "DmaConfig::default_size")]
+    pub size: ByteSize,
+    /// Back DMA memory with 2 MiB hugepages (the default). `false` uses normal pages, which
+    /// is slower and only meant for hosts that cannot reserve hugepages.
+    #[serde(default = "yes")]
+    pub hugepages: bool,
+}
+
+impl DmaConfig {
+    fn default_size() -> ByteSize {
+        ByteSize(64 << 20)
+    }
+}
+
+impl Default for DmaConfig {
+    fn default() -> Self {
+        Self {
+            size: Self::default_size(),
+            hugepages: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PollMode {
+    /// Poll without pause, as SPDK does: lowest latency, one full core per reactor.
+    Busy,
+    /// Poll while there is work; after a short idle spell park until work arrives.
+    Adaptive,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReactorConfig {
+    /// CPU cores to run one reactor on each, pinned.
+    #[serde(default = "ReactorConfig::default_cores")]
+    pub cores: Vec<usize>,
+    #[serde(default = "ReactorConfig::default_poll")]
+    pub poll: PollMode,
+    /// Commands in flight per device queue pair (the NVMe queues get one more entry).
+    #[serde(default = "ReactorConfig::default_queue_depth")]
+    pub queue_depth: u16,
+    /// Requests from other threads waiting for a reactor, per reactor.
+    #[serde(default = "ReactorConfig::default_inbound")]
+    pub inbound_capacity: usize,
+    /// How long an adaptive reactor spins with nothing to do before it parks.
+    #[serde(default = "ReactorConfig::default_idle_spin")]
+    pub idle_spin: DurationValue,
+}
+
+impl ReactorConfig {
+    fn default_cores() -> Vec<usize> {
+        vec![0]
+    }
+    fn default_poll() -> PollMode {
+        PollMode::Adaptive
+    }
+    fn default_queue_depth() -> u16 {
+        255
+    }
+    fn default_inbound() -> usize {
+        4096
+    }
+    fn default_idle_spin() -> DurationValue {
+        DurationValue(Duration::from_micros(200))
+    }
+}
+
+impl Default for ReactorConfig {
+    fn default() -> Self {
+        Self {
+            cores: Self::default_cores(),
+            poll: Self::default_poll(),
+            queue_depth: Self::default_queue_depth(),
+            inbound_capacity: Self::default_inbound(),
+            idle_spin: Self::default_idle_spin(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverKind {
+    /// The in-process NVMe controller.
+    Mem,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaKind {
+    /// No data is stored or copied (SPDK's null bdev): measures software cost only.
+    Null,
+    /// Anonymous memory, lost when the node stops.
+    Ram,
+    /// A sparse file under the data directory, persisted across restarts.
+    File,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceMode {
+    /// The controller runs inside each reactor's poll loop: the near-zero-latency stub.
+    Inline,
+    /// The controller runs on a device thread of its own, asynchronous as hardware is.
+    Thread,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    pub name: String,
+    pub driver: DriverKind,
+    pub media: MediaKind,
+    #[serde(default = "DeviceConfig::default_mode")]
+    pub mode: DeviceMode,
+    /// Size of the device's one namespace.
+    pub size: ByteSize,
+    #[serde(default = "DeviceConfig::default_block_size")]
+    pub block_size: u32,
+    /// Backing file for `file` media; relative paths are under `node.data_dir`. Defaults to
+    /// `<name>.img`.
+    pub path: Option<PathBuf>,
+    /// Latency and error injection rules, applied in order; every matching rule applies.
+    #[serde(default)]
+    pub inject: Vec<InjectConfig>,
+}
+
+impl DeviceConfig {
+    fn default_mode() -> DeviceMode {
+        DeviceMode::Inline
+    }
+    fn default_block_size() -> u32 {
+        512
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpName {
+    Read,
+    Write,
+    Flush,
+}
+
+/// Injected error, as the NVMe status the controller returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InjectedError {
+    /// Media error: Unrecovered Read Error (SCT 2h, SC 81h).
+    UnrecoveredRead,
+    /// Media error: Write Fault (SCT 2h, SC 80h).
+    WriteFault,
+    /// Generic: Internal Error (SCT 0h, SC 06h).
+    Internal,
+    /// Generic: Data Transfer Error (SCT 0h, SC 04h).
+    DataTransfer,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InjectConfig {
+    /// Which commands the rule applies to (default: all).
+    #[serde(default = "InjectConfig::all_ops")]
+    pub ops: Vec<OpName>,
+    /// Fraction of matching commands affected, 0.0..=1.0 (default 1.0).
+    #[serde(default = "InjectConfig::always")]
+    pub fraction: f64,
+    /// Only commands touching LBAs in [first, last] (inclusive; default: all).
+    pub lbas: Option<[u64; 2]>,
+    /// Added device latency: `"200us"`, `"uniform(100us,300us)"` or `"exponential(1ms)"`.
+    pub latency: Option<LatencySpec>,
+    /// Complete with this error instead of doing the transfer.
+    pub error: Option<InjectedError>,
+}
+
+impl InjectConfig {
+    fn all_ops() -> Vec<OpName> {
+        vec![OpName::Read, OpName::Write, OpName::Flush]
+    }
+    fn always() -> f64 {
+        1.0
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    pub name: String,
+    pub device: String,
+    #[serde(default = "VolumeConfig::default_nsid")]
+    pub nsid: u32,
+    /// Byte offset of the volume in the namespace (a multiple of the block size).
+    #[serde(default)]
+    pub offset: ByteSize,
+    pub size: ByteSize,
+    /// The reactor core that owns the volume's IO (default: spread over the cores in order).
+    pub core: Option<usize>,
+}
+
+impl VolumeConfig {
+    fn default_nsid() -> u32 {
+        1
+    }
+}
+
+impl Config {
+    /// The embedded default configuration.
+    pub fn embedded_default() -> Self {
+        Self::parse(DEFAULT_CONFIG).expect("the embedded default config is valid")
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|error| ConfigError::Parse(error.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything the types cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.id.is_empty()
+            || !self
+                .node
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                "node.id",
+                format!("{:?}", self.node.id),
+                "use letters, digits, '-' and '_' (it names /dev/shm/fathom-<id>)",
+            ));
+        }
+        if self.dma.size.0 < 4 << 20 {
+            return Err(invalid("dma.size", self.dma.size, "at least 4MiB"));
+        }
+        let online = online_cpus();
+        if self.reactor.cores.is_empty() {
+            return Err(invalid("reactor.cores", "[]", "list at least one core"));
+        }
+        for (index, &core) in self.reactor.cores.iter().enumerate() {
+            if core >= online {
+                return Err(invalid(
+                    format!("reactor.cores[{index}]"),
+                    core,
+                    format!("this machine has cores 0..={}", online - 1),
+                ));
+            }
+            if self.reactor.cores[..index].contains(&core) {
+                return Err(invalid(
+                    format!("reactor.cores[{index}]"),
+                    core,
+                    "each core at most once",
+                ));
+            }
+        }
+        if !(1..=4095).contains(&self.reactor.queue_depth) {
+            return Err(invalid(
+                "reactor.queue_depth",
+                self.reactor.queue_depth,
+                "1 to 4095",
+            ));
+        }
+        if !(16..=1 << 20).contains(&self.reactor.inbound_capacity) {
+            return Err(invalid(
+                "reactor.inbound_capacity",
+                self.reactor.inbound_capacity,
+                "16 to 1048576",
+            ));
+        }
+        for (index, device) in self.devices.iter().enumerate() {
+            let key = |field: &str| format!("device[{index}].{field}");
+            if device.name.is_empty()
+                || self.devices[..index]
+                    .iter()
+                    .any(|other| other.name == device.name)
+            {
+                return Err(invalid(
+                    key("name"),
+                    format!("{:?}", device.name),
+                    "a non-empty name no other device has",
+                ));
+            }
+            if !matches!(device.block_size, 512 | 4096) {
+                return Err(invalid(key("block_size"), device.block_size, "512 or 4096"));
+            }
+            if device.size.0 == 0 || device.size.0 % device.block_size as u64 != 0 {
+                return Err(invalid(
+                    key("size"),
+                    device.size,
+                    format!("a non-zero multiple of block_size ({})", device.block_size),
+                ));
+            }
+            if device.path.is_some() && device.media != MediaKind::File {
+                return Err(invalid(
+                    key("path"),
+                    format!("{:?}", device.path.as_ref().unwrap()),
+                    "only for media = \"file\"",
+                ));
+            }
+            for (rule_index, rule) in device.inject.iter().enumerate() {
+                let key = |field: &str| format!("device[{index}].inject[{rule_index}].{field}");
+                if !(0.0..=1.0).contains(&rule.fraction) {
+                    return Err(invalid(key("fraction"), rule.fraction, "0.0 to 1.0"));
+                }
+                if let Some([first, last]) = rule.lbas {
+                    if first > last {
+                        return Err(invalid(
+                            key("lbas"),
+                            format!("[{first}, {last}]"),
+                            "[first, last] with first <= last",
+                        ));
+                    }
+                }
+                if rule.latency.is_none() && rule.error.is_none() {
+                    return Err(invalid(
+                        key("latency"),
+                        "nothing",
+                        "a rule needs a latency, an error, or both",
+                    ));
+                }
+                if rule.ops.is_empty() {
+                    return Err(invalid(
+                        key("ops"),
+                        "[]",
+                        "one or more of \"read\", \"write\", \"flush\"",
+                    ));
+                }
+            }
+        }
+        for (index, volume) in self.volumes.iter().enumerate() {
+            let key = |field: &str| format!("volume[{index}].{field}");
+            if volume.name.is_empty()
+                || self.volumes[..index]
+                    .iter()
+                    .any(|other| other.name == volume.name)
+            {
+                return Err(invalid(
+                    key("name"),
+                    format!("{:?}", volume.name),
+                    "a non-empty name no other volume has",
+                ));
+            }
+            let Some(device) = self
+                .devices
+                .iter()
+                .find(|device| device.name == volume.device)
+            else {
+                let names: Vec<_> = self
+                    .devices
+                    .iter()
+                    .map(|device| device.name.as_str())
+                    .collect();
+                return Err(invalid(
+                    key("device"),
+                    format!("{:?}", volume.device),
+                    format!("one of the configured devices {names:?}"),
+                ));
+            };
+            if volume.nsid != 1 {
+                return Err(invalid(
+                    key("nsid"),
+                    volume.nsid,
+                    format!("1 (device {:?} has one namespace)", device.name),
+                ));
+            }
+            let block = device.block_size as u64;
+            if volume.offset.0 % block != 0 {
+                return Err(invalid(
+                    key("offset"),
+                    volume.offset,
+                    format!("a multiple of the device's {block}-byte blocks"),
+                ));
+            }
+            if volume.size.0 == 0 || volume.size.0 % block != 0 {
+                return Err(invalid(
+                    key("size"),
+                    volume.size,
+                    format!("a non-zero multiple of the device's {block}-byte blocks"),
+                ));
+            }
+            if volume
+                .offset
+                .0
+                .checked_add(volume.size.0)
+                .is_none_or(|end| end > device.size.0)
+            {
+                return Err(invalid(
+                    key("size"),
+                    volume.size,
+                    format!(
+                        "offset + size within device {:?} ({} bytes)",
+                        device.name, device.size.0
+                    ),
+                ));
+            }
+            if let Some(core) = volume.core {
+                if !self.reactor.cores.contains(&core) {
+                    return Err(invalid(
+                        key("core"),
+                        core,
+                        format!("one of reactor.cores {:?}", self.reactor.cores),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn online_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .max(
+            // SAFETY: sysconf has no memory effects.
+            unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize,
+        )
+}
+
+/// A byte count written as `4096`, `"4k"`, `"64MiB"`, `"1G"` (binary multiples).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let number: u64 = digits
+            .parse()
+            .map_err(|_| format!("{text:?} is not a size: write e.g. 4096, 4k, 64MiB, 1GiB"))?;
+        let shift =
+            match unit.trim().to_ascii_lowercase().as_str() {
+                "" | "b" => 0,
+                "k" | "kb" | "kib" => 10,
+                "m" | "mb" | "mib" => 20,
+                "g" | "gb" | "gib" => 30,
+                "t" | "tb" | "tib" => 40,
+                _ => return Err(format!(
+                    "{text:?} has an unknown unit: use k, M, G or T (binary: KiB, MiB, GiB, TiB)"
+                )),
+            };
+        number
+            .checked_mul(1 << shift)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{text:?} is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let bytes = self.0;
+        for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+            if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+                return write!(f, "\"{}{unit}\"", bytes >> shift);
+            }
+        }
+        write!(f, "{bytes}")
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses `"200us"`, `"1.5ms"`, `"2s"`, `"500ns"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration: write e.g. 500ns, 200us, 1.5ms, 2s"))?;
+    let scale = match unit.trim() {
+        "ns" => 1e-9,
+        "us" | "µs" => 1e-6,
+        "ms" => 1e-3,
+        "s" => 1.0,
+        "" => return Err(format!("{text:?} needs a unit: ns, us, ms or s")),
+        other => {
+            return Err(format!(
+                "{text:?} has an unknown unit {other:?}: use ns, us, ms or s"
+            ))
+        }
+    };
+    if !(value.is_finite() && value >= 0.0 && value * scale < 3600.0) {
+        return Err(format!("{text:?} is out of range (0 to 1h)"));
+    }
+    Ok(Duration::from_secs_f64(value * scale))
+}
+
+/// A duration written as a string with a unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationValue(pub Duration);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse_duration(&text)
+            .map(DurationValue)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A latency distribution for injection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LatencySpec {
+    Fixed(Duration),
+    Uniform { min: Duration, max: Duration },
+    Exponential { mean: Duration },
+}
+
+impl FromStr for LatencySpec {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let inner = |prefix: &str| {
+            text.strip_prefix(prefix)
+                .and_then(|rest| rest.strip_suffix(')'))
+        };
+        if let Some(args) = inner("uniform(") {
+            let (min, max) = args.split_once(',').ok_or_else(|| {
+                format!("{text:?}: write uniform(MIN,MAX), e.g. uniform(100us,300us)")
+            })?;
+            let (min, max) = (parse_duration(min)?, parse_duration(max)?);
+            if min > max {
+                return Err(format!("{text:?}: the minimum is above the maximum"));
+            }
+            Ok(LatencySpec::Uniform { min, max })
+        } else if let Some(mean) = inner("exponential(") {
+            Ok(LatencySpec::Exponential {
+                mean: parse_duration(mean)?,
+            })
+        } else {
+            parse_duration(text).map(LatencySpec::Fixed).map_err(|error| {
+                format!("{error}; a latency is a duration (\"200us\"), \"uniform(MIN,MAX)\" or \"exponential(MEAN)\"")
+            })
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LatencySpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_is_valid() {
+        let config = Config::embedded_default();
+        assert_eq!(config.devices[0].media, MediaKind::File);
+        assert!(!config.volumes.is_empty());
+    }
+
+    #[test]
+    fn sizes_durations_and_latencies_parse() {
+        assert_eq!("4k".parse::<ByteSize>().unwrap().0, 4096);
+        assert_eq!("64MiB".parse::<ByteSize>().unwrap().0, 64 << 20);
+        assert!("12 parsecs".parse::<ByteSize>().is_err());
+        assert_eq!(parse_duration("200us").unwrap(), Duration::from_micros(200));
+        assert_eq!(
+            parse_duration("1.5ms").unwrap(),
+            Duration::from_micros(1500)
+        );
+        assert!(parse_duration("200").unwrap_err().contains("needs a unit"));
+        assert_eq!(
+            "uniform(100us, 300us)".parse::<LatencySpec>().unwrap(),
+            LatencySpec::Uniform {
+                min: Duration::from_micros(100),
+                max: Duration::from_micros(300)
+            }
+        );
+        assert!("uniform(3ms,1ms)".parse::<LatencySpec>().is_err());
+    }
+
+    fn with(extra: &str) -> Result<Config, ConfigError> {
+        Config::parse(&format!(
+            "[node]\nid = \"n1\"\ndata_dir = \"/tmp/x\"\n[[device]]\nname = \"d0\"\ndriver = \"mem\"\nmedia = \"ram\"\nsize = \"1MiB\"\n{extra}"
+        ))
+    }
+
+    #[test]
+    fn a_wrong_value_names_the_key_the_value_and_what_is_allowed() {
+        let error = with("block_size = 1000").unwrap_err().to_string();
+        assert!(
+            error.contains("device[0].block_size")
+                && error.contains("1000")
+                && error.contains("512 or 4096"),
+            "{error}"
+        );
+        let error = with("media2 = 1").unwrap_err().to_string();
+        assert!(error.contains("media2"), "{error}");
+        let error = with("[[volume]]\nname = \"v\"\ndevice = \"nope\"\nsize = \"4k\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("volume[0].device") && error.contains("\"d0\""),
+            "{error}"
+        );
+        let error = with("[[volume]]\nname = \"v\"\ndevice = \"d0\"\nsize = \"2MiB\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("volume[0].size") && error.contains("within device"),
+            "{error}"
+        );
+        let error = with("[[device.inject]]\nfraction = 2.0\nlatency = \"1ms\"")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("device[0].inject[0].fraction"), "{error}");
+        let error = with("[[device.inject]]\nlatency = \"1 fortnight\"")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown unit"), "{error}");
+        let error = with("mode = \"sideways\"").unwrap_err().to_string();
+        assert!(
+            error.contains("inline") && error.contains("thread"),
+            "{error}"
+        );
+    }
+}

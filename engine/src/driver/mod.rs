@@ -1,0 +1,100 @@
+//! Drivers: one trait, several transports.
+//!
+//! A [`Driver`] is one device. At start-up each reactor asks it for an [`IoQueue`] of its own
+//! (for NVMe transports: an I/O submission/completion queue pair), which only that reactor
+//! touches afterwards, so the IO path takes no lock.
+
+pub mod mem;
+
+use crate::dma::DmaError;
+use crate::nvme::{Completed, DataRange, Namespace, NvmeError, QueueFull};
+
+/// The operations a volume accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Read,
+    Write,
+    Flush,
+    WriteZeroes,
+}
+
+impl Op {
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Flush => "flush",
+            Op::WriteZeroes => "write-zeroes",
+        }
+    }
+}
+
+/// A command for a device queue, already validated and in device terms.
+#[derive(Debug, Clone, Copy)]
+pub struct IoCommand {
+    pub op: Op,
+    pub nsid: u32,
+    pub slba: u64,
+    /// Logical blocks (1..=65536); ignored for flush.
+    pub blocks: u32,
+    pub data: Option<DataRange>,
+    /// Force Unit Access: durable before completion.
+    pub fua: bool,
+}
+
+/// What a device is, as the engine needs to know it.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub driver: &'static str,
+    pub model: String,
+    pub serial: String,
+    pub namespaces: Vec<Namespace>,
+    /// Largest transfer one command may carry.
+    pub max_transfer_bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error(transparent)]
+    Nvme(#[from] NvmeError),
+    #[error("device {device}: {what}")]
+    Media {
+        device: String,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("device {device}: DMA memory")]
+    Dma {
+        device: String,
+        #[source]
+        source: DmaError,
+    },
+    #[error("device {device}: {what}")]
+    Setup { device: String, what: String },
+}
+
+/// One device.
+pub trait Driver: Send + Sync {
+    fn info(&self) -> &DeviceInfo;
+    /// A queue for the calling reactor, with room for `depth` commands in flight.
+    fn create_queue(&self, depth: u16) -> Result<Box<dyn IoQueue>, DriverError>;
+    /// Stops the device cleanly after every queue is gone: for NVMe, the shutdown
+    /// notification; for media, everything written is made durable.
+    fn shutdown(&self) -> Result<(), DriverError>;
+}
+
+/// One reactor's queue on a device. Never shared: the reactor owns it.
+pub trait IoQueue: Send {
+    /// Queues a command; it reaches the device at the next [`IoQueue::ring`].
+    fn submit(&mut self, command: &IoCommand, cookie: u32) -> Result<(), QueueFull>;
+    /// Publishes the commands queued since the last ring (one doorbell for the batch).
+    fn ring(&mut self);
+    /// Reaps up to `out.len()` completions.
+    fn reap(&mut self, out: &mut [Completed]) -> usize;
+    /// Commands in flight.
+    fn outstanding(&self) -> usize;
+    /// Commands that can be in flight at once.
+    fn capacity(&self) -> usize;
+}

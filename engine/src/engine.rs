@@ -1,0 +1,431 @@
+//! The engine: devices, volumes and reactors brought up from a [`Config`], and the API any
+//! thread uses to submit IO.
+//!
+//! A request goes to the inbound ring of the reactor that owns its volume (lock-free, bounded:
+//! a full ring hands the request back), and its completion comes back through the
+//! [`Notify`] the caller chose. Code running *on* a reactor (a [`Task`]) submits directly,
+//! without the hop.
+
+use std::path::PathBuf;
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{JoinHandle, Thread};
+use std::time::Duration;
+
+use fathom_telemetry::Clock;
+use parking_lot::Mutex;
+
+use crate::config::{Config, MediaKind};
+use crate::dma::{DmaError, DmaPool, PageKind};
+use crate::driver::mem::MemDriver;
+use crate::driver::{DeviceInfo, Driver, DriverError};
+use crate::reactor::{pin_to_core, IoContext, Message, Reactor, ReactorShared, Rejected, Task};
+use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};
+
+/// How long shutdown waits for in-flight IO and for the final flush.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Dma(#[from] DmaError),
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    #[error("could not create the data directory {path} (set node.data_dir, or --data-dir)")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("volume {volume:?}: {what}")]
+    Volume { volume: String, what: String },
+    #[error("reactor on core {core}: {what}")]
+    Reactor { core: usize, what: String },
+    #[error("flushing volume {volume:?} at shutdown: {error}")]
+    Flush { volume: String, error: IoError },
+}
+
+struct ReactorHandle {
+    core: usize,
+    shared: Arc<ReactorShared>,
+    thread: Thread,
+}
+
+struct EngineInner {
+    config: Config,
+    clock: Clock,
+    pool: DmaPool,
+    devices: Vec<Arc<dyn Driver>>,
+    volumes: Arc<[Volume]>,
+    reactors: Vec<ReactorHandle>,
+    joins: Mutex<Vec<JoinHandle<()>>>,
+    stopped: AtomicBool,
+}
+
+/// A running engine. Cheap to clone; every clone submits to the same reactors.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<EngineInner>,
+}
+
+impl Engine {
+    /// Brings up DMA memory, devices, volumes and one reactor per configured core.
+    pub fn start(config: &Config) -> Result<Self, EngineError> {
+        let clock = Clock::best();
+        let kind = if config.dma.hugepages {
+            PageKind::Huge
+        } else {
+            PageKind::Normal
+        };
+        let pool = DmaPool::new(config.dma.size.0 as usize, kind)?;
+        if config
+            .devices
+            .iter()
+            .any(|device| device.media == MediaKind::File)
+        {
+            std::fs::create_dir_all(&config.node.data_dir).map_err(|source| {
+                EngineError::DataDir {
+                    path: config.node.data_dir.clone(),
+                    source,
+                }
+            })?;
+        }
+        let reactor_count = config.reactor.cores.len() as u16;
+        let mut devices: Vec<Arc<dyn Driver>> = Vec::new();
+        for device in &config.devices {
+            devices.push(Arc::new(MemDriver::open(
+                device,
+                &config.node.data_dir,
+                &pool,
+                clock,
+                reactor_count,
+            )?));
+        }
+        let volumes: Arc<[Volume]> = build_volumes(config, &devices)?.into();
+
+        let mut reactors = Vec::new();
+        let mut joins = Vec::new();
+        let mut ready = Vec::new();
+        for (index, &core) in config.reactor.cores.iter().enumerate() {
+            let shared = Arc::new(ReactorShared::new(config.reactor.inbound_capacity));
+            let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(1);
+            let (devices, volumes, shared_for_thread) =
+                (devices.clone(), volumes.clone(), shared.clone());
+            let (depth, poll, idle_spin) = (
+                config.reactor.queue_depth,
+                config.reactor.poll,
+                config.reactor.idle_spin.0,
+            );
+            let join = std::thread::Builder::new()
+                .name(format!("reactor-{core}"))
+                .spawn(move || {
+                    if let Err(error) = pin_to_core(core) {
+                        tracing::warn!(
+                            "could not pin the reactor to core {core}: {error}; it runs unpinned"
+                        );
+                    }
+                    // Queues are created on the reactor's own thread: it is their only user.
+                    let mut queues = Vec::new();
+                    for device in &devices {
+                        match device.create_queue(depth) {
+                            Ok(queue) => queues.push(queue),
+                            Err(error) => {
+                                let _ = ready_tx.send(Err(format!(
+                                    "creating a queue on device {}: {error}",
+                                    device.info().name
+                                )));
+                                return;
+                            }
+                        }
+                    }
+                    let _ = ready_tx.send(Ok(()));
+                    let io = IoContext::new(index, core, volumes, queues);
+                    Reactor::new(io, shared_for_thread, poll, idle_spin).run(DRAIN_TIMEOUT);
+                })
+                .map_err(|error| EngineError::Reactor {
+                    core,
+                    what: format!("could not start the thread: {error}"),
+                })?;
+            reactors.push(ReactorHandle {
+                core,
+                shared,
+                thread: join.thread().clone(),
+            });
+            joins.push(join);
+            ready.push((core, ready_rx));
+        }
+        let engine = Self {
+            inner: Arc::new(EngineInner {
+                config: config.clone(),
+                clock,
+                pool,
+                devices,
+                volumes,
+                reactors,
+                joins: Mutex::new(joins),
+                stopped: AtomicBool::new(false),
+            }),
+        };
+        for (core, ready_rx) in ready {
+            match ready_rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(Ok(())) => {}
+                Ok(Err(what)) => return Err(EngineError::Reactor { core, what }),
+                Err(_) => {
+                    return Err(EngineError::Reactor {
+                        core,
+                        what: "did not come up within 30 s".into(),
+                    })
+                }
+            }
+        }
+        Ok(engine)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    /// The DMA memory IO buffers come from.
+    pub fn dma(&self) -> &DmaPool {
+        &self.inner.pool
+    }
+
+    pub fn devices(&self) -> impl Iterator<Item = &DeviceInfo> {
+        self.inner.devices.iter().map(|device| device.info())
+    }
+
+    pub fn volumes(&self) -> &[Volume] {
+        &self.inner.volumes
+    }
+
+    pub fn volume(&self, name: &str) -> Option<&Volume> {
+        self.inner.volumes.iter().find(|volume| volume.name == name)
+    }
+
+    /// The cores reactors run on, in reactor order.
+    pub fn cores(&self) -> Vec<usize> {
+        self.inner
+            .reactors
+            .iter()
+            .map(|reactor| reactor.core)
+            .collect()
+    }
+
+    /// Queues `request` on the reactor that owns its volume. The completion goes to `notify`.
+    /// A full inbound ring or a stopped engine hands the request back.
+    pub fn submit(&self, request: IoRequest, notify: Notify) -> Result<(), Rejected> {
+        let Some(volume) = self.inner.volumes.get(request.volume.0 as usize) else {
+            let error = IoError::UnknownVolume(request.volume.0);
+            return Err(Rejected {
+                request,
+                notify,
+                error,
+            });
+        };
+        if self.inner.stopped.load(Ordering::Acquire) {
+            return Err(Rejected {
+                request,
+                notify,
+                error: IoError::Stopped,
+            });
+        }
+        let reactor = &self.inner.reactors[volume.reactor];
+        match reactor.shared.inbound.push(Message::Io(request, notify)) {
+            Ok(()) => {
+                wake(reactor);
+                Ok(())
+            }
+            Err(Message::Io(request, notify)) => Err(Rejected {
+                request,
+                notify,
+                error: IoError::Busy,
+            }),
+            Err(Message::Spawn(_)) => unreachable!("pushed an Io message"),
+        }
+    }
+
+    /// Submits and waits for the completion (for tools and tests; not for the IO path).
+    pub fn io(&self, request: IoRequest) -> IoCompletion {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let tag = request.tag;
+        if let Err(rejected) = self.submit(request, Notify::Channel(tx)) {
+            return IoCompletion {
+                tag,
+                result: Err(rejected.error),
+                buf: rejected.request.buf,
+            };
+        }
+        rx.recv().unwrap_or(IoCompletion {
+            tag,
+            result: Err(IoError::Stopped),
+            buf: None,
+        })
+    }
+
+    /// Runs `task` on reactor `reactor` (an index into [`Engine::cores`]).
+    pub fn spawn(&self, reactor: usize, task: Box<dyn Task>) -> Result<(), EngineError> {
+        let handle = self
+            .inner
+            .reactors
+            .get(reactor)
+            .ok_or_else(|| EngineError::Reactor {
+                core: usize::MAX,
+                what: format!(
+                    "no reactor {reactor}; there are {}",
+                    self.inner.reactors.len()
+                ),
+            })?;
+        handle
+            .shared
+            .inbound
+            .push(Message::Spawn(task))
+            .map_err(|_| EngineError::Reactor {
+                core: handle.core,
+                what: "inbound ring full; retry".into(),
+            })?;
+        wake(handle);
+        Ok(())
+    }
+
+    /// Flushes every volume and waits for all of them.
+    pub fn flush_all(&self) -> Result<(), EngineError> {
+        let (tx, rx) = crossbeam_channel::bounded(self.inner.volumes.len().max(1));
+        for volume in self.inner.volumes.iter() {
+            if let Err(rejected) = self.submit(
+                IoRequest::flush(volume.id, volume.id.0 as u64),
+                Notify::Channel(tx.clone()),
+            ) {
+                return Err(EngineError::Flush {
+                    volume: volume.name.clone(),
+                    error: rejected.error,
+                });
+            }
+        }
+        for _ in 0..self.inner.volumes.len() {
+            let completion = rx
+                .recv_timeout(DRAIN_TIMEOUT)
+                .map_err(|_| EngineError::Flush {
+                    volume: "(any)".into(),
+                    error: IoError::Device {
+                        op: "flush",
+                        status: crate::nvme::Status::INTERNAL_ERROR,
+                    },
+                })?;
+            if let Err(error) = completion.result {
+                let volume = self.inner.volumes[completion.tag as usize].name.clone();
+                return Err(EngineError::Flush { volume, error });
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes every volume, stops the reactors once their IO is done, deletes the device
+    /// queues and shuts the devices down. Later submissions are refused with
+    /// [`IoError::Stopped`]. Calling it again does nothing.
+    pub fn shutdown(&self) -> Result<(), EngineError> {
+        if self.inner.stopped.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let flushed = self.flush_all();
+        self.inner.stop_reactors();
+        let mut result = flushed;
+        for device in &self.inner.devices {
+            if let Err(error) = device.shutdown() {
+                result = result.and(Err(error.into()));
+            }
+        }
+        result
+    }
+}
+
+fn wake(reactor: &ReactorHandle) {
+    // Pairs with the reactor's fence between setting `sleeping` and its last look at the ring.
+    fence(Ordering::SeqCst);
+    if reactor.shared.sleeping.load(Ordering::SeqCst) {
+        reactor.thread.unpark();
+    }
+}
+
+impl EngineInner {
+    fn stop_reactors(&self) {
+        self.stopped.store(true, Ordering::Release);
+        for reactor in &self.reactors {
+            reactor.shared.stop.store(true, Ordering::Release);
+            reactor.thread.unpark();
+        }
+        for join in self.joins.lock().drain(..) {
+            let _ = join.join();
+        }
+    }
+}
+
+impl Drop for EngineInner {
+    fn drop(&mut self) {
+        // An engine dropped without shutdown still stops its threads; devices flush on their
+        // own drop (media are synced by the kernel's writeback in any case).
+        self.stop_reactors();
+    }
+}
+
+fn build_volumes(config: &Config, devices: &[Arc<dyn Driver>]) -> Result<Vec<Volume>, EngineError> {
+    let mut volumes = Vec::new();
+    for (index, volume) in config.volumes.iter().enumerate() {
+        let error = |what: String| EngineError::Volume {
+            volume: volume.name.clone(),
+            what,
+        };
+        let device_index = devices
+            .iter()
+            .position(|device| device.info().name == volume.device)
+            .ok_or_else(|| error(format!("no device {:?}", volume.device)))?;
+        let info = devices[device_index].info();
+        let namespace = info
+            .namespaces
+            .iter()
+            .find(|namespace| namespace.nsid == volume.nsid)
+            .ok_or_else(|| {
+                error(format!(
+                    "device {:?} has no namespace {}",
+                    info.name, volume.nsid
+                ))
+            })?;
+        let block_size = namespace.block_size as u64;
+        let (first_lba, blocks) = (volume.offset.0 / block_size, volume.size.0 / block_size);
+        if first_lba + blocks > namespace.blocks {
+            return Err(error(format!(
+                "LBAs {first_lba}..{} do not fit namespace {} of {} blocks",
+                first_lba + blocks,
+                volume.nsid,
+                namespace.blocks
+            )));
+        }
+        let reactor = match volume.core {
+            Some(core) => config
+                .reactor
+                .cores
+                .iter()
+                .position(|&c| c == core)
+                .expect("validated"),
+            None => index % config.reactor.cores.len(),
+        };
+        volumes.push(Volume {
+            id: VolumeId(index as u32),
+            name: volume.name.clone(),
+            device: device_index,
+            device_name: info.name.clone(),
+            nsid: volume.nsid,
+            first_lba,
+            blocks,
+            block_size: namespace.block_size,
+            block_shift: namespace.block_size.trailing_zeros(),
+            reactor,
+            core: config.reactor.cores[reactor],
+            max_transfer_bytes: info.max_transfer_bytes,
+        });
+    }
+    Ok(volumes)
+}

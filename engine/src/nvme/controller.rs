@@ -1,0 +1,338 @@
+//! The host driver of one NVMe controller: the admin queue and what is done through it.
+//!
+//! Transport-independent: a [`Transport`] supplies the doorbells (BAR0 registers for VFIO, a
+//! doorbell page for the in-process controller) and has already brought the controller up to
+//! the point where the admin queue exists (AQA/ASQ/ACQ written, CC.EN set, CSTS.RDY seen).
+//! From there everything is admin commands: Identify Controller and Namespaces, Set Features
+//! (Number of Queues), Create/Delete I/O Completion and Submission Queues.
+//!
+//! Admin commands are rare (start-up, one queue pair per reactor core, shutdown), so they are
+//! serialised by a mutex and waited for by polling, with a timeout: a controller that does not
+//! answer is reported, never waited on forever.
+
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::doorbell::{Doorbell, DoorbellKind};
+use super::qpair::{Completed, DataRange, QueueMemory, QueuePair};
+use super::spec::{
+    admin_opcode, cns, feature, identify_controller as idc, identify_namespace as idn,
+};
+use super::spec::{Status, SubmissionEntry, PAGE_SIZE};
+use crate::dma::{DmaError, DmaPool};
+
+/// What a transport provides to the host controller driver.
+pub trait Transport: Send + Sync {
+    /// The doorbell register of queue `qid`.
+    fn doorbell(&self, qid: u16, kind: DoorbellKind) -> Doorbell;
+    /// Gives an emulated controller the chance to process its admin queue while the host
+    /// waits for an admin completion. Hardware needs nothing: the default does nothing.
+    fn service_admin(&self) {}
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NvmeError {
+    #[error("{device}: {command} failed with NVMe status {status}")]
+    CommandFailed {
+        device: String,
+        command: &'static str,
+        status: Status,
+    },
+    #[error("{device}: {command} did not complete within {timeout:?}: the controller is not answering its admin queue")]
+    Timeout {
+        device: String,
+        command: &'static str,
+        timeout: Duration,
+    },
+    #[error("{device}: the controller granted {granted} I/O queue pairs but {wanted} are needed (one per reactor core); use fewer cores")]
+    NotEnoughQueues {
+        device: String,
+        granted: u16,
+        wanted: u16,
+    },
+    #[error("{device}: no I/O queue identifier is free (all {granted} granted queue pairs exist)")]
+    NoFreeQueue { device: String, granted: u16 },
+    #[error("{device}: Identify returned unusable data: {what}")]
+    BadIdentify { device: String, what: String },
+    #[error("{device}: DMA memory for the admin path")]
+    Dma {
+        device: String,
+        #[source]
+        source: DmaError,
+    },
+}
+
+/// What Identify Controller says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerIdentity {
+    pub vendor_id: u16,
+    pub model: String,
+    pub serial: String,
+    pub firmware: String,
+    pub controller_id: u16,
+    /// Largest transfer the controller accepts, from MDTS (`None`: no limit).
+    pub max_transfer_bytes: Option<usize>,
+    pub namespace_count: u32,
+}
+
+/// One active namespace, from Identify Namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Namespace {
+    pub nsid: u32,
+    pub block_size: u32,
+    pub blocks: u64,
+}
+
+/// The host's handle on a controller whose admin queue is up.
+pub struct NvmeController {
+    name: String,
+    transport: std::sync::Arc<dyn Transport>,
+    pool: DmaPool,
+    admin: Mutex<QueuePair>,
+    identity: ControllerIdentity,
+    namespaces: Vec<Namespace>,
+    io_queues_granted: u16,
+    free_qids: Mutex<Vec<u16>>,
+    timeout: Duration,
+}
+
+impl NvmeController {
+    /// Identifies the controller and its namespaces and asks for `io_queues` I/O queue pairs.
+    pub fn attach(
+        name: &str,
+        transport: std::sync::Arc<dyn Transport>,
+        pool: DmaPool,
+        admin: QueuePair,
+        io_queues: u16,
+        timeout: Duration,
+    ) -> Result<Self, NvmeError> {
+        let mut controller = Self {
+            name: name.to_string(),
+            transport,
+            pool,
+            admin: Mutex::new(admin),
+            identity: ControllerIdentity {
+                vendor_id: 0,
+                model: String::new(),
+                serial: String::new(),
+                firmware: String::new(),
+                controller_id: 0,
+                max_transfer_bytes: None,
+                namespace_count: 0,
+            },
+            namespaces: Vec::new(),
+            io_queues_granted: 0,
+            free_qids: Mutex::new(Vec::new()),
+            timeout,
+        };
+        controller.identity = controller.identify_controller()?;
+        controller.namespaces = controller.identify_namespaces()?;
+        // Set Features, Number of Queues: CDW11 holds NSQR (15:0) and NCQR (31:16), 0's based;
+        // DW0 of the completion says how many were allocated, in the same form.
+        let mut entry = SubmissionEntry::new(admin_opcode::SET_FEATURES, 0, 0);
+        entry.cdw10 = feature::NUMBER_OF_QUEUES;
+        entry.cdw11 = (io_queues as u32 - 1) | (io_queues as u32 - 1) << 16;
+        let granted = controller.admin_command("Set Features (Number of Queues)", entry, None)?;
+        let granted = ((granted & 0xffff).min(granted >> 16) + 1).min(u16::MAX as u32) as u16;
+        if granted < io_queues {
+            return Err(NvmeError::NotEnoughQueues {
+                device: controller.name.clone(),
+                granted,
+                wanted: io_queues,
+            });
+        }
+        controller.io_queues_granted = granted;
+        *controller.free_qids.get_mut() = (1..=granted).rev().collect();
+        Ok(controller)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn identity(&self) -> &ControllerIdentity {
+        &self.identity
+    }
+
+    pub fn namespaces(&self) -> &[Namespace] {
+        &self.namespaces
+    }
+
+    /// Runs one admin command and waits for it; returns the completion's DW0.
+    pub fn admin_command(
+        &self,
+        command: &'static str,
+        entry: SubmissionEntry,
+        data: Option<DataRange>,
+    ) -> Result<u32, NvmeError> {
+        let mut admin = self.admin.lock();
+        // The admin lock serialises commands, so at most one is in flight: a full queue here
+        // is impossible, unless an earlier command timed out and still holds its identifier.
+        if admin.submit(entry, data, 0).is_err() {
+            return Err(NvmeError::Timeout {
+                device: self.name.clone(),
+                command,
+                timeout: self.timeout,
+            });
+        }
+        admin.ring();
+        let started = Instant::now();
+        let mut completion = [Completed::default()];
+        loop {
+            self.transport.service_admin();
+            if admin.reap(&mut completion) == 1 {
+                let done = completion[0];
+                if !done.status.is_success() {
+                    return Err(NvmeError::CommandFailed {
+                        device: self.name.clone(),
+                        command,
+                        status: done.status,
+                    });
+                }
+                return Ok(done.result);
+            }
+            if started.elapsed() > self.timeout {
+                return Err(NvmeError::Timeout {
+                    device: self.name.clone(),
+                    command,
+                    timeout: self.timeout,
+                });
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    fn identify(&self, command: &'static str, cns: u32, nsid: u32) -> Result<Vec<u8>, NvmeError> {
+        let buf = self
+            .pool
+            .alloc(PAGE_SIZE)
+            .map_err(|source| NvmeError::Dma {
+                device: self.name.clone(),
+                source,
+            })?;
+        let mut entry = SubmissionEntry::new(admin_opcode::IDENTIFY, 0, nsid);
+        entry.cdw10 = cns;
+        self.admin_command(command, entry, Some(DataRange::of(&buf)))?;
+        Ok(buf.to_vec())
+    }
+
+    fn identify_controller(&self) -> Result<ControllerIdentity, NvmeError> {
+        let data = self.identify("Identify Controller", cns::CONTROLLER, 0)?;
+        let text = |range: std::ops::Range<usize>| {
+            String::from_utf8_lossy(&data[range]).trim().to_string()
+        };
+        let mdts = data[idc::MDTS];
+        Ok(ControllerIdentity {
+            vendor_id: u16::from_le_bytes([data[idc::VID], data[idc::VID + 1]]),
+            model: text(idc::MODEL),
+            serial: text(idc::SERIAL),
+            firmware: text(idc::FIRMWARE),
+            controller_id: u16::from_le_bytes([data[idc::CNTLID], data[idc::CNTLID + 1]]),
+            // MDTS is in units of the minimum memory page size, which is 4 KiB on every
+            // controller this driver configures (CC.MPS = 0).
+            max_transfer_bytes: (mdts != 0).then(|| PAGE_SIZE << mdts.min(20)),
+            namespace_count: u32::from_le_bytes(
+                data[idc::NN..idc::NN + 4].try_into().expect("4 bytes"),
+            ),
+        })
+    }
+
+    fn identify_namespaces(&self) -> Result<Vec<Namespace>, NvmeError> {
+        let list = self.identify(
+            "Identify (Active Namespace ID list)",
+            cns::ACTIVE_NAMESPACE_LIST,
+            0,
+        )?;
+        let mut namespaces = Vec::new();
+        for chunk in list.chunks_exact(4) {
+            let nsid = u32::from_le_bytes(chunk.try_into().expect("4 bytes"));
+            if nsid == 0 {
+                break;
+            }
+            let data = self.identify("Identify Namespace", cns::NAMESPACE, nsid)?;
+            let blocks =
+                u64::from_le_bytes(data[idn::NSZE..idn::NSZE + 8].try_into().expect("8 bytes"));
+            let format = (data[idn::FLBAS] & 0xf) as usize;
+            let lbads = data[idn::LBAF0 + 4 * format + 2];
+            if !(9..=16).contains(&lbads) {
+                return Err(NvmeError::BadIdentify {
+                    device: self.name.clone(),
+                    what: format!(
+                        "namespace {nsid} has LBA data size 2^{lbads}; 512 B to 64 KiB is expected"
+                    ),
+                });
+            }
+            namespaces.push(Namespace {
+                nsid,
+                block_size: 1 << lbads,
+                blocks,
+            });
+        }
+        Ok(namespaces)
+    }
+
+    /// Creates an I/O completion queue and an I/O submission queue bound to it, both of
+    /// `entries`, in memory from the DMA pool.
+    pub fn create_io_queue_pair(&self, entries: u16) -> Result<QueuePair, NvmeError> {
+        let qid = self
+            .free_qids
+            .lock()
+            .pop()
+            .ok_or_else(|| NvmeError::NoFreeQueue {
+                device: self.name.clone(),
+                granted: self.io_queues_granted,
+            })?;
+        let result = self.create_queues(qid, entries);
+        if result.is_err() {
+            self.free_qids.lock().push(qid);
+        }
+        result
+    }
+
+    fn create_queues(&self, qid: u16, entries: u16) -> Result<QueuePair, NvmeError> {
+        let memory =
+            QueueMemory::allocate(&self.pool, entries).map_err(|source| NvmeError::Dma {
+                device: self.name.clone(),
+                source,
+            })?;
+        let size_and_id = (entries as u32 - 1) << 16 | qid as u32;
+        let mut entry = SubmissionEntry::new(admin_opcode::CREATE_IO_CQ, 0, 0);
+        entry.prp1 = memory.cq.iova();
+        entry.cdw10 = size_and_id;
+        entry.cdw11 = 1; // Physically contiguous; interrupts disabled (polled).
+        self.admin_command("Create I/O Completion Queue", entry, None)?;
+        let mut entry = SubmissionEntry::new(admin_opcode::CREATE_IO_SQ, 0, 0);
+        entry.prp1 = memory.sq.iova();
+        entry.cdw10 = size_and_id;
+        entry.cdw11 = (qid as u32) << 16 | 1; // Bound to CQ `qid`; physically contiguous.
+        if let Err(error) = self.admin_command("Create I/O Submission Queue", entry, None) {
+            let mut delete = SubmissionEntry::new(admin_opcode::DELETE_IO_CQ, 0, 0);
+            delete.cdw10 = qid as u32;
+            let _ = self.admin_command("Delete I/O Completion Queue", delete, None);
+            return Err(error);
+        }
+        Ok(QueuePair::new(
+            qid,
+            entries,
+            memory,
+            self.transport.doorbell(qid, DoorbellKind::SubmissionTail),
+            self.transport.doorbell(qid, DoorbellKind::CompletionHead),
+        ))
+    }
+
+    /// Deletes a queue pair's submission queue, then its completion queue. Commands still in
+    /// flight are aborted by the controller (their completions are never reaped).
+    pub fn delete_io_queue_pair(&self, queue: QueuePair) -> Result<(), NvmeError> {
+        let qid = queue.qid();
+        let mut entry = SubmissionEntry::new(admin_opcode::DELETE_IO_SQ, 0, 0);
+        entry.cdw10 = qid as u32;
+        self.admin_command("Delete I/O Submission Queue", entry, None)?;
+        let mut entry = SubmissionEntry::new(admin_opcode::DELETE_IO_CQ, 0, 0);
+        entry.cdw10 = qid as u32;
+        self.admin_command("Delete I/O Completion Queue", entry, None)?;
+        drop(queue);
+        self.free_qids.lock().push(qid);
+        Ok(())
+    }
+}

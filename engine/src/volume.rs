@@ -1,0 +1,243 @@
+//! Volumes: named, sized LBA ranges on a device namespace, owned by one reactor core.
+//!
+//! A volume turns a byte-addressed request into a device command and refuses, with an
+//! [`IoError`], anything that does not fit: out of range, not block aligned, too large for one
+//! command, a buffer a controller cannot address. Nothing a client sends can make it panic.
+
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+
+use crate::dma::DmaBuf;
+use crate::driver::{IoCommand, Op};
+use crate::nvme::{DataRange, Status};
+
+/// Index of a volume in the engine's volume table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VolumeId(pub u32);
+
+#[derive(Debug, Clone)]
+pub struct Volume {
+    pub id: VolumeId,
+    pub name: String,
+    /// Index of the device in the engine's device table.
+    pub device: usize,
+    pub device_name: String,
+    pub nsid: u32,
+    /// First namespace LBA of the volume.
+    pub first_lba: u64,
+    pub blocks: u64,
+    pub block_size: u32,
+    /// log2(block_size): offsets are converted with shifts, not divisions.
+    pub block_shift: u32,
+    /// Index of the owning reactor in the engine's reactor table.
+    pub reactor: usize,
+    /// The CPU core that reactor runs on.
+    pub core: usize,
+    pub max_transfer_bytes: usize,
+}
+
+/// Why an IO failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IoError {
+    #[error("no volume with id {0}")]
+    UnknownVolume(u32),
+    #[error(
+        "{op} of {len} bytes at offset {offset} is beyond the end of the volume ({size} bytes)"
+    )]
+    OutOfRange {
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("{op} of {len} bytes at offset {offset} is not aligned to the volume's {block_size}-byte blocks")]
+    Misaligned {
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        block_size: u32,
+    },
+    #[error("{op} of {len} bytes is larger than the {max} bytes one command can carry; split it")]
+    TooLarge {
+        op: &'static str,
+        len: u64,
+        max: u64,
+    },
+    #[error("{op} needs a data buffer")]
+    MissingBuffer { op: &'static str },
+    #[error("{op} of zero bytes")]
+    Empty { op: &'static str },
+    #[error("the data buffer at IOVA {iova:#x} is not 4-byte aligned, as NVMe requires")]
+    BufferMisaligned { iova: u64 },
+    #[error("volume {volume} is owned by core {core}; submit from that core's tasks or through the engine")]
+    WrongCore { volume: u32, core: usize },
+    #[error("every IO slot on this core is in use; retry after completions")]
+    Busy,
+    #[error("the device failed the {op}: NVMe status {status}")]
+    Device { op: &'static str, status: Status },
+    #[error("the engine is shutting down")]
+    Stopped,
+}
+
+/// One IO as a client describes it: byte offsets within a volume.
+#[derive(Debug)]
+pub struct IoRequest {
+    pub volume: VolumeId,
+    pub op: Op,
+    pub offset: u64,
+    /// Bytes to zero for write-zeroes; read and write transfer the buffer's length.
+    pub len: u64,
+    pub buf: Option<DmaBuf>,
+    /// Force Unit Access: the write is durable when it completes.
+    pub fua: bool,
+    /// Returned unchanged in the completion.
+    pub tag: u64,
+}
+
+impl IoRequest {
+    pub fn read(volume: VolumeId, offset: u64, buf: DmaBuf, tag: u64) -> Self {
+        Self {
+            volume,
+            op: Op::Read,
+            offset,
+            len: buf.len() as u64,
+            buf: Some(buf),
+            fua: false,
+            tag,
+        }
+    }
+    pub fn write(volume: VolumeId, offset: u64, buf: DmaBuf, tag: u64) -> Self {
+        Self {
+            volume,
+            op: Op::Write,
+            offset,
+            len: buf.len() as u64,
+            buf: Some(buf),
+            fua: false,
+            tag,
+        }
+    }
+    pub fn flush(volume: VolumeId, tag: u64) -> Self {
+        Self {
+            volume,
+            op: Op::Flush,
+            offset: 0,
+            len: 0,
+            buf: None,
+            fua: false,
+            tag,
+        }
+    }
+    pub fn write_zeroes(volume: VolumeId, offset: u64, len: u64, tag: u64) -> Self {
+        Self {
+            volume,
+            op: Op::WriteZeroes,
+            offset,
+            len,
+            buf: None,
+            fua: false,
+            tag,
+        }
+    }
+}
+
+/// A finished IO: the request's tag, the outcome, and the buffer back.
+#[derive(Debug)]
+pub struct IoCompletion {
+    pub tag: u64,
+    pub result: Result<(), IoError>,
+    pub buf: Option<DmaBuf>,
+}
+
+/// Where a completion goes.
+pub enum Notify {
+    /// Sent on a channel (a bounded channel never allocates per message).
+    Channel(Sender<IoCompletion>),
+    /// Called on the reactor's thread; keep it short.
+    Callback(Arc<dyn Fn(IoCompletion) + Send + Sync>),
+    /// To the reactor-local task with this index (see [`crate::reactor::Task`]).
+    Task(u32),
+    /// Nobody is told (a placeholder in free IO slots).
+    Nobody,
+}
+
+impl std::fmt::Debug for Notify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Notify::Channel(_) => f.write_str("Channel"),
+            Notify::Callback(_) => f.write_str("Callback"),
+            Notify::Task(index) => write!(f, "Task({index})"),
+            Notify::Nobody => f.write_str("Nobody"),
+        }
+    }
+}
+
+impl Volume {
+    pub fn size_bytes(&self) -> u64 {
+        self.blocks << self.block_shift
+    }
+
+    /// The device command for `request`, or why there is none.
+    #[inline]
+    pub fn command(&self, request: &IoRequest) -> Result<IoCommand, IoError> {
+        let op = request.op.name();
+        let (len, data) = match request.op {
+            Op::Flush => {
+                return Ok(IoCommand {
+                    op: Op::Flush,
+                    nsid: self.nsid,
+                    slba: 0,
+                    blocks: 0,
+                    data: None,
+                    fua: false,
+                });
+            }
+            Op::WriteZeroes => (request.len, None),
+            Op::Read | Op::Write => {
+                let buf = request.buf.as_ref().ok_or(IoError::MissingBuffer { op })?;
+                if buf.iova() % 4 != 0 {
+                    return Err(IoError::BufferMisaligned { iova: buf.iova() });
+                }
+                (buf.len() as u64, Some(DataRange::of(buf)))
+            }
+        };
+        if len == 0 {
+            return Err(IoError::Empty { op });
+        }
+        let block_size = self.block_size as u64;
+        if (request.offset | len) & (block_size - 1) != 0 {
+            return Err(IoError::Misaligned {
+                op,
+                offset: request.offset,
+                len,
+                block_size: self.block_size,
+            });
+        }
+        let size = self.size_bytes();
+        if request.offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(IoError::OutOfRange {
+                op,
+                offset: request.offset,
+                len,
+                size,
+            });
+        }
+        let max = if request.op == Op::WriteZeroes {
+            65536 * block_size
+        } else {
+            self.max_transfer_bytes as u64
+        };
+        if len > max {
+            return Err(IoError::TooLarge { op, len, max });
+        }
+        Ok(IoCommand {
+            op: request.op,
+            nsid: self.nsid,
+            slba: self.first_lba + (request.offset >> self.block_shift),
+            blocks: (len >> self.block_shift) as u32,
+            data,
+            fua: request.fua,
+        })
+    }
+}
