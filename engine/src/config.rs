@@ -520,17 +520,18 @@ impl FromStr for ByteSize {
         let number: u64 = digits
             .parse()
             .map_err(|_| format!("{text:?} is not a size: write e.g. 4096, 4k, 64MiB, 1GiB"))?;
-        let shift =
-            match unit.trim().to_ascii_lowercase().as_str() {
-                "" | "b" => 0,
-                "k" | "kb" | "kib" => 10,
-                "m" | "mb" | "mib" => 20,
-                "g" | "gb" | "gib" => 30,
-                "t" | "tb" | "tib" => 40,
-                _ => return Err(format!(
+        let shift = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 0,
+            "k" | "kb" | "kib" => 10,
+            "m" | "mb" | "mib" => 20,
+            "g" | "gb" | "gib" => 30,
+            "t" | "tb" | "tib" => 40,
+            _ => {
+                return Err(format!(
                     "{text:?} has an unknown unit: use k, M, G or T (binary: KiB, MiB, GiB, TiB)"
-                )),
-            };
+                ))
+            }
+        };
         number
             .checked_mul(1 << shift)
             .map(ByteSize)

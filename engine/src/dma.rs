@@ -54,6 +54,8 @@ pub enum DmaError {
         largest_free: usize,
         pool: usize,
     },
+    #[error("a DMA buffer of {requested} bytes is larger than the 4 GiB one buffer may be")]
+    TooLarge { requested: usize },
     #[error("a DMA buffer must be at least one byte")]
     Empty,
     #[error("DMA pool size must be at least one page ({PAGE_SIZE} bytes)")]
@@ -116,6 +118,12 @@ impl DmaPool {
     pub fn new(bytes: usize, kind: PageKind) -> Result<Self, DmaError> {
         if bytes < PAGE_SIZE {
             return Err(DmaError::PoolTooSmall);
+        }
+        if bytes / PAGE_SIZE > u32::MAX as usize {
+            return Err(DmaError::Map {
+                bytes,
+                source: std::io::Error::other("larger than 16 TiB"),
+            });
         }
         let granule = match kind {
             PageKind::Huge => HUGEPAGE_SIZE,
@@ -207,6 +215,9 @@ impl DmaPool {
         if bytes == 0 {
             return Err(DmaError::Empty);
         }
+        if bytes > u32::MAX as usize {
+            return Err(DmaError::TooLarge { requested: bytes });
+        }
         let pages = bytes.div_ceil(PAGE_SIZE);
         let first_page = {
             let mut free = self.inner.free.lock();
@@ -229,10 +240,10 @@ impl DmaPool {
         };
         let buf = DmaBuf {
             pool: self.inner.clone(),
-            alloc_offset: first_page * PAGE_SIZE,
-            alloc_len: pages * PAGE_SIZE,
+            first_page: first_page as u32,
+            pages: pages as u32,
             view_offset: 0,
-            view_len: bytes,
+            view_len: bytes as u32,
         };
         buf.fill_all(0);
         Ok(buf)
@@ -254,11 +265,15 @@ fn read_sysfs_u64(name: &str) -> u64 {
 /// page, which exercises PRP offsets).
 pub struct DmaBuf {
     pool: Arc<PoolInner>,
-    alloc_offset: usize,
-    alloc_len: usize,
-    view_offset: usize,
-    view_len: usize,
+    /// First page of the allocation and its page count: kept in 32 bits each (16 TiB of
+    /// pool) so that a buffer moving through the IO path is three words.
+    first_page: u32,
+    pages: u32,
+    view_offset: u32,
+    view_len: u32,
 }
+
+const _: () = assert!(std::mem::size_of::<DmaBuf>() == 24);
 
 impl std::fmt::Debug for DmaBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -271,8 +286,7 @@ impl std::fmt::Debug for DmaBuf {
 
 impl Drop for DmaBuf {
     fn drop(&mut self) {
-        let first = self.alloc_offset / PAGE_SIZE;
-        let count = self.alloc_len / PAGE_SIZE;
+        let (first, count) = (self.first_page as usize, self.pages as usize);
         let mut free = self.pool.free.lock();
         let index = free.partition_point(|&(start, _)| start < first);
         free.insert(index, (first, count));
@@ -292,13 +306,13 @@ impl DmaBuf {
     /// The IOVA of the view's first byte.
     #[inline(always)]
     pub fn iova(&self) -> u64 {
-        self.pool.iova_base + (self.alloc_offset + self.view_offset) as u64
+        self.pool.iova_base + self.first_page as u64 * PAGE_SIZE as u64 + self.view_offset as u64
     }
 
     /// Length of the view in bytes: what an IO with this buffer transfers.
     #[inline(always)]
     pub fn len(&self) -> usize {
-        self.view_len
+        self.view_len as usize
     }
 
     pub fn is_empty(&self) -> bool {
@@ -307,7 +321,7 @@ impl DmaBuf {
 
     /// Bytes allocated (whole pages).
     pub fn capacity(&self) -> usize {
-        self.alloc_len
+        self.pages as usize * PAGE_SIZE
     }
 
     /// Narrows (or re-widens) the view to `len` bytes starting `offset` bytes into the
@@ -316,12 +330,12 @@ impl DmaBuf {
         assert!(
             offset
                 .checked_add(len)
-                .is_some_and(|end| end <= self.alloc_len),
+                .is_some_and(|end| end <= self.capacity()),
             "view {offset}+{len} leaves a {} byte allocation",
-            self.alloc_len
+            self.capacity()
         );
-        self.view_offset = offset;
-        self.view_len = len;
+        self.view_offset = offset as u32;
+        self.view_len = len as u32;
     }
 
     /// The host address of the view's first byte, for the queue code that builds rings and PRP
@@ -331,14 +345,10 @@ impl DmaBuf {
     }
 
     fn view_ptr(&self) -> *mut u8 {
-        // SAFETY: alloc_offset + view_offset lies inside the pool mapping (checked by set_view
-        // and by construction in alloc).
-        unsafe {
-            self.pool
-                .base
-                .as_ptr()
-                .add(self.alloc_offset + self.view_offset)
-        }
+        let offset = self.first_page as usize * PAGE_SIZE + self.view_offset as usize;
+        // SAFETY: the allocation's pages plus a view offset within them (checked by set_view,
+        // and zero from alloc) lie inside the pool mapping.
+        unsafe { self.pool.base.as_ptr().add(offset) }
     }
 
     /// Copies `data` into the view at `offset`.
@@ -346,7 +356,7 @@ impl DmaBuf {
         assert!(
             offset
                 .checked_add(data.len())
-                .is_some_and(|end| end <= self.view_len),
+                .is_some_and(|end| end <= self.len()),
             "write past the view"
         );
         // SAFETY: range-checked against the view above; we own the buffer (`&mut self`), so no
@@ -361,7 +371,7 @@ impl DmaBuf {
         assert!(
             offset
                 .checked_add(out.len())
-                .is_some_and(|end| end <= self.view_len),
+                .is_some_and(|end| end <= self.len()),
             "read past the view"
         );
         // SAFETY: range-checked against the view above; holding the buffer means no IO on it is
@@ -373,7 +383,7 @@ impl DmaBuf {
 
     /// The view's contents as a new vector (for tests and verification, not the IO path).
     pub fn to_vec(&self) -> Vec<u8> {
-        let mut out = vec![0; self.view_len];
+        let mut out = vec![0; self.len()];
         self.read_at(0, &mut out);
         out
     }
@@ -381,16 +391,19 @@ impl DmaBuf {
     /// Fills the view with `byte`.
     pub fn fill(&mut self, byte: u8) {
         // SAFETY: the view is inside the allocation and we hold the buffer exclusively.
-        unsafe { std::ptr::write_bytes(self.view_ptr(), byte, self.view_len) };
+        unsafe { std::ptr::write_bytes(self.view_ptr(), byte, self.len()) };
     }
 
     fn fill_all(&self, byte: u8) {
         // SAFETY: the whole allocation was just taken from the free list; nobody else holds it.
         unsafe {
             std::ptr::write_bytes(
-                self.pool.base.as_ptr().add(self.alloc_offset),
+                self.pool
+                    .base
+                    .as_ptr()
+                    .add(self.first_page as usize * PAGE_SIZE),
                 byte,
-                self.alloc_len,
+                self.capacity(),
             )
         };
     }

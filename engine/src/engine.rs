@@ -311,7 +311,7 @@ impl Engine {
                 .map_err(|_| EngineError::Flush {
                     volume: "(any)".into(),
                     error: IoError::Device {
-                        op: "flush",
+                        op: crate::driver::Op::Flush,
                         status: crate::nvme::Status::INTERNAL_ERROR,
                     },
                 })?;

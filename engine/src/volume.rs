@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crossbeam_channel::Sender;
 
 use crate::dma::DmaBuf;
-use crate::driver::{IoCommand, Op};
+use crate::driver::{IoCommand, IoFlags, Op};
 use crate::nvme::{DataRange, Status};
 
 /// Index of a volume in the engine's volume table.
@@ -46,28 +46,24 @@ pub enum IoError {
         "{op} of {len} bytes at offset {offset} is beyond the end of the volume ({size} bytes)"
     )]
     OutOfRange {
-        op: &'static str,
+        op: Op,
         offset: u64,
         len: u64,
         size: u64,
     },
     #[error("{op} of {len} bytes at offset {offset} is not aligned to the volume's {block_size}-byte blocks")]
     Misaligned {
-        op: &'static str,
+        op: Op,
         offset: u64,
         len: u64,
         block_size: u32,
     },
     #[error("{op} of {len} bytes is larger than the {max} bytes one command can carry; split it")]
-    TooLarge {
-        op: &'static str,
-        len: u64,
-        max: u64,
-    },
+    TooLarge { op: Op, len: u64, max: u64 },
     #[error("{op} needs a data buffer")]
-    MissingBuffer { op: &'static str },
+    MissingBuffer { op: Op },
     #[error("{op} of zero bytes")]
-    Empty { op: &'static str },
+    Empty { op: Op },
     #[error("the data buffer at IOVA {iova:#x} is not 4-byte aligned, as NVMe requires")]
     BufferMisaligned { iova: u64 },
     #[error("volume {volume} is owned by core {core}; submit from that core's tasks or through the engine")]
@@ -75,7 +71,7 @@ pub enum IoError {
     #[error("every IO slot on this core is in use; retry after completions")]
     Busy,
     #[error("the device failed the {op}: NVMe status {status}")]
-    Device { op: &'static str, status: Status },
+    Device { op: Op, status: Status },
     #[error("the engine is shutting down")]
     Stopped,
 }
@@ -181,7 +177,7 @@ impl Volume {
     /// The device command for `request`, or why there is none.
     #[inline]
     pub fn command(&self, request: &IoRequest) -> Result<IoCommand, IoError> {
-        let op = request.op.name();
+        let op = request.op;
         let (len, data) = match request.op {
             Op::Flush => {
                 return Ok(IoCommand {
@@ -190,7 +186,7 @@ impl Volume {
                     slba: 0,
                     blocks: 0,
                     data: None,
-                    fua: false,
+                    flags: IoFlags::NONE,
                 });
             }
             Op::WriteZeroes => (request.len, None),
@@ -237,7 +233,15 @@ impl Volume {
             slba: self.first_lba + (request.offset >> self.block_shift),
             blocks: (len >> self.block_shift) as u32,
             data,
-            fua: request.fua,
+            flags: if request.fua {
+                IoFlags::FUA
+            } else {
+                IoFlags::NONE
+            },
         })
     }
 }
+
+// The completion travels by value through every callback: keep it small (tag, result, buffer).
+const _: () = assert!(std::mem::size_of::<Result<(), IoError>>() <= 40);
+const _: () = assert!(std::mem::size_of::<IoCompletion>() <= 72);

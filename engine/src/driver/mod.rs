@@ -18,6 +18,12 @@ pub enum Op {
     WriteZeroes,
 }
 
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl Op {
     pub fn name(self) -> &'static str {
         match self {
@@ -38,8 +44,23 @@ pub struct IoCommand {
     /// Logical blocks (1..=65536); ignored for flush.
     pub blocks: u32,
     pub data: Option<DataRange>,
-    /// Force Unit Access: durable before completion.
-    pub fua: bool,
+    pub flags: IoFlags,
+}
+
+/// Per-command flags, as one word: a flag stored as its own byte next to another would be
+/// read back by a wider load and stall store forwarding on every IO.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IoFlags(pub u32);
+
+impl IoFlags {
+    pub const NONE: IoFlags = IoFlags(0);
+    /// Force Unit Access: the data is durable when the command completes.
+    pub const FUA: IoFlags = IoFlags(1);
+
+    #[inline(always)]
+    pub fn contains(self, other: IoFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
 }
 
 /// What a device is, as the engine needs to know it.

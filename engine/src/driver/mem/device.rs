@@ -426,15 +426,29 @@ impl DeviceQueue {
     /// The next submitted entry, if the SQ tail doorbell shows one.
     #[inline(always)]
     fn fetch(&mut self) -> Option<SubmissionEntry> {
+        let tail = self.sq_tail()?;
+        self.fetch_before(tail)
+    }
+
+    /// The SQ tail the host last rang, or `None` if the queue is faulted or the value is
+    /// invalid (which faults it).
+    #[inline(always)]
+    fn sq_tail(&mut self) -> Option<u32> {
         if self.faulted {
             return None;
         }
         let tail = self.doorbells.read(self.qid, DoorbellKind::SubmissionTail);
-        if tail == self.sq_head {
-            return None;
-        }
         if tail >= self.sq_entries {
             self.fault("submission queue tail doorbell", tail);
+            return None;
+        }
+        Some(tail)
+    }
+
+    /// The entry at the SQ head, if the head has not reached `tail`.
+    #[inline(always)]
+    fn fetch_before(&mut self, tail: u32) -> Option<SubmissionEntry> {
+        if tail == self.sq_head {
             return None;
         }
         // SAFETY: sq_head < sq_entries, inside the ring translated at creation; the acquire
@@ -505,12 +519,18 @@ impl DeviceQueue {
         } else {
             self.post_due()
         };
-        // Bounded: at most one pass over the ring per call.
+        // The doorbell is read once per call: everything rung so far is one batch. Bounded: at
+        // most one pass over the ring.
+        let Some(tail) = self.sq_tail() else {
+            return posted;
+        };
         for _ in 0..self.sq_entries {
             if self.deferred.len() == self.deferred.capacity() {
                 break;
             }
-            let Some(entry) = self.fetch() else { break };
+            let Some(entry) = self.fetch_before(tail) else {
+                break;
+            };
             let (status, delay) = self.execute_io(&entry);
             if delay == 0 && self.post(entry.cid(), status, 0) {
                 posted += 1;

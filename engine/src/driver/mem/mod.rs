@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use self::device::{DeviceQueue, DeviceShared, MemDevice};
 use self::inject::Injector;
 use self::media::Media;
-use super::{DeviceInfo, Driver, DriverError, IoCommand, IoQueue, Op};
+use super::{DeviceInfo, Driver, DriverError, IoCommand, IoFlags, IoQueue, Op};
 use crate::config::{DeviceConfig, DeviceMode, MediaKind};
 use crate::dma::DmaPool;
 use crate::nvme::spec::{io_opcode, SubmissionEntry};
@@ -303,7 +303,7 @@ impl IoQueue for MemQueue {
         if command.op != Op::Flush {
             entry.set_slba(command.slba);
             entry.set_block_count(command.blocks);
-            if command.fua {
+            if command.flags.contains(IoFlags::FUA) {
                 entry.cdw12 |= 1 << 30;
             }
         }

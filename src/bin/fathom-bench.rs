@@ -1,0 +1,244 @@
+//! fathom-bench: fio-like workloads on Fathom's data path, run on the reactor cores themselves.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use fathom::workload::{Pattern, WorkloadResult, WorkloadSpec, WorkloadTask};
+use fathom_engine::config::{ByteSize, Config};
+use fathom_engine::Engine;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Driver {
+    /// The in-process NVMe controller.
+    Mem,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Media {
+    Null,
+    Ram,
+    File,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Mode {
+    Inline,
+    Thread,
+}
+
+/// Runs a fio-style workload against Fathom's engine, with the workload generator on each
+/// reactor's own core (as SPDK's perf does), and reports IOPS, bandwidth and the CPU cost of
+/// one IO.
+///
+/// Example, the software-overhead measurement (no device time, no data copies):
+///
+///   fathom-bench --driver mem --media null --mode inline --rw randread --bs 4k --iodepth 32 --runtime 10
+///
+/// Each core gets its own volume (a slice of the device) and keeps --iodepth IOs in flight on
+/// it. DMA buffers come from 2 MiB hugepages: reserve them with `sysctl -w vm.nr_hugepages=256`,
+/// or pass --no-hugepages.
+#[derive(Debug, Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Args {
+    #[arg(long, value_enum, default_value = "mem")]
+    driver: Driver,
+    /// Media of the mem driver: null (nothing stored, nothing copied), ram, or file.
+    #[arg(long, value_enum, default_value = "null")]
+    media: Media,
+    /// inline: the controller runs in the reactor's poll loop; thread: on a device thread.
+    #[arg(long, value_enum, default_value = "inline")]
+    mode: Mode,
+    /// Backing file for --media file (created sparse).
+    #[arg(long)]
+    filename: Option<std::path::PathBuf>,
+    /// Access pattern.
+    #[arg(long, value_enum, default_value = "randread")]
+    rw: Pattern,
+    /// Block size of each IO (e.g. 512, 4k, 128k).
+    #[arg(long, default_value = "4k", value_parser = parse_size)]
+    bs: u64,
+    /// IOs kept in flight per core.
+    #[arg(long, default_value_t = 32)]
+    iodepth: usize,
+    /// Reactor cores to run on (one workload per core), as fio's numjobs.
+    #[arg(long, alias = "numjobs", default_value_t = 1)]
+    cores: usize,
+    /// Bytes each core's workload spans.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    size: u64,
+    /// Seconds to measure.
+    #[arg(long, default_value_t = 10.0)]
+    runtime: f64,
+    /// Seconds to run before measuring.
+    #[arg(long = "ramp_time", alias = "ramp-time", default_value_t = 1.0)]
+    ramp_time: f64,
+    /// Device block size.
+    #[arg(long, default_value_t = 512)]
+    sector: u32,
+    /// Use normal pages for DMA memory instead of hugepages.
+    #[arg(long)]
+    no_hugepages: bool,
+    /// Print one JSON object instead of the human summary.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    text.parse::<ByteSize>().map(|size| size.0)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.iodepth == 0 {
+        bail!("--iodepth 0: at least one IO must be in flight");
+    }
+    if args.bs == 0 || args.bs % args.sector as u64 != 0 {
+        bail!(
+            "--bs {} is not a multiple of the {}-byte sector",
+            args.bs,
+            args.sector
+        );
+    }
+    if args.size < args.bs || args.size % args.bs != 0 {
+        bail!(
+            "--size {} must be a non-zero multiple of --bs {}",
+            args.size,
+            args.bs
+        );
+    }
+    let online = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if args.cores == 0 || args.cores > online {
+        bail!("--cores {}: this machine has {online} cores", args.cores);
+    }
+    if !(args.runtime > 0.0) || !(args.ramp_time >= 0.0) {
+        bail!("--runtime must be positive and --ramp_time not negative");
+    }
+    let config =
+        Config::parse(&bench_config(&args)).context("building the benchmark configuration")?;
+    let engine = Engine::start(&config).context("starting the engine")?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for reactor in 0..args.cores {
+        let volume = engine.volumes()[reactor].id;
+        let spec = WorkloadSpec {
+            volume,
+            pattern: args.rw,
+            block_size: args.bs,
+            iodepth: args.iodepth,
+            span_bytes: args.size,
+            runtime: Duration::from_secs_f64(args.runtime),
+            ramp: Duration::from_secs_f64(args.ramp_time),
+            seed: reactor as u64 + 1,
+        };
+        let task = WorkloadTask::new(spec, engine.dma(), *engine.clock(), tx.clone())
+            .context("allocating IO buffers")?;
+        engine.spawn(reactor, Box::new(task))?;
+    }
+    let deadline = Duration::from_secs_f64(args.runtime + args.ramp_time + 60.0);
+    let mut results: Vec<WorkloadResult> = Vec::new();
+    for _ in 0..args.cores {
+        results.push(
+            rx.recv_timeout(deadline)
+                .context("a workload did not finish in time")?,
+        );
+    }
+    engine.shutdown().context("shutting the engine down")?;
+    report(&args, &results)
+}
+
+fn bench_config(args: &Args) -> String {
+    let cores: Vec<String> = (0..args.cores).map(|core| core.to_string()).collect();
+    let media = format!("{:?}", args.media).to_lowercase();
+    let mode = format!("{:?}", args.mode).to_lowercase();
+    let path = match (&args.filename, args.media) {
+        (Some(path), Media::File) => format!("path = {:?}\n", path.display().to_string()),
+        _ => String::new(),
+    };
+    let data_dir = std::env::temp_dir().join("fathom-bench");
+    // Ring, PRP lists and buffers for every core, with room to spare.
+    let dma = 32 + args.cores as u64 * (args.iodepth as u64 * args.bs + (4 << 20)) / (1 << 20);
+    let mut text = format!(
+        "[node]\nid = \"bench\"\ndata_dir = {data_dir:?}\n\
+         [dma]\nsize = \"{dma}MiB\"\nhugepages = {hugepages}\n\
+         [reactor]\ncores = [{cores}]\npoll = \"busy\"\nqueue_depth = {depth}\n\
+         [[device]]\nname = \"nvme0\"\ndriver = \"mem\"\nmedia = \"{media}\"\nmode = \"{mode}\"\n{path}\
+         size = {size}\nblock_size = {sector}\n",
+        hugepages = !args.no_hugepages,
+        cores = cores.join(", "),
+        depth = args.iodepth.clamp(1, 4095),
+        size = args.size * args.cores as u64,
+        sector = args.sector,
+    );
+    for core in 0..args.cores {
+        text += &format!(
+            "[[volume]]\nname = \"bench{core}\"\ndevice = \"nvme0\"\noffset = {}\nsize = {}\ncore = {core}\n",
+            args.size * core as u64,
+            args.size
+        );
+    }
+    text
+}
+
+fn report(args: &Args, results: &[WorkloadResult]) -> Result<()> {
+    let ios: u64 = results.iter().map(|r| r.ios).sum();
+    let bytes: u64 = results.iter().map(|r| r.bytes).sum();
+    let errors: u64 = results.iter().map(|r| r.errors).sum();
+    let elapsed_s = results.iter().map(|r| r.elapsed_ns).max().unwrap_or(1) as f64 / 1e9;
+    let cpu_ns: u64 = results.iter().map(|r| r.cpu_ns).sum();
+    let iops = ios as f64 / elapsed_s;
+    let iops_per_core = iops / results.len() as f64;
+    let wall_ns_per_io = 1e9 / iops_per_core;
+    let cpu_ns_per_io = cpu_ns as f64 / ios.max(1) as f64;
+    if args.json {
+        let json = serde_json::json!({
+            "driver": format!("{:?}", args.driver).to_lowercase(),
+            "media": format!("{:?}", args.media).to_lowercase(),
+            "mode": format!("{:?}", args.mode).to_lowercase(),
+            "rw": args.rw, "bs": args.bs, "iodepth": args.iodepth, "cores": results.len(),
+            "runtime_s": elapsed_s,
+            "ios": ios, "errors": errors,
+            "iops": iops, "iops_per_core": iops_per_core, "bw_bytes": bytes as f64 / elapsed_s,
+            "ns_per_io_wall": wall_ns_per_io, "cpu_ns_per_io": cpu_ns_per_io,
+            "per_core": results,
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    println!(
+        "fathom-bench: driver={:?} media={:?} mode={:?} rw={:?} bs={} iodepth={} cores={}",
+        args.driver,
+        args.media,
+        args.mode,
+        args.rw,
+        args.bs,
+        args.iodepth,
+        results.len()
+    );
+    println!(
+        "  {:?}: IOPS={:.2}M, BW={:.1}MiB/s, ios={ios}, errors={errors}, runt={:.2}s",
+        args.rw,
+        iops / 1e6,
+        bytes as f64 / elapsed_s / (1 << 20) as f64,
+        elapsed_s
+    );
+    println!(
+        "  per core: IOPS={:.2}M, {:.1} ns/IO (wall), {:.1} ns/IO (reactor CPU time)",
+        iops_per_core / 1e6,
+        wall_ns_per_io,
+        cpu_ns_per_io
+    );
+    for result in results {
+        println!(
+            "    core {}: {:.2}M IOPS, {:.1} ns CPU/IO",
+            result.core,
+            result.ios as f64 / (result.elapsed_ns as f64 / 1e9) / 1e6,
+            result.cpu_ns as f64 / result.ios.max(1) as f64
+        );
+    }
+    if errors > 0 {
+        bail!("{errors} IOs failed");
+    }
+    Ok(())
+}

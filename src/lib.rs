@@ -1,0 +1,3 @@
+//! Shared code of Fathom's programs: `fathom-node`, `fathom-bench`.
+
+pub mod workload;
