@@ -191,7 +191,7 @@ impl QueuePair {
     /// `data`. Nothing reaches the controller until [`QueuePair::ring`].
     ///
     /// `data.len` must not exceed [`MAX_TRANSFER_BYTES`] and `data.iova` must be dword aligned
-    /// (callers validate; violating either is a bug and panics in debug builds).
+    /// (callers validate; violating either is a bug and panics).
     #[inline]
     pub fn submit(
         &mut self,
@@ -231,8 +231,14 @@ impl QueuePair {
     /// PRP entries for a transfer (Base Specification, "Physical Region Page Entry and List").
     #[inline]
     fn build_prps(&mut self, cid: u16, data: DataRange) -> (u64, u64) {
-        debug_assert!(data.iova % 4 == 0, "PRP1 must be dword aligned");
-        debug_assert!(data.len <= MAX_TRANSFER_BYTES);
+        // Always checked (two compares): an oversized transfer would spill into the next
+        // command's PRP list page. Callers validate first, so this only catches bugs.
+        assert!(data.iova % 4 == 0, "PRP1 must be dword aligned");
+        assert!(
+            data.len <= MAX_TRANSFER_BYTES,
+            "transfer of {} bytes exceeds one PRP list",
+            data.len
+        );
         let page = PAGE_SIZE as u64;
         let first_len = (page - data.iova % page) as usize;
         if data.len <= first_len {

@@ -1,0 +1,220 @@
+//! The NVMe queue protocol between the host queue pair and the in-process controller, driven
+//! directly through a device queue: back-pressure, wraparound, and the controller's answers to
+//! commands it must refuse.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use fathom_engine::config::Config;
+use fathom_engine::driver::mem::MemDriver;
+use fathom_engine::driver::{Driver, IoCommand, IoFlags, IoQueue, Op};
+use fathom_engine::nvme::{Completed, DataRange, QueueFull, Status};
+use fathom_engine::{DmaPool, PageKind};
+use fathom_telemetry::Clock;
+
+fn device(mode: &str) -> (MemDriver, DmaPool, tempfile::TempDir) {
+    let test = common::node(
+        &[0],
+        &format!("[[device]]\nname = \"q\"\ndriver = \"mem\"\nmedia = \"ram\"\nmode = \"{mode}\"\nsize = \"8MiB\"\n"),
+    );
+    let config: &Config = &test.config;
+    let kind = if config.dma.hugepages {
+        PageKind::Huge
+    } else {
+        PageKind::Normal
+    };
+    let pool = DmaPool::new(16 << 20, kind).unwrap();
+    let driver = MemDriver::open(
+        &config.devices[0],
+        &config.node.data_dir,
+        &pool,
+        Clock::best(),
+        2,
+    )
+    .unwrap();
+    (driver, pool, test.dir)
+}
+
+fn read(slba: u64, blocks: u32, data: DataRange) -> IoCommand {
+    IoCommand {
+        op: Op::Read,
+        nsid: 1,
+        slba,
+        blocks,
+        data: Some(data),
+        flags: IoFlags::NONE,
+    }
+}
+
+/// Reaps until `count` completions arrived (bounded by a deadline: a lost completion fails).
+fn reap_all(queue: &mut dyn IoQueue, count: usize) -> Vec<Completed> {
+    let mut out = vec![Completed::default(); 64];
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < count {
+        let reaped = queue.reap(&mut out);
+        got.extend_from_slice(&out[..reaped]);
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {count} completions arrived",
+            got.len()
+        );
+    }
+    got
+}
+
+#[test]
+fn identify_describes_the_controller_and_namespace() {
+    let (driver, _pool, _dir) = device("inline");
+    let info = driver.info();
+    assert_eq!(info.model, "Fathom mem NVMe");
+    assert_eq!(info.serial, "FTHM-q");
+    assert_eq!(info.namespaces.len(), 1);
+    assert_eq!(
+        (
+            info.namespaces[0].nsid,
+            info.namespaces[0].block_size,
+            info.namespaces[0].blocks
+        ),
+        (1, 512, 16384)
+    );
+    assert_eq!(info.max_transfer_bytes, 1 << 20, "MDTS 8 with 4 KiB pages");
+}
+
+#[test]
+fn a_full_queue_refuses_and_recovers() {
+    for mode in ["inline", "thread"] {
+        let (driver, pool, _dir) = device(mode);
+        let mut queue = driver.create_queue(4).unwrap();
+        let buf = pool.alloc(4096).unwrap();
+        assert_eq!(queue.capacity(), 4);
+        for cookie in 0..4 {
+            queue
+                .submit(&read(cookie as u64, 8, DataRange::of(&buf)), cookie)
+                .unwrap();
+        }
+        assert_eq!(
+            queue.submit(&read(0, 8, DataRange::of(&buf)), 99),
+            Err(QueueFull),
+            "{mode}"
+        );
+        queue.ring();
+        let mut cookies: Vec<u32> = reap_all(queue.as_mut(), 4)
+            .iter()
+            .map(|done| done.cookie)
+            .collect();
+        cookies.sort_unstable();
+        assert_eq!(cookies, [0, 1, 2, 3]);
+        assert_eq!(queue.outstanding(), 0);
+        queue.submit(&read(0, 8, DataRange::of(&buf)), 5).unwrap();
+        queue.ring();
+        assert_eq!(reap_all(queue.as_mut(), 1)[0].cookie, 5);
+    }
+}
+
+#[test]
+fn thousands_of_laps_around_small_rings_lose_nothing() {
+    for (mode, depth) in [
+        ("inline", 1u16),
+        ("inline", 5),
+        ("thread", 1),
+        ("thread", 6),
+    ] {
+        let (driver, pool, _dir) = device(mode);
+        let mut queue = driver.create_queue(depth).unwrap();
+        let buf = pool.alloc(4096).unwrap();
+        let mut next = 0u32;
+        // Batches of every size up to the depth, so the tail and head land on every slot
+        // and the phase tag flips thousands of times.
+        for round in 0..3000u32 {
+            let batch = 1 + round % depth as u32;
+            for _ in 0..batch {
+                queue
+                    .submit(&read(next as u64 % 1000, 1, DataRange::of(&buf)), next)
+                    .unwrap();
+                next += 1;
+            }
+            queue.ring();
+            let done = reap_all(queue.as_mut(), batch as usize);
+            let mut cookies: Vec<u32> = done.iter().map(|done| done.cookie).collect();
+            cookies.sort_unstable();
+            assert!(
+                cookies.iter().copied().eq(next - batch..next),
+                "{mode} depth {depth} round {round}: {cookies:?}"
+            );
+            assert!(done.iter().all(|done| done.status.is_success()));
+        }
+        assert_eq!(queue.outstanding(), 0);
+    }
+}
+
+#[test]
+fn the_controller_refuses_what_a_device_would_refuse() {
+    for mode in ["inline", "thread"] {
+        let (driver, pool, _dir) = device(mode);
+        let mut queue = driver.create_queue(16).unwrap();
+        let buf = pool.alloc(4 << 20).unwrap();
+        let data = DataRange {
+            iova: buf.iova(),
+            len: 4096,
+        };
+        let outside = DataRange {
+            iova: 0x1000,
+            len: 4096,
+        };
+        let cases = [
+            (
+                read(16384, 1, DataRange { len: 512, ..data }),
+                Status::LBA_OUT_OF_RANGE,
+            ),
+            (read(16380, 8, data), Status::LBA_OUT_OF_RANGE),
+            (read(u64::MAX - 2, 8, data), Status::LBA_OUT_OF_RANGE),
+            (
+                IoCommand {
+                    nsid: 2,
+                    ..read(0, 1, DataRange { len: 512, ..data })
+                },
+                Status::INVALID_NAMESPACE,
+            ),
+            (read(0, 8, outside), Status::DATA_TRANSFER_ERROR),
+            (
+                read(
+                    0,
+                    4096,
+                    DataRange {
+                        iova: data.iova,
+                        len: 2 << 20,
+                    },
+                ),
+                Status::INVALID_FIELD,
+            ),
+            (
+                read(
+                    0,
+                    128,
+                    DataRange {
+                        iova: data.iova + 512,
+                        len: 64 << 10,
+                    },
+                ),
+                Status::SUCCESS,
+            ),
+            (
+                IoCommand {
+                    op: Op::Flush,
+                    ..read(0, 1, data)
+                },
+                Status::SUCCESS,
+            ),
+        ];
+        for (cookie, (command, _)) in cases.iter().enumerate() {
+            queue.submit(command, cookie as u32).unwrap();
+        }
+        queue.ring();
+        for done in reap_all(queue.as_mut(), cases.len()) {
+            let (command, want) = &cases[done.cookie as usize];
+            assert_eq!(done.status, *want, "{mode}: {command:?}");
+        }
+    }
+}
