@@ -355,6 +355,13 @@ impl Config {
                 "16 to 1048576",
             ));
         }
+        if self.devices.len() > crate::reactor::IoContext::MAX_DEVICES {
+            return Err(invalid(
+                "device",
+                format!("{} devices", self.devices.len()),
+                format!("at most {}", crate::reactor::IoContext::MAX_DEVICES),
+            ));
+        }
         for (index, device) in self.devices.iter().enumerate() {
             let key = |field: &str| format!("device[{index}].{field}");
             if device.name.is_empty()
@@ -378,10 +385,10 @@ impl Config {
                     format!("a non-zero multiple of block_size ({})", device.block_size),
                 ));
             }
-            if device.path.is_some() && device.media != MediaKind::File {
+            if let (Some(path), true) = (&device.path, device.media != MediaKind::File) {
                 return Err(invalid(
                     key("path"),
-                    format!("{:?}", device.path.as_ref().unwrap()),
+                    format!("{path:?}"),
                     "only for media = \"file\"",
                 ));
             }
@@ -543,7 +550,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let bytes = self.0;
         for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
-            if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+            if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
                 return write!(f, "\"{}{unit}\"", bytes >> shift);
             }
         }

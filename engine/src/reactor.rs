@@ -89,8 +89,8 @@ pub struct IoContext {
     volumes: Arc<[Volume]>,
     /// One queue per device, indexed like the engine's device table.
     queues: Vec<Box<dyn IoQueue>>,
-    /// Queues with commands written but not yet rung.
-    dirty: Vec<bool>,
+    /// Bit d set: device d's queue has commands written but not yet rung.
+    dirty: u64,
     slots: Box<[Slot]>,
     free_slots: Vec<u32>,
     /// The task being polled or completed, so its submissions come back to it.
@@ -98,12 +98,20 @@ pub struct IoContext {
 }
 
 impl IoContext {
+    /// At most this many devices per node (one bit each in the doorbell mask).
+    pub const MAX_DEVICES: usize = 64;
+
     pub(crate) fn new(
         reactor: usize,
         core: usize,
         volumes: Arc<[Volume]>,
         queues: Vec<Box<dyn IoQueue>>,
     ) -> Self {
+        assert!(
+            queues.len() <= Self::MAX_DEVICES,
+            "at most {} devices",
+            Self::MAX_DEVICES
+        );
         let capacity: usize = queues.iter().map(|queue| queue.capacity()).sum();
         let slots = (0..capacity)
             .map(|_| Slot {
@@ -117,7 +125,7 @@ impl IoContext {
             reactor,
             core,
             volumes,
-            dirty: vec![false; queues.len()],
+            dirty: 0,
             queues,
             slots,
             free_slots: (0..capacity as u32).rev().collect(),
@@ -199,7 +207,7 @@ impl IoContext {
                 error: IoError::Busy,
             });
         }
-        self.dirty[device] = true;
+        self.dirty |= 1 << device;
         let slot = &mut self.slots[slot_index as usize];
         slot.notify = notify;
         slot.tag = request.tag;
@@ -211,11 +219,11 @@ impl IoContext {
     /// Rings every queue that has new commands.
     #[inline]
     fn ring(&mut self) {
-        for (queue, dirty) in self.queues.iter_mut().zip(self.dirty.iter_mut()) {
-            if *dirty {
-                *dirty = false;
-                queue.ring();
-            }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        while dirty != 0 {
+            let device = dirty.trailing_zeros() as usize;
+            dirty &= dirty - 1;
+            self.queues[device].ring();
         }
     }
 

@@ -113,7 +113,11 @@ fn main() -> Result<()> {
     if args.cores == 0 || args.cores > online {
         bail!("--cores {}: this machine has {online} cores", args.cores);
     }
-    if !(args.runtime > 0.0) || !(args.ramp_time >= 0.0) {
+    if args.runtime.is_nan()
+        || args.runtime <= 0.0
+        || args.ramp_time.is_nan()
+        || args.ramp_time < 0.0
+    {
         bail!("--runtime must be positive and --ramp_time not negative");
     }
     let config =

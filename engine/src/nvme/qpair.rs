@@ -233,7 +233,7 @@ impl QueuePair {
     fn build_prps(&mut self, cid: u16, data: DataRange) -> (u64, u64) {
         // Always checked (two compares): an oversized transfer would spill into the next
         // command's PRP list page. Callers validate first, so this only catches bugs.
-        assert!(data.iova % 4 == 0, "PRP1 must be dword aligned");
+        assert!(data.iova.is_multiple_of(4), "PRP1 must be dword aligned");
         assert!(
             data.len <= MAX_TRANSFER_BYTES,
             "transfer of {} bytes exceeds one PRP list",

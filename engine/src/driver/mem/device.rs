@@ -209,7 +209,7 @@ impl MemDevice {
             _ => return Status::INVALID_FIELD,
         }
         match self.shared.iova.translate(entry.prp1, PAGE_SIZE) {
-            Some(dst) if entry.prp1 % PAGE_SIZE as u64 == 0 => {
+            Some(dst) if entry.prp1.is_multiple_of(PAGE_SIZE as u64) => {
                 // SAFETY: translate checked the 4 KiB range lies in registered DMA memory; the
                 // command's data buffer belongs to the controller until it completes.
                 unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, PAGE_SIZE) };
@@ -384,7 +384,7 @@ impl DeviceQueue {
         shared: &Arc<DeviceShared>,
         doorbells: &Arc<DoorbellPage>,
     ) -> Result<Self, Status> {
-        if sq_iova % PAGE_SIZE as u64 != 0 || cq_iova % PAGE_SIZE as u64 != 0 {
+        if !sq_iova.is_multiple_of(PAGE_SIZE as u64) || !cq_iova.is_multiple_of(PAGE_SIZE as u64) {
             return Err(Status::INVALID_PRP_OFFSET);
         }
         let sq = shared
@@ -485,10 +485,12 @@ impl DeviceQueue {
         // with release ordering.
         unsafe {
             let entry = self.cq.add(self.cq_tail as usize);
-            std::ptr::addr_of_mut!((*entry).dw0).write_volatile(result);
-            std::ptr::addr_of_mut!((*entry).dw1).write_volatile(0);
-            std::ptr::addr_of_mut!((*entry).sq_head).write_volatile(self.sq_head as u16);
-            std::ptr::addr_of_mut!((*entry).sq_id).write_volatile(self.qid);
+            // DW0 and DW1 as one quadword, SQ head and SQ id as one dword: three stores.
+            entry.cast::<u64>().write_volatile(result as u64);
+            entry
+                .cast::<u32>()
+                .add(2)
+                .write_volatile(self.sq_head | (self.qid as u32) << 16);
             std::sync::atomic::AtomicU32::from_ptr(entry.cast::<u32>().add(3)).store(
                 CompletionEntry::dw3(cid, status, self.phase),
                 Ordering::Release,
@@ -679,7 +681,7 @@ fn transfer(
         return Status::SUCCESS;
     }
     if len - done <= PAGE_SIZE {
-        if entry.prp2 % page != 0 {
+        if !entry.prp2.is_multiple_of(page) {
             return Status::INVALID_PRP_OFFSET;
         }
         let Some(host) = shared.iova.translate(entry.prp2, len - done) else {

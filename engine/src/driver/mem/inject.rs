@@ -111,7 +111,7 @@ impl Injector {
             if rule.ops & op as u8 == 0 || last < rule.first_lba || slba > rule.last_lba {
                 continue;
             }
-            if rule.threshold != u64::MAX && rng.next() >= rule.threshold {
+            if rule.threshold != u64::MAX && rng.next_u64() >= rule.threshold {
                 continue;
             }
             if let Some(latency) = rule.latency {
@@ -121,12 +121,12 @@ impl Injector {
                         min + if span == 0 {
                             0
                         } else {
-                            rng.next() % (span + 1)
+                            rng.next_u64() % (span + 1)
                         }
                     }
                     Latency::Exponential { mean } => {
                         // Inverse transform: -mean * ln(U), U uniform in (0, 1].
-                        let uniform = (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
+                        let uniform = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
                         (-mean * (1.0 - uniform).ln()) as u64
                     }
                 };
@@ -150,7 +150,7 @@ impl Rng {
     }
 
     #[inline(always)]
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;

@@ -1,0 +1,235 @@
+//! The programs as a user runs them: fathom-node's life cycle and errors, fathom-bench's
+//! workloads and argument checks.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NODE: &str = env!("CARGO_BIN_EXE_fathom-node");
+const BENCH: &str = env!("CARGO_BIN_EXE_fathom-bench");
+
+fn hugepages_flag() -> Option<&'static str> {
+    // The test script reserves hugepages for the run; without them, say so and use normal pages.
+    let free: u64 =
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0);
+    (free < 64).then(|| {
+        eprintln!("note: fewer than 64 free hugepages; running with --no-hugepages");
+        "--no-hugepages"
+    })
+}
+
+fn write_config(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
+    let path = dir.join("node.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[node]\nid = \"prog\"\ndata_dir = {:?}\n{body}",
+            dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+const ONE_VOLUME: &str = "[dma]\nsize = \"16MiB\"\n[[device]]\nname = \"nvme0\"\ndriver = \"mem\"\nmedia = \"file\"\nsize = \"64MiB\"\n[[volume]]\nname = \"vol0\"\ndevice = \"nvme0\"\nsize = \"64MiB\"\n";
+
+#[test]
+fn the_node_starts_logs_its_layout_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), ONE_VOLUME);
+    let mut command = Command::new(NODE);
+    command
+        .arg("--config")
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .env("NO_COLOR", "1");
+    if let Some(flag) = hugepages_flag() {
+        command.arg(flag);
+    }
+    let mut child = command.spawn().unwrap();
+    let mut log = Vec::new();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let started = Instant::now();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let ready = line.contains("ready;");
+        log.push(line);
+        if ready {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "node did not get ready:\n{}",
+            log.join("\n")
+        );
+    }
+    let text = log.join("\n");
+    for expect in [
+        "reactors on cores [0]",
+        "DMA memory: 16 MiB",
+        "device nvme0: driver mem",
+        "model \"Fathom mem NVMe\"",
+        "volume vol0: 64 MiB",
+    ] {
+        assert!(
+            text.contains(expect),
+            "start-up log lacks {expect:?}:\n{text}"
+        );
+    }
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let rest: Vec<String> = lines.map(|line| line.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "exit status {status}: {}",
+        rest.join("\n")
+    );
+    assert!(
+        rest.iter().any(|line| line.contains("stopped cleanly")),
+        "{}",
+        rest.join("\n")
+    );
+    let image = std::fs::metadata(dir.path().join("nvme0.img")).unwrap();
+    assert_eq!(
+        image.len(),
+        64 << 20,
+        "the media file is created at the configured size"
+    );
+}
+
+fn run_failing(args: &[&str]) -> String {
+    let output = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(!output.status.success(), "{args:?} should fail");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn a_bad_config_names_the_key_the_value_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &ONE_VOLUME.replace(
+            "size = \"64MiB\"\n[[volume]]",
+            "size = \"64MiB\"\nblock_size = 520\n[[volume]]",
+        ),
+    );
+    let error = run_failing(&[NODE, "--config", config.to_str().unwrap()]);
+    assert!(
+        error.contains("device[0].block_size")
+            && error.contains("520")
+            && error.contains("512 or 4096"),
+        "{error}"
+    );
+    let config = write_config(dir.path(), "[reactor]\ncores = [4096]\n");
+    let error = run_failing(&[NODE, "--config", config.to_str().unwrap()]);
+    assert!(
+        error.contains("reactor.cores[0]") && error.contains("this machine has cores"),
+        "{error}"
+    );
+    let error = run_failing(&[NODE, "--config", "/nonexistent/fathom.toml"]);
+    assert!(error.contains("/nonexistent/fathom.toml"), "{error}");
+}
+
+#[test]
+fn missing_hugepages_are_explained_with_the_command_to_reserve_them() {
+    let dir = tempfile::tempdir().unwrap();
+    // Far more hugepages than any test machine reserves.
+    let config = write_config(dir.path(), "[dma]\nsize = \"4TiB\"\n");
+    let error = run_failing(&[NODE, "--config", config.to_str().unwrap()]);
+    assert!(
+        error.contains("vm.nr_hugepages=") && error.contains("--no-hugepages"),
+        "{error}"
+    );
+}
+
+#[test]
+fn the_embedded_default_config_is_printed_and_valid() {
+    let output = Command::new(NODE).arg("--print-config").output().unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("media = \"file\""));
+    let output = Command::new(NODE).arg("--check").output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn bench_runs_every_media_and_mode_and_reports_json() {
+    let dir = tempfile::tempdir().unwrap();
+    for (media, mode, rw) in [
+        ("null", "inline", "randread"),
+        ("ram", "thread", "randwrite"),
+        ("file", "inline", "write"),
+        ("ram", "inline", "read"),
+    ] {
+        let file = dir.path().join("bench.img");
+        let mut command = Command::new(BENCH);
+        command.args([
+            "--media",
+            media,
+            "--mode",
+            mode,
+            "--rw",
+            rw,
+            "--bs",
+            "4k",
+            "--iodepth",
+            "8",
+            "--size",
+            "8M",
+        ]);
+        command
+            .args([
+                "--runtime",
+                "0.3",
+                "--ramp_time",
+                "0",
+                "--json",
+                "--filename",
+            ])
+            .arg(&file);
+        if let Some(flag) = hugepages_flag() {
+            command.arg(flag);
+        }
+        let output = command.output().unwrap();
+        assert!(
+            output.status.success(),
+            "{media}/{mode}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert!(report["iops"].as_f64().unwrap() > 0.0, "{report}");
+        assert_eq!(report["errors"], 0, "{report}");
+        assert_eq!(
+            report["bw_bytes"].as_f64().unwrap().round(),
+            (report["iops"].as_f64().unwrap() * 4096.0).round()
+        );
+    }
+}
+
+#[test]
+fn bench_refuses_bad_arguments_before_any_io() {
+    for (args, expect) in [
+        (vec!["--iodepth", "0"], "--iodepth 0"),
+        (
+            vec!["--bs", "1000"],
+            "not a multiple of the 512-byte sector",
+        ),
+        (vec!["--size", "6k", "--bs", "4k"], "multiple of --bs"),
+        (vec!["--cores", "4096"], "this machine has"),
+        (vec!["--rw", "sideways"], "possible values"),
+    ] {
+        let mut full = vec![BENCH, "--runtime", "0.1"];
+        full.extend(args.iter().copied());
+        let error = run_failing(&full);
+        assert!(error.contains(expect), "{args:?}: {error}");
+    }
+}
