@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
-use fathom_engine::{DmaBuf, DmaPool, IoCompletion, IoContext, IoRequest, Op, Task, VolumeId};
+use fathom_engine::{
+    DmaBuf, DmaPool, IoCompletion, IoContext, IoError, IoRequest, Op, Task, VolumeId,
+};
 use fathom_telemetry::Clock;
 
 /// The access pattern, named as fio names it.
@@ -136,8 +138,10 @@ impl WorkloadTask {
         block * self.spec.block_size
     }
 
+    /// Submits one IO with `buf`; false when it was refused (the buffer waits for the next
+    /// poll: back-pressure is not an error, anything else is counted as one).
     #[inline]
-    fn issue(&mut self, io: &mut IoContext, buf: DmaBuf) {
+    fn issue(&mut self, io: &mut IoContext, buf: DmaBuf) -> bool {
         let offset = self.next_offset();
         let request = IoRequest {
             volume: self.spec.volume,
@@ -149,12 +153,25 @@ impl WorkloadTask {
             tag: 0,
         };
         match io.submit(request) {
-            Ok(()) => self.in_flight += 1,
+            Ok(()) => {
+                self.in_flight += 1;
+                true
+            }
             Err(rejected) => {
-                self.result.errors += 1;
-                if let Some(buf) = rejected.request.buf {
-                    self.buffers.push(buf);
+                if rejected.error != IoError::Busy {
+                    self.result.errors += 1;
                 }
+                self.buffers.extend(rejected.request.buf);
+                false
+            }
+        }
+    }
+
+    /// Puts every idle buffer back to work (after a start or a refusal).
+    fn issue_idle(&mut self, io: &mut IoContext) {
+        while let Some(buf) = self.buffers.pop() {
+            if !self.issue(io, buf) {
+                break;
             }
         }
     }
@@ -177,12 +194,11 @@ impl Task for WorkloadTask {
                         until: now + self.clock.duration_to_ticks(self.spec.ramp),
                     }
                 };
-                while let Some(buf) = self.buffers.pop() {
-                    self.issue(io, buf);
-                }
+                self.issue_idle(io);
                 true
             }
             Phase::Ramp { until } => {
+                self.issue_idle(io);
                 let now = self.clock.now();
                 if now >= until {
                     self.result = WorkloadResult {

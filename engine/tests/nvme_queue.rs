@@ -218,3 +218,53 @@ fn the_controller_refuses_what_a_device_would_refuse() {
         }
     }
 }
+
+#[test]
+fn a_deleted_queue_is_never_written_again() {
+    // Commands held back by injected latency are still inside the device thread when the
+    // queue is deleted. Once deletion returns, the ring memory goes back to the pool: fill all
+    // free memory with a pattern and check nothing overwrites it after the latency expires.
+    let test = common::node(
+        &[0],
+        "[[device]]\nname = \"q\"\ndriver = \"mem\"\nmedia = \"ram\"\nmode = \"thread\"\nsize = \"8MiB\"\n\
+         [[device.inject]]\nlatency = \"30ms\"\n",
+    );
+    let config = &test.config;
+    let kind = if config.dma.hugepages {
+        PageKind::Huge
+    } else {
+        PageKind::Normal
+    };
+    let pool = DmaPool::new(16 << 20, kind).unwrap();
+    let driver = MemDriver::open(
+        &config.devices[0],
+        &config.node.data_dir,
+        &pool,
+        Clock::best(),
+        1,
+    )
+    .unwrap();
+    let data = pool.alloc(4096).unwrap();
+    let mut queue = driver.create_queue(8).unwrap();
+    for cookie in 0..8 {
+        queue
+            .submit(&read(cookie as u64, 8, DataRange::of(&data)), cookie)
+            .unwrap();
+    }
+    queue.ring();
+    std::thread::sleep(Duration::from_millis(5));
+    drop(queue);
+    let mut filler = Vec::new();
+    while let Ok(mut buf) = pool.alloc(4096) {
+        buf.fill(0xa5);
+        filler.push(buf);
+    }
+    std::thread::sleep(Duration::from_millis(80));
+    for buf in &filler {
+        assert!(
+            buf.to_vec().iter().all(|&byte| byte == 0xa5),
+            "freed queue memory at {:#x} was written after deletion",
+            buf.iova()
+        );
+    }
+}

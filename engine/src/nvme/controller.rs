@@ -323,11 +323,18 @@ impl NvmeController {
 
     /// Deletes a queue pair's submission queue, then its completion queue. Commands still in
     /// flight are aborted by the controller (their completions are never reaped).
+    ///
+    /// If the controller does not confirm the deletion, the queue's memory is leaked on
+    /// purpose: a controller that still holds the queue may still write into it, and memory
+    /// handed out again would be corrupted.
     pub fn delete_io_queue_pair(&self, queue: QueuePair) -> Result<(), NvmeError> {
         let qid = queue.qid();
         let mut entry = SubmissionEntry::new(admin_opcode::DELETE_IO_SQ, 0, 0);
         entry.cdw10 = qid as u32;
-        self.admin_command("Delete I/O Submission Queue", entry, None)?;
+        if let Err(error) = self.admin_command("Delete I/O Submission Queue", entry, None) {
+            std::mem::forget(queue);
+            return Err(error);
+        }
         let mut entry = SubmissionEntry::new(admin_opcode::DELETE_IO_CQ, 0, 0);
         entry.cdw10 = qid as u32;
         self.admin_command("Delete I/O Completion Queue", entry, None)?;

@@ -29,6 +29,8 @@ use crate::nvme::spec::{
 
 /// MDTS reported in Identify: 2^8 pages of 4 KiB = 1 MiB per command.
 pub const MDTS: u8 = 8;
+/// How long Delete I/O Submission Queue waits for the queue's poller to let go of it.
+const QUEUE_RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Largest queue the controller accepts (CAP.MQES + 1).
 pub const MAX_QUEUE_ENTRIES: u32 = 4096;
 
@@ -47,9 +49,20 @@ pub struct DeviceShared {
     /// Commands that failed inside the controller (media errors on flush, faults): logged once
     /// each, counted here.
     pub internal_errors: AtomicU64,
+    /// Per queue identifier: a poller (a reactor inline, or the device thread) holds the
+    /// controller side of the queue. Delete I/O Submission Queue completes only once this is
+    /// false, so the host never frees ring memory the controller still reads.
+    pub held: Box<[AtomicBool]>,
 }
 
 impl DeviceShared {
+    /// One "held" flag per queue identifier 0..=max_io_queues.
+    pub fn queue_flags(max_io_queues: u16) -> Box<[AtomicBool]> {
+        (0..=max_io_queues)
+            .map(|_| AtomicBool::new(false))
+            .collect()
+    }
+
     fn max_transfer_bytes(&self) -> u64 {
         (PAGE_SIZE as u64) << MDTS
     }
@@ -129,7 +142,10 @@ impl MemDevice {
         let mut queues = self.queues.lock();
         let slot = queues.get_mut(qid as usize)?;
         match std::mem::replace(slot, QueueSlot::Polled) {
-            QueueSlot::Ready(queue) => Some(*queue),
+            QueueSlot::Ready(queue) => {
+                self.shared.held[qid as usize].store(true, Ordering::Release);
+                Some(*queue)
+            }
             other => {
                 *slot = other;
                 None
@@ -152,6 +168,7 @@ impl MemDevice {
         for slot in queues.iter_mut() {
             if matches!(slot, QueueSlot::Ready(_)) {
                 if let QueueSlot::Ready(queue) = std::mem::replace(slot, QueueSlot::Polled) {
+                    self.shared.held[queue.qid as usize].store(true, Ordering::Release);
                     into.push(*queue);
                 }
             }
@@ -307,7 +324,21 @@ impl MemDevice {
                 entries: 0,
             },
         };
+        drop(queues);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        // As a controller completes the deletion only once it has stopped using the queue:
+        // wait for the poller holding it to let go (the device thread notices within a loop).
+        let deadline = std::time::Instant::now() + QUEUE_RELEASE_TIMEOUT;
+        while self.shared.held[qid as usize].load(Ordering::Acquire) {
+            if std::time::Instant::now() > deadline {
+                tracing::error!(
+                    qid,
+                    "queue still polled {QUEUE_RELEASE_TIMEOUT:?} after its deletion"
+                );
+                return Status::INTERNAL_ERROR;
+            }
+            std::thread::yield_now();
+        }
         Status::SUCCESS
     }
 
@@ -368,6 +399,12 @@ pub struct DeviceQueue {
     /// Set when the host wrote an invalid doorbell value; the queue stops, as a controller
     /// would raise an asynchronous error and stop processing it.
     faulted: bool,
+}
+
+impl Drop for DeviceQueue {
+    fn drop(&mut self) {
+        self.shared.held[self.qid as usize].store(false, Ordering::Release);
+    }
 }
 
 // SAFETY: the ring pointers point into DMA memory kept alive by `shared.iova`; exactly one

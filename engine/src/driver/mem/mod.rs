@@ -101,6 +101,7 @@ impl MemDriver {
             serial: format!("FTHM-{name}"),
             max_io_queues: io_queues.max(1) + 1,
             internal_errors: AtomicU64::new(0),
+            held: DeviceShared::queue_flags(io_queues.max(1) + 1),
         });
         let device = Arc::new(MemDevice::new(shared));
         let dma_error = |source| DriverError::Dma {
