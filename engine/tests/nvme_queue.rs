@@ -14,9 +14,14 @@ use fathom_engine::{DmaPool, PageKind};
 use fathom_telemetry::Clock;
 
 fn device(mode: &str) -> (MemDriver, DmaPool, tempfile::TempDir) {
+    device_with(mode, "")
+}
+
+/// A `mem` device with 8 MiB of ram media, `extra` appended to its `[[device]]` table.
+fn device_with(mode: &str, extra: &str) -> (MemDriver, DmaPool, tempfile::TempDir) {
     let test = common::node(
         &[0],
-        &format!("[[device]]\nname = \"q\"\ndriver = \"mem\"\nmedia = \"ram\"\nmode = \"{mode}\"\nsize = \"8MiB\"\n"),
+        &format!("[[device]]\nname = \"q\"\ndriver = \"mem\"\nmedia = \"ram\"\nmode = \"{mode}\"\nsize = \"8MiB\"\n{extra}"),
     );
     let config: &Config = &test.config;
     let kind = if config.dma.hugepages {
@@ -224,26 +229,7 @@ fn a_deleted_queue_is_never_written_again() {
     // Commands held back by injected latency are still inside the device thread when the
     // queue is deleted. Once deletion returns, the ring memory goes back to the pool: fill all
     // free memory with a pattern and check nothing overwrites it after the latency expires.
-    let test = common::node(
-        &[0],
-        "[[device]]\nname = \"q\"\ndriver = \"mem\"\nmedia = \"ram\"\nmode = \"thread\"\nsize = \"8MiB\"\n\
-         [[device.inject]]\nlatency = \"30ms\"\n",
-    );
-    let config = &test.config;
-    let kind = if config.dma.hugepages {
-        PageKind::Huge
-    } else {
-        PageKind::Normal
-    };
-    let pool = DmaPool::new(16 << 20, kind).unwrap();
-    let driver = MemDriver::open(
-        &config.devices[0],
-        &config.node.data_dir,
-        &pool,
-        Clock::best(),
-        1,
-    )
-    .unwrap();
+    let (driver, pool, _dir) = device_with("thread", "[[device.inject]]\nlatency = \"30ms\"\n");
     let data = pool.alloc(4096).unwrap();
     let mut queue = driver.create_queue(8).unwrap();
     for cookie in 0..8 {
