@@ -7,5 +7,7 @@
 //! region and the exporters build on it.
 
 pub mod clock;
+pub mod hdr;
+pub mod region;
 
 pub use clock::{Clock, ClockError, ClockSource};

@@ -1,0 +1,1094 @@
+//! The shared-memory stats region: written by the node, read live by `fathom-stat` and the
+//! metrics endpoint.
+//!
+//! Layout (all little-endian, offsets in bytes; the header's offsets are recomputed from its
+//! counts and checked by readers):
+//!
+//! ```text
+//! 0      header (4096 bytes): magic "FATHOMST", layout version, sizes, TSC Hz, clock source,
+//!        writer pid, start time, heartbeat (count, ticks, unix ns), state, node id,
+//!        histogram parameters, directory counts and offsets
+//! ...    directory: cores (u32 each), volumes (64 bytes: name, core index, block size, size),
+//!        ops (16-byte names), stages (16-byte names), queues (64 bytes: device, core index)
+//! ...    histograms, one per (volume, op, stage): count, sum of ticks, max ticks, reserved,
+//!        then the log-linear counters of [`crate::hdr::Layout`]
+//! ...    volume counters, per (volume, op): IOs, bytes, errors
+//! ...    queue counters, per queue: busy ticks, busy-since ticks (0 when idle), submitted,
+//!        completed
+//! ```
+//!
+//! Every counter has one writer (the reactor that owns the volume or queue) and only grows;
+//! the writer updates it with a relaxed load and store (no locked instruction) and readers use
+//! relaxed loads, so a reader never blocks or slows a writer. A reader takes deltas between
+//! two snapshots. The region is created under a temporary name and renamed into place when
+//! complete, so a reader never sees a half-written header; a node that restarts replaces the
+//! file, and a reader notices the new start time.
+
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::clock::{Clock, ClockSource};
+use crate::hdr::Layout;
+
+pub const MAGIC: [u8; 8] = *b"FATHOMST";
+pub const VERSION: u32 = 1;
+pub const HEADER_BYTES: usize = 4096;
+const NAME_BYTES: usize = 48;
+const VOLUME_ENTRY_BYTES: usize = 64;
+const QUEUE_ENTRY_BYTES: usize = 64;
+const LABEL_BYTES: usize = 16;
+/// Words before a histogram's counters: count, sum, max, reserved.
+const HIST_HEADER_WORDS: usize = 4;
+const VOLUME_COUNTER_WORDS: usize = 3;
+const QUEUE_COUNTER_WORDS: usize = 4;
+/// Histogram precision: 2 significant figures (1% resolution), up to a minute.
+pub const SIGNIFICANT_FIGURES: u8 = 2;
+pub const HIGHEST_SECONDS: u64 = 60;
+/// Limits a reader accepts, so a corrupt header cannot make it allocate without bound.
+const MAX_ENTRIES: u32 = 65536;
+const MAX_LABELS: u32 = 64;
+
+/// Header field offsets.
+mod field {
+    pub const MAGIC: usize = 0;
+    pub const VERSION: usize = 8;
+    pub const HEADER_BYTES: usize = 12;
+    pub const TOTAL_BYTES: usize = 16;
+    pub const TSC_HZ: usize = 24;
+    pub const CLOCK_SOURCE: usize = 32;
+    pub const WRITER_PID: usize = 36;
+    pub const START_UNIX_NS: usize = 40;
+    pub const HEARTBEAT: usize = 48;
+    pub const HEARTBEAT_TICKS: usize = 56;
+    pub const HEARTBEAT_UNIX_NS: usize = 64;
+    pub const STATE: usize = 72;
+    pub const NODE_ID: usize = 80; // 64 bytes
+    pub const HIST_HIGHEST: usize = 144;
+    pub const HIST_FIGURES: usize = 152;
+    pub const HIST_COUNTS_LEN: usize = 156;
+    pub const CORES: usize = 160;
+    pub const VOLUMES: usize = 164;
+    pub const OPS: usize = 168;
+    pub const STAGES: usize = 172;
+    pub const QUEUES: usize = 176;
+    pub const OFFSETS: usize = 184; // 8 x u64
+}
+
+/// The node's state as the region reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriterState {
+    Starting = 0,
+    Running = 1,
+    Stopped = 2,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    #[error("could not {what} stats region {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a fathom stats region (magic {found:?}, expected \"FATHOMST\"); check the path (default /dev/shm/fathom-<node-id>)")]
+    BadMagic { path: PathBuf, found: String },
+    #[error("{path} has stats layout version {found}; this fathom-stat reads version {VERSION}: use the fathom-stat that ships with the running node")]
+    UnsupportedVersion { path: PathBuf, found: u32 },
+    #[error("{path} is damaged: {what}")]
+    Corrupt { path: PathBuf, what: String },
+    #[error("stats region {what}: {value} is too large")]
+    TooLarge { what: &'static str, value: usize },
+}
+
+/// What a region describes: written once by the node, read by every reader.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Directory {
+    pub node_id: String,
+    pub tsc_hz: u64,
+    pub clock_source: ClockSource,
+    pub writer_pid: u32,
+    pub start_unix_ns: u64,
+    pub cores: Vec<u32>,
+    pub volumes: Vec<VolumeEntry>,
+    pub ops: Vec<String>,
+    pub stages: Vec<String>,
+    pub queues: Vec<QueueEntry>,
+    pub histogram: Layout,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeEntry {
+    pub name: String,
+    /// Index into [`Directory::cores`].
+    pub core_index: u32,
+    pub block_size: u32,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueEntry {
+    pub device: String,
+    pub core_index: u32,
+}
+
+/// Offsets of the region's parts, computed from the directory's counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Offsets {
+    cores: usize,
+    volumes: usize,
+    ops: usize,
+    stages: usize,
+    queues: usize,
+    histograms: usize,
+    volume_counters: usize,
+    queue_counters: usize,
+    total: usize,
+}
+
+impl Offsets {
+    fn compute(
+        cores: usize,
+        volumes: usize,
+        ops: usize,
+        stages: usize,
+        queues: usize,
+        counts_len: usize,
+    ) -> Option<Self> {
+        let align = |offset: usize| offset.checked_add(63).map(|end| end & !63);
+        let cores_at = HEADER_BYTES;
+        let volumes_at = align(cores_at.checked_add(cores.checked_mul(4)?)?)?;
+        let ops_at = align(volumes_at.checked_add(volumes.checked_mul(VOLUME_ENTRY_BYTES)?)?)?;
+        let stages_at = align(ops_at.checked_add(ops.checked_mul(LABEL_BYTES)?)?)?;
+        let queues_at = align(stages_at.checked_add(stages.checked_mul(LABEL_BYTES)?)?)?;
+        let histograms_at = align(queues_at.checked_add(queues.checked_mul(QUEUE_ENTRY_BYTES)?)?)?;
+        let histogram_bytes = (HIST_HEADER_WORDS + counts_len).checked_mul(8)?;
+        let histograms = volumes.checked_mul(ops)?.checked_mul(stages)?;
+        let volume_counters_at =
+            align(histograms_at.checked_add(histograms.checked_mul(histogram_bytes)?)?)?;
+        let queue_counters_at = align(
+            volume_counters_at.checked_add(
+                volumes
+                    .checked_mul(ops)?
+                    .checked_mul(VOLUME_COUNTER_WORDS * 8)?,
+            )?,
+        )?;
+        let total =
+            align(queue_counters_at.checked_add(queues.checked_mul(QUEUE_COUNTER_WORDS * 8)?)?)?;
+        Some(Self {
+            cores: cores_at,
+            volumes: volumes_at,
+            ops: ops_at,
+            stages: stages_at,
+            queues: queues_at,
+            histograms: histograms_at,
+            volume_counters: volume_counters_at,
+            queue_counters: queue_counters_at,
+            total,
+        })
+    }
+
+    fn as_array(&self) -> [u64; 8] {
+        [
+            self.cores as u64,
+            self.volumes as u64,
+            self.ops as u64,
+            self.stages as u64,
+            self.queues as u64,
+            self.histograms as u64,
+            self.volume_counters as u64,
+            self.queue_counters as u64,
+        ]
+    }
+}
+
+/// A shared mapping of a region file.
+struct Mapping {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is only accessed through atomics (counters) or byte copies of parts that
+// are immutable once published (header constants, directory); the pointer itself is shared.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping created in `map_file`.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+impl Mapping {
+    /// The 8-byte word at `offset` as an atomic.
+    #[inline(always)]
+    fn word(&self, offset: usize) -> &AtomicU64 {
+        debug_assert!(offset % 8 == 0 && offset + 8 <= self.len);
+        // SAFETY: offsets come from `Offsets`, checked against the mapping length, and are
+        // 8-byte aligned in a page-aligned mapping; the memory is only accessed atomically.
+        unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(offset).cast()) }
+    }
+
+    fn word32(&self, offset: usize) -> &AtomicU32 {
+        debug_assert!(offset % 4 == 0 && offset + 4 <= self.len);
+        // SAFETY: as for `word`, 4-byte aligned.
+        unsafe { AtomicU32::from_ptr(self.base.as_ptr().add(offset).cast()) }
+    }
+
+    /// A copy of `len` bytes at `offset` (for the immutable header and directory).
+    fn copy(&self, offset: usize, len: usize) -> Vec<u8> {
+        assert!(offset + len <= self.len);
+        let mut out = vec![0u8; len];
+        // SAFETY: range-checked above; these bytes are written once before the region is
+        // published and never again, so copying them races with no writer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.base.as_ptr().add(offset), out.as_mut_ptr(), len)
+        };
+        out
+    }
+
+    fn write(&self, offset: usize, bytes: &[u8]) {
+        assert!(offset + bytes.len() <= self.len);
+        // SAFETY: range-checked; only the creator writes here, before the region is published.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.base.as_ptr().add(offset),
+                bytes.len(),
+            )
+        };
+    }
+}
+
+fn map_file(file: &std::fs::File, len: usize, writable: bool) -> std::io::Result<Mapping> {
+    let protection = if writable {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
+    // SAFETY: maps `len` bytes of an open file shared; the kernel picks the address.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            protection,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(Mapping {
+        base: NonNull::new(ptr.cast()).expect("mmap returned non-null"),
+        len,
+    })
+}
+
+/// What the node describes when it creates its region.
+#[derive(Debug, Clone)]
+pub struct RegionSpec {
+    pub node_id: String,
+    pub cores: Vec<u32>,
+    pub volumes: Vec<VolumeEntry>,
+    pub ops: Vec<String>,
+    pub stages: Vec<String>,
+    pub queues: Vec<QueueEntry>,
+}
+
+/// The node's side: creates the region and hands out per-owner recorders.
+pub struct StatsRegion {
+    map: Arc<Mapping>,
+    offsets: Offsets,
+    layout: Layout,
+    ops: usize,
+    stages: usize,
+    path: PathBuf,
+}
+
+impl StatsRegion {
+    /// Creates the region at `path` (replacing an old one atomically).
+    pub fn create(path: &Path, spec: &RegionSpec, clock: &Clock) -> Result<Self, RegionError> {
+        let io = |what, source| RegionError::Io {
+            what,
+            path: path.into(),
+            source,
+        };
+        let layout = Layout::new(
+            clock.hz().saturating_mul(HIGHEST_SECONDS),
+            SIGNIFICANT_FIGURES,
+        )
+        .expect("valid layout");
+        for (what, count) in [
+            ("cores", spec.cores.len()),
+            ("volumes", spec.volumes.len()),
+            ("queues", spec.queues.len()),
+        ] {
+            if count > MAX_ENTRIES as usize {
+                return Err(RegionError::TooLarge { what, value: count });
+            }
+        }
+        for (what, count) in [("ops", spec.ops.len()), ("stages", spec.stages.len())] {
+            if count > MAX_LABELS as usize {
+                return Err(RegionError::TooLarge { what, value: count });
+            }
+        }
+        let offsets = Offsets::compute(
+            spec.cores.len(),
+            spec.volumes.len(),
+            spec.ops.len(),
+            spec.stages.len(),
+            spec.queues.len(),
+            layout.counts_len(),
+        )
+        .ok_or(RegionError::TooLarge {
+            what: "size",
+            value: usize::MAX,
+        })?;
+        let temporary = path.with_extension(format!("tmp{}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&temporary)
+            .map_err(|e| io("create", e))?;
+        file.set_len(offsets.total as u64)
+            .map_err(|e| io("size", e))?;
+        let map = map_file(&file, offsets.total, true).map_err(|e| io("map", e))?;
+
+        let mut header = vec![0u8; HEADER_BYTES];
+        let put = |header: &mut Vec<u8>, at: usize, bytes: &[u8]| {
+            header[at..at + bytes.len()].copy_from_slice(bytes)
+        };
+        put(&mut header, field::MAGIC, &MAGIC);
+        put(&mut header, field::VERSION, &VERSION.to_le_bytes());
+        put(
+            &mut header,
+            field::HEADER_BYTES,
+            &(HEADER_BYTES as u32).to_le_bytes(),
+        );
+        put(
+            &mut header,
+            field::TOTAL_BYTES,
+            &(offsets.total as u64).to_le_bytes(),
+        );
+        put(&mut header, field::TSC_HZ, &clock.hz().to_le_bytes());
+        let source = match clock.source() {
+            ClockSource::Tsc => 0u32,
+            ClockSource::Monotonic => 1,
+        };
+        put(&mut header, field::CLOCK_SOURCE, &source.to_le_bytes());
+        put(
+            &mut header,
+            field::WRITER_PID,
+            &std::process::id().to_le_bytes(),
+        );
+        put(&mut header, field::START_UNIX_NS, &unix_ns().to_le_bytes());
+        put_name(
+            &mut header[field::NODE_ID..field::NODE_ID + 64],
+            &spec.node_id,
+        );
+        put(
+            &mut header,
+            field::HIST_HIGHEST,
+            &layout.highest().to_le_bytes(),
+        );
+        put(
+            &mut header,
+            field::HIST_FIGURES,
+            &(layout.significant_figures() as u32).to_le_bytes(),
+        );
+        put(
+            &mut header,
+            field::HIST_COUNTS_LEN,
+            &(layout.counts_len() as u32).to_le_bytes(),
+        );
+        for (at, count) in [
+            (field::CORES, spec.cores.len()),
+            (field::VOLUMES, spec.volumes.len()),
+            (field::OPS, spec.ops.len()),
+            (field::STAGES, spec.stages.len()),
+            (field::QUEUES, spec.queues.len()),
+        ] {
+            put(&mut header, at, &(count as u32).to_le_bytes());
+        }
+        for (index, offset) in offsets.as_array().iter().enumerate() {
+            put(
+                &mut header,
+                field::OFFSETS + 8 * index,
+                &offset.to_le_bytes(),
+            );
+        }
+        map.write(0, &header);
+        let cores: Vec<u8> = spec
+            .cores
+            .iter()
+            .flat_map(|core| core.to_le_bytes())
+            .collect();
+        map.write(offsets.cores, &cores);
+        for (index, volume) in spec.volumes.iter().enumerate() {
+            let mut entry = [0u8; VOLUME_ENTRY_BYTES];
+            put_name(&mut entry[..NAME_BYTES], &volume.name);
+            entry[48..52].copy_from_slice(&volume.core_index.to_le_bytes());
+            entry[52..56].copy_from_slice(&volume.block_size.to_le_bytes());
+            entry[56..64].copy_from_slice(&volume.size_bytes.to_le_bytes());
+            map.write(offsets.volumes + index * VOLUME_ENTRY_BYTES, &entry);
+        }
+        for (base, labels) in [(offsets.ops, &spec.ops), (offsets.stages, &spec.stages)] {
+            for (index, label) in labels.iter().enumerate() {
+                let mut entry = [0u8; LABEL_BYTES];
+                put_name(&mut entry, label);
+                map.write(base + index * LABEL_BYTES, &entry);
+            }
+        }
+        for (index, queue) in spec.queues.iter().enumerate() {
+            let mut entry = [0u8; QUEUE_ENTRY_BYTES];
+            put_name(&mut entry[..NAME_BYTES], &queue.device);
+            entry[48..52].copy_from_slice(&queue.core_index.to_le_bytes());
+            map.write(offsets.queues + index * QUEUE_ENTRY_BYTES, &entry);
+        }
+        let region = Self {
+            map: Arc::new(map),
+            offsets,
+            layout,
+            ops: spec.ops.len(),
+            stages: spec.stages.len(),
+            path: path.into(),
+        };
+        region
+            .map
+            .word32(field::STATE)
+            .store(WriterState::Running as u32, Ordering::Release);
+        std::fs::rename(&temporary, path).map_err(|e| io("publish", e))?;
+        Ok(region)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The recorder for volume `volume`'s histograms and counters. Exactly one thread (the
+    /// volume's reactor) may record through it.
+    pub fn volume_recorder(&self, volume: usize) -> VolumeRecorder {
+        let histogram_words = HIST_HEADER_WORDS + self.layout.counts_len();
+        VolumeRecorder {
+            map: self.map.clone(),
+            histograms: self.offsets.histograms
+                + volume * self.ops * self.stages * histogram_words * 8,
+            counters: self.offsets.volume_counters + volume * self.ops * VOLUME_COUNTER_WORDS * 8,
+            histogram_words,
+            stages: self.stages,
+            layout: self.layout,
+        }
+    }
+
+    /// The recorder for queue `queue`'s busy time; one writer, the queue's reactor.
+    pub fn queue_recorder(&self, queue: usize) -> QueueRecorder {
+        QueueRecorder {
+            map: self.map.clone(),
+            at: self.offsets.queue_counters + queue * QUEUE_COUNTER_WORDS * 8,
+        }
+    }
+
+    /// Tells readers the node is alive (called periodically by one thread).
+    pub fn heartbeat(&self, ticks: u64) {
+        let beat = self.map.word(field::HEARTBEAT);
+        self.map
+            .word(field::HEARTBEAT_TICKS)
+            .store(ticks, Ordering::Relaxed);
+        self.map
+            .word(field::HEARTBEAT_UNIX_NS)
+            .store(unix_ns(), Ordering::Relaxed);
+        beat.store(beat.load(Ordering::Relaxed) + 1, Ordering::Release);
+    }
+
+    /// Marks a clean stop: readers report "stopped" instead of waiting for heartbeats.
+    pub fn mark_stopped(&self) {
+        self.map
+            .word32(field::STATE)
+            .store(WriterState::Stopped as u32, Ordering::Release);
+    }
+}
+
+#[inline(always)]
+fn add(word: &AtomicU64, value: u64) {
+    // Single writer: a plain load and store, no locked instruction.
+    word.store(
+        word.load(Ordering::Relaxed).wrapping_add(value),
+        Ordering::Relaxed,
+    );
+}
+
+/// Records one volume's IO latencies and counts.
+pub struct VolumeRecorder {
+    map: Arc<Mapping>,
+    histograms: usize,
+    counters: usize,
+    histogram_words: usize,
+    stages: usize,
+    layout: Layout,
+}
+
+impl VolumeRecorder {
+    /// Records `count` IOs of `op` whose `stage` took `ticks` each.
+    #[inline]
+    pub fn record(&self, op: usize, stage: usize, ticks: u64, count: u64) {
+        let base = self.histograms + (op * self.stages + stage) * self.histogram_words * 8;
+        add(self.map.word(base), count);
+        add(self.map.word(base + 8), ticks.wrapping_mul(count));
+        let max = self.map.word(base + 16);
+        if ticks > max.load(Ordering::Relaxed) {
+            max.store(ticks, Ordering::Relaxed);
+        }
+        add(
+            self.map
+                .word(base + (HIST_HEADER_WORDS + self.layout.index_of(ticks)) * 8),
+            count,
+        );
+    }
+
+    /// Counts one IO of `op` that moved `bytes` (errors count separately and move no bytes).
+    #[inline]
+    pub fn count(&self, op: usize, bytes: u64, ok: bool) {
+        let base = self.counters + op * VOLUME_COUNTER_WORDS * 8;
+        if ok {
+            add(self.map.word(base), 1);
+            add(self.map.word(base + 8), bytes);
+        } else {
+            add(self.map.word(base + 16), 1);
+        }
+    }
+}
+
+/// Records one queue's busy time: the time it had commands outstanding.
+pub struct QueueRecorder {
+    map: Arc<Mapping>,
+    at: usize,
+}
+
+impl QueueRecorder {
+    /// The queue went from idle to busy at `ticks`.
+    #[inline]
+    pub fn busy_from(&self, ticks: u64) {
+        self.map
+            .word(self.at + 8)
+            .store(ticks.max(1), Ordering::Relaxed);
+    }
+
+    /// The queue went idle at `ticks`.
+    #[inline]
+    pub fn idle_from(&self, ticks: u64) {
+        let since = self.map.word(self.at + 8);
+        let started = since.load(Ordering::Relaxed);
+        if started != 0 {
+            add(self.map.word(self.at), ticks.saturating_sub(started));
+            since.store(0, Ordering::Relaxed);
+        }
+    }
+
+    #[inline]
+    pub fn submitted(&self, count: u64) {
+        add(self.map.word(self.at + 16), count);
+    }
+
+    #[inline]
+    pub fn completed(&self, count: u64) {
+        add(self.map.word(self.at + 24), count);
+    }
+}
+
+fn put_name(field: &mut [u8], name: &str) {
+    let bytes = name.as_bytes();
+    let len = bytes.len().min(field.len());
+    field[..len].copy_from_slice(&bytes[..len]);
+}
+
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// A reader's handle on a region.
+pub struct RegionReader {
+    map: Mapping,
+    offsets: Offsets,
+    directory: Directory,
+    path: PathBuf,
+}
+
+/// Counters of a region at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The reader's clock when the snapshot was taken, in the region's ticks.
+    pub taken_ticks: u64,
+    pub heartbeat: u64,
+    pub heartbeat_unix_ns: u64,
+    pub state: u32,
+    /// Per (volume, op, stage): count, sum, max, reserved, counters.
+    pub histograms: Vec<u64>,
+    /// Per (volume, op): IOs, bytes, errors.
+    pub volume_counters: Vec<u64>,
+    /// Per queue: busy ticks, busy since, submitted, completed.
+    pub queue_counters: Vec<u64>,
+}
+
+impl RegionReader {
+    /// Maps and checks the region at `path`.
+    pub fn open(path: &Path) -> Result<Self, RegionError> {
+        let io = |what, source| RegionError::Io {
+            what,
+            path: path.into(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(|e| io("open", e))?;
+        let len = file.metadata().map_err(|e| io("stat", e))?.len() as usize;
+        if len < HEADER_BYTES {
+            let mut bytes = vec![0u8; len];
+            use std::io::Read;
+            let _ = (&file).read(&mut bytes);
+            // Too short for a header: say "not a region" when the magic is wrong, else damaged.
+            if bytes.len() < 8 || bytes[..8] != MAGIC {
+                return Err(RegionError::BadMagic {
+                    path: path.into(),
+                    found: String::from_utf8_lossy(&bytes[..bytes.len().min(8)]).into(),
+                });
+            }
+            return Err(RegionError::Corrupt {
+                path: path.into(),
+                what: format!("{len} bytes is shorter than the {HEADER_BYTES}-byte header"),
+            });
+        }
+        let map = map_file(&file, len, false).map_err(|e| io("map", e))?;
+        let header = map.copy(0, HEADER_BYTES);
+        let (offsets, counts) = check_header(&header, len).map_err(|error| error.at(path))?;
+        let directory_bytes = map.copy(0, offsets.histograms);
+        let directory = parse_directory(&header, &directory_bytes, &offsets, counts)
+            .map_err(|error| error.at(path))?;
+        Ok(Self {
+            map,
+            offsets,
+            directory,
+            path: path.into(),
+        })
+    }
+
+    pub fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A consistent-enough copy of every counter (each word is read atomically; the region
+    /// keeps changing while it is read, which only matters at the last few IOs).
+    pub fn snapshot(&self, clock_ticks: u64) -> Snapshot {
+        let words = |from: usize, to: usize| {
+            (from..to)
+                .step_by(8)
+                .map(|at| self.map.word(at).load(Ordering::Relaxed))
+                .collect()
+        };
+        Snapshot {
+            taken_ticks: clock_ticks,
+            heartbeat: self.map.word(field::HEARTBEAT).load(Ordering::Acquire),
+            heartbeat_unix_ns: self
+                .map
+                .word(field::HEARTBEAT_UNIX_NS)
+                .load(Ordering::Relaxed),
+            state: self.map.word32(field::STATE).load(Ordering::Acquire),
+            histograms: words(
+                self.offsets.histograms,
+                self.offsets.histograms + self.histogram_bytes(),
+            ),
+            volume_counters: words(
+                self.offsets.volume_counters,
+                self.offsets.volume_counters + self.volume_counter_bytes(),
+            ),
+            queue_counters: words(
+                self.offsets.queue_counters,
+                self.offsets.queue_counters + self.directory.queues.len() * QUEUE_COUNTER_WORDS * 8,
+            ),
+        }
+    }
+
+    fn histogram_bytes(&self) -> usize {
+        let d = &self.directory;
+        d.volumes.len()
+            * d.ops.len()
+            * d.stages.len()
+            * (HIST_HEADER_WORDS + d.histogram.counts_len())
+            * 8
+    }
+
+    fn volume_counter_bytes(&self) -> usize {
+        self.directory.volumes.len() * self.directory.ops.len() * VOLUME_COUNTER_WORDS * 8
+    }
+}
+
+/// Header problems before the path is known.
+enum HeaderError {
+    BadMagic(String),
+    Version(u32),
+    Corrupt(String),
+}
+
+impl HeaderError {
+    fn at(self, path: &Path) -> RegionError {
+        match self {
+            HeaderError::BadMagic(found) => RegionError::BadMagic {
+                path: path.into(),
+                found,
+            },
+            HeaderError::Version(found) => RegionError::UnsupportedVersion {
+                path: path.into(),
+                found,
+            },
+            HeaderError::Corrupt(what) => RegionError::Corrupt {
+                path: path.into(),
+                what,
+            },
+        }
+    }
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn name_at(bytes: &[u8]) -> String {
+    let end = bytes
+        .iter()
+        .position(|&byte| byte == 0)
+        .unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+type Counts = [usize; 5];
+
+/// Checks a header against the file length; returns the offsets and directory counts.
+fn check_header(header: &[u8], file_len: usize) -> Result<(Offsets, Counts), HeaderError> {
+    if header[field::MAGIC..field::MAGIC + 8] != MAGIC {
+        return Err(HeaderError::BadMagic(
+            String::from_utf8_lossy(&header[..8]).into(),
+        ));
+    }
+    let version = u32_at(header, field::VERSION);
+    if version != VERSION {
+        return Err(HeaderError::Version(version));
+    }
+    if u32_at(header, field::HEADER_BYTES) as usize != HEADER_BYTES {
+        return Err(HeaderError::Corrupt(format!(
+            "header size {} (expected {HEADER_BYTES})",
+            u32_at(header, field::HEADER_BYTES)
+        )));
+    }
+    let counts: Counts = [
+        field::CORES,
+        field::VOLUMES,
+        field::OPS,
+        field::STAGES,
+        field::QUEUES,
+    ]
+    .map(|at| u32_at(header, at) as usize);
+    if counts[0] > MAX_ENTRIES as usize
+        || counts[1] > MAX_ENTRIES as usize
+        || counts[4] > MAX_ENTRIES as usize
+    {
+        return Err(HeaderError::Corrupt(format!(
+            "implausible directory counts {counts:?}"
+        )));
+    }
+    if counts[2] > MAX_LABELS as usize || counts[3] > MAX_LABELS as usize {
+        return Err(HeaderError::Corrupt(format!(
+            "implausible op/stage counts {counts:?}"
+        )));
+    }
+    let figures = u32_at(header, field::HIST_FIGURES);
+    let layout = u8::try_from(figures)
+        .ok()
+        .and_then(|figures| Layout::new(u64_at(header, field::HIST_HIGHEST), figures))
+        .ok_or_else(|| {
+            HeaderError::Corrupt(format!(
+                "histogram parameters highest {} figures {figures}",
+                u64_at(header, field::HIST_HIGHEST)
+            ))
+        })?;
+    if u32_at(header, field::HIST_COUNTS_LEN) as usize != layout.counts_len() {
+        return Err(HeaderError::Corrupt(
+            "histogram counter count does not match its parameters".into(),
+        ));
+    }
+    let offsets = Offsets::compute(
+        counts[0],
+        counts[1],
+        counts[2],
+        counts[3],
+        counts[4],
+        layout.counts_len(),
+    )
+    .ok_or_else(|| HeaderError::Corrupt("directory counts overflow".into()))?;
+    let stored: Vec<u64> = (0..8)
+        .map(|index| u64_at(header, field::OFFSETS + 8 * index))
+        .collect();
+    if stored != offsets.as_array() || u64_at(header, field::TOTAL_BYTES) != offsets.total as u64 {
+        return Err(HeaderError::Corrupt(
+            "section offsets do not match the directory counts".into(),
+        ));
+    }
+    if offsets.total > file_len {
+        return Err(HeaderError::Corrupt(format!(
+            "the header describes {} bytes but the file has {file_len}",
+            offsets.total
+        )));
+    }
+    if u64_at(header, field::TSC_HZ) == 0 {
+        return Err(HeaderError::Corrupt("clock frequency 0".into()));
+    }
+    Ok((offsets, counts))
+}
+
+fn parse_directory(
+    header: &[u8],
+    bytes: &[u8],
+    offsets: &Offsets,
+    counts: Counts,
+) -> Result<Directory, HeaderError> {
+    let [cores, volumes, ops, stages, queues] = counts;
+    let figures = u32_at(header, field::HIST_FIGURES) as u8;
+    let histogram = Layout::new(u64_at(header, field::HIST_HIGHEST), figures).expect("checked");
+    let core_ids: Vec<u32> = (0..cores)
+        .map(|index| u32_at(bytes, offsets.cores + 4 * index))
+        .collect();
+    let volume_entries: Vec<VolumeEntry> = (0..volumes)
+        .map(|index| {
+            let entry =
+                &bytes[offsets.volumes + index * VOLUME_ENTRY_BYTES..][..VOLUME_ENTRY_BYTES];
+            VolumeEntry {
+                name: name_at(&entry[..NAME_BYTES]),
+                core_index: u32_at(entry, 48),
+                block_size: u32_at(entry, 52),
+                size_bytes: u64_at(entry, 56),
+            }
+        })
+        .collect();
+    if let Some(volume) = volume_entries
+        .iter()
+        .find(|volume| volume.core_index as usize >= cores)
+    {
+        return Err(HeaderError::Corrupt(format!(
+            "volume {:?} names core index {} of {cores}",
+            volume.name, volume.core_index
+        )));
+    }
+    let labels = |base: usize, count: usize| {
+        (0..count)
+            .map(|index| name_at(&bytes[base + index * LABEL_BYTES..][..LABEL_BYTES]))
+            .collect::<Vec<_>>()
+    };
+    let queue_entries: Vec<QueueEntry> = (0..queues)
+        .map(|index| {
+            let entry = &bytes[offsets.queues + index * QUEUE_ENTRY_BYTES..][..QUEUE_ENTRY_BYTES];
+            QueueEntry {
+                device: name_at(&entry[..NAME_BYTES]),
+                core_index: u32_at(entry, 48),
+            }
+        })
+        .collect();
+    if let Some(queue) = queue_entries
+        .iter()
+        .find(|queue| queue.core_index as usize >= cores)
+    {
+        return Err(HeaderError::Corrupt(format!(
+            "queue of {:?} names core index {} of {cores}",
+            queue.device, queue.core_index
+        )));
+    }
+    Ok(Directory {
+        node_id: name_at(&header[field::NODE_ID..field::NODE_ID + 64]),
+        tsc_hz: u64_at(header, field::TSC_HZ),
+        clock_source: if u32_at(header, field::CLOCK_SOURCE) == 1 {
+            ClockSource::Monotonic
+        } else {
+            ClockSource::Tsc
+        },
+        writer_pid: u32_at(header, field::WRITER_PID),
+        start_unix_ns: u64_at(header, field::START_UNIX_NS),
+        cores: core_ids,
+        volumes: volume_entries,
+        ops: labels(offsets.ops, ops),
+        stages: labels(offsets.stages, stages),
+        queues: queue_entries,
+        histogram,
+    })
+}
+
+/// Parses a region image held in memory (for tests and fuzzing: any bytes give a directory
+/// or an error, never a panic).
+pub fn parse(bytes: &[u8]) -> Result<Directory, RegionError> {
+    let path = Path::new("<memory>");
+    if bytes.len() < HEADER_BYTES {
+        return Err(RegionError::Corrupt {
+            path: path.into(),
+            what: "shorter than the header".into(),
+        });
+    }
+    let (offsets, counts) =
+        check_header(&bytes[..HEADER_BYTES], bytes.len()).map_err(|error| error.at(path))?;
+    parse_directory(&bytes[..HEADER_BYTES], bytes, &offsets, counts).map_err(|error| error.at(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn spec() -> RegionSpec {
+        RegionSpec {
+            node_id: "n1".into(),
+            cores: vec![0, 1],
+            volumes: vec![
+                VolumeEntry {
+                    name: "vol0".into(),
+                    core_index: 0,
+                    block_size: 512,
+                    size_bytes: 1 << 30,
+                },
+                VolumeEntry {
+                    name: "vol1".into(),
+                    core_index: 1,
+                    block_size: 4096,
+                    size_bytes: 1 << 20,
+                },
+            ],
+            ops: vec!["read".into(), "write".into(), "flush".into()],
+            stages: vec!["queue".into(), "device".into(), "total".into()],
+            queues: vec![
+                QueueEntry {
+                    device: "nvme0".into(),
+                    core_index: 0,
+                },
+                QueueEntry {
+                    device: "nvme0".into(),
+                    core_index: 1,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn what_the_writer_records_the_reader_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fathom-n1");
+        let clock = Clock::monotonic();
+        let region = StatsRegion::create(&path, &spec(), &clock).unwrap();
+        let vol1 = region.volume_recorder(1);
+        vol1.record(1, 1, 200_000, 3);
+        vol1.record(1, 1, 250_000, 1);
+        vol1.count(1, 4096, true);
+        vol1.count(1, 0, false);
+        region.queue_recorder(1).busy_from(100);
+        region.queue_recorder(1).idle_from(600);
+        region.heartbeat(12345);
+
+        let reader = RegionReader::open(&path).unwrap();
+        let directory = reader.directory();
+        assert_eq!(directory.node_id, "n1");
+        assert_eq!(directory.volumes, spec().volumes);
+        assert_eq!(directory.stages, spec().stages);
+        assert_eq!(directory.writer_pid, std::process::id());
+        let snapshot = reader.snapshot(0);
+        assert_eq!(snapshot.heartbeat, 1);
+        assert_eq!(snapshot.state, WriterState::Running as u32);
+        let words = HIST_HEADER_WORDS + directory.histogram.counts_len();
+        let base = ((1 * 3 + 1) * 3 + 1) * words;
+        let histogram = &snapshot.histograms[base..base + words];
+        assert_eq!(&histogram[..3], &[4, 850_000, 250_000]);
+        assert_eq!(
+            histogram[HIST_HEADER_WORDS + directory.histogram.index_of(200_000)],
+            3
+        );
+        assert_eq!(
+            &snapshot.volume_counters[(1 * 3 + 1) * 3..][..3],
+            &[1, 4096, 1]
+        );
+        assert_eq!(snapshot.queue_counters[4], 500);
+        region.mark_stopped();
+        assert_eq!(reader.snapshot(0).state, WriterState::Stopped as u32);
+    }
+
+    #[test]
+    fn a_wrong_magic_or_version_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fathom-n1");
+        StatsRegion::create(&path, &spec(), &Clock::monotonic()).unwrap();
+        let good = std::fs::read(&path).unwrap();
+
+        let mut bytes = good.clone();
+        bytes[..8].copy_from_slice(b"NOTSTATS");
+        std::fs::write(&path, &bytes).unwrap();
+        let error = RegionReader::open(&path).err().unwrap().to_string();
+        assert!(
+            error.contains("not a fathom stats region") && error.contains("NOTSTATS"),
+            "{error}"
+        );
+
+        let mut bytes = good.clone();
+        bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let error = RegionReader::open(&path).err().unwrap().to_string();
+        assert!(
+            error.contains("version 7") && error.contains("reads version 1"),
+            "{error}"
+        );
+
+        std::fs::write(&path, &good[..100]).unwrap();
+        let error = RegionReader::open(&path).err().unwrap().to_string();
+        assert!(error.contains("shorter than"), "{error}");
+
+        std::fs::write(&path, &good[..good.len() - 64]).unwrap();
+        let error = RegionReader::open(&path).err().unwrap().to_string();
+        assert!(error.contains("damaged"), "{error}");
+    }
+
+    proptest! {
+        /// Whatever a region file holds (random bytes, or a valid image with bytes changed),
+        /// parsing gives a directory or an error, never a panic or a runaway allocation.
+        #[test]
+        fn any_image_parses_or_is_refused(edits in proptest::collection::vec((0usize..8192, any::<u8>()), 0..16), cut in 0usize..16384, random in any::<bool>()) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("r");
+            StatsRegion::create(&path, &spec(), &Clock::monotonic()).unwrap();
+            let mut bytes = std::fs::read(&path).unwrap();
+            if random {
+                for (index, byte) in bytes.iter_mut().enumerate() {
+                    *byte = (index as u8).wrapping_mul(31) ^ edits.first().map_or(0, |edit| edit.1);
+                }
+            }
+            for (at, value) in &edits {
+                let at = at % bytes.len();
+                bytes[at] = *value;
+            }
+            bytes.truncate(bytes.len().saturating_sub(cut));
+            let _ = parse(&bytes);
+        }
+    }
+}
