@@ -52,6 +52,8 @@ pub struct Config {
     pub dma: DmaConfig,
     #[serde(default)]
     pub reactor: ReactorConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     #[serde(rename = "device", default)]
     pub devices: Vec<DeviceConfig>,
     #[serde(rename = "volume", default)]
@@ -153,6 +155,60 @@ impl Default for ReactorConfig {
             inbound_capacity: Self::default_inbound(),
             idle_spin: Self::default_idle_spin(),
         }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClockChoice {
+    /// The CPU's invariant TSC (refused, with an explanation, on CPUs without one).
+    Tsc,
+    /// CLOCK_MONOTONIC: slower to read, always available.
+    Monotonic,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Stage stamps and the shared-memory stats region. Meant to stay on.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "TelemetryConfig::default_clock")]
+    pub clock: ClockChoice,
+    /// The shared-memory stats region (default `/dev/shm/fathom-<node.id>`).
+    pub region: Option<PathBuf>,
+    /// Address of the Prometheus `/metrics` endpoint; `""` turns it off.
+    #[serde(default = "TelemetryConfig::default_metrics")]
+    pub metrics: String,
+}
+
+impl TelemetryConfig {
+    fn default_clock() -> ClockChoice {
+        ClockChoice::Tsc
+    }
+    fn default_metrics() -> String {
+        "127.0.0.1:9480".into()
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            clock: Self::default_clock(),
+            region: None,
+            metrics: Self::default_metrics(),
+        }
+    }
+}
+
+impl Config {
+    /// Where the node's stats region lives.
+    pub fn region_path(&self) -> PathBuf {
+        self.telemetry
+            .region
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/dev/shm/fathom-{}", self.node.id)))
     }
 }
 
@@ -316,6 +372,19 @@ impl Config {
                 "node.id",
                 format!("{:?}", self.node.id),
                 "use letters, digits, '-' and '_' (it names /dev/shm/fathom-<id>)",
+            ));
+        }
+        if !self.telemetry.metrics.is_empty()
+            && self
+                .telemetry
+                .metrics
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return Err(invalid(
+                "telemetry.metrics",
+                format!("{:?}", self.telemetry.metrics),
+                "an IP address and port such as \"127.0.0.1:9480\", or \"\" for no endpoint",
             ));
         }
         if self.dma.size.0 < 4 << 20 {

@@ -15,13 +15,17 @@ use std::time::Duration;
 use fathom_telemetry::Clock;
 use parking_lot::Mutex;
 
-use crate::config::{Config, MediaKind};
+use crate::config::{ClockChoice, Config, MediaKind};
 use crate::dma::{DmaError, DmaPool, PageKind};
 use crate::driver::mem::MemDriver;
 use crate::driver::{DeviceInfo, Driver, DriverError};
 use crate::reactor::{pin_to_core, IoContext, Message, Reactor, ReactorShared, Rejected, Task};
+use crate::stats::{stage, CoreTelemetry, OP_NAMES};
 use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};
+use fathom_telemetry::region::{QueueEntry, RegionSpec, StatsRegion, VolumeEntry};
 
+/// How often the stats region's heartbeat moves.
+const HEARTBEAT_PERIOD: Duration = Duration::from_millis(100);
 /// How long shutdown waits for in-flight IO and for the final flush.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -43,6 +47,10 @@ pub enum EngineError {
     Reactor { core: usize, what: String },
     #[error("flushing volume {volume:?} at shutdown: {error}")]
     Flush { volume: String, error: IoError },
+    #[error("telemetry clock: {0}")]
+    Clock(#[from] fathom_telemetry::ClockError),
+    #[error("telemetry: {0}")]
+    Region(#[from] fathom_telemetry::region::RegionError),
 }
 
 struct ReactorHandle {
@@ -60,6 +68,9 @@ struct EngineInner {
     reactors: Vec<ReactorHandle>,
     joins: Mutex<Vec<JoinHandle<()>>>,
     stopped: AtomicBool,
+    region: Option<Arc<StatsRegion>>,
+    heartbeat: Mutex<Option<JoinHandle<()>>>,
+    heartbeat_stop: Arc<AtomicBool>,
 }
 
 /// A running engine. Cheap to clone; every clone submits to the same reactors.
@@ -71,7 +82,11 @@ pub struct Engine {
 impl Engine {
     /// Brings up DMA memory, devices, volumes and one reactor per configured core.
     pub fn start(config: &Config) -> Result<Self, EngineError> {
-        let clock = Clock::best();
+        let clock = match (config.telemetry.enabled, config.telemetry.clock) {
+            (true, ClockChoice::Tsc) => Clock::tsc(Duration::from_millis(20))?,
+            (true, ClockChoice::Monotonic) => Clock::monotonic(),
+            (false, _) => Clock::best(),
+        };
         let kind = if config.dma.hugepages {
             PageKind::Huge
         } else {
@@ -102,6 +117,11 @@ impl Engine {
             )?));
         }
         let volumes: Arc<[Volume]> = build_volumes(config, &devices)?.into();
+        let region = if config.telemetry.enabled {
+            Some(Arc::new(create_region(config, &devices, &volumes, &clock)?))
+        } else {
+            None
+        };
 
         let mut reactors = Vec::new();
         let mut joins = Vec::new();
@@ -111,6 +131,7 @@ impl Engine {
             let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(1);
             let (devices, volumes, shared_for_thread) =
                 (devices.clone(), volumes.clone(), shared.clone());
+            let region = region.clone();
             let (depth, poll, idle_spin) = (
                 config.reactor.queue_depth,
                 config.reactor.poll,
@@ -138,8 +159,26 @@ impl Engine {
                             }
                         }
                     }
+                    let telemetry = region.map(|region| {
+                        let recorders = volumes
+                            .iter()
+                            .enumerate()
+                            .map(|(id, volume)| {
+                                (volume.reactor == index).then(|| region.volume_recorder(id))
+                            })
+                            .collect();
+                        let queue_recorders = (0..devices.len())
+                            .map(|device| region.queue_recorder(index * devices.len() + device))
+                            .collect();
+                        Box::new(CoreTelemetry::new(
+                            clock,
+                            recorders,
+                            queue_recorders,
+                            &IoContext::queue_capacities(&queues),
+                        ))
+                    });
                     let _ = ready_tx.send(Ok(()));
-                    let io = IoContext::new(index, core, volumes, queues);
+                    let io = IoContext::new(index, core, volumes, queues, telemetry);
                     Reactor::new(io, shared_for_thread, poll, idle_spin).run(DRAIN_TIMEOUT);
                 })
                 .map_err(|error| EngineError::Reactor {
@@ -154,6 +193,26 @@ impl Engine {
             joins.push(join);
             ready.push((core, ready_rx));
         }
+        let heartbeat_stop = Arc::new(AtomicBool::new(false));
+        let heartbeat = match &region {
+            Some(region) => {
+                let (region, stop) = (region.clone(), heartbeat_stop.clone());
+                let handle = std::thread::Builder::new()
+                    .name("stats-heartbeat".into())
+                    .spawn(move || {
+                        while !stop.load(Ordering::Acquire) {
+                            region.heartbeat(clock.now());
+                            std::thread::park_timeout(HEARTBEAT_PERIOD);
+                        }
+                    })
+                    .map_err(|error| EngineError::Reactor {
+                        core: usize::MAX,
+                        what: format!("could not start the heartbeat thread: {error}"),
+                    })?;
+                Some(handle)
+            }
+            None => None,
+        };
         let engine = Self {
             inner: Arc::new(EngineInner {
                 config: config.clone(),
@@ -164,6 +223,9 @@ impl Engine {
                 reactors,
                 joins: Mutex::new(joins),
                 stopped: AtomicBool::new(false),
+                region,
+                heartbeat: Mutex::new(heartbeat),
+                heartbeat_stop,
             }),
         };
         for (core, ready_rx) in ready {
@@ -183,6 +245,11 @@ impl Engine {
 
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// The shared-memory stats region, when telemetry is on.
+    pub fn stats_region(&self) -> Option<&StatsRegion> {
+        self.inner.region.as_deref()
     }
 
     pub fn clock(&self) -> &Clock {
@@ -234,12 +301,21 @@ impl Engine {
             });
         }
         let reactor = &self.inner.reactors[volume.reactor];
-        match reactor.shared.inbound.push(Message::Io(request, notify)) {
+        let accepted = if self.inner.region.is_some() {
+            self.inner.clock.now()
+        } else {
+            0
+        };
+        match reactor
+            .shared
+            .inbound
+            .push(Message::Io(request, notify, accepted))
+        {
             Ok(()) => {
                 wake(reactor);
                 Ok(())
             }
-            Err(Message::Io(request, notify)) => Err(Rejected {
+            Err(Message::Io(request, notify, _)) => Err(Rejected {
                 request,
                 notify,
                 error: IoError::Busy,
@@ -360,6 +436,14 @@ impl EngineInner {
         for join in self.joins.lock().drain(..) {
             let _ = join.join();
         }
+        self.heartbeat_stop.store(true, Ordering::Release);
+        if let Some(heartbeat) = self.heartbeat.lock().take() {
+            heartbeat.thread().unpark();
+            let _ = heartbeat.join();
+        }
+        if let Some(region) = &self.region {
+            region.mark_stopped();
+        }
     }
 }
 
@@ -369,6 +453,44 @@ impl Drop for EngineInner {
         // own drop (media are synced by the kernel's writeback in any case).
         self.stop_reactors();
     }
+}
+
+/// Creates the stats region: one histogram set per volume, one queue per (reactor, device).
+fn create_region(
+    config: &Config,
+    devices: &[Arc<dyn Driver>],
+    volumes: &[Volume],
+    clock: &Clock,
+) -> Result<StatsRegion, EngineError> {
+    let spec = RegionSpec {
+        node_id: config.node.id.clone(),
+        cores: config
+            .reactor
+            .cores
+            .iter()
+            .map(|&core| core as u32)
+            .collect(),
+        volumes: volumes
+            .iter()
+            .map(|volume| VolumeEntry {
+                name: volume.name.clone(),
+                core_index: volume.reactor as u32,
+                block_size: volume.block_size,
+                size_bytes: volume.size_bytes(),
+            })
+            .collect(),
+        ops: OP_NAMES.iter().map(|name| name.to_string()).collect(),
+        stages: stage::NAMES.iter().map(|name| name.to_string()).collect(),
+        queues: (0..config.reactor.cores.len())
+            .flat_map(|reactor| {
+                devices.iter().map(move |device| QueueEntry {
+                    device: device.info().name.clone(),
+                    core_index: reactor as u32,
+                })
+            })
+            .collect(),
+    };
+    Ok(StatsRegion::create(&config.region_path(), &spec, clock)?)
 }
 
 fn build_volumes(config: &Config, devices: &[Arc<dyn Driver>]) -> Result<Vec<Volume>, EngineError> {

@@ -21,6 +21,7 @@ pub mod driver;
 pub mod engine;
 pub mod nvme;
 pub mod reactor;
+pub mod stats;
 pub mod volume;
 
 pub use config::Config;

@@ -25,6 +25,7 @@ use crate::config::PollMode;
 use crate::dma::DmaBuf;
 use crate::driver::{IoQueue, Op};
 use crate::nvme::Completed;
+use crate::stats::{op_index, CoreTelemetry};
 use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume};
 
 /// Inbound messages taken per loop iteration.
@@ -53,7 +54,9 @@ pub struct Rejected {
 }
 
 pub(crate) enum Message {
-    Io(IoRequest, Notify),
+    /// A request, its completion target, and when the engine accepted it (clock ticks; 0
+    /// without telemetry).
+    Io(IoRequest, Notify, u64),
     Spawn(Box<dyn Task>),
 }
 
@@ -78,8 +81,14 @@ struct Slot {
     notify: Notify,
     tag: u64,
     buf: Option<DmaBuf>,
-    /// For error messages only: which operation this slot carries.
     op: Op,
+    /// Stage stamps (telemetry only): accepted by the engine, submitted to the device queue,
+    /// and which doorbell ring of the queue published it.
+    accepted: u64,
+    submitted: u64,
+    ring: u32,
+    volume: u32,
+    bytes: u64,
 }
 
 /// A reactor's IO state: its device queues and per-IO slots. Tasks submit through it.
@@ -95,6 +104,7 @@ pub struct IoContext {
     free_slots: Vec<u32>,
     /// The task being polled or completed, so its submissions come back to it.
     current_task: u32,
+    telemetry: Option<Box<CoreTelemetry>>,
 }
 
 impl IoContext {
@@ -106,6 +116,7 @@ impl IoContext {
         core: usize,
         volumes: Arc<[Volume]>,
         queues: Vec<Box<dyn IoQueue>>,
+        telemetry: Option<Box<CoreTelemetry>>,
     ) -> Self {
         assert!(
             queues.len() <= Self::MAX_DEVICES,
@@ -119,6 +130,11 @@ impl IoContext {
                 tag: 0,
                 buf: None,
                 op: Op::Flush,
+                accepted: 0,
+                submitted: 0,
+                ring: 0,
+                volume: 0,
+                bytes: 0,
             })
             .collect();
         Self {
@@ -130,7 +146,13 @@ impl IoContext {
             slots,
             free_slots: (0..capacity as u32).rev().collect(),
             current_task: u32::MAX,
+            telemetry,
         }
+    }
+
+    /// The queue capacities of this reactor's devices, in device order.
+    pub(crate) fn queue_capacities(queues: &[Box<dyn IoQueue>]) -> Vec<usize> {
+        queues.iter().map(|queue| queue.capacity()).collect()
     }
 
     /// The CPU core this reactor runs on.
@@ -153,7 +175,7 @@ impl IoContext {
     #[inline]
     pub fn submit(&mut self, request: IoRequest) -> Result<(), Rejected> {
         let task = self.current_task;
-        self.submit_notify(request, Notify::Task(task))
+        self.submit_notify(request, Notify::Task(task), None)
     }
 
     #[inline]
@@ -161,6 +183,7 @@ impl IoContext {
         &mut self,
         request: IoRequest,
         notify: Notify,
+        accepted: Option<u64>,
     ) -> Result<(), Rejected> {
         let Some(volume) = self.volumes.get(request.volume.0 as usize) else {
             let error = IoError::UnknownVolume(request.volume.0);
@@ -209,6 +232,13 @@ impl IoContext {
         }
         self.dirty |= 1 << device;
         let slot = &mut self.slots[slot_index as usize];
+        if let Some(telemetry) = self.telemetry.as_deref_mut() {
+            slot.submitted = telemetry.now;
+            slot.accepted = accepted.unwrap_or(telemetry.now);
+            slot.ring = telemetry.submitted(device);
+            slot.volume = request.volume.0;
+            slot.bytes = request.len;
+        }
         slot.notify = notify;
         slot.tag = request.tag;
         slot.buf = request.buf;
@@ -220,10 +250,21 @@ impl IoContext {
     #[inline]
     fn ring(&mut self) {
         let mut dirty = std::mem::take(&mut self.dirty);
+        if dirty == 0 {
+            return;
+        }
+        // One clock read for the whole round of doorbells.
+        let now = self
+            .telemetry
+            .as_deref_mut()
+            .map(|telemetry| telemetry.stamp());
         while dirty != 0 {
             let device = dirty.trailing_zeros() as usize;
             dirty &= dirty - 1;
             self.queues[device].ring();
+            if let (Some(telemetry), Some(now)) = (self.telemetry.as_deref_mut(), now) {
+                telemetry.rang(device, now);
+            }
         }
     }
 
@@ -238,7 +279,7 @@ pub(crate) struct Reactor {
     shared: Arc<ReactorShared>,
     /// Requests from other threads that found the device queue full, in arrival order.
     /// Bounded by the inbound ring's capacity: they came from it.
-    backlog: VecDeque<(IoRequest, Notify)>,
+    backlog: VecDeque<(IoRequest, Notify, u64)>,
     reaped: Box<[Completed; REAP_BATCH]>,
     poll: PollMode,
     idle_spin: Duration,
@@ -268,6 +309,11 @@ impl Reactor {
         let mut idle_since: Option<Instant> = None;
         loop {
             let stopping = self.shared.stop.load(Ordering::Acquire);
+            if let Some(telemetry) = self.io.telemetry.as_deref_mut() {
+                if !self.tasks.is_empty() || !self.shared.inbound.is_empty() {
+                    telemetry.refresh_if_idle();
+                }
+            }
             let mut work = self.take_inbound(stopping);
             work += self.retry_backlog();
             if !stopping {
@@ -275,6 +321,9 @@ impl Reactor {
             }
             self.io.ring();
             work += self.reap();
+            if let Some(telemetry) = self.io.telemetry.as_deref_mut() {
+                telemetry.end_iteration();
+            }
             if stopping {
                 break;
             }
@@ -317,14 +366,14 @@ impl Reactor {
             };
             taken += 1;
             match message {
-                Message::Io(request, notify) if stopping => {
+                Message::Io(request, notify, _) if stopping => {
                     deliver_error(notify, request, IoError::Stopped)
                 }
-                Message::Io(request, notify) => {
+                Message::Io(request, notify, accepted) => {
                     if self.backlog.is_empty() {
-                        self.submit_or_backlog(request, notify);
+                        self.submit_or_backlog(request, notify, accepted);
                     } else {
-                        self.backlog.push_back((request, notify));
+                        self.backlog.push_back((request, notify, accepted));
                     }
                 }
                 Message::Spawn(task) => {
@@ -337,15 +386,16 @@ impl Reactor {
         taken
     }
 
-    fn submit_or_backlog(&mut self, request: IoRequest, notify: Notify) -> bool {
-        match self.io.submit_notify(request, notify) {
+    fn submit_or_backlog(&mut self, request: IoRequest, notify: Notify, accepted: u64) -> bool {
+        let stamp = (self.io.telemetry.is_some()).then_some(accepted);
+        match self.io.submit_notify(request, notify, stamp) {
             Ok(()) => true,
             Err(Rejected {
                 request,
                 notify,
                 error: IoError::Busy,
             }) => {
-                self.backlog.push_back((request, notify));
+                self.backlog.push_back((request, notify, accepted));
                 false
             }
             Err(Rejected {
@@ -361,8 +411,8 @@ impl Reactor {
 
     fn retry_backlog(&mut self) -> usize {
         let mut submitted = 0;
-        while let Some((request, notify)) = self.backlog.pop_front() {
-            if !self.submit_or_backlog(request, notify) {
+        while let Some((request, notify, accepted)) = self.backlog.pop_front() {
+            if !self.submit_or_backlog(request, notify, accepted) {
                 // It went to the back: put it in front again to keep arrival order.
                 let last = self.backlog.pop_back().expect("just pushed");
                 self.backlog.push_front(last);
@@ -394,7 +444,29 @@ impl Reactor {
         let mut total = 0;
         for device in 0..self.io.queues.len() {
             let count = self.io.queues[device].reap(&mut self.reaped[..]);
+            if count == 0 {
+                continue;
+            }
             total += count;
+            if let Some(telemetry) = self.io.telemetry.as_deref_mut() {
+                // One clock read for the batch: when its completions were seen.
+                let seen = telemetry.stamp();
+                for completed in &self.reaped[..count] {
+                    let slot = &self.io.slots[completed.cookie as usize];
+                    telemetry.completed(
+                        device,
+                        slot.volume,
+                        op_index(slot.op),
+                        slot.bytes,
+                        completed.status.is_success(),
+                        slot.accepted,
+                        slot.submitted,
+                        slot.ring,
+                        seen,
+                    );
+                }
+                telemetry.reaped(device, count, seen);
+            }
             for completed in &self.reaped[..count] {
                 let slot = &mut self.io.slots[completed.cookie as usize];
                 let notify = std::mem::replace(&mut slot.notify, Notify::Nobody);
@@ -439,11 +511,11 @@ impl Reactor {
                 "IO still in flight after {timeout:?} at shutdown"
             );
         }
-        while let Some((request, notify)) = self.backlog.pop_front() {
+        while let Some((request, notify, _)) = self.backlog.pop_front() {
             deliver_error(notify, request, IoError::Stopped);
         }
         while let Some(message) = self.shared.inbound.pop() {
-            if let Message::Io(request, notify) = message {
+            if let Message::Io(request, notify, _) = message {
                 deliver_error(notify, request, IoError::Stopped);
             }
         }

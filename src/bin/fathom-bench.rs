@@ -21,6 +21,12 @@ enum Media {
     File,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
     Inline,
@@ -79,6 +85,10 @@ struct Args {
     /// Use normal pages for DMA memory instead of hugepages.
     #[arg(long)]
     no_hugepages: bool,
+    /// Telemetry (stage stamps into the shared-memory stats region): on, as a node runs, or
+    /// off, to measure what it costs.
+    #[arg(long, value_enum, default_value = "on")]
+    telemetry: Switch,
     /// Print one JSON object instead of the human summary.
     #[arg(long)]
     json: bool,
@@ -149,6 +159,10 @@ fn main() -> Result<()> {
         );
     }
     engine.shutdown().context("shutting the engine down")?;
+    if config.telemetry.enabled {
+        // The benchmark's stats region is its own; a node's stays for readers after it stops.
+        let _ = std::fs::remove_file(config.region_path());
+    }
     report(&args, &results)
 }
 
@@ -167,9 +181,12 @@ fn bench_config(args: &Args) -> String {
         "[node]\nid = \"bench\"\ndata_dir = {data_dir:?}\n\
          [dma]\nsize = \"{dma}MiB\"\nhugepages = {hugepages}\n\
          [reactor]\ncores = [{cores}]\npoll = \"busy\"\nqueue_depth = {depth}\n\
+         [telemetry]\nenabled = {telemetry}\nregion = {region:?}\nmetrics = \"\"\n\
          [[device]]\nname = \"nvme0\"\ndriver = \"mem\"\nmedia = \"{media}\"\nmode = \"{mode}\"\n{path}\
          size = {size}\nblock_size = {sector}\n",
         hugepages = !args.no_hugepages,
+        telemetry = args.telemetry == Switch::On,
+        region = format!("/dev/shm/fathom-bench-{}", std::process::id()),
         cores = cores.join(", "),
         depth = args.iodepth.clamp(1, 4095),
         size = args.size * args.cores as u64,
@@ -200,6 +217,7 @@ fn report(args: &Args, results: &[WorkloadResult]) -> Result<()> {
             "driver": format!("{:?}", args.driver).to_lowercase(),
             "media": format!("{:?}", args.media).to_lowercase(),
             "mode": format!("{:?}", args.mode).to_lowercase(),
+            "telemetry": args.telemetry == Switch::On,
             "rw": args.rw, "bs": args.bs, "iodepth": args.iodepth, "cores": results.len(),
             "runtime_s": elapsed_s,
             "ios": ios, "errors": errors,

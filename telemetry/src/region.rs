@@ -10,8 +10,9 @@
 //!        histogram parameters, directory counts and offsets
 //! ...    directory: cores (u32 each), volumes (64 bytes: name, core index, block size, size),
 //!        ops (16-byte names), stages (16-byte names), queues (64 bytes: device, core index)
-//! ...    histograms, one per (volume, op, stage): count, sum of ticks, max ticks, reserved,
-//!        then the log-linear counters of [`crate::hdr::Layout`]
+//! ...    histograms, one per (volume, op, stage): the log-linear counters of
+//!        [`crate::hdr::Layout`] (count, mean and max are derived from them, as HdrHistogram
+//!        does, so recording is one increment)
 //! ...    volume counters, per (volume, op): IOs, bytes, errors
 //! ...    queue counters, per queue: busy ticks, busy-since ticks (0 when idle), submitted,
 //!        completed
@@ -41,8 +42,8 @@ const NAME_BYTES: usize = 48;
 const VOLUME_ENTRY_BYTES: usize = 64;
 const QUEUE_ENTRY_BYTES: usize = 64;
 const LABEL_BYTES: usize = 16;
-/// Words before a histogram's counters: count, sum, max, reserved.
-const HIST_HEADER_WORDS: usize = 4;
+/// Words before a histogram's counters (none: recording is a single increment).
+const HIST_HEADER_WORDS: usize = 0;
 const VOLUME_COUNTER_WORDS: usize = 3;
 const QUEUE_COUNTER_WORDS: usize = 4;
 /// Histogram precision: 2 significant figures (1% resolution), up to a minute.
@@ -542,16 +543,10 @@ pub struct VolumeRecorder {
 }
 
 impl VolumeRecorder {
-    /// Records `count` IOs of `op` whose `stage` took `ticks` each.
+    /// Records `count` IOs of `op` whose `stage` took `ticks` each: one increment.
     #[inline]
     pub fn record(&self, op: usize, stage: usize, ticks: u64, count: u64) {
         let base = self.histograms + (op * self.stages + stage) * self.histogram_words * 8;
-        add(self.map.word(base), count);
-        add(self.map.word(base + 8), ticks.wrapping_mul(count));
-        let max = self.map.word(base + 16);
-        if ticks > max.load(Ordering::Relaxed) {
-            max.store(ticks, Ordering::Relaxed);
-        }
         add(
             self.map
                 .word(base + (HIST_HEADER_WORDS + self.layout.index_of(ticks)) * 8),
@@ -559,15 +554,14 @@ impl VolumeRecorder {
         );
     }
 
-    /// Counts one IO of `op` that moved `bytes` (errors count separately and move no bytes).
+    /// Counts `ios` successful IOs of `op` that moved `bytes` in all, and `errors` failed ones.
     #[inline]
-    pub fn count(&self, op: usize, bytes: u64, ok: bool) {
+    pub fn count(&self, op: usize, ios: u64, bytes: u64, errors: u64) {
         let base = self.counters + op * VOLUME_COUNTER_WORDS * 8;
-        if ok {
-            add(self.map.word(base), 1);
-            add(self.map.word(base + 8), bytes);
-        } else {
-            add(self.map.word(base + 16), 1);
+        add(self.map.word(base), ios);
+        add(self.map.word(base + 8), bytes);
+        if errors > 0 {
+            add(self.map.word(base + 16), errors);
         }
     }
 }
@@ -638,7 +632,7 @@ pub struct Snapshot {
     pub heartbeat: u64,
     pub heartbeat_unix_ns: u64,
     pub state: u32,
-    /// Per (volume, op, stage): count, sum, max, reserved, counters.
+    /// Per (volume, op, stage): the histogram counters.
     pub histograms: Vec<u64>,
     /// Per (volume, op): IOs, bytes, errors.
     pub volume_counters: Vec<u64>,
@@ -1003,8 +997,7 @@ mod tests {
         let vol1 = region.volume_recorder(1);
         vol1.record(1, 1, 200_000, 3);
         vol1.record(1, 1, 250_000, 1);
-        vol1.count(1, 4096, true);
-        vol1.count(1, 0, false);
+        vol1.count(1, 1, 4096, 1);
         region.queue_recorder(1).busy_from(100);
         region.queue_recorder(1).idle_from(600);
         region.heartbeat(12345);
@@ -1021,7 +1014,11 @@ mod tests {
         let words = HIST_HEADER_WORDS + directory.histogram.counts_len();
         let base = ((1 * 3 + 1) * 3 + 1) * words;
         let histogram = &snapshot.histograms[base..base + words];
-        assert_eq!(&histogram[..3], &[4, 850_000, 250_000]);
+        assert_eq!(histogram.iter().sum::<u64>(), 4);
+        assert_eq!(
+            histogram[HIST_HEADER_WORDS + directory.histogram.index_of(250_000)],
+            1
+        );
         assert_eq!(
             histogram[HIST_HEADER_WORDS + directory.histogram.index_of(200_000)],
             3

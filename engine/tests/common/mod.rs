@@ -49,9 +49,11 @@ pub fn config_in(dir: &std::path::Path, cores: &[usize], body: &str) -> Config {
     let cores: Vec<String> = cores.iter().map(|core| core.to_string()).collect();
     let text = format!(
         "[node]\nid = \"test\"\ndata_dir = {dir:?}\n[dma]\nsize = \"16MiB\"\nhugepages = {huge}\n\
-         [reactor]\ncores = [{cores}]\nidle_spin = \"50us\"\n{body}",
+         [reactor]\ncores = [{cores}]\nidle_spin = \"50us\"\n\
+         [telemetry]\nregion = {region:?}\nmetrics = \"\"\n{body}",
         dir = dir.display().to_string(),
         huge = hugepages_available(8),
+        region = dir.join("stats").display().to_string(),
         cores = cores.join(", "),
     );
     Config::parse(&text).unwrap_or_else(|error| panic!("test config: {error}\n{text}"))
