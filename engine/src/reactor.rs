@@ -346,7 +346,13 @@ impl Reactor {
         self.drain(drain_timeout);
     }
 
-    fn park(&self) {
+    fn park(&mut self) {
+        // Readers see exact counters while the reactor sleeps.
+        if let Some(telemetry) = self.io.telemetry.as_deref_mut() {
+            telemetry.stamp();
+            telemetry.end_iteration();
+            telemetry.publish();
+        }
         self.shared.sleeping.store(true, Ordering::SeqCst);
         // Pairs with the fence a submitter issues between its push and its look at `sleeping`:
         // either it sees us sleeping and unparks, or we see its message here.
@@ -503,6 +509,11 @@ impl Reactor {
             if self.reap() == 0 {
                 std::hint::spin_loop();
             }
+        }
+        if let Some(telemetry) = self.io.telemetry.as_deref_mut() {
+            telemetry.stamp();
+            telemetry.end_iteration();
+            telemetry.publish();
         }
         if self.io.outstanding() > 0 {
             tracing::warn!(

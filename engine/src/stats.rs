@@ -16,7 +16,9 @@
 //!
 //! IOs submitted together and completed together carry identical stamps, so consecutive
 //! completions with the same volume, op and stamps form a *run* that is recorded once with a
-//! count: a batch of 32 typically costs five histogram increments, not 160.
+//! count: a batch of 32 typically costs five histogram increments, not 160. Counters (IOs,
+//! bytes, errors, queue busy time) are kept by the reactor and published to the region every
+//! millisecond, when the reactor goes idle, and when it stops.
 
 use fathom_telemetry::region::{QueueRecorder, VolumeRecorder};
 use fathom_telemetry::Clock;
@@ -74,6 +76,19 @@ struct Closing {
     count: u64,
 }
 
+/// How often counters are published to the region.
+const PUBLISH_PERIOD: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// A queue's counters as the reactor keeps them between publications.
+#[derive(Clone, Copy, Default)]
+struct QueueTotals {
+    busy_ticks: u64,
+    /// Start of the current busy period, 0 when idle.
+    busy_since: u64,
+    submitted: u64,
+    completed: u64,
+}
+
 /// One reactor's telemetry state.
 pub(crate) struct CoreTelemetry {
     clock: Clock,
@@ -96,6 +111,11 @@ pub(crate) struct CoreTelemetry {
     closing: Vec<Closing>,
     stamped: bool,
     stamped_last_iteration: bool,
+    /// Per (volume, op): IOs, bytes, errors, as published.
+    volume_totals: Box<[[u64; 3]]>,
+    queue_totals: Box<[QueueTotals]>,
+    next_publish: u64,
+    publish_period: u64,
 }
 
 impl CoreTelemetry {
@@ -110,6 +130,10 @@ impl CoreTelemetry {
         let total: usize = queue_capacities.iter().sum();
         Self {
             now: clock.now(),
+            volume_totals: vec![[0; 3]; volumes.len() * OP_NAMES.len()].into_boxed_slice(),
+            queue_totals: vec![QueueTotals::default(); devices].into_boxed_slice(),
+            next_publish: 0,
+            publish_period: clock.duration_to_ticks(PUBLISH_PERIOD),
             clock,
             volumes,
             queues,
@@ -165,10 +189,11 @@ impl CoreTelemetry {
         self.ring_seq[device] = self.ring_seq[device].wrapping_add(1);
         let rung = std::mem::take(&mut self.unrung[device]);
         self.in_flight[device] += rung;
-        self.queues[device].submitted(rung as u64);
+        let totals = &mut self.queue_totals[device];
+        totals.submitted += rung as u64;
         if self.busy & (1 << device) == 0 && self.in_flight[device] > 0 {
             self.busy |= 1 << device;
-            self.queues[device].busy_from(now);
+            totals.busy_since = now.max(1);
         }
     }
 
@@ -226,7 +251,10 @@ impl CoreTelemetry {
             );
             recorder.record(op, stage::SUBMIT, rung.saturating_sub(key.submitted), count);
             recorder.record(op, stage::DEVICE, seen.saturating_sub(rung), count);
-            recorder.count(op, run.ios, run.bytes, run.errors);
+            let totals = &mut self.volume_totals[key.volume as usize * OP_NAMES.len() + op];
+            totals[0] += run.ios;
+            totals[1] += run.bytes;
+            totals[2] += run.errors;
         }
         self.closing.push(Closing {
             volume: key.volume,
@@ -242,10 +270,12 @@ impl CoreTelemetry {
     pub fn reaped(&mut self, device: usize, count: usize, now: u64) {
         self.end_run(device, now);
         self.in_flight[device] -= count as u32;
-        self.queues[device].completed(count as u64);
+        let totals = &mut self.queue_totals[device];
+        totals.completed += count as u64;
         if self.in_flight[device] == 0 && self.busy & (1 << device) != 0 {
             self.busy &= !(1 << device);
-            self.queues[device].idle_from(now);
+            totals.busy_ticks += now.saturating_sub(totals.busy_since);
+            totals.busy_since = 0;
         }
     }
 
@@ -270,7 +300,8 @@ impl CoreTelemetry {
     }
 
     /// Ends a loop iteration: runs still waiting for their closing stamp get one if nothing
-    /// else would read the clock before the reactor goes idle.
+    /// else would read the clock before the reactor goes idle; counters are published once
+    /// per period.
     #[inline]
     pub fn end_iteration(&mut self) {
         if !self.closing.is_empty() && !self.stamped {
@@ -278,5 +309,30 @@ impl CoreTelemetry {
         }
         self.stamped_last_iteration = self.stamped;
         self.stamped = false;
+        if self.now >= self.next_publish {
+            self.publish();
+        }
+    }
+
+    /// Publishes the counters to the region (every period, before the reactor parks, and when
+    /// it stops).
+    pub fn publish(&mut self) {
+        self.next_publish = self.now + self.publish_period;
+        for (volume, recorder) in self.volumes.iter().enumerate() {
+            if let Some(recorder) = recorder {
+                for op in 0..OP_NAMES.len() {
+                    let [ios, bytes, errors] = self.volume_totals[volume * OP_NAMES.len() + op];
+                    recorder.publish_counts(op, ios, bytes, errors);
+                }
+            }
+        }
+        for (queue, totals) in self.queues.iter().zip(self.queue_totals.iter()) {
+            queue.publish(
+                totals.busy_ticks,
+                totals.busy_since,
+                totals.submitted,
+                totals.completed,
+            );
+        }
     }
 }

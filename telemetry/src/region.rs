@@ -227,6 +227,13 @@ impl Drop for Mapping {
 }
 
 impl Mapping {
+    /// The address of the 8-byte word at `offset`, for recorders that keep it.
+    fn word_ptr(&self, offset: usize) -> NonNull<u64> {
+        assert!(offset % 8 == 0 && offset <= self.len);
+        // SAFETY: offset is within the mapping (checked); the result is non-null.
+        unsafe { NonNull::new_unchecked(self.base.as_ptr().add(offset).cast()) }
+    }
+
     /// The 8-byte word at `offset` as an atomic.
     #[inline(always)]
     fn word(&self, offset: usize) -> &AtomicU64 {
@@ -484,11 +491,13 @@ impl StatsRegion {
     /// volume's reactor) may record through it.
     pub fn volume_recorder(&self, volume: usize) -> VolumeRecorder {
         let histogram_words = HIST_HEADER_WORDS + self.layout.counts_len();
+        let histograms =
+            self.offsets.histograms + volume * self.ops * self.stages * histogram_words * 8;
+        let counters = self.offsets.volume_counters + volume * self.ops * VOLUME_COUNTER_WORDS * 8;
         VolumeRecorder {
-            map: self.map.clone(),
-            histograms: self.offsets.histograms
-                + volume * self.ops * self.stages * histogram_words * 8,
-            counters: self.offsets.volume_counters + volume * self.ops * VOLUME_COUNTER_WORDS * 8,
+            histograms: self.map.word_ptr(histograms),
+            counters: self.map.word_ptr(counters),
+            _map: self.map.clone(),
             histogram_words,
             stages: self.stages,
             layout: self.layout,
@@ -498,8 +507,10 @@ impl StatsRegion {
     /// The recorder for queue `queue`'s busy time; one writer, the queue's reactor.
     pub fn queue_recorder(&self, queue: usize) -> QueueRecorder {
         QueueRecorder {
-            map: self.map.clone(),
-            at: self.offsets.queue_counters + queue * QUEUE_COUNTER_WORDS * 8,
+            words: self
+                .map
+                .word_ptr(self.offsets.queue_counters + queue * QUEUE_COUNTER_WORDS * 8),
+            _map: self.map.clone(),
         }
     }
 
@@ -532,74 +543,75 @@ fn add(word: &AtomicU64, value: u64) {
     );
 }
 
-/// Records one volume's IO latencies and counts.
+/// Records one volume's IO latencies and publishes its counters.
+///
+/// Holds raw pointers into the mapping (kept alive by `_map`) so that a record is an index
+/// computation and one increment, with no pointer chasing on the IO path.
 pub struct VolumeRecorder {
-    map: Arc<Mapping>,
-    histograms: usize,
-    counters: usize,
+    histograms: NonNull<u64>,
+    counters: NonNull<u64>,
+    _map: Arc<Mapping>,
     histogram_words: usize,
     stages: usize,
     layout: Layout,
 }
 
+// SAFETY: the pointers point into the shared mapping owned by `_map`, which lives as long as
+// the recorder; the recorder is the only writer of its words, and moving it to the reactor
+// thread that records moves that single writer.
+unsafe impl Send for VolumeRecorder {}
+
 impl VolumeRecorder {
     /// Records `count` IOs of `op` whose `stage` took `ticks` each: one increment.
     #[inline]
     pub fn record(&self, op: usize, stage: usize, ticks: u64, count: u64) {
-        let base = self.histograms + (op * self.stages + stage) * self.histogram_words * 8;
+        let index = (op * self.stages + stage) * self.histogram_words
+            + HIST_HEADER_WORDS
+            + self.layout.index_of(ticks);
+        // SAFETY: op < ops, stage < stages and index_of < counts_len (the layout clamps), so
+        // the word lies inside this volume's histograms; it is accessed atomically only.
         add(
-            self.map
-                .word(base + (HIST_HEADER_WORDS + self.layout.index_of(ticks)) * 8),
+            unsafe { AtomicU64::from_ptr(self.histograms.as_ptr().add(index)) },
             count,
         );
     }
 
-    /// Counts `ios` successful IOs of `op` that moved `bytes` in all, and `errors` failed ones.
+    /// Publishes the running totals of `op`: successful IOs, bytes they moved, failed IOs.
     #[inline]
-    pub fn count(&self, op: usize, ios: u64, bytes: u64, errors: u64) {
-        let base = self.counters + op * VOLUME_COUNTER_WORDS * 8;
-        add(self.map.word(base), ios);
-        add(self.map.word(base + 8), bytes);
-        if errors > 0 {
-            add(self.map.word(base + 16), errors);
+    pub fn publish_counts(&self, op: usize, ios: u64, bytes: u64, errors: u64) {
+        for (word, value) in [ios, bytes, errors].into_iter().enumerate() {
+            // SAFETY: op < ops and word < VOLUME_COUNTER_WORDS: inside this volume's counters.
+            unsafe {
+                AtomicU64::from_ptr(self.counters.as_ptr().add(op * VOLUME_COUNTER_WORDS + word))
+            }
+            .store(value, Ordering::Relaxed);
         }
     }
 }
 
-/// Records one queue's busy time: the time it had commands outstanding.
+/// Publishes one queue's counters: busy time (it had commands outstanding), the start of the
+/// current busy period, commands submitted and completed.
 pub struct QueueRecorder {
-    map: Arc<Mapping>,
-    at: usize,
+    words: NonNull<u64>,
+    _map: Arc<Mapping>,
 }
+
+// SAFETY: as for VolumeRecorder: a single writer of words inside a mapping kept alive by `_map`.
+unsafe impl Send for QueueRecorder {}
 
 impl QueueRecorder {
-    /// The queue went from idle to busy at `ticks`.
+    /// Publishes running totals; `busy_since` is the start of the current busy period in
+    /// ticks, or 0 when the queue is idle.
     #[inline]
-    pub fn busy_from(&self, ticks: u64) {
-        self.map
-            .word(self.at + 8)
-            .store(ticks.max(1), Ordering::Relaxed);
-    }
-
-    /// The queue went idle at `ticks`.
-    #[inline]
-    pub fn idle_from(&self, ticks: u64) {
-        let since = self.map.word(self.at + 8);
-        let started = since.load(Ordering::Relaxed);
-        if started != 0 {
-            add(self.map.word(self.at), ticks.saturating_sub(started));
-            since.store(0, Ordering::Relaxed);
+    pub fn publish(&self, busy_ticks: u64, busy_since: u64, submitted: u64, completed: u64) {
+        for (word, value) in [busy_ticks, busy_since, submitted, completed]
+            .into_iter()
+            .enumerate()
+        {
+            // SAFETY: word < QUEUE_COUNTER_WORDS, inside this queue's counters.
+            unsafe { AtomicU64::from_ptr(self.words.as_ptr().add(word)) }
+                .store(value, Ordering::Relaxed);
         }
-    }
-
-    #[inline]
-    pub fn submitted(&self, count: u64) {
-        add(self.map.word(self.at + 16), count);
-    }
-
-    #[inline]
-    pub fn completed(&self, count: u64) {
-        add(self.map.word(self.at + 24), count);
     }
 }
 
@@ -997,9 +1009,8 @@ mod tests {
         let vol1 = region.volume_recorder(1);
         vol1.record(1, 1, 200_000, 3);
         vol1.record(1, 1, 250_000, 1);
-        vol1.count(1, 1, 4096, 1);
-        region.queue_recorder(1).busy_from(100);
-        region.queue_recorder(1).idle_from(600);
+        vol1.publish_counts(1, 1, 4096, 1);
+        region.queue_recorder(1).publish(500, 0, 9, 8);
         region.heartbeat(12345);
 
         let reader = RegionReader::open(&path).unwrap();
@@ -1027,7 +1038,7 @@ mod tests {
             &snapshot.volume_counters[(1 * 3 + 1) * 3..][..3],
             &[1, 4096, 1]
         );
-        assert_eq!(snapshot.queue_counters[4], 500);
+        assert_eq!(&snapshot.queue_counters[4..8], &[500, 0, 9, 8]);
         region.mark_stopped();
         assert_eq!(reader.snapshot(0).state, WriterState::Stopped as u32);
     }
