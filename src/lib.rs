@@ -1,3 +1,6 @@
 //! Shared code of Fathom's programs: `fathom-node`, `fathom-bench`.
 
+pub mod metrics;
+pub mod stat;
+pub mod top;
 pub mod workload;

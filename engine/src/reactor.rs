@@ -83,10 +83,10 @@ struct Slot {
     buf: Option<DmaBuf>,
     op: Op,
     /// Stage stamps (telemetry only): accepted by the engine, submitted to the device queue,
-    /// and which doorbell ring of the queue published it.
+    /// published by a doorbell.
     accepted: u64,
     submitted: u64,
-    ring: u32,
+    rung: u64,
     volume: u32,
     bytes: u64,
 }
@@ -105,6 +105,9 @@ pub struct IoContext {
     /// The task being polled or completed, so its submissions come back to it.
     current_task: u32,
     telemetry: Option<Box<CoreTelemetry>>,
+    /// Per device (telemetry only): slots written since the last doorbell, stamped when it
+    /// rings. Bounded by the queue's capacity.
+    unrung: Vec<Vec<u32>>,
 }
 
 impl IoContext {
@@ -124,6 +127,10 @@ impl IoContext {
             Self::MAX_DEVICES
         );
         let capacity: usize = queues.iter().map(|queue| queue.capacity()).sum();
+        let unrung = queues
+            .iter()
+            .map(|queue| Vec::with_capacity(queue.capacity()))
+            .collect();
         let slots = (0..capacity)
             .map(|_| Slot {
                 notify: Notify::Nobody,
@@ -132,7 +139,7 @@ impl IoContext {
                 op: Op::Flush,
                 accepted: 0,
                 submitted: 0,
-                ring: 0,
+                rung: 0,
                 volume: 0,
                 bytes: 0,
             })
@@ -146,6 +153,8 @@ impl IoContext {
             slots,
             free_slots: (0..capacity as u32).rev().collect(),
             current_task: u32::MAX,
+            unrung,
+
             telemetry,
         }
     }
@@ -235,7 +244,7 @@ impl IoContext {
         if let Some(telemetry) = self.telemetry.as_deref_mut() {
             slot.submitted = telemetry.now;
             slot.accepted = accepted.unwrap_or(telemetry.now);
-            slot.ring = telemetry.submitted(device);
+            self.unrung[device].push(slot_index);
             slot.volume = request.volume.0;
             slot.bytes = request.len;
         }
@@ -263,7 +272,12 @@ impl IoContext {
             dirty &= dirty - 1;
             self.queues[device].ring();
             if let (Some(telemetry), Some(now)) = (self.telemetry.as_deref_mut(), now) {
-                telemetry.rang(device, now);
+                let unrung = &mut self.unrung[device];
+                for &slot in unrung.iter() {
+                    self.slots[slot as usize].rung = now;
+                }
+                telemetry.rang(device, unrung.len(), now);
+                unrung.clear();
             }
         }
     }
@@ -460,14 +474,13 @@ impl Reactor {
                 for completed in &self.reaped[..count] {
                     let slot = &self.io.slots[completed.cookie as usize];
                     telemetry.completed(
-                        device,
                         slot.volume,
                         op_index(slot.op),
                         slot.bytes,
                         completed.status.is_success(),
                         slot.accepted,
                         slot.submitted,
-                        slot.ring,
+                        slot.rung,
                         seen,
                     );
                 }

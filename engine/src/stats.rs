@@ -53,7 +53,7 @@ pub fn op_index(op: Op) -> u8 {
 struct RunKey {
     accepted: u64,
     submitted: u64,
-    ring: u32,
+    rung: u64,
     volume: u32,
     op: u8,
 }
@@ -98,13 +98,8 @@ pub(crate) struct CoreTelemetry {
     volumes: Box<[Option<VolumeRecorder>]>,
     /// Indexed by device.
     queues: Box<[QueueRecorder]>,
-    /// Per device: the doorbell time of each ring, indexed by ring sequence number (modulo a
-    /// power of two larger than the queue, so a ring's entry outlives its commands).
-    ring_times: Box<[Box<[u64]>]>,
-    ring_seq: Box<[u32]>,
-    /// Per device: commands in flight, and written since the last doorbell.
+    /// Per device: commands in flight.
     in_flight: Box<[u32]>,
-    unrung: Box<[u32]>,
     /// Bit d: device d's queue is busy (has commands outstanding).
     busy: u64,
     run: IoRun,
@@ -137,13 +132,7 @@ impl CoreTelemetry {
             clock,
             volumes,
             queues,
-            ring_times: queue_capacities
-                .iter()
-                .map(|&capacity| vec![0; (capacity + 1).next_power_of_two()].into_boxed_slice())
-                .collect(),
-            ring_seq: vec![0; devices].into_boxed_slice(),
             in_flight: vec![0; devices].into_boxed_slice(),
-            unrung: vec![0; devices].into_boxed_slice(),
             busy: 0,
             run: IoRun::default(),
             closing: Vec::with_capacity(total),
@@ -173,24 +162,13 @@ impl CoreTelemetry {
         }
     }
 
-    /// A command was written to device `device`'s queue; returns the ring it will go out with.
-    #[inline(always)]
-    pub fn submitted(&mut self, device: usize) -> u32 {
-        self.unrung[device] += 1;
-        self.ring_seq[device]
-    }
-
-    /// Device `device`'s doorbell was rung at `now`.
+    /// Device `device`'s doorbell published `count` commands at `now` (the reactor stamped
+    /// each command's slot with `now`).
     #[inline]
-    pub fn rang(&mut self, device: usize, now: u64) {
-        let times = &mut self.ring_times[device];
-        let mask = times.len() - 1;
-        times[self.ring_seq[device] as usize & mask] = now;
-        self.ring_seq[device] = self.ring_seq[device].wrapping_add(1);
-        let rung = std::mem::take(&mut self.unrung[device]);
-        self.in_flight[device] += rung;
+    pub fn rang(&mut self, device: usize, count: usize, now: u64) {
+        self.in_flight[device] += count as u32;
         let totals = &mut self.queue_totals[device];
-        totals.submitted += rung as u64;
+        totals.submitted += count as u64;
         if self.busy & (1 << device) == 0 && self.in_flight[device] > 0 {
             self.busy |= 1 << device;
             totals.busy_since = now.max(1);
@@ -202,25 +180,24 @@ impl CoreTelemetry {
     #[allow(clippy::too_many_arguments)]
     pub fn completed(
         &mut self,
-        device: usize,
         volume: u32,
         op: u8,
         bytes: u64,
         ok: bool,
         accepted: u64,
         submitted: u64,
-        ring: u32,
+        rung: u64,
         seen: u64,
     ) {
         let key = RunKey {
             accepted,
             submitted,
-            ring,
+            rung,
             volume,
             op,
         };
         if self.run.ios + self.run.errors == 0 || self.run.key != key {
-            self.end_run(device, seen);
+            self.end_run(seen);
             self.run.key = key;
         }
         if ok {
@@ -232,15 +209,14 @@ impl CoreTelemetry {
     }
 
     /// Records the current run: its first three stages now, the last two at the next stamp.
-    fn end_run(&mut self, device: usize, seen: u64) {
+    fn end_run(&mut self, seen: u64) {
         let run = std::mem::take(&mut self.run);
         let count = run.ios + run.errors;
         if count == 0 {
             return;
         }
         let key = run.key;
-        let times = &self.ring_times[device];
-        let rung = times[key.ring as usize & (times.len() - 1)];
+        let rung = key.rung;
         if let Some(recorder) = &self.volumes[key.volume as usize] {
             let op = key.op as usize;
             recorder.record(
@@ -268,7 +244,7 @@ impl CoreTelemetry {
     /// Device `device` delivered `count` completions, seen at `now`.
     #[inline]
     pub fn reaped(&mut self, device: usize, count: usize, now: u64) {
-        self.end_run(device, now);
+        self.end_run(now);
         self.in_flight[device] -= count as u32;
         let totals = &mut self.queue_totals[device];
         totals.completed += count as u64;

@@ -80,6 +80,17 @@ fn run(args: Args) -> Result<()> {
 
     let engine = Engine::start(&config).context("starting the engine")?;
     log_layout(&engine, &config);
+    let _metrics = if config.telemetry.enabled && !config.telemetry.metrics.is_empty() {
+        let listen = config.telemetry.metrics.parse().expect("validated");
+        let server = fathom::metrics::MetricsServer::start(listen, config.region_path())
+            .with_context(|| {
+                format!("serving metrics on {listen} (set telemetry.metrics, or \"\" for none)")
+            })?;
+        tracing::info!("Prometheus metrics on http://{}/metrics", server.address());
+        Some(server)
+    } else {
+        None
+    };
     tracing::info!("node {} ready; SIGINT or SIGTERM stops it", config.node.id);
 
     let signal = signals.forever().next().unwrap_or(SIGTERM);
@@ -116,6 +127,17 @@ fn log_layout(engine: &Engine, config: &Config) {
         PageKind::Normal => "normal pages (dma.hugepages = false): slower, not for production",
     };
     tracing::info!("DMA memory: {} MiB on {pages}", engine.dma().len() >> 20);
+    match engine.stats_region() {
+        Some(region) => tracing::info!(
+            "telemetry: stats region {} (read it with `fathom-stat --region {}`), clock {:?}",
+            region.path().display(),
+            region.path().display(),
+            clock.source()
+        ),
+        None => tracing::warn!(
+            "telemetry is off (telemetry.enabled = false): no stage latencies, no fathom-stat"
+        ),
+    }
     for (info, device) in engine.devices().zip(&config.devices) {
         let media = match device.media {
             fathom_engine::config::MediaKind::File => {

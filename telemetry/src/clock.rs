@@ -33,14 +33,14 @@ pub enum ClockError {
     ImplausibleFrequency { measured_hz: u64 },
 }
 
-/// A calibrated tick source. Copy it freely: it is two words.
+/// A calibrated tick source. Copy it freely: it is two words. Ticks are comparable across
+/// processes on one machine (the TSC, or absolute `CLOCK_MONOTONIC` nanoseconds), so a stats
+/// reader can stamp its snapshots with the node's clock.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     source: ClockSource,
     /// Ticks per second.
     hz: u64,
-    /// Origin of [`Clock::now`] for the monotonic source, so ticks fit comfortably in u64.
-    origin: Instant,
 }
 
 impl Clock {
@@ -58,7 +58,6 @@ impl Clock {
         Ok(Self {
             source: ClockSource::Tsc,
             hz,
-            origin: Instant::now(),
         })
     }
 
@@ -67,7 +66,18 @@ impl Clock {
         Self {
             source: ClockSource::Monotonic,
             hz: 1_000_000_000,
-            origin: Instant::now(),
+        }
+    }
+
+    /// The clock another process recorded (source and frequency), for reading stamps it
+    /// wrote: the TSC is shared by every process on the machine.
+    pub fn recorded(source: ClockSource, hz: u64) -> Self {
+        match source {
+            ClockSource::Tsc => Self {
+                source,
+                hz: hz.max(1),
+            },
+            ClockSource::Monotonic => Self::monotonic(),
         }
     }
 
@@ -90,7 +100,7 @@ impl Clock {
     pub fn now(&self) -> u64 {
         match self.source {
             ClockSource::Tsc => rdtsc(),
-            ClockSource::Monotonic => self.origin.elapsed().as_nanos() as u64,
+            ClockSource::Monotonic => monotonic_ns(),
         }
     }
 
@@ -105,6 +115,16 @@ impl Clock {
     pub fn duration_to_ticks(&self, duration: Duration) -> u64 {
         ((duration.as_nanos() * self.hz as u128) / 1_000_000_000).min(u64::MAX as u128) as u64
     }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `now`, which is valid and ours.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 #[cfg(target_arch = "x86_64")]

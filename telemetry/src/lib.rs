@@ -8,6 +8,8 @@
 
 pub mod clock;
 pub mod hdr;
+pub mod prometheus;
 pub mod region;
+pub mod report;
 
 pub use clock::{Clock, ClockError, ClockSource};

@@ -229,7 +229,7 @@ impl Drop for Mapping {
 impl Mapping {
     /// The address of the 8-byte word at `offset`, for recorders that keep it.
     fn word_ptr(&self, offset: usize) -> NonNull<u64> {
-        assert!(offset % 8 == 0 && offset <= self.len);
+        assert!(offset.is_multiple_of(8) && offset <= self.len);
         // SAFETY: offset is within the mapping (checked); the result is non-null.
         unsafe { NonNull::new_unchecked(self.base.as_ptr().add(offset).cast()) }
     }
@@ -237,14 +237,14 @@ impl Mapping {
     /// The 8-byte word at `offset` as an atomic.
     #[inline(always)]
     fn word(&self, offset: usize) -> &AtomicU64 {
-        debug_assert!(offset % 8 == 0 && offset + 8 <= self.len);
+        debug_assert!(offset.is_multiple_of(8) && offset + 8 <= self.len);
         // SAFETY: offsets come from `Offsets`, checked against the mapping length, and are
         // 8-byte aligned in a page-aligned mapping; the memory is only accessed atomically.
         unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(offset).cast()) }
     }
 
     fn word32(&self, offset: usize) -> &AtomicU32 {
-        debug_assert!(offset % 4 == 0 && offset + 4 <= self.len);
+        debug_assert!(offset.is_multiple_of(4) && offset + 4 <= self.len);
         // SAFETY: as for `word`, 4-byte aligned.
         unsafe { AtomicU32::from_ptr(self.base.as_ptr().add(offset).cast()) }
     }
@@ -1023,7 +1023,7 @@ mod tests {
         assert_eq!(snapshot.heartbeat, 1);
         assert_eq!(snapshot.state, WriterState::Running as u32);
         let words = HIST_HEADER_WORDS + directory.histogram.counts_len();
-        let base = ((1 * 3 + 1) * 3 + 1) * words;
+        let base = ((3 + 1) * 3 + 1) * words;
         let histogram = &snapshot.histograms[base..base + words];
         assert_eq!(histogram.iter().sum::<u64>(), 4);
         assert_eq!(
@@ -1034,10 +1034,7 @@ mod tests {
             histogram[HIST_HEADER_WORDS + directory.histogram.index_of(200_000)],
             3
         );
-        assert_eq!(
-            &snapshot.volume_counters[(1 * 3 + 1) * 3..][..3],
-            &[1, 4096, 1]
-        );
+        assert_eq!(&snapshot.volume_counters[(3 + 1) * 3..][..3], &[1, 4096, 1]);
         assert_eq!(&snapshot.queue_counters[4..8], &[500, 0, 9, 8]);
         region.mark_stopped();
         assert_eq!(reader.snapshot(0).state, WriterState::Stopped as u32);

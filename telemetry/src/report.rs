@@ -1,0 +1,247 @@
+//! What a reader makes of snapshots: per volume, op and stage, the IOs of an interval with
+//! their rate, peak per-second rate and latency percentiles; per queue, busy and idle time.
+//!
+//! Histograms are rebuilt exactly as `hdrhistogram` histograms (each counter's lowest value
+//! recorded with the counter's delta), so percentiles, mean and max follow HdrHistogram's
+//! definitions; values are converted from clock ticks to nanoseconds with the region's clock
+//! frequency.
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::region::{Directory, Snapshot};
+
+/// Latency of one stage over an interval, in nanoseconds.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StageReport {
+    pub stage: String,
+    pub count: u64,
+    pub mean_ns: f64,
+    pub p50_ns: f64,
+    pub p90_ns: f64,
+    pub p99_ns: f64,
+    pub p999_ns: f64,
+    pub max_ns: f64,
+}
+
+/// One volume and op over an interval.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct VolumeOpReport {
+    pub volume: String,
+    pub core: u32,
+    pub op: String,
+    pub ios: u64,
+    pub iops: f64,
+    /// The highest one-second (or sub-sample) rate within the interval.
+    pub peak_iops: f64,
+    pub bytes: u64,
+    pub bw_bytes: f64,
+    pub peak_bw_bytes: f64,
+    pub errors: u64,
+    pub stages: Vec<StageReport>,
+}
+
+/// One queue (a reactor's queue on a device) over an interval.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct QueueReport {
+    pub device: String,
+    pub core: u32,
+    pub submitted: u64,
+    pub completed: u64,
+    /// Time with at least one command outstanding, as iostat's %util.
+    pub busy_pct: f64,
+    pub idle_pct: f64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct IntervalReport {
+    pub node: String,
+    pub interval_s: f64,
+    pub volumes: Vec<VolumeOpReport>,
+    pub queues: Vec<QueueReport>,
+}
+
+/// Index helpers over a directory's flat arrays.
+struct Shape {
+    ops: usize,
+    stages: usize,
+    counts_len: usize,
+}
+
+impl Shape {
+    fn of(directory: &Directory) -> Self {
+        Self {
+            ops: directory.ops.len(),
+            stages: directory.stages.len(),
+            counts_len: directory.histogram.counts_len(),
+        }
+    }
+
+    fn histogram(&self, volume: usize, op: usize, stage: usize) -> std::ops::Range<usize> {
+        let start = ((volume * self.ops + op) * self.stages + stage) * self.counts_len;
+        start..start + self.counts_len
+    }
+
+    fn counters(&self, volume: usize, op: usize) -> usize {
+        (volume * self.ops + op) * 3
+    }
+}
+
+/// The histogram of one (volume, op, stage) between two snapshots, in ticks.
+pub fn delta_histogram(
+    directory: &Directory,
+    from: &Snapshot,
+    to: &Snapshot,
+    volume: usize,
+    op: usize,
+    stage: usize,
+) -> Histogram<u64> {
+    let shape = Shape::of(directory);
+    let layout = directory.histogram;
+    let mut histogram =
+        Histogram::<u64>::new_with_bounds(1, layout.highest(), layout.significant_figures())
+            .expect("the region's layout is valid for hdrhistogram");
+    let range = shape.histogram(volume, op, stage);
+    for (index, (&after, &before)) in to.histograms[range.clone()]
+        .iter()
+        .zip(&from.histograms[range])
+        .enumerate()
+    {
+        let delta = after.saturating_sub(before);
+        if delta > 0 {
+            // Within the layout's range by construction; record_n only fails beyond it.
+            let _ = histogram.record_n(layout.value_at(index), delta);
+        }
+    }
+    histogram
+}
+
+/// The report for the interval from `samples[0]` to the last sample; the samples in between
+/// give the peak rates. Rows with no IO are left out unless `all`.
+pub fn interval(directory: &Directory, samples: &[Snapshot], all: bool) -> IntervalReport {
+    let first = &samples[0];
+    let last = &samples[samples.len() - 1];
+    let ticks_to_s = |ticks: u64| ticks as f64 / directory.tsc_hz as f64;
+    let ns = |ticks: u64| ticks as f64 * 1e9 / directory.tsc_hz as f64;
+    let seconds = ticks_to_s(last.taken_ticks.saturating_sub(first.taken_ticks)).max(1e-9);
+    let shape = Shape::of(directory);
+    let mut volumes = Vec::new();
+    for (volume_index, volume) in directory.volumes.iter().enumerate() {
+        for (op_index, op) in directory.ops.iter().enumerate() {
+            let at = shape.counters(volume_index, op_index);
+            let delta = |from: &Snapshot, to: &Snapshot, word: usize| {
+                to.volume_counters[at + word].saturating_sub(from.volume_counters[at + word])
+            };
+            let ios = delta(first, last, 0);
+            let errors = delta(first, last, 2);
+            if ios + errors == 0 && !all {
+                continue;
+            }
+            let bytes = delta(first, last, 1);
+            let (mut peak_iops, mut peak_bw) = (0f64, 0f64);
+            for pair in samples.windows(2) {
+                let span = ticks_to_s(pair[1].taken_ticks.saturating_sub(pair[0].taken_ticks));
+                if span > 0.0 {
+                    peak_iops = peak_iops.max(delta(&pair[0], &pair[1], 0) as f64 / span);
+                    peak_bw = peak_bw.max(delta(&pair[0], &pair[1], 1) as f64 / span);
+                }
+            }
+            let stages = directory
+                .stages
+                .iter()
+                .enumerate()
+                .map(|(stage_index, stage)| {
+                    let histogram = delta_histogram(
+                        directory,
+                        first,
+                        last,
+                        volume_index,
+                        op_index,
+                        stage_index,
+                    );
+                    let quantile = |q: f64| ns(histogram.value_at_quantile(q));
+                    StageReport {
+                        stage: stage.clone(),
+                        count: histogram.len(),
+                        mean_ns: if histogram.is_empty() {
+                            0.0
+                        } else {
+                            ns(1) * histogram.mean()
+                        },
+                        p50_ns: quantile(0.5),
+                        p90_ns: quantile(0.9),
+                        p99_ns: quantile(0.99),
+                        p999_ns: quantile(0.999),
+                        max_ns: if histogram.is_empty() {
+                            0.0
+                        } else {
+                            ns(histogram.max())
+                        },
+                    }
+                })
+                .collect();
+            volumes.push(VolumeOpReport {
+                volume: volume.name.clone(),
+                core: directory
+                    .cores
+                    .get(volume.core_index as usize)
+                    .copied()
+                    .unwrap_or(u32::MAX),
+                op: op.clone(),
+                ios,
+                iops: ios as f64 / seconds,
+                peak_iops: if samples.len() > 2 {
+                    peak_iops
+                } else {
+                    ios as f64 / seconds
+                },
+                bytes,
+                bw_bytes: bytes as f64 / seconds,
+                peak_bw_bytes: if samples.len() > 2 {
+                    peak_bw
+                } else {
+                    bytes as f64 / seconds
+                },
+                errors,
+                stages,
+            });
+        }
+    }
+    let queues = directory
+        .queues
+        .iter()
+        .enumerate()
+        .map(|(index, queue)| {
+            let busy = |snapshot: &Snapshot| {
+                let words = &snapshot.queue_counters[index * 4..index * 4 + 4];
+                let ongoing = if words[1] != 0 {
+                    snapshot.taken_ticks.saturating_sub(words[1])
+                } else {
+                    0
+                };
+                words[0] + ongoing
+            };
+            let busy_pct = (100.0 * ticks_to_s(busy(last).saturating_sub(busy(first))) / seconds)
+                .clamp(0.0, 100.0);
+            let word = |snapshot: &Snapshot, word: usize| snapshot.queue_counters[index * 4 + word];
+            QueueReport {
+                device: queue.device.clone(),
+                core: directory
+                    .cores
+                    .get(queue.core_index as usize)
+                    .copied()
+                    .unwrap_or(u32::MAX),
+                submitted: word(last, 2).saturating_sub(word(first, 2)),
+                completed: word(last, 3).saturating_sub(word(first, 3)),
+                busy_pct,
+                idle_pct: 100.0 - busy_pct,
+            }
+        })
+        .collect();
+    IntervalReport {
+        node: directory.node_id.clone(),
+        interval_s: seconds,
+        volumes,
+        queues,
+    }
+}
