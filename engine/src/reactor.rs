@@ -468,11 +468,15 @@ impl Reactor {
                 continue;
             }
             total += count;
-            if let Some(telemetry) = self.io.telemetry.as_deref_mut() {
-                // One clock read for the batch: when its completions were seen.
-                let seen = telemetry.stamp();
-                for completed in &self.reaped[..count] {
-                    let slot = &self.io.slots[completed.cookie as usize];
+            // One clock read for the batch: when its completions were seen.
+            let seen = self
+                .io
+                .telemetry
+                .as_deref_mut()
+                .map(|telemetry| telemetry.stamp());
+            for completed in &self.reaped[..count] {
+                let slot = &mut self.io.slots[completed.cookie as usize];
+                if let (Some(telemetry), Some(seen)) = (self.io.telemetry.as_deref_mut(), seen) {
                     telemetry.completed(
                         slot.volume,
                         op_index(slot.op),
@@ -484,10 +488,6 @@ impl Reactor {
                         seen,
                     );
                 }
-                telemetry.reaped(device, count, seen);
-            }
-            for completed in &self.reaped[..count] {
-                let slot = &mut self.io.slots[completed.cookie as usize];
                 let notify = std::mem::replace(&mut slot.notify, Notify::Nobody);
                 let (tag, buf, op) = (slot.tag, slot.buf.take(), slot.op);
                 self.io.free_slots.push(completed.cookie);
@@ -509,6 +509,9 @@ impl Reactor {
                     }
                     other => deliver(other, IoCompletion { tag, result, buf }),
                 }
+            }
+            if let (Some(telemetry), Some(seen)) = (self.io.telemetry.as_deref_mut(), seen) {
+                telemetry.reaped(device, count, seen);
             }
         }
         total

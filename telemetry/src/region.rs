@@ -703,12 +703,45 @@ impl RegionReader {
     /// A consistent-enough copy of every counter (each word is read atomically; the region
     /// keeps changing while it is read, which only matters at the last few IOs).
     pub fn snapshot(&self, clock_ticks: u64) -> Snapshot {
-        let words = |from: usize, to: usize| {
-            (from..to)
-                .step_by(8)
-                .map(|at| self.map.word(at).load(Ordering::Relaxed))
-                .collect()
+        let words = |from: usize, to: usize, into: &mut Vec<u64>| {
+            into.extend(
+                (from..to)
+                    .step_by(8)
+                    .map(|at| self.map.word(at).load(Ordering::Relaxed)),
+            );
         };
+        let mut volume_counters = Vec::new();
+        words(
+            self.offsets.volume_counters,
+            self.offsets.volume_counters + self.volume_counter_bytes(),
+            &mut volume_counters,
+        );
+        // Histograms of ops that never saw an IO are all zeros: skip reading them, so a
+        // reader polling often touches only the lines the node actually writes.
+        let directory = &self.directory;
+        let per_op =
+            directory.stages.len() * (HIST_HEADER_WORDS + directory.histogram.counts_len());
+        let mut histograms = Vec::with_capacity(self.histogram_bytes() / 8);
+        for volume in 0..directory.volumes.len() {
+            for op in 0..directory.ops.len() {
+                let counters = &volume_counters
+                    [(volume * directory.ops.len() + op) * VOLUME_COUNTER_WORDS..]
+                    [..VOLUME_COUNTER_WORDS];
+                let start =
+                    self.offsets.histograms + (volume * directory.ops.len() + op) * per_op * 8;
+                if counters[0] + counters[2] > 0 {
+                    words(start, start + per_op * 8, &mut histograms);
+                } else {
+                    histograms.resize(histograms.len() + per_op, 0);
+                }
+            }
+        }
+        let mut queue_counters = Vec::new();
+        words(
+            self.offsets.queue_counters,
+            self.offsets.queue_counters + directory.queues.len() * QUEUE_COUNTER_WORDS * 8,
+            &mut queue_counters,
+        );
         Snapshot {
             taken_ticks: clock_ticks,
             heartbeat: self.map.word(field::HEARTBEAT).load(Ordering::Acquire),
@@ -717,18 +750,9 @@ impl RegionReader {
                 .word(field::HEARTBEAT_UNIX_NS)
                 .load(Ordering::Relaxed),
             state: self.map.word32(field::STATE).load(Ordering::Acquire),
-            histograms: words(
-                self.offsets.histograms,
-                self.offsets.histograms + self.histogram_bytes(),
-            ),
-            volume_counters: words(
-                self.offsets.volume_counters,
-                self.offsets.volume_counters + self.volume_counter_bytes(),
-            ),
-            queue_counters: words(
-                self.offsets.queue_counters,
-                self.offsets.queue_counters + self.directory.queues.len() * QUEUE_COUNTER_WORDS * 8,
-            ),
+            histograms,
+            volume_counters,
+            queue_counters,
         }
     }
 
