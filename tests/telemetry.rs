@@ -390,3 +390,119 @@ fn the_metrics_endpoint_passes_promtool() {
     drop(server);
     engine.shutdown().unwrap();
 }
+
+#[test]
+fn the_reader_survives_a_node_killed_with_sigkill() {
+    let _serial = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let region = dir.path().join("stats");
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nid = \"victim\"\ndata_dir = {:?}\n[dma]\nsize = \"16MiB\"\nhugepages = {}\n[telemetry]\nregion = {:?}\nmetrics = \"\"\n\
+             [[device]]\nname = \"nvme0\"\ndriver = \"mem\"\nmedia = \"ram\"\nsize = \"16MiB\"\n[[volume]]\nname = \"vol0\"\ndevice = \"nvme0\"\nsize = \"16MiB\"\n",
+            dir.path().display().to_string(),
+            hugepages(),
+            region.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut node = Command::new(env!("CARGO_BIN_EXE_fathom-node"))
+        .arg("--config")
+        .arg(&config)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !region.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node never created its region"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reader = Command::new(STAT)
+        .arg("--region")
+        .arg(&region)
+        .args(["--interval", "0.3", "--count", "8"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    node.kill().unwrap();
+    node.wait().unwrap();
+    let output = reader.wait_with_output().unwrap();
+    let notes = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the reader keeps running: {notes}");
+    assert!(notes.contains("exited without stopping cleanly"), "{notes}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("node victim"),
+        "it reported while the node lived"
+    );
+}
+
+#[test]
+fn top_shows_the_node_live_and_quits_on_q() {
+    let _serial = exclusive();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::start(&config(
+        dir.path(),
+        "topnode",
+        "[[device.inject]]\nops = [\"read\"]\nlatency = \"20us\"\n",
+    ))
+    .unwrap();
+    let done = drive(&engine, 4, 4.0);
+    let session = format!("fathom-top-{}", std::process::id());
+    let command = format!(
+        "{STAT} top --region {} --interval 0.3",
+        dir.path().join("stats").display()
+    );
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(args)
+            .output()
+            .expect("tmux (scripts/test installs it)")
+    };
+    assert!(tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "150",
+        "-y",
+        "30",
+        &command
+    ])
+    .status
+    .success());
+    std::thread::sleep(Duration::from_millis(1500));
+    let screen =
+        String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout).into_owned();
+    let _ = tmux(&["send-keys", "-t", &session, "q"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while tmux(&["has-session", "-t", &session]).status.success() {
+        if std::time::Instant::now() > deadline {
+            let _ = tmux(&["kill-session", "-t", &session]);
+            panic!("top did not quit on q; screen was:\n{screen}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    done.recv_timeout(Duration::from_secs(30)).unwrap();
+    engine.shutdown().unwrap();
+    for expect in [
+        "node topnode",
+        "vol0",
+        "read",
+        "device queues",
+        "nvme0",
+        "q quit",
+    ] {
+        assert!(
+            screen.contains(expect),
+            "{expect:?} not on the screen:\n{screen}"
+        );
+    }
+}
