@@ -217,6 +217,8 @@ impl Config {
 pub enum DriverKind {
     /// The in-process NVMe controller.
     Mem,
+    /// io_uring on a file or block device, with O_DIRECT: the kernel path.
+    Uring,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -244,16 +246,26 @@ pub enum DeviceMode {
 pub struct DeviceConfig {
     pub name: String,
     pub driver: DriverKind,
-    pub media: MediaKind,
+    /// `mem` only: null, ram or file.
+    pub media: Option<MediaKind>,
+    /// `mem` only: where the controller runs.
     #[serde(default = "DeviceConfig::default_mode")]
     pub mode: DeviceMode,
-    /// Size of the device's one namespace.
-    pub size: ByteSize,
+    /// Size of the device's one namespace. Required for `mem`; for `uring` it defaults to the
+    /// file's or block device's size (a missing file is created at this size).
+    pub size: Option<ByteSize>,
     #[serde(default = "DeviceConfig::default_block_size")]
     pub block_size: u32,
-    /// Backing file for `file` media; relative paths are under `node.data_dir`. Defaults to
-    /// `<name>.img`.
+    /// `mem` with `file` media: the backing file (default `<name>.img`). `uring`: the file or
+    /// block device (required). Relative paths are under `node.data_dir`.
     pub path: Option<PathBuf>,
+    /// `uring` only: a kernel thread polls the submission queue (no system call per batch).
+    #[serde(default)]
+    pub sqpoll: bool,
+    /// `uring` only: completions are polled from the device instead of interrupt driven
+    /// (block devices with poll queues, such as NVMe with `nvme.poll_queues` > 0).
+    #[serde(default)]
+    pub iopoll: bool,
     /// Latency and error injection rules, applied in order; every matching rule applies.
     #[serde(default)]
     pub inject: Vec<InjectConfig>,
@@ -447,19 +459,65 @@ impl Config {
             if !matches!(device.block_size, 512 | 4096) {
                 return Err(invalid(key("block_size"), device.block_size, "512 or 4096"));
             }
-            if device.size.0 == 0 || device.size.0 % device.block_size as u64 != 0 {
-                return Err(invalid(
-                    key("size"),
-                    device.size,
-                    format!("a non-zero multiple of block_size ({})", device.block_size),
-                ));
+            if let Some(size) = device.size {
+                if size.0 == 0 || size.0 % device.block_size as u64 != 0 {
+                    return Err(invalid(
+                        key("size"),
+                        size,
+                        format!("a non-zero multiple of block_size ({})", device.block_size),
+                    ));
+                }
             }
-            if let (Some(path), true) = (&device.path, device.media != MediaKind::File) {
-                return Err(invalid(
-                    key("path"),
-                    format!("{path:?}"),
-                    "only for media = \"file\"",
-                ));
+            match device.driver {
+                DriverKind::Mem => {
+                    let Some(media) = device.media else {
+                        return Err(invalid(
+                            key("media"),
+                            "nothing",
+                            "driver = \"mem\" needs media: \"null\", \"ram\" or \"file\"",
+                        ));
+                    };
+                    if device.size.is_none() {
+                        return Err(invalid(
+                            key("size"),
+                            "nothing",
+                            "driver = \"mem\" needs a size, e.g. \"1GiB\"",
+                        ));
+                    }
+                    if let (Some(path), true) = (&device.path, media != MediaKind::File) {
+                        return Err(invalid(
+                            key("path"),
+                            format!("{path:?}"),
+                            "only for media = \"file\"",
+                        ));
+                    }
+                    if device.sqpoll || device.iopoll {
+                        return Err(invalid(
+                            key("sqpoll"),
+                            "true",
+                            "sqpoll and iopoll only apply to driver = \"uring\"",
+                        ));
+                    }
+                }
+                DriverKind::Uring => {
+                    if device.path.is_none() {
+                        return Err(invalid(
+                            key("path"),
+                            "nothing",
+                            "driver = \"uring\" needs the file or block device to use",
+                        ));
+                    }
+                    if let Some(media) = device.media {
+                        return Err(invalid(
+                            key("media"),
+                            format!("{media:?}").to_lowercase(),
+                            "media only applies to driver = \"mem\"",
+                        ));
+                    }
+                    if !device.inject.is_empty() {
+                        return Err(invalid(key("inject"), "rules", "injection is done by the mem driver's controller; use driver = \"mem\""));
+                    }
+                }
             }
             for (rule_index, rule) in device.inject.iter().enumerate() {
                 let key = |field: &str| format!("device[{index}].inject[{rule_index}].{field}");
@@ -542,20 +600,23 @@ impl Config {
                     format!("a non-zero multiple of the device's {block}-byte blocks"),
                 ));
             }
-            if volume
-                .offset
-                .0
-                .checked_add(volume.size.0)
-                .is_none_or(|end| end > device.size.0)
-            {
-                return Err(invalid(
-                    key("size"),
-                    volume.size,
-                    format!(
-                        "offset + size within device {:?} ({} bytes)",
-                        device.name, device.size.0
-                    ),
-                ));
+            // A device whose size comes from the disk is checked when the engine opens it.
+            if let Some(device_size) = device.size {
+                if volume
+                    .offset
+                    .0
+                    .checked_add(volume.size.0)
+                    .is_none_or(|end| end > device_size.0)
+                {
+                    return Err(invalid(
+                        key("size"),
+                        volume.size,
+                        format!(
+                            "offset + size within device {:?} ({} bytes)",
+                            device.name, device_size.0
+                        ),
+                    ));
+                }
             }
             if let Some(core) = volume.core {
                 if !self.reactor.cores.contains(&core) {
@@ -734,7 +795,7 @@ mod tests {
     #[test]
     fn the_embedded_default_is_valid() {
         let config = Config::embedded_default();
-        assert_eq!(config.devices[0].media, MediaKind::File);
+        assert_eq!(config.devices[0].media, Some(MediaKind::File));
         assert!(!config.volumes.is_empty());
     }
 

@@ -199,6 +199,12 @@ impl DmaPool {
         self.inner.kind
     }
 
+    /// The pool's host address range, for registering it with a kernel interface (io_uring
+    /// fixed buffers). Only raw accesses may go through the pointer.
+    pub fn host_range(&self) -> (*mut u8, usize) {
+        (self.inner.base.as_ptr(), self.inner.len)
+    }
+
     /// The pool's address range as the in-process controller's IOMMU sees it.
     pub fn iova_map(&self) -> IovaMap {
         IovaMap {

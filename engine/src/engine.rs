@@ -15,9 +15,11 @@ use std::time::Duration;
 use fathom_telemetry::Clock;
 use parking_lot::Mutex;
 
+use crate::config::DriverKind;
 use crate::config::{ClockChoice, Config, MediaKind};
 use crate::dma::{DmaError, DmaPool, PageKind};
 use crate::driver::mem::MemDriver;
+use crate::driver::uring::UringDriver;
 use crate::driver::{DeviceInfo, Driver, DriverError};
 use crate::reactor::{pin_to_core, IoContext, Message, Reactor, ReactorShared, Rejected, Task};
 use crate::stats::{stage, CoreTelemetry, OP_NAMES};
@@ -96,7 +98,7 @@ impl Engine {
         if config
             .devices
             .iter()
-            .any(|device| device.media == MediaKind::File)
+            .any(|device| device.media == Some(MediaKind::File))
         {
             std::fs::create_dir_all(&config.node.data_dir).map_err(|source| {
                 EngineError::DataDir {
@@ -108,13 +110,19 @@ impl Engine {
         let reactor_count = config.reactor.cores.len() as u16;
         let mut devices: Vec<Arc<dyn Driver>> = Vec::new();
         for device in &config.devices {
-            devices.push(Arc::new(MemDriver::open(
-                device,
-                &config.node.data_dir,
-                &pool,
-                clock,
-                reactor_count,
-            )?));
+            let driver: Arc<dyn Driver> = match device.driver {
+                DriverKind::Mem => Arc::new(MemDriver::open(
+                    device,
+                    &config.node.data_dir,
+                    &pool,
+                    clock,
+                    reactor_count,
+                )?),
+                DriverKind::Uring => {
+                    Arc::new(UringDriver::open(device, &config.node.data_dir, &pool)?)
+                }
+            };
+            devices.push(driver);
         }
         let volumes: Arc<[Volume]> = build_volumes(config, &devices)?.into();
         let region = if config.telemetry.enabled {

@@ -161,11 +161,12 @@ fn the_controller_refuses_what_a_device_would_refuse() {
         let mut queue = driver.create_queue(16).unwrap();
         let buf = pool.alloc(4 << 20).unwrap();
         let data = DataRange {
-            iova: buf.iova(),
             len: 4096,
+            ..DataRange::of(&buf)
         };
         let outside = DataRange {
             iova: 0x1000,
+            addr: 0x1000,
             len: 4096,
         };
         let cases = [
@@ -188,8 +189,8 @@ fn the_controller_refuses_what_a_device_would_refuse() {
                     0,
                     4096,
                     DataRange {
-                        iova: data.iova,
                         len: 2 << 20,
+                        ..data
                     },
                 ),
                 Status::INVALID_FIELD,
@@ -200,6 +201,7 @@ fn the_controller_refuses_what_a_device_would_refuse() {
                     128,
                     DataRange {
                         iova: data.iova + 512,
+                        addr: data.addr + 512,
                         len: 64 << 10,
                     },
                 ),

@@ -12,6 +12,8 @@ use fathom_engine::Engine;
 enum Driver {
     /// The in-process NVMe controller.
     Mem,
+    /// io_uring with O_DIRECT on --filename (a file or block device).
+    Uring,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -117,6 +119,9 @@ fn main() -> Result<()> {
             args.bs
         );
     }
+    if matches!(args.driver, Driver::Uring) && args.filename.is_none() {
+        bail!("--driver uring needs --filename: the file (created at --size per core if missing) or block device to test");
+    }
     let online = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -170,9 +175,15 @@ fn bench_config(args: &Args) -> String {
     let cores: Vec<String> = (0..args.cores).map(|core| core.to_string()).collect();
     let media = format!("{:?}", args.media).to_lowercase();
     let mode = format!("{:?}", args.mode).to_lowercase();
-    let path = match (&args.filename, args.media) {
-        (Some(path), Media::File) => format!("path = {:?}\n", path.display().to_string()),
+    let path = match (&args.filename, args.driver, args.media) {
+        (Some(path), Driver::Uring, _) | (Some(path), Driver::Mem, Media::File) => {
+            format!("path = {:?}\n", path.display().to_string())
+        }
         _ => String::new(),
+    };
+    let device = match args.driver {
+        Driver::Mem => format!("driver = \"mem\"\nmedia = \"{media}\"\nmode = \"{mode}\"\n"),
+        Driver::Uring => "driver = \"uring\"\n".to_string(),
     };
     let data_dir = std::env::temp_dir().join("fathom-bench");
     // Ring, PRP lists and buffers for every core, with room to spare.
@@ -182,7 +193,7 @@ fn bench_config(args: &Args) -> String {
          [dma]\nsize = \"{dma}MiB\"\nhugepages = {hugepages}\n\
          [reactor]\ncores = [{cores}]\npoll = \"busy\"\nqueue_depth = {depth}\n\
          [telemetry]\nenabled = {telemetry}\nregion = {region:?}\nmetrics = \"\"\n\
-         [[device]]\nname = \"nvme0\"\ndriver = \"mem\"\nmedia = \"{media}\"\nmode = \"{mode}\"\n{path}\
+         [[device]]\nname = \"nvme0\"\n{device}{path}\
          size = {size}\nblock_size = {sector}\n",
         hugepages = !args.no_hugepages,
         telemetry = args.telemetry == Switch::On,

@@ -139,7 +139,10 @@ fn log_layout(engine: &Engine, config: &Config) {
         ),
     }
     for (info, device) in engine.devices().zip(&config.devices) {
-        let media = match device.media {
+        let media = match device
+            .media
+            .unwrap_or(fathom_engine::config::MediaKind::File)
+        {
             fathom_engine::config::MediaKind::File => {
                 let path = config.node.data_dir.join(
                     device

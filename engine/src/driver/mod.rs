@@ -5,6 +5,7 @@
 //! touches afterwards, so the IO path takes no lock.
 
 pub mod mem;
+pub mod uring;
 
 use crate::dma::DmaError;
 use crate::nvme::{Completed, DataRange, Namespace, NvmeError, QueueFull};

@@ -43,7 +43,10 @@ pub struct Completed {
 /// Where a command's data is: an IOVA range (contiguous in IOVA space).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DataRange {
+    /// The address the device is given (PRPs for NVMe).
     pub iova: u64,
+    /// The same memory's address in this process (for kernel interfaces such as io_uring).
+    pub addr: u64,
     pub len: usize,
 }
 
@@ -51,6 +54,7 @@ impl DataRange {
     pub fn of(buf: &DmaBuf) -> Self {
         Self {
             iova: buf.iova(),
+            addr: buf.as_ptr() as u64,
             len: buf.len(),
         }
     }

@@ -68,8 +68,8 @@ impl MemDriver {
         io_queues: u16,
     ) -> Result<Self, DriverError> {
         let name = config.name.clone();
-        let size = config.size.0;
-        let media = match config.media {
+        let size = config.size.expect("validated: mem devices have a size").0;
+        let media = match config.media.expect("validated: mem devices have media") {
             MediaKind::Null => Media::null(size),
             MediaKind::Ram => Media::ram(size).map_err(|source| DriverError::Media {
                 device: name.clone(),
