@@ -31,7 +31,12 @@ fn hugepages() -> bool {
 
 /// A node with one ram device (inline controller) whose reads get `inject` rules.
 fn config(dir: &Path, id: &str, inject: &str) -> Config {
-    let text = format!(
+    Config::parse(&config_text(dir, id, inject)).unwrap()
+}
+
+/// The TOML of [`config`], for tests that start the fathom-node program.
+fn config_text(dir: &Path, id: &str, inject: &str) -> String {
+    format!(
         "[node]\nid = \"{id}\"\ndata_dir = {dir:?}\n[dma]\nsize = \"16MiB\"\nhugepages = {huge}\n\
          [reactor]\ncores = [0]\npoll = \"busy\"\n[telemetry]\nregion = {region:?}\nmetrics = \"\"\n\
          [[device]]\nname = \"nvme0\"\ndriver = \"mem\"\nmedia = \"ram\"\nsize = \"64MiB\"\n{inject}\n\
@@ -39,8 +44,7 @@ fn config(dir: &Path, id: &str, inject: &str) -> Config {
         dir = dir.display().to_string(),
         region = dir.join("stats").display().to_string(),
         huge = hugepages(),
-    );
-    Config::parse(&text).unwrap()
+    )
 }
 
 /// Runs a 4 KiB random-read workload at `iodepth` on the node's reactor for `seconds`.
@@ -397,17 +401,7 @@ fn the_reader_survives_a_node_killed_with_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let region = dir.path().join("stats");
     let config = dir.path().join("node.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[node]\nid = \"victim\"\ndata_dir = {:?}\n[dma]\nsize = \"16MiB\"\nhugepages = {}\n[telemetry]\nregion = {:?}\nmetrics = \"\"\n\
-             [[device]]\nname = \"nvme0\"\ndriver = \"mem\"\nmedia = \"ram\"\nsize = \"16MiB\"\n[[volume]]\nname = \"vol0\"\ndevice = \"nvme0\"\nsize = \"16MiB\"\n",
-            dir.path().display().to_string(),
-            hugepages(),
-            region.display().to_string()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, config_text(dir.path(), "victim", "")).unwrap();
     let mut node = Command::new(env!("CARGO_BIN_EXE_fathom-node"))
         .arg("--config")
         .arg(&config)

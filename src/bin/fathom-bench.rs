@@ -101,7 +101,11 @@ fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    // As fio does, a relative --filename is relative to where the command runs.
+    if let Some(path) = &args.filename {
+        args.filename = Some(std::path::absolute(path).with_context(|| format!("resolving --filename {}", path.display()))?);
+    }
     if args.iodepth == 0 {
         bail!("--iodepth 0: at least one IO must be in flight");
     }
