@@ -18,17 +18,31 @@ pub enum Pattern {
     Write,
     Randread,
     Randwrite,
+    /// Sequential reads and writes mixed (--rwmixread percent reads).
+    #[value(alias = "rw")]
+    Readwrite,
+    /// Random reads and writes mixed (--rwmixread percent reads).
+    Randrw,
 }
 
 impl Pattern {
-    fn op(self) -> Op {
+    /// The operation of a pure pattern; `None` for mixes.
+    fn op(self) -> Option<Op> {
         match self {
-            Pattern::Read | Pattern::Randread => Op::Read,
-            Pattern::Write | Pattern::Randwrite => Op::Write,
+            Pattern::Read | Pattern::Randread => Some(Op::Read),
+            Pattern::Write | Pattern::Randwrite => Some(Op::Write),
+            Pattern::Readwrite | Pattern::Randrw => None,
         }
     }
     fn random(self) -> bool {
-        matches!(self, Pattern::Randread | Pattern::Randwrite)
+        matches!(
+            self,
+            Pattern::Randread | Pattern::Randwrite | Pattern::Randrw
+        )
+    }
+    /// Whether the pattern writes at all (its buffers then carry data).
+    pub fn writes(self) -> bool {
+        self.op() != Some(Op::Read)
     }
 }
 
@@ -43,6 +57,8 @@ pub struct WorkloadSpec {
     pub runtime: Duration,
     pub ramp: Duration,
     pub seed: u64,
+    /// Percent of reads in a mixed pattern (fio's rwmixread).
+    pub read_percent: u32,
 }
 
 /// What one reactor's workload did over the measured interval (after the ramp).
@@ -96,7 +112,7 @@ impl WorkloadTask {
         let mut buffers = Vec::with_capacity(spec.iodepth);
         for index in 0..spec.iodepth {
             let mut buf = pool.alloc(spec.block_size as usize)?;
-            if spec.pattern.op() == Op::Write {
+            if spec.pattern.writes() {
                 buf.fill(index as u8 ^ 0x5a);
             }
             buffers.push(buf);
@@ -143,9 +159,23 @@ impl WorkloadTask {
     #[inline]
     fn issue(&mut self, io: &mut IoContext, buf: DmaBuf) -> bool {
         let offset = self.next_offset();
+        let op = match self.spec.pattern.op() {
+            Some(op) => op,
+            None => {
+                let draw = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32;
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                if (draw % 100) < self.spec.read_percent as u64 {
+                    Op::Read
+                } else {
+                    Op::Write
+                }
+            }
+        };
         let request = IoRequest {
             volume: self.spec.volume,
-            op: self.spec.pattern.op(),
+            op,
             offset,
             len: buf.len() as u64,
             buf: Some(buf),

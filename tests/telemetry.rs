@@ -63,6 +63,7 @@ fn drive(
         runtime: Duration::from_secs_f64(seconds),
         ramp: Duration::ZERO,
         seed: 1,
+        read_percent: 100,
     };
     let task = WorkloadTask::new(spec, engine.dma(), *engine.clock(), tx).unwrap();
     engine.spawn(0, Box::new(task)).unwrap();

@@ -4,9 +4,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use fathom::stat::{duration, quantity};
 use fathom::workload::{Pattern, WorkloadResult, WorkloadSpec, WorkloadTask};
 use fathom_engine::config::{ByteSize, Config};
 use fathom_engine::Engine;
+use fathom_telemetry::region::{RegionReader, Snapshot};
+use fathom_telemetry::report::{merged_histogram, StageReport};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Driver {
@@ -72,6 +75,9 @@ struct Args {
     /// Reactor cores to run on (one workload per core), as fio's numjobs.
     #[arg(long, alias = "numjobs", default_value_t = 1)]
     cores: usize,
+    /// Percent of reads in a mixed pattern (readwrite, randrw), as fio's rwmixread.
+    #[arg(long, default_value_t = 50)]
+    rwmixread: u32,
     /// Bytes each core's workload spans.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     size: u64,
@@ -104,7 +110,10 @@ fn main() -> Result<()> {
     let mut args = Args::parse();
     // As fio does, a relative --filename is relative to where the command runs.
     if let Some(path) = &args.filename {
-        args.filename = Some(std::path::absolute(path).with_context(|| format!("resolving --filename {}", path.display()))?);
+        args.filename = Some(
+            std::path::absolute(path)
+                .with_context(|| format!("resolving --filename {}", path.display()))?,
+        );
     }
     if args.iodepth == 0 {
         bail!("--iodepth 0: at least one IO must be in flight");
@@ -139,14 +148,16 @@ fn main() -> Result<()> {
     {
         bail!("--runtime must be positive and --ramp_time not negative");
     }
+    if args.rwmixread > 100 {
+        bail!("--rwmixread {} is a percentage: 0 to 100", args.rwmixread);
+    }
     let config =
         Config::parse(&bench_config(&args)).context("building the benchmark configuration")?;
     let engine = Engine::start(&config).context("starting the engine")?;
     let (tx, rx) = crossbeam_channel::unbounded();
     for reactor in 0..args.cores {
-        let volume = engine.volumes()[reactor].id;
         let spec = WorkloadSpec {
-            volume,
+            volume: engine.volumes()[reactor].id,
             pattern: args.rw,
             block_size: args.bs,
             iodepth: args.iodepth,
@@ -154,12 +165,25 @@ fn main() -> Result<()> {
             runtime: Duration::from_secs_f64(args.runtime),
             ramp: Duration::from_secs_f64(args.ramp_time),
             seed: reactor as u64 + 1,
+            read_percent: args.rwmixread,
         };
         let task = WorkloadTask::new(spec, engine.dma(), *engine.clock(), tx.clone())
             .context("allocating IO buffers")?;
         engine.spawn(reactor, Box::new(task))?;
     }
-    let deadline = Duration::from_secs_f64(args.runtime + args.ramp_time + 60.0);
+    // The stats region gives latencies and the stage breakdown over the measured interval:
+    // from the end of the ramp to the end of the run.
+    let region = match config.telemetry.enabled {
+        true => Some(
+            RegionReader::open(&config.region_path())
+                .context("reading the benchmark's stats region")?,
+        ),
+        false => None,
+    };
+    let clock = *engine.clock();
+    std::thread::sleep(Duration::from_secs_f64(args.ramp_time));
+    let measured_from = region.as_ref().map(|region| region.snapshot(clock.now()));
+    let deadline = Duration::from_secs_f64(args.runtime + 60.0);
     let mut results: Vec<WorkloadResult> = Vec::new();
     for _ in 0..args.cores {
         results.push(
@@ -167,12 +191,78 @@ fn main() -> Result<()> {
                 .context("a workload did not finish in time")?,
         );
     }
+    // Counters are published every millisecond: wait for the last publication, and take the
+    // snapshot before shutdown flushes the volumes.
+    std::thread::sleep(Duration::from_millis(5));
+    let stats = match (&region, &measured_from) {
+        (Some(region), Some(from)) => {
+            Some(interval_stats(region, from, &region.snapshot(clock.now())))
+        }
+        _ => None,
+    };
     engine.shutdown().context("shutting the engine down")?;
     if config.telemetry.enabled {
         // The benchmark's stats region is its own; a node's stays for readers after it stops.
         let _ = std::fs::remove_file(config.region_path());
     }
-    report(&args, &results)
+    report(&args, &results, stats.as_ref())
+}
+
+/// Per op (and for all ops together, under "all"): IOs, bytes and the stage reports.
+struct OpStats {
+    op: String,
+    ios: u64,
+    bytes: u64,
+    stages: Vec<StageReport>,
+}
+
+fn interval_stats(region: &RegionReader, from: &Snapshot, to: &Snapshot) -> Vec<OpStats> {
+    let directory = region.directory();
+    let volumes: Vec<usize> = (0..directory.volumes.len()).collect();
+    let counter = |op: usize, word: usize| -> u64 {
+        volumes
+            .iter()
+            .map(|volume| {
+                let at = (volume * directory.ops.len() + op) * 3 + word;
+                to.volume_counters[at].saturating_sub(from.volume_counters[at])
+            })
+            .sum()
+    };
+    let stages = |ops: &[usize]| -> Vec<StageReport> {
+        directory
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(stage, name)| {
+                StageReport::from_histogram(
+                    name,
+                    &merged_histogram(directory, from, to, &volumes, ops, stage),
+                    directory.tsc_hz,
+                )
+            })
+            .collect()
+    };
+    let active: Vec<usize> = (0..directory.ops.len())
+        .filter(|&op| counter(op, 0) + counter(op, 2) > 0)
+        .collect();
+    let mut out: Vec<OpStats> = active
+        .iter()
+        .map(|&op| OpStats {
+            op: directory.ops[op].clone(),
+            ios: counter(op, 0),
+            bytes: counter(op, 1),
+            stages: stages(&[op]),
+        })
+        .collect();
+    if active.len() > 1 {
+        out.push(OpStats {
+            op: "all".into(),
+            ios: active.iter().map(|&op| counter(op, 0)).sum(),
+            bytes: active.iter().map(|&op| counter(op, 1)).sum(),
+            stages: stages(&active),
+        });
+    }
+    out
 }
 
 fn bench_config(args: &Args) -> String {
@@ -217,7 +307,14 @@ fn bench_config(args: &Args) -> String {
     text
 }
 
-fn report(args: &Args, results: &[WorkloadResult]) -> Result<()> {
+fn lat_json(stage: &StageReport) -> serde_json::Value {
+    serde_json::json!({
+        "count": stage.count, "mean": stage.mean_ns, "p50": stage.p50_ns, "p90": stage.p90_ns,
+        "p99": stage.p99_ns, "p999": stage.p999_ns, "max": stage.max_ns,
+    })
+}
+
+fn report(args: &Args, results: &[WorkloadResult], stats: Option<&Vec<OpStats>>) -> Result<()> {
     let ios: u64 = results.iter().map(|r| r.ios).sum();
     let bytes: u64 = results.iter().map(|r| r.bytes).sum();
     let errors: u64 = results.iter().map(|r| r.errors).sum();
@@ -227,7 +324,39 @@ fn report(args: &Args, results: &[WorkloadResult]) -> Result<()> {
     let iops_per_core = iops / results.len() as f64;
     let wall_ns_per_io = 1e9 / iops_per_core;
     let cpu_ns_per_io = cpu_ns as f64 / ios.max(1) as f64;
+    // The latency of the whole run: the `total` stage over every op.
+    let overall = stats
+        .and_then(|stats| stats.last())
+        .and_then(|op| op.stages.iter().find(|stage| stage.stage == "total"));
     if args.json {
+        let ops: serde_json::Map<String, serde_json::Value> = stats
+            .map(|stats| {
+                stats
+                    .iter()
+                    .map(|op| {
+                        let stages: serde_json::Map<String, serde_json::Value> = op
+                            .stages
+                            .iter()
+                            .map(|stage| (stage.stage.clone(), lat_json(stage)))
+                            .collect();
+                        let value = serde_json::json!({
+                            "ios": op.ios, "iops": op.ios as f64 / elapsed_s,
+                            "bw_bytes": op.bytes as f64 / elapsed_s, "stages": stages,
+                        });
+                        (op.op.clone(), value)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let stages: serde_json::Map<String, serde_json::Value> = stats
+            .and_then(|stats| stats.last())
+            .map(|op| {
+                op.stages
+                    .iter()
+                    .map(|stage| (stage.stage.clone(), lat_json(stage)))
+                    .collect()
+            })
+            .unwrap_or_default();
         let json = serde_json::json!({
             "driver": format!("{:?}", args.driver).to_lowercase(),
             "media": format!("{:?}", args.media).to_lowercase(),
@@ -238,41 +367,76 @@ fn report(args: &Args, results: &[WorkloadResult]) -> Result<()> {
             "ios": ios, "errors": errors,
             "iops": iops, "iops_per_core": iops_per_core, "bw_bytes": bytes as f64 / elapsed_s,
             "ns_per_io_wall": wall_ns_per_io, "cpu_ns_per_io": cpu_ns_per_io,
+            "lat_ns": overall.map(lat_json),
+            "stages": stages,
+            "ops": ops,
             "per_core": results,
         });
         println!("{}", serde_json::to_string_pretty(&json)?);
-        return Ok(());
-    }
-    println!(
-        "fathom-bench: driver={:?} media={:?} mode={:?} rw={:?} bs={} iodepth={} cores={}",
-        args.driver,
-        args.media,
-        args.mode,
-        args.rw,
-        args.bs,
-        args.iodepth,
-        results.len()
-    );
-    println!(
-        "  {:?}: IOPS={:.2}M, BW={:.1}MiB/s, ios={ios}, errors={errors}, runt={:.2}s",
-        args.rw,
-        iops / 1e6,
-        bytes as f64 / elapsed_s / (1 << 20) as f64,
-        elapsed_s
-    );
-    println!(
-        "  per core: IOPS={:.2}M, {:.1} ns/IO (wall), {:.1} ns/IO (reactor CPU time)",
-        iops_per_core / 1e6,
-        wall_ns_per_io,
-        cpu_ns_per_io
-    );
-    for result in results {
+    } else {
         println!(
-            "    core {}: {:.2}M IOPS, {:.1} ns CPU/IO",
-            result.core,
-            result.ios as f64 / (result.elapsed_ns as f64 / 1e9) / 1e6,
-            result.cpu_ns as f64 / result.ios.max(1) as f64
+            "fathom-bench: driver={:?} media={:?} mode={:?} rw={:?} bs={} iodepth={} cores={} runtime={:.1}s",
+            args.driver, args.media, args.mode, args.rw, args.bs, args.iodepth, results.len(), elapsed_s
         );
+        match stats {
+            Some(stats) => {
+                for op in stats {
+                    println!(
+                        "  {}: IOPS={}, BW={:.1}MiB/s, ios={}",
+                        op.op,
+                        quantity(op.ios as f64 / elapsed_s),
+                        op.bytes as f64 / elapsed_s / (1 << 20) as f64,
+                        op.ios
+                    );
+                    if let Some(total) = op.stages.iter().find(|stage| stage.stage == "total") {
+                        println!(
+                            "    lat: mean={}, p50={}, p90={}, p99={}, p99.9={}, max={}",
+                            duration(total.mean_ns),
+                            duration(total.p50_ns),
+                            duration(total.p90_ns),
+                            duration(total.p99_ns),
+                            duration(total.p999_ns),
+                            duration(total.max_ns)
+                        );
+                    }
+                }
+                if let Some(op) = stats.last() {
+                    println!("  stages ({}):      count      mean       p50       p99     p99.9       max", op.op);
+                    for stage in &op.stages {
+                        println!(
+                            "    {:<10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                            stage.stage,
+                            quantity(stage.count as f64),
+                            duration(stage.mean_ns),
+                            duration(stage.p50_ns),
+                            duration(stage.p99_ns),
+                            duration(stage.p999_ns),
+                            duration(stage.max_ns)
+                        );
+                    }
+                }
+            }
+            None => println!("  (telemetry off: no latencies)"),
+        }
+        println!(
+            "  all: IOPS={}, BW={:.1}MiB/s, ios={ios}, errors={errors}",
+            quantity(iops),
+            bytes as f64 / elapsed_s / (1 << 20) as f64
+        );
+        println!(
+            "  per core: IOPS={}, {:.1} ns/IO (wall), {:.1} ns/IO (reactor CPU time)",
+            quantity(iops_per_core),
+            wall_ns_per_io,
+            cpu_ns_per_io
+        );
+        for result in results {
+            println!(
+                "    core {}: {} IOPS, {:.1} ns CPU/IO",
+                result.core,
+                quantity(result.ios as f64 / (result.elapsed_ns as f64 / 1e9)),
+                result.cpu_ns as f64 / result.ios.max(1) as f64
+            );
+        }
     }
     if errors > 0 {
         bail!("{errors} IOs failed");

@@ -116,13 +116,53 @@ pub fn delta_histogram(
     histogram
 }
 
+impl StageReport {
+    /// Count, mean, percentiles and max of `histogram` (in ticks of a `hz` clock), in ns.
+    pub fn from_histogram(stage: &str, histogram: &Histogram<u64>, hz: u64) -> Self {
+        let ns = |ticks: u64| ticks as f64 * 1e9 / hz as f64;
+        let quantile = |q: f64| ns(histogram.value_at_quantile(q));
+        let empty = histogram.is_empty();
+        StageReport {
+            stage: stage.to_string(),
+            count: histogram.len(),
+            mean_ns: if empty { 0.0 } else { ns(1) * histogram.mean() },
+            p50_ns: quantile(0.5),
+            p90_ns: quantile(0.9),
+            p99_ns: quantile(0.99),
+            p999_ns: quantile(0.999),
+            max_ns: if empty { 0.0 } else { ns(histogram.max()) },
+        }
+    }
+}
+
+/// One stage's histogram between two snapshots, merged over `volumes` and `ops` (in ticks).
+pub fn merged_histogram(
+    directory: &Directory,
+    from: &Snapshot,
+    to: &Snapshot,
+    volumes: &[usize],
+    ops: &[usize],
+    stage: usize,
+) -> Histogram<u64> {
+    let layout = directory.histogram;
+    let mut merged =
+        Histogram::<u64>::new_with_bounds(1, layout.highest(), layout.significant_figures())
+            .expect("valid layout");
+    for &volume in volumes {
+        for &op in ops {
+            // Same bounds on both sides: adding cannot fail.
+            let _ = merged.add(delta_histogram(directory, from, to, volume, op, stage));
+        }
+    }
+    merged
+}
+
 /// The report for the interval from `samples[0]` to the last sample; the samples in between
 /// give the peak rates. Rows with no IO are left out unless `all`.
 pub fn interval(directory: &Directory, samples: &[Snapshot], all: bool) -> IntervalReport {
     let first = &samples[0];
     let last = &samples[samples.len() - 1];
     let ticks_to_s = |ticks: u64| ticks as f64 / directory.tsc_hz as f64;
-    let ns = |ticks: u64| ticks as f64 * 1e9 / directory.tsc_hz as f64;
     let seconds = ticks_to_s(last.taken_ticks.saturating_sub(first.taken_ticks)).max(1e-9);
     let shape = Shape::of(directory);
     let mut volumes = Vec::new();
@@ -159,25 +199,7 @@ pub fn interval(directory: &Directory, samples: &[Snapshot], all: bool) -> Inter
                         op_index,
                         stage_index,
                     );
-                    let quantile = |q: f64| ns(histogram.value_at_quantile(q));
-                    StageReport {
-                        stage: stage.clone(),
-                        count: histogram.len(),
-                        mean_ns: if histogram.is_empty() {
-                            0.0
-                        } else {
-                            ns(1) * histogram.mean()
-                        },
-                        p50_ns: quantile(0.5),
-                        p90_ns: quantile(0.9),
-                        p99_ns: quantile(0.99),
-                        p999_ns: quantile(0.999),
-                        max_ns: if histogram.is_empty() {
-                            0.0
-                        } else {
-                            ns(histogram.max())
-                        },
-                    }
+                    StageReport::from_histogram(stage, &histogram, directory.tsc_hz)
                 })
                 .collect();
             volumes.push(VolumeOpReport {
