@@ -233,3 +233,65 @@ fn bench_refuses_bad_arguments_before_any_io() {
         assert!(error.contains(expect), "{args:?}: {error}");
     }
 }
+
+#[test]
+fn verify_finds_what_was_written_in_every_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let targets: [(&str, &[&str]); 3] = [
+        ("mem ram inline", &["--media", "ram", "--mode", "inline"]),
+        ("mem file thread", &["--media", "file", "--mode", "thread"]),
+        ("uring file", &["--driver", "uring"]),
+    ];
+    for (name, target) in targets {
+        for rw in [
+            "read",
+            "write",
+            "randread",
+            "randwrite",
+            "readwrite",
+            "randrw",
+        ] {
+            let file = dir
+                .path()
+                .join(format!("{}-{rw}.img", name.replace(' ', "-")));
+            let mut command = Command::new(BENCH);
+            command
+                .args(target)
+                .args([
+                    "--verify",
+                    "--rw",
+                    rw,
+                    "--bs",
+                    "8k",
+                    "--iodepth",
+                    "16",
+                    "--size",
+                    "4M",
+                    "--json",
+                    "--filename",
+                ])
+                .arg(&file);
+            if let Some(flag) = hugepages_flag() {
+                command.arg(flag);
+            }
+            let output = command.output().unwrap();
+            assert!(
+                output.status.success(),
+                "{name} {rw}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+            assert_eq!(report["mismatches"], 0, "{name} {rw}: {report}");
+            assert_eq!(
+                report["verify"][0]["blocks_written"], 512,
+                "{name} {rw}: every 8 KiB block of 4 MiB"
+            );
+            assert_eq!(report["verify"][0]["blocks_read"], 512, "{name} {rw}");
+        }
+    }
+    let error = run_failing(&[BENCH, "--verify", "--media", "null"]);
+    assert!(
+        error.contains("--verify needs media that store data"),
+        "{error}"
+    );
+}

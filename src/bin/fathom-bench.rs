@@ -5,7 +5,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use fathom::stat::{duration, quantity};
-use fathom::workload::{Pattern, WorkloadResult, WorkloadSpec, WorkloadTask};
+use fathom::workload::{
+    Pattern, VerifyResult, VerifyTask, WorkloadResult, WorkloadSpec, WorkloadTask,
+};
 use fathom_engine::config::{ByteSize, Config};
 use fathom_engine::Engine;
 use fathom_telemetry::region::{RegionReader, Snapshot};
@@ -75,6 +77,10 @@ struct Args {
     /// Reactor cores to run on (one workload per core), as fio's numjobs.
     #[arg(long, alias = "numjobs", default_value_t = 1)]
     cores: usize,
+    /// Write every block of --size once (in --rw's order), then read every block back and
+    /// check its contents; --runtime does not apply. Needs media that store data.
+    #[arg(long)]
+    verify: bool,
     /// Percent of reads in a mixed pattern (readwrite, randrw), as fio's rwmixread.
     #[arg(long, default_value_t = 50)]
     rwmixread: u32,
@@ -106,8 +112,14 @@ fn parse_size(text: &str) -> Result<u64, String> {
     text.parse::<ByteSize>().map(|size| size.0)
 }
 
-fn main() -> Result<()> {
-    let mut args = Args::parse();
+fn main() {
+    if let Err(error) = run(Args::parse()) {
+        eprintln!("fathom-bench: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(mut args: Args) -> Result<()> {
     // As fio does, a relative --filename is relative to where the command runs.
     if let Some(path) = &args.filename {
         args.filename = Some(
@@ -151,9 +163,15 @@ fn main() -> Result<()> {
     if args.rwmixread > 100 {
         bail!("--rwmixread {} is a percentage: 0 to 100", args.rwmixread);
     }
+    if args.verify && matches!((args.driver, args.media), (Driver::Mem, Media::Null)) {
+        bail!("--verify needs media that store data: --media ram or file (null stores nothing)");
+    }
     let config =
         Config::parse(&bench_config(&args)).context("building the benchmark configuration")?;
     let engine = Engine::start(&config).context("starting the engine")?;
+    if args.verify {
+        return verify(&args, &engine, &config);
+    }
     let (tx, rx) = crossbeam_channel::unbounded();
     for reactor in 0..args.cores {
         let spec = WorkloadSpec {
@@ -206,6 +224,69 @@ fn main() -> Result<()> {
         let _ = std::fs::remove_file(config.region_path());
     }
     report(&args, &results, stats.as_ref())
+}
+
+/// The --verify run: every core writes its span once, reads it back, compares.
+fn verify(args: &Args, engine: &Engine, config: &Config) -> Result<()> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for reactor in 0..args.cores {
+        let spec = WorkloadSpec {
+            volume: engine.volumes()[reactor].id,
+            pattern: args.rw,
+            block_size: args.bs,
+            iodepth: args.iodepth,
+            span_bytes: args.size,
+            runtime: Duration::ZERO,
+            ramp: Duration::ZERO,
+            seed: reactor as u64 + 1,
+            read_percent: args.rwmixread,
+        };
+        engine.spawn(
+            reactor,
+            Box::new(
+                VerifyTask::new(&spec, engine.dma(), tx.clone())
+                    .context("allocating IO buffers")?,
+            ),
+        )?;
+    }
+    let mut results: Vec<VerifyResult> = Vec::new();
+    for _ in 0..args.cores {
+        results.push(
+            rx.recv_timeout(Duration::from_secs(3600))
+                .context("a verify pass did not finish within an hour")?,
+        );
+    }
+    engine.shutdown().context("shutting the engine down")?;
+    if config.telemetry.enabled {
+        let _ = std::fs::remove_file(config.region_path());
+    }
+    let mismatches: u64 = results.iter().map(|r| r.mismatches).sum();
+    let errors: u64 = results.iter().map(|r| r.errors).sum();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "verify": results, "mismatches": mismatches, "errors": errors })
+            )?
+        );
+    } else {
+        for result in &results {
+            println!(
+                "verify core {}: wrote {} blocks of {} B, read {} back: {} mismatches, {} IO errors{}",
+                result.core,
+                result.blocks_written,
+                args.bs,
+                result.blocks_read,
+                result.mismatches,
+                result.errors,
+                if result.first_mismatches.is_empty() { String::new() } else { format!(" (first at offsets {:?})", result.first_mismatches) }
+            );
+        }
+    }
+    if mismatches + errors > 0 {
+        bail!("verify failed: {mismatches} blocks read back differently from what was written, {errors} IO errors");
+    }
+    Ok(())
 }
 
 /// Per op (and for all ops together, under "all"): IOs, bytes and the stage reports.
