@@ -130,14 +130,14 @@ fn run(mut args: Args) -> Result<()> {
     if args.iodepth == 0 {
         bail!("--iodepth 0: at least one IO must be in flight");
     }
-    if args.bs == 0 || args.bs % args.sector as u64 != 0 {
+    if args.bs == 0 || !args.bs.is_multiple_of(args.sector as u64) {
         bail!(
             "--bs {} is not a multiple of the {}-byte sector",
             args.bs,
             args.sector
         );
     }
-    if args.size < args.bs || args.size % args.bs != 0 {
+    if args.size < args.bs || !args.size.is_multiple_of(args.bs) {
         bail!(
             "--size {} must be a non-zero multiple of --bs {}",
             args.size,
