@@ -32,6 +32,10 @@ use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume};
 pub const INBOUND_BATCH: usize = 64;
 /// Completions reaped per queue per loop iteration.
 pub const REAP_BATCH: usize = 64;
+/// An adaptive reactor with IO in flight and nothing else to do spins this long, then waits in
+/// the kernel for a completion (where the device's queue can wait), at most this long.
+const DEVICE_WAIT_SPIN: Duration = Duration::from_micros(20);
+const DEVICE_WAIT_TIMEOUT: Duration = Duration::from_millis(1);
 
 /// Work that runs on a reactor's own thread: a workload generator (as SPDK's perf), later a
 /// front end's connection poller. It submits through the [`IoContext`] it is handed, and its
@@ -285,6 +289,19 @@ impl IoContext {
     fn outstanding(&self) -> usize {
         self.queues.iter().map(|queue| queue.outstanding()).sum()
     }
+
+    /// Waits up to `timeout` for a completion when exactly one queue has IO in flight and it
+    /// can wait; false when the reactor must keep polling.
+    fn wait_for_completion(&mut self, timeout: Duration) -> bool {
+        let mut busy = self
+            .queues
+            .iter_mut()
+            .filter(|queue| queue.outstanding() > 0);
+        match (busy.next(), busy.next()) {
+            (Some(queue), None) => queue.wait(timeout),
+            _ => false,
+        }
+    }
 }
 
 pub(crate) struct Reactor {
@@ -341,17 +358,21 @@ impl Reactor {
             if stopping {
                 break;
             }
-            if work > 0
-                || self.io.in_flight() > 0
-                || !self.backlog.is_empty()
-                || !self.tasks.is_empty()
-            {
+            if work > 0 || !self.backlog.is_empty() {
                 idle_since = None;
                 continue;
             }
             if self.poll == PollMode::Adaptive {
                 let since = *idle_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= self.idle_spin {
+                if self.io.in_flight() > 0 {
+                    // Only waiting for a device: where it can, wait in the kernel rather than
+                    // spin, leaving the core to the kernel's completion work.
+                    if since.elapsed() >= DEVICE_WAIT_SPIN
+                        && self.io.wait_for_completion(DEVICE_WAIT_TIMEOUT)
+                    {
+                        idle_since = None;
+                    }
+                } else if self.tasks.is_empty() && since.elapsed() >= self.idle_spin {
                     self.park();
                     idle_since = None;
                 }

@@ -29,6 +29,12 @@ enum Media {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PollArg {
+    Busy,
+    Adaptive,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Switch {
     On,
     Off,
@@ -81,6 +87,10 @@ struct Args {
     /// check its contents; --runtime does not apply. Needs media that store data.
     #[arg(long)]
     verify: bool,
+    /// busy: reactors poll without pause (as SPDK's perf); adaptive: a reactor waiting only on
+    /// a device that can notify (uring) sleeps in the kernel until a completion arrives.
+    #[arg(long, value_enum, default_value = "busy")]
+    poll: PollArg,
     /// Percent of reads in a mixed pattern (readwrite, randrw), as fio's rwmixread.
     #[arg(long, default_value_t = 50)]
     rwmixread: u32,
@@ -366,12 +376,13 @@ fn bench_config(args: &Args) -> String {
     let mut text = format!(
         "[node]\nid = \"bench\"\ndata_dir = {data_dir:?}\n\
          [dma]\nsize = \"{dma}MiB\"\nhugepages = {hugepages}\n\
-         [reactor]\ncores = [{cores}]\npoll = \"busy\"\nqueue_depth = {depth}\n\
+         [reactor]\ncores = [{cores}]\npoll = \"{poll}\"\nqueue_depth = {depth}\n\
          [telemetry]\nenabled = {telemetry}\nregion = {region:?}\nmetrics = \"\"\n\
          [[device]]\nname = \"nvme0\"\n{device}{path}\
          size = {size}\nblock_size = {sector}\n",
         hugepages = !args.no_hugepages,
         telemetry = args.telemetry == Switch::On,
+        poll = format!("{:?}", args.poll).to_lowercase(),
         region = format!("/dev/shm/fathom-bench-{}", std::process::id()),
         cores = cores.join(", "),
         depth = args.iodepth.clamp(1, 4095),
@@ -442,7 +453,8 @@ fn report(args: &Args, results: &[WorkloadResult], stats: Option<&Vec<OpStats>>)
             "driver": format!("{:?}", args.driver).to_lowercase(),
             "media": format!("{:?}", args.media).to_lowercase(),
             "mode": format!("{:?}", args.mode).to_lowercase(),
-            "telemetry": args.telemetry == Switch::On,
+                        "telemetry": args.telemetry == Switch::On,
+            "poll": format!("{:?}", args.poll).to_lowercase(),
             "rw": args.rw, "bs": args.bs, "iodepth": args.iodepth, "cores": results.len(),
             "runtime_s": elapsed_s,
             "ios": ios, "errors": errors,

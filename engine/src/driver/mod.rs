@@ -119,4 +119,9 @@ pub trait IoQueue: Send {
     fn outstanding(&self) -> usize;
     /// Commands that can be in flight at once.
     fn capacity(&self) -> usize;
+    /// Blocks up to `timeout` until a completion can be reaped, for queues whose device can
+    /// notify (io_uring); returns false, at once, for queues that must be polled.
+    fn wait(&mut self, _timeout: std::time::Duration) -> bool {
+        false
+    }
 }

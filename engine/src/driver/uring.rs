@@ -219,6 +219,9 @@ impl UringDriver {
         let name = &self.info.name;
         let entries = (depth as u32).next_power_of_two().max(2);
         let mut builder = IoUring::builder();
+        // A reactor spins in user space: have the kernel raise a flag when completions wait
+        // for task work, instead of interrupting the reactor for each (TWA_SIGNAL).
+        builder.setup_coop_taskrun().setup_taskrun_flag();
         if self.sqpoll {
             builder.setup_sqpoll(SQPOLL_IDLE_MS);
         }
@@ -407,6 +410,12 @@ impl IoQueue for UringQueue {
         if self.iopoll && self.outstanding > 0 {
             // Polled completions are only found when asked for.
             let _ = self.ring.submit_and_wait(0);
+        } else if self.outstanding > 0
+            && self.ring.completion().is_empty()
+            && self.ring.submission().taskrun()
+        {
+            // Completions are waiting for task work: one enter (with GETEVENTS) posts them.
+            let _ = self.ring.submit();
         }
         let mut reaped = 0;
         for cqe in self.ring.completion().take(out.len()) {
@@ -432,5 +441,17 @@ impl IoQueue for UringQueue {
 
     fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    fn wait(&mut self, timeout: std::time::Duration) -> bool {
+        if self.outstanding == 0 || !self.ring.completion().is_empty() {
+            return true;
+        }
+        let timespec = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&timespec);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => true,
+            Err(error) => matches!(error.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)),
+        }
     }
 }
