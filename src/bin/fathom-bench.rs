@@ -209,19 +209,29 @@ fn run(mut args: Args) -> Result<()> {
         false => None,
     };
     let clock = *engine.clock();
-    std::thread::sleep(Duration::from_secs_f64(args.ramp_time));
-    let measured_from = region.as_ref().map(|region| region.snapshot(clock.now()));
-    let deadline = Duration::from_secs_f64(args.runtime + 60.0);
+    let progress = Progress::new(&args, region.as_ref());
+    let ramp_end = std::time::Instant::now() + Duration::from_secs_f64(args.ramp_time);
+    let mut measured_from = None;
+    let deadline = ramp_end + Duration::from_secs_f64(args.runtime + 60.0);
     let mut results: Vec<WorkloadResult> = Vec::new();
-    for _ in 0..args.cores {
-        results.push(
-            rx.recv_timeout(deadline)
-                .context("a workload did not finish in time")?,
-        );
+    while results.len() < args.cores {
+        if measured_from.is_none() && std::time::Instant::now() >= ramp_end {
+            measured_from = region.as_ref().map(|region| region.snapshot(clock.now()));
+        }
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(result) => results.push(result),
+            Err(_) if std::time::Instant::now() > deadline => {
+                bail!("a workload did not finish in time")
+            }
+            Err(_) => progress.tick(region.as_ref()),
+        }
     }
+    progress.finish();
     // Counters are published every millisecond: wait for the last publication, and take the
     // snapshot before shutdown flushes the volumes.
     std::thread::sleep(Duration::from_millis(5));
+    let measured_from =
+        measured_from.or_else(|| region.as_ref().map(|region| region.snapshot(clock.now())));
     let stats = match (&region, &measured_from) {
         (Some(region), Some(from)) => {
             Some(interval_stats(region, from, &region.snapshot(clock.now())))
@@ -297,6 +307,65 @@ fn verify(args: &Args, engine: &Engine, config: &Config) -> Result<()> {
         bail!("verify failed: {mismatches} blocks read back differently from what was written, {errors} IO errors");
     }
     Ok(())
+}
+
+/// A progress bar over the run, with the live IOPS read from the benchmark's stats region.
+struct Progress {
+    bar: indicatif::ProgressBar,
+    started: std::time::Instant,
+    last: std::cell::Cell<(u64, std::time::Instant)>,
+}
+
+impl Progress {
+    fn new(args: &Args, region: Option<&RegionReader>) -> Self {
+        let total_ms = ((args.runtime + args.ramp_time) * 1000.0) as u64;
+        let bar = if args.json {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(total_ms)
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{bar:40}] {elapsed}/{duration} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        let ios = region.map(completed_ios).unwrap_or(0);
+        Self {
+            bar,
+            started: std::time::Instant::now(),
+            last: std::cell::Cell::new((ios, std::time::Instant::now())),
+        }
+    }
+
+    fn tick(&self, region: Option<&RegionReader>) {
+        self.bar
+            .set_position(self.started.elapsed().as_millis() as u64);
+        if let Some(region) = region {
+            let (before, at) = self.last.get();
+            let now = completed_ios(region);
+            let seconds = at.elapsed().as_secs_f64().max(1e-3);
+            self.bar.set_message(format!(
+                "{} IOPS",
+                quantity(now.saturating_sub(before) as f64 / seconds)
+            ));
+            self.last.set((now, std::time::Instant::now()));
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// IOs completed so far on every volume, from the region's counters.
+fn completed_ios(region: &RegionReader) -> u64 {
+    let directory = region.directory();
+    let snapshot = region.snapshot(0);
+    (0..directory.volumes.len() * directory.ops.len())
+        .map(|at| snapshot.volume_counters[at * 3] + snapshot.volume_counters[at * 3 + 2])
+        .sum()
 }
 
 /// Per op (and for all ops together, under "all"): IOs, bytes and the stage reports.
