@@ -295,3 +295,51 @@ fn verify_finds_what_was_written_in_every_mode() {
         "{error}"
     );
 }
+
+#[test]
+fn bench_plots_the_latency_distribution_of_every_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("latency.svg");
+    let mut command = Command::new(BENCH);
+    command
+        .args([
+            "--media",
+            "ram",
+            "--mode",
+            "thread",
+            "--runtime",
+            "0.5",
+            "--ramp_time",
+            "0",
+            "--plot",
+        ])
+        .arg(&svg);
+    if let Some(flag) = hugepages_flag() {
+        command.arg(flag);
+    }
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"));
+    assert_eq!(text.matches("<polyline").count(), 5, "one curve per stage");
+    for stage in ["queue", "submit", "device", "complete", "total"] {
+        assert!(
+            text.contains(&format!("<title>{stage}</title>")),
+            "{stage} curve"
+        );
+    }
+    let error = run_failing(&[
+        BENCH,
+        "--runtime",
+        "0.2",
+        "--telemetry",
+        "off",
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(error.contains("--plot needs telemetry"), "{error}");
+}

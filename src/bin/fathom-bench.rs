@@ -87,6 +87,9 @@ struct Args {
     /// check its contents; --runtime does not apply. Needs media that store data.
     #[arg(long)]
     verify: bool,
+    /// Also draw the latency distribution of every stage (percentile curves) as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<std::path::PathBuf>,
     /// busy: reactors poll without pause (as SPDK's perf); adaptive: a reactor waiting only on
     /// a device that can notify (uring) sleeps in the kernel until a completion arrives.
     #[arg(long, value_enum, default_value = "busy")]
@@ -243,6 +246,23 @@ fn run(mut args: Args) -> Result<()> {
         // The benchmark's stats region is its own; a node's stays for readers after it stops.
         let _ = std::fs::remove_file(config.region_path());
     }
+    if let Some(path) = &args.plot {
+        let Some(op) = stats.as_ref().and_then(|stats| stats.last()) else {
+            bail!("--plot needs telemetry (--telemetry on): the latencies come from it");
+        };
+        let curves: Vec<fathom::plot::Curve> = op
+            .histograms
+            .iter()
+            .map(|(label, histogram)| fathom::plot::Curve { label, histogram })
+            .collect();
+        let title = format!(
+            "fathom-bench {:?} bs={} iodepth={} ({:?}, {} ops)",
+            args.rw, args.bs, args.iodepth, args.driver, op.op
+        )
+        .to_lowercase();
+        std::fs::write(path, fathom::plot::percentile_svg(&title, &curves, op.hz))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     report(&args, &results, stats.as_ref())
 }
 
@@ -374,6 +394,9 @@ struct OpStats {
     ios: u64,
     bytes: u64,
     stages: Vec<StageReport>,
+    /// The stage histograms (in ticks of the region's clock), for --plot.
+    histograms: Vec<(String, hdrhistogram::Histogram<u64>)>,
+    hz: u64,
 }
 
 fn interval_stats(region: &RegionReader, from: &Snapshot, to: &Snapshot) -> Vec<OpStats> {
@@ -388,39 +411,54 @@ fn interval_stats(region: &RegionReader, from: &Snapshot, to: &Snapshot) -> Vec<
             })
             .sum()
     };
-    let stages = |ops: &[usize]| -> Vec<StageReport> {
+    let histograms = |ops: &[usize]| -> Vec<(String, hdrhistogram::Histogram<u64>)> {
         directory
             .stages
             .iter()
             .enumerate()
             .map(|(stage, name)| {
-                StageReport::from_histogram(
-                    name,
-                    &merged_histogram(directory, from, to, &volumes, ops, stage),
-                    directory.tsc_hz,
+                (
+                    name.clone(),
+                    merged_histogram(directory, from, to, &volumes, ops, stage),
                 )
             })
             .collect()
+    };
+    let op_stats = |op: String, ios: u64, bytes: u64, ops: &[usize]| {
+        let histograms = histograms(ops);
+        let stages = histograms
+            .iter()
+            .map(|(name, histogram)| StageReport::from_histogram(name, histogram, directory.tsc_hz))
+            .collect();
+        OpStats {
+            op,
+            ios,
+            bytes,
+            stages,
+            histograms,
+            hz: directory.tsc_hz,
+        }
     };
     let active: Vec<usize> = (0..directory.ops.len())
         .filter(|&op| counter(op, 0) + counter(op, 2) > 0)
         .collect();
     let mut out: Vec<OpStats> = active
         .iter()
-        .map(|&op| OpStats {
-            op: directory.ops[op].clone(),
-            ios: counter(op, 0),
-            bytes: counter(op, 1),
-            stages: stages(&[op]),
+        .map(|&op| {
+            op_stats(
+                directory.ops[op].clone(),
+                counter(op, 0),
+                counter(op, 1),
+                &[op],
+            )
         })
         .collect();
     if active.len() > 1 {
-        out.push(OpStats {
-            op: "all".into(),
-            ios: active.iter().map(|&op| counter(op, 0)).sum(),
-            bytes: active.iter().map(|&op| counter(op, 1)).sum(),
-            stages: stages(&active),
-        });
+        let (ios, bytes) = (
+            active.iter().map(|&op| counter(op, 0)).sum(),
+            active.iter().map(|&op| counter(op, 1)).sum(),
+        );
+        out.push(op_stats("all".into(), ios, bytes, &active));
     }
     out
 }
