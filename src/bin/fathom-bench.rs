@@ -187,17 +187,7 @@ fn run(mut args: Args) -> Result<()> {
     }
     let (tx, rx) = crossbeam_channel::unbounded();
     for reactor in 0..args.cores {
-        let spec = WorkloadSpec {
-            volume: engine.volumes()[reactor].id,
-            pattern: args.rw,
-            block_size: args.bs,
-            iodepth: args.iodepth,
-            span_bytes: args.size,
-            runtime: Duration::from_secs_f64(args.runtime),
-            ramp: Duration::from_secs_f64(args.ramp_time),
-            seed: reactor as u64 + 1,
-            read_percent: args.rwmixread,
-        };
+        let spec = workload_spec(&args, &engine, reactor);
         let task = WorkloadTask::new(spec, engine.dma(), *engine.clock(), tx.clone())
             .context("allocating IO buffers")?;
         engine.spawn(reactor, Box::new(task))?;
@@ -266,21 +256,26 @@ fn run(mut args: Args) -> Result<()> {
     report(&args, &results, stats.as_ref())
 }
 
+/// The workload of reactor `reactor`: its own volume, the arguments' shape.
+fn workload_spec(args: &Args, engine: &Engine, reactor: usize) -> WorkloadSpec {
+    WorkloadSpec {
+        volume: engine.volumes()[reactor].id,
+        pattern: args.rw,
+        block_size: args.bs,
+        iodepth: args.iodepth,
+        span_bytes: args.size,
+        runtime: Duration::from_secs_f64(args.runtime),
+        ramp: Duration::from_secs_f64(args.ramp_time),
+        seed: reactor as u64 + 1,
+        read_percent: args.rwmixread,
+    }
+}
+
 /// The --verify run: every core writes its span once, reads it back, compares.
 fn verify(args: &Args, engine: &Engine, config: &Config) -> Result<()> {
     let (tx, rx) = crossbeam_channel::unbounded();
     for reactor in 0..args.cores {
-        let spec = WorkloadSpec {
-            volume: engine.volumes()[reactor].id,
-            pattern: args.rw,
-            block_size: args.bs,
-            iodepth: args.iodepth,
-            span_bytes: args.size,
-            runtime: Duration::ZERO,
-            ramp: Duration::ZERO,
-            seed: reactor as u64 + 1,
-            read_percent: args.rwmixread,
-        };
+        let spec = workload_spec(args, engine, reactor);
         engine.spawn(
             reactor,
             Box::new(
