@@ -139,20 +139,31 @@ fn log_layout(engine: &Engine, config: &Config) {
         ),
     }
     for (info, device) in engine.devices().zip(&config.devices) {
-        let media = match device
-            .media
-            .unwrap_or(fathom_engine::config::MediaKind::File)
-        {
-            fathom_engine::config::MediaKind::File => {
-                let path = config.node.data_dir.join(
-                    device
-                        .path
-                        .clone()
-                        .unwrap_or_else(|| format!("{}.img", device.name).into()),
-                );
-                format!("file {}", path.display())
+        let path = || {
+            let name = device
+                .path
+                .clone()
+                .unwrap_or_else(|| format!("{}.img", device.name).into());
+            config.node.data_dir.join(name).display().to_string()
+        };
+        // What the device runs on, in the driver's own terms.
+        let backing = match (device.driver, device.media) {
+            (fathom_engine::config::DriverKind::Uring, _) => {
+                let polling = match (device.sqpoll, device.iopoll) {
+                    (false, false) => String::new(),
+                    (sqpoll, iopoll) => format!(", sqpoll {sqpoll}, iopoll {iopoll}"),
+                };
+                format!("io_uring O_DIRECT on {}{polling}", path())
             }
-            other => format!("{other:?}").to_lowercase(),
+            (_, Some(fathom_engine::config::MediaKind::File)) => {
+                format!("{:?} controller, file media {}", device.mode, path())
+            }
+            (_, Some(media)) => format!(
+                "{:?} controller, {} media",
+                device.mode,
+                format!("{media:?}").to_lowercase()
+            ),
+            (_, None) => format!("{:?} controller", device.mode),
         };
         let namespaces: Vec<String> = info
             .namespaces
@@ -160,10 +171,9 @@ fn log_layout(engine: &Engine, config: &Config) {
             .map(|ns| format!("ns{} {} x {} B", ns.nsid, ns.blocks, ns.block_size))
             .collect();
         tracing::info!(
-            "device {}: driver {} ({:?}), media {media}, model {:?} serial {:?}, {}, max transfer {} KiB, {} injection rules",
+            "device {}: driver {}, {backing}, model {:?} serial {:?}, {}, max transfer {} KiB, {} injection rules",
             info.name,
             info.driver,
-            device.mode,
             info.model,
             info.serial,
             namespaces.join(", "),
