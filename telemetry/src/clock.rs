@@ -47,10 +47,15 @@ impl Clock {
     /// The TSC, calibrated against the monotonic clock over `calibration` (20 ms is plenty:
     /// the error is the jitter of two `clock_gettime` calls over the interval).
     pub fn tsc(calibration: Duration) -> Result<Self, ClockError> {
-        if !invariant_tsc() {
+        Self::tsc_checked(invariant_tsc(), || calibrate_tsc(calibration))
+    }
+
+    /// The TSC clock's checks, given what the CPU reports and a calibration to run.
+    fn tsc_checked(invariant: bool, calibrate: impl FnOnce() -> u64) -> Result<Self, ClockError> {
+        if !invariant {
             return Err(ClockError::NoInvariantTsc);
         }
-        let hz = calibrate_tsc(calibration);
+        let hz = calibrate();
         // Anything outside 100 MHz..20 GHz means the measurement itself went wrong.
         if !(100_000_000..=20_000_000_000).contains(&hz) {
             return Err(ClockError::ImplausibleFrequency { measured_hz: hz });
@@ -186,6 +191,28 @@ mod tests {
             error < 0.05,
             "clock {measured_ns} ns vs wall {wall_ns} ns ({:?})",
             clock.source()
+        );
+    }
+
+    #[test]
+    fn a_cpu_without_an_invariant_tsc_is_refused_with_the_way_out() {
+        let error = Clock::tsc_checked(false, || {
+            unreachable!("no calibration without an invariant TSC")
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("invariant TSC") && error.contains("telemetry.clock = \"monotonic\""),
+            "{error}"
+        );
+        let error = Clock::tsc_checked(true, || 12_345).unwrap_err().to_string();
+        assert!(
+            error.contains("12345 Hz") && error.contains("monotonic"),
+            "{error}"
+        );
+        assert_eq!(
+            Clock::tsc_checked(true, || 2_445_000_000).unwrap().hz(),
+            2_445_000_000
         );
     }
 
