@@ -800,6 +800,27 @@ mod tests {
     }
 
     #[test]
+    fn every_example_config_is_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path
+                .extension()
+                .is_some_and(|extension| extension == "toml")
+            {
+                Config::load(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+                checked += 1;
+            }
+        }
+        assert!(
+            checked >= 2,
+            "found {checked} example configs in {}",
+            dir.display()
+        );
+    }
+
+    #[test]
     fn sizes_durations_and_latencies_parse() {
         assert_eq!("4k".parse::<ByteSize>().unwrap().0, 4096);
         assert_eq!("64MiB".parse::<ByteSize>().unwrap().0, 64 << 20);
