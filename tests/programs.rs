@@ -345,3 +345,85 @@ fn bench_plots_the_latency_distribution_of_every_stage() {
     ]);
     assert!(error.contains("--plot needs telemetry"), "{error}");
 }
+
+/// A loop block device over a temporary file, detached when dropped.
+struct LoopDevice {
+    path: String,
+}
+
+impl LoopDevice {
+    fn new(backing: &std::path::Path, bytes: u64) -> Self {
+        std::fs::File::create(backing)
+            .unwrap()
+            .set_len(bytes)
+            .unwrap();
+        let output = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(backing)
+            .output()
+            .expect("losetup (util-linux)");
+        assert!(
+            output.status.success(),
+            "losetup needs root and the loop driver: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Self {
+            path: String::from_utf8(output.stdout).unwrap().trim().to_string(),
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.path]).status();
+    }
+}
+
+#[test]
+fn bench_on_a_block_device_verifies_and_refuses_a_size_beyond_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = LoopDevice::new(&dir.path().join("backing.img"), 8 << 20);
+    let error = run_failing(&[
+        BENCH,
+        "--driver",
+        "uring",
+        "--filename",
+        &device.path,
+        "--size",
+        "16M",
+        "--runtime",
+        "0.2",
+    ]);
+    assert!(
+        error.contains("holds 8388608 bytes, less than device.size 16777216"),
+        "{error}"
+    );
+    let mut command = Command::new(BENCH);
+    command.args([
+        "--driver",
+        "uring",
+        "--filename",
+        &device.path,
+        "--size",
+        "8M",
+        "--rw",
+        "randrw",
+        "--verify",
+        "--json",
+    ]);
+    if let Some(flag) = hugepages_flag() {
+        command.arg(flag);
+    }
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["mismatches"], 0, "{report}");
+    assert_eq!(
+        report["verify"][0]["blocks_read"], 2048,
+        "every 4 KiB block of the 8 MiB device"
+    );
+}
