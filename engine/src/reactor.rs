@@ -12,7 +12,10 @@
 //! path allocates or takes a lock.
 //!
 //! In `adaptive` poll mode a reactor with nothing in flight and nothing to do parks after a
-//! short spin; submitters unpark it. `busy` mode never parks, as SPDK's reactors.
+//! short spin; submitters unpark it. One whose only work is IO in flight on a single queue that
+//! can notify (io_uring) waits in the kernel for a completion instead of spinning, leaving the
+//! core to the kernel's completion work; polled queues (mem, later VFIO) keep being polled.
+//! `busy` mode never parks or waits, as SPDK's reactors.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
