@@ -21,6 +21,24 @@ fn hugepages_flag() -> Option<&'static str> {
     })
 }
 
+/// Runs fathom-bench with `args` (on hugepages when reserved), fails the test with its stderr
+/// if it fails, and returns its JSON output.
+fn bench_json(what: &str, args: &[&str]) -> serde_json::Value {
+    let mut command = Command::new(BENCH);
+    command.args(args);
+    if let Some(flag) = hugepages_flag() {
+        command.arg(flag);
+    }
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|error| panic!("{what}: output is not JSON ({error})"))
+}
+
 fn write_config(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
     let path = dir.join("node.toml");
     std::fs::write(
@@ -173,8 +191,8 @@ fn bench_runs_every_media_and_mode_and_reports_json() {
         ("ram", "inline", "read"),
     ] {
         let file = dir.path().join("bench.img");
-        let mut command = Command::new(BENCH);
-        command.args([
+        let file = file.to_str().unwrap();
+        let args = [
             "--media",
             media,
             "--mode",
@@ -187,27 +205,18 @@ fn bench_runs_every_media_and_mode_and_reports_json() {
             "8",
             "--size",
             "8M",
+        ];
+        let mut args = args.to_vec();
+        args.extend([
+            "--runtime",
+            "0.3",
+            "--ramp_time",
+            "0",
+            "--json",
+            "--filename",
+            file,
         ]);
-        command
-            .args([
-                "--runtime",
-                "0.3",
-                "--ramp_time",
-                "0",
-                "--json",
-                "--filename",
-            ])
-            .arg(&file);
-        if let Some(flag) = hugepages_flag() {
-            command.arg(flag);
-        }
-        let output = command.output().unwrap();
-        assert!(
-            output.status.success(),
-            "{media}/{mode}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let report = bench_json(&format!("{media}/{mode}"), &args);
         assert!(report["iops"].as_f64().unwrap() > 0.0, "{report}");
         assert_eq!(report["errors"], 0, "{report}");
         assert_eq!(
@@ -256,33 +265,22 @@ fn verify_finds_what_was_written_in_every_mode() {
             let file = dir
                 .path()
                 .join(format!("{}-{rw}.img", name.replace(' ', "-")));
-            let mut command = Command::new(BENCH);
-            command
-                .args(target)
-                .args([
-                    "--verify",
-                    "--rw",
-                    rw,
-                    "--bs",
-                    "8k",
-                    "--iodepth",
-                    "16",
-                    "--size",
-                    "4M",
-                    "--json",
-                    "--filename",
-                ])
-                .arg(&file);
-            if let Some(flag) = hugepages_flag() {
-                command.arg(flag);
-            }
-            let output = command.output().unwrap();
-            assert!(
-                output.status.success(),
-                "{name} {rw}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+            let mut args = target.to_vec();
+            args.extend([
+                "--verify",
+                "--rw",
+                rw,
+                "--bs",
+                "8k",
+                "--iodepth",
+                "16",
+                "--size",
+                "4M",
+                "--json",
+                "--filename",
+            ]);
+            args.push(file.to_str().unwrap());
+            let report = bench_json(&format!("{name} {rw}"), &args);
             assert_eq!(report["mismatches"], 0, "{name} {rw}: {report}");
             assert_eq!(
                 report["verify"][0]["blocks_written"], 512,
@@ -302,9 +300,10 @@ fn verify_finds_what_was_written_in_every_mode() {
 fn bench_plots_the_latency_distribution_of_every_stage() {
     let dir = tempfile::tempdir().unwrap();
     let svg = dir.path().join("latency.svg");
-    let mut command = Command::new(BENCH);
-    command
-        .args([
+    let svg_path = svg.to_str().unwrap();
+    bench_json(
+        "--plot",
+        &[
             "--media",
             "ram",
             "--mode",
@@ -313,17 +312,10 @@ fn bench_plots_the_latency_distribution_of_every_stage() {
             "0.5",
             "--ramp_time",
             "0",
+            "--json",
             "--plot",
-        ])
-        .arg(&svg);
-    if let Some(flag) = hugepages_flag() {
-        command.arg(flag);
-    }
-    let output = command.output().unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+            svg_path,
+        ],
     );
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"));
@@ -398,8 +390,7 @@ fn bench_on_a_block_device_verifies_and_refuses_a_size_beyond_it() {
         error.contains("holds 8388608 bytes, less than device.size 16777216"),
         "{error}"
     );
-    let mut command = Command::new(BENCH);
-    command.args([
+    let args = [
         "--driver",
         "uring",
         "--filename",
@@ -410,17 +401,8 @@ fn bench_on_a_block_device_verifies_and_refuses_a_size_beyond_it() {
         "randrw",
         "--verify",
         "--json",
-    ]);
-    if let Some(flag) = hugepages_flag() {
-        command.arg(flag);
-    }
-    let output = command.output().unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    ];
+    let report = bench_json("verify on the block device", &args);
     assert_eq!(report["mismatches"], 0, "{report}");
     assert_eq!(
         report["verify"][0]["blocks_read"], 2048,
