@@ -10,7 +10,7 @@ use fathom::workload::{
 };
 use fathom_engine::config::{ByteSize, Config};
 use fathom_engine::Engine;
-use fathom_telemetry::region::{RegionReader, Snapshot};
+use fathom_telemetry::region::{RegionReader, Snapshot, VolumeCounters};
 use fathom_telemetry::report::{merged_histogram, StageReport};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -378,8 +378,13 @@ impl Progress {
 fn completed_ios(region: &RegionReader) -> u64 {
     let directory = region.directory();
     let snapshot = region.snapshot(0);
-    (0..directory.volumes.len() * directory.ops.len())
-        .map(|at| snapshot.volume_counters[at * 3] + snapshot.volume_counters[at * 3 + 2])
+    let ops = directory.ops.len();
+    (0..directory.volumes.len())
+        .flat_map(|volume| (0..ops).map(move |op| (volume, op)))
+        .map(|(volume, op)| {
+            let counters = snapshot.volume(volume, op);
+            counters.ios + counters.errors
+        })
         .sum()
 }
 
@@ -397,12 +402,12 @@ struct OpStats {
 fn interval_stats(region: &RegionReader, from: &Snapshot, to: &Snapshot) -> Vec<OpStats> {
     let directory = region.directory();
     let volumes: Vec<usize> = (0..directory.volumes.len()).collect();
-    let counter = |op: usize, word: usize| -> u64 {
+    // One of a volume's counters (IOs, bytes, errors), summed over the volumes, over the interval.
+    let counter = |op: usize, field: fn(VolumeCounters) -> u64| -> u64 {
         volumes
             .iter()
-            .map(|volume| {
-                let at = (volume * directory.ops.len() + op) * 3 + word;
-                to.volume_counters[at].saturating_sub(from.volume_counters[at])
+            .map(|&volume| {
+                field(to.volume(volume, op)).saturating_sub(field(from.volume(volume, op)))
             })
             .sum()
     };
@@ -435,23 +440,23 @@ fn interval_stats(region: &RegionReader, from: &Snapshot, to: &Snapshot) -> Vec<
         }
     };
     let active: Vec<usize> = (0..directory.ops.len())
-        .filter(|&op| counter(op, 0) + counter(op, 2) > 0)
+        .filter(|&op| counter(op, |c| c.ios) + counter(op, |c| c.errors) > 0)
         .collect();
     let mut out: Vec<OpStats> = active
         .iter()
         .map(|&op| {
             op_stats(
                 directory.ops[op].clone(),
-                counter(op, 0),
-                counter(op, 1),
+                counter(op, |c| c.ios),
+                counter(op, |c| c.bytes),
                 &[op],
             )
         })
         .collect();
     if active.len() > 1 {
         let (ios, bytes) = (
-            active.iter().map(|&op| counter(op, 0)).sum(),
-            active.iter().map(|&op| counter(op, 1)).sum(),
+            active.iter().map(|&op| counter(op, |c| c.ios)).sum(),
+            active.iter().map(|&op| counter(op, |c| c.bytes)).sum(),
         );
         out.push(op_stats("all".into(), ios, bytes, &active));
     }

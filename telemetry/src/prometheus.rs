@@ -14,13 +14,18 @@
 
 use std::fmt::Write;
 
-use crate::region::{Directory, Snapshot};
+use crate::region::{Directory, Snapshot, VolumeCounters};
 
 /// Bucket bounds of `fathom_io_stage_seconds`, in seconds.
 pub const BUCKETS_SECONDS: [f64; 22] = [
     1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
     5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// Picks one of a volume's counters.
+type VolumeField = fn(VolumeCounters) -> u64;
+/// Formats one queue metric from a snapshot, a queue index and the clock frequency.
+type QueueValue = fn(&Snapshot, usize, f64) -> String;
 
 fn escape(value: &str) -> String {
     value
@@ -35,14 +40,9 @@ pub fn render(directory: &Directory, snapshot: &Snapshot) -> String {
     let node = escape(&directory.node_id);
     let hz = directory.tsc_hz as f64;
     let layout = directory.histogram;
-    let (ops, stages, counts_len) = (
-        directory.ops.len(),
-        directory.stages.len(),
-        layout.counts_len(),
-    );
     let active = |volume: usize, op: usize| {
-        let at = (volume * ops + op) * 3;
-        snapshot.volume_counters[at] + snapshot.volume_counters[at + 2] > 0
+        let counters = snapshot.volume(volume, op);
+        counters.ios + counters.errors > 0
     };
 
     out += "# HELP fathom_io_stage_seconds Time IOs spent in each stage of the data path.\n";
@@ -53,8 +53,7 @@ pub fn render(directory: &Directory, snapshot: &Snapshot) -> String {
                 continue;
             }
             for (stage_index, stage) in directory.stages.iter().enumerate() {
-                let start = ((volume_index * ops + op_index) * stages + stage_index) * counts_len;
-                let counts = &snapshot.histograms[start..start + counts_len];
+                let counts = snapshot.histogram(volume_index, op_index, stage_index);
                 let labels = format!(
                     "node=\"{node}\",volume=\"{}\",op=\"{}\",stage=\"{}\"",
                     escape(&volume.name),
@@ -96,26 +95,31 @@ pub fn render(directory: &Directory, snapshot: &Snapshot) -> String {
         }
     }
 
-    for (word, name, help) in [
-        (0, "fathom_volume_ios_total", "IOs completed successfully."),
+    let volume_metrics: [(&str, &str, VolumeField); 3] = [
         (
-            1,
+            "fathom_volume_ios_total",
+            "IOs completed successfully.",
+            |c| c.ios,
+        ),
+        (
             "fathom_volume_bytes_total",
             "Bytes moved by successful IOs.",
+            |c| c.bytes,
         ),
         (
-            2,
             "fathom_volume_errors_total",
             "IOs that completed with an error.",
+            |c| c.errors,
         ),
-    ] {
+    ];
+    for (name, help, value) in volume_metrics {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
         for (volume_index, volume) in directory.volumes.iter().enumerate() {
             for (op_index, op) in directory.ops.iter().enumerate() {
                 if !active(volume_index, op_index) {
                     continue;
                 }
-                let value = snapshot.volume_counters[(volume_index * ops + op_index) * 3 + word];
+                let value = value(snapshot.volume(volume_index, op_index));
                 let _ = writeln!(
                     out,
                     "{name}{{node=\"{node}\",volume=\"{}\",op=\"{}\"}} {value}",
@@ -126,26 +130,26 @@ pub fn render(directory: &Directory, snapshot: &Snapshot) -> String {
         }
     }
 
-    for (word, name, help) in [
+    let queue_metrics: [(&str, &str, QueueValue); 3] = [
         (
-            0,
             "fathom_queue_busy_seconds_total",
             "Time the queue had commands outstanding (rate() is %util).",
+            |snapshot, queue, hz| format!("{:e}", snapshot.queue_busy_ticks(queue) as f64 / hz),
         ),
         (
-            2,
             "fathom_queue_submitted_total",
             "Commands submitted to the device queue.",
+            |snapshot, queue, _| snapshot.queue(queue).submitted.to_string(),
         ),
         (
-            3,
             "fathom_queue_completed_total",
             "Commands completed by the device queue.",
+            |snapshot, queue, _| snapshot.queue(queue).completed.to_string(),
         ),
-    ] {
+    ];
+    for (name, help, value) in queue_metrics {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
         for (index, queue) in directory.queues.iter().enumerate() {
-            let words = &snapshot.queue_counters[index * 4..index * 4 + 4];
             let core = directory
                 .cores
                 .get(queue.core_index as usize)
@@ -155,20 +159,7 @@ pub fn render(directory: &Directory, snapshot: &Snapshot) -> String {
                 "node=\"{node}\",device=\"{}\",core=\"{core}\"",
                 escape(&queue.device)
             );
-            if word == 0 {
-                let ongoing = if words[1] != 0 {
-                    snapshot.taken_ticks.saturating_sub(words[1])
-                } else {
-                    0
-                };
-                let _ = writeln!(
-                    out,
-                    "{name}{{{labels}}} {:e}",
-                    (words[0] + ongoing) as f64 / hz
-                );
-            } else {
-                let _ = writeln!(out, "{name}{{{labels}}} {}", words[word]);
-            }
+            let _ = writeln!(out, "{name}{{{labels}}} {}", value(snapshot, index, hz));
         }
     }
     let _ = writeln!(

@@ -650,6 +650,70 @@ pub struct Snapshot {
     pub volume_counters: Vec<u64>,
     /// Per queue: busy ticks, busy since, submitted, completed.
     pub queue_counters: Vec<u64>,
+    /// The directory's shape, to index the flat arrays above (see the accessors).
+    ops: usize,
+    stages: usize,
+    counts_len: usize,
+}
+
+/// One volume and op's counters in a snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VolumeCounters {
+    pub ios: u64,
+    pub bytes: u64,
+    pub errors: u64,
+}
+
+/// One queue's counters in a snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounters {
+    pub busy_ticks: u64,
+    /// Start of the current busy period, 0 when the queue was idle.
+    pub busy_since: u64,
+    pub submitted: u64,
+    pub completed: u64,
+}
+
+impl Snapshot {
+    /// The counters of the (volume, op, stage) histogram.
+    pub fn histogram(&self, volume: usize, op: usize, stage: usize) -> &[u64] {
+        let start = ((volume * self.ops + op) * self.stages + stage)
+            * (HIST_HEADER_WORDS + self.counts_len)
+            + HIST_HEADER_WORDS;
+        &self.histograms[start..start + self.counts_len]
+    }
+
+    pub fn volume(&self, volume: usize, op: usize) -> VolumeCounters {
+        let words = &self.volume_counters[(volume * self.ops + op) * VOLUME_COUNTER_WORDS..]
+            [..VOLUME_COUNTER_WORDS];
+        VolumeCounters {
+            ios: words[0],
+            bytes: words[1],
+            errors: words[2],
+        }
+    }
+
+    pub fn queue(&self, queue: usize) -> QueueCounters {
+        let words = &self.queue_counters[queue * QUEUE_COUNTER_WORDS..][..QUEUE_COUNTER_WORDS];
+        QueueCounters {
+            busy_ticks: words[0],
+            busy_since: words[1],
+            submitted: words[2],
+            completed: words[3],
+        }
+    }
+
+    /// A queue's busy time up to when the snapshot was taken, the ongoing busy period
+    /// included (the node publishes a period only when it ends).
+    pub fn queue_busy_ticks(&self, queue: usize) -> u64 {
+        let counters = self.queue(queue);
+        let ongoing = if counters.busy_since != 0 {
+            self.taken_ticks.saturating_sub(counters.busy_since)
+        } else {
+            0
+        };
+        counters.busy_ticks + ongoing
+    }
 }
 
 impl RegionReader {
@@ -753,6 +817,9 @@ impl RegionReader {
             histograms,
             volume_counters,
             queue_counters,
+            ops: directory.ops.len(),
+            stages: directory.stages.len(),
+            counts_len: directory.histogram.counts_len(),
         }
     }
 
@@ -1046,20 +1113,27 @@ mod tests {
         let snapshot = reader.snapshot(0);
         assert_eq!(snapshot.heartbeat, 1);
         assert_eq!(snapshot.state, WriterState::Running as u32);
-        let words = HIST_HEADER_WORDS + directory.histogram.counts_len();
-        let base = ((3 + 1) * 3 + 1) * words;
-        let histogram = &snapshot.histograms[base..base + words];
+        let histogram = snapshot.histogram(1, 1, 1);
         assert_eq!(histogram.iter().sum::<u64>(), 4);
+        assert_eq!(histogram[directory.histogram.index_of(250_000)], 1);
+        assert_eq!(histogram[directory.histogram.index_of(200_000)], 3);
         assert_eq!(
-            histogram[HIST_HEADER_WORDS + directory.histogram.index_of(250_000)],
-            1
+            snapshot.volume(1, 1),
+            VolumeCounters {
+                ios: 1,
+                bytes: 4096,
+                errors: 1
+            }
         );
         assert_eq!(
-            histogram[HIST_HEADER_WORDS + directory.histogram.index_of(200_000)],
-            3
+            snapshot.queue(1),
+            QueueCounters {
+                busy_ticks: 500,
+                busy_since: 0,
+                submitted: 9,
+                completed: 8
+            }
         );
-        assert_eq!(&snapshot.volume_counters[(3 + 1) * 3..][..3], &[1, 4096, 1]);
-        assert_eq!(&snapshot.queue_counters[4..8], &[500, 0, 9, 8]);
         region.mark_stopped();
         assert_eq!(reader.snapshot(0).state, WriterState::Stopped as u32);
     }

@@ -9,7 +9,7 @@
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::region::{Directory, Snapshot};
+use crate::region::{Directory, Snapshot, VolumeCounters};
 
 /// Latency of one stage over an interval, in nanoseconds.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -61,32 +61,6 @@ pub struct IntervalReport {
     pub queues: Vec<QueueReport>,
 }
 
-/// Index helpers over a directory's flat arrays.
-struct Shape {
-    ops: usize,
-    stages: usize,
-    counts_len: usize,
-}
-
-impl Shape {
-    fn of(directory: &Directory) -> Self {
-        Self {
-            ops: directory.ops.len(),
-            stages: directory.stages.len(),
-            counts_len: directory.histogram.counts_len(),
-        }
-    }
-
-    fn histogram(&self, volume: usize, op: usize, stage: usize) -> std::ops::Range<usize> {
-        let start = ((volume * self.ops + op) * self.stages + stage) * self.counts_len;
-        start..start + self.counts_len
-    }
-
-    fn counters(&self, volume: usize, op: usize) -> usize {
-        (volume * self.ops + op) * 3
-    }
-}
-
 /// The histogram of one (volume, op, stage) between two snapshots, in ticks.
 pub fn delta_histogram(
     directory: &Directory,
@@ -96,17 +70,15 @@ pub fn delta_histogram(
     op: usize,
     stage: usize,
 ) -> Histogram<u64> {
-    let shape = Shape::of(directory);
     let layout = directory.histogram;
     let mut histogram =
         Histogram::<u64>::new_with_bounds(1, layout.highest(), layout.significant_figures())
             .expect("the region's layout is valid for hdrhistogram");
-    let range = shape.histogram(volume, op, stage);
-    for (index, (&after, &before)) in to.histograms[range.clone()]
-        .iter()
-        .zip(&from.histograms[range])
-        .enumerate()
-    {
+    let (after, before) = (
+        to.histogram(volume, op, stage),
+        from.histogram(volume, op, stage),
+    );
+    for (index, (&after, &before)) in after.iter().zip(before).enumerate() {
         let delta = after.saturating_sub(before);
         if delta > 0 {
             // Within the layout's range by construction; record_n only fails beyond it.
@@ -164,26 +136,31 @@ pub fn interval(directory: &Directory, samples: &[Snapshot], all: bool) -> Inter
     let last = &samples[samples.len() - 1];
     let ticks_to_s = |ticks: u64| ticks as f64 / directory.tsc_hz as f64;
     let seconds = ticks_to_s(last.taken_ticks.saturating_sub(first.taken_ticks)).max(1e-9);
-    let shape = Shape::of(directory);
     let mut volumes = Vec::new();
     for (volume_index, volume) in directory.volumes.iter().enumerate() {
         for (op_index, op) in directory.ops.iter().enumerate() {
-            let at = shape.counters(volume_index, op_index);
-            let delta = |from: &Snapshot, to: &Snapshot, word: usize| {
-                to.volume_counters[at + word].saturating_sub(from.volume_counters[at + word])
+            let delta = |from: &Snapshot, to: &Snapshot| {
+                let (from, to) = (
+                    from.volume(volume_index, op_index),
+                    to.volume(volume_index, op_index),
+                );
+                VolumeCounters {
+                    ios: to.ios.saturating_sub(from.ios),
+                    bytes: to.bytes.saturating_sub(from.bytes),
+                    errors: to.errors.saturating_sub(from.errors),
+                }
             };
-            let ios = delta(first, last, 0);
-            let errors = delta(first, last, 2);
+            let VolumeCounters { ios, bytes, errors } = delta(first, last);
             if ios + errors == 0 && !all {
                 continue;
             }
-            let bytes = delta(first, last, 1);
             let (mut peak_iops, mut peak_bw) = (0f64, 0f64);
             for pair in samples.windows(2) {
                 let span = ticks_to_s(pair[1].taken_ticks.saturating_sub(pair[0].taken_ticks));
                 if span > 0.0 {
-                    peak_iops = peak_iops.max(delta(&pair[0], &pair[1], 0) as f64 / span);
-                    peak_bw = peak_bw.max(delta(&pair[0], &pair[1], 1) as f64 / span);
+                    let rates = delta(&pair[0], &pair[1]);
+                    peak_iops = peak_iops.max(rates.ios as f64 / span);
+                    peak_bw = peak_bw.max(rates.bytes as f64 / span);
                 }
             }
             let stages = directory
@@ -234,18 +211,11 @@ pub fn interval(directory: &Directory, samples: &[Snapshot], all: bool) -> Inter
         .iter()
         .enumerate()
         .map(|(index, queue)| {
-            let busy = |snapshot: &Snapshot| {
-                let words = &snapshot.queue_counters[index * 4..index * 4 + 4];
-                let ongoing = if words[1] != 0 {
-                    snapshot.taken_ticks.saturating_sub(words[1])
-                } else {
-                    0
-                };
-                words[0] + ongoing
-            };
-            let busy_pct = (100.0 * ticks_to_s(busy(last).saturating_sub(busy(first))) / seconds)
-                .clamp(0.0, 100.0);
-            let word = |snapshot: &Snapshot, word: usize| snapshot.queue_counters[index * 4 + word];
+            let busy = last
+                .queue_busy_ticks(index)
+                .saturating_sub(first.queue_busy_ticks(index));
+            let busy_pct = (100.0 * ticks_to_s(busy) / seconds).clamp(0.0, 100.0);
+            let (from, to) = (first.queue(index), last.queue(index));
             QueueReport {
                 device: queue.device.clone(),
                 core: directory
@@ -253,8 +223,8 @@ pub fn interval(directory: &Directory, samples: &[Snapshot], all: bool) -> Inter
                     .get(queue.core_index as usize)
                     .copied()
                     .unwrap_or(u32::MAX),
-                submitted: word(last, 2).saturating_sub(word(first, 2)),
-                completed: word(last, 3).saturating_sub(word(first, 3)),
+                submitted: to.submitted.saturating_sub(from.submitted),
+                completed: to.completed.saturating_sub(from.completed),
                 busy_pct,
                 idle_pct: 100.0 - busy_pct,
             }
