@@ -321,23 +321,31 @@ pub struct VerifyResult {
 }
 
 const VERIFY_MAGIC: &[u8; 8] = b"FTHMVRFY";
+/// Verify data is made of 512-byte units, each generated from its own byte offset, so what a
+/// run wrote can be read back in extents of any size (another run, another tool).
+pub const VERIFY_UNIT: usize = 512;
 
-/// The contents a verify run writes at `offset`: a header naming the block, then bytes drawn
-/// from a generator seeded by the offset, so a block read back elsewhere or stale is caught.
+/// The contents a verify run writes at `offset` (a multiple of [`VERIFY_UNIT`]): per 512-byte
+/// unit, a header naming the unit, then bytes drawn from a generator seeded by the unit's
+/// offset, so a unit read back from elsewhere, or stale, is caught.
 pub fn expected_block(offset: u64, seed: u64, out: &mut [u8]) {
-    let mut state = (offset ^ seed.rotate_left(17)).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for chunk in out.chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let bytes = state.to_le_bytes();
-        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    for (index, unit) in out.chunks_mut(VERIFY_UNIT).enumerate() {
+        let unit_offset = offset + (index * VERIFY_UNIT) as u64;
+        let mut state =
+            (unit_offset ^ seed.rotate_left(17)).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        for chunk in unit.chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let bytes = state.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+        let header = unit.len().min(16);
+        let mut head = [0u8; 16];
+        head[..8].copy_from_slice(VERIFY_MAGIC);
+        head[8..].copy_from_slice(&unit_offset.to_le_bytes());
+        unit[..header].copy_from_slice(&head[..header]);
     }
-    let header = out.len().min(16);
-    let mut head = [0u8; 16];
-    head[..8].copy_from_slice(VERIFY_MAGIC);
-    head[8..].copy_from_slice(&offset.to_le_bytes());
-    out[..header].copy_from_slice(&head[..header]);
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -347,13 +355,28 @@ enum VerifyPhase {
     Done,
 }
 
-/// Writes every block of the span once, then reads every block back and compares it.
+/// How a verify run cuts its span and what it does.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifyOptions {
+    /// Extents are `block_size` bytes, or, when this is larger, random sizes from
+    /// `block_size` to this (multiples of `block_size`), each in a buffer that starts at a
+    /// random 512-byte offset into its page: so PRP1 offsets, PRP2 and PRP lists all occur.
+    pub max_block_size: u64,
+    /// Skip the write pass: check what an earlier run (same size, seed and cores) wrote.
+    pub read_only: bool,
+}
+
+/// Writes every extent of the span once, then reads every extent back and compares it.
 pub struct VerifyTask {
     volume: VolumeId,
     block_size: u64,
+    /// Random-size extents as (offset, length); empty for fixed `block_size` extents.
+    extents: Vec<(u64, u32)>,
     blocks: u64,
     random: bool,
     seed: u64,
+    /// xorshift state for buffer offsets.
+    rng: u64,
     phase: VerifyPhase,
     /// Position in the current pass's order, and the order's parameters (for random passes a
     /// bijection of the position modulo the next power of two, skipping values past the span).
@@ -371,34 +394,64 @@ pub struct VerifyTask {
 impl VerifyTask {
     pub fn new(
         spec: &WorkloadSpec,
+        options: VerifyOptions,
         pool: &DmaPool,
         report: Sender<VerifyResult>,
     ) -> Result<Self, fathom_engine::dma::DmaError> {
+        let mut rng = spec.seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
+        let mut extents = Vec::new();
+        let mixed = options.max_block_size > spec.block_size;
+        if mixed {
+            let choices = options.max_block_size / spec.block_size;
+            let mut offset = 0;
+            while offset < spec.span_bytes {
+                // Sizes spread evenly over the powers of two (then uniformly below the chosen
+                // one), so single-page, two-page and PRP-list transfers all come up often.
+                let bound = 1 << (xorshift(&mut rng) % (choices.ilog2() as u64 + 1));
+                let len = (xorshift(&mut rng) % bound.min(choices) + 1) * spec.block_size;
+                let len = len.min(spec.span_bytes - offset);
+                extents.push((offset, len as u32));
+                offset += len;
+            }
+        }
+        let largest = options.max_block_size.max(spec.block_size) as usize;
+        // Room for a buffer to start anywhere in its first page.
+        let capacity = largest + if mixed { 4096 } else { 0 };
         let buffers = (0..spec.iodepth)
-            .map(|_| pool.alloc(spec.block_size as usize))
+            .map(|_| pool.alloc(capacity))
             .collect::<Result<Vec<_>, _>>()?;
-        let blocks = spec.span_bytes / spec.block_size;
+        let blocks = if mixed {
+            extents.len() as u64
+        } else {
+            spec.span_bytes / spec.block_size
+        };
         Ok(Self {
             volume: spec.volume,
             block_size: spec.block_size,
+            extents,
             blocks,
             random: spec.pattern.random(),
             seed: spec.seed,
-            phase: VerifyPhase::Write,
+            rng,
+            phase: if options.read_only {
+                VerifyPhase::Read
+            } else {
+                VerifyPhase::Write
+            },
             position: 0,
             period: blocks.next_power_of_two(),
-            increment: 1,
+            increment: if options.read_only { 0x2b } else { 1 },
             buffers,
             in_flight: 0,
-            expected: vec![0; spec.block_size as usize],
-            actual: vec![0; spec.block_size as usize],
+            expected: vec![0; largest],
+            actual: vec![0; largest],
             result: VerifyResult::default(),
             report,
         })
     }
 
-    /// The next block of this pass, or `None` when every block has had its turn.
-    fn next_block(&mut self) -> Option<u64> {
+    /// The next extent of this pass, or `None` when every extent has had its turn.
+    fn next_extent(&mut self) -> Option<(u64, usize)> {
         while self.position < self.period {
             let index = self.position;
             self.position += 1;
@@ -414,7 +467,10 @@ impl VerifyTask {
                 index
             };
             if block < self.blocks {
-                return Some(block);
+                return Some(match self.extents.get(block as usize) {
+                    Some(&(offset, len)) => (offset, len as usize),
+                    None => (block * self.block_size, self.block_size as usize),
+                });
             }
         }
         None
@@ -422,14 +478,19 @@ impl VerifyTask {
 
     fn issue(&mut self, io: &mut IoContext) {
         while let Some(mut buf) = self.buffers.pop() {
-            let Some(block) = self.next_block() else {
+            let Some((offset, len)) = self.next_extent() else {
                 self.buffers.push(buf);
                 return;
             };
-            let offset = block * self.block_size;
+            let start = if self.extents.is_empty() {
+                0
+            } else {
+                (xorshift(&mut self.rng) % 8) as usize * 512
+            };
+            buf.set_view(start, len);
             let request = if self.phase == VerifyPhase::Write {
-                expected_block(offset, self.seed, &mut self.expected);
-                buf.write_at(0, &self.expected);
+                expected_block(offset, self.seed, &mut self.expected[..len]);
+                buf.write_at(0, &self.expected[..len]);
                 IoRequest::write(self.volume, offset, buf, offset)
             } else {
                 IoRequest::read(self.volume, offset, buf, offset)
@@ -437,7 +498,7 @@ impl VerifyTask {
             match io.submit(request) {
                 Ok(()) => self.in_flight += 1,
                 Err(rejected) => {
-                    // Back-pressure: step back and retry this block on the next poll.
+                    // Back-pressure: step back and retry this extent on the next poll.
                     self.position -= 1;
                     if rejected.error != IoError::Busy {
                         self.result.errors += 1;
@@ -449,6 +510,13 @@ impl VerifyTask {
             }
         }
     }
+}
+
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
 }
 
 impl Task for VerifyTask {
@@ -482,10 +550,11 @@ impl Task for VerifyTask {
             (Ok(()), VerifyPhase::Write) => self.result.blocks_written += 1,
             (Ok(()), _) => {
                 let offset = completion.tag;
+                let len = buf.len();
                 self.result.blocks_read += 1;
-                expected_block(offset, self.seed, &mut self.expected);
-                buf.read_at(0, &mut self.actual);
-                if self.actual != self.expected {
+                expected_block(offset, self.seed, &mut self.expected[..len]);
+                buf.read_at(0, &mut self.actual[..len]);
+                if self.actual[..len] != self.expected[..len] {
                     self.result.mismatches += 1;
                     if self.result.first_mismatches.len() < 8 {
                         self.result.first_mismatches.push(offset);
@@ -513,6 +582,11 @@ mod tests {
         expected_block(8192, 1, &mut b);
         assert_eq!(a, b);
         assert_eq!(&a[..8], VERIFY_MAGIC);
+        // Any extent is the concatenation of its units: read back in other sizes, it matches.
+        let mut pieces = vec![0u8; 4096];
+        expected_block(8192, 1, &mut pieces[..1024]);
+        expected_block(8192 + 1024, 1, &mut pieces[1024..]);
+        assert_eq!(a, pieces);
         expected_block(12288, 1, &mut b);
         assert_ne!(a, b, "another offset");
         expected_block(8192, 2, &mut b);

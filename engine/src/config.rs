@@ -202,6 +202,26 @@ impl Default for TelemetryConfig {
     }
 }
 
+/// `dddd:bb:dd.f` (or `bb:dd.f`), hexadecimal, as sysfs names PCI functions.
+fn is_pci_address(text: &str) -> bool {
+    let hex =
+        |part: &str, len: usize| part.len() == len && part.chars().all(|c| c.is_ascii_hexdigit());
+    let parts: Vec<&str> = text.split(':').collect();
+    let (domain, bus, rest) = match parts.as_slice() {
+        [domain, bus, rest] => (Some(*domain), *bus, *rest),
+        [bus, rest] => (None, *bus, *rest),
+        _ => return false,
+    };
+    let Some((device, function)) = rest.split_once('.') else {
+        return false;
+    };
+    domain.is_none_or(|domain| hex(domain, 4))
+        && hex(bus, 2)
+        && hex(device, 2)
+        && function.len() == 1
+        && matches!(function.chars().next(), Some('0'..='7'))
+}
+
 impl Config {
     /// Where the node's stats region lives.
     pub fn region_path(&self) -> PathBuf {
@@ -219,6 +239,8 @@ pub enum DriverKind {
     Mem,
     /// io_uring on a file or block device, with O_DIRECT: the kernel path.
     Uring,
+    /// An NVMe controller driven from userspace through VFIO (kernel bypass).
+    Vfio,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -259,6 +281,9 @@ pub struct DeviceConfig {
     /// `mem` with `file` media: the backing file (default `<name>.img`). `uring`: the file or
     /// block device (required). Relative paths are under `node.data_dir`.
     pub path: Option<PathBuf>,
+    /// `vfio` only: the controller's PCI address, e.g. "0000:00:04.0" (bound to vfio-pci,
+    /// see `fathom-node devices`).
+    pub pci: Option<String>,
     /// `uring` only: a kernel thread polls the submission queue (no system call per batch).
     #[serde(default)]
     pub sqpoll: bool,
@@ -518,6 +543,41 @@ impl Config {
                         return Err(invalid(key("inject"), "rules", "injection is done by the mem driver's controller; use driver = \"mem\""));
                     }
                 }
+                DriverKind::Vfio => {
+                    let Some(pci) = &device.pci else {
+                        return Err(invalid(
+                            key("pci"),
+                            "nothing",
+                            "driver = \"vfio\" needs the controller's PCI address, e.g. \"0000:00:04.0\" (`fathom-node devices` lists them)",
+                        ));
+                    };
+                    if !is_pci_address(pci) {
+                        return Err(invalid(
+                            key("pci"),
+                            format!("{pci:?}"),
+                            "a PCI address as domain:bus:device.function, e.g. \"0000:00:04.0\"",
+                        ));
+                    }
+                    for (field, set) in [
+                        ("media", device.media.is_some()),
+                        ("size", device.size.is_some()),
+                        ("path", device.path.is_some()),
+                        ("sqpoll", device.sqpoll),
+                        ("iopoll", device.iopoll),
+                        ("inject", !device.inject.is_empty()),
+                    ] {
+                        if set {
+                            return Err(invalid(
+                                key(field),
+                                "a value",
+                                "nothing for driver = \"vfio\": the controller's namespaces give sizes and block sizes",
+                            ));
+                        }
+                    }
+                }
+            }
+            if device.pci.is_some() && device.driver != DriverKind::Vfio {
+                return Err(invalid(key("pci"), "a value", "only for driver = \"vfio\""));
             }
             for (rule_index, rule) in device.inject.iter().enumerate() {
                 let key = |field: &str| format!("device[{index}].inject[{rule_index}].{field}");
@@ -880,6 +940,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("unknown unit"), "{error}");
+        let vfio = |extra: &str| {
+            Config::parse(&format!(
+                "[node]\nid = \"n1\"\ndata_dir = \"/tmp/x\"\n[[device]]\nname = \"d0\"\ndriver = \"vfio\"\n{extra}"
+            ))
+            .map(drop)
+            .map_err(|error| error.to_string())
+        };
+        assert!(vfio("pci = \"0000:00:04.0\"").is_ok());
+        assert!(vfio("pci = \"00:04.0\"").is_ok());
+        let error = vfio("").unwrap_err();
+        assert!(
+            error.contains("device[0].pci") && error.contains("fathom-node devices"),
+            "{error}"
+        );
+        let error = vfio("pci = \"0000:00:04\"").unwrap_err();
+        assert!(error.contains("domain:bus:device.function"), "{error}");
+        let error = vfio("pci = \"0000:00:04.0\"\nsize = \"1GiB\"").unwrap_err();
+        assert!(
+            error.contains("device[0].size") && error.contains("namespaces"),
+            "{error}"
+        );
+        let error = with("pci = \"0000:00:04.0\"").unwrap_err().to_string();
+        assert!(error.contains("only for driver = \"vfio\""), "{error}");
         let error = with("mode = \"sideways\"").unwrap_err().to_string();
         assert!(
             error.contains("inline") && error.contains("thread"),

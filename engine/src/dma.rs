@@ -8,7 +8,8 @@
 //! entries and queue base registers. For the in-process `mem` controller the IOVA is the
 //! virtual address itself and [`IovaMap`] plays the IOMMU: it refuses any address outside a
 //! registered pool, so a bad PRP becomes an NVMe error instead of a wild write. For VFIO the
-//! same pool is mapped into the device's IOMMU domain.
+//! same pool is mapped into the device's IOMMU domain at [`VFIO_IOVA_BASE`], because the IOMMU
+//! translates fewer address bits than a process's virtual addresses have.
 //!
 //! DMA memory is never reached through `&`/`&mut` references: a controller may write it at any
 //! time while a command is in flight. Buffers are read and written by copying through raw
@@ -21,6 +22,10 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::nvme::spec::PAGE_SIZE;
+
+/// Where a pool mapped through VFIO starts in IO virtual address space: above the 32-bit
+/// MSI window (0xFEE00000) and far below the IOMMU's 39-bit limit.
+pub const VFIO_IOVA_BASE: u64 = 1 << 32;
 
 /// 2 MiB, the hugepage size DMA memory comes in.
 pub const HUGEPAGE_SIZE: usize = 2 << 20;
@@ -114,8 +119,19 @@ impl std::fmt::Debug for DmaPool {
 }
 
 impl DmaPool {
-    /// Maps `bytes` (rounded up to whole hugepages, or whole pages for normal pages).
+    /// Maps `bytes` (rounded up to whole hugepages, or whole pages for normal pages), with the
+    /// virtual address as IOVA (for in-process controllers and the kernel).
     pub fn new(bytes: usize, kind: PageKind) -> Result<Self, DmaError> {
+        Self::map(bytes, kind, None)
+    }
+
+    /// As [`DmaPool::new`], with IOVAs starting at `iova_base`: for a pool mapped into an IOMMU,
+    /// whose address width is narrower than the process's address space.
+    pub fn with_iova_base(bytes: usize, kind: PageKind, iova_base: u64) -> Result<Self, DmaError> {
+        Self::map(bytes, kind, Some(iova_base))
+    }
+
+    fn map(bytes: usize, kind: PageKind, iova_base: Option<u64>) -> Result<Self, DmaError> {
         if bytes < PAGE_SIZE {
             return Err(DmaError::PoolTooSmall);
         }
@@ -179,7 +195,7 @@ impl DmaPool {
         Ok(Self {
             inner: Arc::new(PoolInner {
                 base,
-                iova_base: base.as_ptr() as u64,
+                iova_base: iova_base.unwrap_or(base.as_ptr() as u64),
                 len,
                 kind,
                 free: Mutex::new(vec![(0, pages)]),
@@ -197,6 +213,11 @@ impl DmaPool {
 
     pub fn kind(&self) -> PageKind {
         self.inner.kind
+    }
+
+    /// The IOVA of the pool's first byte.
+    pub fn iova_base(&self) -> u64 {
+        self.inner.iova_base
     }
 
     /// The pool's host address range, for registering it with a kernel interface (io_uring

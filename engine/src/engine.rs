@@ -17,9 +17,10 @@ use parking_lot::Mutex;
 
 use crate::config::DriverKind;
 use crate::config::{ClockChoice, Config, MediaKind};
-use crate::dma::{DmaError, DmaPool, PageKind};
+use crate::dma::{DmaError, DmaPool, PageKind, VFIO_IOVA_BASE};
 use crate::driver::mem::MemDriver;
 use crate::driver::uring::UringDriver;
+use crate::driver::vfio::VfioDriver;
 use crate::driver::{DeviceInfo, Driver, DriverError};
 use crate::reactor::{pin_to_core, IoContext, Message, Reactor, ReactorShared, Rejected, Task};
 use crate::stats::{stage, CoreTelemetry, OP_NAMES};
@@ -94,7 +95,11 @@ impl Engine {
         } else {
             PageKind::Normal
         };
-        let pool = DmaPool::new(config.dma.size.0 as usize, kind)?;
+        let pool = if config.devices.iter().any(|d| d.driver == DriverKind::Vfio) {
+            DmaPool::with_iova_base(config.dma.size.0 as usize, kind, VFIO_IOVA_BASE)?
+        } else {
+            DmaPool::new(config.dma.size.0 as usize, kind)?
+        };
         if config
             .devices
             .iter()
@@ -121,6 +126,7 @@ impl Engine {
                 DriverKind::Uring => {
                     Arc::new(UringDriver::open(device, &config.node.data_dir, &pool)?)
                 }
+                DriverKind::Vfio => Arc::new(VfioDriver::open(device, &pool, reactor_count)?),
             };
             devices.push(driver);
         }

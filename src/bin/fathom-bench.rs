@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use fathom::stat::{duration, quantity};
 use fathom::workload::{
-    Pattern, VerifyResult, VerifyTask, WorkloadResult, WorkloadSpec, WorkloadTask,
+    Pattern, VerifyOptions, VerifyResult, VerifyTask, WorkloadResult, WorkloadSpec, WorkloadTask,
 };
 use fathom_engine::config::{ByteSize, Config};
 use fathom_engine::Engine;
@@ -19,6 +19,8 @@ enum Driver {
     Mem,
     /// io_uring with O_DIRECT on --filename (a file or block device).
     Uring,
+    /// The userspace NVMe driver on the controller at --pci (bound to vfio-pci).
+    Vfio,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -32,6 +34,12 @@ enum Media {
 enum PollArg {
     Busy,
     Adaptive,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ClockArg {
+    Tsc,
+    Monotonic,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -68,9 +76,14 @@ struct Args {
     /// inline: the controller runs in the reactor's poll loop; thread: on a device thread.
     #[arg(long, value_enum, default_value = "inline")]
     mode: Mode,
-    /// Backing file for --media file (created sparse).
+    /// --driver uring: the file or block device; --media file: the backing file (created
+    /// sparse).
     #[arg(long)]
     filename: Option<std::path::PathBuf>,
+    /// --driver vfio: the NVMe controller's PCI address, e.g. 0000:00:04.0 (bind it to
+    /// vfio-pci first: `fathom-node devices bind ADDRESS`).
+    #[arg(long, value_name = "ADDRESS")]
+    pci: Option<String>,
     /// Access pattern.
     #[arg(long, value_enum, default_value = "randread")]
     rw: Pattern,
@@ -87,6 +100,15 @@ struct Args {
     /// check its contents; --runtime does not apply. Needs media that store data.
     #[arg(long)]
     verify: bool,
+    /// With --verify: IOs of random sizes from --bs up to this (multiples of --bs), in
+    /// buffers starting at random 512-byte offsets into a page, as fio's bsrange.
+    #[arg(long, value_name = "MAX", value_parser = parse_size)]
+    bsrange: Option<u64>,
+    /// With --verify: only read back and check what an earlier --verify run with the same
+    /// --size and --cores wrote (as fio's verify_only), e.g. after a restart or from another
+    /// host.
+    #[arg(long = "verify_only", alias = "verify-only")]
+    verify_only: bool,
     /// Also draw the latency distribution of every stage (percentile curves) as SVG.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<std::path::PathBuf>,
@@ -116,6 +138,10 @@ struct Args {
     /// off, to measure what it costs.
     #[arg(long, value_enum, default_value = "on")]
     telemetry: Switch,
+    /// Telemetry's clock: tsc (the CPU's invariant TSC, refused on CPUs without one) or
+    /// monotonic (CLOCK_MONOTONIC: slower to read, works everywhere, e.g. in emulators).
+    #[arg(long, value_enum, default_value = "tsc")]
+    clock: ClockArg,
     /// Print one JSON object instead of the human summary.
     #[arg(long)]
     json: bool,
@@ -160,6 +186,20 @@ fn run(mut args: Args) -> Result<()> {
     if matches!(args.driver, Driver::Uring) && args.filename.is_none() {
         bail!("--driver uring needs --filename: the file (created at --size per core if missing) or block device to test");
     }
+    if matches!(args.driver, Driver::Vfio) != args.pci.is_some() {
+        bail!("--driver vfio and --pci ADDRESS go together: the PCI address of the NVMe controller (bound to vfio-pci) to drive");
+    }
+    if (args.bsrange.is_some() || args.verify_only) && !args.verify {
+        bail!("--bsrange and --verify_only apply to --verify runs");
+    }
+    if let Some(max) = args.bsrange {
+        if max < args.bs || !max.is_multiple_of(args.bs) {
+            bail!(
+                "--bsrange {max} must be a multiple of --bs {} and at least as large",
+                args.bs
+            );
+        }
+    }
     let online = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -182,6 +222,21 @@ fn run(mut args: Args) -> Result<()> {
     let config =
         Config::parse(&bench_config(&args)).context("building the benchmark configuration")?;
     let engine = Engine::start(&config).context("starting the engine")?;
+    for device in engine.devices() {
+        let namespaces: Vec<String> = device
+            .namespaces
+            .iter()
+            .map(|ns| format!("nsid {} {} x {} B", ns.nsid, ns.blocks, ns.block_size))
+            .collect();
+        eprintln!(
+            "fathom-bench: device {} ({}): model \"{}\", serial \"{}\", {}",
+            device.name,
+            device.driver,
+            device.model,
+            device.serial,
+            namespaces.join(", ")
+        );
+    }
     if args.verify {
         return verify(&args, &engine, &config);
     }
@@ -274,12 +329,16 @@ fn workload_spec(args: &Args, engine: &Engine, reactor: usize) -> WorkloadSpec {
 /// The --verify run: every core writes its span once, reads it back, compares.
 fn verify(args: &Args, engine: &Engine, config: &Config) -> Result<()> {
     let (tx, rx) = crossbeam_channel::unbounded();
+    let options = VerifyOptions {
+        max_block_size: args.bsrange.unwrap_or(args.bs),
+        read_only: args.verify_only,
+    };
     for reactor in 0..args.cores {
         let spec = workload_spec(args, engine, reactor);
         engine.spawn(
             reactor,
             Box::new(
-                VerifyTask::new(&spec, engine.dma(), tx.clone())
+                VerifyTask::new(&spec, options, engine.dma(), tx.clone())
                     .context("allocating IO buffers")?,
             ),
         )?;
@@ -307,10 +366,13 @@ fn verify(args: &Args, engine: &Engine, config: &Config) -> Result<()> {
     } else {
         for result in &results {
             println!(
-                "verify core {}: wrote {} blocks of {} B, read {} back: {} mismatches, {} IO errors{}",
+                "verify core {}: wrote {} extents of {}, read {} back: {} mismatches, {} IO errors{}",
                 result.core,
                 result.blocks_written,
-                args.bs,
+                match args.bsrange {
+                    Some(max) => format!("{} to {} B", args.bs, max),
+                    None => format!("{} B", args.bs),
+                },
                 result.blocks_read,
                 result.mismatches,
                 result.errors,
@@ -476,25 +538,37 @@ fn bench_config(args: &Args) -> String {
     let device = match args.driver {
         Driver::Mem => format!("driver = \"mem\"\nmedia = \"{media}\"\nmode = \"{mode}\"\n"),
         Driver::Uring => "driver = \"uring\"\n".to_string(),
+        Driver::Vfio => format!(
+            "driver = \"vfio\"\npci = {:?}\n",
+            args.pci.as_deref().unwrap_or_default()
+        ),
+    };
+    // A vfio controller's namespace gives the device's size and block size.
+    let geometry = match args.driver {
+        Driver::Vfio => String::new(),
+        _ => format!(
+            "size = {}\nblock_size = {}\n",
+            args.size * args.cores as u64,
+            args.sector
+        ),
     };
     let data_dir = std::env::temp_dir().join("fathom-bench");
     // Ring, PRP lists and buffers for every core, with room to spare.
-    let dma = 32 + args.cores as u64 * (args.iodepth as u64 * args.bs + (4 << 20)) / (1 << 20);
+    let largest = args.bsrange.map_or(args.bs, |max| max + 4096);
+    let dma = 32 + args.cores as u64 * (args.iodepth as u64 * largest + (4 << 20)) / (1 << 20);
     let mut text = format!(
         "[node]\nid = \"bench\"\ndata_dir = {data_dir:?}\n\
          [dma]\nsize = \"{dma}MiB\"\nhugepages = {hugepages}\n\
          [reactor]\ncores = [{cores}]\npoll = \"{poll}\"\nqueue_depth = {depth}\n\
-         [telemetry]\nenabled = {telemetry}\nregion = {region:?}\nmetrics = \"\"\n\
-         [[device]]\nname = \"nvme0\"\n{device}{path}\
-         size = {size}\nblock_size = {sector}\n",
+         [telemetry]\nenabled = {telemetry}\nclock = \"{clock}\"\nregion = {region:?}\nmetrics = \"\"\n\
+         [[device]]\nname = \"nvme0\"\n{device}{path}{geometry}",
         hugepages = !args.no_hugepages,
         telemetry = args.telemetry == Switch::On,
+        clock = format!("{:?}", args.clock).to_lowercase(),
         poll = format!("{:?}", args.poll).to_lowercase(),
         region = format!("/dev/shm/fathom-bench-{}", std::process::id()),
         cores = cores.join(", "),
         depth = args.iodepth.clamp(1, 4095),
-        size = args.size * args.cores as u64,
-        sector = args.sector,
     );
     for core in 0..args.cores {
         text += &format!(

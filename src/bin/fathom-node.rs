@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Parser;
 use fathom_engine::config::{Config, DEFAULT_CONFIG};
+use fathom_engine::driver::vfio::bind::System;
 use fathom_engine::{Engine, PageKind};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
@@ -20,9 +21,14 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 ///
 /// or run with --no-hugepages (normal pages: slower, for hosts without hugepages).
 /// SIGINT or SIGTERM flushes every volume and stops the node cleanly.
+///
+/// For the vfio driver, `fathom-node devices` lists the host's NVMe controllers and moves
+/// them between the kernel and vfio-pci.
 #[derive(Debug, Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file (default: the embedded single-node config).
     #[arg(long, short)]
     config: Option<PathBuf>,
@@ -38,6 +44,77 @@ struct Args {
     /// Checks the configuration and exits without starting.
     #[arg(long)]
     check: bool,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Lists NVMe controllers (PCI address, driver, IOMMU group, model, block devices and
+    /// what uses them); `bind` hands one to vfio-pci for the vfio driver, `release` gives it
+    /// back to the kernel's nvme driver. Binding needs root, the IOMMU on (intel_iommu=on or
+    /// amd_iommu=on) and the vfio-pci module loaded.
+    #[command(verbatim_doc_comment)]
+    Devices {
+        #[command(subcommand)]
+        action: Option<DevicesAction>,
+        /// One JSON array instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum DevicesAction {
+    /// Unbinds the controller from its kernel driver and binds it to vfio-pci. Refused while
+    /// any of its namespaces or partitions is mounted, used as swap or held by dm/md.
+    Bind {
+        /// PCI address, e.g. 0000:00:04.0
+        address: String,
+    },
+    /// Gives the controller back to the kernel's nvme driver.
+    Release {
+        /// PCI address, e.g. 0000:00:04.0
+        address: String,
+    },
+}
+
+fn devices(action: Option<DevicesAction>, json: bool) -> Result<()> {
+    let system = System::default();
+    let functions = match action {
+        None => system.nvme_functions()?,
+        Some(DevicesAction::Bind { address }) => vec![system.bind(&address, "vfio-pci")?],
+        Some(DevicesAction::Release { address }) => vec![system.bind(&address, "nvme")?],
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&functions)?);
+        return Ok(());
+    }
+    if functions.is_empty() {
+        println!("no NVMe controllers on the PCI bus");
+        return Ok(());
+    }
+    println!(
+        "{:<14} {:<9} {:<10} {:>5}  {:<8} {:<24} block devices / in use",
+        "ADDRESS", "VID:DID", "DRIVER", "GROUP", "CTRL", "MODEL"
+    );
+    for f in &functions {
+        let group = f.iommu_group.map_or("-".to_string(), |g| g.to_string());
+        let mut uses = f.block_devices.join(" ");
+        if !f.in_use.is_empty() {
+            uses += &format!(" [{}]", f.in_use.join("; "));
+        }
+        println!(
+            "{:<14} {:04x}:{:04x} {:<10} {:>5}  {:<8} {:<24} {}",
+            f.address,
+            f.vendor,
+            f.device,
+            f.driver.as_deref().unwrap_or("-"),
+            group,
+            f.controller.as_deref().unwrap_or("-"),
+            f.model.as_deref().unwrap_or("-"),
+            if uses.is_empty() { "-" } else { &uses }
+        );
+    }
+    Ok(())
 }
 
 fn main() {
@@ -57,6 +134,9 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
+    if let Some(Command::Devices { action, json }) = args.command {
+        return devices(action, json);
+    }
     if args.print_config {
         print!("{DEFAULT_CONFIG}");
         return Ok(());
@@ -150,6 +230,10 @@ fn log_layout(engine: &Engine, config: &Config) {
         };
         // What the device runs on, in the driver's own terms.
         let backing = match (device.driver, device.media) {
+            (fathom_engine::config::DriverKind::Vfio, _) => format!(
+                "userspace NVMe through VFIO at {}",
+                device.pci.as_deref().unwrap_or_default()
+            ),
             (fathom_engine::config::DriverKind::Uring, _) => {
                 let polling = match (device.sqpoll, device.iopoll) {
                     (false, false) => String::new(),

@@ -6,9 +6,11 @@
 
 pub mod mem;
 pub mod uring;
+pub mod vfio;
 
 use crate::dma::DmaError;
-use crate::nvme::{Completed, DataRange, Namespace, NvmeError, QueueFull};
+use crate::nvme::spec::io_opcode;
+use crate::nvme::{Completed, DataRange, Namespace, NvmeError, QueueFull, SubmissionEntry};
 
 /// The operations a volume accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -46,6 +48,29 @@ pub struct IoCommand {
     pub blocks: u32,
     pub data: Option<DataRange>,
     pub flags: IoFlags,
+}
+
+impl IoCommand {
+    /// The NVMe command for this IO, for the NVMe transports (`mem`, `vfio`); the queue pair
+    /// adds the identifier and the data pointers.
+    #[inline(always)]
+    pub fn nvme_entry(&self) -> SubmissionEntry {
+        let opcode = match self.op {
+            Op::Read => io_opcode::READ,
+            Op::Write => io_opcode::WRITE,
+            Op::Flush => io_opcode::FLUSH,
+            Op::WriteZeroes => io_opcode::WRITE_ZEROES,
+        };
+        let mut entry = SubmissionEntry::new(opcode, 0, self.nsid);
+        if self.op != Op::Flush {
+            entry.set_slba(self.slba);
+            entry.set_block_count(self.blocks);
+            if self.flags.contains(IoFlags::FUA) {
+                entry.cdw12 |= 1 << 30;
+            }
+        }
+        entry
+    }
 }
 
 /// Per-command flags, as one word: a flag stored as its own byte next to another would be
@@ -95,6 +120,8 @@ pub enum DriverError {
     },
     #[error("device {device}: {what}")]
     Setup { device: String, what: String },
+    #[error(transparent)]
+    Pci(#[from] vfio::pci::PciError),
 }
 
 /// One device.

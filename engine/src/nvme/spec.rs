@@ -301,6 +301,68 @@ impl fmt::Debug for Status {
     }
 }
 
+/// Controller registers in BAR0 (NVMe over PCIe), and the fields the host driver uses.
+pub mod register {
+    /// Controller Capabilities (64-bit).
+    pub const CAP: usize = 0x00;
+    /// Version (32-bit).
+    pub const VS: usize = 0x08;
+    /// Controller Configuration (32-bit).
+    pub const CC: usize = 0x14;
+    /// Controller Status (32-bit).
+    pub const CSTS: usize = 0x1c;
+    /// Admin Queue Attributes (32-bit): ACQS (27:16) and ASQS (11:0), 0's based.
+    pub const AQA: usize = 0x24;
+    /// Admin Submission Queue base address (64-bit).
+    pub const ASQ: usize = 0x28;
+    /// Admin Completion Queue base address (64-bit).
+    pub const ACQ: usize = 0x30;
+    /// First doorbell; doorbell `i` sits at `DOORBELLS + i * (4 << CAP.DSTRD)`.
+    pub const DOORBELLS: usize = 0x1000;
+
+    /// CAP.MQES (15:0): maximum queue entries supported, 0's based.
+    pub fn cap_mqes(cap: u64) -> u32 {
+        (cap & 0xffff) as u32 + 1
+    }
+    /// CAP.TO (31:24): worst-case time to become ready, in 500 ms units.
+    pub fn cap_timeout(cap: u64) -> std::time::Duration {
+        std::time::Duration::from_millis(((cap >> 24) & 0xff) * 500)
+    }
+    /// CAP.DSTRD (35:32): doorbell stride, as `4 << DSTRD` bytes.
+    pub fn cap_doorbell_stride(cap: u64) -> usize {
+        4 << ((cap >> 32) & 0xf)
+    }
+    /// CAP.CSS bit 37: the NVM command set is supported.
+    pub fn cap_nvm_command_set(cap: u64) -> bool {
+        cap >> 37 & 1 == 1
+    }
+    /// CAP.MPSMIN (51:48): smallest memory page size, as `4096 << MPSMIN`.
+    pub fn cap_min_page_size(cap: u64) -> usize {
+        4096 << ((cap >> 48) & 0xf)
+    }
+    /// CAP.MPSMAX (55:52): largest memory page size, as `4096 << MPSMAX`.
+    pub fn cap_max_page_size(cap: u64) -> usize {
+        4096 << ((cap >> 52) & 0xf)
+    }
+
+    /// CC.EN: enable.
+    pub const CC_ENABLE: u32 = 1;
+    /// CC.IOSQES = 6 (64-byte submission entries) and CC.IOCQES = 4 (16-byte completion
+    /// entries); CC.CSS = 0 (NVM), CC.MPS = 0 (4 KiB pages), CC.AMS = 0 (round robin).
+    pub const CC_ENTRY_SIZES: u32 = 6 << 16 | 4 << 20;
+    /// CC.SHN (15:14) = 01b: normal shutdown notification.
+    pub const CC_SHUTDOWN_NORMAL: u32 = 1 << 14;
+    pub const CC_SHUTDOWN_MASK: u32 = 3 << 14;
+
+    /// CSTS.RDY: the controller is ready (set after CC.EN = 1, clear after CC.EN = 0).
+    pub const CSTS_READY: u32 = 1;
+    /// CSTS.CFS: controller fatal status.
+    pub const CSTS_FATAL: u32 = 1 << 1;
+    /// CSTS.SHST (3:2) = 10b: shutdown processing complete.
+    pub const CSTS_SHUTDOWN_COMPLETE: u32 = 2 << 2;
+    pub const CSTS_SHUTDOWN_MASK: u32 = 3 << 2;
+}
+
 /// Offsets into the 4096-byte Identify Controller data structure.
 pub mod identify_controller {
     pub const VID: usize = 0;

@@ -24,10 +24,9 @@ use parking_lot::Mutex;
 use self::device::{DeviceQueue, DeviceShared, MemDevice};
 use self::inject::Injector;
 use self::media::Media;
-use super::{DeviceInfo, Driver, DriverError, IoCommand, IoFlags, IoQueue, Op};
+use super::{DeviceInfo, Driver, DriverError, IoCommand, IoQueue};
 use crate::config::{DeviceConfig, DeviceMode, MediaKind};
 use crate::dma::DmaPool;
-use crate::nvme::spec::{io_opcode, SubmissionEntry};
 use crate::nvme::{
     Completed, Doorbell, DoorbellKind, NvmeController, QueueFull, QueueMemory, QueuePair,
     Transport, MAX_TRANSFER_BYTES,
@@ -294,20 +293,7 @@ impl MemQueue {
 impl IoQueue for MemQueue {
     #[inline]
     fn submit(&mut self, command: &IoCommand, cookie: u32) -> Result<(), QueueFull> {
-        let opcode = match command.op {
-            Op::Read => io_opcode::READ,
-            Op::Write => io_opcode::WRITE,
-            Op::Flush => io_opcode::FLUSH,
-            Op::WriteZeroes => io_opcode::WRITE_ZEROES,
-        };
-        let mut entry = SubmissionEntry::new(opcode, 0, command.nsid);
-        if command.op != Op::Flush {
-            entry.set_slba(command.slba);
-            entry.set_block_count(command.blocks);
-            if command.flags.contains(IoFlags::FUA) {
-                entry.cdw12 |= 1 << 30;
-            }
-        }
+        let entry = command.nvme_entry();
         self.qp().submit(entry, command.data, cookie).map(drop)
     }
 
