@@ -84,6 +84,29 @@ pub struct Namespace {
     pub blocks: u64,
 }
 
+impl Namespace {
+    /// Reads size and block size from an Identify Namespace data structure (4096 bytes).
+    pub fn from_identify(nsid: u32, data: &[u8]) -> Result<Self, String> {
+        if data.len() < PAGE_SIZE {
+            return Err(format!("Identify Namespace returned {} bytes", data.len()));
+        }
+        let blocks =
+            u64::from_le_bytes(data[idn::NSZE..idn::NSZE + 8].try_into().expect("8 bytes"));
+        let format = (data[idn::FLBAS] & 0xf) as usize;
+        let lbads = data[idn::LBAF0 + 4 * format + 2];
+        if !(9..=16).contains(&lbads) {
+            return Err(format!(
+                "namespace {nsid} has LBA data size 2^{lbads}; 512 B to 64 KiB is expected"
+            ));
+        }
+        Ok(Namespace {
+            nsid,
+            block_size: 1 << lbads,
+            blocks,
+        })
+    }
+}
+
 /// The host's handle on a controller whose admin queue is up.
 pub struct NvmeController {
     name: String,
@@ -251,23 +274,12 @@ impl NvmeController {
                 break;
             }
             let data = self.identify("Identify Namespace", cns::NAMESPACE, nsid)?;
-            let blocks =
-                u64::from_le_bytes(data[idn::NSZE..idn::NSZE + 8].try_into().expect("8 bytes"));
-            let format = (data[idn::FLBAS] & 0xf) as usize;
-            let lbads = data[idn::LBAF0 + 4 * format + 2];
-            if !(9..=16).contains(&lbads) {
-                return Err(NvmeError::BadIdentify {
+            namespaces.push(Namespace::from_identify(nsid, &data).map_err(|what| {
+                NvmeError::BadIdentify {
                     device: self.name.clone(),
-                    what: format!(
-                        "namespace {nsid} has LBA data size 2^{lbads}; 512 B to 64 KiB is expected"
-                    ),
-                });
-            }
-            namespaces.push(Namespace {
-                nsid,
-                block_size: 1 << lbads,
-                blocks,
-            });
+                    what,
+                }
+            })?);
         }
         Ok(namespaces)
     }

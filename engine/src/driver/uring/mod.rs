@@ -9,6 +9,12 @@
 //!
 //! The device appears as one namespace (nsid 1) of `size / block_size` blocks. Kernel errors
 //! become NVMe statuses, so the engine reports them as it reports a controller's.
+//!
+//! An NVMe generic character device (`/dev/ngXnY`) is driven by NVMe passthrough instead
+//! ([`passthru`]): NVMe commands as io_uring commands, its namespace's size and block size
+//! from Identify.
+
+mod passthru;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -35,6 +41,8 @@ pub struct UringDriver {
     pool: DmaPool,
     sqpoll: bool,
     iopoll: bool,
+    /// NVMe passthrough on a generic character device: the namespace's identifier.
+    passthru_nsid: Option<u32>,
 }
 
 fn setup(device: &str, what: String) -> DriverError {
@@ -67,6 +75,9 @@ impl UringDriver {
                 source,
             }
         };
+        if std::fs::metadata(&path).is_ok_and(|metadata| metadata.file_type().is_char_device()) {
+            return Self::open_passthru(config, path, pool);
+        }
         let exists = path.exists();
         if !exists && config.size.is_none() {
             return Err(setup(
@@ -151,6 +162,71 @@ impl UringDriver {
             pool: pool.clone(),
             sqpoll: config.sqpoll,
             iopoll: config.iopoll,
+            passthru_nsid: None,
+        };
+        driver.probe()?;
+        Ok(driver)
+    }
+
+    /// Opens an NVMe generic character device for passthrough: the namespace's geometry comes
+    /// from Identify Namespace, and one read through a ring checks the kernel takes the
+    /// commands.
+    fn open_passthru(
+        config: &DeviceConfig,
+        path: PathBuf,
+        pool: &DmaPool,
+    ) -> Result<Self, DriverError> {
+        let name = config.name.as_str();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|source| DriverError::Media {
+                device: name.into(),
+                what: format!("could not open the NVMe generic device {}", path.display()),
+                source,
+            })?;
+        let namespace = passthru::identify(&file)
+            .map_err(|what| setup(name, format!("{}: {what}", path.display())))?;
+        let mut blocks = namespace.blocks;
+        if let Some(wanted) = config.size {
+            let have = blocks * namespace.block_size as u64;
+            if wanted.0 > have {
+                return Err(setup(
+                    name,
+                    format!(
+                        "{} (namespace {}) holds {have} bytes, less than device.size {}",
+                        path.display(),
+                        namespace.nsid,
+                        wanted.0
+                    ),
+                ));
+            }
+            blocks = wanted.0 / namespace.block_size as u64;
+        }
+        let driver = Self {
+            info: DeviceInfo {
+                name: name.into(),
+                driver: "uring",
+                model: format!(
+                    "NVMe passthrough {} (namespace {})",
+                    path.display(),
+                    namespace.nsid
+                ),
+                serial: format!("uring-{name}"),
+                namespaces: vec![Namespace {
+                    nsid: 1,
+                    block_size: namespace.block_size,
+                    blocks,
+                }],
+                max_transfer_bytes: MAX_TRANSFER_BYTES.min(1 << 20),
+            },
+            file,
+            path,
+            pool: pool.clone(),
+            sqpoll: config.sqpoll,
+            iopoll: config.iopoll,
+            passthru_nsid: Some(namespace.nsid),
         };
         driver.probe()?;
         Ok(driver)
@@ -158,7 +234,7 @@ impl UringDriver {
 
     /// Reads the first block through a ring configured as the reactors' will be.
     fn probe(&self) -> Result<(), DriverError> {
-        let mut queue = self.queue(4)?;
+        let mut queue = self.any_queue(4)?;
         let buf = self
             .pool
             .alloc(self.info.namespaces[0].block_size as usize)
@@ -190,7 +266,27 @@ impl UringDriver {
             }
             std::hint::spin_loop();
         }
-        match queue.last_errno {
+        let errno = match &queue {
+            AnyQueue::Plain(queue) => queue.last_errno,
+            AnyQueue::Passthru(queue) => queue.last_errno,
+        };
+        if let (Some(nsid), false) = (self.passthru_nsid, out[0].status.is_success()) {
+            let why = match errno {
+                0 => format!("NVMe status {}", out[0].status),
+                libc::EOPNOTSUPP | libc::EINVAL => {
+                    "the kernel does not take NVMe commands through io_uring here (Linux 5.19 or later is needed)".to_string()
+                }
+                errno => std::io::Error::from_raw_os_error(errno).to_string(),
+            };
+            return Err(setup(
+                &self.info.name,
+                format!(
+                    "a probe read of {} (namespace {nsid}) through NVMe passthrough failed: {why}",
+                    self.path.display()
+                ),
+            ));
+        }
+        match errno {
             0 => Ok(()),
             libc::EINVAL => Err(setup(
                 &self.info.name,
@@ -215,10 +311,45 @@ impl UringDriver {
         }
     }
 
-    fn queue(&self, depth: u16) -> Result<UringQueue, DriverError> {
+    /// A queue of the kind this device takes: plain reads and writes, or NVMe passthrough.
+    fn any_queue(&self, depth: u16) -> Result<AnyQueue, DriverError> {
+        let capacity = depth.max(1) as usize;
+        Ok(match self.passthru_nsid {
+            None => {
+                let ring = self.ring(depth)?;
+                let (base, _) = self.pool.host_range();
+                AnyQueue::Plain(UringQueue {
+                    ring,
+                    capacity,
+                    outstanding: 0,
+                    pool_base: base as u64,
+                    block_shift: self.info.namespaces[0].block_size.trailing_zeros(),
+                    iopoll: self.iopoll,
+                    last_errno: 0,
+                    _pool: self.pool.clone(),
+                })
+            }
+            Some(nsid) => AnyQueue::Passthru(passthru::PassthruQueue {
+                ring: self.ring(depth)?,
+                capacity,
+                outstanding: 0,
+                nsid,
+                iopoll: self.iopoll,
+                last_errno: 0,
+                _pool: self.pool.clone(),
+            }),
+        })
+    }
+
+    /// A ring set up as every queue of this driver is: registered file and buffers, cooperative
+    /// task running, SQPOLL and IOPOLL as configured; 128/32-byte entries for passthrough.
+    fn ring<S: io_uring::squeue::EntryMarker, C: io_uring::cqueue::EntryMarker>(
+        &self,
+        depth: u16,
+    ) -> Result<IoUring<S, C>, DriverError> {
         let name = &self.info.name;
         let entries = (depth as u32).next_power_of_two().max(2);
-        let mut builder = IoUring::builder();
+        let mut builder = IoUring::<S, C>::builder();
         // A reactor spins in user space: have the kernel raise a flag when completions wait
         // for task work, instead of interrupting the reactor for each (TWA_SIGNAL).
         builder.setup_coop_taskrun().setup_taskrun_flag();
@@ -263,17 +394,32 @@ impl UringDriver {
             what: "could not register the DMA pool as io_uring fixed buffers (raise the memlock limit: ulimit -l)".into(),
             source,
         })?;
-        let capacity = depth.max(1) as usize;
-        Ok(UringQueue {
-            ring,
-            capacity,
-            outstanding: 0,
-            pool_base: base as u64,
-            block_shift: self.info.namespaces[0].block_size.trailing_zeros(),
-            iopoll: self.iopoll,
-            last_errno: 0,
-            _pool: self.pool.clone(),
-        })
+        Ok(ring)
+    }
+}
+
+/// One reactor's ring on the device, of either kind.
+enum AnyQueue {
+    Plain(UringQueue),
+    Passthru(passthru::PassthruQueue),
+}
+
+impl std::ops::Deref for AnyQueue {
+    type Target = dyn IoQueue;
+    fn deref(&self) -> &Self::Target {
+        match self {
+            AnyQueue::Plain(queue) => queue,
+            AnyQueue::Passthru(queue) => queue,
+        }
+    }
+}
+
+impl std::ops::DerefMut for AnyQueue {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match self {
+            AnyQueue::Plain(queue) => queue,
+            AnyQueue::Passthru(queue) => queue,
+        }
     }
 }
 
@@ -283,10 +429,18 @@ impl Driver for UringDriver {
     }
 
     fn create_queue(&self, depth: u16) -> Result<Box<dyn IoQueue>, DriverError> {
-        Ok(Box::new(self.queue(depth)?))
+        Ok(match self.any_queue(depth)? {
+            AnyQueue::Plain(queue) => Box::new(queue),
+            AnyQueue::Passthru(queue) => Box::new(queue),
+        })
     }
 
     fn shutdown(&self) -> Result<(), DriverError> {
+        if self.passthru_nsid.is_some() {
+            // The engine has flushed every volume with NVMe Flush commands through the rings;
+            // the controller stays with the kernel, which shuts it down.
+            return Ok(());
+        }
         self.file.sync_data().map_err(|source| DriverError::Media {
             device: self.info.name.clone(),
             what: format!("syncing {} at shutdown", self.path.display()),
