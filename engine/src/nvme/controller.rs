@@ -355,3 +355,40 @@ impl NvmeController {
         Ok(())
     }
 }
+
+/// An I/O queue pair together with the controller that created it, for a reactor to own:
+/// dropping it deletes the queues from the controller (the memory is leaked instead if the
+/// controller does not confirm, see [`NvmeController::delete_io_queue_pair`]).
+pub struct OwnedQueuePair {
+    qp: Option<QueuePair>,
+    controller: std::sync::Arc<NvmeController>,
+}
+
+impl OwnedQueuePair {
+    pub fn new(qp: QueuePair, controller: std::sync::Arc<NvmeController>) -> Self {
+        Self {
+            qp: Some(qp),
+            controller,
+        }
+    }
+
+    #[inline(always)]
+    pub fn get(&mut self) -> &mut QueuePair {
+        self.qp.as_mut().expect("queue pair present until drop")
+    }
+
+    #[inline(always)]
+    pub fn get_ref(&self) -> &QueuePair {
+        self.qp.as_ref().expect("queue pair present until drop")
+    }
+}
+
+impl Drop for OwnedQueuePair {
+    fn drop(&mut self) {
+        if let Some(qp) = self.qp.take() {
+            if let Err(error) = self.controller.delete_io_queue_pair(qp) {
+                tracing::warn!("deleting an I/O queue pair: {error}");
+            }
+        }
+    }
+}

@@ -6,7 +6,9 @@ pub mod doorbell;
 pub mod qpair;
 pub mod spec;
 
-pub use controller::{ControllerIdentity, Namespace, NvmeController, NvmeError, Transport};
+pub use controller::{
+    ControllerIdentity, Namespace, NvmeController, NvmeError, OwnedQueuePair, Transport,
+};
 pub use doorbell::{Doorbell, DoorbellKind, DoorbellPage};
 pub use qpair::{Completed, DataRange, QueueFull, QueueMemory, QueuePair, MAX_TRANSFER_BYTES};
 pub use spec::{CompletionEntry, Status, SubmissionEntry};

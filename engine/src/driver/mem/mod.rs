@@ -28,8 +28,8 @@ use super::{DeviceInfo, Driver, DriverError, IoCommand, IoQueue};
 use crate::config::{DeviceConfig, DeviceMode, MediaKind};
 use crate::dma::DmaPool;
 use crate::nvme::{
-    Completed, Doorbell, DoorbellKind, NvmeController, QueueFull, QueueMemory, QueuePair,
-    Transport, MAX_TRANSFER_BYTES,
+    Completed, Doorbell, DoorbellKind, NvmeController, OwnedQueuePair, QueueFull, QueueMemory,
+    QueuePair, Transport, MAX_TRANSFER_BYTES,
 };
 
 const ADMIN_ENTRIES: u16 = 32;
@@ -209,9 +209,8 @@ impl Driver for MemDriver {
             DeviceMode::Thread => None,
         };
         Ok(Box::new(MemQueue {
-            qp: Some(qp),
+            qp: OwnedQueuePair::new(qp, self.controller.clone()),
             inline,
-            controller: self.controller.clone(),
         }))
     }
 
@@ -278,29 +277,20 @@ fn run_device_thread(device: &MemDevice, stop: &AtomicBool) {
 /// A reactor's queue on a `mem` device: the host queue pair and, inline, the controller's
 /// side of it.
 struct MemQueue {
-    qp: Option<QueuePair>,
+    qp: OwnedQueuePair,
     inline: Option<DeviceQueue>,
-    controller: Arc<NvmeController>,
-}
-
-impl MemQueue {
-    #[inline(always)]
-    fn qp(&mut self) -> &mut QueuePair {
-        self.qp.as_mut().expect("queue pair present until drop")
-    }
 }
 
 impl IoQueue for MemQueue {
     #[inline]
     fn submit(&mut self, command: &IoCommand, cookie: u32) -> Result<(), QueueFull> {
         let entry = command.nvme_entry();
-        self.qp().submit(entry, command.data, cookie).map(drop)
+        self.qp.get().submit(entry, command.data, cookie).map(drop)
     }
 
     #[inline]
     fn ring(&mut self) {
-        let qp = self.qp.as_mut().expect("queue pair present until drop");
-        if qp.ring() {
+        if self.qp.get().ring() {
             if let Some(device) = self.inline.as_mut() {
                 device.process();
             }
@@ -314,26 +304,23 @@ impl IoQueue for MemQueue {
                 device.process();
             }
         }
-        self.qp().reap(out)
+        self.qp.get().reap(out)
     }
 
     #[inline]
     fn outstanding(&self) -> usize {
-        self.qp.as_ref().map_or(0, |qp| qp.outstanding())
+        self.qp.get_ref().outstanding()
     }
 
     fn capacity(&self) -> usize {
-        self.qp.as_ref().map_or(0, |qp| qp.capacity())
+        self.qp.get_ref().capacity()
     }
 }
 
 impl Drop for MemQueue {
     fn drop(&mut self) {
+        // The controller's side of an inline queue goes first; the queue pair (a field) is
+        // deleted from the controller after this.
         self.inline = None;
-        if let Some(qp) = self.qp.take() {
-            if let Err(error) = self.controller.delete_io_queue_pair(qp) {
-                tracing::warn!("deleting an I/O queue pair: {error}");
-            }
-        }
     }
 }

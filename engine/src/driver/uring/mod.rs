@@ -22,7 +22,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::{DeviceInfo, Driver, DriverError, IoCommand, IoFlags, IoQueue, Op};
 use crate::config::DeviceConfig;
@@ -141,22 +141,16 @@ impl UringDriver {
             ));
         }
         let driver = Self {
-            info: DeviceInfo {
-                name: name.into(),
-                driver: "uring",
-                model: if block_device {
+            info: device_info(
+                name,
+                if block_device {
                     format!("block device {}", path.display())
                 } else {
                     format!("file {}", path.display())
                 },
-                serial: format!("uring-{name}"),
-                namespaces: vec![Namespace {
-                    nsid: 1,
-                    block_size,
-                    blocks,
-                }],
-                max_transfer_bytes: MAX_TRANSFER_BYTES.min(1 << 20),
-            },
+                block_size,
+                blocks,
+            ),
             file,
             path,
             pool: pool.clone(),
@@ -205,22 +199,16 @@ impl UringDriver {
             blocks = wanted.0 / namespace.block_size as u64;
         }
         let driver = Self {
-            info: DeviceInfo {
-                name: name.into(),
-                driver: "uring",
-                model: format!(
+            info: device_info(
+                name,
+                format!(
                     "NVMe passthrough {} (namespace {})",
                     path.display(),
                     namespace.nsid
                 ),
-                serial: format!("uring-{name}"),
-                namespaces: vec![Namespace {
-                    nsid: 1,
-                    block_size: namespace.block_size,
-                    blocks,
-                }],
-                max_transfer_bytes: MAX_TRANSFER_BYTES.min(1 << 20),
-            },
+                namespace.block_size,
+                blocks,
+            ),
             file,
             path,
             pool: pool.clone(),
@@ -544,33 +532,12 @@ impl IoQueue for UringQueue {
 
     #[inline]
     fn ring(&mut self) {
-        if self.ring.submission().is_empty() {
-            return;
-        }
-        // One system call for the batch (with SQPOLL, only when the kernel thread sleeps).
-        // EAGAIN/EBUSY leave the entries queued: the next ring retries them.
-        if let Err(error) = self.ring.submit() {
-            if !matches!(
-                error.raw_os_error(),
-                Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::EINTR)
-            ) {
-                tracing::error!("io_uring submit failed: {error}");
-            }
-        }
+        submit_queued(&mut self.ring);
     }
 
     #[inline]
     fn reap(&mut self, out: &mut [Completed]) -> usize {
-        if self.iopoll && self.outstanding > 0 {
-            // Polled completions are only found when asked for.
-            let _ = self.ring.submit_and_wait(0);
-        } else if self.outstanding > 0
-            && self.ring.completion().is_empty()
-            && self.ring.submission().taskrun()
-        {
-            // Completions are waiting for task work: one enter (with GETEVENTS) posts them.
-            let _ = self.ring.submit();
-        }
+        surface_completions(&mut self.ring, self.outstanding, self.iopoll);
         let mut reaped = 0;
         for cqe in self.ring.completion().take(out.len()) {
             let data = cqe.user_data();
@@ -598,14 +565,72 @@ impl IoQueue for UringQueue {
     }
 
     fn wait(&mut self, timeout: std::time::Duration) -> bool {
-        if self.outstanding == 0 || !self.ring.completion().is_empty() {
-            return true;
+        wait_for_completion(&mut self.ring, self.outstanding, timeout)
+    }
+}
+
+/// Publishes a ring's queued submissions with one system call for the batch (with SQPOLL,
+/// only when the kernel thread sleeps). EAGAIN/EBUSY leave the entries queued: the next
+/// doorbell round retries them.
+#[inline]
+fn submit_queued<S: squeue::EntryMarker, C: cqueue::EntryMarker>(ring: &mut IoUring<S, C>) {
+    if ring.submission().is_empty() {
+        return;
+    }
+    if let Err(error) = ring.submit() {
+        if !matches!(
+            error.raw_os_error(),
+            Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::EINTR)
+        ) {
+            tracing::error!("io_uring submit failed: {error}");
         }
-        let timespec = types::Timespec::from(timeout);
-        let args = types::SubmitArgs::new().timespec(&timespec);
-        match self.ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => true,
-            Err(error) => matches!(error.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)),
-        }
+    }
+}
+
+/// Makes finished commands appear in the completion ring: polled completions (IOPOLL) are only
+/// found when asked for, and completions waiting for task work are posted by one enter.
+#[inline]
+fn surface_completions<S: squeue::EntryMarker, C: cqueue::EntryMarker>(
+    ring: &mut IoUring<S, C>,
+    outstanding: usize,
+    iopoll: bool,
+) {
+    if iopoll && outstanding > 0 {
+        let _ = ring.submit_and_wait(0);
+    } else if outstanding > 0 && ring.completion().is_empty() && ring.submission().taskrun() {
+        let _ = ring.submit();
+    }
+}
+
+/// Sleeps in the kernel up to `timeout` until a completion arrives (for adaptive polling).
+fn wait_for_completion<S: squeue::EntryMarker, C: cqueue::EntryMarker>(
+    ring: &mut IoUring<S, C>,
+    outstanding: usize,
+    timeout: std::time::Duration,
+) -> bool {
+    if outstanding == 0 || !ring.completion().is_empty() {
+        return true;
+    }
+    let timespec = types::Timespec::from(timeout);
+    let args = types::SubmitArgs::new().timespec(&timespec);
+    match ring.submitter().submit_with_args(1, &args) {
+        Ok(_) => true,
+        Err(error) => matches!(error.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)),
+    }
+}
+
+/// What the engine knows of a device this driver opened: one namespace, numbered 1.
+fn device_info(name: &str, model: String, block_size: u32, blocks: u64) -> DeviceInfo {
+    DeviceInfo {
+        name: name.into(),
+        driver: "uring",
+        model,
+        serial: format!("uring-{name}"),
+        namespaces: vec![Namespace {
+            nsid: 1,
+            block_size,
+            blocks,
+        }],
+        max_transfer_bytes: MAX_TRANSFER_BYTES.min(1 << 20),
     }
 }

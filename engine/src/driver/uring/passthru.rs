@@ -149,29 +149,12 @@ impl IoQueue for PassthruQueue {
 
     #[inline]
     fn ring(&mut self) {
-        if self.ring.submission().is_empty() {
-            return;
-        }
-        if let Err(error) = self.ring.submit() {
-            if !matches!(
-                error.raw_os_error(),
-                Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::EINTR)
-            ) {
-                tracing::error!("io_uring submit failed: {error}");
-            }
-        }
+        super::submit_queued(&mut self.ring);
     }
 
     #[inline]
     fn reap(&mut self, out: &mut [Completed]) -> usize {
-        if self.iopoll && self.outstanding > 0 {
-            let _ = self.ring.submit_and_wait(0);
-        } else if self.outstanding > 0
-            && self.ring.completion().is_empty()
-            && self.ring.submission().taskrun()
-        {
-            let _ = self.ring.submit();
-        }
+        super::surface_completions(&mut self.ring, self.outstanding, self.iopoll);
         let mut reaped = 0;
         for cqe in self.ring.completion().take(out.len()) {
             let result = cqe.result();
@@ -206,15 +189,7 @@ impl IoQueue for PassthruQueue {
     }
 
     fn wait(&mut self, timeout: std::time::Duration) -> bool {
-        if self.outstanding == 0 || !self.ring.completion().is_empty() {
-            return true;
-        }
-        let timespec = types::Timespec::from(timeout);
-        let args = types::SubmitArgs::new().timespec(&timespec);
-        match self.ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => true,
-            Err(error) => matches!(error.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)),
-        }
+        super::wait_for_completion(&mut self.ring, self.outstanding, timeout)
     }
 }
 

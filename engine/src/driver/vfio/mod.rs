@@ -25,8 +25,8 @@ use crate::config::DeviceConfig;
 use crate::dma::DmaPool;
 use crate::nvme::spec::register as reg;
 use crate::nvme::{
-    Completed, Doorbell, DoorbellKind, NvmeController, QueueFull, QueueMemory, QueuePair,
-    Transport, MAX_TRANSFER_BYTES,
+    Completed, Doorbell, DoorbellKind, NvmeController, OwnedQueuePair, QueueFull, QueueMemory,
+    QueuePair, Transport, MAX_TRANSFER_BYTES,
 };
 
 /// Admin queue entries (capped by CAP.MQES).
@@ -270,8 +270,7 @@ impl Driver for VfioDriver {
         }
         let qp = self.controller.create_io_queue_pair(entries as u16)?;
         Ok(Box::new(VfioQueue {
-            qp: Some(qp),
-            controller: self.controller.clone(),
+            qp: OwnedQueuePair::new(qp, self.controller.clone()),
             registers: self.registers.clone(),
             empty_polls: 0,
             stalled_since: None,
@@ -323,8 +322,7 @@ impl Drop for VfioDriver {
 
 /// A reactor's I/O queue pair on the controller.
 struct VfioQueue {
-    qp: Option<QueuePair>,
-    controller: Arc<NvmeController>,
+    qp: OwnedQueuePair,
     registers: Arc<Registers>,
     /// Polls that found nothing while commands were outstanding, since the last completion.
     empty_polls: u32,
@@ -333,11 +331,6 @@ struct VfioQueue {
 }
 
 impl VfioQueue {
-    #[inline(always)]
-    fn qp(&mut self) -> &mut QueuePair {
-        self.qp.as_mut().expect("queue pair present until drop")
-    }
-
     /// Called every [`STALL_CHECK_POLLS`] empty polls with commands outstanding: reports a
     /// controller that failed or a queue that stopped completing.
     #[cold]
@@ -348,7 +341,7 @@ impl VfioQueue {
             return;
         }
         let csts = self.registers.status();
-        let qp = self.qp.as_ref().expect("queue pair present until drop");
+        let qp = self.qp.get_ref();
         let (qid, outstanding) = (qp.qid(), qp.outstanding());
         if csts == u32::MAX || csts & reg::CSTS_FATAL != 0 {
             tracing::error!(
@@ -371,24 +364,24 @@ impl IoQueue for VfioQueue {
     #[inline]
     fn submit(&mut self, command: &IoCommand, cookie: u32) -> Result<(), QueueFull> {
         let entry = command.nvme_entry();
-        self.qp().submit(entry, command.data, cookie).map(drop)
+        self.qp.get().submit(entry, command.data, cookie).map(drop)
     }
 
     #[inline]
     fn ring(&mut self) {
-        self.qp().ring();
+        self.qp.get().ring();
     }
 
     #[inline]
     fn reap(&mut self, out: &mut [Completed]) -> usize {
-        let reaped = self.qp().reap(out);
+        let reaped = self.qp.get().reap(out);
         if reaped > 0 {
             if self.stalled_since.is_some() {
                 self.stalled_since = None;
                 self.reported = false;
             }
             self.empty_polls = 0;
-        } else if self.qp().outstanding() > 0 {
+        } else if self.qp.get().outstanding() > 0 {
             self.empty_polls = self.empty_polls.wrapping_add(1);
             if self.empty_polls.is_multiple_of(STALL_CHECK_POLLS) {
                 self.check_stall();
@@ -399,20 +392,10 @@ impl IoQueue for VfioQueue {
 
     #[inline]
     fn outstanding(&self) -> usize {
-        self.qp.as_ref().map_or(0, |qp| qp.outstanding())
+        self.qp.get_ref().outstanding()
     }
 
     fn capacity(&self) -> usize {
-        self.qp.as_ref().map_or(0, |qp| qp.capacity())
-    }
-}
-
-impl Drop for VfioQueue {
-    fn drop(&mut self) {
-        if let Some(qp) = self.qp.take() {
-            if let Err(error) = self.controller.delete_io_queue_pair(qp) {
-                tracing::warn!("deleting an I/O queue pair: {error}");
-            }
-        }
+        self.qp.get_ref().capacity()
     }
 }
