@@ -50,9 +50,10 @@ pub enum EngineError {
     Reactor { core: usize, what: String },
     #[error("flushing volume {volume:?} at shutdown: {error}")]
     Flush { volume: String, error: IoError },
-    #[error("telemetry clock: {0}")]
+    // The cause is the error's source: a chain printer (anyhow's `{:#}`) prints it once.
+    #[error("telemetry clock")]
     Clock(#[from] fathom_telemetry::ClockError),
-    #[error("telemetry: {0}")]
+    #[error("telemetry")]
     Region(#[from] fathom_telemetry::region::RegionError),
 }
 
