@@ -260,11 +260,11 @@ pub fn render_table(report: &IntervalReport, stages: &[String]) -> String {
             "volume", "op", "stage", "count", "mean", "p50", "p90", "p99", "p99.9", "max"
         );
         for row in &report.volumes {
-            for stage in row
-                .stages
-                .iter()
-                .filter(|stage| stages.is_empty() || stages.contains(&stage.stage))
-            {
+            // Front-end stages (receive, reply) stay empty for IO that came in another way.
+            let timed = row.stages.iter().any(|stage| stage.count > 0);
+            for stage in row.stages.iter().filter(|stage| {
+                (stages.is_empty() || stages.contains(&stage.stage)) && (stage.count > 0 || !timed)
+            }) {
                 let _ = writeln!(
                     out,
                     "{:<12} {:<6} {:<9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",

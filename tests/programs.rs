@@ -43,9 +43,10 @@ fn write_config(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
     let path = dir.join("node.toml");
     std::fs::write(
         &path,
-                // Its own stats region and no metrics port, so tests never touch a real node's.
+        // Its own stats region, no metrics port and no NBD port, so tests never touch a real
+        // node's.
         format!(
-            "[node]\nid = \"prog\"\ndata_dir = {:?}\n[telemetry]\nregion = {:?}\nmetrics = \"\"\n{body}",
+            "[node]\nid = \"prog\"\ndata_dir = {:?}\n[telemetry]\nregion = {:?}\nmetrics = \"\"\n[nbd]\nlisten = []\n{body}",
             dir.display().to_string(),
             dir.join("stats").display().to_string()
         ),

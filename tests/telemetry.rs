@@ -38,7 +38,7 @@ fn config(dir: &Path, id: &str, inject: &str) -> Config {
 fn config_text(dir: &Path, id: &str, inject: &str) -> String {
     format!(
         "[node]\nid = \"{id}\"\ndata_dir = {dir:?}\n[dma]\nsize = \"16MiB\"\nhugepages = {huge}\n\
-         [reactor]\ncores = [0]\npoll = \"busy\"\n[telemetry]\nregion = {region:?}\nmetrics = \"\"\n\
+         [reactor]\ncores = [0]\npoll = \"busy\"\n[telemetry]\nregion = {region:?}\nmetrics = \"\"\n[nbd]\nlisten = []\n\
          [[device]]\nname = \"nvme0\"\ndriver = \"mem\"\nmedia = \"ram\"\nsize = \"64MiB\"\n{inject}\n\
          [[volume]]\nname = \"vol0\"\ndevice = \"nvme0\"\nsize = \"64MiB\"\n",
         dir = dir.display().to_string(),

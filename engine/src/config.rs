@@ -54,6 +54,8 @@ pub struct Config {
     pub reactor: ReactorConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub nbd: NbdConfig,
     #[serde(rename = "device", default)]
     pub devices: Vec<DeviceConfig>,
     #[serde(rename = "volume", default)]
@@ -198,6 +200,45 @@ impl Default for TelemetryConfig {
             clock: Self::default_clock(),
             region: None,
             metrics: Self::default_metrics(),
+        }
+    }
+}
+
+/// The NBD front end: every volume is an export of the same name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdConfig {
+    /// Addresses to listen on; `[]` serves nothing. Default: NBD's registered port on
+    /// loopback only.
+    #[serde(default = "NbdConfig::default_listen")]
+    pub listen: Vec<String>,
+    /// Connections served at once; more are accepted and closed with a logged reason.
+    #[serde(default = "NbdConfig::default_max_connections")]
+    pub max_connections: usize,
+    /// Requests one connection may have in flight; further requests wait in the socket.
+    #[serde(default = "NbdConfig::default_max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+impl NbdConfig {
+    pub const DEFAULT_PORT: u16 = 10809;
+    fn default_listen() -> Vec<String> {
+        vec![format!("127.0.0.1:{}", Self::DEFAULT_PORT)]
+    }
+    fn default_max_connections() -> usize {
+        256
+    }
+    fn default_max_in_flight() -> usize {
+        128
+    }
+}
+
+impl Default for NbdConfig {
+    fn default() -> Self {
+        Self {
+            listen: Self::default_listen(),
+            max_connections: Self::default_max_connections(),
+            max_in_flight: Self::default_max_in_flight(),
         }
     }
 }
@@ -422,6 +463,29 @@ impl Config {
                 "telemetry.metrics",
                 format!("{:?}", self.telemetry.metrics),
                 "an IP address and port such as \"127.0.0.1:9480\", or \"\" for no endpoint",
+            ));
+        }
+        for (index, listen) in self.nbd.listen.iter().enumerate() {
+            if listen.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    format!("nbd.listen[{index}]"),
+                    format!("{listen:?}"),
+                    "an IP address and port such as \"127.0.0.1:10809\" (NBD's registered port)",
+                ));
+            }
+        }
+        if !(1..=65536).contains(&self.nbd.max_connections) {
+            return Err(invalid(
+                "nbd.max_connections",
+                self.nbd.max_connections,
+                "1 to 65536",
+            ));
+        }
+        if !(1..=4096).contains(&self.nbd.max_in_flight) {
+            return Err(invalid(
+                "nbd.max_in_flight",
+                self.nbd.max_in_flight,
+                "1 to 4096",
             ));
         }
         if self.dma.size.0 < 4 << 20 {

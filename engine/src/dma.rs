@@ -415,6 +415,19 @@ impl DmaBuf {
         out
     }
 
+    /// The view as bytes, for handing to a socket or a checksum without a copy.
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: the view lies inside the allocation; holding the buffer means no IO on it is
+        // in flight, so no controller writes it while the slice lives (it borrows `self`).
+        unsafe { std::slice::from_raw_parts(self.view_ptr(), self.len()) }
+    }
+
+    /// The view as mutable bytes, for a socket to read a payload straight into.
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `as_bytes`, and `&mut self` makes this the only access.
+        unsafe { std::slice::from_raw_parts_mut(self.view_ptr(), self.len()) }
+    }
+
     /// Fills the view with `byte`.
     pub fn fill(&mut self, byte: u8) {
         // SAFETY: the view is inside the allocation and we hold the buffer exclusively.

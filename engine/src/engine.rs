@@ -7,9 +7,9 @@
 //! without the hop.
 
 use std::path::PathBuf;
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::{JoinHandle, Thread};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fathom_telemetry::Clock;
@@ -60,7 +60,6 @@ pub enum EngineError {
 struct ReactorHandle {
     core: usize,
     shared: Arc<ReactorShared>,
-    thread: Thread,
 }
 
 struct EngineInner {
@@ -142,7 +141,12 @@ impl Engine {
         let mut joins = Vec::new();
         let mut ready = Vec::new();
         for (index, &core) in config.reactor.cores.iter().enumerate() {
-            let shared = Arc::new(ReactorShared::new(config.reactor.inbound_capacity));
+            let shared = Arc::new(ReactorShared::new(config.reactor.inbound_capacity).map_err(
+                |error| EngineError::Reactor {
+                    core,
+                    what: format!("could not create its wake-up eventfd: {error}"),
+                },
+            )?);
             let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(1);
             let (devices, volumes, shared_for_thread) =
                 (devices.clone(), volumes.clone(), shared.clone());
@@ -200,11 +204,7 @@ impl Engine {
                     core,
                     what: format!("could not start the thread: {error}"),
                 })?;
-            reactors.push(ReactorHandle {
-                core,
-                shared,
-                thread: join.thread().clone(),
-            });
+            reactors.push(ReactorHandle { core, shared });
             joins.push(join);
             ready.push((core, ready_rx));
         }
@@ -434,11 +434,7 @@ impl Engine {
 }
 
 fn wake(reactor: &ReactorHandle) {
-    // Pairs with the reactor's fence between setting `sleeping` and its last look at the ring.
-    fence(Ordering::SeqCst);
-    if reactor.shared.sleeping.load(Ordering::SeqCst) {
-        reactor.thread.unpark();
-    }
+    reactor.shared.wake();
 }
 
 impl EngineInner {
@@ -446,7 +442,7 @@ impl EngineInner {
         self.stopped.store(true, Ordering::Release);
         for reactor in &self.reactors {
             reactor.shared.stop.store(true, Ordering::Release);
-            reactor.thread.unpark();
+            reactor.shared.wake();
         }
         for join in self.joins.lock().drain(..) {
             let _ = join.join();

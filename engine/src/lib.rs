@@ -10,7 +10,9 @@
 //! - [`reactor`]: one pinned, polling thread per core, owning its queue pairs, with per-IO
 //!   slots allocated at start;
 //! - [`volume`]: named LBA ranges and the request/completion types;
-//! - [`engine`]: everything brought up from a [`config::Config`], and the submit API.
+//! - [`engine`]: everything brought up from a [`config::Config`], and the submit API;
+//! - [`frontend`]: the protocols that serve volumes to clients, starting with NBD, written
+//!   sans-IO (bytes in, bytes out) for reactor-polled socket tasks to drive.
 //!
 //! The IO path (submit, doorbell, controller, completion, callback) takes no lock, makes no
 //! system call and allocates nothing.
@@ -19,7 +21,9 @@ pub mod config;
 pub mod dma;
 pub mod driver;
 pub mod engine;
+pub mod frontend;
 pub mod nvme;
+pub mod poll;
 pub mod reactor;
 pub mod stats;
 pub mod volume;

@@ -18,6 +18,7 @@
 //! `busy` mode never parks or waits, as SPDK's reactors.
 
 use std::collections::VecDeque;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,8 +29,9 @@ use crate::config::PollMode;
 use crate::dma::DmaBuf;
 use crate::driver::{IoQueue, Op};
 use crate::nvme::Completed;
+use crate::poll::EventFd;
 use crate::stats::{op_index, CoreTelemetry};
-use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume};
+use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};
 
 /// Inbound messages taken per loop iteration.
 pub const INBOUND_BATCH: usize = 64;
@@ -50,6 +52,11 @@ pub trait Task: Send {
     fn complete(&mut self, io: &mut IoContext, completion: IoCompletion);
     /// A finished task is dropped once none of its IOs is in flight.
     fn finished(&self) -> bool;
+    /// A descriptor that turns readable when the task has work (a front end's epoll), so that
+    /// an idle reactor can sleep until then. A task without one keeps its reactor polling.
+    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }
 
 /// A request refused at submission, handed back with the reason.
@@ -72,14 +79,27 @@ pub(crate) struct ReactorShared {
     pub inbound: ArrayQueue<Message>,
     pub sleeping: AtomicBool,
     pub stop: AtomicBool,
+    /// Written to wake the reactor while it sleeps ([`ReactorShared::wake`]).
+    wake: EventFd,
 }
 
 impl ReactorShared {
-    pub fn new(capacity: usize) -> Self {
-        Self {
+    pub fn new(capacity: usize) -> std::io::Result<Self> {
+        Ok(Self {
             inbound: ArrayQueue::new(capacity),
             sleeping: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            wake: EventFd::new()?,
+        })
+    }
+
+    /// Wakes the reactor if it sleeps. Call after publishing the work (a message, `stop`).
+    pub fn wake(&self) {
+        // Pairs with the reactor's fence between setting `sleeping` and its last look at the
+        // ring: either we see it sleeping, or it sees our message.
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) {
+            self.wake.notify();
         }
     }
 }
@@ -96,6 +116,8 @@ struct Slot {
     rung: u64,
     volume: u32,
     bytes: u64,
+    /// Submitted by a front end, which records the IO's `total` itself.
+    frontend: bool,
 }
 
 /// A reactor's IO state: its device queues and per-IO slots. Tasks submit through it.
@@ -149,6 +171,7 @@ impl IoContext {
                 rung: 0,
                 volume: 0,
                 bytes: 0,
+                frontend: false,
             })
             .collect();
         Self {
@@ -191,7 +214,44 @@ impl IoContext {
     #[inline]
     pub fn submit(&mut self, request: IoRequest) -> Result<(), Rejected> {
         let task = self.current_task;
-        self.submit_notify(request, Notify::Task(task), None)
+        self.submit_notify(request, Notify::Task(task), None, false)
+    }
+
+    /// As [`IoContext::submit`], from a front end that times the IO from its socket to its
+    /// socket: telemetry leaves the IO's `total` to it ([`IoContext::record_stage`]).
+    #[inline]
+    pub fn submit_frontend(&mut self, request: IoRequest) -> Result<(), Rejected> {
+        let task = self.current_task;
+        self.submit_notify(request, Notify::Task(task), None, true)
+    }
+
+    /// Reads the telemetry clock (0 without telemetry). Stamps taken here also end the stages
+    /// waiting for the reactor's next clock read, so a front end's stamps cost the reactor
+    /// none of its own.
+    #[inline]
+    pub fn stamp(&mut self) -> u64 {
+        self.telemetry
+            .as_deref_mut()
+            .map_or(0, |telemetry| telemetry.stamp())
+    }
+
+    /// The last clock read (0 without telemetry): the stamp of anything happening now, to
+    /// within one loop iteration.
+    #[inline]
+    pub fn last_stamp(&self) -> u64 {
+        self.telemetry
+            .as_deref()
+            .map_or(0, |telemetry| telemetry.now)
+    }
+
+    /// Records `count` IOs of `volume`/`op` that spent `ticks` each in `stage` (an index of
+    /// [`crate::stats::stage`]): for the stages a front end times itself. Nothing without
+    /// telemetry.
+    #[inline]
+    pub fn record_stage(&mut self, volume: VolumeId, op: Op, stage: usize, ticks: u64, count: u64) {
+        if let Some(telemetry) = self.telemetry.as_deref_mut() {
+            telemetry.record(volume.0, op_index(op), stage, ticks, count);
+        }
     }
 
     #[inline]
@@ -200,6 +260,7 @@ impl IoContext {
         request: IoRequest,
         notify: Notify,
         accepted: Option<u64>,
+        frontend: bool,
     ) -> Result<(), Rejected> {
         let Some(volume) = self.volumes.get(request.volume.0 as usize) else {
             let error = IoError::UnknownVolume(request.volume.0);
@@ -254,6 +315,7 @@ impl IoContext {
             self.unrung[device].push(slot_index);
             slot.volume = request.volume.0;
             slot.bytes = request.len;
+            slot.frontend = frontend;
         }
         slot.notify = notify;
         slot.tag = request.tag;
@@ -317,6 +379,8 @@ pub(crate) struct Reactor {
     reaped: Box<[Completed; REAP_BATCH]>,
     poll: PollMode,
     idle_spin: Duration,
+    /// What a sleeping reactor waits on (kept to avoid an allocation per sleep).
+    sleep_fds: Vec<libc::pollfd>,
 }
 
 impl Reactor {
@@ -335,6 +399,7 @@ impl Reactor {
             reaped: Box::new([Completed::default(); REAP_BATCH]),
             poll,
             idle_spin,
+            sleep_fds: Vec::new(),
         }
     }
 
@@ -375,7 +440,13 @@ impl Reactor {
                     {
                         idle_since = None;
                     }
-                } else if self.tasks.is_empty() && since.elapsed() >= self.idle_spin {
+                } else if since.elapsed() >= self.idle_spin
+                    && self
+                        .tasks
+                        .iter()
+                        .flatten()
+                        .all(|task| task.wake_fd().is_some())
+                {
                     self.park();
                     idle_since = None;
                 }
@@ -393,11 +464,31 @@ impl Reactor {
         }
         self.shared.sleeping.store(true, Ordering::SeqCst);
         // Pairs with the fence a submitter issues between its push and its look at `sleeping`:
-        // either it sees us sleeping and unparks, or we see its message here.
+        // either it sees us sleeping and wakes us, or we see its message here.
         fence(Ordering::SeqCst);
         if self.shared.inbound.is_empty() && !self.shared.stop.load(Ordering::Acquire) {
-            // Bounded, so that even a lost wake-up costs at most this long.
-            std::thread::park_timeout(Duration::from_millis(10));
+            // Sleep until woken, or until a task's descriptor has work. Bounded, so that even a
+            // lost wake-up costs at most this long.
+            let mut fds = std::mem::take(&mut self.sleep_fds);
+            fds.clear();
+            let watch = |fd: BorrowedFd<'_>| libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            fds.push(watch(self.shared.wake.as_fd()));
+            fds.extend(
+                self.tasks
+                    .iter()
+                    .flatten()
+                    .filter_map(|task| task.wake_fd())
+                    .map(watch),
+            );
+            // SAFETY: `fds` holds `len` initialised pollfd entries of descriptors that stay
+            // open during the call (the shared eventfd and the tasks' own).
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 10) };
+            self.sleep_fds = fds;
+            self.shared.wake.clear();
         }
         self.shared.sleeping.store(false, Ordering::SeqCst);
     }
@@ -432,7 +523,7 @@ impl Reactor {
 
     fn submit_or_backlog(&mut self, request: IoRequest, notify: Notify, accepted: u64) -> bool {
         let stamp = (self.io.telemetry.is_some()).then_some(accepted);
-        match self.io.submit_notify(request, notify, stamp) {
+        match self.io.submit_notify(request, notify, stamp, false) {
             Ok(()) => true,
             Err(Rejected {
                 request,
@@ -510,6 +601,7 @@ impl Reactor {
                         slot.submitted,
                         slot.rung,
                         seen,
+                        slot.frontend,
                     );
                 }
                 let notify = std::mem::replace(&mut slot.notify, Notify::Nobody);

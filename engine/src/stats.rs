@@ -1,12 +1,17 @@
 //! Stage stamps: every IO is timed at each stage it passes, and the durations go into the
 //! shared-memory stats region (`fathom_telemetry::region`).
 //!
-//! Stages (names are part of the public stats interface):
+//! Stages (names are part of the public stats interface), in the order an IO passes them:
+//! - `receive`: a front end's socket read that brought the request until it was parsed and
+//!   handed to the engine (front-end IOs only);
 //! - `queue`: the engine accepted the IO (on the caller's thread) until its reactor submits it;
 //! - `submit`: submission until the doorbell that published it;
 //! - `device`: doorbell until the reactor saw its completion;
 //! - `complete`: completion seen until the callbacks of its batch have run;
-//! - `total`: accepted until the callbacks ran.
+//! - `reply`: a front end's reply from then until the socket took all of it (front-end IOs
+//!   only);
+//! - `total`: accepted until the callbacks ran; for front-end IOs, from the socket read to the
+//!   reply written, recorded by the front end.
 //!
 //! Reading the clock costs about 11 ns here, far more than recording, so the reactor reads it
 //! once per batch event and every IO crossing that boundary shares the value: once before a
@@ -27,12 +32,16 @@ use crate::driver::Op;
 
 /// Stage indices and names, in region order.
 pub mod stage {
-    pub const QUEUE: usize = 0;
-    pub const SUBMIT: usize = 1;
-    pub const DEVICE: usize = 2;
-    pub const COMPLETE: usize = 3;
-    pub const TOTAL: usize = 4;
-    pub const NAMES: [&str; 5] = ["queue", "submit", "device", "complete", "total"];
+    pub const RECEIVE: usize = 0;
+    pub const QUEUE: usize = 1;
+    pub const SUBMIT: usize = 2;
+    pub const DEVICE: usize = 3;
+    pub const COMPLETE: usize = 4;
+    pub const REPLY: usize = 5;
+    pub const TOTAL: usize = 6;
+    pub const NAMES: [&str; 7] = [
+        "receive", "queue", "submit", "device", "complete", "reply", "total",
+    ];
 }
 
 /// Operation names, indexed by [`op_index`].
@@ -56,6 +65,8 @@ struct RunKey {
     rung: u64,
     volume: u32,
     op: u8,
+    /// A front end records this IO's `total` itself (it ends at the reply, not the callback).
+    frontend: bool,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -71,6 +82,7 @@ struct IoRun {
 struct Closing {
     volume: u32,
     op: u8,
+    frontend: bool,
     accepted: u64,
     seen: u64,
     count: u64,
@@ -188,6 +200,7 @@ impl CoreTelemetry {
         submitted: u64,
         rung: u64,
         seen: u64,
+        frontend: bool,
     ) {
         let key = RunKey {
             accepted,
@@ -195,6 +208,7 @@ impl CoreTelemetry {
             rung,
             volume,
             op,
+            frontend,
         };
         if self.run.ios + self.run.errors == 0 || self.run.key != key {
             self.end_run(seen);
@@ -235,6 +249,7 @@ impl CoreTelemetry {
         self.closing.push(Closing {
             volume: key.volume,
             op: key.op,
+            frontend: key.frontend,
             accepted: key.accepted,
             seen,
             count,
@@ -265,13 +280,24 @@ impl CoreTelemetry {
                     now.saturating_sub(closing.seen),
                     closing.count,
                 );
-                recorder.record(
-                    op,
-                    stage::TOTAL,
-                    now.saturating_sub(closing.accepted),
-                    closing.count,
-                );
+                if !closing.frontend {
+                    recorder.record(
+                        op,
+                        stage::TOTAL,
+                        now.saturating_sub(closing.accepted),
+                        closing.count,
+                    );
+                }
             }
+        }
+    }
+
+    /// Records `count` IOs of `volume`/`op` whose `stage` took `ticks` each (for stages a
+    /// front end times itself).
+    #[inline]
+    pub fn record(&mut self, volume: u32, op: u8, stage: usize, ticks: u64, count: u64) {
+        if let Some(Some(recorder)) = self.volumes.get(volume as usize) {
+            recorder.record(op as usize, stage, ticks, count);
         }
     }
 

@@ -1,11 +1,13 @@
 //! fathom-node: the storage node.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use fathom_engine::config::{Config, DEFAULT_CONFIG};
 use fathom_engine::driver::vfio::bind::System;
+use fathom_engine::frontend::nbd::NbdServer;
 use fathom_engine::{Engine, PageKind};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
@@ -173,6 +175,21 @@ fn run(args: Args) -> Result<()> {
     } else {
         None
     };
+    let nbd = if config.nbd.listen.is_empty() {
+        tracing::info!("NBD: not serving (nbd.listen = [])");
+        None
+    } else {
+        let server = NbdServer::start(&engine, &config.nbd).context("starting the NBD server")?;
+        for address in server.addresses() {
+            let exports: Vec<String> = engine
+                .volumes()
+                .iter()
+                .map(|volume| format!("nbd://{address}/{}", volume.name))
+                .collect();
+            tracing::info!("NBD: serving {} on {address}", exports.join(" "));
+        }
+        Some(server)
+    };
     tracing::info!("node {} ready; SIGINT or SIGTERM stops it", config.node.id);
 
     let signal = signals.forever().next().unwrap_or(SIGTERM);
@@ -185,6 +202,14 @@ fn run(args: Args) -> Result<()> {
         "{name}: flushing {} volumes and stopping",
         engine.volumes().len()
     );
+    if let Some(nbd) = nbd {
+        let open = nbd.connections();
+        if !nbd.stop(Duration::from_secs(5)) {
+            tracing::warn!("NBD: connections still open after 5 s; stopping the engine anyway");
+        } else if open > 0 {
+            tracing::info!("NBD: closed {open} client connections");
+        }
+    }
     engine.shutdown().context("shutting down")?;
     tracing::info!(
         "node {} stopped cleanly: volumes flushed, queues deleted, devices shut down",

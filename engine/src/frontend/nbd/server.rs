@@ -1,0 +1,1415 @@
+//! The NBD server: listeners, handshakes and connections, all polled by reactor tasks.
+//!
+//! One [`Poller`] task runs on every reactor. Reactor 0's also owns the listening sockets and
+//! runs every handshake (not the data path); a connection that negotiated an export moves to
+//! the poller of the reactor that owns the export's volume, so that its requests reach the
+//! device queue without a cross-core hop. A poller reads each ready socket, parses as many
+//! requests as its free request slots and buffers allow, submits them from the reactor's own
+//! thread, and writes the replies of a loop iteration in one `writev` per connection.
+//!
+//! Per connection, request slots and the receive buffer are allocated when it starts serving;
+//! DMA buffers come from a per-reactor cache by power-of-two size class, so steady-state IO
+//! allocates nothing. When slots, buffers or the engine's queue run out, the poller stops
+//! reading that socket (TCP pushes back on the client) and resumes after completions.
+//!
+//! Telemetry: the `receive` stage runs from just before the socket read that brought a request
+//! to the moment it is submitted, `reply` from the end of the engine's callbacks to the socket
+//! having taken the whole reply, and `total` from the first to the last.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+
+use super::handshake::{ExportInfo, Handshake, HandshakeConfig, HandshakeError, State};
+use super::proto::{
+    self, cmd_flag, reply_flag, reply_type, transmission_flag, AfterRejection, Command, Errno,
+    Limits, Request, REQUEST_HEADER_LEN,
+};
+use crate::config::NbdConfig;
+use crate::dma::{DmaBuf, DmaPool};
+use crate::driver::Op;
+use crate::engine::Engine;
+use crate::poll::{Epoll, Event, EventFd};
+use crate::reactor::{IoContext, Rejected, Task};
+use crate::stats::stage;
+use crate::volume::{IoCompletion, IoError, IoRequest, VolumeId};
+
+/// Bytes of socket data a connection buffers for parsing (request headers and small payloads;
+/// larger payloads are read straight into their DMA buffer).
+const RECEIVE_BUFFER: usize = 256 << 10;
+/// Bytes read from one connection per loop iteration, so that one busy client cannot starve
+/// the others on the reactor.
+const READ_BUDGET: usize = 1 << 20;
+/// Replies gathered into one `writev`.
+const REPLIES_PER_WRITE: usize = 64;
+/// Ready sockets taken per `epoll_wait`.
+const EVENTS_PER_POLL: usize = 256;
+/// A client has this long to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest READ or WRITE the server advertises (the volume's own limit may be lower).
+const MAX_BLOCK: u32 = 32 << 20;
+/// DMA buffers a reactor keeps for reuse; more are returned to the pool.
+const BUFFER_CACHE_BYTES: usize = 32 << 20;
+/// Smallest buffer size class (one page).
+const MIN_BUFFER_SHIFT: u32 = 12;
+/// Room for a reply header: a structured ERROR chunk with a message of up to 100 bytes.
+const REPLY_HEADER_MAX: usize = 128;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    #[error("could not listen on {address} for NBD: {source}; another server (qemu-nbd, nbd-server, another node) may hold the port, so stop it or set nbd.listen")]
+    Listen {
+        address: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the volumes cannot be served over NBD")]
+    Exports(#[source] HandshakeError),
+    #[error("could not set up the NBD poller: {0}")]
+    Poller(#[source] io::Error),
+    #[error("could not start the NBD poller on reactor {reactor}: {what}")]
+    Spawn { reactor: usize, what: String },
+}
+
+/// One volume as clients see it.
+struct Export {
+    volume: VolumeId,
+    reactor: usize,
+    /// Largest WRITE_ZEROES one engine command carries; longer ones are split.
+    max_zeroes: u64,
+    info: ExportInfo,
+}
+
+/// What the pollers of one server share.
+struct Shared {
+    stop: AtomicBool,
+    /// Pollers still running.
+    running: AtomicUsize,
+    exports: Vec<Export>,
+    /// Per reactor: connections handed over after their handshake, and the poller's wake-up.
+    handoff: Vec<ArrayQueue<Box<Conn>>>,
+    wake: Vec<EventFd>,
+    connections: AtomicUsize,
+    max_connections: usize,
+    max_in_flight: usize,
+    dma: DmaPool,
+}
+
+/// A running NBD server. Dropping it stops it.
+pub struct NbdServer {
+    shared: Arc<Shared>,
+    addresses: Vec<SocketAddr>,
+}
+
+impl NbdServer {
+    /// Serves every volume of `engine` as an export of the same name on `config.listen`.
+    pub fn start(engine: &Engine, config: &NbdConfig) -> Result<Self, NbdError> {
+        let mut listeners = Vec::new();
+        let mut addresses = Vec::new();
+        for address in &config.listen {
+            let listener = TcpListener::bind(address.as_str())
+                .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+                .map_err(|source| NbdError::Listen {
+                    address: address.clone(),
+                    source,
+                })?;
+            addresses.push(listener.local_addr().map_err(NbdError::Poller)?);
+            listeners.push(listener);
+        }
+        let exports: Vec<Export> = engine
+            .volumes()
+            .iter()
+            .map(|volume| {
+                let max_block = (volume.max_transfer_bytes as u64).min(MAX_BLOCK as u64) as u32;
+                Export {
+                    volume: volume.id,
+                    reactor: volume.reactor,
+                    max_zeroes: 65536 * volume.block_size as u64,
+                    info: ExportInfo {
+                        name: volume.name.clone(),
+                        description: format!(
+                            "Fathom volume {} on device {}",
+                            volume.name, volume.device_name
+                        ),
+                        size_bytes: volume.size_bytes(),
+                        transmission_flags: transmission_flag::HAS_FLAGS
+                            | transmission_flag::SEND_FLUSH
+                            | transmission_flag::SEND_FUA
+                            | transmission_flag::SEND_TRIM
+                            | transmission_flag::SEND_WRITE_ZEROES
+                            | transmission_flag::CAN_MULTI_CONN,
+                        min_block_bytes: volume.block_size,
+                        preferred_block_bytes: 4096.max(volume.block_size),
+                        max_block_bytes: max_block,
+                    },
+                }
+            })
+            .collect();
+        // Every export is checked once here, so that a connection's handshake cannot fail on
+        // the server's own description.
+        let infos: Vec<ExportInfo> = exports.iter().map(|export| export.info.clone()).collect();
+        Handshake::new(infos, HandshakeConfig::default()).map_err(NbdError::Exports)?;
+        let reactors = engine.cores().len();
+        let wake = (0..reactors)
+            .map(|_| EventFd::new())
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(NbdError::Poller)?;
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            running: AtomicUsize::new(0),
+            exports,
+            handoff: (0..reactors)
+                .map(|_| ArrayQueue::new(config.max_connections))
+                .collect(),
+            wake,
+            connections: AtomicUsize::new(0),
+            max_connections: config.max_connections,
+            max_in_flight: config.max_in_flight,
+            dma: engine.dma().clone(),
+        });
+        let mut listeners = Some(listeners);
+        for reactor in 0..reactors {
+            let poller = Poller::new(
+                reactor,
+                shared.clone(),
+                if reactor == 0 {
+                    listeners.take().unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
+            )
+            .map_err(NbdError::Poller)?;
+            shared.running.fetch_add(1, Ordering::AcqRel);
+            if let Err(error) = engine.spawn(reactor, Box::new(poller)) {
+                shared.running.fetch_sub(1, Ordering::AcqRel);
+                shared.stop.store(true, Ordering::Release);
+                return Err(NbdError::Spawn {
+                    reactor,
+                    what: error.to_string(),
+                });
+            }
+        }
+        Ok(Self { shared, addresses })
+    }
+
+    /// The addresses it listens on (with the ports the system chose for port 0).
+    pub fn addresses(&self) -> &[SocketAddr] {
+        &self.addresses
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::Acquire)
+    }
+
+    /// Stops listening, closes every connection once its IO in flight has finished (replies
+    /// not yet written are dropped: the client sees the connection close and must retry), and
+    /// waits up to `timeout` for the pollers to finish. True when they all did.
+    pub fn stop(&self, timeout: Duration) -> bool {
+        self.shared.stop.store(true, Ordering::Release);
+        for wake in &self.shared.wake {
+            wake.notify();
+        }
+        let started = Instant::now();
+        while self.shared.running.load(Ordering::Acquire) > 0 {
+            if started.elapsed() >= timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        for wake in &self.shared.wake {
+            wake.notify();
+        }
+    }
+}
+
+/// DMA buffers by power-of-two size class, reused across requests of one reactor.
+struct BufferCache {
+    pool: DmaPool,
+    classes: Vec<Vec<DmaBuf>>,
+    cached_bytes: usize,
+    /// Whether the last allocation failed (logged once per episode).
+    exhausted: bool,
+}
+
+impl BufferCache {
+    fn new(pool: DmaPool) -> Self {
+        Self {
+            pool,
+            classes: (0..=(MAX_BLOCK.trailing_zeros() - MIN_BUFFER_SHIFT))
+                .map(|_| Vec::new())
+                .collect(),
+            cached_bytes: 0,
+            exhausted: false,
+        }
+    }
+
+    fn class_of(bytes: usize) -> usize {
+        let shift = bytes.max(1).next_power_of_two().trailing_zeros();
+        shift.saturating_sub(MIN_BUFFER_SHIFT) as usize
+    }
+
+    /// A buffer whose view is `bytes` long, or `None` while DMA memory is exhausted.
+    fn get(&mut self, bytes: usize) -> Option<DmaBuf> {
+        let class = Self::class_of(bytes);
+        let mut buf = match self.classes[class].pop() {
+            Some(buf) => {
+                self.cached_bytes -= buf.capacity();
+                buf
+            }
+            None => match self.pool.alloc(1 << (class as u32 + MIN_BUFFER_SHIFT)) {
+                Ok(buf) => {
+                    self.exhausted = false;
+                    buf
+                }
+                Err(error) => {
+                    if !self.exhausted {
+                        tracing::warn!(
+                            "NBD: no DMA memory for a {bytes}-byte request ({error}); \
+                             requests wait for buffers to return (raise dma.size)"
+                        );
+                        self.exhausted = true;
+                    }
+                    // Give back what this reactor keeps, so that the next try can succeed.
+                    self.release_all();
+                    return None;
+                }
+            },
+        };
+        buf.set_view(0, bytes);
+        Some(buf)
+    }
+
+    fn put(&mut self, buf: DmaBuf) {
+        let capacity = buf.capacity();
+        if self.cached_bytes + capacity > BUFFER_CACHE_BYTES || !capacity.is_power_of_two() {
+            return;
+        }
+        self.cached_bytes += capacity;
+        self.classes[Self::class_of(capacity)].push(buf);
+    }
+
+    fn release_all(&mut self) {
+        for class in &mut self.classes {
+            class.clear();
+        }
+        self.cached_bytes = 0;
+    }
+}
+
+const WAKE_TOKEN: u64 = u64::MAX;
+const LISTENER_TOKEN: u64 = u64::MAX - 1 - u16::MAX as u64;
+
+/// One reactor's NBD work: its connections (and on reactor 0, the listeners).
+struct Poller {
+    reactor: usize,
+    shared: Arc<Shared>,
+    epoll: Epoll,
+    listeners: Vec<TcpListener>,
+    conns: Vec<Option<Box<Conn>>>,
+    free_conns: Vec<u32>,
+    buffers: BufferCache,
+    events: Vec<Event>,
+    stopping: bool,
+    done: bool,
+}
+
+impl Poller {
+    fn new(reactor: usize, shared: Arc<Shared>, listeners: Vec<TcpListener>) -> io::Result<Self> {
+        let epoll = Epoll::new(EVENTS_PER_POLL)?;
+        epoll.add(shared.wake[reactor].as_fd(), WAKE_TOKEN, false)?;
+        for (index, listener) in listeners.iter().enumerate() {
+            epoll.add(listener.as_fd(), LISTENER_TOKEN + index as u64, false)?;
+        }
+        Ok(Self {
+            reactor,
+            buffers: BufferCache::new(shared.dma.clone()),
+            shared,
+            epoll,
+            listeners,
+            conns: Vec::new(),
+            free_conns: Vec::new(),
+            events: Vec::with_capacity(EVENTS_PER_POLL),
+            stopping: false,
+            done: false,
+        })
+    }
+
+    fn insert(&mut self, mut conn: Box<Conn>) {
+        let index = match self.free_conns.pop() {
+            Some(index) => index,
+            None => {
+                self.conns.push(None);
+                (self.conns.len() - 1) as u32
+            }
+        };
+        if let Err(error) = self.epoll.add(conn.stream.as_fd(), index as u64, true) {
+            tracing::warn!(peer = %conn.peer, "NBD: cannot watch the connection: {error}");
+            self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+            self.free_conns.push(index);
+            return;
+        }
+        // Whatever arrived with the handshake is parsed without waiting for more.
+        conn.readable = true;
+        conn.writable = true;
+        self.conns[index as usize] = Some(conn);
+    }
+
+    fn remove(&mut self, index: usize) {
+        if let Some(conn) = self.conns[index].take() {
+            let _ = self.epoll.delete(conn.stream.as_fd());
+            self.free_conns.push(index as u32);
+            self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+            match &conn.close_reason {
+                Some(reason) => {
+                    tracing::info!(peer = %conn.peer, export = conn.export_name(&self.shared), "NBD connection closed: {reason}")
+                }
+                None => {
+                    tracing::info!(peer = %conn.peer, export = conn.export_name(&self.shared), "NBD connection closed")
+                }
+            }
+            for slot in Vec::from(conn.slots).into_iter() {
+                if let Some(buf) = slot.buf {
+                    self.buffers.put(buf);
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, listener: usize) -> bool {
+        let mut accepted = false;
+        loop {
+            let (stream, peer) = match self.listeners[listener].accept() {
+                Ok(pair) => pair,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) => {
+                    // Out of descriptors or a connection reset before accept: the listener
+                    // itself is fine.
+                    tracing::warn!("NBD: accept failed: {error}");
+                    break;
+                }
+            };
+            accepted = true;
+            if self.shared.connections.load(Ordering::Acquire) >= self.shared.max_connections {
+                tracing::warn!(
+                    %peer,
+                    "NBD: refusing a connection: {} open, the limit (nbd.max_connections)",
+                    self.shared.max_connections
+                );
+                continue;
+            }
+            if let Err(error) = stream
+                .set_nonblocking(true)
+                .and_then(|()| stream.set_nodelay(true))
+            {
+                tracing::warn!(%peer, "NBD: cannot set up the connection: {error}");
+                continue;
+            }
+            let exports = self
+                .shared
+                .exports
+                .iter()
+                .map(|export| export.info.clone())
+                .collect();
+            let handshake = match Handshake::new(exports, HandshakeConfig::default()) {
+                Ok(handshake) => handshake,
+                Err(error) => {
+                    // Checked when the server started: cannot happen.
+                    tracing::error!(%peer, "NBD: {error}");
+                    continue;
+                }
+            };
+            self.shared.connections.fetch_add(1, Ordering::AcqRel);
+            tracing::debug!(%peer, "NBD connection accepted");
+            self.insert(Box::new(Conn::new(stream, peer, handshake)));
+        }
+        accepted
+    }
+
+    fn take_handoffs(&mut self) -> bool {
+        let mut any = false;
+        while let Some(conn) = self.shared.handoff[self.reactor].pop() {
+            self.insert(conn);
+            any = true;
+        }
+        any
+    }
+
+    fn begin_stop(&mut self) {
+        self.stopping = true;
+        for listener in self.listeners.drain(..) {
+            let _ = self.epoll.delete(listener.as_fd());
+        }
+        while let Some(conn) = self.shared.handoff[self.reactor].pop() {
+            self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+            drop(conn);
+        }
+        for conn in self.conns.iter_mut().flatten() {
+            conn.close("the node is stopping");
+        }
+    }
+
+    /// Moves a connection that negotiated an export owned by another reactor to it.
+    fn hand_off(&mut self, index: usize, reactor: usize) {
+        let Some(conn) = self.conns[index].take() else {
+            return;
+        };
+        let _ = self.epoll.delete(conn.stream.as_fd());
+        self.free_conns.push(index as u32);
+        if let Err(conn) = self.shared.handoff[reactor].push(conn) {
+            // Cannot happen while max_connections bounds the queue; close rather than lose it.
+            tracing::warn!(peer = %conn.peer, "NBD: hand-off queue full; closing the connection");
+            self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        self.shared.wake[reactor].notify();
+    }
+}
+
+impl Task for Poller {
+    fn poll(&mut self, io: &mut IoContext) -> bool {
+        if self.done {
+            return false;
+        }
+        if !self.stopping && self.shared.stop.load(Ordering::Acquire) {
+            self.begin_stop();
+        }
+        let mut work = false;
+        self.events.clear();
+        match self.epoll.wait(0) {
+            Ok(events) => self.events.extend(events),
+            Err(error) => tracing::warn!("NBD: epoll_wait failed: {error}"),
+        }
+        for event_index in 0..self.events.len() {
+            let event = self.events[event_index];
+            work = true;
+            match event.token {
+                WAKE_TOKEN => {
+                    self.shared.wake[self.reactor].clear();
+                    if !self.stopping {
+                        self.take_handoffs();
+                    }
+                }
+                token if token >= LISTENER_TOKEN => {
+                    let listener = (token - LISTENER_TOKEN) as usize;
+                    if listener < self.listeners.len() {
+                        self.accept(listener);
+                    }
+                }
+                token => {
+                    if let Some(Some(conn)) = self.conns.get_mut(token as usize) {
+                        conn.readable |= event.readable || event.closed;
+                        conn.writable |= event.writable;
+                    }
+                }
+            }
+        }
+        for index in 0..self.conns.len() {
+            let Some(conn) = self.conns[index].as_deref_mut() else {
+                continue;
+            };
+            let outcome = conn.serve(index as u32, io, &self.shared, &mut self.buffers);
+            work |= outcome.work;
+            if outcome.remove {
+                self.remove(index);
+            } else if let Some(reactor) = outcome.hand_off.filter(|&r| r != self.reactor) {
+                self.hand_off(index, reactor);
+            }
+        }
+        if self.stopping && self.conns.iter().all(Option::is_none) {
+            self.done = true;
+            self.buffers.release_all();
+            self.shared.running.fetch_sub(1, Ordering::AcqRel);
+        }
+        work
+    }
+
+    fn complete(&mut self, io: &mut IoContext, completion: IoCompletion) {
+        let index = (completion.tag >> 16) as usize;
+        let slot = (completion.tag & 0xffff) as u16;
+        let Some(Some(conn)) = self.conns.get_mut(index) else {
+            return;
+        };
+        conn.complete(slot, completion, io, &mut self.buffers);
+    }
+
+    fn finished(&self) -> bool {
+        self.done
+    }
+
+    /// The epoll descriptor: readable when a socket or the hand-off eventfd is, so an idle
+    /// reactor sleeps instead of polling empty sockets.
+    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.epoll.as_fd())
+    }
+}
+
+/// What serving a connection for one loop iteration led to.
+#[derive(Default)]
+struct Served {
+    work: bool,
+    remove: bool,
+    hand_off: Option<usize>,
+}
+
+enum Phase {
+    Handshake {
+        handshake: Box<Handshake>,
+        deadline: Instant,
+    },
+    Serving {
+        export: usize,
+    },
+    /// Closing once its IO in flight has come back.
+    Closing {
+        export: Option<usize>,
+    },
+}
+
+/// What the bytes at the front of the receive buffer belong to.
+#[derive(Clone, Copy)]
+enum Incoming {
+    Header,
+    /// A WRITE's payload, `filled` bytes of it received.
+    Payload {
+        slot: u16,
+        filled: usize,
+    },
+    /// An invalid WRITE's payload, dropped before its error reply.
+    Discard {
+        slot: u16,
+        remaining: u64,
+    },
+}
+
+/// One request of a connection, from its header to its reply.
+struct Slot {
+    cookie: u64,
+    command: Command,
+    op: Op,
+    offset: u64,
+    len: u64,
+    fua: bool,
+    buf: Option<DmaBuf>,
+    /// WRITE_ZEROES is split into commands the device takes: the next offset to submit.
+    next: u64,
+    /// Every engine command it needs is submitted (or an error ended it early).
+    submitted: bool,
+    /// Engine IOs in flight for it.
+    pending: u32,
+    /// The error to reply with.
+    error: Option<Errno>,
+    /// Stamps: the socket read that brought it, the start of its reply.
+    received: u64,
+    reply_start: u64,
+    /// Reply header (and an error's message), built when the request finished.
+    header: [u8; REPLY_HEADER_MAX],
+    header_len: u8,
+    /// Whether the reply carries the buffer (a successful READ).
+    with_data: bool,
+}
+
+impl Slot {
+    fn empty() -> Self {
+        Self {
+            cookie: 0,
+            command: Command::Flush,
+            op: Op::Flush,
+            offset: 0,
+            len: 0,
+            fua: false,
+            buf: None,
+            next: 0,
+            submitted: false,
+            pending: 0,
+            error: None,
+            received: 0,
+            reply_start: 0,
+            header: [0; REPLY_HEADER_MAX],
+            header_len: 0,
+            with_data: false,
+        }
+    }
+
+    /// The reply's bytes: header, then the data of a successful READ.
+    fn reply_len(&self) -> usize {
+        self.header_len as usize + if self.with_data { self.len as usize } else { 0 }
+    }
+}
+
+struct Conn {
+    stream: TcpStream,
+    peer: SocketAddr,
+    phase: Phase,
+    structured: bool,
+    /// What this connection's requests are checked against (from the handshake).
+    limits: Limits,
+    readable: bool,
+    writable: bool,
+    rx: Box<[u8]>,
+    rx_start: usize,
+    rx_end: usize,
+    incoming: Incoming,
+    slots: Box<[Slot]>,
+    free_slots: Vec<u16>,
+    /// Requests parsed and not yet (entirely) in the engine, in arrival order.
+    to_submit: VecDeque<u16>,
+    /// Replies to write, in completion order; `reply_sent` bytes of the first are written.
+    replies: VecDeque<u16>,
+    reply_sent: usize,
+    /// Engine IOs in flight.
+    in_engine: usize,
+    /// The client sent NBD_CMD_DISC: nothing more is read; close once replies are out.
+    disconnecting: bool,
+    close_reason: Option<String>,
+}
+
+impl Conn {
+    fn new(stream: TcpStream, peer: SocketAddr, handshake: Handshake) -> Self {
+        Self {
+            stream,
+            peer,
+            phase: Phase::Handshake {
+                handshake: Box::new(handshake),
+                deadline: Instant::now() + HANDSHAKE_TIMEOUT,
+            },
+            structured: false,
+            limits: Limits::with_defaults(0),
+            readable: true,
+            writable: true,
+            rx: vec![0; RECEIVE_BUFFER].into_boxed_slice(),
+            rx_start: 0,
+            rx_end: 0,
+            incoming: Incoming::Header,
+            slots: Box::new([]),
+            free_slots: Vec::new(),
+            to_submit: VecDeque::new(),
+            replies: VecDeque::new(),
+            reply_sent: 0,
+            in_engine: 0,
+            disconnecting: false,
+            close_reason: None,
+        }
+    }
+
+    fn export_name<'a>(&self, shared: &'a Shared) -> &'a str {
+        let export = match self.phase {
+            Phase::Serving { export } => Some(export),
+            Phase::Closing { export } => export,
+            Phase::Handshake { .. } => None,
+        };
+        export.map_or("-", |export| shared.exports[export].info.name.as_str())
+    }
+
+    fn closing(&self) -> bool {
+        matches!(self.phase, Phase::Closing { .. })
+    }
+
+    /// Stops serving: nothing more is read or written; the connection goes once the engine
+    /// has given back its IO in flight.
+    fn close(&mut self, reason: impl Into<String>) {
+        if self.closing() {
+            return;
+        }
+        let export = match self.phase {
+            Phase::Serving { export } => Some(export),
+            _ => None,
+        };
+        self.phase = Phase::Closing { export };
+        self.close_reason = Some(reason.into());
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn serve(
+        &mut self,
+        index: u32,
+        io: &mut IoContext,
+        shared: &Shared,
+        buffers: &mut BufferCache,
+    ) -> Served {
+        match &mut self.phase {
+            Phase::Handshake { .. } => self.serve_handshake(shared),
+            Phase::Closing { .. } => {
+                // Drop what was queued: the client will not read it.
+                while let Some(slot) = self.replies.pop_front() {
+                    self.release(slot, buffers);
+                }
+                while let Some(slot) = self.to_submit.pop_front() {
+                    self.release(slot, buffers);
+                }
+                Served {
+                    work: false,
+                    remove: self.in_engine == 0,
+                    hand_off: None,
+                }
+            }
+            Phase::Serving { export } => {
+                let export = &shared.exports[*export];
+                let mut work = self.submit(index, io, export);
+                if self.readable && !self.disconnecting && self.to_submit.is_empty() {
+                    work |= self.receive(index, io, export, buffers);
+                }
+                if !self.replies.is_empty() && self.writable {
+                    work |= self.send_replies(io, export, buffers);
+                }
+                if self.disconnecting
+                    && self.in_engine == 0
+                    && self.replies.is_empty()
+                    && self.to_submit.is_empty()
+                {
+                    self.close("the client disconnected (NBD_CMD_DISC)");
+                }
+                Served {
+                    work,
+                    remove: false,
+                    hand_off: None,
+                }
+            }
+        }
+    }
+
+    fn serve_handshake(&mut self, shared: &Shared) -> Served {
+        let Phase::Handshake {
+            handshake,
+            deadline,
+        } = &mut self.phase
+        else {
+            unreachable!("called in the handshake phase");
+        };
+        let mut served = Served::default();
+        if Instant::now() >= *deadline {
+            self.close("the handshake did not finish within 10 s");
+            return served;
+        }
+        if self.readable {
+            loop {
+                if self.rx_end == self.rx.len() {
+                    // A handshake message larger than the buffer: the parser limits option
+                    // lengths well below it, so this is garbage.
+                    self.close("handshake data larger than any valid option");
+                    return served;
+                }
+                match self.stream.read(&mut self.rx[self.rx_end..]) {
+                    Ok(0) => {
+                        self.close("the client closed the connection during the handshake");
+                        return served;
+                    }
+                    Ok(n) => {
+                        self.rx_end += n;
+                        served.work = true;
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                        self.readable = false;
+                        break;
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                    Err(error) => {
+                        self.close(format!("reading the handshake failed: {error}"));
+                        return served;
+                    }
+                }
+            }
+        }
+        // Feed what arrived; what the handshake does not take belongs to the transmission
+        // phase (a client may send its first request right behind NBD_OPT_GO).
+        if self.rx_end > self.rx_start {
+            match handshake.input(&self.rx[self.rx_start..self.rx_end]) {
+                Ok(consumed) => self.rx_start += consumed,
+                Err(error) => {
+                    // Send what the handshake queued (an error reply) before closing.
+                    let _ = self.stream.write(handshake.output());
+                    self.close(format!("handshake failed: {error}"));
+                    return served;
+                }
+            }
+        }
+        while !handshake.output().is_empty() {
+            match self.stream.write(handshake.output()) {
+                Ok(n) => {
+                    handshake.consume_output(n);
+                    served.work = true;
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    self.writable = false;
+                    return served;
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => {
+                    self.close(format!("writing the handshake failed: {error}"));
+                    return served;
+                }
+            }
+        }
+        match handshake.state() {
+            State::Negotiating => {}
+            State::Aborted => self.close("the client aborted the handshake (NBD_OPT_ABORT)"),
+            State::Failed | State::StartTls => self.close("handshake failed"),
+            State::Done(negotiated) => {
+                let negotiated = *negotiated;
+                let export = negotiated.export_index;
+                self.structured = negotiated.structured_replies;
+                self.limits = negotiated.limits;
+                self.phase = Phase::Serving { export };
+                self.slots = (0..shared.max_in_flight).map(|_| Slot::empty()).collect();
+                self.free_slots = (0..shared.max_in_flight as u16).rev().collect();
+                self.to_submit = VecDeque::with_capacity(shared.max_in_flight);
+                self.replies = VecDeque::with_capacity(shared.max_in_flight);
+                tracing::info!(
+                    peer = %self.peer,
+                    export = shared.exports[export].info.name,
+                    structured_replies = self.structured,
+                    "NBD client connected"
+                );
+                served.work = true;
+                served.hand_off = Some(shared.exports[export].reactor);
+            }
+        }
+        served
+    }
+
+    /// Reads and parses requests while slots, buffers and the read budget allow.
+    fn receive(
+        &mut self,
+        index: u32,
+        io: &mut IoContext,
+        export: &Export,
+        buffers: &mut BufferCache,
+    ) -> bool {
+        let received = io.stamp();
+        let mut budget = READ_BUDGET;
+        let mut parsed_any = false;
+        loop {
+            // Parse everything buffered.
+            match self.parse(export, buffers, received) {
+                Parse::Progress => parsed_any = true,
+                Parse::Blocked => break,
+                Parse::NeedMore => {}
+                Parse::Close(reason) => {
+                    self.close(reason);
+                    return true;
+                }
+            }
+            if self.disconnecting || budget == 0 {
+                break;
+            }
+            // Read more: a large payload straight into its buffer, anything else into rx.
+            let result = match self.incoming {
+                Incoming::Payload { slot, filled } if self.rx_start == self.rx_end => {
+                    let buf = self.slots[slot as usize]
+                        .buf
+                        .as_mut()
+                        .expect("a WRITE slot holds its buffer");
+                    let result = self.stream.read(&mut buf.as_bytes_mut()[filled..]);
+                    if let Ok(n) = result {
+                        self.incoming = Incoming::Payload {
+                            slot,
+                            filled: filled + n,
+                        };
+                    }
+                    result.map(|n| (n, false))
+                }
+                _ => {
+                    if self.rx_start > 0 {
+                        self.rx.copy_within(self.rx_start..self.rx_end, 0);
+                        self.rx_end -= self.rx_start;
+                        self.rx_start = 0;
+                    }
+                    self.stream
+                        .read(&mut self.rx[self.rx_end..])
+                        .map(|n| (n, true))
+                }
+            };
+            match result {
+                Ok((0, _)) => {
+                    self.close(
+                        if matches!(self.incoming, Incoming::Header) && self.rx_start == self.rx_end
+                        {
+                            "the client closed the connection without NBD_CMD_DISC"
+                        } else {
+                            "the client closed the connection in the middle of a request"
+                        },
+                    );
+                    return true;
+                }
+                Ok((n, into_rx)) => {
+                    if into_rx {
+                        self.rx_end += n;
+                    }
+                    budget = budget.saturating_sub(n);
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    break;
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => {
+                    self.close(format!("reading from the socket failed: {error}"));
+                    return true;
+                }
+            }
+        }
+        // A payload completed by a direct read is not parsed until the next pass.
+        if let Incoming::Payload { slot, filled } = self.incoming {
+            if filled as u64 == self.slots[slot as usize].len {
+                self.incoming = Incoming::Header;
+                self.to_submit.push_back(slot);
+                parsed_any = true;
+            }
+        }
+        if parsed_any {
+            // The end of `receive` for everything parsed now, and the engine's accept stamp.
+            io.stamp();
+            self.submit(index, io, export);
+        }
+        parsed_any
+    }
+
+    /// Parses the buffered bytes into requests.
+    fn parse(&mut self, export: &Export, buffers: &mut BufferCache, received: u64) -> Parse {
+        let mut progress = false;
+        loop {
+            let available = self.rx_end - self.rx_start;
+            match self.incoming {
+                Incoming::Payload { slot, filled } => {
+                    let want = self.slots[slot as usize].len as usize - filled;
+                    let take = want.min(available);
+                    if take > 0 {
+                        let from = &self.rx[self.rx_start..self.rx_start + take];
+                        let buf = self.slots[slot as usize]
+                            .buf
+                            .as_mut()
+                            .expect("a WRITE slot holds its buffer");
+                        buf.as_bytes_mut()[filled..filled + take].copy_from_slice(from);
+                        self.rx_start += take;
+                    }
+                    if take == want {
+                        self.incoming = Incoming::Header;
+                        self.to_submit.push_back(slot);
+                        progress = true;
+                        continue;
+                    }
+                    self.incoming = Incoming::Payload {
+                        slot,
+                        filled: filled + take,
+                    };
+                    return if progress {
+                        Parse::Progress
+                    } else {
+                        Parse::NeedMore
+                    };
+                }
+                Incoming::Discard { slot, remaining } => {
+                    let take = (remaining.min(available as u64)) as usize;
+                    self.rx_start += take;
+                    if take as u64 == remaining {
+                        self.incoming = Incoming::Header;
+                        self.finish(slot);
+                        progress = true;
+                        continue;
+                    }
+                    self.incoming = Incoming::Discard {
+                        slot,
+                        remaining: remaining - take as u64,
+                    };
+                    return if progress {
+                        Parse::Progress
+                    } else {
+                        Parse::NeedMore
+                    };
+                }
+                Incoming::Header => {}
+            }
+            if self.disconnecting {
+                return Parse::Progress;
+            }
+            if available < REQUEST_HEADER_LEN {
+                return if progress {
+                    Parse::Progress
+                } else {
+                    Parse::NeedMore
+                };
+            }
+            let Some(&slot_index) = self.free_slots.last() else {
+                return Parse::Blocked;
+            };
+            let header: &[u8; REQUEST_HEADER_LEN] = self.rx
+                [self.rx_start..self.rx_start + REQUEST_HEADER_LEN]
+                .try_into()
+                .expect("header length");
+            let request = match Request::parse(header) {
+                Ok(request) => request,
+                Err(error) => return Parse::Close(format!("bad request: {error}")),
+            };
+            let check = request.check(export.info.size_bytes, &self.limits);
+            let op = match request.command {
+                Command::Read => Op::Read,
+                Command::Write => Op::Write,
+                Command::WriteZeroes => Op::WriteZeroes,
+                _ => Op::Flush,
+            };
+            if let (Ok(()), Command::Read | Command::Write) = (check, request.command) {
+                // Take the buffer before consuming the header: without one, wait.
+                let Some(buf) = buffers.get(request.length as usize) else {
+                    return Parse::Blocked;
+                };
+                self.slots[slot_index as usize].buf = Some(buf);
+            }
+            self.rx_start += REQUEST_HEADER_LEN;
+            self.free_slots.pop();
+            let slot = &mut self.slots[slot_index as usize];
+            slot.cookie = request.cookie;
+            slot.command = request.command;
+            slot.op = op;
+            slot.offset = request.offset;
+            slot.len = request.length as u64;
+            slot.next = request.offset;
+            slot.submitted = false;
+            slot.fua = request.flags & cmd_flag::FUA != 0;
+            slot.pending = 0;
+            slot.error = None;
+            slot.received = received;
+            slot.reply_start = 0;
+            progress = true;
+            if let Err(rejection) = check {
+                slot.error = Some(rejection.errno());
+                // The reason goes to the client in a structured error chunk (and nowhere
+                // else: a client's mistakes are not the node's to log per request).
+                let message = &mut slot.header[proto::STRUCTURED_HEADER_LEN + 6..];
+                let room = message.len();
+                let mut cursor = &mut message[..];
+                let _ = write!(cursor, "{rejection}");
+                let written = room - cursor.len();
+                slot.header_len = written as u8;
+                match request.after_rejection(&self.limits) {
+                    AfterRejection::Reply => self.finish(slot_index),
+                    AfterRejection::DiscardThenReply { bytes } => {
+                        self.incoming = Incoming::Discard {
+                            slot: slot_index,
+                            remaining: bytes as u64,
+                        };
+                    }
+                    AfterRejection::Close => {
+                        return Parse::Close(format!(
+                            "refused a request whose payload is too large to skip: {rejection}"
+                        ))
+                    }
+                }
+                continue;
+            }
+            match request.command {
+                Command::Write => {
+                    self.incoming = Incoming::Payload {
+                        slot: slot_index,
+                        filled: 0,
+                    };
+                }
+                Command::Read | Command::Flush | Command::WriteZeroes => {
+                    self.to_submit.push_back(slot_index);
+                }
+                Command::Disc => {
+                    // No reply: finish what is in flight, then close.
+                    self.free_slots.push(slot_index);
+                    self.disconnecting = true;
+                    return Parse::Progress;
+                }
+                _ => {
+                    // TRIM and CACHE are hints: acknowledged without touching the media.
+                    self.finish(slot_index);
+                }
+            }
+        }
+    }
+
+    /// Submits parsed requests in order until the engine pushes back.
+    fn submit(&mut self, index: u32, io: &mut IoContext, export: &Export) -> bool {
+        let mut work = false;
+        let now = io.last_stamp();
+        while let Some(&slot_index) = self.to_submit.front() {
+            let tag = (index as u64) << 16 | slot_index as u64;
+            let slot = &mut self.slots[slot_index as usize];
+            if slot.pending == 0 && slot.next == slot.offset && !slot.submitted {
+                io.record_stage(
+                    export.volume,
+                    slot.op,
+                    stage::RECEIVE,
+                    now.saturating_sub(slot.received),
+                    1,
+                );
+            }
+            let request = match slot.command {
+                Command::Read => IoRequest::read(
+                    export.volume,
+                    slot.offset,
+                    slot.buf.take().expect("a READ slot holds its buffer"),
+                    tag,
+                ),
+                Command::Write => {
+                    let mut request = IoRequest::write(
+                        export.volume,
+                        slot.offset,
+                        slot.buf.take().expect("a WRITE slot holds its buffer"),
+                        tag,
+                    );
+                    request.fua = slot.fua;
+                    request
+                }
+                Command::WriteZeroes => {
+                    let chunk = (slot.offset + slot.len - slot.next).min(export.max_zeroes);
+                    let mut request = IoRequest::write_zeroes(export.volume, slot.next, chunk, tag);
+                    request.fua = slot.fua;
+                    request
+                }
+                _ => IoRequest::flush(export.volume, tag),
+            };
+            let length = request.len;
+            match io.submit_frontend(request) {
+                Ok(()) => {
+                    work = true;
+                    slot.pending += 1;
+                    self.in_engine += 1;
+                    slot.next += length;
+                    slot.submitted =
+                        slot.command != Command::WriteZeroes || slot.next >= slot.offset + slot.len;
+                    if slot.submitted {
+                        self.to_submit.pop_front();
+                    }
+                }
+                Err(Rejected {
+                    request,
+                    error: IoError::Busy,
+                    ..
+                }) => {
+                    slot.buf = request.buf;
+                    break;
+                }
+                Err(Rejected { request, error, .. }) => {
+                    slot.buf = request.buf;
+                    slot.error = Some(nbd_error(&error, slot.command));
+                    slot.header_len = 0;
+                    slot.submitted = true;
+                    self.to_submit.pop_front();
+                    if slot.pending == 0 {
+                        self.finish(slot_index);
+                    }
+                }
+            }
+        }
+        work
+    }
+
+    fn complete(
+        &mut self,
+        slot_index: u16,
+        completion: IoCompletion,
+        io: &mut IoContext,
+        buffers: &mut BufferCache,
+    ) {
+        let _ = io;
+        self.in_engine -= 1;
+        let Some(slot) = self.slots.get_mut(slot_index as usize) else {
+            return;
+        };
+        slot.pending -= 1;
+        if let Err(error) = &completion.result {
+            if slot.error.is_none() {
+                slot.error = Some(nbd_error(error, slot.command));
+                slot.header_len = 0;
+            }
+        }
+        if let Some(buf) = completion.buf {
+            slot.buf = Some(buf);
+        }
+        if slot.pending > 0 || !slot.submitted {
+            return;
+        }
+        if self.closing() {
+            self.release(slot_index, buffers);
+        } else {
+            self.finish(slot_index);
+        }
+    }
+
+    /// Builds the reply of a finished request and queues it. A refused request's message is
+    /// already in place after the room of an ERROR chunk's header (`header_len` bytes of it).
+    fn finish(&mut self, slot_index: u16) {
+        let structured = self.structured;
+        let slot = &mut self.slots[slot_index as usize];
+        slot.with_data = slot.error.is_none() && slot.command == Command::Read;
+        let header = &mut slot.header;
+        slot.header_len = match slot.error {
+            _ if !structured => {
+                header[..proto::SIMPLE_REPLY_LEN]
+                    .copy_from_slice(&proto::simple_reply(slot.cookie, slot.error));
+                proto::SIMPLE_REPLY_LEN as u8
+            }
+            Some(error) => {
+                let message = slot.header_len as usize;
+                let start = proto::STRUCTURED_HEADER_LEN;
+                header[..start].copy_from_slice(&proto::structured_header(
+                    reply_flag::DONE,
+                    reply_type::ERROR,
+                    slot.cookie,
+                    6 + message as u32,
+                ));
+                header[start..start + 4].copy_from_slice(&error.code().to_be_bytes());
+                header[start + 4..start + 6].copy_from_slice(&(message as u16).to_be_bytes());
+                (start + 6 + message) as u8
+            }
+            None if slot.with_data => {
+                header[..proto::OFFSET_DATA_HEADER_LEN].copy_from_slice(
+                    &proto::offset_data_header(slot.cookie, slot.offset, slot.len as u32, true),
+                );
+                proto::OFFSET_DATA_HEADER_LEN as u8
+            }
+            None => {
+                header[..proto::STRUCTURED_HEADER_LEN]
+                    .copy_from_slice(&proto::none_chunk(slot.cookie));
+                proto::STRUCTURED_HEADER_LEN as u8
+            }
+        };
+        self.replies.push_back(slot_index);
+    }
+
+    /// Frees a request slot and keeps its buffer for reuse.
+    fn release(&mut self, slot_index: u16, buffers: &mut BufferCache) {
+        if let Some(buf) = self.slots[slot_index as usize].buf.take() {
+            buffers.put(buf);
+        }
+        self.free_slots.push(slot_index);
+    }
+
+    /// Writes queued replies, many per system call.
+    fn send_replies(
+        &mut self,
+        io: &mut IoContext,
+        export: &Export,
+        buffers: &mut BufferCache,
+    ) -> bool {
+        // Also the end of the `complete` stage of the IOs whose callbacks just ran.
+        let start = io.stamp();
+        let mut work = false;
+        while !self.replies.is_empty() {
+            for &slot_index in self.replies.iter().take(REPLIES_PER_WRITE) {
+                let slot = &mut self.slots[slot_index as usize];
+                if slot.reply_start == 0 {
+                    slot.reply_start = start;
+                }
+            }
+            let mut slices = [IoSlice::new(&[]); 2 * REPLIES_PER_WRITE];
+            let mut count = 0;
+            let mut skip = self.reply_sent;
+            for &slot_index in self.replies.iter().take(REPLIES_PER_WRITE) {
+                let slot = &self.slots[slot_index as usize];
+                let header = &slot.header[..slot.header_len as usize];
+                let data = match (slot.with_data, &slot.buf) {
+                    (true, Some(buf)) => buf.as_bytes(),
+                    _ => &[][..],
+                };
+                for part in [header, data] {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                        continue;
+                    }
+                    slices[count] = IoSlice::new(&part[skip..]);
+                    skip = 0;
+                    count += 1;
+                }
+            }
+            let written = match self.stream.write_vectored(&slices[..count]) {
+                Ok(written) => written,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    self.writable = false;
+                    break;
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    self.close(format!("writing to the socket failed: {error}"));
+                    return true;
+                }
+            };
+            work = true;
+            let sent = io.stamp();
+            let mut left = self.reply_sent + written;
+            while let Some(&slot_index) = self.replies.front() {
+                let slot = &self.slots[slot_index as usize];
+                let len = slot.reply_len();
+                if left < len {
+                    break;
+                }
+                left -= len;
+                self.replies.pop_front();
+                if matches!(
+                    slot.command,
+                    Command::Read | Command::Write | Command::Flush | Command::WriteZeroes
+                ) {
+                    io.record_stage(
+                        export.volume,
+                        slot.op,
+                        stage::REPLY,
+                        sent.saturating_sub(slot.reply_start),
+                        1,
+                    );
+                    io.record_stage(
+                        export.volume,
+                        slot.op,
+                        stage::TOTAL,
+                        sent.saturating_sub(slot.received),
+                        1,
+                    );
+                }
+                self.release(slot_index, buffers);
+            }
+            self.reply_sent = left;
+            if left > 0 {
+                // The socket took part of a reply: wait until it can take more.
+                self.writable = false;
+                break;
+            }
+        }
+        work
+    }
+}
+
+enum Parse {
+    /// Requests were parsed.
+    Progress,
+    /// Nothing complete yet.
+    NeedMore,
+    /// A request is waiting for a free slot or a buffer.
+    Blocked,
+    Close(String),
+}
+
+/// The NBD error for an engine error.
+fn nbd_error(error: &IoError, command: Command) -> Errno {
+    match error {
+        IoError::OutOfRange { .. } if matches!(command, Command::Write | Command::WriteZeroes) => {
+            Errno::NoSpc
+        }
+        IoError::OutOfRange { .. }
+        | IoError::Misaligned { .. }
+        | IoError::TooLarge { .. }
+        | IoError::Empty { .. }
+        | IoError::MissingBuffer { .. }
+        | IoError::BufferMisaligned { .. } => Errno::Inval,
+        IoError::Stopped => Errno::Shutdown,
+        IoError::Device { .. }
+        | IoError::Busy
+        | IoError::UnknownVolume(_)
+        | IoError::WrongCore { .. } => Errno::Io,
+    }
+}
