@@ -14,10 +14,11 @@ use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
 use hdrhistogram::serialization::V2DeflateSerializer;
 use hdrhistogram::Histogram;
 
-/// Shows what a running Fathom node's IOs spend in each stage of the data path (queue,
-/// submit, device, complete, total), per volume and op, with rates and their per-second
-/// peaks, and how busy each device queue is. It reads the node's shared-memory region
-/// (/dev/shm/fathom-<node-id>) and never slows the node down.
+/// Shows what a running Fathom node's IOs spend in each stage of the data path (receive,
+/// queue, submit, device, complete, reply, total; receive and reply for NBD requests only),
+/// per volume and op, with rates and their per-second peaks, and how busy each device queue
+/// is. It reads the node's shared-memory region (/dev/shm/fathom-<node-id>) and never slows
+/// the node down.
 ///
 ///   fathom-stat                  one report per second, forever (like iostat -x 1)
 ///   fathom-stat 5 12             a report every 5 s, 12 times

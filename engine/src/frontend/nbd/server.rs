@@ -43,6 +43,9 @@ use crate::volume::{IoCompletion, IoError, IoRequest, VolumeId};
 /// Bytes of socket data a connection buffers for parsing (request headers and small payloads;
 /// larger payloads are read straight into their DMA buffer).
 const RECEIVE_BUFFER: usize = 256 << 10;
+/// A WRITE payload at least this much short is read straight into its DMA buffer; a smaller
+/// rest goes through the receive buffer, so that one read also brings the requests behind it.
+const DIRECT_READ_MIN: usize = 64 << 10;
 /// Bytes read from one connection per loop iteration, so that one busy client cannot starve
 /// the others on the reactor.
 const READ_BUDGET: usize = 1 << 20;
@@ -908,7 +911,10 @@ impl Conn {
             }
             // Read more: a large payload straight into its buffer, anything else into rx.
             let result = match self.incoming {
-                Incoming::Payload { slot, filled } if self.rx_start == self.rx_end => {
+                Incoming::Payload { slot, filled }
+                    if self.rx_start == self.rx_end
+                        && self.slots[slot as usize].len as usize - filled >= DIRECT_READ_MIN =>
+                {
                     let buf = self.slots[slot as usize]
                         .buf
                         .as_mut()
