@@ -28,7 +28,11 @@ struct Node {
 
 impl Node {
     fn start() -> Node {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_with(tempfile::tempdir().unwrap(), "")
+    }
+
+    /// A node whose `[nbd]` section also holds `nbd_extra`.
+    fn start_with(dir: tempfile::TempDir, nbd_extra: &str) -> Node {
         let config = dir.path().join("node.toml");
         let hugepages = free_hugepages() >= 64;
         std::fs::write(
@@ -36,7 +40,7 @@ impl Node {
             format!(
                 "[node]\nid = \"nbd\"\ndata_dir = {dir:?}\n[dma]\nsize = \"64MiB\"\nhugepages = {hugepages}\n\
                  [telemetry]\nregion = {region:?}\nmetrics = \"\"\n\
-                 [nbd]\nlisten = [\"127.0.0.1:0\"]\n\
+                 [nbd]\nlisten = [\"127.0.0.1:0\"]\n{nbd_extra}\n\
                  [[device]]\nname = \"nvme0\"\ndriver = \"mem\"\nmedia = \"ram\"\nsize = \"128MiB\"\n\
                  [[volume]]\nname = \"vol0\"\ndevice = \"nvme0\"\nsize = \"64MiB\"\n\
                  [[volume]]\nname = \"vol1\"\ndevice = \"nvme0\"\noffset = \"64MiB\"\nsize = \"64MiB\"\n",
@@ -61,7 +65,11 @@ impl Node {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.split("NBD: serving nbd://").nth(1) {
+                if let Some(rest) = line
+                    .split("NBD: serving nbd://")
+                    .nth(1)
+                    .or_else(|| line.split("NBD: serving nbds://").nth(1))
+                {
                     let address = rest.split('/').next().unwrap().to_string();
                     let _ = tx.send(address);
                 }
@@ -615,5 +623,179 @@ fn bad_requests_get_protocol_errors_and_the_connection_and_node_carry_on() {
         log.contains("the client closed the connection during the handshake")
             || log.contains("handshake failed"),
         "{log}"
+    );
+}
+
+/// A CA and a server certificate for 127.0.0.1 (ECDSA P-256, made with openssl), in `dir`:
+/// ca-cert.pem for clients, server-cert.pem and server-key.pem for the node.
+fn make_certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (install Debian's openssl; scripts/test does)");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca-key.pem",
+                "-out",
+                "ca-cert.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=fathom-test-ca",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server-key.pem",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca-cert.pem",
+        "-CAkey",
+        "ca-key.pem",
+        "-CAcreateserial",
+        "-out",
+        "server-cert.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    // What clients get: the CA only (qemu and libnbd read ca-cert.pem from a directory).
+    std::fs::create_dir_all(dir.join("client")).unwrap();
+    std::fs::copy(dir.join("ca-cert.pem"), dir.join("client/ca-cert.pem")).unwrap();
+}
+
+#[test]
+fn tls_is_required_when_configured_and_real_clients_use_it() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certificates(dir.path());
+    let pem = |name: &str| dir.path().join(name).display().to_string();
+    let extra = format!(
+        "tls_cert = {:?}\ntls_key = {:?}\n",
+        pem("server-cert.pem"),
+        pem("server-key.pem")
+    );
+    let client = pem("client");
+    let node = Node::start_with(dir, &extra);
+    let port = node.address.port().to_string();
+    // qemu-io over TLS: 4 MiB written and read back (replies larger than one TLS record).
+    let creds = format!("tls-creds-x509,id=tls0,dir={client},endpoint=client");
+    let image = format!("driver=nbd,host=127.0.0.1,port={port},export=vol0,tls-creds=tls0");
+    let output = run(
+        "qemu-io",
+        &[
+            "--object",
+            &creds,
+            "--image-opts",
+            &image,
+            "-c",
+            "write -P 0x3c 0 4M",
+            "-c",
+            "read -P 0x3c 0 4M",
+            "-c",
+            "read -P 0 4M 64k",
+        ],
+    );
+    let text = stdout(&output);
+    assert!(text.contains("wrote 4194304/4194304 bytes"), "{text}");
+    assert!(!text.contains("Pattern verification failed"), "{text}");
+    // libnbd over TLS.
+    let info = run(
+        "nbdinfo",
+        &[&format!(
+            "nbds://127.0.0.1:{port}/vol0?tls-certificates={client}"
+        )],
+    );
+    assert!(stdout(&info).contains("with TLS"), "{}", stdout(&info));
+    // Without TLS: refused, the node says why and carries on.
+    let plain = Command::new("nbdinfo")
+        .arg(node.uri("vol0"))
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "a plaintext client got in");
+    let again = run(
+        "nbdinfo",
+        &[
+            "--size",
+            &format!("nbds://127.0.0.1:{port}/vol0?tls-certificates={client}"),
+        ],
+    );
+    assert_eq!(stdout(&again).trim(), VOLUME_BYTES.to_string());
+    let log = node.stop();
+    assert!(log.contains("NBD: TLS required (certificate"), "{log}");
+    assert!(log.contains("tls=true"), "{log}");
+}
+
+#[test]
+fn a_missing_certificate_stops_the_node_at_start_with_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.pem").display().to_string();
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nid = \"tlsbad\"\ndata_dir = {d:?}\n[dma]\nsize = \"16MiB\"\nhugepages = false\n\
+             [telemetry]\nregion = {r:?}\nmetrics = \"\"\n\
+             [nbd]\nlisten = [\"127.0.0.1:0\"]\ntls_cert = {missing:?}\ntls_key = {missing:?}\n\
+             [[device]]\nname = \"nvme0\"\ndriver = \"mem\"\nmedia = \"null\"\nsize = \"64MiB\"\n\
+             [[volume]]\nname = \"vol0\"\ndevice = \"nvme0\"\nsize = \"64MiB\"\n",
+            d = dir.path().display().to_string(),
+            r = dir.path().join("stats").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let output = Command::new(NODE)
+        .arg("--config")
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        text.contains("nope.pem") && text.contains("nbd.tls_cert"),
+        "{text}"
     );
 }

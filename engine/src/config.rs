@@ -218,6 +218,14 @@ pub struct NbdConfig {
     /// Requests one connection may have in flight; further requests wait in the socket.
     #[serde(default = "NbdConfig::default_max_in_flight")]
     pub max_in_flight: usize,
+    /// TLS (NBD_OPT_STARTTLS): the server's certificate chain and private key, PEM files
+    /// (relative paths from where fathom-node runs). Both or neither.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// With a certificate: clients must start TLS before anything else, as with qemu-nbd
+    /// --tls-creds. `false` lets clients choose.
+    #[serde(default = "yes")]
+    pub tls_required: bool,
 }
 
 impl NbdConfig {
@@ -239,6 +247,9 @@ impl Default for NbdConfig {
             listen: Self::default_listen(),
             max_connections: Self::default_max_connections(),
             max_in_flight: Self::default_max_in_flight(),
+            tls_cert: None,
+            tls_key: None,
+            tls_required: true,
         }
     }
 }
@@ -480,6 +491,20 @@ impl Config {
                 self.nbd.max_connections,
                 "1 to 65536",
             ));
+        }
+        match (&self.nbd.tls_cert, &self.nbd.tls_key) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(invalid(
+                    if self.nbd.tls_cert.is_some() {
+                        "nbd.tls_key"
+                    } else {
+                        "nbd.tls_cert"
+                    },
+                    "(missing)",
+                    "set both nbd.tls_cert and nbd.tls_key (PEM files), or neither",
+                ))
+            }
+            _ => {}
         }
         if !(1..=4096).contains(&self.nbd.max_in_flight) {
             return Err(invalid(

@@ -180,11 +180,22 @@ fn run(args: Args) -> Result<()> {
         None
     } else {
         let server = NbdServer::start(&engine, &config.nbd).context("starting the NBD server")?;
+        let scheme = match (&config.nbd.tls_cert, config.nbd.tls_required) {
+            (Some(cert), true) => {
+                tracing::info!("NBD: TLS required (certificate {})", cert.display());
+                "nbds"
+            }
+            (Some(cert), false) => {
+                tracing::info!("NBD: TLS offered (certificate {})", cert.display());
+                "nbd"
+            }
+            (None, _) => "nbd",
+        };
         for address in server.addresses() {
             let exports: Vec<String> = engine
                 .volumes()
                 .iter()
-                .map(|volume| format!("nbd://{address}/{}", volume.name))
+                .map(|volume| format!("{scheme}://{address}/{}", volume.name))
                 .collect();
             tracing::info!("NBD: serving {} on {address}", exports.join(" "));
         }

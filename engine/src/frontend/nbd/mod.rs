@@ -28,6 +28,7 @@
 pub mod handshake;
 pub mod proto;
 pub mod server;
+pub mod transport;
 
 pub use handshake::{
     ExportError, ExportInfo, Handshake, HandshakeConfig, HandshakeError, Negotiated, State,

@@ -17,7 +17,7 @@
 //! having taken the whole reply, and `total` from the first to the last.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,6 +31,7 @@ use super::proto::{
     self, cmd_flag, reply_flag, reply_type, transmission_flag, AfterRejection, Command, Errno,
     Limits, Request, REQUEST_HEADER_LEN,
 };
+use super::transport::{self, TlsError, Transport};
 use crate::config::NbdConfig;
 use crate::dma::{DmaBuf, DmaPool};
 use crate::driver::Op;
@@ -67,7 +68,7 @@ const REPLY_HEADER_MAX: usize = 128;
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NbdError {
-    #[error("could not listen on {address} for NBD: {source}; another server (qemu-nbd, nbd-server, another node) may hold the port, so stop it or set nbd.listen")]
+    #[error("could not listen on {address} for NBD (if another server such as qemu-nbd or another node holds the port, stop it or set nbd.listen)")]
     Listen {
         address: String,
         #[source]
@@ -75,6 +76,8 @@ pub enum NbdError {
     },
     #[error("the volumes cannot be served over NBD")]
     Exports(#[source] HandshakeError),
+    #[error("NBD over TLS")]
+    Tls(#[from] TlsError),
     #[error("could not set up the NBD poller: {0}")]
     Poller(#[source] io::Error),
     #[error("could not start the NBD poller on reactor {reactor}: {what}")]
@@ -103,6 +106,9 @@ struct Shared {
     max_connections: usize,
     max_in_flight: usize,
     dma: DmaPool,
+    /// TLS for clients that ask for it (and, when required, the only way in).
+    tls: Option<Arc<rustls::ServerConfig>>,
+    handshake: HandshakeConfig,
 }
 
 /// A running NBD server. Dropping it stops it.
@@ -158,7 +164,16 @@ impl NbdServer {
         // Every export is checked once here, so that a connection's handshake cannot fail on
         // the server's own description.
         let infos: Vec<ExportInfo> = exports.iter().map(|export| export.info.clone()).collect();
-        Handshake::new(infos, HandshakeConfig::default()).map_err(NbdError::Exports)?;
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(transport::server_config(cert, key)?),
+            _ => None,
+        };
+        let handshake = HandshakeConfig {
+            tls_offered: tls.is_some(),
+            tls_required: tls.is_some() && config.tls_required,
+            ..HandshakeConfig::default()
+        };
+        Handshake::new(infos, handshake).map_err(NbdError::Exports)?;
         let reactors = engine.cores().len();
         let wake = (0..reactors)
             .map(|_| EventFd::new())
@@ -176,6 +191,8 @@ impl NbdServer {
             max_connections: config.max_connections,
             max_in_flight: config.max_in_flight,
             dma: engine.dma().clone(),
+            tls,
+            handshake,
         });
         let mut listeners = Some(listeners);
         for reactor in 0..reactors {
@@ -360,7 +377,10 @@ impl Poller {
                 (self.conns.len() - 1) as u32
             }
         };
-        if let Err(error) = self.epoll.add(conn.stream.as_fd(), index as u64, true) {
+        if let Err(error) = self
+            .epoll
+            .add(conn.transport.stream.as_fd(), index as u64, true)
+        {
             tracing::warn!(peer = %conn.peer, "NBD: cannot watch the connection: {error}");
             self.shared.connections.fetch_sub(1, Ordering::AcqRel);
             self.free_conns.push(index);
@@ -374,7 +394,7 @@ impl Poller {
 
     fn remove(&mut self, index: usize) {
         if let Some(conn) = self.conns[index].take() {
-            let _ = self.epoll.delete(conn.stream.as_fd());
+            let _ = self.epoll.delete(conn.transport.stream.as_fd());
             self.free_conns.push(index as u32);
             self.shared.connections.fetch_sub(1, Ordering::AcqRel);
             match &conn.close_reason {
@@ -428,7 +448,7 @@ impl Poller {
                 .iter()
                 .map(|export| export.info.clone())
                 .collect();
-            let handshake = match Handshake::new(exports, HandshakeConfig::default()) {
+            let handshake = match Handshake::new(exports, self.shared.handshake) {
                 Ok(handshake) => handshake,
                 Err(error) => {
                     // Checked when the server started: cannot happen.
@@ -471,7 +491,7 @@ impl Poller {
         let Some(conn) = self.conns[index].take() else {
             return;
         };
-        let _ = self.epoll.delete(conn.stream.as_fd());
+        let _ = self.epoll.delete(conn.transport.stream.as_fd());
         self.free_conns.push(index as u32);
         if let Err(conn) = self.shared.handoff[reactor].push(conn) {
             // Cannot happen while max_connections bounds the queue; close rather than lose it.
@@ -655,7 +675,7 @@ impl Slot {
 }
 
 struct Conn {
-    stream: TcpStream,
+    transport: Transport,
     peer: SocketAddr,
     phase: Phase,
     structured: bool,
@@ -684,7 +704,7 @@ struct Conn {
 impl Conn {
     fn new(stream: TcpStream, peer: SocketAddr, handshake: Handshake) -> Self {
         Self {
-            stream,
+            transport: Transport::plain(stream),
             peer,
             phase: Phase::Handshake {
                 handshake: Box::new(handshake),
@@ -734,7 +754,7 @@ impl Conn {
         };
         self.phase = Phase::Closing { export };
         self.close_reason = Some(reason.into());
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        let _ = self.transport.stream.shutdown(std::net::Shutdown::Both);
     }
 
     fn serve(
@@ -768,6 +788,12 @@ impl Conn {
                 }
                 if !self.replies.is_empty() && self.writable {
                     work |= self.send_replies(io, export, buffers);
+                } else if self.writable && self.transport.is_tls() {
+                    // Replies rustls took but the socket did not yet.
+                    match self.transport.flush() {
+                        Ok(done) => self.writable = done,
+                        Err(error) => self.close(format!("writing to the socket failed: {error}")),
+                    }
                 }
                 if self.disconnecting
                     && self.in_engine == 0
@@ -798,6 +824,16 @@ impl Conn {
             self.close("the handshake did not finish within 10 s");
             return served;
         }
+        if self.writable {
+            // TLS handshake messages the socket could not take before.
+            match self.transport.flush() {
+                Ok(done) => self.writable = done,
+                Err(error) => {
+                    self.close(format!("writing the handshake failed: {error}"));
+                    return served;
+                }
+            }
+        }
         if self.readable {
             loop {
                 if self.rx_end == self.rx.len() {
@@ -806,7 +842,7 @@ impl Conn {
                     self.close("handshake data larger than any valid option");
                     return served;
                 }
-                match self.stream.read(&mut self.rx[self.rx_end..]) {
+                match self.transport.read(&mut self.rx[self.rx_end..]) {
                     Ok(0) => {
                         self.close("the client closed the connection during the handshake");
                         return served;
@@ -834,14 +870,14 @@ impl Conn {
                 Ok(consumed) => self.rx_start += consumed,
                 Err(error) => {
                     // Send what the handshake queued (an error reply) before closing.
-                    let _ = self.stream.write(handshake.output());
+                    let _ = self.transport.write(handshake.output());
                     self.close(format!("handshake failed: {error}"));
                     return served;
                 }
             }
         }
         while !handshake.output().is_empty() {
-            match self.stream.write(handshake.output()) {
+            match self.transport.write(handshake.output()) {
                 Ok(n) => {
                     handshake.consume_output(n);
                     served.work = true;
@@ -860,7 +896,25 @@ impl Conn {
         match handshake.state() {
             State::Negotiating => {}
             State::Aborted => self.close("the client aborted the handshake (NBD_OPT_ABORT)"),
-            State::Failed | State::StartTls => self.close("handshake failed"),
+            State::Failed => self.close("handshake failed"),
+            State::StartTls => {
+                let Some(config) = shared.tls.clone() else {
+                    self.close("STARTTLS acknowledged without a TLS configuration");
+                    return served;
+                };
+                // Bytes behind the acknowledgement are the client's TLS handshake.
+                let early = &self.rx[self.rx_start..self.rx_end];
+                if let Err(error) = self.transport.start_tls(config, early) {
+                    self.close(format!("TLS handshake failed: {error}"));
+                    return served;
+                }
+                self.rx_start = 0;
+                self.rx_end = 0;
+                handshake.tls_started();
+                served.work = true;
+                // Options go on inside TLS: come back for them even if no new event arrives.
+                self.readable = true;
+            }
             State::Done(negotiated) => {
                 let negotiated = *negotiated;
                 let export = negotiated.export_index;
@@ -875,6 +929,7 @@ impl Conn {
                     peer = %self.peer,
                     export = shared.exports[export].info.name,
                     structured_replies = self.structured,
+                    tls = self.transport.is_tls(),
                     "NBD client connected"
                 );
                 served.work = true;
@@ -919,7 +974,7 @@ impl Conn {
                         .buf
                         .as_mut()
                         .expect("a WRITE slot holds its buffer");
-                    let result = self.stream.read(&mut buf.as_bytes_mut()[filled..]);
+                    let result = self.transport.read(&mut buf.as_bytes_mut()[filled..]);
                     if let Ok(n) = result {
                         self.incoming = Incoming::Payload {
                             slot,
@@ -934,7 +989,7 @@ impl Conn {
                         self.rx_end -= self.rx_start;
                         self.rx_start = 0;
                     }
-                    self.stream
+                    self.transport
                         .read(&mut self.rx[self.rx_end..])
                         .map(|n| (n, true))
                 }
@@ -976,6 +1031,8 @@ impl Conn {
                 parsed_any = true;
             }
         }
+        // Requests parsed before a stop for want of slots or buffers count too.
+        parsed_any |= !self.to_submit.is_empty();
         if parsed_any {
             // The end of `receive` for everything parsed now, and the engine's accept stamp.
             io.stamp();
@@ -1097,7 +1154,7 @@ impl Conn {
                 let message = &mut slot.header[proto::STRUCTURED_HEADER_LEN + 6..];
                 let room = message.len();
                 let mut cursor = &mut message[..];
-                let _ = write!(cursor, "{rejection}");
+                let _ = std::io::Write::write_fmt(&mut cursor, format_args!("{rejection}"));
                 let written = room - cursor.len();
                 slot.header_len = written as u8;
                 match request.after_rejection(&self.limits) {
@@ -1335,7 +1392,11 @@ impl Conn {
                     count += 1;
                 }
             }
-            let written = match self.stream.write_vectored(&slices[..count]) {
+            let written = match self.transport.write_vectored(&slices[..count]) {
+                Ok(0) => {
+                    self.writable = false;
+                    break;
+                }
                 Ok(written) => written,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                     self.writable = false;
@@ -1379,12 +1440,9 @@ impl Conn {
                 }
                 self.release(slot_index, buffers);
             }
+            // Part of a reply may remain: the next write takes it, or reports that the socket
+            // is full (edge-triggered epoll reports writability again only after that).
             self.reply_sent = left;
-            if left > 0 {
-                // The socket took part of a reply: wait until it can take more.
-                self.writable = false;
-                break;
-            }
         }
         work
     }
