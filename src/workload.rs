@@ -34,7 +34,8 @@ impl Pattern {
             Pattern::Readwrite | Pattern::Randrw => None,
         }
     }
-    fn random(self) -> bool {
+    /// Whether the pattern draws its offsets at random (else it goes through them in order).
+    pub fn random(self) -> bool {
         matches!(
             self,
             Pattern::Randread | Pattern::Randwrite | Pattern::Randrw
@@ -59,6 +60,86 @@ pub struct WorkloadSpec {
     pub seed: u64,
     /// Percent of reads in a mixed pattern (fio's rwmixread).
     pub read_percent: u32,
+}
+
+/// The offsets and operations of a fio-style workload: blocks of the span in order or drawn at
+/// random (aligned to the block size), and for mixes a read or a write drawn per IO with
+/// `read_percent` percent reads. The in-process workload and fathom-bench's NBD client both draw
+/// from it, so the same seed and shape give the same sequence of IOs on either path.
+#[derive(Debug, Clone)]
+pub struct AccessGenerator {
+    pattern: Pattern,
+    block_size: u64,
+    blocks_in_span: u64,
+    next_block: u64,
+    rng: u64,
+    read_percent: u32,
+}
+
+impl AccessGenerator {
+    /// A generator over `span_bytes / block_size` blocks from offset 0; `block_size` is not 0.
+    pub fn new(
+        pattern: Pattern,
+        block_size: u64,
+        span_bytes: u64,
+        seed: u64,
+        read_percent: u32,
+    ) -> Self {
+        assert!(block_size > 0, "a zero block size has no blocks");
+        Self {
+            pattern,
+            block_size,
+            blocks_in_span: span_bytes / block_size,
+            next_block: 0,
+            rng: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+            read_percent,
+        }
+    }
+
+    /// The byte offset (within the span) of the next IO.
+    #[inline(always)]
+    pub fn next_offset(&mut self) -> u64 {
+        let block = if self.pattern.random() {
+            let mut x = self.rng;
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            self.rng = x;
+            // Multiply-shift maps the draw onto the span without a division.
+            ((x.wrapping_mul(0x2545_f491_4f6c_dd1d) as u128 * self.blocks_in_span as u128) >> 64)
+                as u64
+        } else {
+            let block = self.next_block;
+            self.next_block = if block + 1 == self.blocks_in_span {
+                0
+            } else {
+                block + 1
+            };
+            block
+        };
+        block * self.block_size
+    }
+
+    /// The next IO: its operation and its byte offset within the span.
+    #[inline(always)]
+    pub fn next_io(&mut self) -> (Op, u64) {
+        let offset = self.next_offset();
+        let op = match self.pattern.op() {
+            Some(op) => op,
+            None => {
+                let draw = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32;
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                if (draw % 100) < self.read_percent as u64 {
+                    Op::Read
+                } else {
+                    Op::Write
+                }
+            }
+        };
+        (op, offset)
+    }
 }
 
 /// What one reactor's workload did over the measured interval (after the ramp).
@@ -94,9 +175,7 @@ pub struct WorkloadTask {
     buffers: Vec<DmaBuf>,
     phase: Phase,
     in_flight: usize,
-    next_offset: u64,
-    blocks_in_span: u64,
-    rng: u64,
+    access: AccessGenerator,
     result: WorkloadResult,
     report: Sender<WorkloadResult>,
 }
@@ -118,61 +197,28 @@ impl WorkloadTask {
             buffers.push(buf);
         }
         Ok(Self {
-            blocks_in_span: spec.span_bytes / spec.block_size,
-            rng: spec.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+            access: AccessGenerator::new(
+                spec.pattern,
+                spec.block_size,
+                spec.span_bytes,
+                spec.seed,
+                spec.read_percent,
+            ),
             spec,
             clock,
             buffers,
             phase: Phase::Start,
             in_flight: 0,
-            next_offset: 0,
             result: WorkloadResult::default(),
             report,
         })
-    }
-
-    #[inline(always)]
-    fn next_offset(&mut self) -> u64 {
-        let block = if self.spec.pattern.random() {
-            let mut x = self.rng;
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            self.rng = x;
-            // Multiply-shift maps the draw onto the span without a division.
-            ((x.wrapping_mul(0x2545_f491_4f6c_dd1d) as u128 * self.blocks_in_span as u128) >> 64)
-                as u64
-        } else {
-            let block = self.next_offset;
-            self.next_offset = if block + 1 == self.blocks_in_span {
-                0
-            } else {
-                block + 1
-            };
-            block
-        };
-        block * self.spec.block_size
     }
 
     /// Submits one IO with `buf`; false when it was refused (the buffer waits for the next
     /// poll: back-pressure is not an error, anything else is counted as one).
     #[inline]
     fn issue(&mut self, io: &mut IoContext, buf: DmaBuf) -> bool {
-        let offset = self.next_offset();
-        let op = match self.spec.pattern.op() {
-            Some(op) => op,
-            None => {
-                let draw = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32;
-                self.rng ^= self.rng << 13;
-                self.rng ^= self.rng >> 7;
-                self.rng ^= self.rng << 17;
-                if (draw % 100) < self.spec.read_percent as u64 {
-                    Op::Read
-                } else {
-                    Op::Write
-                }
-            }
-        };
+        let (op, offset) = self.access.next_io();
         let request = IoRequest {
             volume: self.spec.volume,
             op,
@@ -366,23 +412,88 @@ pub struct VerifyOptions {
     pub read_only: bool,
 }
 
+/// The order in which a verify pass visits the blocks of its span: in order, or for random
+/// patterns every block exactly once in a scrambled order (a bijection of the position modulo
+/// the next power of two, skipping values past the span). The increment picks the scramble, so
+/// the read-back pass can run in an order other than the write pass's.
+#[derive(Debug, Clone)]
+pub struct BlockOrder {
+    blocks: u64,
+    random: bool,
+    position: u64,
+    period: u64,
+    increment: u64,
+}
+
+impl BlockOrder {
+    /// The increment of a write pass's scramble.
+    pub const WRITE_INCREMENT: u64 = 1;
+    /// The increment of a read-back pass's scramble (another order than the write pass's).
+    pub const READ_INCREMENT: u64 = 0x2b;
+
+    pub fn new(blocks: u64, random: bool, increment: u64) -> Self {
+        Self {
+            blocks,
+            random,
+            position: 0,
+            period: blocks.next_power_of_two(),
+            increment,
+        }
+    }
+
+    /// The next block of the pass, or `None` when every block has had its turn.
+    pub fn next_block(&mut self) -> Option<u64> {
+        while self.position < self.period {
+            let index = self.position;
+            self.position += 1;
+            let block = if self.random {
+                // 5x + c, then times an odd constant: both are bijections modulo a power of
+                // two, so every block comes up exactly once, in a scrambled order.
+                (index
+                    .wrapping_mul(5)
+                    .wrapping_add(self.increment)
+                    .wrapping_mul(0x5851_f42d_4c95_7f2d | 1))
+                    & (self.period - 1)
+            } else {
+                index
+            };
+            if block < self.blocks {
+                return Some(block);
+            }
+        }
+        None
+    }
+
+    /// Gives back the block [`BlockOrder::next_block`] returned last (it could not be issued),
+    /// so the next call returns it again.
+    pub fn step_back(&mut self) {
+        self.position -= 1;
+    }
+
+    /// Whether every block of the pass has been handed out.
+    pub fn done(&self) -> bool {
+        self.position >= self.period
+    }
+
+    /// Starts another pass over the same blocks, in the order of `increment`.
+    pub fn restart(&mut self, increment: u64) {
+        self.position = 0;
+        self.increment = increment;
+    }
+}
+
 /// Writes every extent of the span once, then reads every extent back and compares it.
 pub struct VerifyTask {
     volume: VolumeId,
     block_size: u64,
     /// Random-size extents as (offset, length); empty for fixed `block_size` extents.
     extents: Vec<(u64, u32)>,
-    blocks: u64,
-    random: bool,
     seed: u64,
     /// xorshift state for buffer offsets.
     rng: u64,
     phase: VerifyPhase,
-    /// Position in the current pass's order, and the order's parameters (for random passes a
-    /// bijection of the position modulo the next power of two, skipping values past the span).
-    position: u64,
-    period: u64,
-    increment: u64,
+    /// The current pass's order over the extents.
+    order: BlockOrder,
     buffers: Vec<DmaBuf>,
     in_flight: usize,
     expected: Vec<u8>,
@@ -429,8 +540,6 @@ impl VerifyTask {
             volume: spec.volume,
             block_size: spec.block_size,
             extents,
-            blocks,
-            random: spec.pattern.random(),
             seed: spec.seed,
             rng,
             phase: if options.read_only {
@@ -438,9 +547,15 @@ impl VerifyTask {
             } else {
                 VerifyPhase::Write
             },
-            position: 0,
-            period: blocks.next_power_of_two(),
-            increment: if options.read_only { 0x2b } else { 1 },
+            order: BlockOrder::new(
+                blocks,
+                spec.pattern.random(),
+                if options.read_only {
+                    BlockOrder::READ_INCREMENT
+                } else {
+                    BlockOrder::WRITE_INCREMENT
+                },
+            ),
             buffers,
             in_flight: 0,
             expected: vec![0; largest],
@@ -452,28 +567,11 @@ impl VerifyTask {
 
     /// The next extent of this pass, or `None` when every extent has had its turn.
     fn next_extent(&mut self) -> Option<(u64, usize)> {
-        while self.position < self.period {
-            let index = self.position;
-            self.position += 1;
-            let block = if self.random {
-                // 5x + c, then times an odd constant: both are bijections modulo a power of
-                // two, so every block comes up exactly once, in a scrambled order.
-                (index
-                    .wrapping_mul(5)
-                    .wrapping_add(self.increment)
-                    .wrapping_mul(0x5851_f42d_4c95_7f2d | 1))
-                    & (self.period - 1)
-            } else {
-                index
-            };
-            if block < self.blocks {
-                return Some(match self.extents.get(block as usize) {
-                    Some(&(offset, len)) => (offset, len as usize),
-                    None => (block * self.block_size, self.block_size as usize),
-                });
-            }
-        }
-        None
+        let block = self.order.next_block()?;
+        Some(match self.extents.get(block as usize) {
+            Some(&(offset, len)) => (offset, len as usize),
+            None => (block * self.block_size, self.block_size as usize),
+        })
     }
 
     fn issue(&mut self, io: &mut IoContext) {
@@ -499,10 +597,10 @@ impl VerifyTask {
                 Ok(()) => self.in_flight += 1,
                 Err(rejected) => {
                     // Back-pressure: step back and retry this extent on the next poll.
-                    self.position -= 1;
-                    if rejected.error != IoError::Busy {
+                    if rejected.error == IoError::Busy {
+                        self.order.step_back();
+                    } else {
                         self.result.errors += 1;
-                        self.position += 1;
                     }
                     self.buffers.extend(rejected.request.buf);
                     return;
@@ -525,12 +623,11 @@ impl Task for VerifyTask {
         match self.phase {
             VerifyPhase::Write | VerifyPhase::Read => {
                 self.issue(io);
-                if self.in_flight == 0 && self.position >= self.period {
+                if self.in_flight == 0 && self.order.done() {
                     if self.phase == VerifyPhase::Write {
                         // Read back in a different order from the one written in.
                         self.phase = VerifyPhase::Read;
-                        self.position = 0;
-                        self.increment = 0x2b;
+                        self.order.restart(BlockOrder::READ_INCREMENT);
                     } else {
                         self.phase = VerifyPhase::Done;
                         let _ = self.report.send(std::mem::take(&mut self.result));
@@ -599,24 +696,41 @@ mod tests {
     #[test]
     fn the_random_order_visits_every_block_exactly_once() {
         for blocks in [1u64, 2, 7, 64, 1000, 4097] {
-            let period = blocks.next_power_of_two();
-            for increment in [1u64, 0x2b] {
+            for increment in [BlockOrder::WRITE_INCREMENT, BlockOrder::READ_INCREMENT] {
+                let mut order = BlockOrder::new(blocks, true, increment);
                 let mut seen = vec![false; blocks as usize];
-                for index in 0..period {
-                    let block = (index
-                        .wrapping_mul(5)
-                        .wrapping_add(increment)
-                        .wrapping_mul(0x5851_f42d_4c95_7f2d | 1))
-                        & (period - 1);
-                    if block < blocks {
-                        assert!(
-                            !std::mem::replace(&mut seen[block as usize], true),
-                            "block {block} twice"
-                        );
-                    }
+                while let Some(block) = order.next_block() {
+                    assert!(
+                        !std::mem::replace(&mut seen[block as usize], true),
+                        "block {block} twice"
+                    );
                 }
+                assert!(order.done());
                 assert!(seen.iter().all(|&seen| seen), "{blocks} blocks");
             }
         }
+        // In order, and a block given back comes again.
+        let mut order = BlockOrder::new(3, false, BlockOrder::WRITE_INCREMENT);
+        assert_eq!(order.next_block(), Some(0));
+        order.step_back();
+        assert_eq!(order.next_block(), Some(0));
+        assert_eq!(order.next_block(), Some(1));
+        assert_eq!(order.next_block(), Some(2));
+        assert_eq!(order.next_block(), None);
+    }
+
+    #[test]
+    fn the_access_generator_stays_in_the_span_aligned_and_mixes_as_asked() {
+        let mut sequential = AccessGenerator::new(Pattern::Read, 4096, 3 * 4096, 1, 50);
+        let offsets: Vec<u64> = (0..4).map(|_| sequential.next_io().1).collect();
+        assert_eq!(offsets, [0, 4096, 8192, 0]);
+        let mut mixed = AccessGenerator::new(Pattern::Randrw, 512, 1 << 20, 7, 70);
+        let mut reads = 0;
+        for _ in 0..10_000 {
+            let (op, offset) = mixed.next_io();
+            assert!(offset < 1 << 20 && offset % 512 == 0, "{offset}");
+            reads += usize::from(op == Op::Read);
+        }
+        assert!((6_500..7_500).contains(&reads), "{reads} reads of 10000");
     }
 }

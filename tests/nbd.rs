@@ -799,3 +799,160 @@ fn a_missing_certificate_stops_the_node_at_start_with_the_path() {
         "{text}"
     );
 }
+
+const BENCH: &str = env!("CARGO_BIN_EXE_fathom-bench");
+
+/// Runs fathom-bench with `args`.
+fn bench(args: &[&str]) -> Output {
+    Command::new(BENCH).args(args).output().unwrap()
+}
+
+/// Runs fathom-bench with `args` and `--json`; fails the test with its stderr unless it
+/// succeeds.
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let output = bench(&[args, &["--json"]].concat());
+    assert!(
+        output.status.success(),
+        "fathom-bench {args:?} failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|error| panic!("fathom-bench {args:?}: {error}\n{}", stdout(&output)))
+}
+
+#[test]
+fn fathom_bench_drives_a_running_node_through_its_nbd_client_path() {
+    let node = Node::start();
+    let uri = node.uri("vol0");
+    // Two jobs, each on its own connection and its own 8 MiB of the export.
+    let verify = bench_json(&[
+        "--nbd",
+        &uri,
+        "--verify",
+        "--bs",
+        "4k",
+        "--size",
+        "8M",
+        "--iodepth",
+        "16",
+        "--numjobs",
+        "2",
+    ]);
+    assert_eq!(verify["mode"], "nbd-client", "{verify}");
+    assert_eq!(verify["mismatches"], 0, "{verify}");
+    assert_eq!(verify["errors"], 0, "{verify}");
+    let jobs = verify["verify"].as_array().expect("per-job results");
+    assert_eq!(jobs.len(), 2, "{verify}");
+    for (job, result) in jobs.iter().enumerate() {
+        assert_eq!(result["offset_bytes"], job as u64 * (8 << 20), "{result}");
+        assert_eq!(result["blocks_written"], 2048, "{result}");
+        assert_eq!(result["blocks_read"], 2048, "{result}");
+    }
+
+    // A timed run: the client's own latencies and CPU time.
+    let run = bench_json(&[
+        "--nbd",
+        &uri,
+        "--rw",
+        "randread",
+        "--bs",
+        "4k",
+        "--iodepth",
+        "32",
+        "--runtime",
+        "1",
+        "--ramp_time",
+        "0",
+    ]);
+    assert_eq!(run["mode"], "nbd-client", "{run}");
+    assert_eq!(run["target"], uri, "{run}");
+    assert_eq!(run["errors"], 0, "{run}");
+    assert!(run["iops"].as_f64().unwrap() > 0.0, "{run}");
+    assert!(run["lat_ns"]["p50"].as_f64().unwrap() > 0.0, "{run}");
+    assert!(
+        run["lat_ns"]["p99"].as_f64().unwrap() >= run["lat_ns"]["p50"].as_f64().unwrap(),
+        "{run}"
+    );
+    assert!(run["cpu_ns_per_io"].as_f64().unwrap() > 0.0, "{run}");
+    assert_eq!(run["lat_ns"]["count"], run["ios"], "{run}");
+    assert_eq!(run["per_job"].as_array().unwrap().len(), 1, "{run}");
+    assert!(run["ops"]["read"]["ios"].as_u64().unwrap() > 0, "{run}");
+
+    // Writes carry the verify pattern of their offset: after random writes by two jobs, one
+    // job reading the whole 16 MiB back in other extents still finds what it expects.
+    let writes = bench_json(&[
+        "--nbd",
+        &uri,
+        "--rw",
+        "randwrite",
+        "--bs",
+        "8k",
+        "--size",
+        "8M",
+        "--numjobs",
+        "2",
+        "--runtime",
+        "0.5",
+        "--ramp_time",
+        "0",
+    ]);
+    assert!(
+        writes["ops"]["write"]["ios"].as_u64().unwrap() > 0,
+        "{writes}"
+    );
+    let check = bench_json(&[
+        "--nbd",
+        &uri,
+        "--verify",
+        "--verify_only",
+        "--bs",
+        "64k",
+        "--size",
+        "16M",
+    ]);
+    assert_eq!(check["mismatches"], 0, "{check}");
+    assert_eq!(check["verify"][0]["blocks_read"], 256, "{check}");
+    let log = node.stop();
+    assert!(log.contains("NBD client connected"), "{log}");
+}
+
+#[test]
+fn fathom_bench_nbd_mode_refuses_what_the_export_cannot_take_before_any_io() {
+    let node = Node::start();
+    let uri = node.uri("vol0");
+    let fails = |args: &[&str], expected: &str| {
+        let output = bench(args);
+        let text = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "fathom-bench {args:?} succeeded");
+        assert!(text.contains(expected), "fathom-bench {args:?}: {text}");
+    };
+    fails(
+        &["--nbd", &uri, "--bs", "100"],
+        "512-byte minimum block size",
+    );
+    fails(&["--nbd", &uri, "--bs", "2M"], "maximum block size");
+    fails(
+        &["--nbd", &uri, "--size", "48M", "--numjobs", "2"],
+        "need 100663296 bytes",
+    );
+    fails(&["--nbd", &uri, "--iodepth", "0"], "--iodepth 0");
+    fails(
+        &["--nbd", &uri, "--driver", "mem"],
+        "--driver does not apply",
+    );
+    fails(
+        &["--nbd", &uri.replace("nbd://", "nbds://")],
+        "TLS is not supported by fathom-bench's client",
+    );
+    // An export that does not exist is named, with how to list the ones that do.
+    let missing = node.uri("nope");
+    fails(&["--nbd", &missing], "no export named \"nope\"");
+    fails(
+        &["--nbd", &missing],
+        &format!("nbdinfo --list nbd://{}", node.address),
+    );
+    // The refusals came from the client, before any request: the node refused nothing.
+    let log = node.stop();
+    assert!(!log.contains("bad request"), "{log}");
+}

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use fathom::stat::{duration, quantity};
 use fathom::workload::{
     Pattern, VerifyOptions, VerifyResult, VerifyTask, WorkloadResult, WorkloadSpec, WorkloadTask,
@@ -65,9 +66,25 @@ enum Mode {
 /// Each core gets its own volume (a slice of the device) and keeps --iodepth IOs in flight on
 /// it. DMA buffers come from 2 MiB hugepages: reserve them with `sysctl -w vm.nr_hugepages=256`,
 /// or pass --no-hugepages.
+///
+/// Example, a running node through its client path (NBD over TCP, as a VM or qemu-img would
+/// reach it), to set beside the in-process figures:
+///
+///   fathom-bench --nbd nbd://127.0.0.1:10809/vol0 --rw randread --bs 4k --iodepth 32 --runtime 10
+///
+/// There each of --numjobs jobs is a client thread with its own connection and its own
+/// --size region of the export (job j at j * size; by default the export is divided among the
+/// jobs). Latencies and CPU time are the client's; the node's own per-stage breakdown of the
+/// same IOs is in fathom-stat. The options of the in-process engine (--driver, --media,
+/// --mode, --filename, --pci, --poll, --clock, --telemetry, --sector, --no-hugepages,
+/// --plot, --bsrange) do not apply and are refused.
 #[derive(Debug, Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
+    /// Drive a running node through NBD instead of an in-process engine:
+    /// nbd://HOST[:PORT]/EXPORT (port 10809 unless given; no TLS).
+    #[arg(long, value_name = "URI")]
+    nbd: Option<String>,
     #[arg(long, value_enum, default_value = "mem")]
     driver: Driver,
     /// Media of the mem driver: null (nothing stored, nothing copied), ram, or file.
@@ -93,7 +110,8 @@ struct Args {
     /// IOs kept in flight per core.
     #[arg(long, default_value_t = 32)]
     iodepth: usize,
-    /// Reactor cores to run on (one workload per core), as fio's numjobs.
+    /// Reactor cores to run on (one workload per core), as fio's numjobs; with --nbd, client
+    /// jobs (threads), each on its own connection.
     #[arg(long, alias = "numjobs", default_value_t = 1)]
     cores: usize,
     /// Write every block of --size once (in --rw's order), then read every block back and
@@ -119,7 +137,8 @@ struct Args {
     /// Percent of reads in a mixed pattern (readwrite, randrw), as fio's rwmixread.
     #[arg(long, default_value_t = 50)]
     rwmixread: u32,
-    /// Bytes each core's workload spans.
+    /// Bytes each core's workload spans; with --nbd, each job's region of the export (by
+    /// default, the export divided among the jobs).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     size: u64,
     /// Seconds to measure.
@@ -152,10 +171,36 @@ fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 fn main() {
-    if let Err(error) = run(Args::parse()) {
+    let matches = Args::command().get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    // Which options the command line gave (not their defaults).
+    let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    let result = match &args.nbd {
+        Some(uri) => nbd_mode::run(&args, uri, given),
+        None => run(args),
+    };
+    if let Err(error) = result {
         eprintln!("fathom-bench: {error:#}");
         std::process::exit(1);
     }
+}
+
+/// Checks of the workload's shape that hold in every mode.
+fn check_shape(args: &Args) -> Result<()> {
+    if args.iodepth == 0 {
+        bail!("--iodepth 0: at least one IO must be in flight");
+    }
+    if args.runtime.is_nan()
+        || args.runtime <= 0.0
+        || args.ramp_time.is_nan()
+        || args.ramp_time < 0.0
+    {
+        bail!("--runtime must be positive and --ramp_time not negative");
+    }
+    if args.rwmixread > 100 {
+        bail!("--rwmixread {} is a percentage: 0 to 100", args.rwmixread);
+    }
+    Ok(())
 }
 
 fn run(mut args: Args) -> Result<()> {
@@ -166,9 +211,7 @@ fn run(mut args: Args) -> Result<()> {
                 .with_context(|| format!("resolving --filename {}", path.display()))?,
         );
     }
-    if args.iodepth == 0 {
-        bail!("--iodepth 0: at least one IO must be in flight");
-    }
+    check_shape(&args)?;
     if args.bs == 0 || !args.bs.is_multiple_of(args.sector as u64) {
         bail!(
             "--bs {} is not a multiple of the {}-byte sector",
@@ -205,16 +248,6 @@ fn run(mut args: Args) -> Result<()> {
         .unwrap_or(1);
     if args.cores == 0 || args.cores > online {
         bail!("--cores {}: this machine has {online} cores", args.cores);
-    }
-    if args.runtime.is_nan()
-        || args.runtime <= 0.0
-        || args.ramp_time.is_nan()
-        || args.ramp_time < 0.0
-    {
-        bail!("--runtime must be positive and --ramp_time not negative");
-    }
-    if args.rwmixread > 100 {
-        bail!("--rwmixread {} is a percentage: 0 to 100", args.rwmixread);
     }
     if args.verify && matches!((args.driver, args.media), (Driver::Mem, Media::Null)) {
         bail!("--verify needs media that store data: --media ram or file (null stores nothing)");
@@ -257,7 +290,7 @@ fn run(mut args: Args) -> Result<()> {
         false => None,
     };
     let clock = *engine.clock();
-    let progress = Progress::new(&args, region.as_ref());
+    let progress = Progress::new(&args, region.as_ref().map(completed_ios));
     let ramp_end = std::time::Instant::now() + Duration::from_secs_f64(args.ramp_time);
     let mut measured_from = None;
     let deadline = ramp_end + Duration::from_secs_f64(args.runtime + 60.0);
@@ -271,7 +304,7 @@ fn run(mut args: Args) -> Result<()> {
             Err(_) if std::time::Instant::now() > deadline => {
                 bail!("a workload did not finish in time")
             }
-            Err(_) => progress.tick(region.as_ref()),
+            Err(_) => progress.tick(region.as_ref().map(completed_ios)),
         }
     }
     progress.finish();
@@ -386,7 +419,8 @@ fn verify(args: &Args, engine: &Engine, config: &Config) -> Result<()> {
     Ok(())
 }
 
-/// A progress bar over the run, with the live IOPS read from the benchmark's stats region.
+/// A progress bar over the run, with the live IOPS from a count of completed IOs (the
+/// benchmark's stats region, or the NBD client's own counters).
 struct Progress {
     bar: indicatif::ProgressBar,
     started: std::time::Instant,
@@ -394,7 +428,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(args: &Args, region: Option<&RegionReader>) -> Self {
+    fn new(args: &Args, ios: Option<u64>) -> Self {
         let total_ms = ((args.runtime + args.ramp_time) * 1000.0) as u64;
         let bar = if args.json {
             indicatif::ProgressBar::hidden()
@@ -408,20 +442,19 @@ impl Progress {
             .expect("valid template")
             .progress_chars("=> "),
         );
-        let ios = region.map(completed_ios).unwrap_or(0);
         Self {
             bar,
             started: std::time::Instant::now(),
-            last: std::cell::Cell::new((ios, std::time::Instant::now())),
+            last: std::cell::Cell::new((ios.unwrap_or(0), std::time::Instant::now())),
         }
     }
 
-    fn tick(&self, region: Option<&RegionReader>) {
+    /// Moves the bar on; `ios` is the count of IOs completed so far, if known.
+    fn tick(&self, ios: Option<u64>) {
         self.bar
             .set_position(self.started.elapsed().as_millis() as u64);
-        if let Some(region) = region {
+        if let Some(now) = ios {
             let (before, at) = self.last.get();
-            let now = completed_ios(region);
             let seconds = at.elapsed().as_secs_f64().max(1e-3);
             self.bar.set_message(format!(
                 "{} IOPS",
@@ -676,7 +709,8 @@ fn report(args: &Args, results: &[WorkloadResult], stats: Option<&Vec<OpStats>>)
                 }
                 if let Some(op) = stats.last() {
                     println!("  stages ({}):      count      mean       p50       p99     p99.9       max", op.op);
-                    for stage in &op.stages {
+                    // The front-end stages (receive, reply) stay empty: no NBD in this mode.
+                    for stage in op.stages.iter().filter(|stage| stage.count > 0) {
                         println!(
                             "    {:<10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
                             stage.stage,
@@ -716,4 +750,437 @@ fn report(args: &Args, results: &[WorkloadResult], stats: Option<&Vec<OpStats>>)
         bail!("{errors} IOs failed");
     }
     Ok(())
+}
+
+/// `--nbd URI`: the workload through a running node's client path, by fathom-bench's own NBD
+/// client (fathom::nbd_client): one thread and one connection per job.
+mod nbd_mode {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Barrier};
+    use std::time::{Duration, Instant};
+
+    use anyhow::{bail, Context, Result};
+    use crossbeam_channel::RecvTimeoutError;
+    use fathom::nbd_client::{
+        self, Connection, Export, JobResult, JobSpec, NbdUri, OpResult, VerifyJobResult, VerifySpec,
+    };
+    use fathom::stat::{duration, quantity};
+    use fathom_telemetry::report::StageReport;
+
+    use super::{check_shape, lat_json, Args, Progress};
+
+    /// The most jobs (client threads, each with its connection) one run may have.
+    const MAX_JOBS: usize = 256;
+    /// The client's latencies are nanoseconds: a histogram "tick" is one.
+    const NS_PER_SECOND: u64 = 1_000_000_000;
+    /// Beyond the run's own length, how long the jobs may take to drain and report.
+    const FINISH_GRACE: Duration = Duration::from_secs(90);
+
+    /// The in-process engine's options, which mean nothing for a node reached over NBD: the
+    /// argument id, the flag, and why.
+    const NOT_FOR_NBD: &[(&str, &str, &str)] = &[
+        ("driver", "--driver", "the node's devices are set by its configuration"),
+        ("media", "--media", "the node's devices are set by its configuration"),
+        ("mode", "--mode", "the node's devices are set by its configuration"),
+        ("filename", "--filename", "the node's devices are set by its configuration"),
+        ("pci", "--pci", "the node's devices are set by its configuration"),
+        ("poll", "--poll", "the node's reactors poll as its configuration says"),
+        (
+            "clock",
+            "--clock",
+            "the client times IOs with the monotonic clock; the node's telemetry clock is the node's",
+        ),
+        (
+            "telemetry",
+            "--telemetry",
+            "telemetry is the node's: read its per-stage breakdown with fathom-stat",
+        ),
+        ("sector", "--sector", "the export's block sizes come from the server"),
+        ("no_hugepages", "--no-hugepages", "the client needs no DMA memory"),
+        (
+            "plot",
+            "--plot",
+            "it draws the engine's stage latencies, which a client does not see (fathom-stat has the node's)",
+        ),
+        ("bsrange", "--bsrange", "the NBD client verifies in --bs extents only"),
+    ];
+
+    pub fn run(args: &Args, uri_text: &str, given: impl Fn(&str) -> bool) -> Result<()> {
+        for (id, flag, why) in NOT_FOR_NBD {
+            if given(id) {
+                bail!("{flag} does not apply with --nbd: {why}");
+            }
+        }
+        check_shape(args)?;
+        if args.verify_only && !args.verify {
+            bail!("--verify_only applies to --verify runs");
+        }
+        let jobs = args.cores;
+        if jobs == 0 || jobs > MAX_JOBS {
+            bail!("--numjobs {jobs}: from 1 to {MAX_JOBS} jobs, each with its own connection");
+        }
+        let uri = NbdUri::parse(uri_text)?;
+        let first = Connection::open(&uri)?;
+        let export = first.export().clone();
+        eprintln!(
+            "fathom-bench: NBD export {:?} at {}: {} ({} bytes), block sizes {}/{}/{} \
+             (minimum/preferred/maximum){}",
+            export.name,
+            first.address(),
+            bytes_text(export.size_bytes),
+            export.size_bytes,
+            export.min_block_bytes,
+            export.preferred_block_bytes,
+            export.max_block_bytes,
+            if export.read_only() {
+                ", read-only"
+            } else {
+                ""
+            }
+        );
+        // Unless told, the jobs share the whole export.
+        let size = if given("size") {
+            args.size
+        } else {
+            export.size_bytes / jobs as u64 / args.bs.max(1) * args.bs
+        };
+        let writes = if args.verify {
+            !args.verify_only
+        } else {
+            args.rw.writes()
+        };
+        export.check_plan(args.bs, size, jobs, writes)?;
+        if !given("size") && size == 0 {
+            bail!(
+                "export {:?} of {} bytes is too small for {jobs} jobs of --bs {}",
+                export.name,
+                export.size_bytes,
+                args.bs
+            );
+        }
+        if size == 0 || !size.is_multiple_of(args.bs) {
+            bail!(
+                "--size {size} must be a non-zero multiple of --bs {}",
+                args.bs
+            );
+        }
+        let block_size =
+            u32::try_from(args.bs).expect("checked against the export's maximum block size");
+        // Every connection is open before any IO, so handshakes are not measured.
+        let mut connections = vec![first];
+        for job in 1..jobs {
+            connections.push(
+                Connection::open(&uri)
+                    .with_context(|| format!("opening the connection of job {job}"))?,
+            );
+        }
+        if args.verify {
+            verify(args, &uri, connections, block_size, size)
+        } else {
+            bench(args, &uri, &export, connections, block_size, size)
+        }
+    }
+
+    fn bench(
+        args: &Args,
+        uri: &NbdUri,
+        export: &Export,
+        connections: Vec<Connection>,
+        block_size: u32,
+        size: u64,
+    ) -> Result<()> {
+        let jobs = connections.len();
+        let start = Arc::new(Barrier::new(jobs));
+        let counters: Vec<Arc<AtomicU64>> = (0..jobs).map(|_| Arc::default()).collect();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for (job, connection) in connections.into_iter().enumerate() {
+            let spec = JobSpec {
+                job,
+                pattern: args.rw,
+                block_size,
+                iodepth: args.iodepth,
+                offset_bytes: job as u64 * size,
+                span_bytes: size,
+                runtime: Duration::from_secs_f64(args.runtime),
+                ramp: Duration::from_secs_f64(args.ramp_time),
+                // As the in-process workloads seed core c with c + 1.
+                seed: job as u64 + 1,
+                read_percent: args.rwmixread,
+            };
+            let (start, counter, tx) = (start.clone(), counters[job].clone(), tx.clone());
+            std::thread::Builder::new()
+                .name(format!("nbd-job{job}"))
+                .spawn(move || {
+                    let result = nbd_client::run_job(connection, &spec, &start, &counter);
+                    let _ = tx.send((job, result));
+                })
+                .context("starting a job's thread")?;
+        }
+        drop(tx);
+        let progress = Progress::new(args, Some(0));
+        let deadline =
+            Instant::now() + Duration::from_secs_f64(args.ramp_time + args.runtime) + FINISH_GRACE;
+        let mut results: Vec<JobResult> = Vec::with_capacity(jobs);
+        while results.len() < jobs {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok((_, Ok(result))) => results.push(result),
+                Ok((job, Err(error))) => {
+                    progress.finish();
+                    return Err(error).with_context(|| format!("job {job}"));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    bail!("a job's thread ended without a result")
+                }
+                Err(RecvTimeoutError::Timeout) if Instant::now() > deadline => {
+                    bail!("a job did not finish in time")
+                }
+                Err(RecvTimeoutError::Timeout) => progress.tick(Some(
+                    counters
+                        .iter()
+                        .map(|counter| counter.load(Ordering::Relaxed))
+                        .sum(),
+                )),
+            }
+        }
+        progress.finish();
+        results.sort_by_key(|result| result.job);
+        report(args, uri, export, size, &results)
+    }
+
+    /// One op's IOs, bytes and merged latencies over every job.
+    fn merged(results: &[JobResult], pick: fn(&JobResult) -> &OpResult) -> (u64, u64, StageReport) {
+        let mut latency = pick(&results[0]).latency_ns.clone();
+        latency.reset();
+        for result in results {
+            // Every histogram has the same bounds: adding cannot fail.
+            let _ = latency.add(&pick(result).latency_ns);
+        }
+        let ios = results.iter().map(|result| pick(result).ios).sum();
+        let bytes = results.iter().map(|result| pick(result).bytes).sum();
+        (
+            ios,
+            bytes,
+            StageReport::from_histogram("client", &latency, NS_PER_SECOND),
+        )
+    }
+
+    fn report(
+        args: &Args,
+        uri: &NbdUri,
+        export: &Export,
+        size: u64,
+        results: &[JobResult],
+    ) -> Result<()> {
+        let jobs = results.len();
+        let ios: u64 = results.iter().map(|result| result.ios).sum();
+        let bytes: u64 = results.iter().map(|result| result.bytes).sum();
+        let errors: u64 = results.iter().map(|result| result.errors).sum();
+        let cpu_ns: u64 = results.iter().map(|result| result.cpu_ns).sum();
+        let elapsed_s = results
+            .iter()
+            .map(|result| result.elapsed_ns)
+            .max()
+            .unwrap_or(1)
+            .max(1) as f64
+            / 1e9;
+        let iops = ios as f64 / elapsed_s;
+        let iops_per_job = iops / jobs as f64;
+        let wall_ns_per_io = 1e9 / iops_per_job.max(f64::MIN_POSITIVE);
+        let cpu_ns_per_io = cpu_ns as f64 / ios.max(1) as f64;
+        // Per op (those the pattern issues), then every op together.
+        let mut ops: Vec<(&str, u64, u64, StageReport)> = Vec::new();
+        for (name, pick) in [
+            (
+                "read",
+                (|result: &JobResult| &result.read) as fn(&JobResult) -> &OpResult,
+            ),
+            ("write", |result: &JobResult| &result.write),
+        ] {
+            let (op_ios, op_bytes, latency) = merged(results, pick);
+            if op_ios > 0 {
+                ops.push((name, op_ios, op_bytes, latency));
+            }
+        }
+        let overall = {
+            let mut latency = results[0].read.latency_ns.clone();
+            latency.reset();
+            for result in results {
+                let _ = latency.add(&result.read.latency_ns);
+                let _ = latency.add(&result.write.latency_ns);
+            }
+            StageReport::from_histogram("client", &latency, NS_PER_SECOND)
+        };
+        if args.json {
+            let ops_json: serde_json::Map<String, serde_json::Value> = ops
+                .iter()
+                .map(|(name, op_ios, op_bytes, latency)| {
+                    let value = serde_json::json!({
+                        "ios": op_ios, "iops": *op_ios as f64 / elapsed_s,
+                        "bw_bytes": *op_bytes as f64 / elapsed_s, "lat_ns": lat_json(latency),
+                    });
+                    (name.to_string(), value)
+                })
+                .collect();
+            let json = serde_json::json!({
+                "mode": "nbd-client",
+                "target": uri.to_string(),
+                "latency_source": "client",
+                "export": export,
+                "rw": args.rw, "bs": args.bs, "iodepth": args.iodepth, "numjobs": jobs,
+                "size": size, "rwmixread": args.rwmixread,
+                "runtime_s": elapsed_s,
+                "ios": ios, "errors": errors,
+                "iops": iops, "iops_per_job": iops_per_job, "bw_bytes": bytes as f64 / elapsed_s,
+                "ns_per_io_wall": wall_ns_per_io, "cpu_ns_per_io": cpu_ns_per_io,
+                "lat_ns": lat_json(&overall),
+                "ops": ops_json,
+                "per_job": results,
+            });
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        } else {
+            println!(
+                "fathom-bench: client path: NBD to {uri} (latencies measured by the client; the \
+                 node's own per-stage breakdown is in fathom-stat)"
+            );
+            println!(
+                "fathom-bench: mode=nbd-client rw={:?} bs={} iodepth={} numjobs={jobs} size={} \
+                 runtime={elapsed_s:.1}s",
+                args.rw,
+                args.bs,
+                args.iodepth,
+                bytes_text(size)
+            );
+            for (name, op_ios, op_bytes, latency) in &ops {
+                println!(
+                    "  {name}: IOPS={}, BW={:.1}MiB/s, ios={op_ios}",
+                    quantity(*op_ios as f64 / elapsed_s),
+                    *op_bytes as f64 / elapsed_s / (1 << 20) as f64,
+                );
+                println!(
+                    "    lat (client): mean={}, p50={}, p90={}, p99={}, p99.9={}, max={}",
+                    duration(latency.mean_ns),
+                    duration(latency.p50_ns),
+                    duration(latency.p90_ns),
+                    duration(latency.p99_ns),
+                    duration(latency.p999_ns),
+                    duration(latency.max_ns)
+                );
+            }
+            println!(
+                "  all: IOPS={}, BW={:.1}MiB/s, ios={ios}, errors={errors}",
+                quantity(iops),
+                bytes as f64 / elapsed_s / (1 << 20) as f64
+            );
+            println!(
+                "  per job: IOPS={}, {wall_ns_per_io:.1} ns/IO (wall), {cpu_ns_per_io:.1} ns/IO \
+                 (client CPU time)",
+                quantity(iops_per_job),
+            );
+            for result in results {
+                println!(
+                    "    job {}: {} IOPS, {:.1} ns CPU/IO, bytes {}..{} of {}{}",
+                    result.job,
+                    quantity(result.ios as f64 / (result.elapsed_ns.max(1) as f64 / 1e9)),
+                    result.cpu_ns as f64 / result.ios.max(1) as f64,
+                    result.offset_bytes,
+                    result.offset_bytes + result.span_bytes,
+                    export.name,
+                    match &result.first_error {
+                        Some(error) => format!(", {} errors, first: {error}", result.errors),
+                        None => String::new(),
+                    }
+                );
+            }
+        }
+        if errors > 0 {
+            bail!("{errors} IOs failed: the server answered them with errors");
+        }
+        Ok(())
+    }
+
+    /// The --verify run: every job writes its region once, reads it back, compares.
+    fn verify(
+        args: &Args,
+        uri: &NbdUri,
+        connections: Vec<Connection>,
+        block_size: u32,
+        size: u64,
+    ) -> Result<()> {
+        let handles: Vec<_> = connections
+            .into_iter()
+            .enumerate()
+            .map(|(job, connection)| {
+                let spec = VerifySpec {
+                    job,
+                    pattern: args.rw,
+                    block_size,
+                    iodepth: args.iodepth,
+                    offset_bytes: job as u64 * size,
+                    span_bytes: size,
+                    read_only: args.verify_only,
+                };
+                std::thread::Builder::new()
+                    .name(format!("nbd-verify{job}"))
+                    .spawn(move || nbd_client::run_verify(connection, &spec))
+            })
+            .collect::<Result<_, _>>()
+            .context("starting a job's thread")?;
+        let mut results: Vec<VerifyJobResult> = Vec::with_capacity(handles.len());
+        for (job, handle) in handles.into_iter().enumerate() {
+            let result = handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("the verify thread of job {job} panicked"))?;
+            results.push(result.with_context(|| format!("job {job}"))?);
+        }
+        let mismatches: u64 = results.iter().map(|result| result.mismatches).sum();
+        let errors: u64 = results.iter().map(|result| result.errors).sum();
+        if args.json {
+            let json = serde_json::json!({
+                "mode": "nbd-client", "target": uri.to_string(),
+                "verify": results, "mismatches": mismatches, "errors": errors,
+            });
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        } else {
+            println!("fathom-bench: client path: NBD to {uri}");
+            for result in &results {
+                println!(
+                    "verify job {} (bytes {}..{}): wrote {} extents of {block_size} B, read {} \
+                     back: {} mismatches, {} IO errors{}{}",
+                    result.job,
+                    result.offset_bytes,
+                    result.offset_bytes + result.span_bytes,
+                    result.blocks_written,
+                    result.blocks_read,
+                    result.mismatches,
+                    result.errors,
+                    if result.first_mismatches.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (first at offsets {:?})", result.first_mismatches)
+                    },
+                    match &result.first_error {
+                        Some(error) => format!(" (first error: {error})"),
+                        None => String::new(),
+                    }
+                );
+            }
+        }
+        if mismatches + errors > 0 {
+            bail!(
+                "verify failed: {mismatches} blocks read back differently from what was \
+                 written, {errors} IO errors"
+            );
+        }
+        Ok(())
+    }
+
+    /// A byte count in the largest binary unit that divides it.
+    fn bytes_text(bytes: u64) -> String {
+        for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+            if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+                return format!("{}{unit}", bytes >> shift);
+            }
+        }
+        format!("{bytes}B")
+    }
 }
