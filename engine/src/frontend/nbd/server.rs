@@ -836,6 +836,12 @@ impl Conn {
         }
         if self.readable {
             loop {
+                if self.rx_start > 0 {
+                    // What the handshake took is gone; keep what it has not.
+                    self.rx.copy_within(self.rx_start..self.rx_end, 0);
+                    self.rx_end -= self.rx_start;
+                    self.rx_start = 0;
+                }
                 if self.rx_end == self.rx.len() {
                     // A handshake message larger than the buffer: the parser limits option
                     // lengths well below it, so this is garbage.
