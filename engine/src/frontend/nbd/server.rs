@@ -834,50 +834,50 @@ impl Conn {
                 }
             }
         }
-        if self.readable {
-            loop {
-                if self.rx_start > 0 {
-                    // What the handshake took is gone; keep what it has not.
-                    self.rx.copy_within(self.rx_start..self.rx_end, 0);
-                    self.rx_end -= self.rx_start;
-                    self.rx_start = 0;
-                }
-                if self.rx_end == self.rx.len() {
-                    // A handshake message larger than the buffer: the parser limits option
-                    // lengths well below it, so this is garbage.
-                    self.close("handshake data larger than any valid option");
-                    return served;
-                }
-                match self.transport.read(&mut self.rx[self.rx_end..]) {
-                    Ok(0) => {
-                        self.close("the client closed the connection during the handshake");
-                        return served;
-                    }
-                    Ok(n) => {
-                        self.rx_end += n;
-                        served.work = true;
-                    }
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                        self.readable = false;
-                        break;
-                    }
-                    Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+        // Read and feed in turn, so that a long run of options never has to fit the buffer
+        // at once. Once the handshake is over (or TLS starts), what is left belongs to the
+        // transmission phase (a client may send its first request right behind NBD_OPT_GO)
+        // or to TLS.
+        loop {
+            if self.rx_end > self.rx_start {
+                match handshake.input(&self.rx[self.rx_start..self.rx_end]) {
+                    Ok(consumed) => self.rx_start += consumed,
                     Err(error) => {
-                        self.close(format!("reading the handshake failed: {error}"));
+                        // Send what the handshake queued (an error reply) before closing.
+                        let _ = self.transport.write(handshake.output());
+                        self.close(format!("handshake failed: {error}"));
                         return served;
                     }
                 }
             }
-        }
-        // Feed what arrived; what the handshake does not take belongs to the transmission
-        // phase (a client may send its first request right behind NBD_OPT_GO).
-        if self.rx_end > self.rx_start {
-            match handshake.input(&self.rx[self.rx_start..self.rx_end]) {
-                Ok(consumed) => self.rx_start += consumed,
+            if !self.readable || *handshake.state() != State::Negotiating {
+                break;
+            }
+            if self.rx_start > 0 {
+                // What the handshake took is gone; keep what it has not.
+                self.rx.copy_within(self.rx_start..self.rx_end, 0);
+                self.rx_end -= self.rx_start;
+                self.rx_start = 0;
+            }
+            if self.rx_end == self.rx.len() {
+                // The handshake holds back at most one option header's worth: a full buffer
+                // is not NBD.
+                self.close("handshake data larger than any valid option");
+                return served;
+            }
+            match self.transport.read(&mut self.rx[self.rx_end..]) {
+                Ok(0) => {
+                    self.close("the client closed the connection during the handshake");
+                    return served;
+                }
+                Ok(n) => {
+                    self.rx_end += n;
+                    served.work = true;
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => self.readable = false,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(error) => {
-                    // Send what the handshake queued (an error reply) before closing.
-                    let _ = self.transport.write(handshake.output());
-                    self.close(format!("handshake failed: {error}"));
+                    self.close(format!("reading the handshake failed: {error}"));
                     return served;
                 }
             }
