@@ -11,11 +11,13 @@
 //! hold); submitting takes a slot from a free stack and completing returns it. Nothing on this
 //! path allocates or takes a lock.
 //!
-//! In `adaptive` poll mode a reactor with nothing in flight and nothing to do parks after a
-//! short spin; submitters unpark it. One whose only work is IO in flight on a single queue that
-//! can notify (io_uring) waits in the kernel for a completion instead of spinning, leaving the
-//! core to the kernel's completion work; polled queues (mem, later VFIO) keep being polled.
-//! `busy` mode never parks or waits, as SPDK's reactors.
+//! In `adaptive` poll mode a reactor with nothing in flight and nothing to do sleeps after a
+//! short spin, in poll(2) on its wake-up eventfd and on the descriptors its tasks name (a front
+//! end's epoll, [`Task::wake_fd`]); submitters write the eventfd. A task without such a
+//! descriptor keeps its reactor polling. One whose only work is IO in flight on a single queue
+//! that can notify (io_uring) waits in the kernel for a completion instead of spinning, leaving
+//! the core to the kernel's completion work; polled queues (mem, VFIO) keep being polled.
+//! `busy` mode never sleeps or waits, as SPDK's reactors.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};

@@ -1,6 +1,6 @@
 //! The NBD server: listeners, handshakes and connections, all polled by reactor tasks.
 //!
-//! One [`Poller`] task runs on every reactor. Reactor 0's also owns the listening sockets and
+//! One `Poller` task runs on every reactor. Reactor 0's also owns the listening sockets and
 //! runs every handshake (not the data path); a connection that negotiated an export moves to
 //! the poller of the reactor that owns the export's volume, so that its requests reach the
 //! device queue without a cross-core hop. A poller reads each ready socket, parses as many
