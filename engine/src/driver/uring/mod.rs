@@ -11,7 +11,7 @@
 //! become NVMe statuses, so the engine reports them as it reports a controller's.
 //!
 //! An NVMe generic character device (`/dev/ngXnY`) is driven by NVMe passthrough instead
-//! ([`passthru`]): NVMe commands as io_uring commands, its namespace's size and block size
+//! (`passthru.rs`): NVMe commands as io_uring commands, its namespace's size and block size
 //! from Identify.
 
 mod passthru;
