@@ -327,7 +327,7 @@ impl Engine {
             .push(Message::Io(request, notify, accepted))
         {
             Ok(()) => {
-                wake(reactor);
+                reactor.shared.wake();
                 Ok(())
             }
             Err(Message::Io(request, notify, _)) => Err(Rejected {
@@ -378,7 +378,7 @@ impl Engine {
                 core: handle.core,
                 what: "inbound ring full; retry".into(),
             })?;
-        wake(handle);
+        handle.shared.wake();
         Ok(())
     }
 
@@ -431,10 +431,6 @@ impl Engine {
         }
         result
     }
-}
-
-fn wake(reactor: &ReactorHandle) {
-    reactor.shared.wake();
 }
 
 impl EngineInner {

@@ -561,13 +561,13 @@ impl Task for Poller {
         work
     }
 
-    fn complete(&mut self, io: &mut IoContext, completion: IoCompletion) {
+    fn complete(&mut self, _io: &mut IoContext, completion: IoCompletion) {
         let index = (completion.tag >> 16) as usize;
         let slot = (completion.tag & 0xffff) as u16;
         let Some(Some(conn)) = self.conns.get_mut(index) else {
             return;
         };
-        conn.complete(slot, completion, io, &mut self.buffers);
+        conn.complete(slot, completion, &mut self.buffers);
     }
 
     fn finished(&self) -> bool {
@@ -623,7 +623,6 @@ enum Incoming {
 struct Slot {
     cookie: u64,
     command: Command,
-    op: Op,
     offset: u64,
     len: u64,
     fua: bool,
@@ -651,7 +650,6 @@ impl Slot {
         Self {
             cookie: 0,
             command: Command::Flush,
-            op: Op::Flush,
             offset: 0,
             len: 0,
             fua: false,
@@ -665,6 +663,18 @@ impl Slot {
             header: [0; REPLY_HEADER_MAX],
             header_len: 0,
             with_data: false,
+        }
+    }
+
+    /// The engine operation the request runs as; `None` for what never reaches the engine
+    /// (TRIM and CACHE hints, refused requests' commands).
+    fn op(&self) -> Option<Op> {
+        match self.command {
+            Command::Read => Some(Op::Read),
+            Command::Write => Some(Op::Write),
+            Command::Flush => Some(Op::Flush),
+            Command::WriteZeroes => Some(Op::WriteZeroes),
+            _ => None,
         }
     }
 
@@ -1029,14 +1039,6 @@ impl Conn {
                 }
             }
         }
-        // A payload completed by a direct read is not parsed until the next pass.
-        if let Incoming::Payload { slot, filled } = self.incoming {
-            if filled as u64 == self.slots[slot as usize].len {
-                self.incoming = Incoming::Header;
-                self.to_submit.push_back(slot);
-                parsed_any = true;
-            }
-        }
         // Requests parsed before a stop for want of slots or buffers count too.
         parsed_any |= !self.to_submit.is_empty();
         if parsed_any {
@@ -1124,12 +1126,6 @@ impl Conn {
                 Err(error) => return Parse::Close(format!("bad request: {error}")),
             };
             let check = request.check(export.info.size_bytes, &self.limits);
-            let op = match request.command {
-                Command::Read => Op::Read,
-                Command::Write => Op::Write,
-                Command::WriteZeroes => Op::WriteZeroes,
-                _ => Op::Flush,
-            };
             if let (Ok(()), Command::Read | Command::Write) = (check, request.command) {
                 // Take the buffer before consuming the header: without one, wait.
                 let Some(buf) = buffers.get(request.length as usize) else {
@@ -1142,7 +1138,6 @@ impl Conn {
             let slot = &mut self.slots[slot_index as usize];
             slot.cookie = request.cookie;
             slot.command = request.command;
-            slot.op = op;
             slot.offset = request.offset;
             slot.len = request.length as u64;
             slot.next = request.offset;
@@ -1210,14 +1205,16 @@ impl Conn {
         while let Some(&slot_index) = self.to_submit.front() {
             let tag = (index as u64) << 16 | slot_index as u64;
             let slot = &mut self.slots[slot_index as usize];
-            if slot.pending == 0 && slot.next == slot.offset && !slot.submitted {
-                io.record_stage(
-                    export.volume,
-                    slot.op,
-                    stage::RECEIVE,
-                    now.saturating_sub(slot.received),
-                    1,
-                );
+            if let (0, false, Some(op)) = (slot.pending, slot.submitted, slot.op()) {
+                if slot.next == slot.offset {
+                    io.record_stage(
+                        export.volume,
+                        op,
+                        stage::RECEIVE,
+                        now.saturating_sub(slot.received),
+                        1,
+                    );
+                }
             }
             let request = match slot.command {
                 Command::Read => IoRequest::read(
@@ -1280,14 +1277,7 @@ impl Conn {
         work
     }
 
-    fn complete(
-        &mut self,
-        slot_index: u16,
-        completion: IoCompletion,
-        io: &mut IoContext,
-        buffers: &mut BufferCache,
-    ) {
-        let _ = io;
+    fn complete(&mut self, slot_index: u16, completion: IoCompletion, buffers: &mut BufferCache) {
         self.in_engine -= 1;
         let Some(slot) = self.slots.get_mut(slot_index as usize) else {
             return;
@@ -1425,20 +1415,17 @@ impl Conn {
                 }
                 left -= len;
                 self.replies.pop_front();
-                if matches!(
-                    slot.command,
-                    Command::Read | Command::Write | Command::Flush | Command::WriteZeroes
-                ) {
+                if let Some(op) = slot.op() {
                     io.record_stage(
                         export.volume,
-                        slot.op,
+                        op,
                         stage::REPLY,
                         sent.saturating_sub(slot.reply_start),
                         1,
                     );
                     io.record_stage(
                         export.volume,
-                        slot.op,
+                        op,
                         stage::TOTAL,
                         sent.saturating_sub(slot.received),
                         1,
