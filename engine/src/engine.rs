@@ -182,8 +182,12 @@ impl Engine {
                         let recorders = volumes
                             .iter()
                             .enumerate()
-                            .map(|(id, volume)| {
-                                (volume.reactor == index).then(|| region.volume_recorder(id))
+                            .flat_map(|(id, volume)| {
+                                let region = &region;
+                                (0..OP_NAMES.len()).map(move |op| {
+                                    (volume.reactor == index)
+                                        .then(|| region.series_recorder(id, op))
+                                })
                             })
                             .collect();
                         let queue_recorders = (0..devices.len())

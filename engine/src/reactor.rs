@@ -32,7 +32,7 @@ use crate::dma::DmaBuf;
 use crate::driver::{IoQueue, Op};
 use crate::nvme::Completed;
 use crate::poll::EventFd;
-use crate::stats::{op_index, CoreTelemetry};
+use crate::stats::{CoreTelemetry, Series};
 use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};
 
 /// Inbound messages taken per loop iteration.
@@ -116,10 +116,9 @@ struct Slot {
     accepted: u64,
     submitted: u64,
     rung: u64,
-    volume: u32,
+    /// Volume and op, and whether a front end records the IO's `total` itself.
+    series: Series,
     bytes: u64,
-    /// Submitted by a front end, which records the IO's `total` itself.
-    frontend: bool,
 }
 
 /// A reactor's IO state: its device queues and per-IO slots. Tasks submit through it.
@@ -171,9 +170,8 @@ impl IoContext {
                 accepted: 0,
                 submitted: 0,
                 rung: 0,
-                volume: 0,
+                series: Series::default(),
                 bytes: 0,
-                frontend: false,
             })
             .collect();
         Self {
@@ -252,7 +250,7 @@ impl IoContext {
     #[inline]
     pub fn record_stage(&mut self, volume: VolumeId, op: Op, stage: usize, ticks: u64, count: u64) {
         if let Some(telemetry) = self.telemetry.as_deref_mut() {
-            telemetry.record(volume.0, op_index(op), stage, ticks, count);
+            telemetry.record(volume.0, op, stage, ticks, count);
         }
     }
 
@@ -315,9 +313,8 @@ impl IoContext {
             slot.submitted = telemetry.now;
             slot.accepted = accepted.unwrap_or(telemetry.now);
             self.unrung[device].push(slot_index);
-            slot.volume = request.volume.0;
+            slot.series = Series::new(request.volume.0, request.op, frontend);
             slot.bytes = request.len;
-            slot.frontend = frontend;
         }
         slot.notify = notify;
         slot.tag = request.tag;
@@ -595,15 +592,13 @@ impl Reactor {
                 let slot = &mut self.io.slots[completed.cookie as usize];
                 if let (Some(telemetry), Some(seen)) = (self.io.telemetry.as_deref_mut(), seen) {
                     telemetry.completed(
-                        slot.volume,
-                        op_index(slot.op),
+                        slot.series,
                         slot.bytes,
                         completed.status.is_success(),
                         slot.accepted,
                         slot.submitted,
                         slot.rung,
                         seen,
-                        slot.frontend,
                     );
                 }
                 let notify = std::mem::replace(&mut slot.notify, Notify::Nobody);

@@ -23,9 +23,10 @@
 //! completions with the same volume, op and stamps form a *run* that is recorded once with a
 //! count: a batch of 32 typically costs five histogram increments, not 160. Counters (IOs,
 //! bytes, errors, queue busy time) are kept by the reactor and published to the region every
-//! millisecond, when the reactor goes idle, and when it stops.
+//! millisecond, when the reactor goes idle, and when it stops; so is the `queue` stage of IOs
+//! submitted on the reactor itself (by a task or a front end), which is always zero.
 
-use fathom_telemetry::region::{QueueRecorder, VolumeRecorder};
+use fathom_telemetry::region::{QueueRecorder, SeriesRecorder};
 use fathom_telemetry::Clock;
 
 use crate::driver::Op;
@@ -57,32 +58,46 @@ pub fn op_index(op: Op) -> u8 {
     }
 }
 
+/// One op on one volume, as the reactor's telemetry tables index it (volume × ops + op), with
+/// a flag for IOs whose `total` a front end records itself. One word, so that comparing two
+/// IOs' keys stays cheap.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Series(u32);
+
+impl Series {
+    const FRONTEND: u32 = 1 << 31;
+
+    #[inline(always)]
+    pub fn new(volume: u32, op: Op, frontend: bool) -> Self {
+        let index = volume * OP_NAMES.len() as u32 + op_index(op) as u32;
+        Self(index | if frontend { Self::FRONTEND } else { 0 })
+    }
+
+    /// Where the series' recorder and totals are.
+    #[inline(always)]
+    fn index(self) -> usize {
+        (self.0 & !Self::FRONTEND) as usize
+    }
+
+    #[inline(always)]
+    fn frontend(self) -> bool {
+        self.0 & Self::FRONTEND != 0
+    }
+}
+
 /// What identifies a run: IOs with equal keys have equal stage durations.
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
 struct RunKey {
     accepted: u64,
     submitted: u64,
     rung: u64,
-    volume: u32,
-    op: u8,
-    /// A front end records this IO's `total` itself (it ends at the reply, not the callback).
-    frontend: bool,
-}
-
-#[derive(Clone, Copy, Default)]
-struct IoRun {
-    key: RunKey,
-    ios: u64,
-    bytes: u64,
-    errors: u64,
+    series: Series,
 }
 
 /// A run whose `complete` and `total` stages end at the next clock read.
 #[derive(Clone, Copy)]
 struct Closing {
-    volume: u32,
-    op: u8,
-    frontend: bool,
+    series: Series,
     accepted: u64,
     seen: u64,
     count: u64,
@@ -101,35 +116,51 @@ struct QueueTotals {
     completed: u64,
 }
 
+/// A series' counters as the reactor keeps them between publications.
+#[derive(Clone, Copy, Default)]
+struct SeriesTotals {
+    ios: u64,
+    bytes: u64,
+    errors: u64,
+}
+
 /// One reactor's telemetry state.
 pub(crate) struct CoreTelemetry {
     clock: Clock,
     /// The last clock read: the stamp of anything happening before the next read.
     pub now: u64,
-    /// Indexed by volume id; only this reactor's volumes have a recorder.
-    volumes: Box<[Option<VolumeRecorder>]>,
+    /// Indexed by [`Series`]; only this reactor's volumes have recorders.
+    series: Box<[Option<SeriesRecorder>]>,
     /// Indexed by device.
     queues: Box<[QueueRecorder]>,
     /// Per device: commands in flight.
     in_flight: Box<[u32]>,
     /// Bit d: device d's queue is busy (has commands outstanding).
     busy: u64,
-    run: IoRun,
+    /// The run being reaped: its key, and how many IOs (bytes) it has so far.
+    run: RunKey,
+    run_ios: u64,
+    run_bytes: u64,
+    run_errors: u64,
     closing: Vec<Closing>,
     stamped: bool,
     stamped_last_iteration: bool,
-    /// Per (volume, op): IOs, bytes, errors, as published.
-    volume_totals: Box<[[u64; 3]]>,
+    /// Indexed by [`Series`], as published.
+    series_totals: Box<[SeriesTotals]>,
+    /// Indexed by [`Series`]: IOs that spent no time in the `queue` stage (submitted on the
+    /// reactor itself, by a task or a front end), recorded with the counters.
+    queue_zeros: Box<[u64]>,
     queue_totals: Box<[QueueTotals]>,
     next_publish: u64,
     publish_period: u64,
 }
 
 impl CoreTelemetry {
-    /// `queue_capacities[d]` is device d's queue capacity on this reactor.
+    /// `series[volume × ops + op]` is the recorder of that op on that volume if this reactor
+    /// owns the volume; `queue_capacities[d]` is device d's queue capacity on this reactor.
     pub fn new(
         clock: Clock,
-        volumes: Box<[Option<VolumeRecorder>]>,
+        series: Box<[Option<SeriesRecorder>]>,
         queues: Box<[QueueRecorder]>,
         queue_capacities: &[usize],
     ) -> Self {
@@ -137,16 +168,20 @@ impl CoreTelemetry {
         let total: usize = queue_capacities.iter().sum();
         Self {
             now: clock.now(),
-            volume_totals: vec![[0; 3]; volumes.len() * OP_NAMES.len()].into_boxed_slice(),
+            series_totals: vec![SeriesTotals::default(); series.len()].into_boxed_slice(),
+            queue_zeros: vec![0; series.len()].into_boxed_slice(),
             queue_totals: vec![QueueTotals::default(); devices].into_boxed_slice(),
             next_publish: 0,
             publish_period: clock.duration_to_ticks(PUBLISH_PERIOD),
             clock,
-            volumes,
+            series,
             queues,
             in_flight: vec![0; devices].into_boxed_slice(),
             busy: 0,
-            run: IoRun::default(),
+            run: RunKey::default(),
+            run_ios: 0,
+            run_bytes: 0,
+            run_errors: 0,
             closing: Vec::with_capacity(total),
             stamped: false,
             stamped_last_iteration: false,
@@ -187,69 +222,63 @@ impl CoreTelemetry {
         }
     }
 
-    /// One IO of device `device` completed (in the batch being reaped).
+    /// One IO completed (in the batch being reaped, seen at `seen`).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub fn completed(
         &mut self,
-        volume: u32,
-        op: u8,
+        series: Series,
         bytes: u64,
         ok: bool,
         accepted: u64,
         submitted: u64,
         rung: u64,
         seen: u64,
-        frontend: bool,
     ) {
         let key = RunKey {
             accepted,
             submitted,
             rung,
-            volume,
-            op,
-            frontend,
+            series,
         };
-        if self.run.ios + self.run.errors == 0 || self.run.key != key {
-            self.end_run(seen);
-            self.run.key = key;
+        if self.run != key {
+            if self.run_ios + self.run_errors != 0 {
+                self.end_run(seen);
+            }
+            self.run = key;
         }
-        if ok {
-            self.run.ios += 1;
-            self.run.bytes += bytes;
-        } else {
-            self.run.errors += 1;
-        }
+        self.run_ios += ok as u64;
+        self.run_bytes += if ok { bytes } else { 0 };
+        self.run_errors += !ok as u64;
     }
 
-    /// Records the current run: its first three stages now, the last two at the next stamp.
+    /// Records the current run, if it has IOs: its first three stages now, the last two at the
+    /// next stamp.
+    #[inline]
     fn end_run(&mut self, seen: u64) {
-        let run = std::mem::take(&mut self.run);
-        let count = run.ios + run.errors;
+        let count = self.run_ios + self.run_errors;
         if count == 0 {
             return;
         }
-        let key = run.key;
-        let rung = key.rung;
-        if let Some(recorder) = &self.volumes[key.volume as usize] {
-            let op = key.op as usize;
-            recorder.record(
-                op,
-                stage::QUEUE,
-                key.submitted.saturating_sub(key.accepted),
-                count,
-            );
-            recorder.record(op, stage::SUBMIT, rung.saturating_sub(key.submitted), count);
-            recorder.record(op, stage::DEVICE, seen.saturating_sub(rung), count);
-            let totals = &mut self.volume_totals[key.volume as usize * OP_NAMES.len() + op];
-            totals[0] += run.ios;
-            totals[1] += run.bytes;
-            totals[2] += run.errors;
+        let key = self.run;
+        let series = key.series.index();
+        if let Some(recorder) = &self.series[series] {
+            let queued = key.submitted.saturating_sub(key.accepted);
+            if queued == 0 {
+                self.queue_zeros[series] += count;
+            } else {
+                recorder.record(stage::QUEUE, queued, count);
+            }
+            recorder.record(stage::SUBMIT, key.rung.saturating_sub(key.submitted), count);
+            recorder.record(stage::DEVICE, seen.saturating_sub(key.rung), count);
         }
+        let totals = &mut self.series_totals[series];
+        totals.ios += self.run_ios;
+        totals.bytes += self.run_bytes;
+        totals.errors += self.run_errors;
+        (self.run_ios, self.run_bytes, self.run_errors) = (0, 0, 0);
         self.closing.push(Closing {
-            volume: key.volume,
-            op: key.op,
-            frontend: key.frontend,
+            series: key.series,
             accepted: key.accepted,
             seen,
             count,
@@ -272,17 +301,14 @@ impl CoreTelemetry {
 
     fn close(&mut self, now: u64) {
         for closing in self.closing.drain(..) {
-            if let Some(recorder) = &self.volumes[closing.volume as usize] {
-                let op = closing.op as usize;
+            if let Some(recorder) = &self.series[closing.series.index()] {
                 recorder.record(
-                    op,
                     stage::COMPLETE,
                     now.saturating_sub(closing.seen),
                     closing.count,
                 );
-                if !closing.frontend {
+                if !closing.series.frontend() {
                     recorder.record(
-                        op,
                         stage::TOTAL,
                         now.saturating_sub(closing.accepted),
                         closing.count,
@@ -295,9 +321,10 @@ impl CoreTelemetry {
     /// Records `count` IOs of `volume`/`op` whose `stage` took `ticks` each (for stages a
     /// front end times itself).
     #[inline]
-    pub fn record(&mut self, volume: u32, op: u8, stage: usize, ticks: u64, count: u64) {
-        if let Some(Some(recorder)) = self.volumes.get(volume as usize) {
-            recorder.record(op as usize, stage, ticks, count);
+    pub fn record(&mut self, volume: u32, op: Op, stage: usize, ticks: u64, count: u64) {
+        let series = Series::new(volume, op, false).index();
+        if let Some(Some(recorder)) = self.series.get(series) {
+            recorder.record(stage, ticks, count);
         }
     }
 
@@ -320,11 +347,16 @@ impl CoreTelemetry {
     /// it stops).
     pub fn publish(&mut self) {
         self.next_publish = self.now + self.publish_period;
-        for (volume, recorder) in self.volumes.iter().enumerate() {
+        for ((recorder, totals), queue_zeros) in self
+            .series
+            .iter()
+            .zip(self.series_totals.iter())
+            .zip(self.queue_zeros.iter_mut())
+        {
             if let Some(recorder) = recorder {
-                for op in 0..OP_NAMES.len() {
-                    let [ios, bytes, errors] = self.volume_totals[volume * OP_NAMES.len() + op];
-                    recorder.publish_counts(op, ios, bytes, errors);
+                recorder.publish_counts(totals.ios, totals.bytes, totals.errors);
+                if *queue_zeros != 0 {
+                    recorder.record(stage::QUEUE, 0, std::mem::take(queue_zeros));
                 }
             }
         }

@@ -18,6 +18,8 @@ pub struct Layout {
     sub_bucket_mask: u64,
     bucket_count: u32,
     counts_len: usize,
+    /// The counter of `highest`, where larger values are counted.
+    highest_index: usize,
 }
 
 impl Layout {
@@ -46,7 +48,7 @@ impl Layout {
             bucket_count += 1;
         }
         let counts_len = (bucket_count as usize + 1) * sub_bucket_half_count as usize;
-        Some(Self {
+        let mut layout = Self {
             highest,
             significant_figures,
             sub_bucket_half_count_magnitude,
@@ -54,7 +56,10 @@ impl Layout {
             sub_bucket_mask,
             bucket_count,
             counts_len,
-        })
+            highest_index: 0,
+        };
+        layout.highest_index = layout.unclamped_index_of(highest);
+        Some(layout)
     }
 
     pub const fn highest(&self) -> u64 {
@@ -70,17 +75,23 @@ impl Layout {
         self.counts_len
     }
 
-    /// The counter a value is recorded in.
+    /// The counter a value is recorded in (values above `highest` in `highest`'s).
     #[inline(always)]
     pub fn index_of(&self, value: u64) -> usize {
-        let value = value.min(self.highest);
-        // Bucket: which power-of-two range above the first sub-bucket run the value is in.
-        let bucket = 63
-            - (value | self.sub_bucket_mask).leading_zeros()
-            - self.sub_bucket_half_count_magnitude;
+        // The index grows with the value, so clamping it is clamping the value, and it keeps
+        // the clamp off the front of the dependency chain.
+        self.unclamped_index_of(value).min(self.highest_index)
+    }
+
+    /// HdrHistogram's index, `((bucket + 1) << magnitude) + sub_bucket - half_count`, which is
+    /// `(bucket << magnitude) + sub_bucket` since half_count is `1 << magnitude`.
+    #[inline(always)]
+    const fn unclamped_index_of(&self, value: u64) -> usize {
+        // Bucket: which power-of-two range above the first sub-bucket run the value is in
+        // (`| mask` makes the logarithm at least the magnitude, and never of zero).
+        let bucket = (value | self.sub_bucket_mask).ilog2() - self.sub_bucket_half_count_magnitude;
         let sub_bucket = value >> bucket;
-        (((bucket as u64 + 1) << self.sub_bucket_half_count_magnitude) + sub_bucket
-            - self.sub_bucket_half_count) as usize
+        ((bucket as u64) << self.sub_bucket_half_count_magnitude) as usize + sub_bucket as usize
     }
 
     /// The lowest value that lands in counter `index`.

@@ -316,6 +316,7 @@ pub struct StatsRegion {
     map: Arc<Mapping>,
     offsets: Offsets,
     layout: Layout,
+    volumes: usize,
     ops: usize,
     stages: usize,
     path: PathBuf,
@@ -467,6 +468,7 @@ impl StatsRegion {
             map: Arc::new(map),
             offsets,
             layout,
+            volumes: spec.volumes.len(),
             ops: spec.ops.len(),
             stages: spec.stages.len(),
             path: path.into(),
@@ -487,14 +489,23 @@ impl StatsRegion {
         self.layout
     }
 
-    /// The recorder for volume `volume`'s histograms and counters. Exactly one thread (the
-    /// volume's reactor) may record through it.
-    pub fn volume_recorder(&self, volume: usize) -> VolumeRecorder {
+    /// The recorder for the histograms and counters of `op` on volume `volume`. Exactly one
+    /// thread (the volume's reactor) may record through it.
+    ///
+    /// # Panics
+    /// If the region has no such volume or op.
+    pub fn series_recorder(&self, volume: usize, op: usize) -> SeriesRecorder {
+        assert!(
+            volume < self.volumes && op < self.ops,
+            "volume {volume} op {op}: the region has {} volumes and {} ops",
+            self.volumes,
+            self.ops
+        );
         let histogram_words = HIST_HEADER_WORDS + self.layout.counts_len();
-        let histograms =
-            self.offsets.histograms + volume * self.ops * self.stages * histogram_words * 8;
-        let counters = self.offsets.volume_counters + volume * self.ops * VOLUME_COUNTER_WORDS * 8;
-        VolumeRecorder {
+        let series = volume * self.ops + op;
+        let histograms = self.offsets.histograms + series * self.stages * histogram_words * 8;
+        let counters = self.offsets.volume_counters + series * VOLUME_COUNTER_WORDS * 8;
+        SeriesRecorder {
             histograms: self.map.word_ptr(histograms),
             counters: self.map.word_ptr(counters),
             _map: self.map.clone(),
@@ -543,11 +554,12 @@ fn add(word: &AtomicU64, value: u64) {
     );
 }
 
-/// Records one volume's IO latencies and publishes its counters.
+/// Records the stage latencies of one op on one volume (a *series*) and publishes its
+/// counters.
 ///
 /// Holds raw pointers into the mapping (kept alive by `_map`) so that a record is an index
 /// computation and one increment, with no pointer chasing on the IO path.
-pub struct VolumeRecorder {
+pub struct SeriesRecorder {
     histograms: NonNull<u64>,
     counters: NonNull<u64>,
     _map: Arc<Mapping>,
@@ -559,32 +571,32 @@ pub struct VolumeRecorder {
 // SAFETY: the pointers point into the shared mapping owned by `_map`, which lives as long as
 // the recorder; the recorder is the only writer of its words, and moving it to the reactor
 // thread that records moves that single writer.
-unsafe impl Send for VolumeRecorder {}
+unsafe impl Send for SeriesRecorder {}
 
-impl VolumeRecorder {
-    /// Records `count` IOs of `op` whose `stage` took `ticks` each: one increment.
-    #[inline]
-    pub fn record(&self, op: usize, stage: usize, ticks: u64, count: u64) {
-        let index = (op * self.stages + stage) * self.histogram_words
-            + HIST_HEADER_WORDS
-            + self.layout.index_of(ticks);
-        // SAFETY: op < ops, stage < stages and index_of < counts_len (the layout clamps), so
-        // the word lies inside this volume's histograms; it is accessed atomically only.
+impl SeriesRecorder {
+    /// Records `count` IOs whose `stage` took `ticks` each: one increment.
+    ///
+    /// # Panics
+    /// If the region has no such stage.
+    #[inline(always)]
+    pub fn record(&self, stage: usize, ticks: u64, count: u64) {
+        assert!(stage < self.stages, "stage {stage} of {}", self.stages);
+        let index = stage * self.histogram_words + HIST_HEADER_WORDS + self.layout.index_of(ticks);
+        // SAFETY: stage < stages (checked) and index_of < counts_len (the layout clamps), so
+        // the word lies inside this series' histograms; it is accessed atomically only.
         add(
             unsafe { AtomicU64::from_ptr(self.histograms.as_ptr().add(index)) },
             count,
         );
     }
 
-    /// Publishes the running totals of `op`: successful IOs, bytes they moved, failed IOs.
+    /// Publishes the running totals: successful IOs, bytes they moved, failed IOs.
     #[inline]
-    pub fn publish_counts(&self, op: usize, ios: u64, bytes: u64, errors: u64) {
+    pub fn publish_counts(&self, ios: u64, bytes: u64, errors: u64) {
         for (word, value) in [ios, bytes, errors].into_iter().enumerate() {
-            // SAFETY: op < ops and word < VOLUME_COUNTER_WORDS: inside this volume's counters.
-            unsafe {
-                AtomicU64::from_ptr(self.counters.as_ptr().add(op * VOLUME_COUNTER_WORDS + word))
-            }
-            .store(value, Ordering::Relaxed);
+            // SAFETY: word < VOLUME_COUNTER_WORDS: inside this series' counters.
+            unsafe { AtomicU64::from_ptr(self.counters.as_ptr().add(word)) }
+                .store(value, Ordering::Relaxed);
         }
     }
 }
@@ -596,7 +608,7 @@ pub struct QueueRecorder {
     _map: Arc<Mapping>,
 }
 
-// SAFETY: as for VolumeRecorder: a single writer of words inside a mapping kept alive by `_map`.
+// SAFETY: as for SeriesRecorder: a single writer of words inside a mapping kept alive by `_map`.
 unsafe impl Send for QueueRecorder {}
 
 impl QueueRecorder {
@@ -1097,10 +1109,10 @@ mod tests {
         let path = dir.path().join("fathom-n1");
         let clock = Clock::monotonic();
         let region = StatsRegion::create(&path, &spec(), &clock).unwrap();
-        let vol1 = region.volume_recorder(1);
-        vol1.record(1, 1, 200_000, 3);
-        vol1.record(1, 1, 250_000, 1);
-        vol1.publish_counts(1, 1, 4096, 1);
+        let vol1_op1 = region.series_recorder(1, 1);
+        vol1_op1.record(1, 200_000, 3);
+        vol1_op1.record(1, 250_000, 1);
+        vol1_op1.publish_counts(1, 4096, 1);
         region.queue_recorder(1).publish(500, 0, 9, 8);
         region.heartbeat(12345);
 
