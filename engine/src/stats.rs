@@ -21,7 +21,9 @@
 //!
 //! IOs submitted together and completed together carry identical stamps, so consecutive
 //! completions with the same volume, op and stamps form a *run* that is recorded once with a
-//! count: a batch of 32 typically costs five histogram increments, not 160. Counters (IOs,
+//! count: a batch of 32 typically costs five histogram increments, not 160. A run's stages are
+//! recorded together at the end of the loop iteration whose clock read ended it, away from the
+//! read whose value they wait for. Counters (IOs,
 //! bytes, errors, queue busy time) are kept by the reactor and published to the region every
 //! millisecond, when the reactor goes idle, and when it stops; so is the `queue` stage of IOs
 //! submitted on the reactor itself (by a task or a front end), which is always zero.
@@ -94,12 +96,13 @@ struct RunKey {
     series: Series,
 }
 
-/// A run whose `complete` and `total` stages end at the next clock read.
+/// A reaped run: its stamps, and the clock read that ended its `complete` and `total` stages
+/// (0 until the next read).
 #[derive(Clone, Copy)]
-struct Closing {
-    series: Series,
-    accepted: u64,
+struct Reaped {
+    key: RunKey,
     seen: u64,
+    ended: u64,
     count: u64,
 }
 
@@ -142,7 +145,9 @@ pub(crate) struct CoreTelemetry {
     run_ios: u64,
     run_bytes: u64,
     run_errors: u64,
-    closing: Vec<Closing>,
+    /// Runs reaped and not yet recorded; the first `ended` of them have their end stamp.
+    reaped: Vec<Reaped>,
+    ended: usize,
     stamped: bool,
     stamped_last_iteration: bool,
     /// Indexed by [`Series`], as published.
@@ -182,20 +187,25 @@ impl CoreTelemetry {
             run_ios: 0,
             run_bytes: 0,
             run_errors: 0,
-            closing: Vec::with_capacity(total),
+            // Runs wait at most two loop iterations, each reaping at most every slot.
+            reaped: Vec::with_capacity(2 * total),
+            ended: 0,
             stamped: false,
             stamped_last_iteration: false,
         }
     }
 
-    /// Reads the clock; closes the runs waiting for it.
+    /// Reads the clock; ends the runs waiting for it.
     #[inline]
     pub fn stamp(&mut self) -> u64 {
         let now = self.clock.now();
         self.now = now;
         self.stamped = true;
-        if !self.closing.is_empty() {
-            self.close(now);
+        if self.ended < self.reaped.len() {
+            for run in &mut self.reaped[self.ended..] {
+                run.ended = now;
+            }
+            self.ended = self.reaped.len();
         }
         now
     }
@@ -252,35 +262,23 @@ impl CoreTelemetry {
         self.run_errors += !ok as u64;
     }
 
-    /// Records the current run, if it has IOs: its first three stages now, the last two at the
-    /// next stamp.
+    /// Ends the current run, if it has IOs: it is recorded once the next clock read has ended
+    /// its `complete` stage.
     #[inline]
     fn end_run(&mut self, seen: u64) {
         let count = self.run_ios + self.run_errors;
         if count == 0 {
             return;
         }
-        let key = self.run;
-        let series = key.series.index();
-        if let Some(recorder) = &self.series[series] {
-            let queued = key.submitted.saturating_sub(key.accepted);
-            if queued == 0 {
-                self.queue_zeros[series] += count;
-            } else {
-                recorder.record(stage::QUEUE, queued, count);
-            }
-            recorder.record(stage::SUBMIT, key.rung.saturating_sub(key.submitted), count);
-            recorder.record(stage::DEVICE, seen.saturating_sub(key.rung), count);
-        }
-        let totals = &mut self.series_totals[series];
+        let totals = &mut self.series_totals[self.run.series.index()];
         totals.ios += self.run_ios;
         totals.bytes += self.run_bytes;
         totals.errors += self.run_errors;
         (self.run_ios, self.run_bytes, self.run_errors) = (0, 0, 0);
-        self.closing.push(Closing {
-            series: key.series,
-            accepted: key.accepted,
+        self.reaped.push(Reaped {
+            key: self.run,
             seen,
+            ended: 0,
             count,
         });
     }
@@ -299,23 +297,31 @@ impl CoreTelemetry {
         }
     }
 
-    fn close(&mut self, now: u64) {
-        for closing in self.closing.drain(..) {
-            if let Some(recorder) = &self.series[closing.series.index()] {
-                recorder.record(
-                    stage::COMPLETE,
-                    now.saturating_sub(closing.seen),
-                    closing.count,
-                );
-                if !closing.series.frontend() {
-                    recorder.record(
-                        stage::TOTAL,
-                        now.saturating_sub(closing.accepted),
-                        closing.count,
-                    );
-                }
+    /// Records the runs whose end stamp was read: all five stages at once, away from the clock
+    /// read whose value they wait for.
+    fn record_ended(&mut self) {
+        for run in &self.reaped[..self.ended] {
+            let key = run.key;
+            let series = key.series.index();
+            let Some(recorder) = &self.series[series] else {
+                continue;
+            };
+            let count = run.count;
+            let queued = key.submitted.saturating_sub(key.accepted);
+            if queued == 0 {
+                self.queue_zeros[series] += count;
+            } else {
+                recorder.record(stage::QUEUE, queued, count);
+            }
+            recorder.record(stage::SUBMIT, key.rung.saturating_sub(key.submitted), count);
+            recorder.record(stage::DEVICE, run.seen.saturating_sub(key.rung), count);
+            recorder.record(stage::COMPLETE, run.ended.saturating_sub(run.seen), count);
+            if !key.series.frontend() {
+                recorder.record(stage::TOTAL, run.ended.saturating_sub(key.accepted), count);
             }
         }
+        self.reaped.drain(..self.ended);
+        self.ended = 0;
     }
 
     /// Records `count` IOs of `volume`/`op` whose `stage` took `ticks` each (for stages a
@@ -333,8 +339,11 @@ impl CoreTelemetry {
     /// per period.
     #[inline]
     pub fn end_iteration(&mut self) {
-        if !self.closing.is_empty() && !self.stamped {
+        if self.ended < self.reaped.len() && !self.stamped {
             self.stamp();
+        }
+        if self.ended > 0 {
+            self.record_ended();
         }
         self.stamped_last_iteration = self.stamped;
         self.stamped = false;
