@@ -1031,8 +1031,8 @@ impl Pipeline {
     }
 
     /// Sleeps until the socket has something to read (or room to write, with requests queued)
-    /// or `timeout` passes (at most [`WAIT_SLICE`]). Fails when requests in flight have seen no
-    /// progress for [`STALL_TIMEOUT`].
+    /// or `timeout` passes (at most `WAIT_SLICE`). Fails when requests in flight have seen no
+    /// progress for `STALL_TIMEOUT`.
     pub fn wait(&mut self, timeout: Duration) -> Result<(), NbdClientError> {
         if self.in_flight > 0 && self.last_progress.elapsed() > STALL_TIMEOUT {
             return Err(NbdClientError::Stalled {

@@ -82,7 +82,7 @@ enum Mode {
 #[command(version, verbatim_doc_comment)]
 struct Args {
     /// Drive a running node through NBD instead of an in-process engine:
-    /// nbd://HOST[:PORT]/EXPORT (port 10809 unless given; no TLS).
+    /// `nbd://HOST[:PORT]/EXPORT` (port 10809 unless given; no TLS).
     #[arg(long, value_name = "URI")]
     nbd: Option<String>,
     #[arg(long, value_enum, default_value = "mem")]

@@ -17,7 +17,7 @@ use hdrhistogram::Histogram;
 /// Shows what a running Fathom node's IOs spend in each stage of the data path (receive,
 /// queue, submit, device, complete, reply, total; receive and reply for NBD requests only),
 /// per volume and op, with rates and their per-second peaks, and how busy each device queue
-/// is. It reads the node's shared-memory region (/dev/shm/fathom-<node-id>) and never slows
+/// is. It reads the node's shared-memory region (`/dev/shm/fathom-<node-id>`) and never slows
 /// the node down.
 ///
 ///   fathom-stat                  one report per second, forever (like iostat -x 1)
@@ -63,7 +63,7 @@ struct Args {
 
 #[derive(Debug, clap::Args)]
 struct Source {
-    /// The node whose region to read: /dev/shm/fathom-<NODE>.
+    /// The node whose region to read: `/dev/shm/fathom-<NODE>`.
     #[arg(long, default_value = "node0", global = true)]
     node: String,
     /// Read this region file instead (overrides --node).
