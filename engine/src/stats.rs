@@ -252,9 +252,7 @@ impl CoreTelemetry {
             series,
         };
         if self.run != key {
-            if self.run_ios + self.run_errors != 0 {
-                self.end_run(seen);
-            }
+            self.end_run(seen);
             self.run = key;
         }
         self.run_ios += ok as u64;
