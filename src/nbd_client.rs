@@ -28,12 +28,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use fathom_engine::frontend::nbd::proto::{
+use fathom_engine::Op;
+use fathom_frontend::nbd::proto::{
     client_flag, handshake_flag, info, magic, opt, rep, transmission_flag, Command, Errno, Request,
     DEFAULT_MAX_BLOCK_BYTES, DEFAULT_MIN_BLOCK_BYTES, DEFAULT_PREFERRED_BLOCK_BYTES,
     REQUEST_HEADER_LEN, SIMPLE_REPLY_LEN,
 };
-use fathom_engine::Op;
 use hdrhistogram::Histogram;
 
 use crate::workload::{expected_block, thread_cpu_ns, AccessGenerator, BlockOrder, Pattern};

@@ -187,7 +187,7 @@ impl WorkloadTask {
         pool: &DmaPool,
         clock: Clock,
         report: Sender<WorkloadResult>,
-    ) -> Result<Self, fathom_engine::dma::DmaError> {
+    ) -> Result<Self, fathom_dma::DmaError> {
         let mut buffers = Vec::with_capacity(spec.iodepth);
         for index in 0..spec.iodepth {
             let mut buf = pool.alloc(spec.block_size as usize)?;
@@ -508,7 +508,7 @@ impl VerifyTask {
         options: VerifyOptions,
         pool: &DmaPool,
         report: Sender<VerifyResult>,
-    ) -> Result<Self, fathom_engine::dma::DmaError> {
+    ) -> Result<Self, fathom_dma::DmaError> {
         let mut rng = spec.seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
         let mut extents = Vec::new();
         let mixed = options.max_block_size > spec.block_size;

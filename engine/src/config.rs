@@ -11,8 +11,18 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+pub use fathom_drivers::mem::inject::{
+    parse_duration, InjectRule, InjectedError, LatencySpec, OpName,
+};
+pub use fathom_drivers::mem::{DeviceMode, MediaKind, MemOptions};
+use fathom_drivers::uring::UringOptions;
+use fathom_drivers::vfio::VfioOptions;
+
 /// The embedded default: one node, one `mem` device with `file` media, one volume.
 pub const DEFAULT_CONFIG: &str = include_str!("../../configs/single-node.toml");
+
+/// At most this many devices per node (a reactor keeps one bit each in its doorbell mask).
+pub const MAX_DEVICES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -295,26 +305,6 @@ pub enum DriverKind {
     Vfio,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MediaKind {
-    /// No data is stored or copied (SPDK's null bdev): measures software cost only.
-    Null,
-    /// Anonymous memory, lost when the node stops.
-    Ram,
-    /// A sparse file under the data directory, persisted across restarts.
-    File,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceMode {
-    /// The controller runs inside each reactor's poll loop: the near-zero-latency stub.
-    Inline,
-    /// The controller runs on a device thread of its own, asynchronous as hardware is.
-    Thread,
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceConfig {
@@ -345,63 +335,59 @@ pub struct DeviceConfig {
     pub iopoll: bool,
     /// Latency and error injection rules, applied in order; every matching rule applies.
     #[serde(default)]
-    pub inject: Vec<InjectConfig>,
+    pub inject: Vec<InjectRule>,
 }
 
 impl DeviceConfig {
+    /// The `mem` driver's options (validated: `mem` devices have media and a size).
+    pub fn mem_options(&self, data_dir: &std::path::Path) -> MemOptions {
+        MemOptions {
+            name: self.name.clone(),
+            media: self.media.expect("validated: mem devices have media"),
+            mode: self.mode,
+            size: self.size.expect("validated: mem devices have a size").0,
+            block_size: self.block_size,
+            path: data_dir.join(
+                self.path
+                    .clone()
+                    .unwrap_or_else(|| format!("{}.img", self.name).into()),
+            ),
+            inject: self.inject.clone(),
+        }
+    }
+
+    /// The `uring` driver's options (validated: `uring` devices have a path).
+    pub fn uring_options(&self, data_dir: &std::path::Path) -> UringOptions {
+        UringOptions {
+            name: self.name.clone(),
+            path: data_dir.join(
+                self.path
+                    .as_ref()
+                    .expect("validated: uring devices have a path"),
+            ),
+            size: self.size.map(|size| size.0),
+            block_size: self.block_size,
+            sqpoll: self.sqpoll,
+            iopoll: self.iopoll,
+        }
+    }
+
+    /// The `vfio` driver's options (validated: `vfio` devices have a PCI address).
+    pub fn vfio_options(&self) -> VfioOptions {
+        VfioOptions {
+            name: self.name.clone(),
+            pci: self
+                .pci
+                .clone()
+                .expect("validated: vfio devices have a PCI address"),
+        }
+    }
+
     fn default_mode() -> DeviceMode {
         DeviceMode::Inline
     }
     fn default_block_size() -> u32 {
         512
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OpName {
-    Read,
-    Write,
-    Flush,
-}
-
-/// Injected error, as the NVMe status the controller returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum InjectedError {
-    /// Media error: Unrecovered Read Error (SCT 2h, SC 81h).
-    UnrecoveredRead,
-    /// Media error: Write Fault (SCT 2h, SC 80h).
-    WriteFault,
-    /// Generic: Internal Error (SCT 0h, SC 06h).
-    Internal,
-    /// Generic: Data Transfer Error (SCT 0h, SC 04h).
-    DataTransfer,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InjectConfig {
-    /// Which commands the rule applies to (default: all).
-    #[serde(default = "InjectConfig::all_ops")]
-    pub ops: Vec<OpName>,
-    /// Fraction of matching commands affected, 0.0..=1.0 (default 1.0).
-    #[serde(default = "InjectConfig::always")]
-    pub fraction: f64,
-    /// Only commands touching LBAs in [first, last] (inclusive; default: all).
-    pub lbas: Option<[u64; 2]>,
-    /// Added device latency: `"200us"`, `"uniform(100us,300us)"` or `"exponential(1ms)"`.
-    pub latency: Option<LatencySpec>,
-    /// Complete with this error instead of doing the transfer.
-    pub error: Option<InjectedError>,
-}
-
-impl InjectConfig {
-    fn all_ops() -> Vec<OpName> {
-        vec![OpName::Read, OpName::Write, OpName::Flush]
-    }
-    fn always() -> f64 {
-        1.0
     }
 }
 
@@ -550,11 +536,11 @@ impl Config {
                 "16 to 1048576",
             ));
         }
-        if self.devices.len() > crate::reactor::IoContext::MAX_DEVICES {
+        if self.devices.len() > MAX_DEVICES {
             return Err(invalid(
                 "device",
                 format!("{} devices", self.devices.len()),
-                format!("at most {}", crate::reactor::IoContext::MAX_DEVICES),
+                format!("at most {}", MAX_DEVICES),
             ));
         }
         for (index, device) in self.devices.iter().enumerate() {
@@ -852,34 +838,6 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-/// Parses `"200us"`, `"1.5ms"`, `"2s"`, `"500ns"`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration: write e.g. 500ns, 200us, 1.5ms, 2s"))?;
-    let scale = match unit.trim() {
-        "ns" => 1e-9,
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "s" => 1.0,
-        "" => return Err(format!("{text:?} needs a unit: ns, us, ms or s")),
-        other => {
-            return Err(format!(
-                "{text:?} has an unknown unit {other:?}: use ns, us, ms or s"
-            ))
-        }
-    };
-    if !(value.is_finite() && value >= 0.0 && value * scale < 3600.0) {
-        return Err(format!("{text:?} is out of range (0 to 1h)"));
-    }
-    Ok(Duration::from_secs_f64(value * scale))
-}
-
 /// A duration written as a string with a unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DurationValue(pub Duration);
@@ -890,50 +848,6 @@ impl<'de> Deserialize<'de> for DurationValue {
         parse_duration(&text)
             .map(DurationValue)
             .map_err(serde::de::Error::custom)
-    }
-}
-
-/// A latency distribution for injection.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum LatencySpec {
-    Fixed(Duration),
-    Uniform { min: Duration, max: Duration },
-    Exponential { mean: Duration },
-}
-
-impl FromStr for LatencySpec {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
-        let text = text.trim();
-        let inner = |prefix: &str| {
-            text.strip_prefix(prefix)
-                .and_then(|rest| rest.strip_suffix(')'))
-        };
-        if let Some(args) = inner("uniform(") {
-            let (min, max) = args.split_once(',').ok_or_else(|| {
-                format!("{text:?}: write uniform(MIN,MAX), e.g. uniform(100us,300us)")
-            })?;
-            let (min, max) = (parse_duration(min)?, parse_duration(max)?);
-            if min > max {
-                return Err(format!("{text:?}: the minimum is above the maximum"));
-            }
-            Ok(LatencySpec::Uniform { min, max })
-        } else if let Some(mean) = inner("exponential(") {
-            Ok(LatencySpec::Exponential {
-                mean: parse_duration(mean)?,
-            })
-        } else {
-            parse_duration(text).map(LatencySpec::Fixed).map_err(|error| {
-                format!("{error}; a latency is a duration (\"200us\"), \"uniform(MIN,MAX)\" or \"exponential(MEAN)\"")
-            })
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for LatencySpec {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map_err(serde::de::Error::custom)
     }
 }
 

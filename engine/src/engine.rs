@@ -17,14 +17,14 @@ use parking_lot::Mutex;
 
 use crate::config::DriverKind;
 use crate::config::{ClockChoice, Config, MediaKind};
-use crate::dma::{DmaError, DmaPool, PageKind, VFIO_IOVA_BASE};
-use crate::driver::mem::MemDriver;
-use crate::driver::uring::UringDriver;
-use crate::driver::vfio::VfioDriver;
-use crate::driver::{DeviceInfo, Driver, DriverError};
 use crate::reactor::{pin_to_core, IoContext, Message, Reactor, ReactorShared, Rejected, Task};
 use crate::stats::{stage, CoreTelemetry, OP_NAMES};
 use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};
+use fathom_dma::{DmaError, DmaPool, PageKind, VFIO_IOVA_BASE};
+use fathom_drivers::mem::MemDriver;
+use fathom_drivers::uring::UringDriver;
+use fathom_drivers::vfio::VfioDriver;
+use fathom_drivers::{DeviceInfo, Driver, DriverError};
 use fathom_telemetry::region::{QueueEntry, RegionSpec, StatsRegion, VolumeEntry};
 
 /// How often the stats region's heartbeat moves.
@@ -117,16 +117,20 @@ impl Engine {
         for device in &config.devices {
             let driver: Arc<dyn Driver> = match device.driver {
                 DriverKind::Mem => Arc::new(MemDriver::open(
-                    device,
-                    &config.node.data_dir,
+                    &device.mem_options(&config.node.data_dir),
                     &pool,
                     clock,
                     reactor_count,
                 )?),
-                DriverKind::Uring => {
-                    Arc::new(UringDriver::open(device, &config.node.data_dir, &pool)?)
-                }
-                DriverKind::Vfio => Arc::new(VfioDriver::open(device, &pool, reactor_count)?),
+                DriverKind::Uring => Arc::new(UringDriver::open(
+                    &device.uring_options(&config.node.data_dir),
+                    &pool,
+                )?),
+                DriverKind::Vfio => Arc::new(VfioDriver::open(
+                    &device.vfio_options(),
+                    &pool,
+                    reactor_count,
+                )?),
             };
             devices.push(driver);
         }
@@ -406,8 +410,8 @@ impl Engine {
                 .map_err(|_| EngineError::Flush {
                     volume: "(any)".into(),
                     error: IoError::Device {
-                        op: crate::driver::Op::Flush,
-                        status: crate::nvme::Status::INTERNAL_ERROR,
+                        op: fathom_drivers::Op::Flush,
+                        status: fathom_nvme::Status::INTERNAL_ERROR,
                     },
                 })?;
             if let Err(error) = completion.result {

@@ -27,13 +27,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 
-use crate::config::PollMode;
-use crate::dma::DmaBuf;
-use crate::driver::{IoQueue, Op};
-use crate::nvme::Completed;
+use crate::config::{PollMode, MAX_DEVICES};
 use crate::poll::EventFd;
 use crate::stats::{CoreTelemetry, Series};
 use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};
+use fathom_dma::DmaBuf;
+use fathom_drivers::{IoQueue, Op};
+use fathom_nvme::Completed;
 
 /// Inbound messages taken per loop iteration.
 pub const INBOUND_BATCH: usize = 64;
@@ -141,9 +141,6 @@ pub struct IoContext {
 }
 
 impl IoContext {
-    /// At most this many devices per node (one bit each in the doorbell mask).
-    pub const MAX_DEVICES: usize = 64;
-
     pub(crate) fn new(
         reactor: usize,
         core: usize,
@@ -152,9 +149,9 @@ impl IoContext {
         telemetry: Option<Box<CoreTelemetry>>,
     ) -> Self {
         assert!(
-            queues.len() <= Self::MAX_DEVICES,
+            queues.len() <= MAX_DEVICES,
             "at most {} devices",
-            Self::MAX_DEVICES
+            MAX_DEVICES
         );
         let capacity: usize = queues.iter().map(|queue| queue.capacity()).sum();
         let unrung = queues

@@ -31,7 +31,7 @@
 use fathom_telemetry::region::{QueueRecorder, SeriesRecorder};
 use fathom_telemetry::Clock;
 
-use crate::driver::Op;
+use fathom_drivers::Op;
 
 /// Stage indices and names, in region order.
 pub mod stage {

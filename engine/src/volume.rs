@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use crossbeam_channel::Sender;
 
-use crate::dma::DmaBuf;
-use crate::driver::{IoCommand, IoFlags, Op};
-use crate::nvme::{DataRange, Status};
+use fathom_dma::DmaBuf;
+use fathom_drivers::{IoCommand, IoFlags, Op};
+use fathom_nvme::{DataRange, Status};
 
 /// Index of a volume in the engine's volume table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

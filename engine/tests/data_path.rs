@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{node, pattern, two_cores};
-use fathom_engine::nvme::Status;
 use fathom_engine::{Engine, IoCompletion, IoError, IoRequest, Notify, Op, VolumeId};
+use fathom_nvme::Status;
 use proptest::prelude::*;
 
 /// Two devices, both controller modes, both stored media, four volumes spread over the cores.

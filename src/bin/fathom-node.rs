@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use fathom_drivers::vfio::bind::System;
 use fathom_engine::config::{Config, DEFAULT_CONFIG};
-use fathom_engine::driver::vfio::bind::System;
-use fathom_engine::frontend::nbd::NbdServer;
 use fathom_engine::{Engine, PageKind};
+use fathom_frontend::nbd::NbdServer;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 /// The Fathom storage node: serves volumes from NVMe devices through a polled-mode,

@@ -8,9 +8,9 @@ pub mod mem;
 pub mod uring;
 pub mod vfio;
 
-use crate::dma::DmaError;
-use crate::nvme::spec::io_opcode;
-use crate::nvme::{Completed, DataRange, Namespace, NvmeError, QueueFull, SubmissionEntry};
+use fathom_dma::DmaError;
+use fathom_nvme::spec::io_opcode;
+use fathom_nvme::{Completed, DataRange, Namespace, NvmeError, QueueFull, SubmissionEntry};
 
 /// The operations a volume accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,8 +1,10 @@
 //! The Network Block Device protocol, server side, as specified in
 //! <https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md>.
 //!
-//! Sans-IO: bytes in, bytes out, no sockets, threads or engine types. A connection runs in two
-//! phases:
+//! The protocol is sans-IO ([`handshake`] and [`proto`]: bytes in, bytes out, no sockets,
+//! threads or engine types), so it is tested and fuzzed without sockets. [`server`] is the
+//! socket driver: listeners, connections polled by the reactors, requests handed to the engine;
+//! [`transport`] is its TLS. A connection runs in two phases:
 //! - [`handshake`]: the fixed newstyle handshake as a state machine ([`Handshake`]). It
 //!   answers `NBD_OPT_EXPORT_NAME`, `NBD_OPT_ABORT`, `NBD_OPT_LIST`, `NBD_OPT_INFO`,
 //!   `NBD_OPT_GO`, `NBD_OPT_STRUCTURED_REPLY` and `NBD_OPT_STARTTLS`, and ends with a

@@ -16,7 +16,7 @@ use vfio_bindings::bindings::vfio::{
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioRegionInfoCap};
 
-use crate::dma::DmaPool;
+use fathom_dma::DmaPool;
 
 /// Where PCI functions appear in sysfs.
 pub const PCI_DEVICES: &str = "/sys/bus/pci/devices";

@@ -32,14 +32,14 @@ use super::proto::{
     Limits, Request, REQUEST_HEADER_LEN,
 };
 use super::transport::{self, TlsError, Transport};
-use crate::config::NbdConfig;
-use crate::dma::{DmaBuf, DmaPool};
-use crate::driver::Op;
-use crate::engine::Engine;
-use crate::poll::{Epoll, Event, EventFd};
-use crate::reactor::{IoContext, Rejected, Task};
-use crate::stats::stage;
-use crate::volume::{IoCompletion, IoError, IoRequest, VolumeId};
+use fathom_dma::{DmaBuf, DmaPool};
+use fathom_drivers::Op;
+use fathom_engine::config::NbdConfig;
+use fathom_engine::engine::Engine;
+use fathom_engine::poll::{Epoll, Event, EventFd};
+use fathom_engine::reactor::{IoContext, Rejected, Task};
+use fathom_engine::stats::stage;
+use fathom_engine::volume::{IoCompletion, IoError, IoRequest, VolumeId};
 
 /// Bytes of socket data a connection buffers for parsing (request headers and small payloads;
 /// larger payloads are read straight into their DMA buffer).

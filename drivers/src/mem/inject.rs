@@ -7,8 +7,131 @@
 
 use fathom_telemetry::Clock;
 
-use crate::config::{InjectConfig, InjectedError, LatencySpec, OpName};
-use crate::nvme::Status;
+use std::str::FromStr;
+use std::time::Duration;
+
+use fathom_nvme::Status;
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpName {
+    Read,
+    Write,
+    Flush,
+}
+
+/// Injected error, as the NVMe status the controller returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InjectedError {
+    /// Media error: Unrecovered Read Error (SCT 2h, SC 81h).
+    UnrecoveredRead,
+    /// Media error: Write Fault (SCT 2h, SC 80h).
+    WriteFault,
+    /// Generic: Internal Error (SCT 0h, SC 06h).
+    Internal,
+    /// Generic: Data Transfer Error (SCT 0h, SC 04h).
+    DataTransfer,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InjectRule {
+    /// Which commands the rule applies to (default: all).
+    #[serde(default = "InjectRule::all_ops")]
+    pub ops: Vec<OpName>,
+    /// Fraction of matching commands affected, 0.0..=1.0 (default 1.0).
+    #[serde(default = "InjectRule::always")]
+    pub fraction: f64,
+    /// Only commands touching LBAs in [first, last] (inclusive; default: all).
+    pub lbas: Option<[u64; 2]>,
+    /// Added device latency: `"200us"`, `"uniform(100us,300us)"` or `"exponential(1ms)"`.
+    pub latency: Option<LatencySpec>,
+    /// Complete with this error instead of doing the transfer.
+    pub error: Option<InjectedError>,
+}
+
+impl InjectRule {
+    fn all_ops() -> Vec<OpName> {
+        vec![OpName::Read, OpName::Write, OpName::Flush]
+    }
+    fn always() -> f64 {
+        1.0
+    }
+}
+
+/// Parses `"200us"`, `"1.5ms"`, `"2s"`, `"500ns"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration: write e.g. 500ns, 200us, 1.5ms, 2s"))?;
+    let scale = match unit.trim() {
+        "ns" => 1e-9,
+        "us" | "µs" => 1e-6,
+        "ms" => 1e-3,
+        "s" => 1.0,
+        "" => return Err(format!("{text:?} needs a unit: ns, us, ms or s")),
+        other => {
+            return Err(format!(
+                "{text:?} has an unknown unit {other:?}: use ns, us, ms or s"
+            ))
+        }
+    };
+    if !(value.is_finite() && value >= 0.0 && value * scale < 3600.0) {
+        return Err(format!("{text:?} is out of range (0 to 1h)"));
+    }
+    Ok(Duration::from_secs_f64(value * scale))
+}
+
+/// A latency distribution for injection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LatencySpec {
+    Fixed(Duration),
+    Uniform { min: Duration, max: Duration },
+    Exponential { mean: Duration },
+}
+
+impl FromStr for LatencySpec {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let inner = |prefix: &str| {
+            text.strip_prefix(prefix)
+                .and_then(|rest| rest.strip_suffix(')'))
+        };
+        if let Some(args) = inner("uniform(") {
+            let (min, max) = args.split_once(',').ok_or_else(|| {
+                format!("{text:?}: write uniform(MIN,MAX), e.g. uniform(100us,300us)")
+            })?;
+            let (min, max) = (parse_duration(min)?, parse_duration(max)?);
+            if min > max {
+                return Err(format!("{text:?}: the minimum is above the maximum"));
+            }
+            Ok(LatencySpec::Uniform { min, max })
+        } else if let Some(mean) = inner("exponential(") {
+            Ok(LatencySpec::Exponential {
+                mean: parse_duration(mean)?,
+            })
+        } else {
+            parse_duration(text).map(LatencySpec::Fixed).map_err(|error| {
+                format!("{error}; a latency is a duration (\"200us\"), \"uniform(MIN,MAX)\" or \"exponential(MEAN)\"")
+            })
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LatencySpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 const READ: u8 = 1;
 const WRITE: u8 = 2;
@@ -54,7 +177,7 @@ pub struct Injected {
 }
 
 impl Injector {
-    pub fn new(configs: &[InjectConfig], clock: &Clock) -> Self {
+    pub fn new(configs: &[InjectRule], clock: &Clock) -> Self {
         let rules = configs
             .iter()
             .map(|config| Rule {
@@ -170,8 +293,8 @@ mod tests {
         lbas: Option<[u64; 2]>,
         latency: Option<&str>,
         error: Option<InjectedError>,
-    ) -> InjectConfig {
-        InjectConfig {
+    ) -> InjectRule {
+        InjectRule {
             ops: vec![OpName::Read, OpName::Write],
             fraction,
             lbas,

@@ -12,7 +12,7 @@ pub mod device;
 pub mod inject;
 pub mod media;
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -25,12 +25,12 @@ use self::device::{DeviceQueue, DeviceShared, MemDevice};
 use self::inject::Injector;
 use self::media::Media;
 use super::{DeviceInfo, Driver, DriverError, IoCommand, IoQueue};
-use crate::config::{DeviceConfig, DeviceMode, MediaKind};
-use crate::dma::DmaPool;
-use crate::nvme::{
+use fathom_dma::DmaPool;
+use fathom_nvme::{
     Completed, Doorbell, DoorbellKind, NvmeController, OwnedQueuePair, QueueFull, QueueMemory,
     QueuePair, Transport, MAX_TRANSFER_BYTES,
 };
+use serde::Deserialize;
 
 const ADMIN_ENTRIES: u16 = 32;
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,6 +47,42 @@ impl Transport for MemTransport {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaKind {
+    /// No data is stored or copied (SPDK's null bdev): measures software cost only.
+    Null,
+    /// Anonymous memory, lost when the node stops.
+    Ram,
+    /// A sparse file under the data directory, persisted across restarts.
+    File,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceMode {
+    /// The controller runs inside each reactor's poll loop: the near-zero-latency stub.
+    Inline,
+    /// The controller runs on a device thread of its own, asynchronous as hardware is.
+    Thread,
+}
+
+/// What a `mem` device is made of: the driver's own options, filled in by whoever configures
+/// it (the node's `[[device]]` table).
+#[derive(Debug, Clone)]
+pub struct MemOptions {
+    pub name: String,
+    pub media: MediaKind,
+    pub mode: DeviceMode,
+    /// Bytes in the one namespace.
+    pub size: u64,
+    pub block_size: u32,
+    /// `file` media: the backing file (created sparse at `size` when missing).
+    pub path: PathBuf,
+    /// Latency and error injection rules, applied in order.
+    pub inject: Vec<inject::InjectRule>,
+}
+
 pub struct MemDriver {
     info: DeviceInfo,
     mode: DeviceMode,
@@ -60,15 +96,14 @@ impl MemDriver {
     /// Opens the media, brings the controller up through its admin queue, and in `thread`
     /// mode starts the device thread. `io_queues` is the number of reactors.
     pub fn open(
-        config: &DeviceConfig,
-        data_dir: &Path,
+        config: &MemOptions,
         pool: &DmaPool,
         clock: Clock,
         io_queues: u16,
     ) -> Result<Self, DriverError> {
         let name = config.name.clone();
-        let size = config.size.expect("validated: mem devices have a size").0;
-        let media = match config.media.expect("validated: mem devices have media") {
+        let size = config.size;
+        let media = match config.media {
             MediaKind::Null => Media::null(size),
             MediaKind::Ram => Media::ram(size).map_err(|source| DriverError::Media {
                 device: name.clone(),
@@ -76,13 +111,8 @@ impl MemDriver {
                 source,
             })?,
             MediaKind::File => {
-                let path = data_dir.join(
-                    config
-                        .path
-                        .clone()
-                        .unwrap_or_else(|| format!("{name}.img").into()),
-                );
-                Media::file(&path, size).map_err(|source| DriverError::Media {
+                let path = &config.path;
+                Media::file(path, size).map_err(|source| DriverError::Media {
                     device: name.clone(),
                     what: format!("could not open or map media file {} ({size} bytes); check node.data_dir and device.path", path.display()),
                     source,

@@ -21,7 +21,8 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::nvme::spec::PAGE_SIZE;
+/// The host page: the unit DMA memory is mapped and handed out in.
+pub const PAGE_SIZE: usize = 4096;
 
 /// Where a pool mapped through VFIO starts in IO virtual address space: above the 32-bit
 /// MSI window (0xFEE00000) and far below the IOMMU's 39-bit limit.

@@ -18,12 +18,12 @@ use parking_lot::Mutex;
 
 use super::inject::{Injector, OpClass, Rng};
 use super::media::Media;
-use crate::dma::IovaMap;
-use crate::nvme::doorbell::{DoorbellKind, DoorbellPage};
-use crate::nvme::spec::{
+use fathom_dma::IovaMap;
+use fathom_nvme::doorbell::{DoorbellKind, DoorbellPage};
+use fathom_nvme::spec::{
     admin_opcode, cns, feature, identify_controller as idc, identify_namespace as idn, io_opcode,
 };
-use crate::nvme::spec::{
+use fathom_nvme::spec::{
     CompletionEntry, Status, SubmissionEntry, PAGE_SIZE, PRP_ENTRIES_PER_PAGE,
 };
 
@@ -652,9 +652,7 @@ impl DeviceQueue {
             io_opcode::READ | io_opcode::WRITE if bytes > shared.max_transfer_bytes() => {
                 Status::INVALID_FIELD
             }
-            io_opcode::READ | io_opcode::WRITE
-                if shared.media.kind() == crate::config::MediaKind::Null =>
-            {
+            io_opcode::READ | io_opcode::WRITE if shared.media.kind() == super::MediaKind::Null => {
                 Status::SUCCESS
             }
             io_opcode::READ => transfer(shared, entry, bytes as usize, |host, at, len| {

@@ -2,43 +2,36 @@
 //! directly through a device queue: back-pressure, wraparound, and the controller's answers to
 //! commands it must refuse.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use fathom_engine::config::Config;
-use fathom_engine::driver::mem::MemDriver;
-use fathom_engine::driver::{Driver, IoCommand, IoFlags, IoQueue, Op};
-use fathom_engine::nvme::{Completed, DataRange, QueueFull, Status};
-use fathom_engine::{DmaPool, PageKind};
+use fathom_dma::{DmaPool, PageKind};
+use fathom_drivers::mem::inject::{InjectRule, LatencySpec, OpName};
+use fathom_drivers::mem::{DeviceMode, MediaKind, MemDriver, MemOptions};
+use fathom_drivers::{Driver, IoCommand, IoFlags, IoQueue, Op};
+use fathom_nvme::{Completed, DataRange, QueueFull, Status};
 use fathom_telemetry::Clock;
 
-fn device(mode: &str) -> (MemDriver, DmaPool, tempfile::TempDir) {
-    device_with(mode, "")
+fn device(mode: DeviceMode) -> (MemDriver, DmaPool) {
+    device_with(mode, Vec::new())
 }
 
-/// A `mem` device with 8 MiB of ram media, `extra` appended to its `[[device]]` table.
-fn device_with(mode: &str, extra: &str) -> (MemDriver, DmaPool, tempfile::TempDir) {
-    let test = common::node(
-        &[0],
-        &format!("[[device]]\nname = \"q\"\ndriver = \"mem\"\nmedia = \"ram\"\nmode = \"{mode}\"\nsize = \"8MiB\"\n{extra}"),
-    );
-    let config: &Config = &test.config;
-    let kind = if config.dma.hugepages {
-        PageKind::Huge
-    } else {
-        PageKind::Normal
+/// A `mem` device with 8 MiB of ram media and the given injection rules. DMA memory from
+/// hugepages where 8 are free, else normal pages.
+fn device_with(mode: DeviceMode, inject: Vec<InjectRule>) -> (MemDriver, DmaPool) {
+    let pool = DmaPool::new(16 << 20, PageKind::Huge)
+        .or_else(|_| DmaPool::new(16 << 20, PageKind::Normal))
+        .unwrap();
+    let options = MemOptions {
+        name: "q".into(),
+        media: MediaKind::Ram,
+        mode,
+        size: 8 << 20,
+        block_size: 512,
+        path: "unused.img".into(),
+        inject,
     };
-    let pool = DmaPool::new(16 << 20, kind).unwrap();
-    let driver = MemDriver::open(
-        &config.devices[0],
-        &config.node.data_dir,
-        &pool,
-        Clock::best(),
-        2,
-    )
-    .unwrap();
-    (driver, pool, test.dir)
+    let driver = MemDriver::open(&options, &pool, Clock::best(), 2).unwrap();
+    (driver, pool)
 }
 
 fn read(slba: u64, blocks: u32, data: DataRange) -> IoCommand {
@@ -71,7 +64,7 @@ fn reap_all(queue: &mut dyn IoQueue, count: usize) -> Vec<Completed> {
 
 #[test]
 fn identify_describes_the_controller_and_namespace() {
-    let (driver, _pool, _dir) = device("inline");
+    let (driver, _pool) = device(DeviceMode::Inline);
     let info = driver.info();
     assert_eq!(info.model, "Fathom mem NVMe");
     assert_eq!(info.serial, "FTHM-q");
@@ -89,8 +82,8 @@ fn identify_describes_the_controller_and_namespace() {
 
 #[test]
 fn a_full_queue_refuses_and_recovers() {
-    for mode in ["inline", "thread"] {
-        let (driver, pool, _dir) = device(mode);
+    for mode in [DeviceMode::Inline, DeviceMode::Thread] {
+        let (driver, pool) = device(mode);
         let mut queue = driver.create_queue(4).unwrap();
         let buf = pool.alloc(4096).unwrap();
         assert_eq!(queue.capacity(), 4);
@@ -102,7 +95,7 @@ fn a_full_queue_refuses_and_recovers() {
         assert_eq!(
             queue.submit(&read(0, 8, DataRange::of(&buf)), 99),
             Err(QueueFull),
-            "{mode}"
+            "{mode:?}"
         );
         queue.ring();
         let mut cookies: Vec<u32> = reap_all(queue.as_mut(), 4)
@@ -121,12 +114,12 @@ fn a_full_queue_refuses_and_recovers() {
 #[test]
 fn thousands_of_laps_around_small_rings_lose_nothing() {
     for (mode, depth) in [
-        ("inline", 1u16),
-        ("inline", 5),
-        ("thread", 1),
-        ("thread", 6),
+        (DeviceMode::Inline, 1u16),
+        (DeviceMode::Inline, 5),
+        (DeviceMode::Thread, 1),
+        (DeviceMode::Thread, 6),
     ] {
-        let (driver, pool, _dir) = device(mode);
+        let (driver, pool) = device(mode);
         let mut queue = driver.create_queue(depth).unwrap();
         let buf = pool.alloc(4096).unwrap();
         let mut next = 0u32;
@@ -146,7 +139,7 @@ fn thousands_of_laps_around_small_rings_lose_nothing() {
             cookies.sort_unstable();
             assert!(
                 cookies.iter().copied().eq(next - batch..next),
-                "{mode} depth {depth} round {round}: {cookies:?}"
+                "{mode:?} depth {depth} round {round}: {cookies:?}"
             );
             assert!(done.iter().all(|done| done.status.is_success()));
         }
@@ -156,8 +149,8 @@ fn thousands_of_laps_around_small_rings_lose_nothing() {
 
 #[test]
 fn the_controller_refuses_what_a_device_would_refuse() {
-    for mode in ["inline", "thread"] {
-        let (driver, pool, _dir) = device(mode);
+    for mode in [DeviceMode::Inline, DeviceMode::Thread] {
+        let (driver, pool) = device(mode);
         let mut queue = driver.create_queue(16).unwrap();
         let buf = pool.alloc(4 << 20).unwrap();
         let data = DataRange {
@@ -221,7 +214,7 @@ fn the_controller_refuses_what_a_device_would_refuse() {
         queue.ring();
         for done in reap_all(queue.as_mut(), cases.len()) {
             let (command, want) = &cases[done.cookie as usize];
-            assert_eq!(done.status, *want, "{mode}: {command:?}");
+            assert_eq!(done.status, *want, "{mode:?}: {command:?}");
         }
     }
 }
@@ -231,7 +224,16 @@ fn a_deleted_queue_is_never_written_again() {
     // Commands held back by injected latency are still inside the device thread when the
     // queue is deleted. Once deletion returns, the ring memory goes back to the pool: fill all
     // free memory with a pattern and check nothing overwrites it after the latency expires.
-    let (driver, pool, _dir) = device_with("thread", "[[device.inject]]\nlatency = \"30ms\"\n");
+    let (driver, pool) = device_with(
+        DeviceMode::Thread,
+        vec![InjectRule {
+            ops: vec![OpName::Read, OpName::Write, OpName::Flush],
+            fraction: 1.0,
+            lbas: None,
+            latency: Some(LatencySpec::Fixed(Duration::from_millis(30))),
+            error: None,
+        }],
+    );
     let data = pool.alloc(4096).unwrap();
     let mut queue = driver.create_queue(8).unwrap();
     for cookie in 0..8 {

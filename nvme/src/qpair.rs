@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::doorbell::Doorbell;
 use super::spec::{CompletionEntry, Status, SubmissionEntry, PAGE_SIZE, PRP_ENTRIES_PER_PAGE};
-use crate::dma::{DmaBuf, DmaError, DmaPool};
+use fathom_dma::{DmaBuf, DmaError, DmaPool};
 
 /// Largest transfer one command can carry with a single PRP list page: PRP1 plus 512 list
 /// entries of 4 KiB (the controller's MDTS may allow less).

@@ -20,19 +20,33 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::{DeviceInfo, Driver, DriverError, IoCommand, IoFlags, IoQueue, Op};
-use crate::config::DeviceConfig;
-use crate::dma::DmaPool;
-use crate::nvme::{Completed, Namespace, QueueFull, Status, MAX_TRANSFER_BYTES};
+use fathom_dma::DmaPool;
+use fathom_nvme::{Completed, Namespace, QueueFull, Status, MAX_TRANSFER_BYTES};
 
 /// io_uring registers at most 1 GiB per fixed buffer: the pool is registered in such chunks.
 const FIXED_BUFFER_BYTES: usize = 1 << 30;
 /// The kernel polling thread sleeps after this long without submissions (SQPOLL).
 const SQPOLL_IDLE_MS: u32 = 1000;
+
+/// What a `uring` device is: the driver's own options.
+#[derive(Debug, Clone)]
+pub struct UringOptions {
+    pub name: String,
+    /// A file, a block device, or an NVMe generic character device (`/dev/ngXnY`, passthrough).
+    pub path: PathBuf,
+    /// Bytes to use; a missing file is created at this size. Default: all of it.
+    pub size: Option<u64>,
+    pub block_size: u32,
+    /// A kernel thread polls the submission queue.
+    pub sqpoll: bool,
+    /// Completions are polled from the device instead of interrupt driven.
+    pub iopoll: bool,
+}
 
 pub struct UringDriver {
     info: DeviceInfo,
@@ -56,18 +70,9 @@ impl UringDriver {
     /// Opens the file or block device with O_DIRECT (creating a missing file at the
     /// configured size) and checks with one read that O_DIRECT, the block size and (if asked)
     /// polled IO work on it.
-    pub fn open(
-        config: &DeviceConfig,
-        data_dir: &Path,
-        pool: &DmaPool,
-    ) -> Result<Self, DriverError> {
+    pub fn open(config: &UringOptions, pool: &DmaPool) -> Result<Self, DriverError> {
         let name = config.name.as_str();
-        let path = data_dir.join(
-            config
-                .path
-                .as_ref()
-                .expect("validated: uring devices have a path"),
-        );
+        let path = config.path.clone();
         let media_error = |what: String| {
             move |source| DriverError::Media {
                 device: name.into(),
@@ -110,24 +115,24 @@ impl UringDriver {
             metadata.len()
         };
         if let Some(wanted) = config.size {
-            if size < wanted.0 {
+            if size < wanted {
                 if block_device {
                     return Err(setup(
                         name,
                         format!(
                             "{} holds {size} bytes, less than device.size {}",
                             path.display(),
-                            wanted.0
+                            wanted
                         ),
                     ));
                 }
-                file.set_len(wanted.0).map_err(media_error(format!(
+                file.set_len(wanted).map_err(media_error(format!(
                     "could not extend {} to {} bytes",
                     path.display(),
-                    wanted.0
+                    wanted
                 )))?;
             }
-            size = wanted.0;
+            size = wanted;
         }
         let block_size = config.block_size;
         let blocks = size / block_size as u64;
@@ -166,7 +171,7 @@ impl UringDriver {
     /// from Identify Namespace, and one read through a ring checks the kernel takes the
     /// commands.
     fn open_passthru(
-        config: &DeviceConfig,
+        config: &UringOptions,
         path: PathBuf,
         pool: &DmaPool,
     ) -> Result<Self, DriverError> {
@@ -185,18 +190,18 @@ impl UringDriver {
         let mut blocks = namespace.blocks;
         if let Some(wanted) = config.size {
             let have = blocks * namespace.block_size as u64;
-            if wanted.0 > have {
+            if wanted > have {
                 return Err(setup(
                     name,
                     format!(
                         "{} (namespace {}) holds {have} bytes, less than device.size {}",
                         path.display(),
                         namespace.nsid,
-                        wanted.0
+                        wanted
                     ),
                 ));
             }
-            blocks = wanted.0 / namespace.block_size as u64;
+            blocks = wanted / namespace.block_size as u64;
         }
         let driver = Self {
             info: device_info(
@@ -235,7 +240,7 @@ impl UringDriver {
             nsid: 1,
             slba: 0,
             blocks: 1,
-            data: Some(crate::nvme::DataRange::of(&buf)),
+            data: Some(fathom_nvme::DataRange::of(&buf)),
             flags: IoFlags::NONE,
         };
         queue.submit(&command, 0).expect("an empty queue has room");

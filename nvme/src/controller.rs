@@ -20,7 +20,7 @@ use super::spec::{
     admin_opcode, cns, feature, identify_controller as idc, identify_namespace as idn,
 };
 use super::spec::{Status, SubmissionEntry, PAGE_SIZE};
-use crate::dma::{DmaError, DmaPool};
+use fathom_dma::{DmaError, DmaPool};
 
 /// What a transport provides to the host controller driver.
 pub trait Transport: Send + Sync {

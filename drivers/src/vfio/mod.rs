@@ -21,10 +21,9 @@ use std::time::{Duration, Instant};
 
 use self::pci::{Bar, VfioPci};
 use super::{DeviceInfo, Driver, DriverError, IoCommand, IoQueue};
-use crate::config::DeviceConfig;
-use crate::dma::DmaPool;
-use crate::nvme::spec::register as reg;
-use crate::nvme::{
+use fathom_dma::DmaPool;
+use fathom_nvme::spec::register as reg;
+use fathom_nvme::{
     Completed, Doorbell, DoorbellKind, NvmeController, OwnedQueuePair, QueueFull, QueueMemory,
     QueuePair, Transport, MAX_TRANSFER_BYTES,
 };
@@ -118,6 +117,14 @@ impl Transport for VfioTransport {
     }
 }
 
+/// What a `vfio` device is: the driver's own options.
+#[derive(Debug, Clone)]
+pub struct VfioOptions {
+    pub name: String,
+    /// The controller's PCI address, e.g. "0000:00:04.0", bound to vfio-pci.
+    pub pci: String,
+}
+
 pub struct VfioDriver {
     info: DeviceInfo,
     registers: Arc<Registers>,
@@ -130,16 +137,9 @@ pub struct VfioDriver {
 impl VfioDriver {
     /// Opens the controller at `config.pci`, maps `pool` for its DMA, brings it up and asks for
     /// `io_queues` I/O queue pairs (one per reactor).
-    pub fn open(
-        config: &DeviceConfig,
-        pool: &DmaPool,
-        io_queues: u16,
-    ) -> Result<Self, DriverError> {
+    pub fn open(config: &VfioOptions, pool: &DmaPool, io_queues: u16) -> Result<Self, DriverError> {
         let name = config.name.clone();
-        let address = config
-            .pci
-            .as_deref()
-            .expect("validated: vfio devices have a PCI address");
+        let address = config.pci.as_str();
         let mut pci = VfioPci::open(address)?;
         pci.enable_bus_master()?;
         pci.map_dma(pool)?;

@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
-use crate::config::MediaKind;
+use super::MediaKind;
 
 pub struct Media {
     kind: MediaKind,

@@ -12,10 +12,10 @@ use std::os::fd::AsRawFd;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-use crate::dma::DmaPool;
-use crate::driver::{IoCommand, IoQueue};
-use crate::nvme::spec::{admin_opcode, cns};
-use crate::nvme::{Completed, Namespace, QueueFull, Status};
+use crate::{IoCommand, IoQueue};
+use fathom_dma::DmaPool;
+use fathom_nvme::spec::{admin_opcode, cns};
+use fathom_nvme::{Completed, Namespace, QueueFull, Status};
 
 /// `struct nvme_uring_cmd` and `struct nvme_passthru_cmd` (include/uapi/linux/nvme_ioctl.h):
 /// the same 72 bytes, the last word being the result for the ioctl and reserved for io_uring.
