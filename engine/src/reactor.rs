@@ -1,8 +1,10 @@
 //! Reactors: one pinned thread per configured core, never blocking on the IO path.
 //!
 //! Each loop iteration, bounded in every step:
-//! 1. takes up to [`INBOUND_BATCH`] messages from its inbound ring (requests from other
-//!    threads, tasks to run here), and retries requests that found the device queue full;
+//! 1. retries the request that found its device queue full, if any, then takes up to
+//!    [`INBOUND_BATCH`] messages from its inbound ring (requests from other threads, tasks to
+//!    run here, control messages), none while a request still waits for its queue: the ring
+//!    fills and submitters get `Busy`, so back-pressure reaches them;
 //! 2. polls its tasks (reactor-local workloads that submit without any cross-core hop);
 //! 3. rings the doorbell of every queue that got new commands, once per batch;
 //! 4. reaps up to [`REAP_BATCH`] completions per queue and hands each to whoever asked for it.
@@ -19,7 +21,6 @@
 //! the core to the kernel's completion work; polled queues (mem, VFIO) keep being polled.
 //! `busy` mode never sleeps or waits, as SPDK's reactors.
 
-use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
@@ -369,9 +370,10 @@ pub(crate) struct Reactor {
     io: IoContext,
     tasks: Vec<Option<Box<dyn Task>>>,
     shared: Arc<ReactorShared>,
-    /// Requests from other threads that found the device queue full, in arrival order.
-    /// Bounded by the inbound ring's capacity: they came from it.
-    backlog: VecDeque<(IoRequest, Notify, u64)>,
+    /// A request from another thread that found the device queue full. At most one: while
+    /// it waits, nothing more is taken from the inbound ring, so the ring fills and submitters
+    /// see `Busy` (back-pressure reaches them; nothing queues on the heap).
+    backlog: Option<(IoRequest, Notify, u64)>,
     reaped: Box<[Completed; REAP_BATCH]>,
     poll: PollMode,
     idle_spin: Duration,
@@ -386,12 +388,11 @@ impl Reactor {
         poll: PollMode,
         idle_spin: Duration,
     ) -> Self {
-        let backlog = VecDeque::with_capacity(shared.inbound.capacity());
         Self {
             io,
             tasks: Vec::new(),
             shared,
-            backlog,
+            backlog: None,
             reaped: Box::new([Completed::default(); REAP_BATCH]),
             poll,
             idle_spin,
@@ -409,8 +410,8 @@ impl Reactor {
                     telemetry.refresh_if_idle();
                 }
             }
-            let mut work = self.take_inbound(stopping);
-            work += self.retry_backlog();
+            let mut work = self.retry_backlog();
+            work += self.take_inbound(stopping);
             if !stopping {
                 work += self.poll_tasks();
             }
@@ -422,7 +423,7 @@ impl Reactor {
             if stopping {
                 break;
             }
-            if work > 0 || !self.backlog.is_empty() {
+            if work > 0 || self.backlog.is_some() {
                 idle_since = None;
                 continue;
             }
@@ -491,7 +492,9 @@ impl Reactor {
 
     fn take_inbound(&mut self, stopping: bool) -> usize {
         let mut taken = 0;
-        while taken < INBOUND_BATCH {
+        // While requests wait for a device queue, the rest stay in the inbound ring: it fills,
+        // and submitters get `Busy` (back-pressure) instead of the backlog growing.
+        while taken < INBOUND_BATCH && (stopping || self.backlog.is_none()) {
             let Some(message) = self.shared.inbound.pop() else {
                 break;
             };
@@ -501,11 +504,7 @@ impl Reactor {
                     deliver_error(notify, request, IoError::Stopped)
                 }
                 Message::Io(request, notify, accepted) => {
-                    if self.backlog.is_empty() {
-                        self.submit_or_backlog(request, notify, accepted);
-                    } else {
-                        self.backlog.push_back((request, notify, accepted));
-                    }
+                    self.submit_or_backlog(request, notify, accepted);
                 }
                 Message::Spawn(task) => {
                     if !stopping {
@@ -526,7 +525,8 @@ impl Reactor {
                 notify,
                 error: IoError::Busy,
             }) => {
-                self.backlog.push_back((request, notify, accepted));
+                debug_assert!(self.backlog.is_none(), "one request waits at most");
+                self.backlog = Some((request, notify, accepted));
                 false
             }
             Err(Rejected {
@@ -541,17 +541,12 @@ impl Reactor {
     }
 
     fn retry_backlog(&mut self) -> usize {
-        let mut submitted = 0;
-        while let Some((request, notify, accepted)) = self.backlog.pop_front() {
-            if !self.submit_or_backlog(request, notify, accepted) {
-                // It went to the back: put it in front again to keep arrival order.
-                let last = self.backlog.pop_back().expect("just pushed");
-                self.backlog.push_front(last);
-                break;
+        match self.backlog.take() {
+            Some((request, notify, accepted)) => {
+                self.submit_or_backlog(request, notify, accepted) as usize
             }
-            submitted += 1;
+            None => 0,
         }
-        submitted
     }
 
     fn poll_tasks(&mut self) -> usize {
@@ -648,7 +643,7 @@ impl Reactor {
                 "IO still in flight after {timeout:?} at shutdown"
             );
         }
-        while let Some((request, notify, _)) = self.backlog.pop_front() {
+        if let Some((request, notify, _)) = self.backlog.take() {
             deliver_error(notify, request, IoError::Stopped);
         }
         while let Some(message) = self.shared.inbound.pop() {
