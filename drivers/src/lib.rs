@@ -4,6 +4,7 @@
 //! (for NVMe transports: an I/O submission/completion queue pair), which only that reactor
 //! touches afterwards, so the IO path takes no lock.
 
+pub mod inject;
 pub mod mem;
 pub mod uring;
 pub mod vfio;

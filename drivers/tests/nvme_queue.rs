@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use fathom_dma::{DmaPool, PageKind};
-use fathom_drivers::mem::inject::{InjectRule, LatencySpec, OpName};
+use fathom_drivers::inject::{InjectRule, LatencySpec};
 use fathom_drivers::mem::{DeviceMode, MediaKind, MemDriver, MemOptions};
 use fathom_drivers::{Driver, IoCommand, IoFlags, IoQueue, Op};
 use fathom_nvme::{Completed, DataRange, QueueFull, Status};
@@ -226,13 +226,9 @@ fn a_deleted_queue_is_never_written_again() {
     // free memory with a pattern and check nothing overwrites it after the latency expires.
     let (driver, pool) = device_with(
         DeviceMode::Thread,
-        vec![InjectRule {
-            ops: vec![OpName::Read, OpName::Write, OpName::Flush],
-            fraction: 1.0,
-            lbas: None,
-            latency: Some(LatencySpec::Fixed(Duration::from_millis(30))),
-            error: None,
-        }],
+        vec![InjectRule::latency(LatencySpec::Fixed(
+            Duration::from_millis(30),
+        ))],
     );
     let data = pool.alloc(4096).unwrap();
     let mut queue = driver.create_queue(8).unwrap();

@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-pub use fathom_drivers::mem::inject::{
-    parse_duration, InjectRule, InjectedError, LatencySpec, OpName,
-};
+pub use fathom_drivers::inject::{parse_duration, InjectRule, InjectedError, LatencySpec, OpName};
 pub use fathom_drivers::mem::{DeviceMode, MediaKind, MemOptions};
 use fathom_drivers::uring::UringOptions;
 use fathom_drivers::vfio::VfioOptions;
@@ -656,30 +654,13 @@ impl Config {
             }
             for (rule_index, rule) in device.inject.iter().enumerate() {
                 let key = |field: &str| format!("device[{index}].inject[{rule_index}].{field}");
-                if !(0.0..=1.0).contains(&rule.fraction) {
-                    return Err(invalid(key("fraction"), rule.fraction, "0.0 to 1.0"));
-                }
-                if let Some([first, last]) = rule.lbas {
-                    if first > last {
-                        return Err(invalid(
-                            key("lbas"),
-                            format!("[{first}, {last}]"),
-                            "[first, last] with first <= last",
-                        ));
-                    }
-                }
-                if rule.latency.is_none() && rule.error.is_none() {
+                rule.validate()
+                    .map_err(|(field, value, allowed)| invalid(key(field), value, allowed))?;
+                if rule.stall {
                     return Err(invalid(
-                        key("latency"),
-                        "nothing",
-                        "a rule needs a latency, an error, or both",
-                    ));
-                }
-                if rule.ops.is_empty() {
-                    return Err(invalid(
-                        key("ops"),
-                        "[]",
-                        "one or more of \"read\", \"write\", \"flush\"",
+                        key("stall"),
+                        true,
+                        "a stall holds commands until it is cleared: add it at run time with `fathom-ctl inject add`",
                     ));
                 }
             }

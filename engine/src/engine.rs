@@ -17,7 +17,10 @@ use parking_lot::Mutex;
 
 use crate::config::DriverKind;
 use crate::config::{ClockChoice, Config, MediaKind};
-use crate::reactor::{pin_to_core, IoContext, Message, Reactor, ReactorShared, Rejected, Task};
+use crate::layer::{ControlError, Layer, VolumeLayers};
+use crate::reactor::{
+    pin_to_core, IoContext, Message, Reactor, ReactorShared, Rejected, Task, VolumeControl,
+};
 use crate::stats::{stage, CoreTelemetry, OP_NAMES};
 use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};
 use fathom_dma::{DmaError, DmaPool, PageKind, VFIO_IOVA_BASE};
@@ -29,6 +32,8 @@ use fathom_telemetry::region::{QueueEntry, RegionSpec, StatsRegion, VolumeEntry}
 
 /// How often the stats region's heartbeat moves.
 const HEARTBEAT_PERIOD: Duration = Duration::from_millis(100);
+/// How long a control change waits for the owning reactor to apply it.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown waits for in-flight IO and for the final flush.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -74,6 +79,11 @@ struct EngineInner {
     region: Option<Arc<StatsRegion>>,
     heartbeat: Mutex<Option<JoinHandle<()>>>,
     heartbeat_stop: Arc<AtomicBool>,
+    /// Each volume's layer settings as last applied (the control plane's copy; reactors own
+    /// the layers themselves).
+    layers: Mutex<Vec<VolumeLayers>>,
+    /// IO slots per reactor: what a layer that holds IOs must have room for.
+    slots_per_reactor: usize,
 }
 
 /// A running engine. Cheap to clone; every clone submits to the same reactors.
@@ -205,7 +215,7 @@ impl Engine {
                         ))
                     });
                     let _ = ready_tx.send(Ok(()));
-                    let io = IoContext::new(index, core, volumes, queues, telemetry);
+                    let io = IoContext::new(index, core, volumes, queues, telemetry, clock);
                     Reactor::new(io, shared_for_thread, poll, idle_spin).run(DRAIN_TIMEOUT);
                 })
                 .map_err(|error| EngineError::Reactor {
@@ -216,6 +226,7 @@ impl Engine {
             joins.push(join);
             ready.push((core, ready_rx));
         }
+        let volumes_count = volumes.len();
         let heartbeat_stop = Arc::new(AtomicBool::new(false));
         let heartbeat = match &region {
             Some(region) => {
@@ -249,6 +260,8 @@ impl Engine {
                 region,
                 heartbeat: Mutex::new(heartbeat),
                 heartbeat_stop,
+                layers: Mutex::new(vec![VolumeLayers::default(); volumes_count]),
+                slots_per_reactor: config.devices.len() * (config.reactor.queue_depth as usize + 1),
             }),
         };
         for (core, ready_rx) in ready {
@@ -343,7 +356,7 @@ impl Engine {
                 notify,
                 error: IoError::Busy,
             }),
-            Err(Message::Spawn(_)) => unreachable!("pushed an Io message"),
+            Err(_) => unreachable!("pushed an Io message"),
         }
     }
 
@@ -363,6 +376,83 @@ impl Engine {
             result: Err(IoError::Stopped),
             buf: None,
         })
+    }
+
+    /// A volume's layer settings: stubs and run-time injection rules, per layer.
+    pub fn layers(&self, volume: &str) -> Result<VolumeLayers, ControlError> {
+        let volume = self.volume_named(volume)?;
+        Ok(self.inner.layers.lock()[volume.id.0 as usize].clone())
+    }
+
+    /// Changes a volume's layer settings while IO runs: `change` edits a copy, the new stack is
+    /// built here and handed to the owning reactor, which swaps it in between two loop
+    /// iterations. Returns once the reactor has applied it.
+    pub fn change_layers(
+        &self,
+        volume: &str,
+        change: impl FnOnce(&mut VolumeLayers) -> Result<(), ControlError>,
+    ) -> Result<VolumeLayers, ControlError> {
+        let volume = self.volume_named(volume)?.clone();
+        let mut all = self.inner.layers.lock();
+        let mut settings = all[volume.id.0 as usize].clone();
+        change(&mut settings)?;
+        let layers = settings.build(
+            &self.inner.clock,
+            self.inner.slots_per_reactor,
+            volume.id.0 as u64,
+        )?;
+        self.install_layers(&volume, layers)?;
+        all[volume.id.0 as usize] = settings.clone();
+        Ok(settings)
+    }
+
+    /// Hands `volume`'s reactor a new layer stack (top first) and waits until it is in place.
+    /// [`Engine::change_layers`] builds stacks from settings; a layer of its own (a test's,
+    /// replication's) is installed here.
+    pub fn install_layers(
+        &self,
+        volume: &Volume,
+        layers: Vec<Box<dyn Layer>>,
+    ) -> Result<(), ControlError> {
+        let (done, applied) = crossbeam_channel::bounded(1);
+        let reactor = &self.inner.reactors[volume.reactor];
+        if self.inner.stopped.load(Ordering::Acquire) {
+            return Err(ControlError::Stopped);
+        }
+        let mut message = Message::Control(VolumeControl::SetLayers {
+            volume: volume.id,
+            layers,
+            done,
+        });
+        let deadline = std::time::Instant::now() + CONTROL_TIMEOUT;
+        loop {
+            match reactor.shared.inbound.push(message) {
+                Ok(()) => break,
+                Err(back) if std::time::Instant::now() < deadline => {
+                    message = back;
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                Err(_) => return Err(ControlError::Timeout(volume.core)),
+            }
+        }
+        reactor.shared.wake();
+        applied
+            .recv_timeout(CONTROL_TIMEOUT)
+            .map_err(|_| ControlError::Timeout(volume.core))
+    }
+
+    fn volume_named(&self, name: &str) -> Result<&Volume, ControlError> {
+        self.volume(name)
+            .ok_or_else(|| ControlError::UnknownVolume {
+                name: name.to_string(),
+                known: self
+                    .inner
+                    .volumes
+                    .iter()
+                    .map(|volume| volume.name.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 
     /// Runs `task` on reactor `reactor` (an index into [`Engine::cores`]).

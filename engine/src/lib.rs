@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod layer;
 pub mod poll;
 pub mod reactor;
 pub mod stats;

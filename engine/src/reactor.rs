@@ -29,12 +29,14 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 
 use crate::config::{PollMode, MAX_DEVICES};
+use crate::layer::{Down, Layer, LayerCtx, LayerWork, Up, NO_SLOT};
 use crate::poll::EventFd;
 use crate::stats::{CoreTelemetry, Series};
 use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};
 use fathom_dma::DmaBuf;
-use fathom_drivers::{IoQueue, Op};
+use fathom_drivers::{IoCommand, IoFlags, IoQueue, Op};
 use fathom_nvme::Completed;
+use fathom_telemetry::Clock;
 
 /// Inbound messages taken per loop iteration.
 pub const INBOUND_BATCH: usize = 64;
@@ -75,6 +77,20 @@ pub(crate) enum Message {
     /// without telemetry).
     Io(IoRequest, Notify, u64),
     Spawn(Box<dyn Task>),
+    /// A change to a volume's state, applied between loop iterations.
+    Control(VolumeControl),
+}
+
+/// A change to the state of a volume this reactor owns. Built off the reactor (where
+/// allocating is fine) and applied between two loop iterations, so the IO path takes no lock.
+pub enum VolumeControl {
+    /// Replaces the volume's layer stack (top first). What the old layers hold goes on through
+    /// the new stack from its top; IOs already below complete through the new stack.
+    SetLayers {
+        volume: VolumeId,
+        layers: Vec<Box<dyn Layer>>,
+        done: crossbeam_channel::Sender<()>,
+    },
 }
 
 /// What other threads share with one reactor.
@@ -120,6 +136,13 @@ struct Slot {
     /// Volume and op, and whether a front end records the IO's `total` itself.
     series: Series,
     bytes: u64,
+    volume: u32,
+    /// Below the layers: the device command (kept while a layer holds the IO).
+    command: IoCommand,
+    /// A child IO's parent slot ([`NO_SLOT`] for an IO a client submitted) and the depth of
+    /// the layer that issued it.
+    parent: u32,
+    origin: u8,
 }
 
 /// A reactor's IO state: its device queues and per-IO slots. Tasks submit through it.
@@ -139,6 +162,18 @@ pub struct IoContext {
     /// Per device (telemetry only): slots written since the last doorbell, stamped when it
     /// rings. Bounded by the queue's capacity.
     unrung: Vec<Vec<u32>>,
+    clock: Clock,
+    /// Per volume (by id; empty for volumes of other reactors): its layers, top first.
+    stacks: Vec<Vec<Box<dyn Layer>>>,
+    /// Whether any volume here has layers: the one check the layerless path pays.
+    layered: bool,
+    /// IOs between layers, and a second list to swap with so that walking one never
+    /// allocates. Every list is sized for all slots: an IO is in at most one.
+    work: LayerWork,
+    down_batch: Vec<(u32, u8)>,
+    up_batch: Vec<(u32, u8, Result<(), IoError>)>,
+    /// The clock as layers see it, read once per loop iteration while any volume has layers.
+    layer_now: u64,
 }
 
 impl IoContext {
@@ -148,6 +183,7 @@ impl IoContext {
         volumes: Arc<[Volume]>,
         queues: Vec<Box<dyn IoQueue>>,
         telemetry: Option<Box<CoreTelemetry>>,
+        clock: Clock,
     ) -> Self {
         assert!(
             queues.len() <= MAX_DEVICES,
@@ -155,6 +191,7 @@ impl IoContext {
             MAX_DEVICES
         );
         let capacity: usize = queues.iter().map(|queue| queue.capacity()).sum();
+        let volumes_len = volumes.len();
         let unrung = queues
             .iter()
             .map(|queue| Vec::with_capacity(queue.capacity()))
@@ -170,6 +207,17 @@ impl IoContext {
                 rung: 0,
                 series: Series::default(),
                 bytes: 0,
+                volume: 0,
+                command: IoCommand {
+                    op: Op::Flush,
+                    nsid: 0,
+                    slba: 0,
+                    blocks: 0,
+                    data: None,
+                    flags: IoFlags::NONE,
+                },
+                parent: NO_SLOT,
+                origin: 0,
             })
             .collect();
         Self {
@@ -182,6 +230,13 @@ impl IoContext {
             free_slots: (0..capacity as u32).rev().collect(),
             current_task: u32::MAX,
             unrung,
+            clock,
+            stacks: (0..volumes_len).map(|_| Vec::new()).collect(),
+            layered: false,
+            work: LayerWork::with_capacity(capacity),
+            down_batch: Vec::with_capacity(capacity),
+            up_batch: Vec::with_capacity(capacity),
+            layer_now: 0,
 
             telemetry,
         }
@@ -297,6 +352,26 @@ impl IoContext {
             });
         };
         let device = volume.device;
+        if self.layered && !self.stacks[request.volume.0 as usize].is_empty() {
+            // Down through the volume's layers, before this iteration's doorbells.
+            self.work.down.push((slot_index, 0));
+            let slot = &mut self.slots[slot_index as usize];
+            if let Some(telemetry) = self.telemetry.as_deref_mut() {
+                slot.submitted = telemetry.now;
+                slot.accepted = accepted.unwrap_or(telemetry.now);
+                slot.rung = telemetry.now;
+                slot.series = Series::new(request.volume.0, request.op, frontend);
+                slot.bytes = request.len;
+            }
+            slot.command = command;
+            slot.parent = NO_SLOT;
+            slot.volume = request.volume.0;
+            slot.notify = notify;
+            slot.tag = request.tag;
+            slot.buf = request.buf;
+            slot.op = request.op;
+            return Ok(());
+        }
         if self.queues[device].submit(&command, slot_index).is_err() {
             self.free_slots.push(slot_index);
             return Err(Rejected {
@@ -318,12 +393,227 @@ impl IoContext {
         slot.tag = request.tag;
         slot.buf = request.buf;
         slot.op = request.op;
+        slot.volume = request.volume.0;
         Ok(())
+    }
+
+    /// Applies a control message (between loop iterations).
+    fn control(&mut self, control: VolumeControl) {
+        match control {
+            VolumeControl::SetLayers {
+                volume,
+                layers,
+                done,
+            } => {
+                self.set_layers(volume, layers);
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// Replaces a volume's layers; what the old ones held restarts at the new stack's top.
+    fn set_layers(&mut self, volume: VolumeId, layers: Vec<Box<dyn Layer>>) {
+        let Some(stack) = self.stacks.get_mut(volume.0 as usize) else {
+            return;
+        };
+        let mut old = std::mem::replace(stack, layers);
+        let now = self.clock.now();
+        let start = self.work.down.len();
+        for layer in old.iter_mut() {
+            let mut ctx = LayerCtx {
+                clock: &self.clock,
+                now,
+                depth: 0,
+                work: &mut self.work,
+                free_slots: self.free_slots.len(),
+            };
+            layer.drain(&mut ctx);
+        }
+        // Everything of this volume waiting between layers starts again at the top.
+        for entry in self.work.down.iter_mut() {
+            if self.slots[entry.0 as usize].volume == volume.0 {
+                entry.1 = 0;
+            }
+        }
+        debug_assert!(self.work.down.len() >= start);
+        self.layered = self.stacks.iter().any(|stack| !stack.is_empty());
+    }
+
+    /// Takes the IOs waiting between layers down, through each layer, to their device queues
+    /// (before the doorbells). Bounded: IOs a layer releases or issues during this walk wait
+    /// for the next iteration.
+    fn run_layers(&mut self) {
+        if self.work.children.is_empty() && self.work.down.is_empty() {
+            return;
+        }
+        self.start_children();
+        let mut batch = std::mem::take(&mut self.down_batch);
+        std::mem::swap(&mut batch, &mut self.work.down);
+        for &(slot, depth) in batch.iter() {
+            self.descend(slot, depth);
+        }
+        batch.clear();
+        self.down_batch = batch;
+    }
+
+    /// Gives the children layers issued their slots; they start below their layer.
+    fn start_children(&mut self) {
+        while let Some((parent, depth, command)) = self.work.children.pop() {
+            let Some(child) = self.free_slots.pop() else {
+                // LayerCtx::issue counted free slots; a child without one fails its parent's
+                // layer, never the reactor.
+                self.work.up.push((parent, depth, Err(IoError::Busy)));
+                continue;
+            };
+            let parent_slot = &self.slots[parent as usize];
+            let (volume, accepted, submitted, series) = (
+                parent_slot.volume,
+                parent_slot.accepted,
+                parent_slot.submitted,
+                parent_slot.series,
+            );
+            let slot = &mut self.slots[child as usize];
+            slot.notify = Notify::Nobody;
+            slot.tag = 0;
+            slot.buf = None;
+            slot.op = command.op;
+            slot.accepted = accepted;
+            slot.submitted = submitted;
+            slot.rung = submitted;
+            slot.series = series;
+            slot.bytes = 0;
+            slot.volume = volume;
+            slot.command = command;
+            slot.parent = parent;
+            slot.origin = depth;
+            self.work.down.push((child, depth + 1));
+        }
+    }
+
+    /// Walks one IO down from layer `depth` until a layer keeps or completes it, or it reaches
+    /// its device queue. A full queue leaves it waiting at the bottom for the next iteration.
+    fn descend(&mut self, slot: u32, depth: u8) {
+        let volume = self.slots[slot as usize].volume as usize;
+        let mut stack = std::mem::take(&mut self.stacks[volume]);
+        let command = self.slots[slot as usize].command;
+        let mut depth = depth as usize;
+        loop {
+            if depth >= stack.len() {
+                let device = self.volumes[volume].device;
+                if self.queues[device].submit(&command, slot).is_err() {
+                    self.work.down.push((slot, stack.len() as u8));
+                } else {
+                    self.dirty |= 1 << device;
+                    if self.telemetry.is_some() {
+                        self.unrung[device].push(slot);
+                    }
+                }
+                break;
+            }
+            let mut ctx = LayerCtx {
+                clock: &self.clock,
+                now: self.layer_now,
+                depth: depth as u8,
+                work: &mut self.work,
+                free_slots: self.free_slots.len(),
+            };
+            match stack[depth].submit(&mut ctx, slot, &command) {
+                Down::Pass => depth += 1,
+                Down::Hold => break,
+                Down::Complete(result) => {
+                    self.work.up.push((slot, depth as u8, result));
+                    break;
+                }
+            }
+        }
+        self.stacks[volume] = stack;
+    }
+
+    /// Walks one completion up from below layer `depth`. Returns the IO when it leaves the
+    /// top (the client's completion is due), `None` when a layer kept it or it was a child.
+    fn ascend(
+        &mut self,
+        slot: u32,
+        depth: u8,
+        mut result: Result<(), IoError>,
+    ) -> Option<Result<(), IoError>> {
+        let volume = self.slots[slot as usize].volume as usize;
+        let (parent, origin) = {
+            let slot = &self.slots[slot as usize];
+            (slot.parent, slot.origin as usize)
+        };
+        let mut stack = std::mem::take(&mut self.stacks[volume]);
+        let mut depth = (depth as usize).min(stack.len());
+        let outcome = loop {
+            if depth == 0 {
+                break Some(result);
+            }
+            depth -= 1;
+            let mut ctx = LayerCtx {
+                clock: &self.clock,
+                now: self.layer_now,
+                depth: depth as u8,
+                work: &mut self.work,
+                free_slots: self.free_slots.len(),
+            };
+            if parent != NO_SLOT && depth == origin {
+                stack[depth].child_done(&mut ctx, parent, slot, result);
+                self.slots[slot as usize].parent = NO_SLOT;
+                self.free_slots.push(slot);
+                break None;
+            }
+            if stack[depth].complete(&mut ctx, slot, &mut result) == Up::Hold {
+                break None;
+            }
+        };
+        self.stacks[volume] = stack;
+        outcome
+    }
+
+    /// Lets layers that hold IOs release what is due. Returns whether any did anything.
+    fn poll_layers(&mut self) -> bool {
+        self.layer_now = self.clock.now();
+        let mut work = false;
+        for volume in 0..self.stacks.len() {
+            if self.stacks[volume].is_empty() {
+                continue;
+            }
+            let mut stack = std::mem::take(&mut self.stacks[volume]);
+            for (depth, layer) in stack.iter_mut().enumerate() {
+                if layer.holding() > 0 {
+                    let mut ctx = LayerCtx {
+                        clock: &self.clock,
+                        now: self.layer_now,
+                        depth: depth as u8,
+                        work: &mut self.work,
+                        free_slots: self.free_slots.len(),
+                    };
+                    work |= layer.poll(&mut ctx);
+                }
+            }
+            self.stacks[volume] = stack;
+        }
+        work
+    }
+
+    /// IOs held by layers or waiting between them.
+    fn in_layers(&self) -> usize {
+        self.work.down.len()
+            + self.work.up.len()
+            + self
+                .stacks
+                .iter()
+                .flatten()
+                .map(|layer| layer.holding())
+                .sum::<usize>()
     }
 
     /// Rings every queue that has new commands.
     #[inline]
     fn ring(&mut self) {
+        if self.layered || !self.work.down.is_empty() {
+            self.run_layers();
+        }
         let mut dirty = std::mem::take(&mut self.dirty);
         if dirty == 0 {
             return;
@@ -415,6 +705,9 @@ impl Reactor {
             if !stopping {
                 work += self.poll_tasks();
             }
+            if self.io.layered {
+                work += self.io.poll_layers() as usize;
+            }
             self.io.ring();
             work += self.reap();
             if let Some(telemetry) = self.io.telemetry.as_deref_mut() {
@@ -423,7 +716,7 @@ impl Reactor {
             if stopping {
                 break;
             }
-            if work > 0 || self.backlog.is_some() {
+            if work > 0 || self.backlog.is_some() || self.io.in_layers() > 0 {
                 idle_since = None;
                 continue;
             }
@@ -511,6 +804,7 @@ impl Reactor {
                         self.tasks.push(Some(task));
                     }
                 }
+                Message::Control(control) => self.io.control(control),
             }
         }
         taken
@@ -580,52 +874,100 @@ impl Reactor {
                 .telemetry
                 .as_deref_mut()
                 .map(|telemetry| telemetry.stamp());
-            for completed in &self.reaped[..count] {
-                let slot = &mut self.io.slots[completed.cookie as usize];
-                if let (Some(telemetry), Some(seen)) = (self.io.telemetry.as_deref_mut(), seen) {
-                    telemetry.completed(
-                        slot.series,
-                        slot.bytes,
-                        completed.status.is_success(),
-                        slot.accepted,
-                        slot.submitted,
-                        slot.rung,
-                        seen,
-                    );
-                }
-                let notify = std::mem::replace(&mut slot.notify, Notify::Nobody);
-                let (tag, buf, op) = (slot.tag, slot.buf.take(), slot.op);
-                self.io.free_slots.push(completed.cookie);
+            for index in 0..count {
+                let completed = self.reaped[index];
+                let slot = &self.io.slots[completed.cookie as usize];
                 let result = match completed.status.is_success() {
                     true => Ok(()),
                     false => Err(IoError::Device {
-                        op,
+                        op: slot.op,
                         status: completed.status,
                     }),
                 };
-                // The completion is built in the call itself: a completion assembled first and
-                // then moved costs a store-forwarding stall per IO (measured: about 4 ns).
-                match notify {
-                    Notify::Task(index) => {
-                        if let Some(Some(task)) = self.tasks.get_mut(index as usize) {
-                            self.io.current_task = index;
-                            task.complete(&mut self.io, IoCompletion { tag, result, buf });
-                        }
+                if self.io.layered {
+                    let volume = slot.volume as usize;
+                    let depth = self.io.stacks[volume].len();
+                    if depth > 0 || slot.parent != NO_SLOT {
+                        // Up through the layers once the batch is reaped.
+                        self.io
+                            .work
+                            .up
+                            .push((completed.cookie, depth as u8, result));
+                        continue;
                     }
-                    other => deliver(other, IoCompletion { tag, result, buf }),
                 }
+                self.finish(completed.cookie, result, seen);
             }
             if let (Some(telemetry), Some(seen)) = (self.io.telemetry.as_deref_mut(), seen) {
                 telemetry.reaped(device, count, seen);
             }
         }
+        if !self.io.work.up.is_empty() {
+            total += self.complete_layers();
+        }
         total
+    }
+
+    /// Takes completions up through the layers; those that leave the top are finished.
+    fn complete_layers(&mut self) -> usize {
+        let seen = self
+            .io
+            .telemetry
+            .as_deref_mut()
+            .map(|telemetry| telemetry.stamp());
+        let mut done = 0;
+        // Bounded: completions layers make during this walk wait for the next iteration.
+        let mut batch = std::mem::take(&mut self.io.up_batch);
+        std::mem::swap(&mut batch, &mut self.io.work.up);
+        for (slot, depth, result) in batch.drain(..) {
+            done += 1;
+            if let Some(result) = self.io.ascend(slot, depth, result) {
+                self.finish(slot, result, seen);
+            }
+        }
+        self.io.up_batch = batch;
+        done
+    }
+
+    /// The IO in `cookie`'s slot is complete: record it and tell whoever asked.
+    #[inline]
+    fn finish(&mut self, cookie: u32, result: Result<(), IoError>, seen: Option<u64>) {
+        let slot = &mut self.io.slots[cookie as usize];
+        if let (Some(telemetry), Some(seen)) = (self.io.telemetry.as_deref_mut(), seen) {
+            telemetry.completed(
+                slot.series,
+                slot.bytes,
+                result.is_ok(),
+                slot.accepted,
+                slot.submitted,
+                slot.rung,
+                seen,
+            );
+        }
+        let notify = std::mem::replace(&mut slot.notify, Notify::Nobody);
+        let (tag, buf) = (slot.tag, slot.buf.take());
+        self.io.free_slots.push(cookie);
+        // The completion is built in the call itself: a completion assembled first and then
+        // moved costs a store-forwarding stall per IO (measured: about 4 ns).
+        match notify {
+            Notify::Task(index) => {
+                if let Some(Some(task)) = self.tasks.get_mut(index as usize) {
+                    self.io.current_task = index;
+                    task.complete(&mut self.io, IoCompletion { tag, result, buf });
+                }
+            }
+            other => deliver(other, IoCompletion { tag, result, buf }),
+        }
     }
 
     /// Finishes what is in flight, bounded by `timeout`; refuses what is still queued.
     fn drain(&mut self, timeout: Duration) {
         let started = Instant::now();
-        while self.io.outstanding() > 0 && started.elapsed() < timeout {
+        while (self.io.outstanding() > 0 || self.io.in_layers() > 0) && started.elapsed() < timeout
+        {
+            if self.io.layered {
+                self.io.poll_layers();
+            }
             self.io.ring();
             if self.reap() == 0 {
                 std::hint::spin_loop();
@@ -647,8 +989,10 @@ impl Reactor {
             deliver_error(notify, request, IoError::Stopped);
         }
         while let Some(message) = self.shared.inbound.pop() {
-            if let Message::Io(request, notify, _) = message {
-                deliver_error(notify, request, IoError::Stopped);
+            match message {
+                Message::Io(request, notify, _) => deliver_error(notify, request, IoError::Stopped),
+                Message::Control(control) => self.io.control(control),
+                Message::Spawn(_) => {}
             }
         }
     }

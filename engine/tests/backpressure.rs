@@ -48,7 +48,9 @@ fn a_full_device_queue_pushes_back_on_submitters_instead_of_queueing_without_bou
     );
     assert_eq!(accepted + busy, 200);
     for _ in 0..accepted {
-        let done = rx.recv_timeout(Duration::from_secs(30)).expect("a completion");
+        let done = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a completion");
         done.result.expect("an accepted write succeeds");
     }
     engine.shutdown().unwrap();

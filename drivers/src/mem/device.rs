@@ -16,8 +16,8 @@ use std::sync::Arc;
 use fathom_telemetry::Clock;
 use parking_lot::Mutex;
 
-use super::inject::{Injector, OpClass, Rng};
 use super::media::Media;
+use crate::inject::{Injector, OpClass, Rng};
 use fathom_dma::IovaMap;
 use fathom_nvme::doorbell::{DoorbellKind, DoorbellPage};
 use fathom_nvme::spec::{
@@ -641,7 +641,9 @@ impl DeviceQueue {
         let injected = if shared.injector.is_empty() {
             Default::default()
         } else {
-            shared.injector.evaluate(class, slba, blocks, &mut self.rng)
+            shared
+                .injector
+                .evaluate(class, slba, blocks, shared.clock.now(), &mut self.rng)
         };
         if let Some(status) = injected.status {
             return (status, injected.delay_ticks);

@@ -9,7 +9,6 @@
 //!   as hardware does.
 
 pub mod device;
-pub mod inject;
 pub mod media;
 
 use std::path::PathBuf;
@@ -22,9 +21,9 @@ use fathom_telemetry::Clock;
 use parking_lot::Mutex;
 
 use self::device::{DeviceQueue, DeviceShared, MemDevice};
-use self::inject::Injector;
 use self::media::Media;
 use super::{DeviceInfo, Driver, DriverError, IoCommand, IoQueue};
+use crate::inject::Injector;
 use fathom_dma::DmaPool;
 use fathom_nvme::{
     Completed, Doorbell, DoorbellKind, NvmeController, OwnedQueuePair, QueueFull, QueueMemory,
@@ -80,7 +79,7 @@ pub struct MemOptions {
     /// `file` media: the backing file (created sparse at `size` when missing).
     pub path: PathBuf,
     /// Latency and error injection rules, applied in order.
-    pub inject: Vec<inject::InjectRule>,
+    pub inject: Vec<crate::inject::InjectRule>,
 }
 
 pub struct MemDriver {

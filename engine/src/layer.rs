@@ -1,0 +1,436 @@
+//! The layer stack: what an IO passes between its volume and its device queue.
+//!
+//! Each volume has an ordered stack of [`Layer`]s, owned by the reactor that owns the volume.
+//! An IO enters at the top (index 0) and goes down; at the bottom is the device queue. On the
+//! way down a layer passes the IO on, holds it (to release it later from [`Layer::poll`]), or
+//! completes it at once (a loopback stub). On the way up each layer it passed sees its
+//! completion. A layer may also issue child IOs for one parent ([`LayerCtx::issue`]), as
+//! replication fans a write out, and completes the parent when it decides
+//! ([`LayerCtx::complete`]).
+//!
+//! Requests and completions here are the engine's ([`IoCommand`], [`IoError`]): no layer sees
+//! an NVMe type. Per-IO state stays in the reactor's slot array: a layer that holds IOs keeps
+//! their slot numbers in storage sized when it is built, so nothing allocates per IO. A volume
+//! whose stack is empty (the default) goes straight to its device queue.
+//!
+//! Stacks change only through control messages, applied by the reactor between loop
+//! iterations ([`crate::reactor::VolumeControl`]); a replaced layer first gives back what it
+//! holds ([`Layer::drain`]).
+
+use fathom_drivers::inject::{InjectRule, Injector, OpClass, Rng};
+use fathom_drivers::{IoCommand, Op};
+use fathom_telemetry::Clock;
+
+use crate::volume::IoError;
+
+/// The layers of the IO path a stub or an injection rule can stand at, top to bottom. The
+/// names are part of the control and isolation interfaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LayerName {
+    /// The protocol front end (NBD): parse, reply, the socket.
+    Frontend,
+    /// The engine: the cross-core hop to the owning reactor and the volume's layers.
+    Engine,
+    /// The device queue: NVMe submission and completion rings, doorbells.
+    Queue,
+    /// The controller behind the queue.
+    Device,
+    /// The media behind the controller: the data it moves.
+    Media,
+}
+
+impl LayerName {
+    pub const ALL: [LayerName; 5] = [
+        LayerName::Frontend,
+        LayerName::Engine,
+        LayerName::Queue,
+        LayerName::Device,
+        LayerName::Media,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LayerName::Frontend => "frontend",
+            LayerName::Engine => "engine",
+            LayerName::Queue => "queue",
+            LayerName::Device => "device",
+            LayerName::Media => "media",
+        }
+    }
+}
+
+impl std::fmt::Display for LayerName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for LayerName {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        LayerName::ALL
+            .into_iter()
+            .find(|name| name.as_str() == text)
+            .ok_or_else(|| {
+                format!("no layer {text:?}: the layers are frontend, engine, queue, device, media")
+            })
+    }
+}
+
+/// Why a control change was refused. Each message says what to do instead.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ControlError {
+    #[error("no volume {name:?}; the volumes are: {known}")]
+    UnknownVolume { name: String, known: String },
+    #[error("{what}")]
+    Unsupported { what: String },
+    #[error("injection rule {index}: `{field}` = {value} is not allowed: {allowed}")]
+    BadRule {
+        index: usize,
+        field: &'static str,
+        value: String,
+        allowed: &'static str,
+    },
+    #[error("the reactor on core {0} did not apply the change within 5 s; it may be stuck")]
+    Timeout(usize),
+    #[error("the engine is shutting down")]
+    Stopped,
+}
+
+/// One layer's settings on one volume.
+#[derive(Debug, Clone, Default)]
+pub struct LayerSettings {
+    /// Replaced by its loopback stub.
+    pub stub: bool,
+    /// Run-time injection rules, in order.
+    pub inject: Vec<InjectRule>,
+}
+
+/// A volume's settings for every layer, in [`LayerName::ALL`] order.
+#[derive(Debug, Clone, Default)]
+pub struct VolumeLayers {
+    pub layers: [LayerSettings; 5],
+}
+
+impl VolumeLayers {
+    pub fn get(&self, layer: LayerName) -> &LayerSettings {
+        &self.layers[layer as usize]
+    }
+
+    pub fn get_mut(&mut self, layer: LayerName) -> &mut LayerSettings {
+        &mut self.layers[layer as usize]
+    }
+
+    /// The layer stack these settings make, top first. `slots`: the owning reactor's IO
+    /// slots (what a holding layer must have room for); `seed`: for injection's generator.
+    pub fn build(
+        &self,
+        clock: &Clock,
+        slots: usize,
+        seed: u64,
+    ) -> Result<Vec<Box<dyn Layer>>, ControlError> {
+        let mut stack: Vec<Box<dyn Layer>> = Vec::new();
+        for layer in LayerName::ALL {
+            let settings = self.get(layer);
+            for (index, rule) in settings.inject.iter().enumerate() {
+                rule.validate()
+                    .map_err(|(field, value, allowed)| ControlError::BadRule {
+                        index,
+                        field,
+                        value,
+                        allowed,
+                    })?;
+            }
+            match layer {
+                LayerName::Engine | LayerName::Queue => {}
+                _ if settings.stub || !settings.inject.is_empty() => {
+                    return Err(ControlError::Unsupported {
+                        what: format!(
+                            "the {layer} layer cannot be stubbed or injected at run time yet; \
+                             the engine and queue layers can (device faults: [[device.inject]] in the config)"
+                        ),
+                    })
+                }
+                _ => continue,
+            }
+            if settings.stub {
+                // The engine stub removes the engine's own time, its injection included: the
+                // IO goes on unheld. The queue stub completes the IO without the NVMe rings.
+                if layer == LayerName::Queue {
+                    stack.push(Box::new(Stub::new(layer)));
+                }
+            } else if !settings.inject.is_empty() {
+                stack.push(Box::new(Inject::new(
+                    layer,
+                    settings.inject.clone(),
+                    clock,
+                    slots,
+                    seed ^ (layer as u64) << 32,
+                )));
+            }
+        }
+        Ok(stack)
+    }
+}
+
+/// What a layer does with an IO on its way down.
+#[derive(Debug)]
+pub enum Down {
+    /// On to the next layer.
+    Pass,
+    /// The layer keeps it, and later passes it on ([`LayerCtx::release`]) or completes it.
+    Hold,
+    /// Done here, with this result: nothing below sees it.
+    Complete(Result<(), IoError>),
+}
+
+/// What a layer does with a completion on its way up.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Up {
+    /// On to the layer above.
+    Pass,
+    /// The layer keeps the IO and completes it later ([`LayerCtx::complete`]).
+    Hold,
+}
+
+/// One layer of a volume's stack. Implementations run on the owning reactor's thread.
+pub trait Layer: Send {
+    /// Where in the IO path the layer stands.
+    fn layer(&self) -> LayerName;
+    /// What it does, for `fathom-ctl layers` (e.g. "stub", "inject").
+    fn kind(&self) -> &'static str;
+    /// A one-line description of its settings.
+    fn describe(&self) -> String {
+        self.kind().to_string()
+    }
+    /// An IO (slot `slot`) on its way down.
+    fn submit(&mut self, ctx: &mut LayerCtx<'_>, slot: u32, command: &IoCommand) -> Down;
+    /// An IO this layer passed down completed below.
+    fn complete(
+        &mut self,
+        _ctx: &mut LayerCtx<'_>,
+        _slot: u32,
+        _result: &mut Result<(), IoError>,
+    ) -> Up {
+        Up::Pass
+    }
+    /// A child IO this layer issued for `parent` completed below; its slot is freed after
+    /// this call.
+    fn child_done(
+        &mut self,
+        _ctx: &mut LayerCtx<'_>,
+        _parent: u32,
+        _child: u32,
+        _result: Result<(), IoError>,
+    ) {
+    }
+    /// IOs held now.
+    fn holding(&self) -> usize {
+        0
+    }
+    /// Called once per loop iteration while [`Layer::holding`] is non-zero: release or
+    /// complete what is due. Returns whether it did anything.
+    fn poll(&mut self, _ctx: &mut LayerCtx<'_>) -> bool {
+        false
+    }
+    /// The layer is leaving the stack: release or complete everything it holds.
+    fn drain(&mut self, _ctx: &mut LayerCtx<'_>) {}
+}
+
+/// A slot number meaning "none" (no parent).
+pub(crate) const NO_SLOT: u32 = u32::MAX;
+
+/// Work the reactor carries on after a layer call: IOs to take further down, IOs to take up.
+pub(crate) struct LayerWork {
+    /// (slot, depth): continue down from layer `depth` (the stack's length: the device queue).
+    pub down: Vec<(u32, u8)>,
+    /// (slot, depth, result): completed at `depth`; continue up from `depth - 1`.
+    pub up: Vec<(u32, u8, Result<(), IoError>)>,
+    /// Child IOs issued this call: (parent, command). Slots are given by the reactor.
+    pub children: Vec<(u32, u8, IoCommand)>,
+}
+
+impl LayerWork {
+    pub fn with_capacity(slots: usize) -> Self {
+        Self {
+            down: Vec::with_capacity(slots),
+            up: Vec::with_capacity(slots),
+            children: Vec::with_capacity(slots),
+        }
+    }
+}
+
+/// What a layer may do while it is called: read the clock, and hand IOs on.
+pub struct LayerCtx<'a> {
+    pub(crate) clock: &'a Clock,
+    pub(crate) now: u64,
+    pub(crate) depth: u8,
+    pub(crate) work: &'a mut LayerWork,
+    /// Slots free for children (checked before a child is accepted).
+    pub(crate) free_slots: usize,
+}
+
+impl LayerCtx<'_> {
+    /// The clock layers measure time with, and its reading for this call.
+    pub fn clock(&self) -> &Clock {
+        self.clock
+    }
+
+    /// Clock ticks, read once per loop iteration for the layers.
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    /// Passes a held IO on to the layer below this one.
+    pub fn release(&mut self, slot: u32) {
+        self.work.down.push((slot, self.depth + 1));
+    }
+
+    /// Completes an IO this layer holds (on the way down or up): the layers above see it.
+    pub fn complete(&mut self, slot: u32, result: Result<(), IoError>) {
+        self.work.up.push((slot, self.depth, result));
+    }
+
+    /// Issues a child IO for `parent` below this layer; its completion comes to
+    /// [`Layer::child_done`]. `Busy` when no slot is free: the layer retries later.
+    pub fn issue(&mut self, parent: u32, command: IoCommand) -> Result<(), IoError> {
+        if self.free_slots == 0 {
+            return Err(IoError::Busy);
+        }
+        self.free_slots -= 1;
+        self.work.children.push((parent, self.depth, command));
+        Ok(())
+    }
+}
+
+/// The loopback stub for a layer inside the engine: an IO completes at submission, successful,
+/// without reaching anything below (for `queue`: the NVMe rings are never touched).
+pub struct Stub {
+    layer: LayerName,
+}
+
+impl Stub {
+    pub fn new(layer: LayerName) -> Self {
+        Self { layer }
+    }
+}
+
+impl Layer for Stub {
+    fn layer(&self) -> LayerName {
+        self.layer
+    }
+    fn kind(&self) -> &'static str {
+        "stub"
+    }
+    fn describe(&self) -> String {
+        "stub: completes at submission".into()
+    }
+    #[inline]
+    fn submit(&mut self, _ctx: &mut LayerCtx<'_>, _slot: u32, _command: &IoCommand) -> Down {
+        Down::Complete(Ok(()))
+    }
+}
+
+/// Injection at a layer of the engine: the rules' latency holds an IO before it goes on down
+/// (so the layer's own time grows by it), an error completes it at once, a stall holds it
+/// until the layer leaves the stack (the rule is cleared).
+pub struct Inject {
+    layer: LayerName,
+    rules: Vec<InjectRule>,
+    injector: Injector,
+    rng: Rng,
+    /// (due, slot), in no order; bounded by the reactor's slots.
+    delayed: Vec<(u64, u32)>,
+    stalled: Vec<u32>,
+}
+
+impl Inject {
+    /// `slots`: the most IOs the owning reactor can have, so holding never allocates.
+    pub fn new(
+        layer: LayerName,
+        rules: Vec<InjectRule>,
+        clock: &Clock,
+        slots: usize,
+        seed: u64,
+    ) -> Self {
+        Self {
+            layer,
+            injector: Injector::new(&rules, clock),
+            rules,
+            rng: Rng::new(seed),
+            delayed: Vec::with_capacity(slots),
+            stalled: Vec::with_capacity(slots),
+        }
+    }
+
+    pub fn rules(&self) -> &[InjectRule] {
+        &self.rules
+    }
+}
+
+impl Layer for Inject {
+    fn layer(&self) -> LayerName {
+        self.layer
+    }
+    fn kind(&self) -> &'static str {
+        "inject"
+    }
+    fn describe(&self) -> String {
+        format!("inject: {} rule(s)", self.rules.len())
+    }
+    fn submit(&mut self, ctx: &mut LayerCtx<'_>, slot: u32, command: &IoCommand) -> Down {
+        let class = match command.op {
+            Op::Read => OpClass::Read,
+            Op::Write | Op::WriteZeroes => OpClass::Write,
+            Op::Flush => OpClass::Flush,
+        };
+        let (slba, blocks) = match command.op {
+            Op::Flush => (0, u64::MAX),
+            _ => (command.slba, command.blocks as u64),
+        };
+        let injected = self
+            .injector
+            .evaluate(class, slba, blocks, ctx.now(), &mut self.rng);
+        if let Some(status) = injected.status {
+            return Down::Complete(Err(IoError::Device {
+                op: command.op,
+                status,
+            }));
+        }
+        if injected.stall {
+            self.stalled.push(slot);
+            return Down::Hold;
+        }
+        if injected.delay_ticks > 0 {
+            self.delayed.push((ctx.now() + injected.delay_ticks, slot));
+            return Down::Hold;
+        }
+        Down::Pass
+    }
+    fn holding(&self) -> usize {
+        self.delayed.len() + self.stalled.len()
+    }
+    fn poll(&mut self, ctx: &mut LayerCtx<'_>) -> bool {
+        let now = ctx.now();
+        let before = self.delayed.len();
+        let mut index = 0;
+        while index < self.delayed.len() {
+            let (due, slot) = self.delayed[index];
+            if due <= now {
+                ctx.release(slot);
+                self.delayed.swap_remove(index);
+            } else {
+                index += 1;
+            }
+        }
+        self.delayed.len() != before
+    }
+    fn drain(&mut self, ctx: &mut LayerCtx<'_>) {
+        for (_, slot) in self.delayed.drain(..) {
+            ctx.release(slot);
+        }
+        for slot in self.stalled.drain(..) {
+            ctx.release(slot);
+        }
+    }
+}

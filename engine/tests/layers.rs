@@ -1,0 +1,368 @@
+//! The layer stack: run-time injection and stubs change a volume's IO path while IO runs, data
+//! still reads back as written, and a layer can fan one IO out into children.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{node, pattern};
+use fathom_drivers::inject::{InjectRule, InjectedError, LatencySpec};
+use fathom_drivers::IoCommand;
+use fathom_engine::layer::{Down, Layer, LayerCtx, LayerName};
+use fathom_engine::{Engine, IoError, IoRequest, Notify, VolumeId};
+
+const ONE_VOLUME: &str = "[[device]]\nname = \"d\"\ndriver = \"mem\"\nmedia = \"ram\"\n\
+    size = \"8MiB\"\n[[volume]]\nname = \"v\"\ndevice = \"d\"\nsize = \"8MiB\"\n";
+
+fn write(engine: &Engine, offset: u64, seed: u64) -> Result<(), IoError> {
+    let mut buf = engine.dma().alloc(4096).unwrap();
+    buf.write_at(0, &pattern(seed, 4096));
+    engine
+        .io(IoRequest::write(VolumeId(0), offset, buf, seed))
+        .result
+}
+
+fn read(engine: &Engine, offset: u64) -> Vec<u8> {
+    let buf = engine.dma().alloc(4096).unwrap();
+    let done = engine.io(IoRequest::read(VolumeId(0), offset, buf, 0));
+    done.result.unwrap();
+    done.buf.unwrap().as_bytes().to_vec()
+}
+
+fn latency(layer: LayerName, engine: &Engine, spec: &str) {
+    engine
+        .change_layers("v", |layers| {
+            layers.get_mut(layer).inject = vec![InjectRule::latency(spec.parse().unwrap())];
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn injected_latency_at_a_layer_delays_its_ios_and_clearing_it_restores_them() {
+    let test = node(&[0], ONE_VOLUME);
+    let engine = Engine::start(&test.config).unwrap();
+    for layer in [LayerName::Engine, LayerName::Queue] {
+        latency(layer, &engine, "20ms");
+        let started = Instant::now();
+        write(&engine, 0, 1).unwrap();
+        assert!(
+            started.elapsed() >= Duration::from_millis(20),
+            "{layer}: a write took {:?} with 20 ms injected",
+            started.elapsed()
+        );
+        assert_eq!(
+            read(&engine, 0),
+            pattern(1, 4096),
+            "{layer}: data through the layer"
+        );
+        engine
+            .change_layers("v", |layers| {
+                layers.get_mut(layer).inject.clear();
+                Ok(())
+            })
+            .unwrap();
+        // Without the rule, fifty writes take far less than one injected delay each.
+        let started = Instant::now();
+        for seed in 0..50 {
+            write(&engine, 4096, seed).unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(50 * 20),
+            "{layer}: still delayed"
+        );
+    }
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn the_queue_stub_completes_without_reaching_the_device_and_clearing_it_restores_the_path() {
+    let test = node(&[0], ONE_VOLUME);
+    let engine = Engine::start(&test.config).unwrap();
+    write(&engine, 8192, 7).unwrap();
+    engine
+        .change_layers("v", |layers| {
+            layers.get_mut(LayerName::Queue).stub = true;
+            Ok(())
+        })
+        .unwrap();
+    // Acknowledged by the stub, never written: the media keep what was there.
+    write(&engine, 8192, 8).unwrap();
+    engine
+        .change_layers("v", |layers| {
+            layers.get_mut(LayerName::Queue).stub = false;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(read(&engine, 8192), pattern(7, 4096));
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn an_injected_error_fails_the_io_and_a_stall_holds_it_until_cleared() {
+    let test = node(&[0], ONE_VOLUME);
+    let engine = Engine::start(&test.config).unwrap();
+    engine
+        .change_layers("v", |layers| {
+            let mut rule = InjectRule::latency(LatencySpec::Fixed(Duration::ZERO));
+            rule.latency = None;
+            rule.error = Some(InjectedError::WriteFault);
+            layers.get_mut(LayerName::Engine).inject = vec![rule];
+            Ok(())
+        })
+        .unwrap();
+    match write(&engine, 0, 1) {
+        Err(IoError::Device { status, .. }) => {
+            assert_eq!(status, InjectedError::WriteFault.status())
+        }
+        other => panic!("expected the injected write fault, got {other:?}"),
+    }
+    engine
+        .change_layers("v", |layers| {
+            let mut rule = InjectRule::latency(LatencySpec::Fixed(Duration::ZERO));
+            rule.latency = None;
+            rule.stall = true;
+            layers.get_mut(LayerName::Engine).inject = vec![rule];
+            Ok(())
+        })
+        .unwrap();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for seed in 0..8u64 {
+        let mut buf = engine.dma().alloc(4096).unwrap();
+        buf.write_at(0, &pattern(seed, 4096));
+        engine
+            .submit(
+                IoRequest::write(VolumeId(0), seed * 4096, buf, seed),
+                Notify::Channel(tx.clone()),
+            )
+            .unwrap();
+    }
+    assert!(
+        rx.recv_timeout(Duration::from_millis(200)).is_err(),
+        "a stalled write completed"
+    );
+    engine
+        .change_layers("v", |layers| {
+            layers.get_mut(LayerName::Engine).inject.clear();
+            Ok(())
+        })
+        .unwrap();
+    for _ in 0..8 {
+        let done = rx.recv_timeout(Duration::from_secs(10)).expect("released");
+        done.result.unwrap();
+    }
+    for seed in 0..8u64 {
+        assert_eq!(read(&engine, seed * 4096), pattern(seed, 4096));
+    }
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn layers_change_while_io_flows_and_every_io_completes_once_with_its_data() {
+    let test = node(&[0], ONE_VOLUME);
+    let engine = Engine::start(&test.config).unwrap();
+    let writer = {
+        let engine = engine.clone();
+        std::thread::spawn(move || {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let mut in_flight = 0;
+            let mut completed = 0u64;
+            for seed in 0..3000u64 {
+                let mut buf = engine.dma().alloc(4096).unwrap();
+                buf.write_at(0, &pattern(seed, 4096));
+                let mut request = IoRequest::write(VolumeId(0), (seed % 256) * 4096, buf, seed);
+                loop {
+                    match engine.submit(request, Notify::Channel(tx.clone())) {
+                        Ok(()) => break,
+                        Err(rejected) => {
+                            assert_eq!(rejected.error, IoError::Busy);
+                            request = rejected.request;
+                            rx.recv().unwrap().result.unwrap();
+                            in_flight -= 1;
+                            completed += 1;
+                        }
+                    }
+                }
+                in_flight += 1;
+                // At most 16 in flight, so later writes to a block never race earlier ones.
+                if in_flight == 16 || seed % 256 == 255 {
+                    while in_flight > 0 {
+                        rx.recv().unwrap().result.unwrap();
+                        in_flight -= 1;
+                        completed += 1;
+                    }
+                }
+            }
+            while in_flight > 0 {
+                rx.recv().unwrap().result.unwrap();
+                in_flight -= 1;
+                completed += 1;
+            }
+            completed
+        })
+    };
+    let specs = [
+        "50us",
+        "uniform(10us,200us)",
+        "exponential(100us)",
+        "pareto(20us,1.5)",
+    ];
+    let mut changes = 0;
+    while !writer.is_finished() && changes < 400 {
+        let layer = [LayerName::Engine, LayerName::Queue][changes % 2];
+        latency(layer, &engine, specs[changes % specs.len()]);
+        std::thread::sleep(Duration::from_millis(2));
+        engine
+            .change_layers("v", |layers| {
+                *layers = Default::default();
+                Ok(())
+            })
+            .unwrap();
+        changes += 1;
+    }
+    assert_eq!(
+        writer.join().unwrap(),
+        3000,
+        "every write completed exactly once"
+    );
+    assert!(
+        changes >= 2,
+        "the stack changed {changes} times during the run"
+    );
+    for block in 0..256u64 {
+        let last = 2816 + block - if 2816 + block >= 3000 { 256 } else { 0 };
+        assert_eq!(
+            read(&engine, block * 4096),
+            pattern(last, 4096),
+            "block {block}"
+        );
+    }
+    engine.shutdown().unwrap();
+}
+
+/// A layer that writes every write twice: to its own blocks and, as a second child, to the
+/// same blocks in the volume's upper half; the parent completes when both children have.
+struct Mirror {
+    half_blocks: u64,
+    pending: Vec<(u32, u8, Result<(), IoError>)>,
+}
+
+impl Layer for Mirror {
+    fn layer(&self) -> LayerName {
+        LayerName::Engine
+    }
+    fn kind(&self) -> &'static str {
+        "mirror"
+    }
+    fn submit(&mut self, ctx: &mut LayerCtx<'_>, slot: u32, command: &IoCommand) -> Down {
+        if command.op != fathom_engine::Op::Write {
+            return Down::Pass;
+        }
+        let mut copy = *command;
+        copy.slba += self.half_blocks;
+        if ctx.issue(slot, *command).is_err() || ctx.issue(slot, copy).is_err() {
+            return Down::Complete(Err(IoError::Busy));
+        }
+        self.pending.push((slot, 2, Ok(())));
+        Down::Hold
+    }
+    fn child_done(
+        &mut self,
+        ctx: &mut LayerCtx<'_>,
+        parent: u32,
+        _child: u32,
+        result: Result<(), IoError>,
+    ) {
+        let index = self
+            .pending
+            .iter()
+            .position(|entry| entry.0 == parent)
+            .expect("a child of a pending parent");
+        let entry = &mut self.pending[index];
+        entry.1 -= 1;
+        if entry.2.is_ok() {
+            entry.2 = result;
+        }
+        if entry.1 == 0 {
+            let (slot, _, result) = self.pending.swap_remove(index);
+            ctx.complete(slot, result);
+        }
+    }
+    fn holding(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[test]
+fn a_layer_fans_a_write_out_into_children_and_completes_the_parent_when_both_are_done() {
+    let test = node(&[0], ONE_VOLUME);
+    let engine = Engine::start(&test.config).unwrap();
+    let volume = engine.volume("v").unwrap().clone();
+    let half = volume.blocks / 2;
+    engine
+        .install_layers(
+            &volume,
+            vec![Box::new(Mirror {
+                half_blocks: half,
+                pending: Vec::with_capacity(512),
+            })],
+        )
+        .unwrap();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for seed in 0..64u64 {
+        let mut buf = engine.dma().alloc(4096).unwrap();
+        buf.write_at(0, &pattern(seed, 4096));
+        engine
+            .submit(
+                IoRequest::write(VolumeId(0), seed * 4096, buf, seed),
+                Notify::Channel(tx.clone()),
+            )
+            .unwrap();
+    }
+    let mut tags: Vec<u64> = (0..64)
+        .map(|_| {
+            let done = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            done.result.unwrap();
+            done.tag
+        })
+        .collect();
+    tags.sort_unstable();
+    assert!(tags.iter().copied().eq(0..64), "each parent completed once");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(50)).is_err(),
+        "no completion for a child"
+    );
+    engine.install_layers(&volume, Vec::new()).unwrap();
+    let half_bytes = half * volume.block_size as u64;
+    for seed in 0..64u64 {
+        assert_eq!(read(&engine, seed * 4096), pattern(seed, 4096));
+        assert_eq!(read(&engine, half_bytes + seed * 4096), pattern(seed, 4096));
+    }
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn bad_changes_are_refused_with_the_reason_and_change_nothing() {
+    let test = node(&[0], ONE_VOLUME);
+    let engine = Engine::start(&test.config).unwrap();
+    let error = engine.change_layers("nope", |_| Ok(())).unwrap_err();
+    assert!(error.to_string().contains("the volumes are: v"), "{error}");
+    let error = engine
+        .change_layers("v", |layers| {
+            let mut rule = InjectRule::latency("1ms".parse().unwrap());
+            rule.fraction = 3.0;
+            layers.get_mut(LayerName::Engine).inject = vec![rule];
+            Ok(())
+        })
+        .unwrap_err();
+    assert!(error.to_string().contains("fraction"), "{error}");
+    assert!(engine
+        .layers("v")
+        .unwrap()
+        .get(LayerName::Engine)
+        .inject
+        .is_empty());
+    write(&engine, 0, 3).unwrap();
+    assert_eq!(read(&engine, 0), pattern(3, 4096));
+    engine.shutdown().unwrap();
+}
