@@ -397,6 +397,17 @@ impl IoContext {
         Ok(())
     }
 
+    /// What a layer at `depth` is handed while it is called.
+    fn layer_ctx(&mut self, now: u64, depth: u8) -> LayerCtx<'_> {
+        LayerCtx {
+            clock: &self.clock,
+            now,
+            depth,
+            work: &mut self.work,
+            free_slots: self.free_slots.len(),
+        }
+    }
+
     /// Applies a control message (between loop iterations).
     fn control(&mut self, control: VolumeControl) {
         match control {
@@ -418,16 +429,8 @@ impl IoContext {
         };
         let mut old = std::mem::replace(stack, layers);
         let now = self.clock.now();
-        let start = self.work.down.len();
         for layer in old.iter_mut() {
-            let mut ctx = LayerCtx {
-                clock: &self.clock,
-                now,
-                depth: 0,
-                work: &mut self.work,
-                free_slots: self.free_slots.len(),
-            };
-            layer.drain(&mut ctx);
+            layer.drain(&mut self.layer_ctx(now, 0));
         }
         // Everything of this volume waiting between layers starts again at the top.
         for entry in self.work.down.iter_mut() {
@@ -435,7 +438,6 @@ impl IoContext {
                 entry.1 = 0;
             }
         }
-        debug_assert!(self.work.down.len() >= start);
         self.layered = self.stacks.iter().any(|stack| !stack.is_empty());
     }
 
@@ -510,13 +512,7 @@ impl IoContext {
                 }
                 break;
             }
-            let mut ctx = LayerCtx {
-                clock: &self.clock,
-                now: self.layer_now,
-                depth: depth as u8,
-                work: &mut self.work,
-                free_slots: self.free_slots.len(),
-            };
+            let mut ctx = self.layer_ctx(self.layer_now, depth as u8);
             match stack[depth].submit(&mut ctx, slot, &command) {
                 Down::Pass => depth += 1,
                 Down::Hold => break,
@@ -549,13 +545,7 @@ impl IoContext {
                 break Some(result);
             }
             depth -= 1;
-            let mut ctx = LayerCtx {
-                clock: &self.clock,
-                now: self.layer_now,
-                depth: depth as u8,
-                work: &mut self.work,
-                free_slots: self.free_slots.len(),
-            };
+            let mut ctx = self.layer_ctx(self.layer_now, depth as u8);
             if parent != NO_SLOT && depth == origin {
                 stack[depth].child_done(&mut ctx, parent, slot, result);
                 self.slots[slot as usize].parent = NO_SLOT;
@@ -581,13 +571,7 @@ impl IoContext {
             let mut stack = std::mem::take(&mut self.stacks[volume]);
             for (depth, layer) in stack.iter_mut().enumerate() {
                 if layer.holding() > 0 {
-                    let mut ctx = LayerCtx {
-                        clock: &self.clock,
-                        now: self.layer_now,
-                        depth: depth as u8,
-                        work: &mut self.work,
-                        free_slots: self.free_slots.len(),
-                    };
+                    let mut ctx = self.layer_ctx(self.layer_now, depth as u8);
                     work |= layer.poll(&mut ctx);
                 }
             }
