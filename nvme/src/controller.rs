@@ -9,6 +9,14 @@
 //! Admin commands are rare (start-up, one queue pair per reactor core, shutdown), so they are
 //! serialised by a mutex and waited for by polling, with a timeout: a controller that does not
 //! answer is reported, never waited on forever.
+//!
+//! A command that timed out is not over: the controller may still execute it and complete it
+//! later. So every completion is matched to its command (the queue pair maps the completion's
+//! command identifier to the command that holds it, and each admin command carries a sequence
+//! number of its own): a late completion is logged and discarded, never taken as the answer to
+//! whichever command waits next. And the DMA memory a timed-out command was given stays in the
+//! controller's *quarantine* for good: the controller may still write it, so it is never freed
+//! or handed out again (see [`NvmeController::quarantined_bytes`]).
 
 use std::time::{Duration, Instant};
 
@@ -20,7 +28,7 @@ use super::spec::{
     admin_opcode, cns, feature, identify_controller as idc, identify_namespace as idn,
 };
 use super::spec::{Status, SubmissionEntry, PAGE_SIZE};
-use fathom_dma::{DmaError, DmaPool};
+use fathom_dma::{DmaBuf, DmaError, DmaPool};
 
 /// What a transport provides to the host controller driver.
 pub trait Transport: Send + Sync {
@@ -107,12 +115,71 @@ impl Namespace {
     }
 }
 
+/// The admin queue pair and what the host remembers about its commands, under one lock.
+struct AdminQueue {
+    /// Present until the controller is dropped (then freed, or leaked if commands are still
+    /// unanswered: see `Drop for AdminQueue`).
+    qp: Option<QueuePair>,
+    /// The cookie of the next admin command: a sequence number, so that a completion names the
+    /// one command it answers. (It wraps after 2^32 commands; a command timed out that long
+    /// before and still unanswered is not a case to design for.)
+    next_cookie: u32,
+    /// Commands that timed out and still hold their command identifier, as (cookie, command):
+    /// at most the queue's capacity, as each holds a tracker until it completes.
+    abandoned: Vec<(u32, &'static str)>,
+    /// Completions that arrived for abandoned commands, logged and discarded.
+    stale_completions: u64,
+    /// DMA memory that was handed to the controller by a command that timed out: the
+    /// controller may still read or write it at any time, so it is kept here, never freed and
+    /// never handed back to safe code. One entry per timed-out command with memory, so it
+    /// grows only when the controller misbehaves.
+    quarantine: Vec<DmaBuf>,
+}
+
+impl AdminQueue {
+    /// Logs and drops a completion that answers an abandoned command, releasing its identifier.
+    fn discard_stale(&mut self, device: &str, done: Completed) {
+        self.stale_completions += 1;
+        let command = match self
+            .abandoned
+            .iter()
+            .position(|&(cookie, _)| cookie == done.cookie)
+        {
+            Some(index) => self.abandoned.swap_remove(index).1,
+            // The queue pair reports completions only for identifiers in flight, and every
+            // identifier in flight that is not the current command's is an abandoned one.
+            None => "an admin command",
+        };
+        tracing::warn!(
+            "{device}: {command} completed (status {}) after it had timed out; the completion is discarded",
+            done.status
+        );
+    }
+}
+
+impl Drop for AdminQueue {
+    fn drop(&mut self) {
+        // Dropping the host's handle does not stop the controller: a transport that can stop
+        // it (VFIO disables it) does so on its own schedule, the in-process one not at all.
+        // Memory the controller may still use is therefore leaked, not freed: the quarantine,
+        // and the admin queue itself while a command on it is unanswered.
+        for buf in self.quarantine.drain(..) {
+            std::mem::forget(buf);
+        }
+        if let Some(qp) = self.qp.take() {
+            if !self.abandoned.is_empty() {
+                std::mem::forget(qp);
+            }
+        }
+    }
+}
+
 /// The host's handle on a controller whose admin queue is up.
 pub struct NvmeController {
     name: String,
     transport: std::sync::Arc<dyn Transport>,
     pool: DmaPool,
-    admin: Mutex<QueuePair>,
+    admin: Mutex<AdminQueue>,
     identity: ControllerIdentity,
     namespaces: Vec<Namespace>,
     io_queues_granted: u16,
@@ -134,7 +201,13 @@ impl NvmeController {
             name: name.to_string(),
             transport,
             pool,
-            admin: Mutex::new(admin),
+            admin: Mutex::new(AdminQueue {
+                qp: Some(admin),
+                next_cookie: 0,
+                abandoned: Vec::new(),
+                stale_completions: 0,
+                quarantine: Vec::new(),
+            }),
             identity: ControllerIdentity {
                 vendor_id: 0,
                 model: String::new(),
@@ -156,7 +229,7 @@ impl NvmeController {
         let mut entry = SubmissionEntry::new(admin_opcode::SET_FEATURES, 0, 0);
         entry.cdw10 = feature::NUMBER_OF_QUEUES;
         entry.cdw11 = (io_queues as u32 - 1) | (io_queues as u32 - 1) << 16;
-        let granted = controller.admin_command("Set Features (Number of Queues)", entry, None)?;
+        let granted = controller.admin_command("Set Features (Number of Queues)", entry)?;
         let granted = ((granted & 0xffff).min(granted >> 16) + 1).min(u16::MAX as u32) as u16;
         if granted < io_queues {
             return Err(NvmeError::NotEnoughQueues {
@@ -182,30 +255,80 @@ impl NvmeController {
         &self.namespaces
     }
 
-    /// Runs one admin command and waits for it; returns the completion's DW0.
+    /// Completions that arrived after their command had timed out (logged and discarded).
+    pub fn stale_completions(&self) -> u64 {
+        self.admin.lock().stale_completions
+    }
+
+    /// Bytes of DMA memory kept from commands that timed out: never freed, because the
+    /// controller may still write them.
+    pub fn quarantined_bytes(&self) -> usize {
+        let admin = self.admin.lock();
+        admin.quarantine.iter().map(DmaBuf::capacity).sum()
+    }
+
+    /// Runs one admin command without data and waits for it; returns the completion's DW0.
     pub fn admin_command(
         &self,
         command: &'static str,
         entry: SubmissionEntry,
-        data: Option<DataRange>,
     ) -> Result<u32, NvmeError> {
-        let mut admin = self.admin.lock();
+        self.run_admin(command, entry, None)
+            .map(|(result, _)| result)
+    }
+
+    /// Runs one admin command that transfers data through `buf` and waits for it; returns the
+    /// completion's DW0 and the buffer. The buffer is taken by value because the controller
+    /// owns it while the command runs: if the command times out, the controller may still
+    /// write it, and it is quarantined instead of returned (or freed).
+    pub fn admin_command_with_data(
+        &self,
+        command: &'static str,
+        entry: SubmissionEntry,
+        buf: DmaBuf,
+    ) -> Result<(u32, DmaBuf), NvmeError> {
+        let (result, buf) = self.run_admin(command, entry, Some(buf))?;
+        Ok((result, buf.expect("a completed command returns its buffer")))
+    }
+
+    fn run_admin(
+        &self,
+        command: &'static str,
+        entry: SubmissionEntry,
+        buf: Option<DmaBuf>,
+    ) -> Result<(u32, Option<DmaBuf>), NvmeError> {
+        let timeout = || NvmeError::Timeout {
+            device: self.name.clone(),
+            command,
+            timeout: self.timeout,
+        };
+        let mut guard = self.admin.lock();
+        let admin = &mut *guard;
+        let cookie = admin.next_cookie;
+        admin.next_cookie = cookie.wrapping_add(1);
+        let qp = admin.qp.as_mut().expect("admin queue present until drop");
         // The admin lock serialises commands, so at most one is in flight: a full queue here
-        // is impossible, unless an earlier command timed out and still holds its identifier.
-        if admin.submit(entry, data, 0).is_err() {
-            return Err(NvmeError::Timeout {
-                device: self.name.clone(),
-                command,
-                timeout: self.timeout,
-            });
+        // means every other identifier is held by a command that timed out and was never
+        // answered. The buffer never reached the controller, so dropping it is safe.
+        if qp
+            .submit(entry, buf.as_ref().map(DataRange::of), cookie)
+            .is_err()
+        {
+            return Err(timeout());
         }
-        admin.ring();
+        qp.ring();
         let started = Instant::now();
         let mut completion = [Completed::default()];
         loop {
             self.transport.service_admin();
-            if admin.reap(&mut completion) == 1 {
+            let qp = admin.qp.as_mut().expect("admin queue present until drop");
+            if qp.reap(&mut completion) == 1 {
                 let done = completion[0];
+                if done.cookie != cookie {
+                    // A late answer to an earlier command; ours may be right behind it.
+                    admin.discard_stale(&self.name, done);
+                    continue;
+                }
                 if !done.status.is_success() {
                     return Err(NvmeError::CommandFailed {
                         device: self.name.clone(),
@@ -213,14 +336,16 @@ impl NvmeController {
                         status: done.status,
                     });
                 }
-                return Ok(done.result);
+                return Ok((done.result, buf));
             }
             if started.elapsed() > self.timeout {
-                return Err(NvmeError::Timeout {
-                    device: self.name.clone(),
-                    command,
-                    timeout: self.timeout,
-                });
+                // The command keeps its identifier until the controller answers it, and its
+                // memory for good.
+                admin.abandoned.push((cookie, command));
+                if let Some(buf) = buf {
+                    admin.quarantine.push(buf);
+                }
+                return Err(timeout());
             }
             std::thread::yield_now();
         }
@@ -236,7 +361,7 @@ impl NvmeController {
             })?;
         let mut entry = SubmissionEntry::new(admin_opcode::IDENTIFY, 0, nsid);
         entry.cdw10 = cns;
-        self.admin_command(command, entry, Some(DataRange::of(&buf)))?;
+        let (_, buf) = self.admin_command_with_data(command, entry, buf)?;
         Ok(buf.to_vec())
     }
 
@@ -313,15 +438,15 @@ impl NvmeController {
         entry.prp1 = memory.cq.iova();
         entry.cdw10 = size_and_id;
         entry.cdw11 = 1; // Physically contiguous; interrupts disabled (polled).
-        self.admin_command("Create I/O Completion Queue", entry, None)?;
+        self.admin_command("Create I/O Completion Queue", entry)?;
         let mut entry = SubmissionEntry::new(admin_opcode::CREATE_IO_SQ, 0, 0);
         entry.prp1 = memory.sq.iova();
         entry.cdw10 = size_and_id;
         entry.cdw11 = (qid as u32) << 16 | 1; // Bound to CQ `qid`; physically contiguous.
-        if let Err(error) = self.admin_command("Create I/O Submission Queue", entry, None) {
+        if let Err(error) = self.admin_command("Create I/O Submission Queue", entry) {
             let mut delete = SubmissionEntry::new(admin_opcode::DELETE_IO_CQ, 0, 0);
             delete.cdw10 = qid as u32;
-            let _ = self.admin_command("Delete I/O Completion Queue", delete, None);
+            let _ = self.admin_command("Delete I/O Completion Queue", delete);
             return Err(error);
         }
         Ok(QueuePair::new(
@@ -343,13 +468,13 @@ impl NvmeController {
         let qid = queue.qid();
         let mut entry = SubmissionEntry::new(admin_opcode::DELETE_IO_SQ, 0, 0);
         entry.cdw10 = qid as u32;
-        if let Err(error) = self.admin_command("Delete I/O Submission Queue", entry, None) {
+        if let Err(error) = self.admin_command("Delete I/O Submission Queue", entry) {
             std::mem::forget(queue);
             return Err(error);
         }
         let mut entry = SubmissionEntry::new(admin_opcode::DELETE_IO_CQ, 0, 0);
         entry.cdw10 = qid as u32;
-        self.admin_command("Delete I/O Completion Queue", entry, None)?;
+        self.admin_command("Delete I/O Completion Queue", entry)?;
         drop(queue);
         self.free_qids.lock().push(qid);
         Ok(())

@@ -93,6 +93,11 @@ pub struct MemDevice {
     alive: Box<[AtomicBool]>,
     /// Bumped whenever a queue is created or deleted, so a device thread knows to look.
     generation: AtomicU64,
+    /// Test hook (unit tests only): an admin opcode at which the controller stops fetching,
+    /// leaving that command and every later one unanswered until the hold is lifted, as a
+    /// controller that stopped answering (and later recovered) would.
+    #[cfg(test)]
+    admin_hold: Mutex<Option<u8>>,
 }
 
 impl MemDevice {
@@ -104,8 +109,17 @@ impl MemDevice {
             queues: Mutex::new((0..=max).map(|_| QueueSlot::Empty).collect()),
             alive: (0..=max).map(|_| AtomicBool::new(false)).collect(),
             generation: AtomicU64::new(0),
+            #[cfg(test)]
+            admin_hold: Mutex::new(None),
             shared,
         }
+    }
+
+    /// Test hook: from now on, leave the first admin command with `opcode` and everything
+    /// submitted after it unfetched (`None`: answer everything again, held commands included).
+    #[cfg(test)]
+    pub(crate) fn hold_admin(&self, opcode: Option<u8>) {
+        *self.admin_hold.lock() = opcode;
     }
 
     pub fn shared(&self) -> &Arc<DeviceShared> {
@@ -128,12 +142,24 @@ impl MemDevice {
     pub fn process_admin(&self) {
         let mut admin = self.admin.lock();
         let Some(queue) = admin.as_mut() else { return };
-        while let Some(entry) = queue.fetch() {
+        while let Some(entry) = self.next_admin(queue) {
             let (status, result) = self.execute_admin(&entry);
             // Admin commands are serialised by the host driver, so the admin CQ cannot be full;
             // if a host misbehaves the completion is dropped, as a device would stall.
             queue.post(entry.cid(), status, result);
         }
+    }
+
+    /// The next admin command to execute, if the host submitted one (and, in unit tests, the
+    /// admin hold does not stop at it).
+    fn next_admin(&self, queue: &mut DeviceQueue) -> Option<SubmissionEntry> {
+        #[cfg(test)]
+        if let Some(opcode) = *self.admin_hold.lock() {
+            if queue.peek().is_some_and(|entry| entry.opcode() == opcode) {
+                return None;
+            }
+        }
+        queue.fetch()
     }
 
     /// Takes the controller side of I/O queue `qid` so the caller (a reactor in inline mode)
@@ -465,6 +491,18 @@ impl DeviceQueue {
     fn fetch(&mut self) -> Option<SubmissionEntry> {
         let tail = self.sq_tail()?;
         self.fetch_before(tail)
+    }
+
+    /// The next submitted entry without consuming it (for the admin hold test hook).
+    #[cfg(test)]
+    fn peek(&mut self) -> Option<SubmissionEntry> {
+        let tail = self.sq_tail()?;
+        if tail == self.sq_head {
+            return None;
+        }
+        // SAFETY: as in `fetch_before`: sq_head < sq_entries, inside the ring translated at
+        // creation, and the doorbell's acquire load ordered the host's entry writes first.
+        Some(unsafe { self.sq.add(self.sq_head as usize).read_volatile() })
     }
 
     /// The SQ tail the host last rang, or `None` if the queue is faulted or the value is

@@ -10,6 +10,8 @@
 
 pub mod device;
 pub mod media;
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -132,37 +134,7 @@ impl MemDriver {
             held: DeviceShared::queue_flags(io_queues.max(1) + 1),
         });
         let device = Arc::new(MemDevice::new(shared));
-        let dma_error = |source| DriverError::Dma {
-            device: name.clone(),
-            source,
-        };
-        let admin_memory = QueueMemory::allocate(pool, ADMIN_ENTRIES).map_err(dma_error)?;
-        device
-            .enable(
-                admin_memory.sq.iova(),
-                admin_memory.cq.iova(),
-                ADMIN_ENTRIES as u32,
-            )
-            .map_err(|status| DriverError::Setup {
-                device: name.clone(),
-                what: format!("enabling the admin queue: {status}"),
-            })?;
-        let transport = Arc::new(MemTransport(device.clone()));
-        let admin = QueuePair::new(
-            0,
-            ADMIN_ENTRIES,
-            admin_memory,
-            transport.doorbell(0, DoorbellKind::SubmissionTail),
-            transport.doorbell(0, DoorbellKind::CompletionHead),
-        );
-        let controller = NvmeController::attach(
-            &name,
-            transport,
-            pool.clone(),
-            admin,
-            io_queues.max(1),
-            ADMIN_TIMEOUT,
-        )?;
+        let controller = start_controller(&name, &device, pool, io_queues.max(1), ADMIN_TIMEOUT)?;
         let identity = controller.identity();
         let info = DeviceInfo {
             name: name.clone(),
@@ -268,6 +240,48 @@ impl Drop for MemDriver {
             let _ = handle.join();
         }
     }
+}
+
+/// Enables the controller's admin queue and brings the host driver up through it (Identify,
+/// Set Features), with `timeout` for each admin command.
+fn start_controller(
+    name: &str,
+    device: &Arc<MemDevice>,
+    pool: &DmaPool,
+    io_queues: u16,
+    timeout: Duration,
+) -> Result<NvmeController, DriverError> {
+    let admin_memory =
+        QueueMemory::allocate(pool, ADMIN_ENTRIES).map_err(|source| DriverError::Dma {
+            device: name.to_string(),
+            source,
+        })?;
+    device
+        .enable(
+            admin_memory.sq.iova(),
+            admin_memory.cq.iova(),
+            ADMIN_ENTRIES as u32,
+        )
+        .map_err(|status| DriverError::Setup {
+            device: name.to_string(),
+            what: format!("enabling the admin queue: {status}"),
+        })?;
+    let transport = Arc::new(MemTransport(device.clone()));
+    let admin = QueuePair::new(
+        0,
+        ADMIN_ENTRIES,
+        admin_memory,
+        transport.doorbell(0, DoorbellKind::SubmissionTail),
+        transport.doorbell(0, DoorbellKind::CompletionHead),
+    );
+    Ok(NvmeController::attach(
+        name,
+        transport,
+        pool.clone(),
+        admin,
+        io_queues,
+        timeout,
+    )?)
 }
 
 /// The device thread of `thread` mode: polls every I/O queue it holds, adopts new queues when
