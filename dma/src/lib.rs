@@ -11,10 +11,49 @@
 //! same pool is mapped into the device's IOMMU domain at [`VFIO_IOVA_BASE`], because the IOMMU
 //! translates fewer address bits than a process's virtual addresses have.
 //!
-//! DMA memory is never reached through `&`/`&mut` references: a controller may write it at any
-//! time while a command is in flight. Buffers are read and written by copying through raw
-//! pointers ([`DmaBuf::write_at`], [`DmaBuf::read_at`]), and a buffer that is part of an IO in
-//! flight is owned by the engine, not by the caller.
+//! # Who may touch DMA memory, and when
+//!
+//! A controller reads and writes DMA memory on its own, outside the compiler's view, so a
+//! `&[u8]` or `&mut [u8]` over memory a controller may access at the same time would be
+//! unsound. Rather than copying every payload through volatile accesses (the payload slices,
+//! [`DmaBuf::as_bytes`] and [`DmaBuf::as_bytes_mut`], are on the NBD and workload hot paths),
+//! Fathom keeps the two apart by ownership:
+//!
+//! 1. **A buffer goes to a device only by value.** From the moment its address is given to a
+//!    device until the device is done with it, the [`DmaBuf`] is owned by whatever tracks the
+//!    command, not by the code that filled it: no borrow of it can exist while the device may
+//!    touch it.
+//! 2. **An abandoned buffer never comes back.** A buffer whose command was given up (timed
+//!    out, or its queue not confirmed deleted) is never handed back to safe code, nor freed
+//!    into the pool: it is quarantined (kept, in effect leaked), because the device may still
+//!    write it.
+//!
+//! So holding a `DmaBuf`, or a borrow of one, means no device accesses it; that is what the
+//! slices and the copies ([`DmaBuf::write_at`], [`DmaBuf::read_at`]) rely on. Rings and PRP
+//! lists, which a device uses for as long as their queue exists, are reached only through raw
+//! volatile and atomic accesses by the queue pair that owns them.
+//!
+//! Where an address is given to a device, and what keeps the rule there:
+//! - I/O commands (`fathom_nvme::DataRange::of`, PRPs or io_uring addresses): the engine's
+//!   `IoRequest` owns its buffer and moves it into the command's IO slot as the command is
+//!   queued, before the doorbell; the buffer comes back only inside the `IoCompletion`, after
+//!   the completion was reaped. A rejected request was never queued.
+//! - NVMe admin commands (`fathom_nvme::NvmeController`): Identify takes its buffer by value
+//!   and gets it back with the completion; on a timeout the controller quarantines it. Queue
+//!   rings named in Create I/O Completion/Submission Queue belong to the `QueuePair`, which
+//!   never lends them out; a queue whose creation timed out or whose deletion was not
+//!   confirmed has its rings quarantined.
+//! - The admin queue registers (ASQ/ACQ) in the `vfio` and `mem` drivers: the ring memory
+//!   moves into the admin `QueuePair` right after, and a controller dropped with an admin
+//!   command unanswered leaks it.
+//! - The `uring` driver's start-up probe read owns its buffer while it waits for the read.
+//!
+//! Not yet covered: the `uring` probe frees its buffer if the read does not complete within
+//! its 5 s; a reactor that stops with IO still in flight frees those IOs' buffers with its IO
+//! slots even when its queue's deletion was not confirmed (only the queue's own rings are
+//! quarantined then); and a layer's child IOs address their parent's buffer, but nothing yet
+//! keeps a layer from completing the parent, which gives the buffer back, while a child is
+//! still in flight (a replication layer that acknowledges on a majority would).
 
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -286,7 +325,8 @@ fn read_sysfs_u64(name: &str) -> u64 {
 }
 
 /// A buffer of DMA memory owned by one holder at a time: the caller, or the engine while the
-/// buffer is part of an IO in flight.
+/// buffer is part of an IO in flight. Only the holder of a buffer may let a device access it,
+/// by giving the buffer away with the command (see the crate documentation).
 ///
 /// The IO transfers the buffer's *view*: by default the whole allocation as asked for, or a
 /// window of it set with [`DmaBuf::set_view`] (for example to start a transfer part-way into a
@@ -367,7 +407,9 @@ impl DmaBuf {
     }
 
     /// The host address of the view's first byte, for the queue code that builds rings and PRP
-    /// lists in DMA memory. Only raw (volatile) accesses may go through it.
+    /// lists in DMA memory, and for kernel interfaces given the buffer with a command. Only raw
+    /// (volatile) accesses may go through it, and a device may be given it only under the
+    /// ownership rule (the buffer moves with the command).
     pub fn as_ptr(&self) -> *mut u8 {
         self.view_ptr()
     }
@@ -387,8 +429,8 @@ impl DmaBuf {
                 .is_some_and(|end| end <= self.len()),
             "write past the view"
         );
-        // SAFETY: range-checked against the view above; we own the buffer (`&mut self`), so no
-        // IO is in flight on it and no controller touches it.
+        // SAFETY: range-checked against the view above; we hold the buffer (`&mut self`), so by
+        // the ownership rule no IO is in flight on it and no controller touches it.
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.view_ptr().add(offset), data.len())
         };
@@ -402,8 +444,8 @@ impl DmaBuf {
                 .is_some_and(|end| end <= self.len()),
             "read past the view"
         );
-        // SAFETY: range-checked against the view above; holding the buffer means no IO on it is
-        // in flight.
+        // SAFETY: range-checked against the view above; holding the buffer means, by the
+        // ownership rule, that no IO on it is in flight.
         unsafe {
             std::ptr::copy_nonoverlapping(self.view_ptr().add(offset), out.as_mut_ptr(), out.len())
         };
@@ -417,15 +459,25 @@ impl DmaBuf {
     }
 
     /// The view as bytes, for handing to a socket or a checksum without a copy.
+    ///
+    /// Sound because of the ownership rule (crate documentation): a buffer is given to a
+    /// device only by value, so while this borrow lives no command on the buffer is in flight,
+    /// and a buffer whose command was abandoned is never handed back to be borrowed.
     pub fn as_bytes(&self) -> &[u8] {
-        // SAFETY: the view lies inside the allocation; holding the buffer means no IO on it is
-        // in flight, so no controller writes it while the slice lives (it borrows `self`).
+        // SAFETY: the view lies inside the allocation (checked by `set_view`) and the pool
+        // mapping outlives `self`. Borrowing `self` means holding the buffer, and by the
+        // ownership rule no device reads or writes a buffer anyone holds (it moves into the
+        // command's IO slot while the command is in flight, and one whose command timed out is
+        // quarantined, never returned), so nothing else accesses these bytes while the shared
+        // slice lives, and it is initialised (zeroed at allocation).
         unsafe { std::slice::from_raw_parts(self.view_ptr(), self.len()) }
     }
 
-    /// The view as mutable bytes, for a socket to read a payload straight into.
+    /// The view as mutable bytes, for a socket to read a payload straight into. Sound for the
+    /// same reason as [`DmaBuf::as_bytes`].
     pub fn as_bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as for `as_bytes`, and `&mut self` makes this the only access.
+        // SAFETY: as for `as_bytes`: no device accesses a buffer that is held, and `&mut self`
+        // makes this slice the only access from the host as well.
         unsafe { std::slice::from_raw_parts_mut(self.view_ptr(), self.len()) }
     }
 

@@ -129,10 +129,10 @@ struct AdminQueue {
     abandoned: Vec<(u32, &'static str)>,
     /// Completions that arrived for abandoned commands, logged and discarded.
     stale_completions: u64,
-    /// DMA memory that was handed to the controller by a command that timed out: the
-    /// controller may still read or write it at any time, so it is kept here, never freed and
-    /// never handed back to safe code. One entry per timed-out command with memory, so it
-    /// grows only when the controller misbehaves.
+    /// DMA memory the controller may still read or write at any time: the data buffer of an
+    /// admin command that timed out, and the rings of an I/O queue pair whose creation timed
+    /// out or whose deletion was not confirmed. It is kept here, never freed and never handed
+    /// back to safe code; it grows only when the controller misbehaves.
     quarantine: Vec<DmaBuf>,
 }
 
@@ -260,8 +260,8 @@ impl NvmeController {
         self.admin.lock().stale_completions
     }
 
-    /// Bytes of DMA memory kept from commands that timed out: never freed, because the
-    /// controller may still write them.
+    /// Bytes of DMA memory quarantined: given to the controller by commands that timed out
+    /// (or queues it did not confirm deleting), never freed, because it may still write them.
     pub fn quarantined_bytes(&self) -> usize {
         let admin = self.admin.lock();
         admin.quarantine.iter().map(DmaBuf::capacity).sum()
@@ -411,6 +411,11 @@ impl NvmeController {
 
     /// Creates an I/O completion queue and an I/O submission queue bound to it, both of
     /// `entries`, in memory from the DMA pool.
+    ///
+    /// If the controller may have created either queue despite the error (a command timed out,
+    /// or the completion queue of a failed pair could not be deleted), the rings are
+    /// quarantined and the queue identifier is retired: the controller may write into that
+    /// memory and may hold that identifier.
     pub fn create_io_queue_pair(&self, entries: u16) -> Result<QueuePair, NvmeError> {
         let qid = self
             .free_qids
@@ -420,70 +425,132 @@ impl NvmeController {
                 device: self.name.clone(),
                 granted: self.io_queues_granted,
             })?;
-        let result = self.create_queues(qid, entries);
-        if result.is_err() {
-            self.free_qids.lock().push(qid);
+        let memory = match QueueMemory::allocate(&self.pool, entries) {
+            Ok(memory) => memory,
+            Err(source) => {
+                self.free_qids.lock().push(qid);
+                return Err(NvmeError::Dma {
+                    device: self.name.clone(),
+                    source,
+                });
+            }
+        };
+        match self.create_queues(qid, entries, &memory) {
+            Ok(()) => Ok(QueuePair::new(
+                qid,
+                entries,
+                memory,
+                self.transport.doorbell(qid, DoorbellKind::SubmissionTail),
+                self.transport.doorbell(qid, DoorbellKind::CompletionHead),
+            )),
+            Err(QueueFailure::NotHeld(error)) => {
+                drop(memory);
+                self.free_qids.lock().push(qid);
+                Err(error)
+            }
+            Err(QueueFailure::MayBeHeld(error)) => {
+                self.quarantine_queue(qid, memory);
+                Err(error)
+            }
         }
-        result
     }
 
-    fn create_queues(&self, qid: u16, entries: u16) -> Result<QueuePair, NvmeError> {
-        let memory =
-            QueueMemory::allocate(&self.pool, entries).map_err(|source| NvmeError::Dma {
-                device: self.name.clone(),
-                source,
-            })?;
+    fn create_queues(
+        &self,
+        qid: u16,
+        entries: u16,
+        memory: &QueueMemory,
+    ) -> Result<(), QueueFailure> {
         let size_and_id = (entries as u32 - 1) << 16 | qid as u32;
         let mut entry = SubmissionEntry::new(admin_opcode::CREATE_IO_CQ, 0, 0);
         entry.prp1 = memory.cq.iova();
         entry.cdw10 = size_and_id;
         entry.cdw11 = 1; // Physically contiguous; interrupts disabled (polled).
-        self.admin_command("Create I/O Completion Queue", entry)?;
+        self.admin_command("Create I/O Completion Queue", entry)
+            .map_err(QueueFailure::after)?;
         let mut entry = SubmissionEntry::new(admin_opcode::CREATE_IO_SQ, 0, 0);
         entry.prp1 = memory.sq.iova();
         entry.cdw10 = size_and_id;
         entry.cdw11 = (qid as u32) << 16 | 1; // Bound to CQ `qid`; physically contiguous.
-        if let Err(error) = self.admin_command("Create I/O Submission Queue", entry) {
-            let mut delete = SubmissionEntry::new(admin_opcode::DELETE_IO_CQ, 0, 0);
-            delete.cdw10 = qid as u32;
-            let _ = self.admin_command("Delete I/O Completion Queue", delete);
-            return Err(error);
+        match self.admin_command("Create I/O Submission Queue", entry) {
+            Ok(_) => Ok(()),
+            // A controller that did not answer would not answer a Delete either.
+            Err(error @ NvmeError::Timeout { .. }) => Err(QueueFailure::MayBeHeld(error)),
+            Err(error) => {
+                let mut delete = SubmissionEntry::new(admin_opcode::DELETE_IO_CQ, 0, 0);
+                delete.cdw10 = qid as u32;
+                match self.admin_command("Delete I/O Completion Queue", delete) {
+                    Ok(_) => Err(QueueFailure::NotHeld(error)),
+                    Err(_) => Err(QueueFailure::MayBeHeld(error)),
+                }
+            }
         }
-        Ok(QueuePair::new(
-            qid,
-            entries,
-            memory,
-            self.transport.doorbell(qid, DoorbellKind::SubmissionTail),
-            self.transport.doorbell(qid, DoorbellKind::CompletionHead),
-        ))
     }
 
     /// Deletes a queue pair's submission queue, then its completion queue. Commands still in
     /// flight are aborted by the controller (their completions are never reaped).
     ///
-    /// If the controller does not confirm the deletion, the queue's memory is leaked on
-    /// purpose: a controller that still holds the queue may still write into it, and memory
-    /// handed out again would be corrupted.
+    /// If the controller does not confirm both deletions, the queue's memory is quarantined
+    /// (never freed) and its identifier retired: a controller that still holds the queue may
+    /// still write into it, and memory handed out again would be corrupted.
     pub fn delete_io_queue_pair(&self, queue: QueuePair) -> Result<(), NvmeError> {
         let qid = queue.qid();
         let mut entry = SubmissionEntry::new(admin_opcode::DELETE_IO_SQ, 0, 0);
         entry.cdw10 = qid as u32;
-        if let Err(error) = self.admin_command("Delete I/O Submission Queue", entry) {
-            std::mem::forget(queue);
-            return Err(error);
+        let deleted = self
+            .admin_command("Delete I/O Submission Queue", entry)
+            .and_then(|_| {
+                let mut entry = SubmissionEntry::new(admin_opcode::DELETE_IO_CQ, 0, 0);
+                entry.cdw10 = qid as u32;
+                self.admin_command("Delete I/O Completion Queue", entry)
+            });
+        match deleted {
+            Ok(_) => {
+                drop(queue);
+                self.free_qids.lock().push(qid);
+                Ok(())
+            }
+            Err(error) => {
+                self.quarantine_queue(qid, queue.into_memory());
+                Err(error)
+            }
         }
-        let mut entry = SubmissionEntry::new(admin_opcode::DELETE_IO_CQ, 0, 0);
-        entry.cdw10 = qid as u32;
-        self.admin_command("Delete I/O Completion Queue", entry)?;
-        drop(queue);
-        self.free_qids.lock().push(qid);
-        Ok(())
+    }
+
+    /// Keeps the rings of a queue the controller may still hold, and retires its identifier.
+    fn quarantine_queue(&self, qid: u16, memory: QueueMemory) {
+        let QueueMemory { sq, cq, prp_lists } = memory;
+        let bytes = sq.capacity() + cq.capacity() + prp_lists.capacity();
+        tracing::warn!(
+            "{}: the controller may still hold I/O queue {qid}: its {bytes} bytes of DMA memory are quarantined and the queue identifier is not reused",
+            self.name
+        );
+        self.admin.lock().quarantine.extend([sq, cq, prp_lists]);
+    }
+}
+
+/// Why creating or deleting an I/O queue pair failed, as far as its memory is concerned.
+enum QueueFailure {
+    /// The controller holds no queue in the memory: it may be freed, the identifier reused.
+    NotHeld(NvmeError),
+    /// The controller may hold a queue in the memory, now or later.
+    MayBeHeld(NvmeError),
+}
+
+impl QueueFailure {
+    /// After a failed creation command: refused means nothing was created; a timeout means the
+    /// controller may still create the queue.
+    fn after(error: NvmeError) -> Self {
+        match error {
+            NvmeError::Timeout { .. } => QueueFailure::MayBeHeld(error),
+            error => QueueFailure::NotHeld(error),
+        }
     }
 }
 
 /// An I/O queue pair together with the controller that created it, for a reactor to own:
-/// dropping it deletes the queues from the controller (the memory is leaked instead if the
-/// controller does not confirm, see [`NvmeController::delete_io_queue_pair`]).
+/// dropping it deletes the queues from the controller (the memory is quarantined instead if
+/// the controller does not confirm, see [`NvmeController::delete_io_queue_pair`]).
 pub struct OwnedQueuePair {
     qp: Option<QueuePair>,
     controller: std::sync::Arc<NvmeController>,

@@ -51,6 +51,17 @@ pub struct DataRange {
 }
 
 impl DataRange {
+    /// The range of `buf`'s view, for a command that transfers it.
+    ///
+    /// A `DataRange` is only addresses: it does not keep the buffer, and the borrow ends here.
+    /// Whoever submits a command with it must hand the buffer itself, by value, to whatever
+    /// tracks the command (the engine's IO slot, [`NvmeController::admin_command_with_data`])
+    /// before the doorbell rings, and may give it back to safe code only once the completion
+    /// has been reaped: that is what makes [`DmaBuf::as_bytes`] and the other accessors sound
+    /// (the ownership rule in the `fathom_dma` crate documentation). A buffer whose command is
+    /// abandoned (timed out) is never given back.
+    ///
+    /// [`NvmeController::admin_command_with_data`]: crate::NvmeController::admin_command_with_data
     pub fn of(buf: &DmaBuf) -> Self {
         Self {
             iova: buf.iova(),
@@ -101,7 +112,10 @@ pub struct QueuePair {
 // thread moves every accessor with it.
 unsafe impl Send for QueuePair {}
 
-/// The DMA memory behind a queue pair.
+/// The DMA memory behind a queue pair: given to the controller by address (the admin queue
+/// registers, or Create I/O Completion/Submission Queue) and from then on owned by the
+/// [`QueuePair`], which never lends it out: the controller writes the completion ring, and
+/// reads the submission ring and PRP lists, at any time while the queue exists.
 pub struct QueueMemory {
     pub sq: DmaBuf,
     pub cq: DmaBuf,
@@ -178,8 +192,10 @@ impl QueuePair {
         self.trackers.len() - self.free_cids.len()
     }
 
-    pub fn memory(&self) -> &QueueMemory {
-        &self.memory
+    /// Takes the rings back from a queue pair the controller no longer uses, or may still
+    /// use (to quarantine them). The host side of the queue is gone either way.
+    pub(crate) fn into_memory(self) -> QueueMemory {
+        self.memory
     }
 
     pub fn stray_completions(&self) -> u64 {
@@ -195,7 +211,8 @@ impl QueuePair {
     /// `data`. Nothing reaches the controller until [`QueuePair::ring`].
     ///
     /// `data.len` must not exceed [`MAX_TRANSFER_BYTES`] and `data.iova` must be dword aligned
-    /// (callers validate; violating either is a bug and panics).
+    /// (callers validate; violating either is a bug and panics). The buffer behind `data` must
+    /// belong to the command until its completion is reaped (see [`DataRange::of`]).
     #[inline]
     pub fn submit(
         &mut self,

@@ -111,3 +111,47 @@ fn a_timed_out_identify_never_gives_its_buffer_back() {
         );
     }
 }
+
+/// Pages the pool can still hand out.
+fn free_pages(pool: &DmaPool) -> usize {
+    take_all(pool, 0).len()
+}
+
+#[test]
+fn a_queue_whose_creation_timed_out_keeps_its_memory_and_its_identifier() {
+    let (device, pool) = controller_device();
+    let controller = start_controller("held", &device, &pool, 2, TIMEOUT).unwrap();
+    let before = free_pages(&pool);
+    device.hold_admin(Some(admin_opcode::CREATE_IO_CQ));
+    let error = controller.create_io_queue_pair(8).err().unwrap();
+    assert!(matches!(error, NvmeError::Timeout { .. }), "{error}");
+    // The controller may yet create the completion queue in that memory and write into it.
+    let kept = before - free_pages(&pool);
+    assert!(kept > 0, "the rings of a queue that may exist went back to the pool");
+    assert_eq!(controller.quarantined_bytes(), kept * 4096);
+    // It does: the held Create I/O Completion Queue runs before the next command. That queue
+    // identifier is taken now, so the next queue pair must get another one.
+    device.hold_admin(None);
+    let queue = controller.create_io_queue_pair(8).unwrap();
+    assert_ne!(queue.qid(), 1);
+    controller.delete_io_queue_pair(queue).unwrap();
+}
+
+#[test]
+fn a_queue_whose_deletion_failed_keeps_its_memory() {
+    let (device, pool) = controller_device();
+    let controller = start_controller("held", &device, &pool, 2, TIMEOUT).unwrap();
+    let queue = controller.create_io_queue_pair(8).unwrap();
+    let with_queue = free_pages(&pool);
+    // The submission queue is deleted, the completion queue is not confirmed: the controller
+    // may still post into it.
+    device.hold_admin(Some(admin_opcode::DELETE_IO_CQ));
+    let error = controller.delete_io_queue_pair(queue).unwrap_err();
+    assert!(matches!(error, NvmeError::Timeout { .. }), "{error}");
+    assert_eq!(
+        free_pages(&pool),
+        with_queue,
+        "the memory of a queue the controller still holds went back to the pool"
+    );
+    assert!(controller.quarantined_bytes() > 0);
+}
