@@ -221,14 +221,14 @@ fn the_controller_refuses_what_a_device_would_refuse() {
 
 #[test]
 fn a_deleted_queue_is_never_written_again() {
-    // Commands held back by injected latency are still inside the device thread when the
-    // queue is deleted. Once deletion returns, the ring memory goes back to the pool: fill all
-    // free memory with a pattern and check nothing overwrites it after the latency expires.
+    // Eight reads are held inside the device thread by injected latency when their queue is
+    // deleted. The controller drops them with the queue and never completes them; once the
+    // deletion returns, the ring memory goes back to the pool. Fill all free memory with a
+    // pattern and check nothing overwrites it after the latency has expired.
+    const LATENCY: Duration = Duration::from_secs(1);
     let (driver, pool) = device_with(
         DeviceMode::Thread,
-        vec![InjectRule::latency(LatencySpec::Fixed(
-            Duration::from_millis(30),
-        ))],
+        vec![InjectRule::latency(LatencySpec::Fixed(LATENCY))],
     );
     let data = pool.alloc(4096).unwrap();
     let mut queue = driver.create_queue(8).unwrap();
@@ -238,14 +238,35 @@ fn a_deleted_queue_is_never_written_again() {
             .unwrap();
     }
     queue.ring();
-    std::thread::sleep(Duration::from_millis(5));
+    // The deletion must meet commands the controller holds, or this test shows nothing.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while driver.deferred_commands() < 8 {
+        assert!(
+            Instant::now() < deadline,
+            "the device thread fetched only {} of 8 commands",
+            driver.deferred_commands()
+        );
+        std::thread::yield_now();
+    }
+    let mut out = [Completed::default(); 8];
+    assert_eq!(
+        queue.reap(&mut out),
+        0,
+        "a completion before the injected latency"
+    );
+    assert_eq!(queue.outstanding(), 8);
     drop(queue);
+    assert_eq!(
+        driver.deferred_commands(),
+        0,
+        "the deleted queue's commands are dropped by the time the deletion completes"
+    );
     let mut filler = Vec::new();
     while let Ok(mut buf) = pool.alloc(4096) {
         buf.fill(0xa5);
         filler.push(buf);
     }
-    std::thread::sleep(Duration::from_millis(80));
+    std::thread::sleep(LATENCY + Duration::from_millis(200));
     for buf in &filler {
         assert!(
             buf.to_vec().iter().all(|&byte| byte == 0xa5),

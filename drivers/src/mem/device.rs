@@ -10,7 +10,7 @@
 //! device thread (`thread` mode). Admin commands are processed under a mutex when the host
 //! driver waits for them.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use fathom_telemetry::Clock;
@@ -49,6 +49,10 @@ pub struct DeviceShared {
     /// Commands that failed inside the controller (media errors on flush, faults): logged once
     /// each, counted here.
     pub internal_errors: AtomicU64,
+    /// Commands fetched whose completion is deferred (injected latency, or a full completion
+    /// queue), over all I/O queues. Counted only off the fast path: when a command is deferred,
+    /// posted late, or dropped with its deleted queue.
+    pub deferred_commands: AtomicUsize,
     /// Per queue identifier: a poller (a reactor inline, or the device thread) holds the
     /// controller side of the queue. Delete I/O Submission Queue completes only once this is
     /// false, so the host never frees ring memory the controller still reads.
@@ -429,6 +433,12 @@ pub struct DeviceQueue {
 
 impl Drop for DeviceQueue {
     fn drop(&mut self) {
+        // The commands still deferred are dropped with the queue, never completed: the queue
+        // is gone (Delete I/O Submission Queue), or the controller is. Counted before the
+        // release below, so a host that saw the deletion complete sees them gone.
+        self.shared
+            .deferred_commands
+            .fetch_sub(self.deferred.len(), Ordering::Relaxed);
         self.shared.held[self.qid as usize].store(false, Ordering::Release);
     }
 }
@@ -622,6 +632,9 @@ impl DeviceQueue {
                     cid: entry.cid(),
                     status,
                 });
+                self.shared
+                    .deferred_commands
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
         posted
@@ -643,6 +656,9 @@ impl DeviceQueue {
                 index += 1;
             }
         }
+        self.shared
+            .deferred_commands
+            .fetch_sub(posted, Ordering::Relaxed);
         posted
     }
 

@@ -14,7 +14,7 @@ pub mod media;
 mod tests;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -131,6 +131,7 @@ impl MemDriver {
             serial: format!("FTHM-{name}"),
             max_io_queues: io_queues.max(1) + 1,
             internal_errors: AtomicU64::new(0),
+            deferred_commands: AtomicUsize::new(0),
             held: DeviceShared::queue_flags(io_queues.max(1) + 1),
         });
         let device = Arc::new(MemDevice::new(shared));
@@ -179,6 +180,16 @@ impl MemDriver {
     /// Commands the controller failed internally (media flush failures, host faults).
     pub fn internal_errors(&self) -> u64 {
         self.device.shared().internal_errors.load(Ordering::Relaxed)
+    }
+
+    /// Commands the controller has fetched and not completed yet (held back by injected
+    /// latency, or waiting for room in a completion queue), over all its I/O queues: for
+    /// tests and diagnostics.
+    pub fn deferred_commands(&self) -> usize {
+        self.device
+            .shared()
+            .deferred_commands
+            .load(Ordering::Relaxed)
     }
 }
 

@@ -2,7 +2,7 @@
 //! answers late: the in-process controller with its admin hold (a test-only hook) stands in
 //! for a slow or hung device.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +37,7 @@ fn controller_device() -> (Arc<MemDevice>, DmaPool) {
         serial: "FTHM-held".to_string(),
         max_io_queues: 3,
         internal_errors: AtomicU64::new(0),
+        deferred_commands: AtomicUsize::new(0),
         held: DeviceShared::queue_flags(3),
     });
     (Arc::new(MemDevice::new(shared)), pool)
@@ -127,7 +128,10 @@ fn a_queue_whose_creation_timed_out_keeps_its_memory_and_its_identifier() {
     assert!(matches!(error, NvmeError::Timeout { .. }), "{error}");
     // The controller may yet create the completion queue in that memory and write into it.
     let kept = before - free_pages(&pool);
-    assert!(kept > 0, "the rings of a queue that may exist went back to the pool");
+    assert!(
+        kept > 0,
+        "the rings of a queue that may exist went back to the pool"
+    );
     assert_eq!(controller.quarantined_bytes(), kept * 4096);
     // It does: the held Create I/O Completion Queue runs before the next command. That queue
     // identifier is taken now, so the next queue pair must get another one.
