@@ -582,8 +582,12 @@ impl IoContext {
 
     /// IOs held by layers or waiting between them.
     fn in_layers(&self) -> usize {
-        self.work.down.len()
-            + self.work.up.len()
+        let between = self.work.down.len() + self.work.up.len();
+        if !self.layered {
+            // No stack holds anything: the idle loop need not walk every volume's.
+            return between;
+        }
+        between
             + self
                 .stacks
                 .iter()
