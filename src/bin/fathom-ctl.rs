@@ -1,0 +1,1102 @@
+//! fathom-ctl: the operator's command line for a running node, over its control socket.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::builder::PossibleValuesParser;
+use clap::{ArgGroup, Parser};
+use fathom_control::proto::{Request, LAYERS};
+use fathom_control::{
+    Cleared, ControlClient, DeviceRow, Hello, LayerRow, RuleRow, RunResult, VolumeRow,
+};
+use fathom_engine::config::{parse_duration, ByteSize};
+use serde_json::{Map, Value};
+
+/// The embedded default config's `node.data_dir` (a test checks they agree).
+const DEFAULT_NODE: &str = "/var/lib/fathom";
+
+/// Controls a running Fathom node through its control socket, DATA_DIR/control.sock: lists
+/// its volumes, devices and the layers of each volume's IO path, stubs a layer, injects
+/// latency and errors at run time, and runs a workload inside the node.
+///
+/// The layers of a volume's IO path, top to bottom: frontend, engine, queue (the volume's),
+/// then device, media (its device's). A stubbed layer completes IOs without passing them
+/// down, so a run measures the path above it. An injection rule adds latency, fails or
+/// stalls matching IOs at one layer; a TARGET is a volume (layers frontend, engine, queue)
+/// or a device (layers device, the default, and media).
+///
+/// Examples:
+///
+///   fathom-ctl volumes                                  # what the node serves
+///   fathom-ctl --node /tmp/fathom layers vol0           # a node started with --data-dir /tmp/fathom
+///   fathom-ctl stub set vol0 queue                      # stop IOs at the queue layer
+///   fathom-ctl run vol0 --rw randread --bs 4k --iodepth 32 --runtime 5
+///   fathom-ctl stub clear vol0 queue
+///   fathom-ctl inject add nvme0 --ops read --latency 'uniform(100us,300us)'
+///   fathom-ctl inject add nvme0 --layer media --latency 200us --profile 'step(x4,10s)'
+///   fathom-ctl inject add vol0 --layer engine --error internal --fraction 0.01
+///   fathom-ctl inject add nvme0 --lbas 0-2047 --stall  # hold IOs until cleared
+///   fathom-ctl inject list
+///   fathom-ctl inject clear nvme0
+///
+/// The socket is owner-only: run as the user that runs fathom-node. --json prints the node's
+/// answer as JSON instead of a table. Exit status: 0 done, 1 the node (or the connection)
+/// refused, 2 a usage error.
+#[derive(Debug, Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Args {
+    /// The node's data_dir (its socket is DIR/control.sock) or the socket itself
+    /// [default: /var/lib/fathom, the embedded config's data_dir]
+    #[arg(long, global = true, value_name = "DIR|SOCKET")]
+    node: Option<PathBuf>,
+    /// Prints the node's answer as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Seconds to wait for an answer (a run waits its runtime and ramp on top of this).
+    #[arg(long, global = true, value_name = "SECS", default_value = "10", value_parser = parse_timeout)]
+    timeout: Duration,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// The node's identity: id, pid, data_dir, telemetry region, protocol version.
+    Hello,
+    /// The node's volumes: device, namespace, LBA range, size, owning core, stubs, rules.
+    Volumes,
+    /// The node's devices: driver, model, serial, namespaces, largest transfer, queue depth.
+    Devices,
+    /// The layers of each volume's IO path and their state: pass, stub or inject.
+    Layers {
+        /// Only this volume.
+        volume: Option<String>,
+    },
+    /// Stubs a layer (completes IOs there without passing them down) or clears the stub.
+    Stub {
+        #[command(subcommand)]
+        action: StubAction,
+    },
+    /// Latency, error and stall injection at run time.
+    Inject {
+        #[command(subcommand)]
+        action: InjectAction,
+    },
+    /// Runs a fio-like workload inside the node and prints IOPS, bandwidth and waits.
+    ///
+    /// The workload runs on the reactor that owns the volume, with no frontend in the way;
+    /// the answer comes when it ends (after --ramp_time and --runtime).
+    ///
+    ///   fathom-ctl run vol0                                   # 5 s of 4k random reads at QD 32
+    ///   fathom-ctl run vol0 --rw randrw --rwmixread 70 --bs 16k --iodepth 8 --runtime 30
+    #[command(verbatim_doc_comment)]
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum StubAction {
+    /// Completes IOs at LAYER of VOLUME without passing them down.
+    Set {
+        volume: String,
+        #[arg(value_parser = PossibleValuesParser::new(LAYERS))]
+        layer: String,
+    },
+    /// Passes IOs through LAYER of VOLUME again.
+    Clear {
+        volume: String,
+        #[arg(value_parser = PossibleValuesParser::new(LAYERS))]
+        layer: String,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum InjectAction {
+    /// Adds a rule at one layer of a volume or a device. Rules apply in order and every
+    /// matching rule applies: latencies add up, the first error wins, a stall holds the IO
+    /// until the rule is cleared. A rule needs a --latency, an --error or --stall.
+    ///
+    ///   --latency: 50us | fixed(50us) | uniform(100us,300us) | exponential(1ms)
+    ///              | pareto(SCALE,SHAPE), e.g. pareto(100us,1.5)
+    ///   --profile: how the latency changes from the moment the rule is added:
+    ///              step(x4,10s) | ramp(x1,x10,30s) | spikes(x10,1s,100ms)
+    ///
+    ///   fathom-ctl inject add nvme0 --ops read --latency 'exponential(1ms)' --fraction 0.1
+    ///   fathom-ctl inject add vol0 --layer queue --error data-transfer --lbas 100-199
+    #[command(verbatim_doc_comment)]
+    Add(RuleArgs),
+    /// Lists the rules of one target, or of all.
+    List { target: Option<String> },
+    /// Removes the rules of TARGET (of one layer with --layer); stalled IOs are released.
+    Clear {
+        target: String,
+        #[arg(long, value_parser = PossibleValuesParser::new(LAYERS))]
+        layer: Option<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(ArgGroup::new("effect").required(true).multiple(true).args(["latency", "error", "stall"])))]
+struct RuleArgs {
+    /// A volume or a device.
+    target: String,
+    /// The layer: frontend, engine or queue of a volume; device or media of a device
+    /// [default: the device layer of a device].
+    #[arg(long, value_parser = PossibleValuesParser::new(LAYERS))]
+    layer: Option<String>,
+    /// The operations the rule applies to [default: all].
+    #[arg(long, value_delimiter = ',', value_parser = PossibleValuesParser::new(["read", "write", "flush"]))]
+    ops: Option<Vec<String>>,
+    /// The fraction of matching IOs affected, 0 to 1 [default: 1].
+    #[arg(long, value_parser = parse_fraction)]
+    fraction: Option<f64>,
+    /// Only IOs touching LBAs FIRST to LAST (inclusive).
+    #[arg(long, value_name = "FIRST-LAST", value_parser = parse_lbas)]
+    lbas: Option<Lbas>,
+    /// Added latency: 50us, fixed(50us), uniform(MIN,MAX), exponential(MEAN), pareto(SCALE,SHAPE).
+    #[arg(long, value_name = "SPEC")]
+    latency: Option<String>,
+    /// Complete matching IOs with this error instead.
+    #[arg(long, value_name = "KIND", value_parser = PossibleValuesParser::new(["unrecovered-read", "write-fault", "internal", "data-transfer"]))]
+    error: Option<String>,
+    /// Hold matching IOs until the rule is cleared.
+    #[arg(long)]
+    stall: bool,
+    /// How the latency changes with time: step(xN,AT), ramp(xA,xB,OVER), spikes(xN,EVERY,FOR).
+    #[arg(long, value_name = "SPEC")]
+    profile: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lbas {
+    first: u64,
+    last: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    volume: String,
+    /// The access pattern, as fio names it.
+    #[arg(long, default_value = "randread", value_parser = PossibleValuesParser::new(["read", "write", "randread", "randwrite", "readwrite", "rw", "randrw"]))]
+    rw: String,
+    /// Block size of each IO: 4k, 64k, 1M.
+    #[arg(long, default_value = "4k", value_parser = parse_size)]
+    bs: u64,
+    /// IOs kept in flight.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    iodepth: u32,
+    /// Measured time: seconds (5, 2.5) or a duration (500ms).
+    #[arg(long, default_value = "5", value_name = "SECS", value_parser = parse_seconds)]
+    runtime: Duration,
+    /// Time run before measuring starts.
+    #[arg(long = "ramp_time", visible_alias = "ramp-time", default_value = "1", value_name = "SECS", value_parser = parse_seconds)]
+    ramp_time: Duration,
+    /// Bytes of the volume touched, from offset 0 [default: the whole volume].
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Seed of the offsets and the read/write draw, for a repeatable run.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Percent of reads in readwrite and randrw [default: 50].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=100))]
+    rwmixread: Option<u32>,
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds, e.g. 10 or 0.5"))?;
+    if !(seconds.is_finite() && seconds > 0.0 && seconds <= 86_400.0) {
+        return Err(format!(
+            "{text:?}: give more than 0 and at most 86400 seconds"
+        ));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    if let Ok(seconds) = text.trim().parse::<f64>() {
+        if !(seconds.is_finite() && (0.0..=86_400.0).contains(&seconds)) {
+            return Err(format!("{text:?}: give 0 to 86400 seconds"));
+        }
+        return Ok(Duration::from_secs_f64(seconds));
+    }
+    parse_duration(text).map_err(|error| format!("{error}; or a number of seconds"))
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    text.parse::<ByteSize>().map(|size| size.0)
+}
+
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    let fraction: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number: give 0 to 1, e.g. 0.01 for 1%"))?;
+    if !(0.0..=1.0).contains(&fraction) {
+        return Err(format!("{text}: a fraction is 0 to 1, e.g. 0.01 for 1%"));
+    }
+    Ok(fraction)
+}
+
+fn parse_lbas(text: &str) -> Result<Lbas, String> {
+    let usage = || format!("{text:?}: write FIRST-LAST, e.g. 0-2047 (inclusive), or one LBA");
+    let number = |part: &str| part.trim().parse::<u64>().map_err(|_| usage());
+    let (first, last) = match text.split_once('-') {
+        Some((first, last)) => (number(first)?, number(last)?),
+        None => {
+            let lba = number(text)?;
+            (lba, lba)
+        }
+    };
+    if first > last {
+        return Err(format!("{text:?}: the first LBA is above the last"));
+    }
+    Ok(Lbas { first, last })
+}
+
+/// The rule table the node parses, from the flags given (and only those).
+fn rule_json(args: &RuleArgs) -> Value {
+    let mut rule = Map::new();
+    if let Some(ops) = &args.ops {
+        rule.insert("ops".into(), ops.clone().into());
+    }
+    if let Some(fraction) = args.fraction {
+        rule.insert("fraction".into(), fraction.into());
+    }
+    if let Some(Lbas { first, last }) = args.lbas {
+        rule.insert("lbas".into(), vec![first, last].into());
+    }
+    if let Some(latency) = &args.latency {
+        // `fixed(D)` is the spelled-out form of a plain duration, which is what the config
+        // takes.
+        let latency = latency.trim();
+        let latency = latency
+            .strip_prefix("fixed(")
+            .and_then(|rest| rest.strip_suffix(')'))
+            .unwrap_or(latency);
+        rule.insert("latency".into(), latency.into());
+    }
+    if let Some(error) = &args.error {
+        rule.insert("error".into(), error.clone().into());
+    }
+    if args.stall {
+        rule.insert("stall".into(), true.into());
+    }
+    if let Some(profile) = &args.profile {
+        rule.insert("profile".into(), profile.clone().into());
+    }
+    Value::Object(rule)
+}
+
+/// The request a command sends.
+fn request(command: &Command) -> Request {
+    match command {
+        Command::Hello => Request::Hello,
+        Command::Volumes => Request::Volumes,
+        Command::Devices => Request::Devices,
+        Command::Layers { volume } => Request::Layers {
+            volume: volume.clone(),
+        },
+        Command::Stub {
+            action: StubAction::Set { volume, layer },
+        } => Request::StubSet {
+            volume: volume.clone(),
+            layer: layer.clone(),
+        },
+        Command::Stub {
+            action: StubAction::Clear { volume, layer },
+        } => Request::StubClear {
+            volume: volume.clone(),
+            layer: layer.clone(),
+        },
+        Command::Inject {
+            action: InjectAction::Add(rule),
+        } => Request::InjectAdd {
+            target: rule.target.clone(),
+            layer: rule.layer.clone(),
+            rule: rule_json(rule),
+        },
+        Command::Inject {
+            action: InjectAction::List { target },
+        } => Request::InjectList {
+            target: target.clone(),
+        },
+        Command::Inject {
+            action: InjectAction::Clear { target, layer },
+        } => Request::InjectClear {
+            target: target.clone(),
+            layer: layer.clone(),
+        },
+        Command::Run(run) => Request::Run {
+            volume: run.volume.clone(),
+            rw: run.rw.clone(),
+            bs: run.bs,
+            iodepth: run.iodepth,
+            runtime_ms: millis(run.runtime),
+            ramp_ms: millis(run.ramp_time),
+            size: run.size,
+            seed: run.seed,
+            rwmixread: run.rwmixread,
+        },
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A directory is a data_dir (its socket is DIR/control.sock); anything else, the socket.
+fn socket_of(node: &Path) -> PathBuf {
+    if node.is_dir() {
+        fathom_control::socket_path(node)
+    } else {
+        node.to_path_buf()
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("fathom-ctl: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let node = args
+        .node
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_NODE));
+    let socket = socket_of(&node);
+    let request = request(&args.command);
+    let timeout = match &request {
+        Request::Run {
+            runtime_ms,
+            ramp_ms,
+            ..
+        } => args.timeout + Duration::from_millis(runtime_ms.saturating_add(*ramp_ms)),
+        _ => args.timeout,
+    };
+    let mut client = ControlClient::connect(&socket, args.timeout)?;
+    let answer = client.call_with_timeout(&request, timeout)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    print_answer(&args.command, &request, answer)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(answer: Value, what: &str) -> Result<T> {
+    serde_json::from_value(answer)
+        .with_context(|| format!("the node's answer to {what} is not what this fathom-ctl expects (try --json, or a fathom-ctl of the node's version)"))
+}
+
+fn print_answer(command: &Command, request: &Request, answer: Value) -> Result<()> {
+    let what = request.command();
+    match command {
+        Command::Hello => {
+            let hello: Hello = parse(answer, what)?;
+            print!("{}", hello_text(&hello));
+        }
+        Command::Volumes => {
+            let volumes: Vec<VolumeRow> = parse(answer, what)?;
+            print!("{}", volumes_table(&volumes));
+        }
+        Command::Devices => {
+            let devices: Vec<DeviceRow> = parse(answer, what)?;
+            print!("{}", devices_table(&devices));
+        }
+        Command::Layers { .. } => {
+            let layers: Vec<LayerRow> = parse(answer, what)?;
+            print!("{}", layers_table(&layers));
+        }
+        Command::Stub { .. } => match serde_json::from_value::<LayerRow>(answer.clone()) {
+            Ok(layer) => print!("{}", layers_table(&[layer])),
+            Err(_) => print_other(&answer)?,
+        },
+        Command::Inject {
+            action: InjectAction::Add(_),
+        } => match serde_json::from_value::<RuleRow>(answer.clone()) {
+            Ok(rule) => println!(
+                "added rule {} at {} {}: {}",
+                rule.index,
+                rule.target,
+                rule.layer,
+                rule_text(&rule.rule)
+            ),
+            Err(_) => print_other(&answer)?,
+        },
+        Command::Inject {
+            action: InjectAction::List { .. },
+        } => {
+            let rules: Vec<RuleRow> = parse(answer, what)?;
+            print!("{}", rules_table(&rules));
+        }
+        Command::Inject {
+            action: InjectAction::Clear { target, layer },
+        } => {
+            let cleared = serde_json::from_value::<Cleared>(answer.clone())
+                .map(|cleared| cleared.cleared as u64)
+                .ok()
+                .or_else(|| answer.as_u64());
+            match cleared {
+                Some(count) => println!(
+                    "cleared {count} rule{} from {target}{}",
+                    if count == 1 { "" } else { "s" },
+                    layer
+                        .as_ref()
+                        .map(|layer| format!(" {layer}"))
+                        .unwrap_or_default()
+                ),
+                None => print_other(&answer)?,
+            }
+        }
+        Command::Run(run) => {
+            let result: RunResult = parse(answer, what)?;
+            print!("{}", run_text(run, &result));
+        }
+    }
+    Ok(())
+}
+
+/// An answer this fathom-ctl has no table for.
+fn print_other(answer: &Value) -> Result<()> {
+    match answer {
+        Value::Null => println!("done"),
+        other => println!("{}", serde_json::to_string_pretty(other)?),
+    }
+    Ok(())
+}
+
+/// Columns aligned on their widest cell; numbers right-aligned.
+struct Table {
+    headers: Vec<&'static str>,
+    numeric: Vec<bool>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(columns: &[(&'static str, bool)]) -> Self {
+        Self {
+            headers: columns.iter().map(|(header, _)| *header).collect(),
+            numeric: columns.iter().map(|(_, numeric)| *numeric).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        debug_assert_eq!(cells.len(), self.headers.len());
+        self.rows.push(cells);
+    }
+
+    fn render(&self) -> String {
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+        let line = |cells: Vec<&str>| {
+            let last = cells.len() - 1;
+            let mut text = String::new();
+            for (index, cell) in cells.into_iter().enumerate() {
+                let width = widths[index];
+                if index > 0 {
+                    text.push_str("  ");
+                }
+                if self.numeric[index] {
+                    text.push_str(&format!("{cell:>width$}"));
+                } else if index == last {
+                    text.push_str(cell);
+                } else {
+                    text.push_str(&format!("{cell:<width$}"));
+                }
+            }
+            text.truncate(text.trim_end().len());
+            text.push('\n');
+            text
+        };
+        let mut text = line(self.headers.clone());
+        for row in &self.rows {
+            text.push_str(&line(row.iter().map(String::as_str).collect()));
+        }
+        text
+    }
+}
+
+/// Bytes in binary units: exact ones without decimals (4KiB), others with one (1.5GiB).
+fn bytes_text(bytes: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes >= 1 << shift {
+            return if bytes.is_multiple_of(1 << shift) {
+                format!("{}{unit}", bytes >> shift)
+            } else {
+                format!("{:.1}{unit}", bytes as f64 / (1u64 << shift) as f64)
+            };
+        }
+    }
+    format!("{bytes}B")
+}
+
+fn list_or_dash(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".into()
+    } else {
+        items.join(",")
+    }
+}
+
+fn hello_text(hello: &Hello) -> String {
+    format!(
+        "node      {}\npid       {}\ndata_dir  {}\nregion    {}\nprotocol  {}\n",
+        hello.node_id,
+        hello.pid,
+        hello.data_dir,
+        hello.region.as_deref().unwrap_or("- (telemetry off)"),
+        hello.version
+    )
+}
+
+fn volumes_table(volumes: &[VolumeRow]) -> String {
+    if volumes.is_empty() {
+        return "no volumes\n".into();
+    }
+    let mut table = Table::new(&[
+        ("NAME", false),
+        ("DEVICE", false),
+        ("NSID", true),
+        ("FIRST_LBA", true),
+        ("BLOCKS", true),
+        ("BS", true),
+        ("SIZE", true),
+        ("CORE", true),
+        ("STUBS", false),
+        ("RULES", true),
+    ]);
+    for volume in volumes {
+        table.row(vec![
+            volume.name.clone(),
+            volume.device.clone(),
+            volume.nsid.to_string(),
+            volume.first_lba.to_string(),
+            volume.blocks.to_string(),
+            volume.block_size.to_string(),
+            bytes_text(volume.size_bytes),
+            volume.core.to_string(),
+            list_or_dash(&volume.stubs),
+            volume.rules.to_string(),
+        ]);
+    }
+    table.render()
+}
+
+fn devices_table(devices: &[DeviceRow]) -> String {
+    if devices.is_empty() {
+        return "no devices\n".into();
+    }
+    let mut table = Table::new(&[
+        ("NAME", false),
+        ("DRIVER", false),
+        ("MODEL", false),
+        ("SERIAL", false),
+        ("MAX_XFER", true),
+        ("QD", true),
+        ("RULES", true),
+        ("NAMESPACES (nsid:size/block)", false),
+    ]);
+    for device in devices {
+        let namespaces: Vec<String> = device
+            .namespaces
+            .iter()
+            .map(|ns| {
+                format!(
+                    "{}:{}/{}",
+                    ns.nsid,
+                    bytes_text(ns.blocks.saturating_mul(ns.block_size)),
+                    ns.block_size
+                )
+            })
+            .collect();
+        table.row(vec![
+            device.name.clone(),
+            device.driver.clone(),
+            or_dash(&device.model),
+            or_dash(&device.serial),
+            bytes_text(device.max_transfer_bytes),
+            device.queue_depth.to_string(),
+            device.rules.to_string(),
+            if namespaces.is_empty() {
+                "-".into()
+            } else {
+                namespaces.join(" ")
+            },
+        ]);
+    }
+    table.render()
+}
+
+fn or_dash(text: &str) -> String {
+    if text.trim().is_empty() {
+        "-".into()
+    } else {
+        text.trim().to_string()
+    }
+}
+
+fn layers_table(layers: &[LayerRow]) -> String {
+    if layers.is_empty() {
+        return "no volumes\n".into();
+    }
+    let mut table = Table::new(&[
+        ("VOLUME", false),
+        ("LAYER", false),
+        ("STATE", false),
+        ("DETAIL", false),
+    ]);
+    for layer in layers {
+        table.row(vec![
+            layer.volume.clone(),
+            layer.layer.clone(),
+            layer.state.clone(),
+            or_dash(&layer.detail),
+        ]);
+    }
+    table.render()
+}
+
+fn rules_table(rules: &[RuleRow]) -> String {
+    if rules.is_empty() {
+        return "no injection rules\n".into();
+    }
+    let mut table = Table::new(&[
+        ("TARGET", false),
+        ("LAYER", false),
+        ("#", true),
+        ("RULE", false),
+    ]);
+    for rule in rules {
+        table.row(vec![
+            rule.target.clone(),
+            rule.layer.clone(),
+            rule.index.to_string(),
+            rule_text(&rule.rule),
+        ]);
+    }
+    table.render()
+}
+
+/// A rule table in one line, the usual keys first: `ops=read latency=50us fraction=0.1`.
+fn rule_text(rule: &Value) -> String {
+    let Value::Object(fields) = rule else {
+        return rule.to_string();
+    };
+    const ORDER: [&str; 7] = [
+        "ops", "lbas", "fraction", "latency", "profile", "error", "stall",
+    ];
+    let mut keys: Vec<&String> = fields.keys().collect();
+    keys.sort_by_key(|key| {
+        (
+            ORDER
+                .iter()
+                .position(|known| known == key)
+                .unwrap_or(ORDER.len()),
+            key.as_str(),
+        )
+    });
+    let mut parts = Vec::new();
+    for key in keys {
+        let value = &fields[key];
+        let text = match (key.as_str(), value) {
+            (_, Value::Bool(true)) => {
+                parts.push(key.clone());
+                continue;
+            }
+            ("lbas", Value::Array(pair)) if pair.len() == 2 => format!("{}-{}", pair[0], pair[1]),
+            (_, Value::Array(items)) => items
+                .iter()
+                .map(|item| match item {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            (_, Value::String(s)) => s.clone(),
+            (_, other) => other.to_string(),
+        };
+        parts.push(format!("{key}={text}"));
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+fn run_text(run: &RunArgs, result: &RunResult) -> String {
+    let seconds = result.elapsed_ns as f64 / 1e9;
+    let per_second = |count: f64| if seconds > 0.0 { count / seconds } else { 0.0 };
+    let iops = per_second(result.ios as f64);
+    let mib_per_second = per_second(result.bytes as f64) / f64::from(1u32 << 20);
+    let waited_percent = if result.ios > 0 {
+        100.0 * result.waited_ios as f64 / result.ios as f64
+    } else {
+        0.0
+    };
+    let mean_wait = if result.waited_ios > 0 {
+        duration_text(result.wait_ns as f64 / result.waited_ios as f64)
+    } else {
+        "-".into()
+    };
+    let cpu_percent = if result.elapsed_ns > 0 {
+        100.0 * result.cpu_ns as f64 / result.elapsed_ns as f64
+    } else {
+        0.0
+    };
+    format!(
+        "{} on core {}: {} bs={} iodepth={}, {seconds:.2} s measured\n  \
+         IOPS {iops:.0}  MiB/s {mib_per_second:.1}  IOs {}  errors {}\n  \
+         waited {} IOs ({waited_percent:.2}%), mean wait {mean_wait}  reactor CPU {cpu_percent:.1}%\n",
+        result.volume,
+        result.core,
+        run.rw,
+        bytes_text(run.bs),
+        run.iodepth,
+        result.ios,
+        result.errors,
+        result.waited_ios,
+    )
+}
+
+fn duration_text(ns: f64) -> String {
+    if ns >= 1e9 {
+        format!("{:.2} s", ns / 1e9)
+    } else if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.1} us", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+    use fathom_control::proto;
+    use serde_json::json;
+
+    fn parse_args(line: &str) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("fathom-ctl").chain(line.split_whitespace()))
+    }
+
+    fn request_of(line: &str) -> Request {
+        request(
+            &parse_args(line)
+                .unwrap_or_else(|e| panic!("{line}: {e}"))
+                .command,
+        )
+    }
+
+    fn usage_error(line: &str) -> ErrorKind {
+        parse_args(line).expect_err(line).kind()
+    }
+
+    #[test]
+    fn the_default_node_is_the_embedded_data_dir() {
+        let config = fathom_engine::config::Config::embedded_default();
+        assert_eq!(config.node.data_dir, PathBuf::from(DEFAULT_NODE));
+    }
+
+    #[test]
+    fn a_directory_means_its_control_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(socket_of(dir.path()), dir.path().join("control.sock"));
+        let socket = dir.path().join("other.sock");
+        assert_eq!(socket_of(&socket), socket);
+    }
+
+    #[test]
+    fn only_the_given_flags_make_the_rule() {
+        assert_eq!(
+            request_of("inject add nvme0 --latency 50us"),
+            Request::InjectAdd {
+                target: "nvme0".into(),
+                layer: None,
+                rule: json!({"latency": "50us"}),
+            }
+        );
+        assert_eq!(
+            request_of(
+                "inject add vol0 --layer engine --ops read,write --fraction 0.25 --lbas 10-99 \
+                 --latency uniform(100us,300us) --error write-fault --stall --profile step(x4,10s)"
+            ),
+            Request::InjectAdd {
+                target: "vol0".into(),
+                layer: Some("engine".into()),
+                rule: json!({
+                    "ops": ["read", "write"],
+                    "fraction": 0.25,
+                    "lbas": [10, 99],
+                    "latency": "uniform(100us,300us)",
+                    "error": "write-fault",
+                    "stall": true,
+                    "profile": "step(x4,10s)",
+                }),
+            }
+        );
+        let Request::InjectAdd { rule, .. } =
+            request_of("inject add nvme0 --latency fixed(50us) --lbas 7 --ops flush")
+        else {
+            unreachable!()
+        };
+        assert_eq!(
+            rule,
+            json!({"latency": "50us", "lbas": [7, 7], "ops": ["flush"]})
+        );
+        let Request::InjectAdd { rule, .. } = request_of("inject add nvme0 --stall") else {
+            unreachable!()
+        };
+        assert_eq!(rule, json!({"stall": true}));
+        // The profile and the latency go through as written: the node validates them.
+        let Request::InjectAdd { rule, .. } = request_of(
+            "inject add nvme0 --latency pareto(100us,1.5) --profile spikes(x10,1s,100ms)",
+        ) else {
+            unreachable!()
+        };
+        assert_eq!(
+            rule,
+            json!({"latency": "pareto(100us,1.5)", "profile": "spikes(x10,1s,100ms)"})
+        );
+    }
+
+    #[test]
+    fn bad_rule_flags_are_usage_errors() {
+        assert_eq!(
+            usage_error("inject add nvme0"),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            usage_error("inject add nvme0 --fraction 0.5"),
+            ErrorKind::MissingRequiredArgument
+        );
+        for line in [
+            "inject add nvme0 --stall --ops read,erase",
+            "inject add nvme0 --stall --error timeout",
+            "inject add nvme0 --stall --layer disk",
+        ] {
+            assert_eq!(usage_error(line), ErrorKind::InvalidValue, "{line}");
+        }
+        for line in [
+            "inject add nvme0 --stall --fraction 2",
+            "inject add nvme0 --stall --fraction half",
+            "inject add nvme0 --stall --lbas 9-1",
+            "inject add nvme0 --stall --lbas 1-x",
+        ] {
+            assert_eq!(usage_error(line), ErrorKind::ValueValidation, "{line}");
+        }
+        let error = parse_args("inject add nvme0 --stall --lbas 9-1").unwrap_err();
+        assert!(
+            error.to_string().contains("first LBA is above the last"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn other_commands_map_to_their_requests() {
+        assert_eq!(request_of("hello"), Request::Hello);
+        assert_eq!(request_of("volumes --json"), Request::Volumes);
+        assert_eq!(request_of("--node /tmp/x devices"), Request::Devices);
+        assert_eq!(request_of("layers"), Request::Layers { volume: None });
+        assert_eq!(
+            request_of("layers vol0"),
+            Request::Layers {
+                volume: Some("vol0".into())
+            }
+        );
+        assert_eq!(
+            request_of("stub set vol0 queue"),
+            Request::StubSet {
+                volume: "vol0".into(),
+                layer: "queue".into()
+            }
+        );
+        assert_eq!(
+            request_of("stub clear vol0 engine"),
+            Request::StubClear {
+                volume: "vol0".into(),
+                layer: "engine".into()
+            }
+        );
+        assert_eq!(usage_error("stub set vol0 cache"), ErrorKind::InvalidValue);
+        assert_eq!(
+            request_of("inject list"),
+            Request::InjectList { target: None }
+        );
+        assert_eq!(
+            request_of("inject clear nvme0 --layer media"),
+            Request::InjectClear {
+                target: "nvme0".into(),
+                layer: Some("media".into())
+            }
+        );
+    }
+
+    #[test]
+    fn run_flags_and_defaults() {
+        assert_eq!(
+            request_of("run vol0"),
+            Request::Run {
+                volume: "vol0".into(),
+                rw: "randread".into(),
+                bs: 4096,
+                iodepth: 32,
+                runtime_ms: 5000,
+                ramp_ms: 1000,
+                size: None,
+                seed: None,
+                rwmixread: None,
+            }
+        );
+        assert_eq!(
+            request_of(
+                "run vol0 --rw randrw --bs 1M --iodepth 4 --runtime 2.5 --ramp_time 0 \
+                 --size 1G --seed 7 --rwmixread 70"
+            ),
+            Request::Run {
+                volume: "vol0".into(),
+                rw: "randrw".into(),
+                bs: 1 << 20,
+                iodepth: 4,
+                runtime_ms: 2500,
+                ramp_ms: 0,
+                size: Some(1 << 30),
+                seed: Some(7),
+                rwmixread: Some(70),
+            }
+        );
+        let Request::Run {
+            runtime_ms,
+            ramp_ms,
+            ..
+        } = request_of("run vol0 --runtime 500ms --ramp-time 1.5s")
+        else {
+            unreachable!()
+        };
+        assert_eq!((runtime_ms, ramp_ms), (500, 1500));
+        for line in [
+            "run vol0 --rwmixread 101",
+            "run vol0 --iodepth 0",
+            "run vol0 --bs 4 parsecs",
+            "run vol0 --bs 4q",
+            "run vol0 --runtime forever",
+            "run vol0 --rw sideways",
+            "--timeout 0 volumes",
+        ] {
+            assert!(parse_args(line).is_err(), "{line}");
+        }
+        assert_eq!(
+            parse_args("--timeout 2.5 volumes").unwrap().timeout,
+            Duration::from_millis(2500)
+        );
+    }
+
+    #[test]
+    fn tables_align_and_rules_read_as_one_line() {
+        let volumes = [
+            VolumeRow {
+                name: "vol0".into(),
+                device: "nvme0".into(),
+                nsid: 1,
+                first_lba: 0,
+                blocks: 262_144,
+                block_size: 4096,
+                size_bytes: 1 << 30,
+                core: 0,
+                stubs: vec![],
+                rules: 0,
+            },
+            VolumeRow {
+                name: "scratch-volume".into(),
+                device: "nvme0".into(),
+                nsid: 1,
+                first_lba: 262_144,
+                blocks: 3 << 21,
+                block_size: 512,
+                size_bytes: 3 << 29,
+                core: 12,
+                stubs: vec!["queue".into(), "engine".into()],
+                rules: 2,
+            },
+        ];
+        let text = volumes_table(&volumes);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        // Right-aligned numbers end in the same column as their header.
+        let size_end = lines[0].find("SIZE").unwrap() + 4;
+        for line in &lines[1..] {
+            assert!(line[..size_end].ends_with("GiB"), "{text}");
+        }
+        assert!(
+            lines[1].contains("1GiB") && lines[2].contains("1.5GiB"),
+            "{text}"
+        );
+        assert!(lines[2].contains("queue,engine"), "{text}");
+
+        assert_eq!(
+            rule_text(
+                &json!({"stall": true, "latency": "50us", "ops": ["read"], "lbas": [0, 9], "x": 1})
+            ),
+            "ops=read lbas=0-9 latency=50us stall x=1"
+        );
+        assert_eq!(volumes_table(&[]), "no volumes\n");
+        assert_eq!(rules_table(&[]), "no injection rules\n");
+    }
+
+    #[test]
+    fn run_summary() {
+        let args = parse_args("run vol0").unwrap();
+        let Command::Run(run) = &args.command else {
+            unreachable!()
+        };
+        let result = RunResult {
+            volume: "vol0".into(),
+            core: 0,
+            ios: 500_000,
+            bytes: 500_000 * 4096,
+            errors: 0,
+            elapsed_ns: 5_000_000_000,
+            cpu_ns: 4_900_000_000,
+            waited_ios: 1000,
+            wait_ns: 50_000_000,
+        };
+        let text = run_text(run, &result);
+        assert!(text.contains("IOPS 100000"), "{text}");
+        assert!(text.contains("MiB/s 390.6"), "{text}");
+        assert!(
+            text.contains("waited 1000 IOs (0.20%), mean wait 50.0 us"),
+            "{text}"
+        );
+        assert!(text.contains("reactor CPU 98.0%"), "{text}");
+        assert!(text.contains("bs=4KiB iodepth=32"), "{text}");
+    }
+
+    #[test]
+    fn long_help_teaches() {
+        use clap::CommandFactory;
+        let help = Args::command().render_long_help().to_string();
+        assert!(help.contains("fathom-ctl inject add nvme0"), "{help}");
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn the_request_names_exist_in_the_protocol() {
+        for line in ["hello", "volumes", "inject list", "run vol0"] {
+            assert!(proto::COMMANDS.contains(&request_of(line).command()));
+        }
+    }
+}
