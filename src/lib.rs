@@ -1,7 +1,9 @@
-//! Shared code of Fathom's programs: `fathom-node`, `fathom-bench`.
+//! Shared code of Fathom's programs: `fathom-node`, `fathom-bench`, `fathom-ctl`.
 
+pub mod isolate;
 pub mod metrics;
 pub mod nbd_client;
+pub mod node_control;
 pub mod plot;
 pub mod stat;
 pub mod top;

@@ -153,6 +153,10 @@ pub struct WorkloadResult {
     pub elapsed_ns: u64,
     /// CPU time the reactor thread used over the measured interval.
     pub cpu_ns: u64,
+    /// IOs that waited to be submitted (the engine refused them `Busy`: every slot or queue
+    /// entry taken), and the time they waited in all, from the first refusal to acceptance.
+    pub waited_ios: u64,
+    pub wait_ns: u64,
 }
 
 enum Phase {
@@ -172,7 +176,11 @@ enum Phase {
 pub struct WorkloadTask {
     spec: WorkloadSpec,
     clock: Clock,
-    buffers: Vec<DmaBuf>,
+    /// Idle buffers, each with the clock reading since when its IO has waited to be
+    /// submitted (0: it has not been refused yet).
+    buffers: Vec<(DmaBuf, u64)>,
+    /// Waits summed in clock ticks (converted once, at the report).
+    wait_ticks: u64,
     phase: Phase,
     in_flight: usize,
     access: AccessGenerator,
@@ -194,7 +202,7 @@ impl WorkloadTask {
             if spec.pattern.writes() {
                 buf.fill(index as u8 ^ 0x5a);
             }
-            buffers.push(buf);
+            buffers.push((buf, 0));
         }
         Ok(Self {
             access: AccessGenerator::new(
@@ -207,6 +215,7 @@ impl WorkloadTask {
             spec,
             clock,
             buffers,
+            wait_ticks: 0,
             phase: Phase::Start,
             in_flight: 0,
             result: WorkloadResult::default(),
@@ -214,10 +223,12 @@ impl WorkloadTask {
         })
     }
 
-    /// Submits one IO with `buf`; false when it was refused (the buffer waits for the next
-    /// poll: back-pressure is not an error, anything else is counted as one).
+    /// Submits one IO with `buf`, waiting since `since` (0: not refused before); false when
+    /// it was refused (the buffer waits for the next poll: back-pressure is not an error,
+    /// anything else is counted as one). A waited IO carries its wait into the engine's
+    /// `queue` stage, so the telemetry shows what the workload saw.
     #[inline]
-    fn issue(&mut self, io: &mut IoContext, buf: DmaBuf) -> bool {
+    fn issue(&mut self, io: &mut IoContext, buf: DmaBuf, since: u64) -> bool {
         let (op, offset) = self.access.next_io();
         let request = IoRequest {
             volume: self.spec.volume,
@@ -228,16 +239,30 @@ impl WorkloadTask {
             fua: false,
             tag: 0,
         };
-        match io.submit(request) {
+        let submitted = if since == 0 {
+            io.submit(request)
+        } else {
+            io.submit_waited(request, since)
+        };
+        match submitted {
             Ok(()) => {
                 self.in_flight += 1;
+                if since != 0 {
+                    self.result.waited_ios += 1;
+                    self.wait_ticks += self.clock.now().saturating_sub(since);
+                }
                 true
             }
             Err(rejected) => {
                 if rejected.error != IoError::Busy {
                     self.result.errors += 1;
                 }
-                self.buffers.extend(rejected.request.buf);
+                let since = match since {
+                    0 => self.clock.now().max(1),
+                    since => since,
+                };
+                self.buffers
+                    .extend(rejected.request.buf.map(|buf| (buf, since)));
                 false
             }
         }
@@ -245,8 +270,8 @@ impl WorkloadTask {
 
     /// Puts every idle buffer back to work (after a start or a refusal).
     fn issue_idle(&mut self, io: &mut IoContext) {
-        while let Some(buf) = self.buffers.pop() {
-            if !self.issue(io, buf) {
+        while let Some((buf, since)) = self.buffers.pop() {
+            if !self.issue(io, buf, since) {
                 break;
             }
         }
@@ -281,6 +306,7 @@ impl Task for WorkloadTask {
                         core: io.core(),
                         ..WorkloadResult::default()
                     };
+                    self.wait_ticks = 0;
                     let until = now + self.clock.duration_to_ticks(self.spec.runtime);
                     self.phase = Phase::Measure {
                         until,
@@ -295,10 +321,15 @@ impl Task for WorkloadTask {
                 started,
                 cpu_started,
             } => {
+                // IOs the engine refused go again as soon as it has room.
+                if !self.buffers.is_empty() {
+                    self.issue_idle(io);
+                }
                 let now = self.clock.now();
                 if now >= until {
                     self.result.elapsed_ns = self.clock.ticks_to_ns(now - started);
                     self.result.cpu_ns = thread_cpu_ns().saturating_sub(cpu_started);
+                    self.result.wait_ns = self.clock.ticks_to_ns(self.wait_ticks);
                     self.phase = Phase::Drain;
                 }
                 false
@@ -328,9 +359,9 @@ impl Task for WorkloadTask {
             Err(_) => self.result.errors += 1,
         }
         if matches!(self.phase, Phase::Ramp { .. } | Phase::Measure { .. }) {
-            self.issue(io, buf);
+            self.issue(io, buf, 0);
         } else {
-            self.buffers.push(buf);
+            self.buffers.push((buf, 0));
         }
     }
 

@@ -69,9 +69,25 @@ impl IoCommand {
             if self.flags.contains(IoFlags::FUA) {
                 entry.cdw12 |= 1 << 30;
             }
+            if self.flags.contains(IoFlags::NO_DATA) {
+                // CDW2 is reserved for Read and Write in the NVM command set; Fathom's own
+                // controller reads this bit as "move no data". Never set for other devices.
+                entry.cdw2 |= NO_DATA_CDW2;
+            }
         }
         entry
     }
+}
+
+/// The bit of CDW2 that carries [`IoFlags::NO_DATA`] to Fathom's in-process controller.
+pub const NO_DATA_CDW2: u32 = 1;
+
+/// Where in a device run-time injection applies: the controller (command handling) or the
+/// media (the data it moves: skipped with the media stub).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectAt {
+    Device,
+    Media,
 }
 
 /// Per-command flags, as one word: a flag stored as its own byte next to another would be
@@ -83,6 +99,9 @@ impl IoFlags {
     pub const NONE: IoFlags = IoFlags(0);
     /// Force Unit Access: the data is durable when the command completes.
     pub const FUA: IoFlags = IoFlags(1);
+    /// The media stub: the controller does everything but move data (Fathom's in-process
+    /// controller only; [`Driver::null_media`] says whether a device honours it).
+    pub const NO_DATA: IoFlags = IoFlags(2);
 
     #[inline(always)]
     pub fn contains(self, other: IoFlags) -> bool {
@@ -133,6 +152,20 @@ pub trait Driver: Send + Sync {
     /// Stops the device cleanly after every queue is gone: for NVMe, the shutdown
     /// notification; for media, everything written is made durable.
     fn shutdown(&self) -> Result<(), DriverError>;
+    /// Replaces the device's run-time injection rules at `at` (the config's rules stay).
+    /// Only devices whose controller runs in Fathom can; others say so.
+    fn set_inject(&self, _at: InjectAt, _rules: &[inject::InjectRule]) -> Result<(), String> {
+        Err(format!(
+            "device {}: run-time injection needs the mem driver's controller; the {} driver's \
+             controller is outside Fathom (inject at the queue layer of its volumes instead)",
+            self.info().name,
+            self.info().driver
+        ))
+    }
+    /// Whether the controller honours [`IoFlags::NO_DATA`] (the media stub).
+    fn null_media(&self) -> bool {
+        false
+    }
 }
 
 /// One reactor's queue on a device. Never shared: the reactor owns it.

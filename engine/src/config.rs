@@ -19,8 +19,9 @@ use fathom_drivers::vfio::VfioOptions;
 /// The embedded default: one node, one `mem` device with `file` media, one volume.
 pub const DEFAULT_CONFIG: &str = include_str!("../../configs/single-node.toml");
 
-/// At most this many devices per node (a reactor keeps one bit each in its doorbell mask).
-pub const MAX_DEVICES: usize = 64;
+/// At most this many devices per node (a reactor keeps one bit in its doorbell mask for each,
+/// and one for each device's stub).
+pub const MAX_DEVICES: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -402,6 +403,10 @@ pub struct VolumeConfig {
     pub size: ByteSize,
     /// The reactor core that owns the volume's IO (default: spread over the cores in order).
     pub core: Option<usize>,
+    /// Layers replaced by their loopback stubs from the start: engine, queue, device, media
+    /// (`fathom-ctl stub` changes them while the node runs).
+    #[serde(default)]
+    pub stub: Vec<crate::layer::LayerName>,
 }
 
 impl VolumeConfig {
@@ -676,6 +681,13 @@ impl Config {
                     key("name"),
                     format!("{:?}", volume.name),
                     "a non-empty name no other volume has",
+                ));
+            }
+            if volume.stub.contains(&crate::layer::LayerName::Frontend) {
+                return Err(invalid(
+                    key("stub"),
+                    "\"frontend\"",
+                    crate::layer::FRONTEND_STUB,
                 ));
             }
             let Some(device) = self

@@ -17,17 +17,18 @@ use parking_lot::Mutex;
 
 use crate::config::DriverKind;
 use crate::config::{ClockChoice, Config, MediaKind};
-use crate::layer::{ControlError, Layer, VolumeLayers};
+use crate::layer::{ControlError, Layer, LayerName, VolumeLayers, VolumePath};
 use crate::reactor::{
     pin_to_core, IoContext, Message, Reactor, ReactorShared, Rejected, Task, VolumeControl,
 };
 use crate::stats::{stage, CoreTelemetry, OP_NAMES};
 use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};
 use fathom_dma::{DmaError, DmaPool, PageKind, VFIO_IOVA_BASE};
-use fathom_drivers::mem::MemDriver;
+use fathom_drivers::inject::InjectRule;
+use fathom_drivers::mem::{DeviceMode, MediaKind as MemMedia, MemDriver, MemOptions};
 use fathom_drivers::uring::UringDriver;
 use fathom_drivers::vfio::VfioDriver;
-use fathom_drivers::{DeviceInfo, Driver, DriverError};
+use fathom_drivers::{DeviceInfo, Driver, DriverError, InjectAt};
 use fathom_telemetry::region::{QueueEntry, RegionSpec, StatsRegion, VolumeEntry};
 
 /// How often the stats region's heartbeat moves.
@@ -72,6 +73,11 @@ struct EngineInner {
     clock: Clock,
     pool: DmaPool,
     devices: Vec<Arc<dyn Driver>>,
+    /// Per device, its stub: an inline `mem` controller on null media of the same geometry,
+    /// where a volume's commands go while its `device` layer is stubbed.
+    stubs: Vec<Arc<dyn Driver>>,
+    /// Per device, its run-time injection rules: [device, media].
+    device_rules: Mutex<Vec<[Vec<InjectRule>; 2]>>,
     volumes: Arc<[Volume]>,
     reactors: Vec<ReactorHandle>,
     joins: Mutex<Vec<JoinHandle<()>>>,
@@ -144,9 +150,15 @@ impl Engine {
             };
             devices.push(driver);
         }
+        let stubs = devices
+            .iter()
+            .map(|device| open_stub(device.info(), &pool, clock, reactor_count))
+            .collect::<Result<Vec<_>, _>>()?;
         let volumes: Arc<[Volume]> = build_volumes(config, &devices)?.into();
         let region = if config.telemetry.enabled {
-            Some(Arc::new(create_region(config, &devices, &volumes, &clock)?))
+            Some(Arc::new(create_region(
+                config, &devices, &stubs, &volumes, &clock,
+            )?))
         } else {
             None
         };
@@ -162,8 +174,12 @@ impl Engine {
                 },
             )?);
             let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(1);
-            let (devices, volumes, shared_for_thread) =
-                (devices.clone(), volumes.clone(), shared.clone());
+            let (devices, volumes, shared_for_thread) = (
+                devices.iter().chain(&stubs).cloned().collect::<Vec<_>>(),
+                volumes.clone(),
+                shared.clone(),
+            );
+            let device_count = stubs.len();
             let region = region.clone();
             let (depth, poll, idle_spin) = (
                 config.reactor.queue_depth,
@@ -205,7 +221,7 @@ impl Engine {
                             })
                             .collect();
                         let queue_recorders = (0..devices.len())
-                            .map(|device| region.queue_recorder(index * devices.len() + device))
+                            .map(|queue| region.queue_recorder(index * devices.len() + queue))
                             .collect();
                         Box::new(CoreTelemetry::new(
                             clock,
@@ -215,7 +231,15 @@ impl Engine {
                         ))
                     });
                     let _ = ready_tx.send(Ok(()));
-                    let io = IoContext::new(index, core, volumes, queues, telemetry, clock);
+                    let io = IoContext::new(
+                        index,
+                        core,
+                        volumes,
+                        queues,
+                        device_count,
+                        telemetry,
+                        clock,
+                    );
                     Reactor::new(io, shared_for_thread, poll, idle_spin).run(DRAIN_TIMEOUT);
                 })
                 .map_err(|error| EngineError::Reactor {
@@ -227,6 +251,7 @@ impl Engine {
             ready.push((core, ready_rx));
         }
         let volumes_count = volumes.len();
+        let devices_count = devices.len();
         let heartbeat_stop = Arc::new(AtomicBool::new(false));
         let heartbeat = match &region {
             Some(region) => {
@@ -253,6 +278,8 @@ impl Engine {
                 clock,
                 pool,
                 devices,
+                stubs,
+                device_rules: Mutex::new(vec![Default::default(); devices_count]),
                 volumes,
                 reactors,
                 joins: Mutex::new(joins),
@@ -275,6 +302,22 @@ impl Engine {
                     })
                 }
             }
+        }
+        for (volume, settings) in config.volumes.iter().zip(engine.volumes()) {
+            if volume.stub.is_empty() {
+                continue;
+            }
+            engine
+                .change_layers(&settings.name, |layers| {
+                    for &layer in &volume.stub {
+                        layers.get_mut(layer).stub = true;
+                    }
+                    Ok(())
+                })
+                .map_err(|error| EngineError::Volume {
+                    volume: volume.name.clone(),
+                    what: format!("stub = {:?}: {error}", volume.stub),
+                })?;
         }
         Ok(engine)
     }
@@ -396,14 +439,117 @@ impl Engine {
         let mut all = self.inner.layers.lock();
         let mut settings = all[volume.id.0 as usize].clone();
         change(&mut settings)?;
-        let layers = settings.build(
+        let (layers, path) = settings.build(
             &self.inner.clock,
             self.inner.slots_per_reactor,
             volume.id.0 as u64,
         )?;
-        self.install_layers(&volume, layers)?;
+        if path.media_stub && !path.device_stub && !self.inner.devices[volume.device].null_media() {
+            return Err(ControlError::Unsupported {
+                what: format!(
+                    "the media stub needs a controller that can skip the data, Fathom's mem \
+                     driver; {} is a {} device (stub its device layer instead)",
+                    volume.device_name,
+                    self.inner.devices[volume.device].info().driver
+                ),
+            });
+        }
+        if path.device_stub && volume.nsid != 1 && volume.first_lba + volume.blocks > 0 {
+            let stub = self.inner.stubs[volume.device].info();
+            let fits = stub.namespaces.first().is_some_and(|namespace| {
+                namespace.block_size == volume.block_size
+                    && volume.first_lba + volume.blocks <= namespace.blocks
+            });
+            if !fits {
+                return Err(ControlError::Unsupported {
+                    what: format!(
+                        "volume {} (namespace {}) does not fit the device stub of {}, which \
+                         copies namespace 1's geometry",
+                        volume.name, volume.nsid, volume.device_name
+                    ),
+                });
+            }
+        }
+        self.install(&volume, layers, path)?;
         all[volume.id.0 as usize] = settings.clone();
         Ok(settings)
+    }
+
+    /// A device's run-time injection rules at `layer` (device or media).
+    pub fn device_inject(
+        &self,
+        device: &str,
+        layer: LayerName,
+    ) -> Result<Vec<InjectRule>, ControlError> {
+        let (index, at) = self.device_layer(device, layer)?;
+        Ok(self.inner.device_rules.lock()[index][at as usize].clone())
+    }
+
+    /// Changes a device's run-time injection rules at `layer` (device: the controller; media:
+    /// the data it moves) while IO runs: `change` edits a copy; commands fetched after the
+    /// controller's next poll see the new rules, and commands a cleared `stall` held go on.
+    pub fn change_device_inject(
+        &self,
+        device: &str,
+        layer: LayerName,
+        change: impl FnOnce(&mut Vec<InjectRule>) -> Result<(), ControlError>,
+    ) -> Result<Vec<InjectRule>, ControlError> {
+        let (index, at) = self.device_layer(device, layer)?;
+        let mut all = self.inner.device_rules.lock();
+        let mut rules = all[index][at as usize].clone();
+        change(&mut rules)?;
+        for (rule_index, rule) in rules.iter().enumerate() {
+            rule.validate()
+                .map_err(|(field, value, allowed)| ControlError::BadRule {
+                    index: rule_index,
+                    field,
+                    value,
+                    allowed,
+                })?;
+        }
+        self.inner.devices[index]
+            .set_inject(at, &rules)
+            .map_err(|what| ControlError::Unsupported { what })?;
+        all[index][at as usize] = rules.clone();
+        Ok(rules)
+    }
+
+    fn device_layer(
+        &self,
+        device: &str,
+        layer: LayerName,
+    ) -> Result<(usize, InjectAt), ControlError> {
+        let index = self
+            .inner
+            .devices
+            .iter()
+            .position(|driver| driver.info().name == device)
+            .ok_or_else(|| ControlError::UnknownDevice {
+                name: device.to_string(),
+                known: self
+                    .devices()
+                    .map(|info| info.name.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        let at = match layer {
+            LayerName::Device => InjectAt::Device,
+            LayerName::Media => InjectAt::Media,
+            other => {
+                return Err(ControlError::Unsupported {
+                    what: format!(
+                        "a device takes injection at its device or media layer; the {other} \
+                         layer belongs to each volume: `fathom-ctl inject add VOLUME --layer {other}`"
+                    ),
+                })
+            }
+        };
+        Ok((index, at))
+    }
+
+    /// The queue depth of each reactor's queue on every device.
+    pub fn queue_depth(&self) -> u16 {
+        self.inner.config.reactor.queue_depth
     }
 
     /// Hands `volume`'s reactor a new layer stack (top first) and waits until it is in place.
@@ -414,6 +560,17 @@ impl Engine {
         volume: &Volume,
         layers: Vec<Box<dyn Layer>>,
     ) -> Result<(), ControlError> {
+        let all = self.inner.layers.lock();
+        let (_, path) = all[volume.id.0 as usize].build(&self.inner.clock, 0, 0)?;
+        self.install(volume, layers, path)
+    }
+
+    fn install(
+        &self,
+        volume: &Volume,
+        layers: Vec<Box<dyn Layer>>,
+        path: VolumePath,
+    ) -> Result<(), ControlError> {
         let (done, applied) = crossbeam_channel::bounded(1);
         let reactor = &self.inner.reactors[volume.reactor];
         if self.inner.stopped.load(Ordering::Acquire) {
@@ -422,6 +579,7 @@ impl Engine {
         let mut message = Message::Control(VolumeControl::SetLayers {
             volume: volume.id,
             layers,
+            path,
             done,
         });
         let deadline = std::time::Instant::now() + CONTROL_TIMEOUT;
@@ -522,7 +680,7 @@ impl Engine {
         let flushed = self.flush_all();
         self.inner.stop_reactors();
         let mut result = flushed;
-        for device in &self.inner.devices {
+        for device in self.inner.devices.iter().chain(&self.inner.stubs) {
             if let Err(error) = device.shutdown() {
                 result = result.and(Err(error.into()));
             }
@@ -564,6 +722,7 @@ impl Drop for EngineInner {
 fn create_region(
     config: &Config,
     devices: &[Arc<dyn Driver>],
+    stubs: &[Arc<dyn Driver>],
     volumes: &[Volume],
     clock: &Clock,
 ) -> Result<StatsRegion, EngineError> {
@@ -588,7 +747,7 @@ fn create_region(
         stages: stage::NAMES.iter().map(|name| name.to_string()).collect(),
         queues: (0..config.reactor.cores.len())
             .flat_map(|reactor| {
-                devices.iter().map(move |device| QueueEntry {
+                devices.iter().chain(stubs).map(move |device| QueueEntry {
                     device: device.info().name.clone(),
                     core_index: reactor as u32,
                 })
@@ -596,6 +755,29 @@ fn create_region(
             .collect(),
     };
     Ok(StatsRegion::create(&config.region_path(), &spec, clock)?)
+}
+
+/// The stub of a device: an inline `mem` controller on null media with the geometry of the
+/// device's first namespace, so a volume can move onto it with nothing above changing.
+fn open_stub(
+    info: &DeviceInfo,
+    pool: &DmaPool,
+    clock: Clock,
+    reactors: u16,
+) -> Result<Arc<dyn Driver>, EngineError> {
+    let (blocks, block_size) = info.namespaces.first().map_or((1 << 20, 512), |namespace| {
+        (namespace.blocks, namespace.block_size)
+    });
+    let options = MemOptions {
+        name: format!("{}~stub", info.name),
+        media: MemMedia::Null,
+        mode: DeviceMode::Inline,
+        size: blocks * block_size as u64,
+        block_size,
+        path: PathBuf::new(),
+        inject: Vec::new(),
+    };
+    Ok(Arc::new(MemDriver::open(&options, pool, clock, reactors)?))
 }
 
 fn build_volumes(config: &Config, devices: &[Arc<dyn Driver>]) -> Result<Vec<Volume>, EngineError> {

@@ -25,7 +25,8 @@ use crate::volume::IoError;
 
 /// The layers of the IO path a stub or an injection rule can stand at, top to bottom. The
 /// names are part of the control and isolation interfaces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LayerName {
     /// The protocol front end (NBD): parse, reply, the socket.
     Frontend,
@@ -82,6 +83,8 @@ impl std::str::FromStr for LayerName {
 pub enum ControlError {
     #[error("no volume {name:?}; the volumes are: {known}")]
     UnknownVolume { name: String, known: String },
+    #[error("no device {name:?}; the devices are: {known}")]
+    UnknownDevice { name: String, known: String },
     #[error("{what}")]
     Unsupported { what: String },
     #[error("injection rule {index}: `{field}` = {value} is not allowed: {allowed}")]
@@ -121,14 +124,15 @@ impl VolumeLayers {
         &mut self.layers[layer as usize]
     }
 
-    /// The layer stack these settings make, top first. `slots`: the owning reactor's IO
-    /// slots (what a holding layer must have room for); `seed`: for injection's generator.
+    /// The layer stack these settings make, top first, and where below it the volume's
+    /// commands go. `slots`: the owning reactor's IO slots (what a holding layer must have
+    /// room for); `seed`: for injection's generator.
     pub fn build(
         &self,
         clock: &Clock,
         slots: usize,
         seed: u64,
-    ) -> Result<Vec<Box<dyn Layer>>, ControlError> {
+    ) -> Result<(Vec<Box<dyn Layer>>, VolumePath), ControlError> {
         let mut stack: Vec<Box<dyn Layer>> = Vec::new();
         for layer in LayerName::ALL {
             let settings = self.get(layer);
@@ -142,16 +146,21 @@ impl VolumeLayers {
                     })?;
             }
             match layer {
-                LayerName::Engine | LayerName::Queue => {}
-                _ if settings.stub || !settings.inject.is_empty() => {
+                LayerName::Frontend if settings.stub => {
+                    return Err(ControlError::Unsupported {
+                        what: FRONTEND_STUB.into(),
+                    })
+                }
+                LayerName::Device | LayerName::Media if !settings.inject.is_empty() => {
                     return Err(ControlError::Unsupported {
                         what: format!(
-                            "the {layer} layer cannot be stubbed or injected at run time yet; \
-                             the engine and queue layers can (device faults: [[device.inject]] in the config)"
+                            "{layer} injection belongs to the device, not to one volume: \
+                             `fathom-ctl inject add DEVICE --layer {layer}`"
                         ),
                     })
                 }
-                _ => continue,
+                LayerName::Device | LayerName::Media => continue,
+                _ => {}
             }
             if settings.stub {
                 // The engine stub removes the engine's own time, its injection included: the
@@ -169,7 +178,40 @@ impl VolumeLayers {
                 )));
             }
         }
-        Ok(stack)
+        let path = VolumePath {
+            device_stub: self.get(LayerName::Device).stub,
+            media_stub: self.get(LayerName::Media).stub,
+        };
+        Ok((stack, path))
+    }
+
+    /// The layers stubbed, top first.
+    pub fn stubs(&self) -> Vec<LayerName> {
+        LayerName::ALL
+            .into_iter()
+            .filter(|&layer| self.get(layer).stub)
+            .collect()
+    }
+}
+
+/// Why the frontend layer has no stub switch: its stub is a workload inside the node.
+pub const FRONTEND_STUB: &str = "the frontend stub is a workload run inside the node, where no \
+    socket or protocol is involved: `fathom-ctl run VOLUME` or `fathom-bench isolate --node`; \
+    the NBD front end itself keeps serving";
+
+/// Where a volume's commands go below its layers: its own device, or the device stub (an
+/// inline null controller behind the same queue code), with or without the media stub (the
+/// controller moves no data).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VolumePath {
+    pub device_stub: bool,
+    pub media_stub: bool,
+}
+
+impl VolumePath {
+    /// Whether the commands take the volume's own device queue as they are.
+    pub fn is_direct(self) -> bool {
+        self == VolumePath::default()
     }
 }
 

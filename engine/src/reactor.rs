@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 
 use crate::config::{PollMode, MAX_DEVICES};
-use crate::layer::{Down, Layer, LayerCtx, LayerWork, Up, NO_SLOT};
+use crate::layer::{Down, Layer, LayerCtx, LayerName, LayerWork, Up, VolumePath, NO_SLOT};
 use crate::poll::EventFd;
 use crate::stats::{CoreTelemetry, Series};
 use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};
@@ -89,6 +89,7 @@ pub enum VolumeControl {
     SetLayers {
         volume: VolumeId,
         layers: Vec<Box<dyn Layer>>,
+        path: VolumePath,
         done: crossbeam_channel::Sender<()>,
     },
 }
@@ -143,6 +144,8 @@ struct Slot {
     /// the layer that issued it.
     parent: u32,
     origin: u8,
+    /// Submitted by a front end (NBD): only such IOs pass the `frontend` layer.
+    from_frontend: bool,
 }
 
 /// A reactor's IO state: its device queues and per-IO slots. Tasks submit through it.
@@ -150,8 +153,12 @@ pub struct IoContext {
     reactor: usize,
     core: usize,
     volumes: Arc<[Volume]>,
-    /// One queue per device, indexed like the engine's device table.
+    /// One queue per device, indexed like the engine's device table, then one per device
+    /// stub (device `d`'s at `devices + d`).
     queues: Vec<Box<dyn IoQueue>>,
+    devices: usize,
+    /// Queues to reap: the devices', and the stubs' while any volume here uses one.
+    active_queues: usize,
     /// Bit d set: device d's queue has commands written but not yet rung.
     dirty: u64,
     slots: Box<[Slot]>,
@@ -165,8 +172,13 @@ pub struct IoContext {
     clock: Clock,
     /// Per volume (by id; empty for volumes of other reactors): its layers, top first.
     stacks: Vec<Vec<Box<dyn Layer>>>,
-    /// Whether any volume here has layers: the one check the layerless path pays.
+    /// Whether any volume here has layers or a stubbed device path: the one check the
+    /// layerless path pays.
     layered: bool,
+    /// Per volume: whether its IO goes the layered way (it has layers, or a stub below).
+    detour: Vec<bool>,
+    /// Per volume: where its commands go below the layers (queue index, flags added).
+    routes: Vec<(usize, IoFlags)>,
     /// IOs between layers, and a second list to swap with so that walking one never
     /// allocates. Every list is sized for all slots: an IO is in at most one.
     work: LayerWork,
@@ -182,12 +194,13 @@ impl IoContext {
         core: usize,
         volumes: Arc<[Volume]>,
         queues: Vec<Box<dyn IoQueue>>,
+        devices: usize,
         telemetry: Option<Box<CoreTelemetry>>,
         clock: Clock,
     ) -> Self {
         assert!(
-            queues.len() <= MAX_DEVICES,
-            "at most {} devices",
+            queues.len() <= 2 * MAX_DEVICES && devices <= queues.len(),
+            "at most {} devices and their stubs",
             MAX_DEVICES
         );
         let capacity: usize = queues.iter().map(|queue| queue.capacity()).sum();
@@ -218,7 +231,12 @@ impl IoContext {
                 },
                 parent: NO_SLOT,
                 origin: 0,
+                from_frontend: false,
             })
+            .collect();
+        let routes = volumes
+            .iter()
+            .map(|volume| (volume.device, IoFlags::NONE))
             .collect();
         Self {
             reactor,
@@ -226,6 +244,8 @@ impl IoContext {
             volumes,
             dirty: 0,
             queues,
+            devices,
+            active_queues: devices,
             slots,
             free_slots: (0..capacity as u32).rev().collect(),
             current_task: u32::MAX,
@@ -233,6 +253,8 @@ impl IoContext {
             clock,
             stacks: (0..volumes_len).map(|_| Vec::new()).collect(),
             layered: false,
+            detour: vec![false; volumes_len],
+            routes,
             work: LayerWork::with_capacity(capacity),
             down_batch: Vec::with_capacity(capacity),
             up_batch: Vec::with_capacity(capacity),
@@ -268,6 +290,15 @@ impl IoContext {
     pub fn submit(&mut self, request: IoRequest) -> Result<(), Rejected> {
         let task = self.current_task;
         self.submit_notify(request, Notify::Task(task), None, false)
+    }
+
+    /// As [`IoContext::submit`], for an IO that has waited since `since` (clock ticks) to be
+    /// submitted, refused `Busy` before: the wait shows in its `queue` stage and its `total`.
+    #[inline]
+    pub fn submit_waited(&mut self, request: IoRequest, since: u64) -> Result<(), Rejected> {
+        let task = self.current_task;
+        let since = self.telemetry.is_some().then_some(since);
+        self.submit_notify(request, Notify::Task(task), since, false)
     }
 
     /// As [`IoContext::submit`], from a front end that times the IO from its socket to its
@@ -352,7 +383,7 @@ impl IoContext {
             });
         };
         let device = volume.device;
-        if self.layered && !self.stacks[request.volume.0 as usize].is_empty() {
+        if self.layered && self.detour[request.volume.0 as usize] {
             // Down through the volume's layers, before this iteration's doorbells.
             self.work.down.push((slot_index, 0));
             let slot = &mut self.slots[slot_index as usize];
@@ -365,6 +396,7 @@ impl IoContext {
             }
             slot.command = command;
             slot.parent = NO_SLOT;
+            slot.from_frontend = frontend;
             slot.volume = request.volume.0;
             slot.notify = notify;
             slot.tag = request.tag;
@@ -414,17 +446,19 @@ impl IoContext {
             VolumeControl::SetLayers {
                 volume,
                 layers,
+                path,
                 done,
             } => {
-                self.set_layers(volume, layers);
+                self.set_layers(volume, layers, path);
                 let _ = done.send(());
             }
         }
     }
 
     /// Replaces a volume's layers; what the old ones held restarts at the new stack's top.
-    fn set_layers(&mut self, volume: VolumeId, layers: Vec<Box<dyn Layer>>) {
-        let Some(stack) = self.stacks.get_mut(volume.0 as usize) else {
+    fn set_layers(&mut self, volume: VolumeId, layers: Vec<Box<dyn Layer>>, path: VolumePath) {
+        let index = volume.0 as usize;
+        let Some(stack) = self.stacks.get_mut(index) else {
             return;
         };
         let mut old = std::mem::replace(stack, layers);
@@ -438,7 +472,25 @@ impl IoContext {
                 entry.1 = 0;
             }
         }
-        self.layered = self.stacks.iter().any(|stack| !stack.is_empty());
+        let device = self.volumes[index].device;
+        let queue = match path.device_stub {
+            true if self.devices + device < self.queues.len() => self.devices + device,
+            _ => device,
+        };
+        let flags = match path.media_stub {
+            true => IoFlags::NO_DATA,
+            false => IoFlags::NONE,
+        };
+        // Commands already on the old queue complete there: a slot remembers nothing of its
+        // queue, and each queue's completions carry their own slots.
+        self.routes[index] = (queue, flags);
+        self.detour[index] = !self.stacks[index].is_empty() || !path.is_direct();
+        self.layered = self.detour.iter().any(|&detour| detour);
+        self.active_queues = if self.routes.iter().any(|&(queue, _)| queue >= self.devices) {
+            self.queues.len()
+        } else {
+            self.devices
+        };
     }
 
     /// Takes the IOs waiting between layers down, through each layer, to their device queues
@@ -468,11 +520,12 @@ impl IoContext {
                 continue;
             };
             let parent_slot = &self.slots[parent as usize];
-            let (volume, accepted, submitted, series) = (
+            let (volume, accepted, submitted, series, from_frontend) = (
                 parent_slot.volume,
                 parent_slot.accepted,
                 parent_slot.submitted,
                 parent_slot.series,
+                parent_slot.from_frontend,
             );
             let slot = &mut self.slots[child as usize];
             slot.notify = Notify::Nobody;
@@ -488,6 +541,7 @@ impl IoContext {
             slot.command = command;
             slot.parent = parent;
             slot.origin = depth;
+            slot.from_frontend = from_frontend;
             self.work.down.push((child, depth + 1));
         }
     }
@@ -497,11 +551,17 @@ impl IoContext {
     fn descend(&mut self, slot: u32, depth: u8) {
         let volume = self.slots[slot as usize].volume as usize;
         let mut stack = std::mem::take(&mut self.stacks[volume]);
-        let command = self.slots[slot as usize].command;
+        let mut command = self.slots[slot as usize].command;
+        let from_frontend = self.slots[slot as usize].from_frontend;
         let mut depth = depth as usize;
         loop {
             if depth >= stack.len() {
-                let device = self.volumes[volume].device;
+                let (device, flags) = self.routes[volume];
+                if device >= self.devices {
+                    // The device stub has one namespace.
+                    command.nsid = 1;
+                }
+                command.flags = IoFlags(command.flags.0 | flags.0);
                 if self.queues[device].submit(&command, slot).is_err() {
                     self.work.down.push((slot, stack.len() as u8));
                 } else {
@@ -511,6 +571,11 @@ impl IoContext {
                     }
                 }
                 break;
+            }
+            if !from_frontend && stack[depth].layer() == LayerName::Frontend {
+                // IOs from inside the node (a workload, a canary) never crossed a front end.
+                depth += 1;
+                continue;
             }
             let mut ctx = self.layer_ctx(self.layer_now, depth as u8);
             match stack[depth].submit(&mut ctx, slot, &command) {
@@ -534,9 +599,9 @@ impl IoContext {
         mut result: Result<(), IoError>,
     ) -> Option<Result<(), IoError>> {
         let volume = self.slots[slot as usize].volume as usize;
-        let (parent, origin) = {
+        let (parent, origin, from_frontend) = {
             let slot = &self.slots[slot as usize];
-            (slot.parent, slot.origin as usize)
+            (slot.parent, slot.origin as usize, slot.from_frontend)
         };
         let mut stack = std::mem::take(&mut self.stacks[volume]);
         let mut depth = (depth as usize).min(stack.len());
@@ -552,6 +617,9 @@ impl IoContext {
                 self.free_slots.push(slot);
                 break None;
             }
+            if !from_frontend && stack[depth].layer() == LayerName::Frontend {
+                continue;
+            }
             if stack[depth].complete(&mut ctx, slot, &mut result) == Up::Hold {
                 break None;
             }
@@ -562,7 +630,13 @@ impl IoContext {
 
     /// Lets layers that hold IOs release what is due. Returns whether any did anything.
     fn poll_layers(&mut self) -> bool {
-        self.layer_now = self.clock.now();
+        // With telemetry, the layers' clock read is also a stamp: it ends the `complete`
+        // stage of what the last iteration completed, which would otherwise wait for the
+        // next doorbell or reap, as long as a layer holds the next IO.
+        self.layer_now = match self.telemetry.as_deref_mut() {
+            Some(telemetry) => telemetry.stamp(),
+            None => self.clock.now(),
+        };
         let mut work = false;
         for volume in 0..self.stacks.len() {
             if self.stacks[volume].is_empty() {
@@ -850,7 +924,7 @@ impl Reactor {
     #[inline]
     fn reap(&mut self) -> usize {
         let mut total = 0;
-        for device in 0..self.io.queues.len() {
+        for device in 0..self.io.active_queues {
             let count = self.io.queues[device].reap(&mut self.reaped[..]);
             if count == 0 {
                 continue;
@@ -912,6 +986,9 @@ impl Reactor {
             if let Some(result) = self.io.ascend(slot, depth, result) {
                 self.finish(slot, result, seen);
             }
+        }
+        if let (Some(telemetry), Some(seen)) = (self.io.telemetry.as_deref_mut(), seen) {
+            telemetry.layers_completed(seen);
         }
         self.io.up_batch = batch;
         done

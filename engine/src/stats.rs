@@ -281,6 +281,13 @@ impl CoreTelemetry {
         });
     }
 
+    /// The completions that came up through the layers, seen at `seen`, are all recorded:
+    /// their run ends here, not at the next device batch (which a holding layer may delay).
+    #[inline]
+    pub fn layers_completed(&mut self, seen: u64) {
+        self.end_run(seen);
+    }
+
     /// Device `device` delivered `count` completions, seen at `now`.
     #[inline]
     pub fn reaped(&mut self, device: usize, count: usize, now: u64) {

@@ -59,6 +59,9 @@ enum Mode {
 /// reactor's own core (as SPDK's perf does), and reports IOPS, bandwidth and the CPU cost of
 /// one IO.
 ///
+/// `fathom-bench isolate ...` instead measures which layer holds the latency, by stubbing one
+/// layer at a time (`fathom-bench isolate --help`).
+///
 /// Example, the software-overhead measurement (no device time, no data copies):
 ///
 ///   fathom-bench --driver mem --media null --mode inline --rw randread --bs 4k --iodepth 32 --runtime 10
@@ -171,6 +174,14 @@ fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("isolate") {
+        let args = fathom::isolate::IsolateArgs::parse_from(std::env::args().skip(1));
+        if let Err(error) = fathom::isolate::main(args) {
+            eprintln!("fathom-bench isolate: {error:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let matches = Args::command().get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     // Which options the command line gave (not their defaults).

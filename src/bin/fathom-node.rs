@@ -164,6 +164,23 @@ fn run(args: Args) -> Result<()> {
 
     let engine = Engine::start(&config).context("starting the engine")?;
     log_layout(&engine, &config);
+    std::fs::create_dir_all(&config.node.data_dir).with_context(|| {
+        format!(
+            "creating the data directory {} for the control socket (set node.data_dir, or --data-dir)",
+            config.node.data_dir.display()
+        )
+    })?;
+    let control_path = fathom_control::socket_path(&config.node.data_dir);
+    let control = fathom_control::server::ControlServer::start(
+        &control_path,
+        std::sync::Arc::new(fathom::node_control::NodeControl::new(engine.clone())),
+    )
+    .with_context(|| format!("serving the control socket {}", control_path.display()))?;
+    tracing::info!(
+        "control: {} (owner only; `fathom-ctl --node {}`)",
+        control.path().display(),
+        config.node.data_dir.display()
+    );
     let _metrics = if config.telemetry.enabled && !config.telemetry.metrics.is_empty() {
         let listen = config.telemetry.metrics.parse().expect("validated");
         let server = fathom::metrics::MetricsServer::start(listen, config.region_path())
@@ -221,6 +238,7 @@ fn run(args: Args) -> Result<()> {
             tracing::info!("NBD: closed {open} client connections");
         }
     }
+    control.stop();
     engine.shutdown().context("shutting down")?;
     tracing::info!(
         "node {} stopped cleanly: volumes flushed, queues deleted, devices shut down",

@@ -41,6 +41,8 @@ pub struct DeviceShared {
     pub block_shift: u32,
     pub namespace_blocks: u64,
     pub injector: Injector,
+    /// Rules changed while the node runs (`fathom-ctl inject`), after the config's.
+    pub runtime: RuntimeInject,
     pub clock: Clock,
     pub model: String,
     pub serial: String,
@@ -57,6 +59,47 @@ pub struct DeviceShared {
     /// controller side of the queue. Delete I/O Submission Queue completes only once this is
     /// false, so the host never frees ring memory the controller still reads.
     pub held: Box<[AtomicBool]>,
+}
+
+/// Run-time injection rules of one device, for the controller (`device`) and for its media
+/// (`media`: not applied to commands that move no data). Replaced whole; each queue's poller
+/// notices a new generation with one atomic load per `process` call and takes the new set
+/// under the lock then, never per command.
+#[derive(Default)]
+pub struct RuntimeInject {
+    generation: AtomicU64,
+    current: Mutex<Arc<RuntimeRules>>,
+}
+
+/// One generation of run-time rules.
+#[derive(Default)]
+pub struct RuntimeRules {
+    pub device: Injector,
+    pub media: Injector,
+}
+
+impl RuntimeRules {
+    fn is_empty(&self) -> bool {
+        self.device.is_empty() && self.media.is_empty()
+    }
+}
+
+impl RuntimeInject {
+    /// Installs a new rule set; commands fetched from now on see it, and commands stalled by
+    /// the old one are released.
+    pub fn replace(&self, rules: RuntimeRules) {
+        *self.current.lock() = Arc::new(rules);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn current(&self) -> Arc<RuntimeRules> {
+        self.current.lock().clone()
+    }
+
+    #[inline(always)]
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
 }
 
 impl DeviceShared {
@@ -398,6 +441,9 @@ fn put_text(field: &mut [u8], text: &str) {
     field[..len].copy_from_slice(&bytes[..len]);
 }
 
+/// The due time of a command a run-time `stall` rule holds until the rules change.
+const STALLED: u64 = u64::MAX;
+
 #[derive(Clone, Copy)]
 struct Deferred {
     due: u64,
@@ -422,6 +468,9 @@ pub struct DeviceQueue {
     /// Bounded by the SQ size; fetching stops when it is full.
     deferred: Vec<Deferred>,
     rng: Rng,
+    /// The run-time rules this queue applies, and their generation; `None` when empty.
+    runtime: Option<Arc<RuntimeRules>>,
+    runtime_generation: u64,
     shared: Arc<DeviceShared>,
     doorbells: Arc<DoorbellPage>,
     // ---- Cold. ----
@@ -480,6 +529,8 @@ impl DeviceQueue {
             qid,
             deferred: Vec::with_capacity(sq_entries as usize),
             rng: Rng::new(0x5eed ^ qid as u64),
+            runtime: None,
+            runtime_generation: 0,
             shared: shared.clone(),
             doorbells: doorbells.clone(),
             cq_iova,
@@ -601,6 +652,9 @@ impl DeviceQueue {
     /// completions posted.
     #[inline]
     pub fn process(&mut self) -> usize {
+        if self.shared.runtime.generation() != self.runtime_generation {
+            self.take_runtime_rules();
+        }
         let mut posted = if self.deferred.is_empty() {
             0
         } else {
@@ -622,10 +676,15 @@ impl DeviceQueue {
             if delay == 0 && self.post(entry.cid(), status, 0) {
                 posted += 1;
             } else {
-                let due = if delay == 0 {
-                    0
-                } else {
-                    self.shared.clock.now() + delay
+                let due = match delay {
+                    0 => 0,
+                    STALLED => STALLED,
+                    delay => self
+                        .shared
+                        .clock
+                        .now()
+                        .saturating_add(delay)
+                        .min(STALLED - 1),
                 };
                 self.deferred.push(Deferred {
                     due,
@@ -638,6 +697,19 @@ impl DeviceQueue {
             }
         }
         posted
+    }
+
+    /// Takes the device's new run-time rules; commands the old ones stalled are due now.
+    #[cold]
+    fn take_runtime_rules(&mut self) {
+        self.runtime_generation = self.shared.runtime.generation();
+        let rules = self.shared.runtime.current();
+        self.runtime = (!rules.is_empty()).then_some(rules);
+        for deferred in self.deferred.iter_mut() {
+            if deferred.due == STALLED {
+                deferred.due = 0;
+            }
+        }
     }
 
     fn post_due(&mut self) -> usize {
@@ -692,13 +764,28 @@ impl DeviceQueue {
             }
             (slba, blocks)
         };
-        let injected = if shared.injector.is_empty() {
+        let mut injected = if shared.injector.is_empty() {
             Default::default()
         } else {
             shared
                 .injector
                 .evaluate(class, slba, blocks, shared.clock.now(), &mut self.rng)
         };
+        let no_data = entry.cdw2 & crate::NO_DATA_CDW2 != 0;
+        if let Some(runtime) = self.runtime.as_deref() {
+            let now = shared.clock.now();
+            for (injector, applies) in [(&runtime.device, true), (&runtime.media, !no_data)] {
+                if applies && !injector.is_empty() {
+                    let more = injector.evaluate(class, slba, blocks, now, &mut self.rng);
+                    injected.delay_ticks = injected.delay_ticks.saturating_add(more.delay_ticks);
+                    injected.status = injected.status.or(more.status);
+                    injected.stall |= more.stall;
+                }
+            }
+            if injected.stall {
+                injected.delay_ticks = STALLED;
+            }
+        }
         if let Some(status) = injected.status {
             return (status, injected.delay_ticks);
         }
@@ -708,7 +795,9 @@ impl DeviceQueue {
             io_opcode::READ | io_opcode::WRITE if bytes > shared.max_transfer_bytes() => {
                 Status::INVALID_FIELD
             }
-            io_opcode::READ | io_opcode::WRITE if shared.media.kind() == super::MediaKind::Null => {
+            io_opcode::READ | io_opcode::WRITE
+                if no_data || shared.media.kind() == super::MediaKind::Null =>
+            {
                 Status::SUCCESS
             }
             io_opcode::READ => transfer(shared, entry, bytes as usize, |host, at, len| {

@@ -126,6 +126,7 @@ impl MemDriver {
             block_shift: config.block_size.trailing_zeros(),
             namespace_blocks: size / config.block_size as u64,
             injector: Injector::new(&config.inject, &clock),
+            runtime: Default::default(),
             clock,
             model: "Fathom mem NVMe".to_string(),
             serial: format!("FTHM-{name}"),
@@ -196,6 +197,28 @@ impl MemDriver {
 impl Driver for MemDriver {
     fn info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    fn set_inject(
+        &self,
+        at: crate::InjectAt,
+        rules: &[crate::inject::InjectRule],
+    ) -> Result<(), String> {
+        let shared = self.device.shared();
+        let current = shared.runtime.current();
+        let injector = Injector::new(rules, &shared.clock);
+        let (device, media) = match at {
+            crate::InjectAt::Device => (injector, current.media.clone()),
+            crate::InjectAt::Media => (current.device.clone(), injector),
+        };
+        shared
+            .runtime
+            .replace(device::RuntimeRules { device, media });
+        Ok(())
+    }
+
+    fn null_media(&self) -> bool {
+        true
     }
 
     fn create_queue(&self, depth: u16) -> Result<Box<dyn IoQueue>, DriverError> {

@@ -32,6 +32,7 @@ fn controller_device() -> (Arc<MemDevice>, DmaPool) {
         block_shift: 9,
         namespace_blocks: 2048,
         injector: Injector::new(&[], &clock),
+        runtime: Default::default(),
         clock,
         model: "Fathom mem NVMe".to_string(),
         serial: "FTHM-held".to_string(),

@@ -1,0 +1,552 @@
+//! What a running node answers on its control socket: the [`Handler`] behind
+//! `<data_dir>/control.sock` (the protocol and the socket are `fathom-control`'s).
+//!
+//! Every change goes through the engine's control path (`Engine::change_layers`,
+//! `Engine::change_device_inject`): built off the reactors, applied by the owning reactor
+//! between two loop iterations. A request that is wrong in any way is refused with a message
+//! before anything changes, so IO in flight never sees a half-applied request.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use clap::ValueEnum;
+use fathom_control::proto::{
+    self, Cleared, DeviceRow, Hello, LayerRow, NamespaceRow, RemoteError, Request, RuleRow,
+    RunResult, VolumeRow,
+};
+use fathom_control::server::Handler;
+use fathom_engine::config::InjectRule;
+use fathom_engine::layer::{ControlError, LayerName};
+use fathom_engine::Engine;
+use serde_json::Value;
+use std::sync::Mutex as StdMutex;
+
+use crate::workload::{Pattern, WorkloadSpec, WorkloadTask};
+
+/// Workloads (`run`) at once per node: each holds `iodepth` DMA buffers.
+const MAX_RUNS: usize = 4;
+/// Longest `run` accepted.
+const MAX_RUNTIME: Duration = Duration::from_secs(3600);
+const MAX_IODEPTH: u32 = 4096;
+
+/// The node's control handler.
+pub struct NodeControl {
+    engine: Engine,
+    /// The rules as the operator gave them, per (target, layer), for `inject list`: the
+    /// engine keeps them parsed.
+    rules: StdMutex<HashMap<(String, LayerName), Vec<Value>>>,
+    runs: AtomicUsize,
+}
+
+impl NodeControl {
+    pub fn new(engine: Engine) -> Self {
+        Self {
+            engine,
+            rules: StdMutex::new(HashMap::new()),
+            runs: AtomicUsize::new(0),
+        }
+    }
+
+    /// The operator's rules; a handler that panicked holding them left them whole (each
+    /// change is applied to the engine before the map), so a poisoned lock is taken as is.
+    fn rules(&self) -> std::sync::MutexGuard<'_, HashMap<(String, LayerName), Vec<Value>>> {
+        self.rules
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn hello(&self) -> Hello {
+        let config = self.engine.config();
+        Hello {
+            version: proto::VERSION,
+            node_id: config.node.id.clone(),
+            pid: std::process::id(),
+            region: self
+                .engine
+                .stats_region()
+                .map(|region| region.path().display().to_string()),
+            data_dir: config.node.data_dir.display().to_string(),
+        }
+    }
+
+    fn volumes(&self) -> Result<Vec<VolumeRow>, RemoteError> {
+        let rules = self.rules();
+        self.engine
+            .volumes()
+            .iter()
+            .map(|volume| {
+                let layers = self.engine.layers(&volume.name).map_err(control_error)?;
+                Ok(VolumeRow {
+                    name: volume.name.clone(),
+                    device: volume.device_name.clone(),
+                    nsid: volume.nsid as u64,
+                    first_lba: volume.first_lba,
+                    blocks: volume.blocks,
+                    block_size: volume.block_size as u64,
+                    size_bytes: volume.size_bytes(),
+                    core: volume.core as u64,
+                    stubs: layers
+                        .stubs()
+                        .iter()
+                        .map(|layer| layer.to_string())
+                        .collect(),
+                    rules: rules
+                        .iter()
+                        .filter(|((target, _), _)| *target == volume.name)
+                        .map(|(_, list)| list.len())
+                        .sum(),
+                })
+            })
+            .collect()
+    }
+
+    fn devices(&self) -> Vec<DeviceRow> {
+        let rules = self.rules();
+        self.engine
+            .devices()
+            .map(|info| DeviceRow {
+                name: info.name.clone(),
+                driver: info.driver.to_string(),
+                model: info.model.clone(),
+                serial: info.serial.clone(),
+                namespaces: info
+                    .namespaces
+                    .iter()
+                    .map(|namespace| NamespaceRow {
+                        nsid: namespace.nsid as u64,
+                        blocks: namespace.blocks,
+                        block_size: namespace.block_size as u64,
+                    })
+                    .collect(),
+                max_transfer_bytes: info.max_transfer_bytes as u64,
+                queue_depth: self.engine.queue_depth() as u32,
+                rules: rules
+                    .iter()
+                    .filter(|((target, _), _)| *target == info.name)
+                    .map(|(_, list)| list.len())
+                    .sum(),
+            })
+            .collect()
+    }
+
+    /// One volume's layers, top to bottom, as `fathom-ctl layers` shows them.
+    fn layer_rows(&self, volume: &str) -> Result<Vec<LayerRow>, RemoteError> {
+        let settings = self.engine.layers(volume).map_err(control_error)?;
+        let device = self
+            .engine
+            .volume(volume)
+            .map(|volume| volume.device_name.clone())
+            .unwrap_or_default();
+        let rules = self.rules();
+        Ok(LayerName::ALL
+            .into_iter()
+            .map(|layer| {
+                let owner = match layer {
+                    LayerName::Device | LayerName::Media => device.clone(),
+                    _ => volume.to_string(),
+                };
+                let count = rules
+                    .get(&(owner.clone(), layer))
+                    .map_or(0, |list| list.len());
+                let (state, detail) = if settings.get(layer).stub {
+                    ("stub", stub_detail(layer).to_string())
+                } else if count > 0 {
+                    ("inject", format!("{count} rule(s) on {owner}"))
+                } else {
+                    ("pass", String::new())
+                };
+                LayerRow {
+                    volume: volume.to_string(),
+                    layer: layer.to_string(),
+                    state: state.to_string(),
+                    detail,
+                }
+            })
+            .collect())
+    }
+
+    fn layers(&self, volume: Option<String>) -> Result<Vec<LayerRow>, RemoteError> {
+        match volume {
+            Some(volume) => self.layer_rows(&volume),
+            None => {
+                let mut rows = Vec::new();
+                for volume in self.engine.volumes() {
+                    rows.extend(self.layer_rows(&volume.name)?);
+                }
+                Ok(rows)
+            }
+        }
+    }
+
+    fn stub(&self, volume: &str, layer: &str, on: bool) -> Result<LayerRow, RemoteError> {
+        let layer = parse_layer(layer)?;
+        if layer == LayerName::Frontend {
+            return Err(RemoteError::new(
+                proto::UNSUPPORTED,
+                fathom_engine::layer::FRONTEND_STUB,
+            ));
+        }
+        self.engine
+            .change_layers(volume, |settings| {
+                settings.get_mut(layer).stub = on;
+                Ok(())
+            })
+            .map_err(control_error)?;
+        let rows = self.layer_rows(volume)?;
+        Ok(rows
+            .into_iter()
+            .nth(layer as usize)
+            .expect("a row per layer"))
+    }
+
+    /// Which layer of `target` a rule goes to, and whether the target is a device.
+    fn target_layer(
+        &self,
+        target: &str,
+        layer: Option<&str>,
+    ) -> Result<(LayerName, bool), RemoteError> {
+        let device = self.engine.devices().any(|info| info.name == target);
+        let volume = self.engine.volume(target).is_some();
+        if !device && !volume {
+            let volumes: Vec<&str> = self
+                .engine
+                .volumes()
+                .iter()
+                .map(|v| v.name.as_str())
+                .collect();
+            let devices: Vec<String> = self.engine.devices().map(|d| d.name.clone()).collect();
+            return Err(RemoteError::new(
+                proto::UNKNOWN_VOLUME,
+                format!(
+                    "no volume or device {target:?}; volumes: {}; devices: {}",
+                    volumes.join(", "),
+                    devices.join(", ")
+                ),
+            ));
+        }
+        let layer = match layer {
+            Some(layer) => parse_layer(layer)?,
+            None if device => LayerName::Device,
+            None => LayerName::Engine,
+        };
+        let device_layer = matches!(layer, LayerName::Device | LayerName::Media);
+        if device && !device_layer {
+            return Err(RemoteError::new(
+                proto::UNKNOWN_LAYER,
+                format!(
+                    "{target} is a device: its layers are device and media; the {layer} layer \
+                     belongs to each volume (`fathom-ctl inject add VOLUME --layer {layer}`)"
+                ),
+            ));
+        }
+        if !device && device_layer {
+            let owner = &self.engine.volume(target).expect("checked").device_name;
+            return Err(RemoteError::new(
+                proto::UNKNOWN_LAYER,
+                format!(
+                    "{target} is a volume: its layers are frontend, engine and queue; the {layer} \
+                     layer belongs to its device (`fathom-ctl inject add {owner} --layer {layer}`)"
+                ),
+            ));
+        }
+        Ok((layer, device))
+    }
+
+    /// Applies `rules` as the complete rule list of (`target`, `layer`).
+    fn apply_rules(
+        &self,
+        target: &str,
+        layer: LayerName,
+        device: bool,
+        rules: Vec<InjectRule>,
+    ) -> Result<(), RemoteError> {
+        if device {
+            self.engine
+                .change_device_inject(target, layer, |current| {
+                    *current = rules;
+                    Ok(())
+                })
+                .map_err(control_error)?;
+        } else {
+            self.engine
+                .change_layers(target, |settings| {
+                    settings.get_mut(layer).inject = rules;
+                    Ok(())
+                })
+                .map_err(control_error)?;
+        }
+        Ok(())
+    }
+
+    fn inject_add(
+        &self,
+        target: &str,
+        layer: Option<&str>,
+        rule: Value,
+    ) -> Result<RuleRow, RemoteError> {
+        let (layer, device) = self.target_layer(target, layer)?;
+        let parsed: InjectRule = serde_json::from_value(rule.clone()).map_err(|error| {
+            RemoteError::new(
+                proto::BAD_RULE,
+                format!(
+                    "injection rule: {error}; a rule is the config's [[device.inject]] table, e.g. \
+                     {{\"ops\":[\"read\"],\"fraction\":1.0,\"latency\":\"fixed(50us)\"}}"
+                ),
+            )
+        })?;
+        let mut rules = self.rules();
+        let key = (target.to_string(), layer);
+        let current = rules.get(&key).cloned().unwrap_or_default();
+        let mut parsed_all = current
+            .iter()
+            .map(|value| serde_json::from_value::<InjectRule>(value.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| RemoteError::new(proto::INTERNAL, error.to_string()))?;
+        parsed_all.push(parsed);
+        let index = parsed_all.len() - 1;
+        self.apply_rules(target, layer, device, parsed_all)?;
+        rules.entry(key).or_default().push(rule.clone());
+        Ok(RuleRow {
+            target: target.to_string(),
+            layer: layer.to_string(),
+            index,
+            rule,
+        })
+    }
+
+    fn inject_list(&self, target: Option<String>) -> Result<Vec<RuleRow>, RemoteError> {
+        if let Some(target) = &target {
+            self.target_layer(target, None)?;
+        }
+        let rules = self.rules();
+        let mut rows: Vec<RuleRow> = rules
+            .iter()
+            .filter(|((owner, _), _)| target.as_ref().is_none_or(|target| target == owner))
+            .flat_map(|((owner, layer), list)| {
+                list.iter().enumerate().map(move |(index, rule)| RuleRow {
+                    target: owner.clone(),
+                    layer: layer.to_string(),
+                    index,
+                    rule: rule.clone(),
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| (&a.target, &a.layer, a.index).cmp(&(&b.target, &b.layer, b.index)));
+        Ok(rows)
+    }
+
+    fn inject_clear(&self, target: &str, layer: Option<&str>) -> Result<Cleared, RemoteError> {
+        let (_, device) = self.target_layer(target, None)?;
+        let layers: Vec<LayerName> = match layer {
+            Some(layer) => vec![self.target_layer(target, Some(layer))?.0],
+            None if device => vec![LayerName::Device, LayerName::Media],
+            None => vec![LayerName::Frontend, LayerName::Engine, LayerName::Queue],
+        };
+        let mut rules = self.rules();
+        let mut cleared = 0;
+        for layer in layers {
+            let key = (target.to_string(), layer);
+            let count = rules.get(&key).map_or(0, |list| list.len());
+            if count == 0 {
+                continue;
+            }
+            self.apply_rules(target, layer, device, Vec::new())?;
+            rules.remove(&key);
+            cleared += count;
+        }
+        Ok(Cleared { cleared })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        volume: &str,
+        rw: &str,
+        bs: u64,
+        iodepth: u32,
+        runtime_ms: u64,
+        ramp_ms: u64,
+        size: Option<u64>,
+        seed: Option<u64>,
+        rwmixread: Option<u32>,
+    ) -> Result<RunResult, RemoteError> {
+        let bad = |what: String| RemoteError::new(proto::BAD_REQUEST, format!("run: {what}"));
+        let target = self.engine.volume(volume).cloned().ok_or_else(|| {
+            control_error(ControlError::UnknownVolume {
+                name: volume.to_string(),
+                known: self
+                    .engine
+                    .volumes()
+                    .iter()
+                    .map(|volume| volume.name.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+        })?;
+        let pattern = Pattern::from_str(rw, true).map_err(|_| {
+            bad(format!(
+                "rw {rw:?}: one of read, write, randread, randwrite, readwrite, randrw"
+            ))
+        })?;
+        let block = target.block_size as u64;
+        if bs == 0 || bs % block != 0 || bs > target.max_transfer_bytes as u64 {
+            return Err(bad(format!(
+                "bs {bs}: a multiple of the volume's {block}-byte blocks, at most {} bytes",
+                target.max_transfer_bytes
+            )));
+        }
+        if iodepth == 0 || iodepth > MAX_IODEPTH {
+            return Err(bad(format!("iodepth {iodepth}: 1 to {MAX_IODEPTH}")));
+        }
+        let (runtime, ramp) = (
+            Duration::from_millis(runtime_ms),
+            Duration::from_millis(ramp_ms),
+        );
+        if runtime.is_zero() || runtime > MAX_RUNTIME || ramp > MAX_RUNTIME {
+            return Err(bad(format!(
+                "runtime_ms {runtime_ms}, ramp_ms {ramp_ms}: a runtime of 1 ms to 1 h, a ramp of at most 1 h"
+            )));
+        }
+        let span = size.unwrap_or(target.size_bytes());
+        if span < bs || span > target.size_bytes() {
+            return Err(bad(format!(
+                "size {span}: at least bs ({bs}) and at most the volume's {} bytes",
+                target.size_bytes()
+            )));
+        }
+        let read_percent = rwmixread.unwrap_or(50);
+        if read_percent > 100 {
+            return Err(bad(format!("rwmixread {read_percent}: 0 to 100")));
+        }
+        if self.runs.fetch_add(1, Ordering::AcqRel) >= MAX_RUNS {
+            self.runs.fetch_sub(1, Ordering::AcqRel);
+            return Err(RemoteError::new(
+                proto::BUSY,
+                format!("{MAX_RUNS} workloads already run on this node; wait for one to end"),
+            ));
+        }
+        let result = self.run_workload(
+            &target,
+            WorkloadSpec {
+                volume: target.id,
+                pattern,
+                block_size: bs,
+                iodepth: iodepth as usize,
+                span_bytes: span - span % bs,
+                runtime,
+                ramp,
+                seed: seed.unwrap_or(0x5eed),
+                read_percent,
+            },
+        );
+        self.runs.fetch_sub(1, Ordering::AcqRel);
+        result
+    }
+
+    fn run_workload(
+        &self,
+        volume: &fathom_engine::Volume,
+        spec: WorkloadSpec,
+    ) -> Result<RunResult, RemoteError> {
+        let wait = spec.runtime + spec.ramp + Duration::from_secs(30);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let task = WorkloadTask::new(spec, self.engine.dma(), *self.engine.clock(), tx).map_err(
+            |error| {
+                RemoteError::new(
+                    proto::BUSY,
+                    format!("run: no DMA memory for the workload's buffers ({error}); lower iodepth or bs"),
+                )
+            },
+        )?;
+        self.engine
+            .spawn(volume.reactor, Box::new(task))
+            .map_err(|error| RemoteError::new(proto::BUSY, format!("run: {error}")))?;
+        let result = rx.recv_timeout(wait).map_err(|_| {
+            RemoteError::new(
+                proto::INTERNAL,
+                format!(
+                    "run: the workload did not report within {wait:?}; the reactor may be stuck"
+                ),
+            )
+        })?;
+        Ok(RunResult {
+            volume: volume.name.clone(),
+            core: result.core,
+            ios: result.ios,
+            bytes: result.bytes,
+            errors: result.errors,
+            elapsed_ns: result.elapsed_ns,
+            cpu_ns: result.cpu_ns,
+            waited_ios: result.waited_ios,
+            wait_ns: result.wait_ns,
+        })
+    }
+}
+
+impl Handler for NodeControl {
+    fn handle(&self, request: Request) -> Result<Value, RemoteError> {
+        fn json(value: impl serde::Serialize) -> Result<Value, RemoteError> {
+            serde_json::to_value(value)
+                .map_err(|error| RemoteError::new(proto::INTERNAL, error.to_string()))
+        }
+        match request {
+            Request::Hello => json(self.hello()),
+            Request::Volumes => json(self.volumes()?),
+            Request::Devices => json(self.devices()),
+            Request::Layers { volume } => json(self.layers(volume)?),
+            Request::StubSet { volume, layer } => json(self.stub(&volume, &layer, true)?),
+            Request::StubClear { volume, layer } => json(self.stub(&volume, &layer, false)?),
+            Request::InjectAdd {
+                target,
+                layer,
+                rule,
+            } => json(self.inject_add(&target, layer.as_deref(), rule)?),
+            Request::InjectList { target } => json(self.inject_list(target)?),
+            Request::InjectClear { target, layer } => {
+                json(self.inject_clear(&target, layer.as_deref())?)
+            }
+            Request::Run {
+                volume,
+                rw,
+                bs,
+                iodepth,
+                runtime_ms,
+                ramp_ms,
+                size,
+                seed,
+                rwmixread,
+            } => json(self.run(
+                &volume, &rw, bs, iodepth, runtime_ms, ramp_ms, size, seed, rwmixread,
+            )?),
+        }
+    }
+}
+
+fn parse_layer(layer: &str) -> Result<LayerName, RemoteError> {
+    layer
+        .parse()
+        .map_err(|what: String| RemoteError::new(proto::UNKNOWN_LAYER, what))
+}
+
+fn stub_detail(layer: LayerName) -> &'static str {
+    match layer {
+        LayerName::Frontend => "workload inside the node",
+        LayerName::Engine => "no engine layers: nothing held or delayed",
+        LayerName::Queue => "completes at submission, NVMe rings untouched",
+        LayerName::Device => "inline null controller behind the same queue code",
+        LayerName::Media => "the controller moves no data",
+    }
+}
+
+fn control_error(error: ControlError) -> RemoteError {
+    let code = match &error {
+        ControlError::UnknownVolume { .. } => proto::UNKNOWN_VOLUME,
+        ControlError::UnknownDevice { .. } => proto::UNKNOWN_DEVICE,
+        ControlError::Unsupported { .. } => proto::UNSUPPORTED,
+        ControlError::BadRule { .. } => proto::BAD_RULE,
+        ControlError::Timeout(_) => proto::BUSY,
+        ControlError::Stopped => proto::INTERNAL,
+    };
+    RemoteError::new(code, error.to_string())
+}
