@@ -2,6 +2,7 @@
 //! reactor's task keeps `iodepth` IOs in flight on its own volume, resubmitting from the
 //! completion, with no cross-core hop and no allocation per IO.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
@@ -176,9 +177,10 @@ enum Phase {
 pub struct WorkloadTask {
     spec: WorkloadSpec,
     clock: Clock,
-    /// Idle buffers, each with the clock reading since when its IO has waited to be
-    /// submitted (0: it has not been refused yet).
-    buffers: Vec<(DmaBuf, u64)>,
+    /// Idle buffers, oldest first, each with the clock reading since when its IO has waited
+    /// to be submitted (0: it has not been refused yet). Served in order: a completion's
+    /// buffer goes behind IOs already waiting, as a client's requests queue for a device.
+    buffers: VecDeque<(DmaBuf, u64)>,
     /// Waits summed in clock ticks (converted once, at the report).
     wait_ticks: u64,
     phase: Phase,
@@ -196,13 +198,13 @@ impl WorkloadTask {
         clock: Clock,
         report: Sender<WorkloadResult>,
     ) -> Result<Self, fathom_dma::DmaError> {
-        let mut buffers = Vec::with_capacity(spec.iodepth);
+        let mut buffers = VecDeque::with_capacity(spec.iodepth);
         for index in 0..spec.iodepth {
             let mut buf = pool.alloc(spec.block_size as usize)?;
             if spec.pattern.writes() {
                 buf.fill(index as u8 ^ 0x5a);
             }
-            buffers.push((buf, 0));
+            buffers.push_back((buf, 0));
         }
         Ok(Self {
             access: AccessGenerator::new(
@@ -261,8 +263,9 @@ impl WorkloadTask {
                     0 => self.clock.now().max(1),
                     since => since,
                 };
-                self.buffers
-                    .extend(rejected.request.buf.map(|buf| (buf, since)));
+                if let Some(buf) = rejected.request.buf {
+                    self.buffers.push_front((buf, since));
+                }
                 false
             }
         }
@@ -270,7 +273,7 @@ impl WorkloadTask {
 
     /// Puts every idle buffer back to work (after a start or a refusal).
     fn issue_idle(&mut self, io: &mut IoContext) {
-        while let Some((buf, since)) = self.buffers.pop() {
+        while let Some((buf, since)) = self.buffers.pop_front() {
             if !self.issue(io, buf, since) {
                 break;
             }
@@ -358,10 +361,14 @@ impl Task for WorkloadTask {
             }
             Err(_) => self.result.errors += 1,
         }
-        if matches!(self.phase, Phase::Ramp { .. } | Phase::Measure { .. }) {
+        if !matches!(self.phase, Phase::Ramp { .. } | Phase::Measure { .. }) {
+            self.buffers.push_back((buf, 0));
+        } else if self.buffers.is_empty() {
             self.issue(io, buf, 0);
         } else {
-            self.buffers.push((buf, 0));
+            // IOs are waiting for room: this one waits behind them, from now.
+            self.buffers.push_back((buf, self.clock.now().max(1)));
+            self.issue_idle(io);
         }
     }
 

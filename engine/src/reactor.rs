@@ -42,6 +42,8 @@ use fathom_telemetry::Clock;
 pub const INBOUND_BATCH: usize = 64;
 /// Completions reaped per queue per loop iteration.
 pub const REAP_BATCH: usize = 64;
+/// Tasks that can wait in turn for room on one device queue; more wait without a turn.
+const MAX_WAITERS: usize = 64;
 /// An adaptive reactor with IO in flight and nothing else to do spins this long, then waits in
 /// the kernel for a completion (where the device's queue can wait), at most this long.
 const DEVICE_WAIT_SPIN: Duration = Duration::from_micros(20);
@@ -186,6 +188,14 @@ pub struct IoContext {
     up_batch: Vec<(u32, u8, Result<(), IoError>)>,
     /// The clock as layers see it, read once per loop iteration while any volume has layers.
     layer_now: u64,
+    /// Per device: tasks refused because its queue was full, oldest first (as SPDK's
+    /// io_wait). While any wait, a task's new IO goes behind them: a submitter that resubmits
+    /// from its own completions cannot keep a shared queue to itself.
+    waiters: Vec<std::collections::VecDeque<u32>>,
+    /// Bit d: device d has waiters (the one check the submit path pays).
+    waiting: u64,
+    /// Per device: the first waiter when the tasks were last polled, to expire a turn not taken.
+    turn: Vec<u32>,
 }
 
 impl IoContext {
@@ -204,6 +214,7 @@ impl IoContext {
             MAX_DEVICES
         );
         let capacity: usize = queues.iter().map(|queue| queue.capacity()).sum();
+        let queue_count = queues.len();
         let volumes_len = volumes.len();
         let unrung = queues
             .iter()
@@ -259,6 +270,11 @@ impl IoContext {
             down_batch: Vec::with_capacity(capacity),
             up_batch: Vec::with_capacity(capacity),
             layer_now: 0,
+            waiters: (0..queue_count)
+                .map(|_| std::collections::VecDeque::with_capacity(MAX_WAITERS))
+                .collect(),
+            waiting: 0,
+            turn: vec![u32::MAX; queue_count],
 
             telemetry,
         }
@@ -297,7 +313,12 @@ impl IoContext {
     #[inline]
     pub fn submit_waited(&mut self, request: IoRequest, since: u64) -> Result<(), Rejected> {
         let task = self.current_task;
-        let since = self.telemetry.is_some().then_some(since);
+        // A waited IO is off the fast path: a fresh stamp ends its `queue` stage where it
+        // really ends, not at the reactor's last clock read.
+        let since = self.telemetry.as_deref_mut().map(|telemetry| {
+            telemetry.stamp();
+            since
+        });
         self.submit_notify(request, Notify::Task(task), since, false)
     }
 
@@ -383,6 +404,18 @@ impl IoContext {
             });
         };
         let device = volume.device;
+        if self.waiting & (1 << device) != 0 {
+            if let Notify::Task(task) = notify {
+                if !self.take_turn(device, task) {
+                    self.free_slots.push(slot_index);
+                    return Err(Rejected {
+                        request,
+                        notify,
+                        error: IoError::Busy,
+                    });
+                }
+            }
+        }
         if self.layered && self.detour[request.volume.0 as usize] {
             // Down through the volume's layers, before this iteration's doorbells.
             self.work.down.push((slot_index, 0));
@@ -406,6 +439,9 @@ impl IoContext {
         }
         if self.queues[device].submit(&command, slot_index).is_err() {
             self.free_slots.push(slot_index);
+            if let Notify::Task(task) = notify {
+                self.wait_turn(device, task);
+            }
             return Err(Rejected {
                 request,
                 notify,
@@ -427,6 +463,56 @@ impl IoContext {
         slot.op = request.op;
         slot.volume = request.volume.0;
         Ok(())
+    }
+
+    /// Whether `task` may submit to `device` now that tasks wait for it: only the first
+    /// waiter may (and its turn is used); anyone else waits behind.
+    #[cold]
+    fn take_turn(&mut self, device: usize, task: u32) -> bool {
+        let waiters = &mut self.waiters[device];
+        if waiters.front() == Some(&task) {
+            waiters.pop_front();
+            if waiters.is_empty() {
+                self.waiting &= !(1 << device);
+            }
+            return true;
+        }
+        if !waiters.contains(&task) && waiters.len() < MAX_WAITERS {
+            waiters.push_back(task);
+        }
+        false
+    }
+
+    /// `task` found `device`'s queue full: it waits for room, first if it had its turn.
+    #[cold]
+    fn wait_turn(&mut self, device: usize, task: u32) {
+        let waiters = &mut self.waiters[device];
+        if !waiters.contains(&task) && waiters.len() < MAX_WAITERS {
+            waiters.push_front(task);
+        }
+        self.waiting |= 1 << device;
+    }
+
+    /// After the tasks were polled: a first waiter that had a whole poll with room on its
+    /// queue and did not submit loses its turn (it stopped, or wants no more), so nobody
+    /// behind it waits for ever.
+    #[cold]
+    fn expire_turns(&mut self) {
+        let mut waiting = self.waiting;
+        while waiting != 0 {
+            let device = waiting.trailing_zeros() as usize;
+            waiting &= waiting - 1;
+            let queue = &self.queues[device];
+            let room = queue.outstanding() < queue.capacity();
+            let waiters = &mut self.waiters[device];
+            if room && waiters.front() == Some(&self.turn[device]) {
+                waiters.pop_front();
+            }
+            self.turn[device] = waiters.front().copied().unwrap_or(u32::MAX);
+            if waiters.is_empty() {
+                self.waiting &= !(1 << device);
+            }
+        }
     }
 
     /// What a layer at `depth` is handed while it is called.
@@ -913,10 +999,21 @@ impl Reactor {
                 work += task.poll(&mut self.io) as usize;
             }
         }
+        if self.io.waiting != 0 {
+            self.io.expire_turns();
+        }
         // Drop finished tasks; keep indices stable while any might still get completions.
         if self.io.in_flight() == 0 {
+            let before = self.tasks.len();
             self.tasks
                 .retain(|task| task.as_ref().is_some_and(|task| !task.finished()));
+            if self.tasks.len() != before {
+                // Indices moved: no waiter's turn means what it meant.
+                for waiters in self.io.waiters.iter_mut() {
+                    waiters.clear();
+                }
+                self.io.waiting = 0;
+            }
         }
         work
     }

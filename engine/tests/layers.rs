@@ -366,3 +366,186 @@ fn bad_changes_are_refused_with_the_reason_and_change_nothing() {
     assert_eq!(read(&engine, 0), pattern(3, 4096));
     engine.shutdown().unwrap();
 }
+
+fn stub(engine: &Engine, layer: LayerName, on: bool) {
+    engine
+        .change_layers("v", |layers| {
+            layers.get_mut(layer).stub = on;
+            Ok(())
+        })
+        .unwrap();
+}
+
+fn device_rules(engine: &Engine, layer: LayerName, rules: Vec<InjectRule>) {
+    engine
+        .change_device_inject("d", layer, |current| {
+            *current = rules;
+            Ok(())
+        })
+        .unwrap();
+}
+
+fn stall() -> InjectRule {
+    let mut rule = InjectRule::latency(LatencySpec::Fixed(Duration::ZERO));
+    rule.latency = None;
+    rule.stall = true;
+    rule
+}
+
+#[test]
+fn the_device_stub_moves_a_volume_to_a_null_controller_and_back() {
+    let test = node(&[0], ONE_VOLUME);
+    let engine = Engine::start(&test.config).unwrap();
+    write(&engine, 0, 1).unwrap();
+    // A stall on the real device holds its commands; the stub's controller has no rules.
+    device_rules(&engine, LayerName::Device, vec![stall()]);
+    stub(&engine, LayerName::Device, true);
+    write(&engine, 0, 2).unwrap();
+    assert_eq!(
+        read(&engine, 0),
+        vec![0; 4096],
+        "the device stub's null media returns zeroes"
+    );
+    device_rules(&engine, LayerName::Device, Vec::new());
+    stub(&engine, LayerName::Device, false);
+    // The write acknowledged by the stub never reached the real device.
+    assert_eq!(read(&engine, 0), pattern(1, 4096));
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn the_media_stub_skips_the_data_and_the_media_rules_but_not_the_device() {
+    let test = node(&[0], ONE_VOLUME);
+    let engine = Engine::start(&test.config).unwrap();
+    write(&engine, 4096, 3).unwrap();
+    stub(&engine, LayerName::Media, true);
+    // Media rules do not apply to commands that move no data...
+    device_rules(&engine, LayerName::Media, vec![stall()]);
+    write(&engine, 4096, 4).unwrap();
+    device_rules(&engine, LayerName::Media, Vec::new());
+    // ... device rules still do.
+    device_rules(
+        &engine,
+        LayerName::Device,
+        vec![InjectRule::latency("20ms".parse().unwrap())],
+    );
+    let started = Instant::now();
+    write(&engine, 4096, 5).unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(20),
+        "device latency under the media stub: {:?}",
+        started.elapsed()
+    );
+    device_rules(&engine, LayerName::Device, Vec::new());
+    stub(&engine, LayerName::Media, false);
+    assert_eq!(read(&engine, 4096), pattern(3, 4096), "no data moved");
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn a_run_time_device_stall_holds_commands_until_cleared_and_bad_targets_are_refused() {
+    let test = node(&[0], ONE_VOLUME);
+    let engine = Engine::start(&test.config).unwrap();
+    device_rules(&engine, LayerName::Device, vec![stall()]);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut buf = engine.dma().alloc(4096).unwrap();
+    buf.write_at(0, &pattern(9, 4096));
+    engine
+        .submit(
+            IoRequest::write(VolumeId(0), 0, buf, 9),
+            Notify::Channel(tx),
+        )
+        .unwrap();
+    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+    device_rules(&engine, LayerName::Device, Vec::new());
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("released")
+        .result
+        .unwrap();
+    assert_eq!(read(&engine, 0), pattern(9, 4096));
+    for (device, layer) in [("nope", LayerName::Device), ("d", LayerName::Queue)] {
+        let error = engine
+            .change_device_inject(device, layer, |_| Ok(()))
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("nope") || error.to_string().contains("VOLUME"),
+            "{error}"
+        );
+    }
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn the_total_of_an_io_held_by_a_layer_is_its_own_latency() {
+    // One IO at a time through a 2 ms delay: each IO's `total` is what the IO took, as its
+    // submitter timed it, not the time until the next IO's completion ended its record.
+    let test = node(&[0], ONE_VOLUME);
+    let engine = Engine::start(&test.config).unwrap();
+    latency(LayerName::Queue, &engine, "2ms");
+    let region = fathom_telemetry::region::RegionReader::open(&test.config.region_path()).unwrap();
+    let directory = region.directory().clone();
+    let total = directory.stages.iter().position(|s| s == "total").unwrap();
+    let before = region.snapshot(0);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    struct Serial {
+        left: u32,
+        buf: Option<fathom_engine::DmaBuf>,
+        started: Instant,
+        took: Duration,
+        done: crossbeam_channel::Sender<Duration>,
+    }
+    impl fathom_engine::Task for Serial {
+        fn poll(&mut self, io: &mut fathom_engine::IoContext) -> bool {
+            if let Some(buf) = self.buf.take() {
+                self.started = Instant::now();
+                io.submit(IoRequest::read(VolumeId(0), 0, buf, 0)).unwrap();
+            }
+            false
+        }
+        fn complete(
+            &mut self,
+            io: &mut fathom_engine::IoContext,
+            completion: fathom_engine::IoCompletion,
+        ) {
+            completion.result.unwrap();
+            self.took += self.started.elapsed();
+            self.left -= 1;
+            if self.left == 0 {
+                let _ = self.done.send(self.took);
+            } else {
+                self.started = Instant::now();
+                io.submit(IoRequest::read(VolumeId(0), 0, completion.buf.unwrap(), 0))
+                    .unwrap();
+            }
+        }
+        fn finished(&self) -> bool {
+            self.left == 0
+        }
+    }
+    engine
+        .spawn(
+            0,
+            Box::new(Serial {
+                left: 20,
+                buf: Some(engine.dma().alloc(4096).unwrap()),
+                started: Instant::now(),
+                took: Duration::ZERO,
+                done: tx,
+            }),
+        )
+        .unwrap();
+    let took = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let after = region.snapshot(0);
+    let histogram =
+        fathom_telemetry::report::delta_histogram(&directory, &before, &after, 0, 0, total);
+    let mean_ms = histogram.mean() * 1e3 / directory.tsc_hz as f64;
+    let own_ms = took.as_secs_f64() * 1e3 / 20.0;
+    assert_eq!(histogram.len(), 20);
+    assert!(own_ms >= 2.0, "IOs delayed 2 ms took {own_ms:.2} ms");
+    assert!(
+        (mean_ms - own_ms).abs() <= 0.1 * own_ms,
+        "telemetry's mean total {mean_ms:.2} ms, the IOs' own {own_ms:.2} ms"
+    );
+    engine.shutdown().unwrap();
+}
