@@ -68,6 +68,18 @@ pub struct IsolateSpec {
     /// Layers to stub, top first.
     #[serde(serialize_with = "layer_names")]
     pub layers: Vec<LayerName>,
+    /// With a node: who drives the full stack through NBD.
+    pub client: Client,
+}
+
+/// The NBD client of a node's full-stack rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Client {
+    /// fathom-bench's own NBD client (the same generator as the in-node workload).
+    Builtin,
+    /// fio's nbd engine (Debian's fio), one job of --iodepth per volume.
+    Fio,
 }
 
 fn seconds<S: serde::Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
@@ -470,6 +482,9 @@ fn run_load(
     let Target::Node { nbd, .. } = target else {
         unreachable!("only a node has a front end")
     };
+    if spec.client == Client::Fio {
+        return run_fio(spec, &format!("nbd://{nbd}/{volume}"), start);
+    }
     let uri = NbdUri::parse(&format!("nbd://{nbd}/{volume}"))?;
     let connection =
         Connection::open(&uri).with_context(|| format!("opening nbd://{nbd}/{volume}"))?;
@@ -490,6 +505,49 @@ fn run_load(
     let result = nbd_client::run_job(connection, &job, start, &AtomicU64::new(0))?;
     Ok(Load {
         errors: result.errors,
+        inside: None,
+    })
+}
+
+/// One volume's full-stack round driven by fio's nbd engine.
+fn run_fio(spec: &IsolateSpec, uri: &str, start: &Barrier) -> Result<Load> {
+    let pattern = format!("{:?}", spec.pattern).to_lowercase();
+    let mut command = std::process::Command::new("fio");
+    command.args([
+        "--name=isolate",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        &format!("--rw={pattern}"),
+        &format!("--bs={}", spec.bs),
+        &format!("--iodepth={}", spec.iodepth),
+        &format!("--rwmixread={}", spec.rwmixread),
+        &format!("--runtime={}ms", spec.runtime.as_millis()),
+        &format!("--ramp_time={}ms", spec.ramp.as_millis()),
+        "--time_based",
+        "--output-format=json",
+    ]);
+    if let Some(size) = spec.size {
+        command.arg(format!("--size={size}"));
+    }
+    start.wait();
+    let output = command
+        .output()
+        .context("running fio (Debian's fio package) for --client fio")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "fio failed ({}): {}{}",
+            output.status,
+            text,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    // The nbd engine prints a line ahead of the JSON.
+    let json: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap_or(0)..])
+        .with_context(|| format!("fio's JSON output: {text}"))?;
+    let errors = json["jobs"][0]["error"].as_u64().unwrap_or(1);
+    Ok(Load {
+        errors,
         inside: None,
     })
 }
@@ -618,7 +676,7 @@ pub fn render(report: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "isolate: node {} volumes {}: {:?} {} B QD{} ({} rounds of {:.1} s, ramp {:.1} s)",
+        "isolate: node {} volumes {}: {:?} {} B QD{} ({} rounds of {:.1} s, ramp {:.1} s, full stack by {:?})",
         report.node,
         spec.volumes.join(","),
         spec.pattern,
@@ -626,7 +684,8 @@ pub fn render(report: &Report) -> String {
         spec.iodepth,
         spec.rounds,
         spec.runtime.as_secs_f64(),
-        spec.ramp.as_secs_f64()
+        spec.ramp.as_secs_f64(),
+        spec.client
     );
     let _ = writeln!(
         out,
@@ -854,6 +913,9 @@ pub struct IsolateArgs {
         default_value = "frontend,engine,queue,device,media"
     )]
     pub layers: Vec<String>,
+    /// --node: the NBD client of the full-stack rounds: builtin, or fio's nbd engine.
+    #[arg(long, value_enum, default_value = "builtin")]
+    pub client: Client,
     /// One JSON object instead of the tables.
     #[arg(long)]
     pub json: bool,
@@ -912,6 +974,9 @@ pub fn main(args: IsolateArgs) -> Result<()> {
             (target, volumes)
         }
         None => {
+            if args.client != Client::Builtin {
+                bail!("--client applies to a node's full stack (--node): an engine in this process has no front end");
+            }
             if args.volumes == 0 || args.volumes > 64 {
                 bail!("--volumes {}: 1 to 64", args.volumes);
             }
@@ -937,6 +1002,7 @@ pub fn main(args: IsolateArgs) -> Result<()> {
         rwmixread: args.rwmixread,
         rounds: args.rounds,
         layers,
+        client: args.client,
     };
     let bar = indicatif::ProgressBar::new((spec.rounds * (spec.layers.len() + 1)) as u64);
     bar.set_style(
