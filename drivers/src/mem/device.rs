@@ -771,20 +771,18 @@ impl DeviceQueue {
                 .injector
                 .evaluate(class, slba, blocks, shared.clock.now(), &mut self.rng)
         };
-        let no_data = entry.cdw2 & crate::NO_DATA_CDW2 != 0;
         if let Some(runtime) = self.runtime.as_deref() {
-            let now = shared.clock.now();
-            for (injector, applies) in [(&runtime.device, true), (&runtime.media, !no_data)] {
-                if applies && !injector.is_empty() {
-                    let more = injector.evaluate(class, slba, blocks, now, &mut self.rng);
-                    injected.delay_ticks = injected.delay_ticks.saturating_add(more.delay_ticks);
-                    injected.status = injected.status.or(more.status);
-                    injected.stall |= more.stall;
-                }
-            }
-            if injected.stall {
-                injected.delay_ticks = STALLED;
-            }
+            let no_data = entry.cdw2 & crate::NO_DATA_CDW2 != 0;
+            runtime_inject(
+                runtime,
+                &mut self.rng,
+                &shared.clock,
+                &mut injected,
+                class,
+                slba,
+                blocks,
+                no_data,
+            );
         }
         if let Some(status) = injected.status {
             return (status, injected.delay_ticks);
@@ -796,7 +794,8 @@ impl DeviceQueue {
                 Status::INVALID_FIELD
             }
             io_opcode::READ | io_opcode::WRITE
-                if no_data || shared.media.kind() == super::MediaKind::Null =>
+                if shared.media.kind() == super::MediaKind::Null
+                    || entry.cdw2 & crate::NO_DATA_CDW2 != 0 =>
             {
                 Status::SUCCESS
             }
@@ -823,6 +822,35 @@ impl DeviceQueue {
             _ => flush_status(shared),
         };
         (status, injected.delay_ticks)
+    }
+}
+
+/// Adds what the run-time rules decide for a command to `injected` (media rules only for
+/// commands that move data).
+#[cold]
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn runtime_inject(
+    runtime: &RuntimeRules,
+    rng: &mut Rng,
+    clock: &Clock,
+    injected: &mut crate::inject::Injected,
+    class: OpClass,
+    slba: u64,
+    blocks: u64,
+    no_data: bool,
+) {
+    let now = clock.now();
+    for (injector, applies) in [(&runtime.device, true), (&runtime.media, !no_data)] {
+        if applies && !injector.is_empty() {
+            let more = injector.evaluate(class, slba, blocks, now, rng);
+            injected.delay_ticks = injected.delay_ticks.saturating_add(more.delay_ticks);
+            injected.status = injected.status.or(more.status);
+            injected.stall |= more.stall;
+        }
+    }
+    if injected.stall {
+        injected.delay_ticks = STALLED;
     }
 }
 
