@@ -934,8 +934,7 @@ pub fn main(args: IsolateArgs) -> Result<()> {
     if args.rounds == 0 || args.rounds > 1000 {
         bail!("--rounds {}: 1 to 1000", args.rounds);
     }
-    if !(args.runtime > 0.0 && args.runtime <= 3600.0) || !(0.0..=3600.0).contains(&args.ramp_time)
-    {
+    if !(args.runtime > 0.0 && args.runtime <= 3600.0 && (0.0..=3600.0).contains(&args.ramp_time)) {
         bail!("--runtime must be 0 to 3600 s (not 0) and --ramp_time 0 to 3600 s");
     }
     let layers = args
@@ -1059,7 +1058,7 @@ fn local_config(args: &IsolateArgs, dir: &TempDir) -> Result<fathom_engine::Conf
          [[device]]\nname = \"nvme0\"\ndriver = \"mem\"\nmedia = \"{media}\"\nmode = \"{mode}\"\nsize = \"{size}MiB\"\n",
         pid = std::process::id(),
         dir = dir.0.display().to_string(),
-        dma = 64 + (args.volumes as u64 * args.iodepth as u64 * args.bs * 2 >> 20),
+        dma = 64 + ((args.volumes as u64 * args.iodepth as u64 * args.bs * 2) >> 20),
         huge = !args.no_hugepages,
         depth = args.queue_depth,
         region = dir.0.join("stats").display().to_string(),

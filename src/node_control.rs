@@ -390,7 +390,7 @@ impl NodeControl {
             ))
         })?;
         let block = target.block_size as u64;
-        if bs == 0 || bs % block != 0 || bs > target.max_transfer_bytes as u64 {
+        if bs == 0 || !bs.is_multiple_of(block) || bs > target.max_transfer_bytes as u64 {
             return Err(bad(format!(
                 "bs {bs}: a multiple of the volume's {block}-byte blocks, at most {} bytes",
                 target.max_transfer_bytes

@@ -5,11 +5,10 @@
 //! scripts/test installs the clients (qemu-utils, libnbd-bin, fio); without them these tests
 //! fail and say which package to install.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 const NODE: &str = env!("CARGO_BIN_EXE_fathom-node");
@@ -17,7 +16,7 @@ const STAT: &str = env!("CARGO_BIN_EXE_fathom-stat");
 
 mod common;
 
-use common::{free_hugepages, Node, VOLUME_BYTES};
+use common::{Node, VOLUME_BYTES};
 
 /// Runs a client program; fails the test with its output (or the package to install).
 fn run(program: &str, args: &[&str]) -> Output {
