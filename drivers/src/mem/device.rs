@@ -665,6 +665,19 @@ impl DeviceQueue {
         let Some(tail) = self.sq_tail() else {
             return posted;
         };
+        // Whether run-time rules apply is decided once per batch, not per command.
+        posted
+            + match self.runtime.is_some() {
+                false => self.execute_batch::<false>(tail),
+                true => self.execute_batch::<true>(tail),
+            }
+    }
+
+    /// Executes the commands submitted before `tail`, with (`RUNTIME`) or without the
+    /// run-time rules. Returns the completions posted.
+    #[inline(always)]
+    fn execute_batch<const RUNTIME: bool>(&mut self, tail: u32) -> usize {
+        let mut posted = 0;
         for _ in 0..self.sq_entries {
             if self.deferred.len() == self.deferred.capacity() {
                 break;
@@ -672,7 +685,7 @@ impl DeviceQueue {
             let Some(entry) = self.fetch_before(tail) else {
                 break;
             };
-            let (status, delay) = self.execute_io(&entry);
+            let (status, delay) = self.execute_io::<RUNTIME>(&entry);
             if delay == 0 && self.post(entry.cid(), status, 0) {
                 posted += 1;
             } else {
@@ -737,7 +750,7 @@ impl DeviceQueue {
     /// Runs one I/O command: checks, injection, data transfer. Returns the status and the
     /// injected delay in ticks.
     #[inline]
-    fn execute_io(&mut self, entry: &SubmissionEntry) -> (Status, u64) {
+    fn execute_io<const RUNTIME: bool>(&mut self, entry: &SubmissionEntry) -> (Status, u64) {
         let shared = &*self.shared;
         let opcode = entry.opcode();
         let class = match opcode {
@@ -771,7 +784,7 @@ impl DeviceQueue {
                 .injector
                 .evaluate(class, slba, blocks, shared.clock.now(), &mut self.rng)
         };
-        if let Some(runtime) = self.runtime.as_deref() {
+        if let Some(runtime) = self.runtime.as_deref().filter(|_| RUNTIME) {
             let no_data = entry.cdw2 & crate::NO_DATA_CDW2 != 0;
             runtime_inject(
                 runtime,
