@@ -50,7 +50,8 @@ pub struct InjectRule {
     pub fraction: f64,
     /// Only commands touching LBAs in [first, last] (inclusive; default: all).
     pub lbas: Option<[u64; 2]>,
-    /// Added device latency: `"200us"`, `"uniform(100us,300us)"` or `"exponential(1ms)"`.
+    /// Added device latency: `"200us"` (or `"fixed(200us)"`), `"uniform(100us,300us)"`,
+    /// `"exponential(1ms)"` or `"pareto(100us,1.5)"`.
     pub latency: Option<LatencySpec>,
     /// Complete with this error instead of doing the transfer.
     pub error: Option<InjectedError>,
@@ -197,6 +198,9 @@ impl FromStr for LatencySpec {
             Ok(LatencySpec::Exponential {
                 mean: parse_duration(mean)?,
             })
+        } else if let Some(fixed) = inner("fixed(") {
+            // The same as the bare duration, spelled as the other distributions are.
+            Ok(LatencySpec::Fixed(parse_duration(fixed)?))
         } else {
             parse_duration(text).map(LatencySpec::Fixed).map_err(|error| {
                 format!("{error}; a latency is a duration (\"200us\"), \"uniform(MIN,MAX)\", \"exponential(MEAN)\" or \"pareto(SCALE,SHAPE)\"")
@@ -679,6 +683,15 @@ mod tests {
         assert!((135_000..148_000).contains(&median), "median {median}");
         assert!("pareto(100us)".parse::<LatencySpec>().is_err());
         assert!("pareto(100us,0)".parse::<LatencySpec>().is_err());
+    }
+
+    #[test]
+    fn fixed_latency_has_a_named_form_too() {
+        assert_eq!(
+            "fixed(50us)".parse::<LatencySpec>().unwrap(),
+            "50us".parse::<LatencySpec>().unwrap()
+        );
+        assert!("fixed(soon)".parse::<LatencySpec>().is_err());
     }
 
     #[test]
