@@ -13,9 +13,16 @@
 //! their slot numbers in storage sized when it is built, so nothing allocates per IO. A volume
 //! whose stack is empty (the default) goes straight to its device queue.
 //!
+//! A parent a layer completes while some of its children are still in flight (a quorum write
+//! acknowledged before its slowest copy) goes up only when the last child is done: a child's
+//! command may point into the parent's buffer, and the buffer goes back to the client with the
+//! completion. A layer that wants to answer before its slow children copies the data first.
+//!
 //! Stacks change only through control messages, applied by the reactor between loop
 //! iterations ([`crate::reactor::VolumeControl`]); a replaced layer first gives back what it
-//! holds ([`Layer::drain`]).
+//! holds ([`Layer::drain`]). Replacing a stack while its children are in flight is not
+//! supported yet (their completions would reach the new stack's layer at the same depth):
+//! replication, the first fan-out layer, must drain its children first.
 
 use fathom_drivers::inject::{InjectRule, Injector, OpClass, Rng};
 use fathom_drivers::{IoCommand, Op};
@@ -328,7 +335,8 @@ impl LayerCtx<'_> {
         self.work.down.push((slot, self.depth + 1));
     }
 
-    /// Completes an IO this layer holds (on the way down or up): the layers above see it.
+    /// Completes an IO this layer holds (on the way down or up): the layers above see it,
+    /// once any children it issued for the IO are done.
     pub fn complete(&mut self, slot: u32, result: Result<(), IoError>) {
         self.work.up.push((slot, self.depth, result));
     }

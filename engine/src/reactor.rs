@@ -153,6 +153,11 @@ struct Link {
     volume: u32,
     /// A child IO's parent slot ([`NO_SLOT`] for an IO a client submitted).
     parent: u32,
+    /// A parent's children in flight: their commands may point into its buffer, so its
+    /// completion waits for them ([`Link::deferred`]).
+    children: u32,
+    /// A parent a layer completed while children were in flight: where and with what.
+    deferred: Option<(u8, Result<(), IoError>)>,
     /// Below the layers: the device command (kept while a layer holds the IO).
     command: IoCommand,
 }
@@ -249,6 +254,8 @@ impl IoContext {
                 origin: 0,
                 volume: 0,
                 parent: NO_SLOT,
+                children: 0,
+                deferred: None,
                 command: IoCommand {
                     op: Op::Flush,
                     nsid: 0,
@@ -452,6 +459,8 @@ impl IoContext {
                 origin: 0,
                 volume: request.volume.0,
                 parent: NO_SLOT,
+                children: 0,
+                deferred: None,
                 command,
             };
             return Ok(());
@@ -612,6 +621,9 @@ impl IoContext {
         }
         batch.clear();
         self.down_batch = batch;
+        // Children issued on this walk get their slots now, so a parent completed on the same
+        // walk already counts them (they go down on the next iteration).
+        self.start_children();
     }
 
     /// Gives the children layers issued their slots; they start below their layer.
@@ -647,8 +659,11 @@ impl IoContext {
                 origin: depth,
                 volume,
                 parent,
+                children: 0,
+                deferred: None,
                 command,
             };
+            self.links[parent as usize].children += 1;
             self.work.down.push((child, depth + 1));
         }
     }
@@ -725,6 +740,14 @@ impl IoContext {
                 self.links[slot as usize].parent = NO_SLOT;
                 self.links[slot as usize].layered = false;
                 self.free_slots.push(slot);
+                let parent_link = &mut self.links[parent as usize];
+                parent_link.children -= 1;
+                if parent_link.children == 0 {
+                    if let Some((depth, result)) = parent_link.deferred.take() {
+                        // Its last child is done: the completion a layer made goes on up.
+                        self.work.up.push((parent, depth, result));
+                    }
+                }
                 break None;
             }
             if !from_frontend && stack[depth].layer() == LayerName::Frontend {
@@ -1108,6 +1131,13 @@ impl Reactor {
         std::mem::swap(&mut batch, &mut self.io.work.up);
         for (slot, depth, result) in batch.drain(..) {
             done += 1;
+            let link = &mut self.io.links[slot as usize];
+            if link.children > 0 {
+                // Completed by a layer while its children still run: their commands may read
+                // or write its buffer, so it goes up when the last of them is done.
+                link.deferred = Some((depth, result));
+                continue;
+            }
             if let Some(result) = self.io.ascend(slot, depth, result) {
                 self.finish_layered(slot, result, seen);
             }

@@ -549,3 +549,90 @@ fn the_total_of_an_io_held_by_a_layer_is_its_own_latency() {
     );
     engine.shutdown().unwrap();
 }
+
+/// Writes every write twice (to both halves of the volume) and completes the parent as soon as
+/// the first copy is done, as a quorum write would.
+struct FirstOfTwo {
+    half_blocks: u64,
+    /// Parents waiting for their first child.
+    pending: Vec<u32>,
+}
+
+impl Layer for FirstOfTwo {
+    fn layer(&self) -> LayerName {
+        LayerName::Engine
+    }
+    fn kind(&self) -> &'static str {
+        "first-of-two"
+    }
+    fn submit(&mut self, ctx: &mut LayerCtx<'_>, slot: u32, command: &IoCommand) -> Down {
+        if command.op != fathom_engine::Op::Write {
+            return Down::Pass;
+        }
+        let mut copy = *command;
+        copy.slba += self.half_blocks;
+        if ctx.issue(slot, *command).is_err() || ctx.issue(slot, copy).is_err() {
+            return Down::Complete(Err(IoError::Busy));
+        }
+        self.pending.push(slot);
+        Down::Hold
+    }
+    fn child_done(
+        &mut self,
+        ctx: &mut LayerCtx<'_>,
+        parent: u32,
+        _child: u32,
+        result: Result<(), IoError>,
+    ) {
+        if let Some(index) = self.pending.iter().position(|&slot| slot == parent) {
+            self.pending.swap_remove(index);
+            ctx.complete(parent, result);
+        }
+    }
+    fn holding(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[test]
+fn a_parent_completed_early_waits_for_its_children_before_its_buffer_goes_back() {
+    // The copy to the second half is delayed 100 ms; the layer completes the parent when the
+    // first copy is done, but the second still reads the parent's buffer: the engine hands
+    // the buffer back only after it.
+    let test = node(&[0], ONE_VOLUME);
+    let engine = Engine::start(&test.config).unwrap();
+    let volume = engine.volume("v").unwrap().clone();
+    let half = volume.blocks / 2;
+    let mut slow = InjectRule::latency("100ms".parse().unwrap());
+    slow.lbas = Some([half, volume.blocks - 1]);
+    engine
+        .install_layers(
+            &volume,
+            vec![
+                Box::new(FirstOfTwo {
+                    half_blocks: half,
+                    pending: Vec::with_capacity(512),
+                }),
+                Box::new(fathom_engine::layer::Inject::new(
+                    LayerName::Queue,
+                    vec![slow],
+                    engine.clock(),
+                    512,
+                    1,
+                )),
+            ],
+        )
+        .unwrap();
+    let started = Instant::now();
+    write(&engine, 0, 11).unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(100),
+        "the parent came back after {:?}, while its second copy was still delayed",
+        started.elapsed()
+    );
+    engine.install_layers(&volume, Vec::new()).unwrap();
+    let half_bytes = half * volume.block_size as u64;
+    assert_eq!(read(&engine, 0), pattern(11, 4096));
+    assert_eq!(read(&engine, half_bytes), pattern(11, 4096));
+    engine.shutdown().unwrap();
+}

@@ -655,7 +655,7 @@ impl DeviceQueue {
         if self.shared.runtime.generation() != self.runtime_generation {
             self.take_runtime_rules();
         }
-        let mut posted = if self.deferred.is_empty() {
+        let posted = if self.deferred.is_empty() {
             0
         } else {
             self.post_due()
