@@ -877,6 +877,18 @@ pub struct IsolateArgs {
     /// In this process: the device queue depth per core (reactor.queue_depth).
     #[arg(long = "queue-depth", default_value_t = 255)]
     pub queue_depth: u16,
+    /// In this process: the device's driver: mem (the in-process controller), uring (io_uring
+    /// O_DIRECT on --filename) or vfio (the controller at --pci, bound to vfio-pci). The
+    /// device stub works for every driver; the media stub needs mem.
+    #[arg(long, default_value = "mem", value_parser = ["mem", "uring", "vfio"])]
+    pub driver: String,
+    /// In this process, --driver uring: the file (created at the volumes' size if missing) or
+    /// block device.
+    #[arg(long)]
+    pub filename: Option<PathBuf>,
+    /// In this process, --driver vfio: the NVMe controller's PCI address.
+    #[arg(long, value_name = "ADDRESS")]
+    pub pci: Option<String>,
     /// In this process: media of the mem device.
     #[arg(long, default_value = "ram", value_parser = ["null", "ram"])]
     pub media: String,
@@ -948,8 +960,13 @@ pub fn main(args: IsolateArgs) -> Result<()> {
     let mut engine = None;
     let (target, volumes) = match &args.node {
         Some(node) => {
-            if args.volumes != 1 || args.no_hugepages {
-                bail!("--volumes and --no-hugepages make an engine in this process; with --node the node's own volumes run (--volume NAME)");
+            if args.volumes != 1
+                || args.no_hugepages
+                || args.driver != "mem"
+                || args.filename.is_some()
+                || args.pci.is_some()
+            {
+                bail!("--volumes, --driver, --filename, --pci and --no-hugepages make an engine in this process; with --node the node's own volumes and devices run (--volume NAME)");
             }
             let socket = if node.is_dir() {
                 fathom_control::socket_path(node)
@@ -978,6 +995,11 @@ pub fn main(args: IsolateArgs) -> Result<()> {
             }
             if args.volumes == 0 || args.volumes > 64 {
                 bail!("--volumes {}: 1 to 64", args.volumes);
+            }
+            match args.driver.as_str() {
+                "uring" if args.filename.is_none() => bail!("--driver uring needs --filename: the file (created if missing) or block device to run on"),
+                "vfio" if args.pci.is_none() => bail!("--driver vfio needs --pci ADDRESS: the NVMe controller, bound to vfio-pci (`fathom-node devices bind ADDRESS`)"),
+                _ => {}
             }
             let dir = tempfile_dir()?;
             let config = local_config(&args, &dir)?;
@@ -1049,22 +1071,39 @@ impl Drop for TempDir {
 
 fn local_config(args: &IsolateArgs, dir: &TempDir) -> Result<fathom_engine::Config> {
     let volume_bytes: u64 = 64 << 20;
+    let size = (volume_bytes >> 20) * args.volumes as u64;
+    let device = match args.driver.as_str() {
+        "uring" => {
+            let path = std::path::absolute(args.filename.as_ref().expect("checked"))
+                .context("resolving --filename")?;
+            format!(
+                "driver = \"uring\"\npath = {:?}\nsize = \"{size}MiB\"\n",
+                path.display().to_string()
+            )
+        }
+        "vfio" => format!(
+            "driver = \"vfio\"\npci = {:?}\n",
+            args.pci.as_deref().unwrap_or_default()
+        ),
+        _ => format!(
+            "driver = \"mem\"\nmedia = \"{}\"\nmode = \"{}\"\nsize = \"{size}MiB\"\n",
+            args.media, args.mode
+        ),
+    };
     let mut text = format!(
         "[node]\nid = \"isolate-{pid}\"\ndata_dir = {dir:?}\n\
          [dma]\nsize = \"{dma}MiB\"\nhugepages = {huge}\n\
          [reactor]\ncores = [0]\npoll = \"busy\"\nqueue_depth = {depth}\n\
          [telemetry]\nregion = {region:?}\nmetrics = \"\"\n\
          [nbd]\nlisten = []\n\
-         [[device]]\nname = \"nvme0\"\ndriver = \"mem\"\nmedia = \"{media}\"\nmode = \"{mode}\"\nsize = \"{size}MiB\"\n",
+         [[device]]\nname = \"nvme0\"\n{device}",
         pid = std::process::id(),
         dir = dir.0.display().to_string(),
         dma = 64 + ((args.volumes as u64 * args.iodepth as u64 * args.bs * 2) >> 20),
         huge = !args.no_hugepages,
         depth = args.queue_depth,
         region = dir.0.join("stats").display().to_string(),
-        media = args.media,
-        mode = args.mode,
-        size = (volume_bytes >> 20) * args.volumes as u64,
+        device = device,
     );
     for index in 0..args.volumes {
         text += &format!(

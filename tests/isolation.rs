@@ -279,3 +279,58 @@ fn isolate_names_an_overfilled_device_queue_as_the_limit_with_the_wait_telemetry
         "workload mean wait {seen:.0} ns, telemetry queue stage {telemetry:.0} ns"
     );
 }
+
+#[test]
+fn isolate_on_uring_measures_every_layer_it_can_and_says_why_not_the_media() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("uring.img");
+    let output = Command::new(BENCH)
+        .args(["isolate", "--driver", "uring", "--filename"])
+        .arg(&file)
+        .args([
+            "--iodepth",
+            "4",
+            "--rounds",
+            "1",
+            "--runtime",
+            "0.3",
+            "--ramp_time",
+            "0.05",
+            "--json",
+        ])
+        .args(if common::free_hugepages() >= 64 {
+            &[][..]
+        } else {
+            &["--no-hugepages"][..]
+        })
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let variants = report["variants"].as_array().unwrap();
+    let media = variants
+        .iter()
+        .find(|variant| variant["stubbed"] == "media")
+        .unwrap();
+    let why = media["skipped"].as_str().unwrap_or_default();
+    assert!(why.contains("mem driver") && why.contains("uring"), "{why}");
+    for layer in ["engine", "queue", "device"] {
+        let variant = variants
+            .iter()
+            .find(|variant| variant["stubbed"] == layer)
+            .unwrap();
+        assert!(variant["skipped"].is_null(), "{variant}");
+        assert!(variant["ios"].as_u64().unwrap() > 1000, "{variant}");
+    }
+    let shares: Vec<&str> = report["shares"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|share| share["layer"].as_str().unwrap())
+        .collect();
+    assert_eq!(shares, ["engine", "queue", "device"]);
+}
