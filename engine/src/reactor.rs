@@ -206,8 +206,11 @@ pub struct IoContext {
     /// io_wait). While any wait, a task's new IO goes behind them: a submitter that resubmits
     /// from its own completions cannot keep a shared queue to itself.
     waiters: Vec<std::collections::VecDeque<u32>>,
-    /// Bit d: device d has waiters (the one check the submit path pays).
+    /// Bit d: device d has waiters.
     waiting: u64,
+    /// `waiting`, with bit 63 set while any volume here has layers: the one check the
+    /// submit path pays ([`IoContext::update_slow`]).
+    slow: u64,
     /// Per device: the first waiter when the tasks were last polled, to expire a turn not taken.
     turn: Vec<u32>,
 }
@@ -296,6 +299,7 @@ impl IoContext {
                 .map(|_| std::collections::VecDeque::with_capacity(MAX_WAITERS))
                 .collect(),
             waiting: 0,
+            slow: 0,
             turn: vec![u32::MAX; queue_count],
 
             telemetry,
@@ -426,44 +430,47 @@ impl IoContext {
             });
         };
         let device = volume.device;
-        if self.waiting & (1 << device) != 0 {
-            if let Notify::Task(task) = notify {
-                if !self.take_turn(device, task) {
-                    self.free_slots.push(slot_index);
-                    return Err(Rejected {
-                        request,
-                        notify,
-                        error: IoError::Busy,
-                    });
+        // One check for the layerless, uncontended path: anything else is behind it.
+        if self.slow != 0 {
+            if self.waiting & (1 << device) != 0 {
+                if let Notify::Task(task) = notify {
+                    if !self.take_turn(device, task) {
+                        self.free_slots.push(slot_index);
+                        return Err(Rejected {
+                            request,
+                            notify,
+                            error: IoError::Busy,
+                        });
+                    }
                 }
             }
-        }
-        if self.layered && self.detour[request.volume.0 as usize] {
-            // Down through the volume's layers, before this iteration's doorbells.
-            self.work.down.push((slot_index, 0));
-            let slot = &mut self.slots[slot_index as usize];
-            if let Some(telemetry) = self.telemetry.as_deref_mut() {
-                slot.submitted = telemetry.now;
-                slot.accepted = accepted.unwrap_or(telemetry.now);
-                slot.rung = telemetry.now;
-                slot.series = Series::new(request.volume.0, request.op, frontend);
-                slot.bytes = request.len;
+            if self.layered && self.detour[request.volume.0 as usize] {
+                // Down through the volume's layers, before this iteration's doorbells.
+                self.work.down.push((slot_index, 0));
+                let slot = &mut self.slots[slot_index as usize];
+                if let Some(telemetry) = self.telemetry.as_deref_mut() {
+                    slot.submitted = telemetry.now;
+                    slot.accepted = accepted.unwrap_or(telemetry.now);
+                    slot.rung = telemetry.now;
+                    slot.series = Series::new(request.volume.0, request.op, frontend);
+                    slot.bytes = request.len;
+                }
+                slot.notify = notify;
+                slot.tag = request.tag;
+                slot.buf = request.buf;
+                slot.op = request.op;
+                self.links[slot_index as usize] = Link {
+                    layered: true,
+                    from_frontend: frontend,
+                    origin: 0,
+                    volume: request.volume.0,
+                    parent: NO_SLOT,
+                    children: 0,
+                    deferred: None,
+                    command,
+                };
+                return Ok(());
             }
-            slot.notify = notify;
-            slot.tag = request.tag;
-            slot.buf = request.buf;
-            slot.op = request.op;
-            self.links[slot_index as usize] = Link {
-                layered: true,
-                from_frontend: frontend,
-                origin: 0,
-                volume: request.volume.0,
-                parent: NO_SLOT,
-                children: 0,
-                deferred: None,
-                command,
-            };
-            return Ok(());
         }
         if self.queues[device].submit(&command, slot_index).is_err() {
             self.free_slots.push(slot_index);
@@ -501,6 +508,7 @@ impl IoContext {
             waiters.pop_front();
             if waiters.is_empty() {
                 self.waiting &= !(1 << device);
+                self.update_slow();
             }
             return true;
         }
@@ -518,6 +526,7 @@ impl IoContext {
             waiters.push_front(task);
         }
         self.waiting |= 1 << device;
+        self.update_slow();
     }
 
     /// After the tasks were polled: a first waiter that had a whole poll with room on its
@@ -540,6 +549,13 @@ impl IoContext {
                 self.waiting &= !(1 << device);
             }
         }
+        self.update_slow();
+    }
+
+    /// Recomputes [`IoContext::slow`] after `waiting` or `layered` changed.
+    #[inline(always)]
+    fn update_slow(&mut self) {
+        self.slow = self.waiting | (self.layered as u64) << 63;
     }
 
     /// What a layer at `depth` is handed while it is called.
@@ -599,6 +615,7 @@ impl IoContext {
         self.routes[index] = (queue, flags);
         self.detour[index] = !self.stacks[index].is_empty() || !path.is_direct();
         self.layered = self.detour.iter().any(|&detour| detour);
+        self.update_slow();
         self.active_queues = if self.routes.iter().any(|&(queue, _)| queue >= self.devices) {
             self.queues.len()
         } else {
@@ -1060,6 +1077,7 @@ impl Reactor {
                     waiters.clear();
                 }
                 self.io.waiting = 0;
+                self.io.update_slow();
             }
         }
         work
