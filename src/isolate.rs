@@ -45,6 +45,7 @@ use serde::Serialize;
 
 use crate::nbd_client::{self, Connection, JobSpec, NbdUri};
 use crate::node_control::NodeControl;
+use crate::stat::duration;
 use crate::workload::Pattern;
 
 /// How long after a round the region is read, so the reactors have published its last IOs.
@@ -662,14 +663,6 @@ fn queueing(
     }
 }
 
-fn us(ns: f64) -> String {
-    if ns.abs() >= 1e6 {
-        format!("{:.2}ms", ns / 1e6)
-    } else {
-        format!("{:.1}us", ns / 1e3)
-    }
-}
-
 /// The human report: variants, shares, the largest, queueing.
 pub fn render(report: &Report) -> String {
     let spec = &report.spec;
@@ -705,11 +698,11 @@ pub fn render(report: &Report) -> String {
             out,
             "{name:<18} {:>10.0} {:>10} {:>10} {:>10} {:>10} {:>9}",
             variant.iops,
-            us(variant.mean_ns),
-            us(variant.p50_ns),
-            us(variant.p99_ns),
-            us(variant.p999_ns),
-            us(variant.noise_ns)
+            duration(variant.mean_ns),
+            duration(variant.p50_ns),
+            duration(variant.p99_ns),
+            duration(variant.p999_ns),
+            duration(variant.noise_ns)
         );
     }
     let _ = writeln!(
@@ -722,11 +715,11 @@ pub fn render(report: &Report) -> String {
             out,
             "{:<10} {:>10} {:>9} {:>7.1}% {:>10} {:>10}  {} - {}",
             share.layer,
-            us(share.mean_ns),
-            us(share.noise_ns),
+            duration(share.mean_ns),
+            duration(share.noise_ns),
             share.percent,
-            us(share.p50_ns),
-            us(share.p99_ns),
+            duration(share.p50_ns),
+            duration(share.p99_ns),
             share.between.0,
             share.between.1
         );
@@ -737,7 +730,7 @@ pub fn render(report: &Report) -> String {
             let _ = writeln!(
                 out,
                 "\nlargest: {largest}, {} of the mean ({:.0}%)",
-                us(share.mean_ns),
+                duration(share.mean_ns),
                 share.percent
             );
         }
@@ -748,9 +741,9 @@ pub fn render(report: &Report) -> String {
         "queueing: {} of {} IOs waited for a free slot or queue entry, mean {} per IO; telemetry's queue stage: mean {}, p99 {}",
         queueing.waited_ios,
         queueing.ios,
-        us(queueing.mean_wait_ns),
-        us(queueing.telemetry_mean_ns),
-        us(queueing.telemetry_p99_ns)
+        duration(queueing.mean_wait_ns),
+        duration(queueing.telemetry_mean_ns),
+        duration(queueing.telemetry_p99_ns)
     );
     if let Some(limit) = &queueing.limit {
         let _ = writeln!(out, "limit: {limit}");
@@ -797,7 +790,7 @@ pub fn plot_svg(report: &Report) -> String {
             width - 20.0,
             left - 6.0,
             y + 4.0,
-            us(value)
+            duration(value)
         );
     }
     let slot = (width - left - 20.0) / report.shares.len().max(1) as f64;
@@ -815,7 +808,7 @@ pub fn plot_svg(report: &Report) -> String {
                 x + offset,
                 base - h,
                 share.layer,
-                us(value)
+                duration(value)
             );
         }
         let _ = writeln!(

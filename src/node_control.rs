@@ -253,30 +253,31 @@ impl NodeControl {
         Ok((layer, device))
     }
 
-    /// Applies `rules` as the complete rule list of (`target`, `layer`).
-    fn apply_rules(
+    /// Edits the engine's own rule list of (`target`, `layer`): the device's, or the
+    /// volume's layer's.
+    fn change_rules(
         &self,
         target: &str,
         layer: LayerName,
         device: bool,
-        rules: Vec<InjectRule>,
+        edit: impl FnOnce(&mut Vec<InjectRule>),
     ) -> Result<(), RemoteError> {
-        if device {
+        let changed = if device {
             self.engine
-                .change_device_inject(target, layer, |current| {
-                    *current = rules;
+                .change_device_inject(target, layer, |rules| {
+                    edit(rules);
                     Ok(())
                 })
-                .map_err(control_error)?;
+                .map(drop)
         } else {
             self.engine
                 .change_layers(target, |settings| {
-                    settings.get_mut(layer).inject = rules;
+                    edit(&mut settings.get_mut(layer).inject);
                     Ok(())
                 })
-                .map_err(control_error)?;
-        }
-        Ok(())
+                .map(drop)
+        };
+        changed.map_err(control_error)
     }
 
     fn inject_add(
@@ -296,17 +297,10 @@ impl NodeControl {
             )
         })?;
         let mut rules = self.rules();
-        let key = (target.to_string(), layer);
-        let current = rules.get(&key).cloned().unwrap_or_default();
-        let mut parsed_all = current
-            .iter()
-            .map(|value| serde_json::from_value::<InjectRule>(value.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|error| RemoteError::new(proto::INTERNAL, error.to_string()))?;
-        parsed_all.push(parsed);
-        let index = parsed_all.len() - 1;
-        self.apply_rules(target, layer, device, parsed_all)?;
-        rules.entry(key).or_default().push(rule.clone());
+        self.change_rules(target, layer, device, |current| current.push(parsed))?;
+        let list = rules.entry((target.to_string(), layer)).or_default();
+        list.push(rule.clone());
+        let index = list.len() - 1;
         Ok(RuleRow {
             target: target.to_string(),
             layer: layer.to_string(),
@@ -351,7 +345,7 @@ impl NodeControl {
             if count == 0 {
                 continue;
             }
-            self.apply_rules(target, layer, device, Vec::new())?;
+            self.change_rules(target, layer, device, Vec::clear)?;
             rules.remove(&key);
             cleared += count;
         }
@@ -372,18 +366,11 @@ impl NodeControl {
         rwmixread: Option<u32>,
     ) -> Result<RunResult, RemoteError> {
         let bad = |what: String| RemoteError::new(proto::BAD_REQUEST, format!("run: {what}"));
-        let target = self.engine.volume(volume).cloned().ok_or_else(|| {
-            control_error(ControlError::UnknownVolume {
-                name: volume.to_string(),
-                known: self
-                    .engine
-                    .volumes()
-                    .iter()
-                    .map(|volume| volume.name.clone())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
-        })?;
+        let target = self
+            .engine
+            .volume_named(volume)
+            .map_err(control_error)?
+            .clone();
         let pattern = Pattern::from_str(rw, true).map_err(|_| {
             bad(format!(
                 "rw {rw:?}: one of read, write, randread, randwrite, readwrite, randrw"

@@ -199,6 +199,10 @@ fn process_alive(pid: u32) -> bool {
 
 /// Formats nanoseconds with a unit a human reads at a glance.
 pub fn duration(ns: f64) -> String {
+    if ns < 0.0 {
+        // A difference (isolate's shares) can be below zero.
+        return format!("-{}", duration(-ns));
+    }
     if ns < 1_000.0 {
         format!("{ns:.0}ns")
     } else if ns < 1_000_000.0 {

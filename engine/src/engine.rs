@@ -454,7 +454,7 @@ impl Engine {
                 ),
             });
         }
-        if path.device_stub && volume.nsid != 1 && volume.first_lba + volume.blocks > 0 {
+        if path.device_stub && volume.nsid != 1 {
             let stub = self.inner.stubs[volume.device].info();
             let fits = stub.namespaces.first().is_some_and(|namespace| {
                 namespace.block_size == volume.block_size
@@ -560,9 +560,9 @@ impl Engine {
         volume: &Volume,
         layers: Vec<Box<dyn Layer>>,
     ) -> Result<(), ControlError> {
+        // Held while the reactor applies it, as change_layers does, so changes never cross.
         let all = self.inner.layers.lock();
-        let (_, path) = all[volume.id.0 as usize].build(&self.inner.clock, 0, 0)?;
-        self.install(volume, layers, path)
+        self.install(volume, layers, all[volume.id.0 as usize].path())
     }
 
     fn install(
@@ -599,7 +599,8 @@ impl Engine {
             .map_err(|_| ControlError::Timeout(volume.core))
     }
 
-    fn volume_named(&self, name: &str) -> Result<&Volume, ControlError> {
+    /// The volume called `name`, or an error that lists the volumes there are.
+    pub fn volume_named(&self, name: &str) -> Result<&Volume, ControlError> {
         self.volume(name)
             .ok_or_else(|| ControlError::UnknownVolume {
                 name: name.to_string(),

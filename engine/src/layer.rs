@@ -185,11 +185,15 @@ impl VolumeLayers {
                 )));
             }
         }
-        let path = VolumePath {
+        Ok((stack, self.path()))
+    }
+
+    /// Where below its layers a volume with these settings sends its commands.
+    pub fn path(&self) -> VolumePath {
+        VolumePath {
             device_stub: self.get(LayerName::Device).stub,
             media_stub: self.get(LayerName::Media).stub,
-        };
-        Ok((stack, path))
+        }
     }
 
     /// The layers stubbed, top first.
