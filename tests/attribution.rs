@@ -15,23 +15,8 @@ use std::process::Command;
 
 use common::Node;
 
-const CTL: &str = env!("CARGO_BIN_EXE_fathom-ctl");
 const BENCH: &str = env!("CARGO_BIN_EXE_fathom-bench");
 const LAYERS: [&str; 5] = ["frontend", "engine", "queue", "device", "media"];
-
-fn ctl(node: &Node, args: &[&str]) {
-    let output = Command::new(CTL)
-        .arg("--node")
-        .arg(node.dir.path())
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "fathom-ctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
 
 /// One isolation report: each layer's mean share (ns), and the layer named largest.
 fn isolate(node: &Node, rounds: &str, runtime: &str) -> (HashMap<String, f64>, String) {
@@ -115,20 +100,17 @@ fn isolate_names_the_layer_a_blind_delay_was_injected_into() {
             _ => "vol0",
         };
         let latency = format!("{delay_us}us");
-        ctl(
-            &node,
-            &[
-                "inject",
-                "add",
-                target,
-                "--layer",
-                layer,
-                "--latency",
-                &latency,
-            ],
-        );
+        node.ctl(&[
+            "inject",
+            "add",
+            target,
+            "--layer",
+            layer,
+            "--latency",
+            &latency,
+        ]);
         let (shares, largest) = isolate(&node, "2", "0.25");
-        ctl(&node, &["inject", "clear", target, "--layer", layer]);
+        node.ctl(&["inject", "clear", target, "--layer", layer]);
         let measured = shares.get(layer).copied().unwrap_or(f64::NAN) - baseline[layer];
         let error = (measured / 1e3 - delay_us as f64).abs() / delay_us as f64;
         let ok = largest == layer && error <= 0.10;

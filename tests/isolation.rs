@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use common::Node;
 
-const CTL: &str = env!("CARGO_BIN_EXE_fathom-ctl");
 const BENCH: &str = env!("CARGO_BIN_EXE_fathom-bench");
 
 /// One request line on a raw connection, and the answer line as JSON.
@@ -24,13 +23,27 @@ fn ask(stream: &mut BufReader<UnixStream>, line: &[u8]) -> serde_json::Value {
     serde_json::from_str(&answer).unwrap_or_else(|error| panic!("answer {answer:?}: {error}"))
 }
 
-fn ctl(node: &Node, args: &[&str]) -> std::process::Output {
-    Command::new(CTL)
-        .arg("--node")
-        .arg(node.dir.path())
+/// `fathom-bench isolate ARGS --json` on an engine in this process (normal pages when no
+/// hugepages are free): its report.
+fn isolate_in_process(args: &[&str]) -> serde_json::Value {
+    let output = Command::new(BENCH)
+        .arg("isolate")
         .args(args)
+        .arg("--json")
+        .args(if common::free_hugepages() >= 64 {
+            &[][..]
+        } else {
+            &["--no-hugepages"][..]
+        })
         .output()
-        .unwrap()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    report
 }
 
 #[test]
@@ -132,8 +145,7 @@ fn bad_control_requests_get_clear_errors_while_io_flows_and_lose_nothing() {
     assert_eq!(report["mismatches"], 0, "{report}");
     assert_eq!(report["errors"], 0, "{report}");
     // Nothing was changed by the refused requests.
-    let layers = ctl(&node, &["--json", "layers"]);
-    let rows: serde_json::Value = serde_json::from_slice(&layers.stdout).unwrap();
+    let rows: serde_json::Value = serde_json::from_str(&node.ctl(&["--json", "layers"])).unwrap();
     for row in rows.as_array().unwrap() {
         assert_eq!(row["state"], "pass", "{row}");
     }
@@ -144,15 +156,7 @@ fn bad_control_requests_get_clear_errors_while_io_flows_and_lose_nothing() {
 #[test]
 fn stubs_and_injection_through_fathom_ctl_change_a_running_node_and_clear_back() {
     let node = Node::start();
-    let ok = |args: &[&str]| {
-        let output = ctl(&node, args);
-        assert!(
-            output.status.success(),
-            "fathom-ctl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap()
-    };
+    let ok = |args: &[&str]| node.ctl(args);
     ok(&["stub", "set", "vol1", "device"]);
     ok(&[
         "inject",
@@ -215,42 +219,26 @@ fn stubs_and_injection_through_fathom_ctl_change_a_running_node_and_clear_back()
 #[test]
 fn isolate_names_an_overfilled_device_queue_as_the_limit_with_the_wait_telemetry_shows() {
     // Two volumes on one device, each keeping 16 IOs in flight, on a device queue of 16.
-    let output = Command::new(BENCH)
-        .args([
-            "isolate",
-            "--volumes",
-            "2",
-            "--queue-depth",
-            "16",
-            "--iodepth",
-            "16",
-            "--mode",
-            "thread",
-            "--media",
-            "null",
-            "--layers",
-            "queue",
-            "--rounds",
-            "1",
-            "--runtime",
-            "0.5",
-            "--ramp_time",
-            "0.1",
-            "--json",
-        ])
-        .args(if common::free_hugepages() >= 64 {
-            &[][..]
-        } else {
-            &["--no-hugepages"][..]
-        })
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let report = isolate_in_process(&[
+        "--volumes",
+        "2",
+        "--queue-depth",
+        "16",
+        "--iodepth",
+        "16",
+        "--mode",
+        "thread",
+        "--media",
+        "null",
+        "--layers",
+        "queue",
+        "--rounds",
+        "1",
+        "--runtime",
+        "0.5",
+        "--ramp_time",
+        "0.1",
+    ]);
     let queueing = &report["queueing"];
     let limit = queueing["limit"]
         .as_str()
@@ -284,33 +272,21 @@ fn isolate_names_an_overfilled_device_queue_as_the_limit_with_the_wait_telemetry
 fn isolate_on_uring_measures_every_layer_it_can_and_says_why_not_the_media() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("uring.img");
-    let output = Command::new(BENCH)
-        .args(["isolate", "--driver", "uring", "--filename"])
-        .arg(&file)
-        .args([
-            "--iodepth",
-            "4",
-            "--rounds",
-            "1",
-            "--runtime",
-            "0.3",
-            "--ramp_time",
-            "0.05",
-            "--json",
-        ])
-        .args(if common::free_hugepages() >= 64 {
-            &[][..]
-        } else {
-            &["--no-hugepages"][..]
-        })
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let file = file.to_str().unwrap();
+    let report = isolate_in_process(&[
+        "--driver",
+        "uring",
+        "--filename",
+        file,
+        "--iodepth",
+        "4",
+        "--rounds",
+        "1",
+        "--runtime",
+        "0.3",
+        "--ramp_time",
+        "0.05",
+    ]);
     let variants = report["variants"].as_array().unwrap();
     let media = variants
         .iter()

@@ -242,6 +242,19 @@ fn layers_change_while_io_flows_and_every_io_completes_once_with_its_data() {
 
 /// A layer that writes every write twice: to its own blocks and, as a second child, to the
 /// same blocks in the volume's upper half; the parent completes when both children have.
+/// Issues a write as two children: as given, and the same blocks in the second half.
+fn write_both_halves(
+    ctx: &mut LayerCtx<'_>,
+    slot: u32,
+    command: &IoCommand,
+    half_blocks: u64,
+) -> Result<(), IoError> {
+    let mut copy = *command;
+    copy.slba += half_blocks;
+    ctx.issue(slot, *command)?;
+    ctx.issue(slot, copy)
+}
+
 struct Mirror {
     half_blocks: u64,
     pending: Vec<(u32, u8, Result<(), IoError>)>,
@@ -258,9 +271,7 @@ impl Layer for Mirror {
         if command.op != fathom_engine::Op::Write {
             return Down::Pass;
         }
-        let mut copy = *command;
-        copy.slba += self.half_blocks;
-        if ctx.issue(slot, *command).is_err() || ctx.issue(slot, copy).is_err() {
+        if write_both_halves(ctx, slot, command, self.half_blocks).is_err() {
             return Down::Complete(Err(IoError::Busy));
         }
         self.pending.push((slot, 2, Ok(())));
@@ -569,9 +580,7 @@ impl Layer for FirstOfTwo {
         if command.op != fathom_engine::Op::Write {
             return Down::Pass;
         }
-        let mut copy = *command;
-        copy.slba += self.half_blocks;
-        if ctx.issue(slot, *command).is_err() || ctx.issue(slot, copy).is_err() {
+        if write_both_halves(ctx, slot, command, self.half_blocks).is_err() {
             return Down::Complete(Err(IoError::Busy));
         }
         self.pending.push(slot);

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub const NODE: &str = env!("CARGO_BIN_EXE_fathom-node");
+pub const CTL: &str = env!("CARGO_BIN_EXE_fathom-ctl");
 
 pub const VOLUME_BYTES: u64 = 64 << 20;
 
@@ -105,6 +106,22 @@ impl Node {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// `fathom-ctl --node DIR ARGS` against this node, which must succeed: its output.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let output = Command::new(CTL)
+            .arg("--node")
+            .arg(self.dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "fathom-ctl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
     }
 
     pub fn log(&self) -> String {
