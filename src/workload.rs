@@ -184,6 +184,10 @@ pub struct WorkloadTask {
     /// Waits summed in clock ticks (converted once, at the report).
     wait_ticks: u64,
     phase: Phase,
+    /// Whether a completion's buffer must not go straight back to work: the task is not
+    /// ramping or measuring, or buffers wait before it. One flag for the path of every IO,
+    /// recomputed whenever the phase or the waiting buffers change.
+    hold: bool,
     in_flight: usize,
     access: AccessGenerator,
     result: WorkloadResult,
@@ -219,6 +223,7 @@ impl WorkloadTask {
             buffers,
             wait_ticks: 0,
             phase: Phase::Start,
+            hold: true,
             in_flight: 0,
             result: WorkloadResult::default(),
             report,
@@ -265,10 +270,30 @@ impl WorkloadTask {
                 };
                 if let Some(buf) = rejected.request.buf {
                     self.buffers.push_front((buf, since));
+                    self.hold = true;
                 }
                 false
             }
         }
+    }
+
+    /// Recomputes [`WorkloadTask::hold`].
+    fn update_hold(&mut self) {
+        self.hold = !self.buffers.is_empty()
+            || !matches!(self.phase, Phase::Ramp { .. } | Phase::Measure { .. });
+    }
+
+    /// A completion's buffer while [`WorkloadTask::hold`]: it waits behind the buffers
+    /// already waiting (from now), or for the next phase.
+    #[cold]
+    fn complete_held(&mut self, io: &mut IoContext, buf: DmaBuf) {
+        if matches!(self.phase, Phase::Ramp { .. } | Phase::Measure { .. }) {
+            self.buffers.push_back((buf, self.clock.now().max(1)));
+            self.issue_idle(io);
+        } else {
+            self.buffers.push_back((buf, 0));
+        }
+        self.update_hold();
     }
 
     /// Puts every idle buffer back to work (after a start or a refusal).
@@ -282,6 +307,8 @@ impl WorkloadTask {
 }
 
 impl Task for WorkloadTask {
+    /// Starts, moves between phases, retries refused IOs. Whatever changes the phase or the
+    /// waiting buffers recomputes `hold`.
     fn poll(&mut self, io: &mut IoContext) -> bool {
         match self.phase {
             Phase::Start => {
@@ -299,10 +326,14 @@ impl Task for WorkloadTask {
                     }
                 };
                 self.issue_idle(io);
+                self.update_hold();
                 true
             }
             Phase::Ramp { until } => {
-                self.issue_idle(io);
+                if self.hold {
+                    self.issue_idle(io);
+                    self.update_hold();
+                }
                 let now = self.clock.now();
                 if now >= until {
                     self.result = WorkloadResult {
@@ -325,8 +356,9 @@ impl Task for WorkloadTask {
                 cpu_started,
             } => {
                 // IOs the engine refused go again as soon as it has room.
-                if !self.buffers.is_empty() {
+                if self.hold {
                     self.issue_idle(io);
+                    self.update_hold();
                 }
                 let now = self.clock.now();
                 if now >= until {
@@ -334,6 +366,7 @@ impl Task for WorkloadTask {
                     self.result.cpu_ns = thread_cpu_ns().saturating_sub(cpu_started);
                     self.result.wait_ns = self.clock.ticks_to_ns(self.wait_ticks);
                     self.phase = Phase::Drain;
+                    self.hold = true;
                 }
                 false
             }
@@ -361,14 +394,11 @@ impl Task for WorkloadTask {
             }
             Err(_) => self.result.errors += 1,
         }
-        if !matches!(self.phase, Phase::Ramp { .. } | Phase::Measure { .. }) {
-            self.buffers.push_back((buf, 0));
-        } else if self.buffers.is_empty() {
-            self.issue(io, buf, 0);
-        } else {
-            // IOs are waiting for room: this one waits behind them, from now.
-            self.buffers.push_back((buf, self.clock.now().max(1)));
-            self.issue_idle(io);
+        match self.hold {
+            false => {
+                self.issue(io, buf, 0);
+            }
+            true => self.complete_held(io, buf),
         }
     }
 

@@ -66,21 +66,19 @@ impl IoCommand {
         if self.op != Op::Flush {
             entry.set_slba(self.slba);
             entry.set_block_count(self.blocks);
-            if self.flags.contains(IoFlags::FUA) {
-                entry.cdw12 |= 1 << 30;
-            }
-            if self.flags.contains(IoFlags::NO_DATA) {
-                // CDW2 is reserved for Read and Write in the NVM command set; Fathom's own
-                // controller reads this bit as "move no data". Never set for other devices.
-                entry.cdw2 |= NO_DATA_CDW2;
-            }
+            // Both flags are moved into place without a branch (on the path of every IO).
+            entry.cdw12 |= (self.flags.0 & IoFlags::FUA.0) << 30;
+            // CDW2 is reserved for Read and Write in the NVM command set; Fathom's own
+            // controller reads this bit as "move no data". Never set for other devices.
+            entry.cdw2 |= self.flags.0 & NO_DATA_CDW2;
         }
         entry
     }
 }
 
-/// The bit of CDW2 that carries [`IoFlags::NO_DATA`] to Fathom's in-process controller.
-pub const NO_DATA_CDW2: u32 = 1;
+/// The bit of CDW2 that carries [`IoFlags::NO_DATA`] to Fathom's in-process controller: the
+/// flag's own bit.
+pub const NO_DATA_CDW2: u32 = IoFlags::NO_DATA.0;
 
 /// Where in a device run-time injection applies: the controller (command handling) or the
 /// media (the data it moves: skipped with the media stub).
