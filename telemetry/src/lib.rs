@@ -11,5 +11,7 @@ pub mod hdr;
 pub mod prometheus;
 pub mod region;
 pub mod report;
+mod shm;
+pub mod trace;
 
 pub use clock::{Clock, ClockError, ClockSource};

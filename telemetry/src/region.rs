@@ -26,14 +26,14 @@
 //! file, and a reader notices the new start time.
 
 use std::fs::OpenOptions;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::clock::{Clock, ClockSource};
 use crate::hdr::Layout;
+use crate::shm::{map_file, put_name, unix_ns, Mapping};
 
 pub const MAGIC: [u8; 8] = *b"FATHOMST";
 pub const VERSION: u32 = 1;
@@ -205,99 +205,6 @@ impl Offsets {
             self.queue_counters as u64,
         ]
     }
-}
-
-/// A shared mapping of a region file.
-struct Mapping {
-    base: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is only accessed through atomics (counters) or byte copies of parts that
-// are immutable once published (header constants, directory); the pointer itself is shared.
-unsafe impl Send for Mapping {}
-// SAFETY: as above.
-unsafe impl Sync for Mapping {}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping created in `map_file`.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
-    }
-}
-
-impl Mapping {
-    /// The address of the 8-byte word at `offset`, for recorders that keep it.
-    fn word_ptr(&self, offset: usize) -> NonNull<u64> {
-        assert!(offset.is_multiple_of(8) && offset <= self.len);
-        // SAFETY: offset is within the mapping (checked); the result is non-null.
-        unsafe { NonNull::new_unchecked(self.base.as_ptr().add(offset).cast()) }
-    }
-
-    /// The 8-byte word at `offset` as an atomic.
-    #[inline(always)]
-    fn word(&self, offset: usize) -> &AtomicU64 {
-        debug_assert!(offset.is_multiple_of(8) && offset + 8 <= self.len);
-        // SAFETY: offsets come from `Offsets`, checked against the mapping length, and are
-        // 8-byte aligned in a page-aligned mapping; the memory is only accessed atomically.
-        unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(offset).cast()) }
-    }
-
-    fn word32(&self, offset: usize) -> &AtomicU32 {
-        debug_assert!(offset.is_multiple_of(4) && offset + 4 <= self.len);
-        // SAFETY: as for `word`, 4-byte aligned.
-        unsafe { AtomicU32::from_ptr(self.base.as_ptr().add(offset).cast()) }
-    }
-
-    /// A copy of `len` bytes at `offset` (for the immutable header and directory).
-    fn copy(&self, offset: usize, len: usize) -> Vec<u8> {
-        assert!(offset + len <= self.len);
-        let mut out = vec![0u8; len];
-        // SAFETY: range-checked above; these bytes are written once before the region is
-        // published and never again, so copying them races with no writer.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.base.as_ptr().add(offset), out.as_mut_ptr(), len)
-        };
-        out
-    }
-
-    fn write(&self, offset: usize, bytes: &[u8]) {
-        assert!(offset + bytes.len() <= self.len);
-        // SAFETY: range-checked; only the creator writes here, before the region is published.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.base.as_ptr().add(offset),
-                bytes.len(),
-            )
-        };
-    }
-}
-
-fn map_file(file: &std::fs::File, len: usize, writable: bool) -> std::io::Result<Mapping> {
-    let protection = if writable {
-        libc::PROT_READ | libc::PROT_WRITE
-    } else {
-        libc::PROT_READ
-    };
-    // SAFETY: maps `len` bytes of an open file shared; the kernel picks the address.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            protection,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(Mapping {
-        base: NonNull::new(ptr.cast()).expect("mmap returned non-null"),
-        len,
-    })
 }
 
 /// What the node describes when it creates its region.
@@ -625,19 +532,6 @@ impl QueueRecorder {
                 .store(value, Ordering::Relaxed);
         }
     }
-}
-
-fn put_name(field: &mut [u8], name: &str) {
-    let bytes = name.as_bytes();
-    let len = bytes.len().min(field.len());
-    field[..len].copy_from_slice(&bytes[..len]);
-}
-
-fn unix_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 /// A reader's handle on a region.
