@@ -191,6 +191,74 @@ pub struct TelemetryConfig {
     /// Address of the Prometheus `/metrics` endpoint; `""` turns it off.
     #[serde(default = "TelemetryConfig::default_metrics")]
     pub metrics: String,
+    /// End-to-end tracing of sampled and slow IOs (`[telemetry.trace]`).
+    #[serde(default)]
+    pub trace: TraceConfig,
+}
+
+/// `[telemetry.trace]`: which IOs are traced, into per-core span rings in shared memory.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceConfig {
+    /// Span rings and sampling; needs telemetry (the stamps it records are telemetry's).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Head sampling: one IO in `rate` per core is traced (0: none).
+    #[serde(default = "TraceConfig::default_rate")]
+    pub rate: u32,
+    /// Tail sampling: every IO slower than this is traced (`"off"`: none).
+    #[serde(default = "TraceConfig::default_tail")]
+    pub tail: TailThreshold,
+    /// Records per core's ring (a power of two): the newest are kept.
+    #[serde(default = "TraceConfig::default_ring")]
+    pub ring: u32,
+    /// The trace region (default: the stats region's path with `.trace` added).
+    pub region: Option<PathBuf>,
+}
+
+impl TraceConfig {
+    fn default_rate() -> u32 {
+        1024
+    }
+    fn default_tail() -> TailThreshold {
+        TailThreshold::Above(Duration::from_millis(1))
+    }
+    fn default_ring() -> u32 {
+        4096
+    }
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            rate: Self::default_rate(),
+            tail: Self::default_tail(),
+            ring: Self::default_ring(),
+            region: None,
+        }
+    }
+}
+
+/// The tail-sampling threshold: a duration with a unit, or `"off"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TailThreshold {
+    Off,
+    Above(Duration),
+}
+
+impl<'de> Deserialize<'de> for TailThreshold {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if text == "off" {
+            return Ok(TailThreshold::Off);
+        }
+        parse_duration(&text)
+            .map(TailThreshold::Above)
+            .map_err(|error| {
+                serde::de::Error::custom(format!("{error}, or \"off\" for no tail sampling"))
+            })
+    }
 }
 
 impl TelemetryConfig {
@@ -209,6 +277,7 @@ impl Default for TelemetryConfig {
             clock: Self::default_clock(),
             region: None,
             metrics: Self::default_metrics(),
+            trace: TraceConfig::default(),
         }
     }
 }
@@ -290,6 +359,16 @@ impl Config {
             .region
             .clone()
             .unwrap_or_else(|| PathBuf::from(format!("/dev/shm/fathom-{}", self.node.id)))
+    }
+
+    /// The trace region's path: `[telemetry.trace] region`, or the stats region's with
+    /// `.trace` added.
+    pub fn trace_region_path(&self) -> PathBuf {
+        self.telemetry.trace.region.clone().unwrap_or_else(|| {
+            let mut path = self.region_path().into_os_string();
+            path.push(".trace");
+            PathBuf::from(path)
+        })
     }
 }
 
@@ -463,6 +542,14 @@ impl Config {
                 "telemetry.metrics",
                 format!("{:?}", self.telemetry.metrics),
                 "an IP address and port such as \"127.0.0.1:9480\", or \"\" for no endpoint",
+            ));
+        }
+        let trace = &self.telemetry.trace;
+        if !trace.ring.is_power_of_two() || trace.ring > 1 << 20 {
+            return Err(invalid(
+                "telemetry.trace.ring",
+                trace.ring.to_string(),
+                "records per core's ring: a power of two from 1 to 1048576 (each is 256 bytes)",
             ));
         }
         for (index, listen) in self.nbd.listen.iter().enumerate() {

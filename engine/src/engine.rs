@@ -16,12 +16,12 @@ use fathom_telemetry::Clock;
 use parking_lot::Mutex;
 
 use crate::config::DriverKind;
-use crate::config::{ClockChoice, Config, MediaKind};
+use crate::config::{ClockChoice, Config, MediaKind, TailThreshold};
 use crate::layer::{ControlError, Layer, LayerName, VolumeLayers, VolumePath};
 use crate::reactor::{
     pin_to_core, IoContext, Message, Reactor, ReactorShared, Rejected, Task, VolumeControl,
 };
-use crate::stats::{stage, CoreTelemetry, OP_NAMES};
+use crate::stats::{stage, CoreTelemetry, Tracer, OP_NAMES};
 use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};
 use fathom_dma::{DmaError, DmaPool, PageKind, VFIO_IOVA_BASE};
 use fathom_drivers::inject::InjectRule;
@@ -30,6 +30,7 @@ use fathom_drivers::uring::UringDriver;
 use fathom_drivers::vfio::VfioDriver;
 use fathom_drivers::{DeviceInfo, Driver, DriverError, InjectAt};
 use fathom_telemetry::region::{QueueEntry, RegionSpec, StatsRegion, VolumeEntry};
+use fathom_telemetry::trace::{IdGenerator, TraceRegion, TraceSpec};
 
 /// How often the stats region's heartbeat moves.
 const HEARTBEAT_PERIOD: Duration = Duration::from_millis(100);
@@ -61,6 +62,8 @@ pub enum EngineError {
     Clock(#[from] fathom_telemetry::ClockError),
     #[error("telemetry")]
     Region(#[from] fathom_telemetry::region::RegionError),
+    #[error("tracing")]
+    Trace(#[from] fathom_telemetry::trace::RingError),
 }
 
 struct ReactorHandle {
@@ -162,6 +165,10 @@ impl Engine {
         } else {
             None
         };
+        let trace_region = match config.telemetry.enabled && config.telemetry.trace.enabled {
+            true => Some(Arc::new(create_trace_region(config, &volumes, &clock)?)),
+            false => None,
+        };
 
         let mut reactors = Vec::new();
         let mut joins = Vec::new();
@@ -180,7 +187,9 @@ impl Engine {
                 shared.clone(),
             );
             let device_count = stubs.len();
+            let (node_id, trace) = (config.node.id.clone(), config.telemetry.trace.clone());
             let region = region.clone();
+            let trace_region = trace_region.clone();
             let (depth, poll, idle_spin) = (
                 config.reactor.queue_depth,
                 config.reactor.poll,
@@ -223,12 +232,28 @@ impl Engine {
                         let queue_recorders = (0..devices.len())
                             .map(|queue| region.queue_recorder(index * devices.len() + queue))
                             .collect();
-                        Box::new(CoreTelemetry::new(
+                        let mut telemetry = Box::new(CoreTelemetry::new(
                             clock,
                             recorders,
                             queue_recorders,
                             &IoContext::queue_capacities(&queues),
-                        ))
+                        ));
+                        if let Some(traces) = &trace_region {
+                            telemetry.set_tracer(Tracer {
+                                ring: traces.writer(index),
+                                ids: IdGenerator::new(trace_seed(&node_id, core)),
+                                rate: trace.rate,
+                                tail_ticks: match trace.tail {
+                                    TailThreshold::Off => u64::MAX,
+                                    TailThreshold::Above(threshold) => {
+                                        clock.duration_to_ticks(threshold)
+                                    }
+                                },
+                                core: core as u16,
+                                queue_base: (index * devices.len()) as u16,
+                            });
+                        }
+                        telemetry
                     });
                     let _ = ready_tx.send(Ok(()));
                     let io = IoContext::new(
@@ -756,6 +781,47 @@ fn create_region(
             .collect(),
     };
     Ok(StatsRegion::create(&config.region_path(), &spec, clock)?)
+}
+
+/// Creates the trace region: one span ring per reactor.
+fn create_trace_region(
+    config: &Config,
+    volumes: &[Volume],
+    clock: &Clock,
+) -> Result<TraceRegion, EngineError> {
+    let spec = TraceSpec {
+        node_id: config.node.id.clone(),
+        cores: config
+            .reactor
+            .cores
+            .iter()
+            .map(|&core| core as u32)
+            .collect(),
+        capacity: config.telemetry.trace.ring,
+        volumes: volumes.iter().map(|volume| volume.name.clone()).collect(),
+        layers: LayerName::ALL
+            .iter()
+            .map(|layer| layer.as_str().to_string())
+            .collect(),
+    };
+    Ok(TraceRegion::create(
+        &config.trace_region_path(),
+        &spec,
+        clock,
+    )?)
+}
+
+/// A seed for a reactor's trace ids: unique to the node, the core and this start.
+fn trace_seed(node_id: &str, core: usize) -> u64 {
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos() as u64)
+        ^ (std::process::id() as u64) << 32
+        ^ core as u64;
+    for byte in node_id.bytes() {
+        seed = (seed ^ byte as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    seed
 }
 
 /// The stub of a device: an inline `mem` controller on null media with the geometry of the

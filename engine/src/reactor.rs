@@ -31,7 +31,7 @@ use crossbeam_queue::ArrayQueue;
 use crate::config::{PollMode, MAX_DEVICES};
 use crate::layer::{Down, Layer, LayerCtx, LayerName, LayerWork, Up, VolumePath, NO_SLOT};
 use crate::poll::EventFd;
-use crate::stats::{CoreTelemetry, Series};
+use crate::stats::{CoreTelemetry, Series, TracedIo};
 use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};
 use fathom_dma::DmaBuf;
 use fathom_drivers::{IoCommand, IoFlags, IoQueue, Op};
@@ -57,7 +57,7 @@ const LAYERED_COOKIE: u32 = 1 << 31;
 /// first and then moved, the buffer read as part of a tuple (copied twice on the stack), and
 /// the same code as an inlined function taking a closure (spills).
 macro_rules! finish_io {
-    ($io:expr, $tasks:expr, $cookie:expr, $seen:expr, ok: $ok:expr, result: |$op:pat_param| $result:expr) => {{
+    ($io:expr, $tasks:expr, $cookie:expr, $seen:expr, ok: $ok:expr, status: $status:expr, queue: $queue:expr, result: |$op:pat_param| $result:expr) => {{
         let cookie: u32 = $cookie;
         let slot = &mut $io.slots[cookie as usize];
         if let (Some(telemetry), Some(seen)) = ($io.telemetry.as_deref_mut(), $seen) {
@@ -70,6 +70,20 @@ macro_rules! finish_io {
                 slot.rung,
                 seen,
             );
+            if telemetry.trace_due(slot.accepted, seen) {
+                telemetry.trace(TracedIo {
+                    series: slot.series,
+                    offset: $io.offsets[cookie as usize],
+                    bytes: slot.bytes,
+                    accepted: slot.accepted,
+                    submitted: slot.submitted,
+                    rung: slot.rung,
+                    seen,
+                    status: $status,
+                    ok: $ok,
+                    queue: $queue,
+                });
+            }
         }
         let notify = std::mem::replace(&mut slot.notify, Notify::Nobody);
         let tag = slot.tag;
@@ -222,6 +236,10 @@ pub struct IoContext {
     slots: Box<[Slot]>,
     /// Per slot, for IOs on the layered path.
     links: Box<[Link]>,
+    /// Per slot: the IO's byte offset in its volume (telemetry only, for a trace record). An
+    /// array of its own: a field more would make every slot a word larger, which measured
+    /// +0.6 ns per IO.
+    offsets: Box<[u64]>,
     free_slots: Vec<u32>,
     /// The task being polled or completed, so its submissions come back to it.
     current_task: u32,
@@ -329,6 +347,7 @@ impl IoContext {
             active_queues: devices,
             slots,
             links,
+            offsets: vec![0; capacity].into_boxed_slice(),
             free_slots: (0..capacity as u32).rev().collect(),
             current_task: u32::MAX,
             unrung,
@@ -515,6 +534,7 @@ impl IoContext {
             self.unrung[device].push(slot_index);
             slot.series = Series::new(request.volume.0, request.op, frontend);
             slot.bytes = request.len;
+            self.offsets[slot_index as usize] = request.offset;
         }
         slot.notify = notify;
         slot.tag = request.tag;
@@ -544,6 +564,7 @@ impl IoContext {
             slot.rung = telemetry.now;
             slot.series = Series::new(request.volume.0, request.op, frontend);
             slot.bytes = request.len;
+            self.offsets[slot_index as usize] = request.offset;
         }
         slot.notify = notify;
         slot.tag = request.tag;
@@ -1193,6 +1214,8 @@ impl Reactor {
                     cookie,
                     seen,
                     ok: completed.status.is_success(),
+                    status: status_word(completed.status),
+                    queue: device as u16,
                     result: |op| match completed.status.is_success() {
                         true => Ok(()),
                         false => Err(IoError::Device {
@@ -1254,6 +1277,12 @@ impl Reactor {
             cookie,
             seen,
             ok: result.is_ok(),
+            status: match &result {
+                Ok(()) => 0,
+                Err(IoError::Device { status, .. }) => status_word(*status),
+                Err(_) => u16::MAX,
+            },
+            queue: u16::MAX,
             result: |_op| result
         );
     }
@@ -1294,6 +1323,11 @@ impl Reactor {
             }
         }
     }
+}
+
+/// An NVMe status as one word for a trace record: status code type << 8 | status code.
+fn status_word(status: Status) -> u16 {
+    (status.sct as u16) << 8 | status.sc as u16
 }
 
 fn deliver_error(notify: Notify, request: IoRequest, error: IoError) {

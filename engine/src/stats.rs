@@ -29,6 +29,7 @@
 //! submitted on the reactor itself (by a task or a front end), which is always zero.
 
 use fathom_telemetry::region::{QueueRecorder, SeriesRecorder};
+use fathom_telemetry::trace::{reason, stamp, IdGenerator, RingWriter, SpanId, TraceRecord};
 use fathom_telemetry::Clock;
 
 use fathom_drivers::Op;
@@ -158,6 +159,41 @@ pub(crate) struct CoreTelemetry {
     queue_totals: Box<[QueueTotals]>,
     next_publish: u64,
     publish_period: u64,
+    /// Head sampling: completions until the next sampled one (`u32::MAX` when nothing is
+    /// head-sampled: it then fires once per 4 Gi IOs, and [`CoreTelemetry::trace`] declines).
+    trace_countdown: u32,
+    /// Tail sampling: an IO whose completion is seen more than this many ticks after it was
+    /// accepted is traced (`u64::MAX`: off).
+    tail_ticks: u64,
+    tracer: Option<Box<Tracer>>,
+}
+
+/// One reactor's writer of trace records, for the IOs its completions pick.
+pub(crate) struct Tracer {
+    pub ring: RingWriter,
+    pub ids: IdGenerator,
+    /// One completion in `rate` is head-sampled (0: none).
+    pub rate: u32,
+    pub tail_ticks: u64,
+    pub core: u16,
+    /// Queues per reactor in the stats region's queue table (this reactor's start at
+    /// `reactor * queues`).
+    pub queue_base: u16,
+}
+
+/// What a traced IO's slot holds, handed to [`CoreTelemetry::trace`].
+pub(crate) struct TracedIo {
+    pub series: Series,
+    pub offset: u64,
+    pub bytes: u64,
+    pub accepted: u64,
+    pub submitted: u64,
+    pub rung: u64,
+    pub seen: u64,
+    pub status: u16,
+    pub ok: bool,
+    /// The device queue it completed on, on this reactor (`u16::MAX`: not known).
+    pub queue: u16,
 }
 
 impl CoreTelemetry {
@@ -192,7 +228,82 @@ impl CoreTelemetry {
             ended: 0,
             stamped: false,
             stamped_last_iteration: false,
+            trace_countdown: u32::MAX,
+            tail_ticks: u64::MAX,
+            tracer: None,
         }
+    }
+
+    /// Traces this reactor's IOs into `tracer`'s ring from now on.
+    pub fn set_tracer(&mut self, tracer: Tracer) {
+        self.trace_countdown = match tracer.rate {
+            0 => u32::MAX,
+            rate => rate,
+        };
+        self.tail_ticks = tracer.tail_ticks;
+        self.tracer = Some(Box::new(tracer));
+    }
+
+    /// Whether the IO accepted at `accepted` whose completion was seen at `seen` is to be
+    /// traced: the head sampler's turn came, or it was slower than the tail threshold. Two
+    /// compares on the path of every IO; the record itself is out of line.
+    #[inline(always)]
+    pub fn trace_due(&mut self, accepted: u64, seen: u64) -> bool {
+        self.trace_countdown = self.trace_countdown.wrapping_sub(1);
+        (self.trace_countdown == 0) | (seen.wrapping_sub(accepted) > self.tail_ticks)
+    }
+
+    /// Writes the record of an IO [`CoreTelemetry::trace_due`] picked. IOs a front end times
+    /// itself are traced by the front end, which knows their whole `total`.
+    #[cold]
+    #[inline(never)]
+    pub fn trace(&mut self, io: TracedIo) {
+        let head = self.trace_countdown == 0;
+        let Some(tracer) = self.tracer.as_deref_mut() else {
+            self.trace_countdown = u32::MAX;
+            return;
+        };
+        if head {
+            self.trace_countdown = match tracer.rate {
+                0 => u32::MAX,
+                rate => rate,
+            };
+        }
+        let tail = io.seen.wrapping_sub(io.accepted) > tracer.tail_ticks;
+        let head = head && tracer.rate != 0;
+        if io.series.frontend() || !(head || tail) {
+            return;
+        }
+        let mut stamps = [0u64; stamp::COUNT];
+        stamps[stamp::ACCEPTED] = io.accepted;
+        stamps[stamp::SUBMITTED] = io.submitted;
+        stamps[stamp::RUNG] = io.rung;
+        stamps[stamp::SEEN] = io.seen;
+        stamps[stamp::COMPLETED] = io.seen;
+        let index = io.series.index() as u32;
+        let ops = OP_NAMES.len() as u32;
+        let record = TraceRecord {
+            trace_id: tracer.ids.trace_id(),
+            span_id: tracer.ids.span_id(),
+            parent: SpanId(0),
+            volume: index / ops,
+            op: (index % ops) as u8,
+            reason: (head as u8 * reason::HEAD)
+                | (tail as u8 * reason::TAIL)
+                | (!io.ok as u8 * reason::ERROR),
+            status: io.status,
+            offset: io.offset,
+            len: io.bytes as u32,
+            core: tracer.core,
+            queue: match io.queue {
+                u16::MAX => u16::MAX,
+                queue => tracer.queue_base + queue,
+            },
+            stamps,
+            layer_count: 0,
+            layers: Default::default(),
+        };
+        tracer.ring.push(&record);
     }
 
     /// Reads the clock; ends the runs waiting for it.

@@ -331,10 +331,7 @@ fn run(mut args: Args) -> Result<()> {
         _ => None,
     };
     engine.shutdown().context("shutting the engine down")?;
-    if config.telemetry.enabled {
-        // The benchmark's stats region is its own; a node's stays for readers after it stops.
-        let _ = std::fs::remove_file(config.region_path());
-    }
+    remove_regions(&config);
     if let Some(path) = &args.plot {
         let Some(op) = stats.as_ref().and_then(|stats| stats.last()) else {
             bail!("--plot needs telemetry (--telemetry on): the latencies come from it");
@@ -395,9 +392,7 @@ fn verify(args: &Args, engine: &Engine, config: &Config) -> Result<()> {
         );
     }
     engine.shutdown().context("shutting the engine down")?;
-    if config.telemetry.enabled {
-        let _ = std::fs::remove_file(config.region_path());
-    }
+    remove_regions(config);
     let mismatches: u64 = results.iter().map(|r| r.mismatches).sum();
     let errors: u64 = results.iter().map(|r| r.errors).sum();
     if args.json {
@@ -1193,5 +1188,14 @@ mod nbd_mode {
             }
         }
         format!("{bytes}B")
+    }
+}
+
+/// Removes the benchmark's stats and trace regions: they are its own (a node's stay for
+/// readers after it stops).
+fn remove_regions(config: &Config) {
+    if config.telemetry.enabled {
+        let _ = std::fs::remove_file(config.region_path());
+        let _ = std::fs::remove_file(config.trace_region_path());
     }
 }
