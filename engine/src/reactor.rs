@@ -202,8 +202,6 @@ struct Slot {
 /// What an IO on the layered path needs beyond its [`Slot`], in an array of its own so that
 /// the layerless path's slots stay as small as they were (and it never touches these).
 struct Link {
-    /// The IO went the layered way: its completion goes up through its volume's layers.
-    layered: bool,
     /// Submitted by a front end (NBD): only such IOs pass the `frontend` layer.
     from_frontend: bool,
     /// The depth of the layer that issued a child IO.
@@ -316,7 +314,6 @@ impl IoContext {
             .collect();
         let links = (0..capacity)
             .map(|_| Link {
-                layered: false,
                 from_frontend: false,
                 origin: 0,
                 volume: 0,
@@ -571,7 +568,6 @@ impl IoContext {
         slot.buf = request.buf;
         slot.op = request.op;
         self.links[slot_index as usize] = Link {
-            layered: true,
             from_frontend: frontend,
             origin: 0,
             volume: request.volume.0,
@@ -771,7 +767,6 @@ impl IoContext {
             slot.series = series;
             slot.bytes = 0;
             self.links[child as usize] = Link {
-                layered: true,
                 from_frontend,
                 origin: depth,
                 volume,
@@ -858,7 +853,6 @@ impl IoContext {
             if parent != NO_SLOT && depth == origin {
                 stack[depth].child_done(&mut ctx, parent, slot, result);
                 self.links[slot as usize].parent = NO_SLOT;
-                self.links[slot as usize].layered = false;
                 self.free_slots.push(slot);
                 let parent_link = &mut self.links[parent as usize];
                 parent_link.children -= 1;
@@ -1270,7 +1264,6 @@ impl Reactor {
     /// own inline copy of `finish_io!`).
     #[inline(never)]
     fn finish_layered(&mut self, cookie: u32, result: Result<(), IoError>, seen: Option<u64>) {
-        self.io.links[cookie as usize].layered = false;
         finish_io!(
             self.io,
             self.tasks,
