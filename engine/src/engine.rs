@@ -239,19 +239,20 @@ impl Engine {
                             &IoContext::queue_capacities(&queues),
                         ));
                         if let Some(traces) = &trace_region {
-                            telemetry.set_tracer(Tracer {
+                            let tail_ticks = match trace.tail {
+                                TailThreshold::Off => u64::MAX,
+                                TailThreshold::Above(threshold) => {
+                                    clock.duration_to_ticks(threshold)
+                                }
+                            };
+                            let tracer = Tracer {
                                 ring: traces.writer(index),
                                 ids: IdGenerator::new(trace_seed(&node_id, core)),
                                 rate: trace.rate,
-                                tail_ticks: match trace.tail {
-                                    TailThreshold::Off => u64::MAX,
-                                    TailThreshold::Above(threshold) => {
-                                        clock.duration_to_ticks(threshold)
-                                    }
-                                },
                                 core: core as u16,
                                 queue_base: (index * devices.len()) as u16,
-                            });
+                            };
+                            telemetry.set_tracer(tracer, tail_ticks);
                         }
                         telemetry
                     });

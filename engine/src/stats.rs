@@ -174,11 +174,20 @@ pub(crate) struct Tracer {
     pub ids: IdGenerator,
     /// One completion in `rate` is head-sampled (0: none).
     pub rate: u32,
-    pub tail_ticks: u64,
     pub core: u16,
     /// Queues per reactor in the stats region's queue table (this reactor's start at
     /// `reactor * queues`).
     pub queue_base: u16,
+}
+
+impl Tracer {
+    /// Completions until the next head-sampled one (`u32::MAX` when none is).
+    fn countdown(&self) -> u32 {
+        match self.rate {
+            0 => u32::MAX,
+            rate => rate,
+        }
+    }
 }
 
 /// What a traced IO's slot holds, handed to [`CoreTelemetry::trace`].
@@ -234,13 +243,11 @@ impl CoreTelemetry {
         }
     }
 
-    /// Traces this reactor's IOs into `tracer`'s ring from now on.
-    pub fn set_tracer(&mut self, tracer: Tracer) {
-        self.trace_countdown = match tracer.rate {
-            0 => u32::MAX,
-            rate => rate,
-        };
-        self.tail_ticks = tracer.tail_ticks;
+    /// Traces this reactor's IOs into `tracer`'s ring from now on, and every IO slower than
+    /// `tail_ticks` (`u64::MAX`: none).
+    pub fn set_tracer(&mut self, tracer: Tracer, tail_ticks: u64) {
+        self.trace_countdown = tracer.countdown();
+        self.tail_ticks = tail_ticks;
         self.tracer = Some(Box::new(tracer));
     }
 
@@ -264,12 +271,9 @@ impl CoreTelemetry {
             return;
         };
         if head {
-            self.trace_countdown = match tracer.rate {
-                0 => u32::MAX,
-                rate => rate,
-            };
+            self.trace_countdown = tracer.countdown();
         }
-        let tail = io.seen.wrapping_sub(io.accepted) > tracer.tail_ticks;
+        let tail = io.seen.wrapping_sub(io.accepted) > self.tail_ticks;
         let head = head && tracer.rate != 0;
         if io.series.frontend() || !(head || tail) {
             return;
