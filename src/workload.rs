@@ -277,17 +277,21 @@ impl WorkloadTask {
         }
     }
 
+    /// Whether completed IOs are to be replaced (ramping or measuring).
+    fn running(&self) -> bool {
+        matches!(self.phase, Phase::Ramp { .. } | Phase::Measure { .. })
+    }
+
     /// Recomputes [`WorkloadTask::hold`].
     fn update_hold(&mut self) {
-        self.hold = !self.buffers.is_empty()
-            || !matches!(self.phase, Phase::Ramp { .. } | Phase::Measure { .. });
+        self.hold = !self.buffers.is_empty() || !self.running();
     }
 
     /// A completion's buffer while [`WorkloadTask::hold`]: it waits behind the buffers
     /// already waiting (from now), or for the next phase.
     #[cold]
     fn complete_held(&mut self, io: &mut IoContext, buf: DmaBuf) {
-        if matches!(self.phase, Phase::Ramp { .. } | Phase::Measure { .. }) {
+        if self.running() {
             self.buffers.push_back((buf, self.clock.now().max(1)));
             self.issue_idle(io);
         } else {
