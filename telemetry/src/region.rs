@@ -25,7 +25,6 @@
 //! complete, so a reader never sees a half-written header; a node that restarts replaces the
 //! file, and a reader notices the new start time.
 
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,7 +32,9 @@ use std::sync::Arc;
 
 use crate::clock::{Clock, ClockSource};
 use crate::hdr::Layout;
-use crate::shm::{map_file, put_name, unix_ns, Mapping};
+use crate::shm::{
+    create_temporary, map_file, name_at, publish, put_name, u32_at, u64_at, unix_ns, Mapping,
+};
 
 pub const MAGIC: [u8; 8] = *b"FATHOMST";
 pub const VERSION: u32 = 1;
@@ -268,17 +269,8 @@ impl StatsRegion {
             what: "size",
             value: usize::MAX,
         })?;
-        let temporary = path.with_extension(format!("tmp{}", std::process::id()));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&temporary)
-            .map_err(|e| io("create", e))?;
-        file.set_len(offsets.total as u64)
-            .map_err(|e| io("size", e))?;
-        let map = map_file(&file, offsets.total, true).map_err(|e| io("map", e))?;
+        let (temporary, map) =
+            create_temporary(path, offsets.total).map_err(|(what, e)| io(what, e))?;
 
         let mut header = vec![0u8; HEADER_BYTES];
         let put = |header: &mut Vec<u8>, at: usize, bytes: &[u8]| {
@@ -384,7 +376,7 @@ impl StatsRegion {
             .map
             .word32(field::STATE)
             .store(WriterState::Running as u32, Ordering::Release);
-        std::fs::rename(&temporary, path).map_err(|e| io("publish", e))?;
+        publish(&temporary, path).map_err(|(what, e)| io(what, e))?;
         Ok(region)
     }
 
@@ -767,22 +759,6 @@ impl HeaderError {
             },
         }
     }
-}
-
-fn u32_at(bytes: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn u64_at(bytes: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
-}
-
-fn name_at(bytes: &[u8]) -> String {
-    let end = bytes
-        .iter()
-        .position(|&byte| byte == 0)
-        .unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 type Counts = [usize; 5];

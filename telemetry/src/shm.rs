@@ -1,7 +1,9 @@
 //! Shared-memory files the node publishes for readers in other processes (the stats region,
 //! the trace rings): one mapping type, accessed through atomics or byte copies.
 
+use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
@@ -114,4 +116,49 @@ pub(crate) fn unix_ns() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
+}
+
+/// Creates a region file of `len` bytes under a temporary name beside `path` and maps it
+/// writable, for its creator to fill before [`publish`] renames it into place (so a reader
+/// never sees it half-written). An error says what failed: "create", "size" or "map".
+pub(crate) fn create_temporary(
+    path: &Path,
+    len: usize,
+) -> Result<(PathBuf, Mapping), (&'static str, std::io::Error)> {
+    let temporary = path.with_extension(format!("tmp{}", std::process::id()));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&temporary)
+        .map_err(|e| ("create", e))?;
+    file.set_len(len as u64).map_err(|e| ("size", e))?;
+    let map = map_file(&file, len, true).map_err(|e| ("map", e))?;
+    Ok((temporary, map))
+}
+
+/// Renames a filled region file from [`create_temporary`] to `path`, replacing an old one
+/// atomically.
+pub(crate) fn publish(temporary: &Path, path: &Path) -> Result<(), (&'static str, std::io::Error)> {
+    std::fs::rename(temporary, path).map_err(|e| ("publish", e))
+}
+
+/// The little-endian u32 at `at` of a header or directory copy.
+pub(crate) fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// The little-endian u64 at `at`.
+pub(crate) fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// A zero-padded name field as a string (bytes that are not UTF-8 replaced).
+pub(crate) fn name_at(bytes: &[u8]) -> String {
+    let end = bytes
+        .iter()
+        .position(|&byte| byte == 0)
+        .unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }

@@ -28,13 +28,14 @@
 //! ...    records, 256 bytes each, ring after ring
 //! ```
 
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
 use crate::clock::Clock;
-use crate::shm::{map_file, put_name, unix_ns, Mapping};
+use crate::shm::{
+    create_temporary, map_file, name_at, publish, put_name, u32_at, u64_at, unix_ns, Mapping,
+};
 
 pub const MAGIC: [u8; 8] = *b"FATHOMTR";
 pub const VERSION: u32 = 1;
@@ -566,17 +567,8 @@ impl TraceRegion {
             path: path.into(),
             source,
         };
-        let temporary = path.with_extension(format!("tmp{}", std::process::id()));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&temporary)
-            .map_err(|e| io("create", e))?;
-        file.set_len(offsets.total as u64)
-            .map_err(|e| io("size", e))?;
-        let map = map_file(&file, offsets.total, true).map_err(|e| io("map", e))?;
+        let (temporary, map) =
+            create_temporary(path, offsets.total).map_err(|(what, e)| io(what, e))?;
         let mut header = vec![0u8; HEADER_BYTES];
         let put = |header: &mut [u8], at: usize, bytes: &[u8]| {
             header[at..at + bytes.len()].copy_from_slice(bytes)
@@ -660,7 +652,7 @@ impl TraceRegion {
             put_name(&mut entry, name);
             map.write(offsets.layers + index * LAYER_NAME_BYTES, &entry);
         }
-        std::fs::rename(&temporary, path).map_err(|e| io("publish", e))?;
+        publish(&temporary, path).map_err(|(what, e)| io(what, e))?;
         Ok(TraceRegion {
             map: Arc::new(map),
             offsets,
@@ -861,19 +853,6 @@ fn corrupt(path: &Path, what: String) -> RingError {
         path: path.into(),
         what,
     }
-}
-
-fn u32_at(bytes: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn u64_at(bytes: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
-}
-
-fn name_at(bytes: &[u8]) -> String {
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 /// Checks a region's header against the file's length and reads its directory through `read`
