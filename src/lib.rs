@@ -7,4 +7,5 @@ pub mod node_control;
 pub mod plot;
 pub mod stat;
 pub mod top;
+pub mod trace;
 pub mod workload;

@@ -1,0 +1,1 @@
+//! CTF 1.8 output of traced IOs (being written).

@@ -1,0 +1,1 @@
+//! OTLP/HTTP JSON output of traced IOs (being written).
