@@ -206,7 +206,8 @@ pub struct TraceConfig {
     /// Head sampling: one IO in `rate` per core is traced (0: none).
     #[serde(default = "TraceConfig::default_rate")]
     pub rate: u32,
-    /// Tail sampling: every IO slower than this is traced (`"off"`: none).
+    /// Tail sampling: every IO slower than this is traced: a duration (`"1ms"`), `"p99.9"`
+    /// (the volume's own p99.9 of `total` per op, over its last 1000 IOs or more), or `"off"`.
     #[serde(default = "TraceConfig::default_tail")]
     pub tail: TailThreshold,
     /// Records per core's ring (a power of two): the newest are kept.
@@ -240,24 +241,42 @@ impl Default for TraceConfig {
     }
 }
 
-/// The tail-sampling threshold: a duration with a unit, or `"off"`.
+/// The tail-sampling threshold: a duration with a unit, `"p99.9"`, or `"off"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TailThreshold {
     Off,
     Above(Duration),
+    /// The volume's current p99.9 of `total`, per op, from its own histograms.
+    P999,
+}
+
+impl TailThreshold {
+    /// Parses what the config and `fathom-ctl trace set --tail` take.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "off" => Ok(TailThreshold::Off),
+            "p99.9" => Ok(TailThreshold::P999),
+            _ => parse_duration(text).map(TailThreshold::Above).map_err(|error| {
+                format!("{error}, or \"p99.9\" (the volume's own p99.9), or \"off\" for no tail sampling")
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for TailThreshold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TailThreshold::Off => f.write_str("off"),
+            TailThreshold::P999 => f.write_str("p99.9"),
+            TailThreshold::Above(duration) => write!(f, "{duration:?}"),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for TailThreshold {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        if text == "off" {
-            return Ok(TailThreshold::Off);
-        }
-        parse_duration(&text)
-            .map(TailThreshold::Above)
-            .map_err(|error| {
-                serde::de::Error::custom(format!("{error}, or \"off\" for no tail sampling"))
-            })
+        TailThreshold::parse(&text).map_err(serde::de::Error::custom)
     }
 }
 
@@ -486,6 +505,18 @@ pub struct VolumeConfig {
     /// (`fathom-ctl stub` changes them while the node runs).
     #[serde(default)]
     pub stub: Vec<crate::layer::LayerName>,
+    /// This volume's own head rate and tail threshold (`[volume.trace]`), instead of
+    /// `[telemetry.trace]`'s.
+    #[serde(default)]
+    pub trace: VolumeTraceConfig,
+}
+
+/// `[volume.trace]`: a volume's sampling, where it differs from `[telemetry.trace]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeTraceConfig {
+    pub rate: Option<u32>,
+    pub tail: Option<TailThreshold>,
 }
 
 impl VolumeConfig {

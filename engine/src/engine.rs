@@ -16,12 +16,13 @@ use fathom_telemetry::Clock;
 use parking_lot::Mutex;
 
 use crate::config::DriverKind;
-use crate::config::{ClockChoice, Config, MediaKind, TailThreshold};
+use crate::config::{ClockChoice, Config, MediaKind};
 use crate::layer::{ControlError, Layer, LayerName, VolumeLayers, VolumePath};
 use crate::reactor::{
     pin_to_core, IoContext, Message, Reactor, ReactorShared, Rejected, Task, VolumeControl,
 };
 use crate::stats::{stage, CoreTelemetry, Tracer, OP_NAMES};
+use crate::trace::{P999Tracker, TraceSettings};
 use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};
 use fathom_dma::{DmaError, DmaPool, PageKind, VFIO_IOVA_BASE};
 use fathom_drivers::inject::InjectRule;
@@ -88,6 +89,8 @@ struct EngineInner {
     region: Option<Arc<StatsRegion>>,
     heartbeat: Mutex<Option<JoinHandle<()>>>,
     heartbeat_stop: Arc<AtomicBool>,
+    /// Which IOs are traced (with a trace region).
+    trace_settings: Option<Arc<TraceSettings>>,
     /// Each volume's layer settings as last applied (the control plane's copy; reactors own
     /// the layers themselves).
     layers: Mutex<Vec<VolumeLayers>>,
@@ -169,6 +172,9 @@ impl Engine {
             true => Some(Arc::new(create_trace_region(config, &volumes, &clock)?)),
             false => None,
         };
+        let trace_settings = trace_region
+            .as_ref()
+            .map(|_| Arc::new(TraceSettings::new(config, clock)));
 
         let mut reactors = Vec::new();
         let mut joins = Vec::new();
@@ -187,9 +193,9 @@ impl Engine {
                 shared.clone(),
             );
             let device_count = stubs.len();
-            let (node_id, trace) = (config.node.id.clone(), config.telemetry.trace.clone());
+            let node_id = config.node.id.clone();
             let region = region.clone();
-            let trace_region = trace_region.clone();
+            let (trace_region, trace_settings) = (trace_region.clone(), trace_settings.clone());
             let (depth, poll, idle_spin) = (
                 config.reactor.queue_depth,
                 config.reactor.poll,
@@ -238,21 +244,14 @@ impl Engine {
                             queue_recorders,
                             &IoContext::queue_capacities(&queues),
                         ));
-                        if let Some(traces) = &trace_region {
-                            let tail_ticks = match trace.tail {
-                                TailThreshold::Off => u64::MAX,
-                                TailThreshold::Above(threshold) => {
-                                    clock.duration_to_ticks(threshold)
-                                }
-                            };
-                            let tracer = Tracer {
-                                ring: traces.writer(index),
-                                ids: IdGenerator::new(trace_seed(&node_id, core)),
-                                rate: trace.rate,
-                                core: core as u16,
-                                queue_base: (index * devices.len()) as u16,
-                            };
-                            telemetry.set_tracer(tracer, tail_ticks);
+                        if let (Some(traces), Some(settings)) = (&trace_region, &trace_settings) {
+                            telemetry.set_tracer(Tracer::new(
+                                traces.writer(index),
+                                IdGenerator::new(trace_seed(&node_id, core)),
+                                core as u16,
+                                (index * devices.len()) as u16,
+                                settings.clone(),
+                            ));
                         }
                         telemetry
                     });
@@ -282,11 +281,21 @@ impl Engine {
         let heartbeat = match &region {
             Some(region) => {
                 let (region, stop) = (region.clone(), heartbeat_stop.clone());
+                // `p99.9` tail thresholds come from the histograms, read on this thread.
+                let mut p999 = match &trace_settings {
+                    Some(settings) => {
+                        Some((settings.clone(), P999Tracker::open(&config.region_path())?))
+                    }
+                    None => None,
+                };
                 let handle = std::thread::Builder::new()
                     .name("stats-heartbeat".into())
                     .spawn(move || {
                         while !stop.load(Ordering::Acquire) {
                             region.heartbeat(clock.now());
+                            if let Some((settings, tracker)) = p999.as_mut() {
+                                tracker.update(settings);
+                            }
                             std::thread::park_timeout(HEARTBEAT_PERIOD);
                         }
                     })
@@ -313,6 +322,7 @@ impl Engine {
                 region,
                 heartbeat: Mutex::new(heartbeat),
                 heartbeat_stop,
+                trace_settings,
                 layers: Mutex::new(vec![VolumeLayers::default(); volumes_count]),
                 slots_per_reactor: config.devices.len() * (config.reactor.queue_depth as usize + 1),
             }),
@@ -353,6 +363,11 @@ impl Engine {
     }
 
     /// The shared-memory stats region, when telemetry is on.
+    /// Which IOs are traced, changeable at run time (`None`: tracing is off).
+    pub fn trace_settings(&self) -> Option<&TraceSettings> {
+        self.inner.trace_settings.as_deref()
+    }
+
     pub fn stats_region(&self) -> Option<&StatsRegion> {
         self.inner.region.as_deref()
     }

@@ -19,6 +19,7 @@ pub mod layer;
 pub mod poll;
 pub mod reactor;
 pub mod stats;
+pub mod trace;
 pub mod volume;
 
 pub use config::Config;
@@ -26,4 +27,5 @@ pub use engine::{Engine, EngineError};
 pub use fathom_dma::{DmaBuf, DmaPool, PageKind};
 pub use fathom_drivers::Op;
 pub use reactor::{IoContext, Rejected, Task};
+pub use stats::{EngineStamps, FrontendTrace};
 pub use volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};

@@ -31,7 +31,7 @@ use crossbeam_queue::ArrayQueue;
 use crate::config::{PollMode, MAX_DEVICES};
 use crate::layer::{Down, Layer, LayerCtx, LayerName, LayerWork, Up, VolumePath, NO_SLOT};
 use crate::poll::EventFd;
-use crate::stats::{CoreTelemetry, Series, TracedIo};
+use crate::stats::{CoreTelemetry, EngineStamps, FrontendTrace, Series, TracedIo};
 use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};
 use fathom_dma::DmaBuf;
 use fathom_drivers::{IoCommand, IoFlags, IoQueue, Op};
@@ -70,6 +70,11 @@ macro_rules! finish_io {
                 slot.rung,
                 seen,
             );
+            $io.completing = Completing {
+                seen,
+                slot: cookie,
+                queue: $queue,
+            };
             if telemetry.trace_due(slot.accepted, seen) {
                 telemetry.trace(TracedIo {
                     series: slot.series,
@@ -241,6 +246,9 @@ pub struct IoContext {
     free_slots: Vec<u32>,
     /// The task being polled or completed, so its submissions come back to it.
     current_task: u32,
+    /// The IO whose completion is being delivered (telemetry only), for a front end to take
+    /// its stamps ([`IoContext::completion_stamps`]).
+    completing: Completing,
     telemetry: Option<Box<CoreTelemetry>>,
     /// Per device (telemetry only): slots written since the last doorbell, stamped when it
     /// rings. Bounded by the queue's capacity.
@@ -347,6 +355,7 @@ impl IoContext {
             offsets: vec![0; capacity].into_boxed_slice(),
             free_slots: (0..capacity as u32).rev().collect(),
             current_task: u32::MAX,
+            completing: Completing::default(),
             unrung,
             clock,
             stacks: (0..volumes_len).map(|_| Vec::new()).collect(),
@@ -416,6 +425,33 @@ impl IoContext {
     pub fn submit_frontend(&mut self, request: IoRequest) -> Result<(), Rejected> {
         let task = self.current_task;
         self.submit_notify(request, Notify::Task(task), None, true)
+    }
+
+    /// Inside [`Task::complete`], before submitting anything: the stamps of the IO whose
+    /// completion this is (`None` without telemetry), for a front end that traces its
+    /// requests ([`IoContext::trace_frontend`]).
+    #[inline]
+    pub fn completion_stamps(&mut self) -> Option<EngineStamps> {
+        let telemetry = self.telemetry.as_deref_mut()?;
+        let completing = self.completing;
+        let slot = &self.slots[completing.slot as usize];
+        Some(EngineStamps {
+            accepted: slot.accepted,
+            submitted: slot.submitted,
+            rung: slot.rung,
+            seen: completing.seen,
+            queue: completing.queue,
+            head: telemetry.take_frontend_head(),
+        })
+    }
+
+    /// A front end answered a request: it is traced if the head sampler kept its engine IO,
+    /// it failed, or its `total` passed its volume's tail threshold.
+    #[inline]
+    pub fn trace_frontend(&mut self, io: &FrontendTrace) {
+        if let Some(telemetry) = self.telemetry.as_deref_mut() {
+            telemetry.trace_frontend(io);
+        }
     }
 
     /// Reads the telemetry clock (0 without telemetry). Stamps taken here also end the stages
@@ -965,6 +1001,14 @@ impl IoContext {
     }
 }
 
+/// Which IO's completion the reactor is delivering, and when it was seen.
+#[derive(Clone, Copy, Default)]
+struct Completing {
+    seen: u64,
+    slot: u32,
+    queue: u16,
+}
+
 pub(crate) struct Reactor {
     io: IoContext,
     tasks: Vec<Option<Box<dyn Task>>>,
@@ -1090,6 +1134,10 @@ impl Reactor {
             self.shared.wake.clear();
         }
         self.shared.sleeping.store(false, Ordering::SeqCst);
+        // Settings changed while it slept apply from its first IO on.
+        if let Some(telemetry) = self.io.telemetry.as_deref_mut() {
+            telemetry.take_trace_settings();
+        }
     }
 
     fn take_inbound(&mut self, stopping: bool) -> usize {

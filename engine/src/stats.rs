@@ -31,6 +31,9 @@
 use fathom_telemetry::region::{QueueRecorder, SeriesRecorder};
 use fathom_telemetry::trace::{reason, stamp, IdGenerator, RingWriter, SpanId, TraceRecord};
 use fathom_telemetry::Clock;
+use std::sync::Arc;
+
+use crate::trace::{SamplingTable, TraceSettings, NO_THRESHOLD};
 
 use fathom_drivers::Op;
 
@@ -105,6 +108,7 @@ struct Reaped {
     seen: u64,
     ended: u64,
     count: u64,
+    bytes: u64,
 }
 
 /// How often counters are published to the region.
@@ -172,22 +176,239 @@ pub(crate) struct CoreTelemetry {
 pub(crate) struct Tracer {
     pub ring: RingWriter,
     pub ids: IdGenerator,
-    /// One completion in `rate` is head-sampled (0: none).
-    pub rate: u32,
     pub core: u16,
     /// Queues per reactor in the stats region's queue table (this reactor's start at
     /// `reactor * queues`).
     pub queue_base: u16,
+    pub settings: Arc<TraceSettings>,
+    /// The settings as last taken, per series.
+    table: SamplingTable,
+    /// Series this reactor records (its volumes' ops).
+    owned: Vec<bool>,
+    /// The head sampler counts down at the lowest rate of this reactor's series; a series
+    /// with a rate `k` times that keeps every `k`th of its turns (counted here, per series).
+    base_rate: u32,
+    turns: Vec<u32>,
+    /// The head sampler's decision on the last front-end IO it picked, for the front end to
+    /// take when the completion reaches it ([`CoreTelemetry::take_frontend_head`]).
+    frontend_head: bool,
 }
 
 impl Tracer {
-    /// Completions until the next head-sampled one (`u32::MAX` when none is).
+    pub fn new(
+        ring: RingWriter,
+        ids: IdGenerator,
+        core: u16,
+        queue_base: u16,
+        settings: Arc<TraceSettings>,
+    ) -> Self {
+        Self {
+            ring,
+            ids,
+            core,
+            queue_base,
+            settings,
+            table: SamplingTable::default(),
+            owned: Vec::new(),
+            base_rate: 0,
+            turns: Vec::new(),
+            frontend_head: false,
+        }
+    }
+
+    /// Completions until the next head-sampler turn (`u32::MAX` when none is sampled).
     fn countdown(&self) -> u32 {
-        match self.rate {
+        match self.base_rate {
             0 => u32::MAX,
             rate => rate,
         }
     }
+
+    /// Whether the head sampler's turn, landing on an IO of `series`, keeps it.
+    fn head_keeps(&mut self, series: usize) -> bool {
+        let rate = self.table.rates.get(series).copied().unwrap_or(0);
+        if rate == 0 || self.base_rate == 0 {
+            return false;
+        }
+        let turns = &mut self.turns[series];
+        *turns += self.base_rate;
+        if *turns >= rate {
+            *turns -= rate;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn threshold(&self, series: usize) -> u64 {
+        self.table
+            .thresholds
+            .get(series)
+            .copied()
+            .unwrap_or(NO_THRESHOLD)
+    }
+
+    /// Takes new settings if they changed: the base rate and lowest threshold of this
+    /// reactor's series, for the two compares on every IO.
+    fn refresh(&mut self) -> Option<(u32, u64)> {
+        if !self.settings.refresh(&mut self.table) {
+            return None;
+        }
+        let owned = |values: &[u32]| {
+            values
+                .iter()
+                .zip(&self.owned)
+                .filter(|&(&rate, &owned)| owned && rate != 0)
+                .map(|(&rate, _)| rate)
+                .min()
+        };
+        self.base_rate = owned(&self.table.rates).unwrap_or(0);
+        self.turns.clear();
+        self.turns.resize(self.table.rates.len(), 0);
+        let lowest = self
+            .table
+            .thresholds
+            .iter()
+            .zip(&self.owned)
+            .filter(|&(_, &owned)| owned)
+            .map(|(&ticks, _)| ticks)
+            .min()
+            .unwrap_or(NO_THRESHOLD);
+        Some((self.countdown(), lowest))
+    }
+
+    /// A run whose `total` may have passed its threshold only in its `complete` stage, after
+    /// the decision at completion: each of its IOs is traced now, so that the traced IOs are
+    /// exactly those the `total` histogram counts above the threshold. What only the slot
+    /// knew (offset, status) is gone by now: the records say so with [`reason::LATE`].
+    #[cold]
+    #[inline(never)]
+    fn trace_late(&mut self, run: &Reaped, total: u64) {
+        let series = run.key.series.index();
+        let threshold = self.threshold(series);
+        let decided = run.seen.saturating_sub(run.key.accepted);
+        if total <= threshold || decided > threshold {
+            return;
+        }
+        let mut stamps = [0u64; stamp::COUNT];
+        stamps[stamp::ACCEPTED] = run.key.accepted;
+        stamps[stamp::SUBMITTED] = run.key.submitted;
+        stamps[stamp::RUNG] = run.key.rung;
+        stamps[stamp::SEEN] = run.seen;
+        stamps[stamp::COMPLETED] = run.ended;
+        for _ in 0..run.count {
+            let record = self.record(
+                series,
+                reason::TAIL | reason::LATE,
+                u64::MAX,
+                run.bytes / run.count.max(1),
+                0,
+                u16::MAX,
+                stamps,
+            );
+            self.push(&record);
+        }
+    }
+
+    /// Writes one record.
+    fn push(&mut self, record: &TraceRecord) {
+        self.ring.push(record);
+    }
+
+    /// A new trace's record of an IO of `series` (`queue`: on this reactor, `u16::MAX` if
+    /// not known).
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &mut self,
+        series: usize,
+        reason: u8,
+        offset: u64,
+        bytes: u64,
+        status: u16,
+        queue: u16,
+        stamps: [u64; stamp::COUNT],
+    ) -> TraceRecord {
+        let ops = OP_NAMES.len();
+        TraceRecord {
+            trace_id: self.ids.trace_id(),
+            span_id: self.ids.span_id(),
+            parent: SpanId(0),
+            volume: (series / ops) as u32,
+            op: (series % ops) as u8,
+            reason,
+            status,
+            offset,
+            len: bytes as u32,
+            core: self.core,
+            queue: match queue {
+                u16::MAX => u16::MAX,
+                queue => self.queue_base + queue,
+            },
+            stamps,
+            layer_count: 0,
+            layers: Default::default(),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn trace_frontend(&mut self, series: usize, io: &FrontendTrace, tail: bool) {
+        let engine = &io.engine;
+        let mut stamps = [0u64; stamp::COUNT];
+        stamps[stamp::RECEIVED] = io.received;
+        stamps[stamp::ACCEPTED] = engine.accepted;
+        stamps[stamp::SUBMITTED] = engine.submitted;
+        stamps[stamp::RUNG] = engine.rung;
+        stamps[stamp::SEEN] = engine.seen;
+        stamps[stamp::COMPLETED] = io.reply_start;
+        stamps[stamp::REPLY_START] = io.reply_start;
+        stamps[stamp::SENT] = io.sent;
+        let reason = (engine.head as u8 * reason::HEAD)
+            | (tail as u8 * reason::TAIL)
+            | (!io.ok as u8 * reason::ERROR);
+        let record = self.record(
+            series,
+            reason,
+            io.offset,
+            io.len,
+            io.status,
+            engine.queue,
+            stamps,
+        );
+        self.push(&record);
+    }
+}
+
+/// A front end's answered request, as [`crate::IoContext::trace_frontend`] takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct FrontendTrace {
+    pub volume: u32,
+    pub op: Op,
+    pub offset: u64,
+    pub len: u64,
+    pub ok: bool,
+    /// NVMe status word (status code type << 8 | status code), 0 for success.
+    pub status: u16,
+    /// The socket read that brought it, the start of its reply, the write that finished it.
+    pub received: u64,
+    pub reply_start: u64,
+    pub sent: u64,
+    /// Its engine IO's stamps ([`crate::IoContext::completion_stamps`]; for a request split
+    /// into several, the last to complete).
+    pub engine: EngineStamps,
+}
+
+/// What the engine stamped on one IO, handed to the front end with its completion.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStamps {
+    pub accepted: u64,
+    pub submitted: u64,
+    pub rung: u64,
+    pub seen: u64,
+    /// The device queue it completed on, on its reactor (`u16::MAX`: not known).
+    pub queue: u16,
+    /// The head sampler kept it.
+    pub head: bool,
 }
 
 /// What a traced IO's slot holds, handed to [`CoreTelemetry::trace`].
@@ -243,12 +464,31 @@ impl CoreTelemetry {
         }
     }
 
-    /// Traces this reactor's IOs into `tracer`'s ring from now on, and every IO slower than
-    /// `tail_ticks` (`u64::MAX`: none).
-    pub fn set_tracer(&mut self, tracer: Tracer, tail_ticks: u64) {
-        self.trace_countdown = tracer.countdown();
-        self.tail_ticks = tail_ticks;
+    /// Traces this reactor's IOs into `tracer`'s ring from now on, as its settings say;
+    /// `owned[series]` is whether this reactor records that series.
+    pub fn set_tracer(&mut self, mut tracer: Tracer) {
+        tracer.owned = self.series.iter().map(Option::is_some).collect();
         self.tracer = Some(Box::new(tracer));
+        self.refresh_tracer();
+    }
+
+    /// Takes the trace settings if they changed (a load of their version).
+    #[inline]
+    pub fn take_trace_settings(&mut self) {
+        if let Some(tracer) = &self.tracer {
+            if tracer.settings.generation() != tracer.table.generation {
+                self.refresh_tracer();
+            }
+        }
+    }
+
+    #[cold]
+    fn refresh_tracer(&mut self) {
+        if let Some((countdown, tail_ticks)) = self.tracer.as_deref_mut().and_then(Tracer::refresh)
+        {
+            self.trace_countdown = countdown;
+            self.tail_ticks = tail_ticks;
+        }
     }
 
     /// Whether the IO accepted at `accepted` whose completion was seen at `seen` is to be
@@ -260,22 +500,29 @@ impl CoreTelemetry {
         (self.trace_countdown == 0) | (seen.wrapping_sub(accepted) > self.tail_ticks)
     }
 
-    /// Writes the record of an IO [`CoreTelemetry::trace_due`] picked. IOs a front end times
-    /// itself are traced by the front end, which knows their whole `total`.
+    /// Writes the record of an IO [`CoreTelemetry::trace_due`] picked, if its own series'
+    /// settings keep it (the compares on every IO use this reactor's lowest rate and
+    /// threshold). IOs a front end times itself are traced by the front end, which knows
+    /// their whole `total`: it learns whether the head sampler kept them.
     #[cold]
     #[inline(never)]
     pub fn trace(&mut self, io: TracedIo) {
-        let head = self.trace_countdown == 0;
+        let turn = self.trace_countdown == 0;
         let Some(tracer) = self.tracer.as_deref_mut() else {
             self.trace_countdown = u32::MAX;
             return;
         };
-        if head {
+        let series = io.series.index();
+        let head = turn && {
             self.trace_countdown = tracer.countdown();
+            tracer.head_keeps(series)
+        };
+        if io.series.frontend() {
+            tracer.frontend_head = head;
+            return;
         }
-        let tail = io.seen.wrapping_sub(io.accepted) > self.tail_ticks;
-        let head = head && tracer.rate != 0;
-        if io.series.frontend() || !(head || tail) {
+        let tail = io.seen.wrapping_sub(io.accepted) > tracer.threshold(series);
+        if !(head || tail) {
             return;
         }
         let mut stamps = [0u64; stamp::COUNT];
@@ -284,30 +531,37 @@ impl CoreTelemetry {
         stamps[stamp::RUNG] = io.rung;
         stamps[stamp::SEEN] = io.seen;
         stamps[stamp::COMPLETED] = io.seen;
-        let index = io.series.index() as u32;
-        let ops = OP_NAMES.len() as u32;
-        let record = TraceRecord {
-            trace_id: tracer.ids.trace_id(),
-            span_id: tracer.ids.span_id(),
-            parent: SpanId(0),
-            volume: index / ops,
-            op: (index % ops) as u8,
-            reason: (head as u8 * reason::HEAD)
-                | (tail as u8 * reason::TAIL)
-                | (!io.ok as u8 * reason::ERROR),
-            status: io.status,
-            offset: io.offset,
-            len: io.bytes as u32,
-            core: tracer.core,
-            queue: match io.queue {
-                u16::MAX => u16::MAX,
-                queue => tracer.queue_base + queue,
-            },
-            stamps,
-            layer_count: 0,
-            layers: Default::default(),
+        let reason = (head as u8 * reason::HEAD)
+            | (tail as u8 * reason::TAIL)
+            | (!io.ok as u8 * reason::ERROR);
+        let record = tracer.record(
+            series, reason, io.offset, io.bytes, io.status, io.queue, stamps,
+        );
+        tracer.push(&record);
+    }
+
+    /// Whether the head sampler kept the front-end IO whose completion is being delivered
+    /// (and forgets it).
+    #[inline]
+    pub fn take_frontend_head(&mut self) -> bool {
+        self.tracer
+            .as_deref_mut()
+            .is_some_and(|tracer| std::mem::take(&mut tracer.frontend_head))
+    }
+
+    /// A front end's request has been answered: traced if the head sampler kept its engine
+    /// IO, it failed, or its socket-to-socket `total` is over its series' threshold, the
+    /// same `total` the front end records in the histograms.
+    #[inline]
+    pub fn trace_frontend(&mut self, io: &FrontendTrace) {
+        let Some(tracer) = self.tracer.as_deref_mut() else {
+            return;
         };
-        tracer.ring.push(&record);
+        let series = Series::new(io.volume, io.op, false).index();
+        let tail = io.sent.saturating_sub(io.received) > tracer.threshold(series);
+        if io.engine.head || !io.ok || tail {
+            tracer.trace_frontend(series, io, tail);
+        }
     }
 
     /// Reads the clock; ends the runs waiting for it.
@@ -387,13 +641,14 @@ impl CoreTelemetry {
         totals.ios += self.run_ios;
         totals.bytes += self.run_bytes;
         totals.errors += self.run_errors;
-        (self.run_ios, self.run_bytes, self.run_errors) = (0, 0, 0);
         self.reaped.push(Reaped {
             key: self.run,
             seen,
             ended: 0,
             count,
+            bytes: self.run_bytes,
         });
+        (self.run_ios, self.run_bytes, self.run_errors) = (0, 0, 0);
     }
 
     /// The completions that came up through the layers, seen at `seen`, are all recorded:
@@ -437,7 +692,13 @@ impl CoreTelemetry {
             recorder.record(stage::DEVICE, run.seen.saturating_sub(key.rung), count);
             recorder.record(stage::COMPLETE, run.ended.saturating_sub(run.seen), count);
             if !key.series.frontend() {
-                recorder.record(stage::TOTAL, run.ended.saturating_sub(key.accepted), count);
+                let total = run.ended.saturating_sub(key.accepted);
+                recorder.record(stage::TOTAL, total, count);
+                if total > self.tail_ticks {
+                    if let Some(tracer) = self.tracer.as_deref_mut() {
+                        tracer.trace_late(run, total);
+                    }
+                }
             }
         }
         self.reaped.drain(..self.ended);
@@ -476,6 +737,7 @@ impl CoreTelemetry {
     /// it stops).
     pub fn publish(&mut self) {
         self.next_publish = self.now + self.publish_period;
+        self.take_trace_settings();
         for ((recorder, totals), queue_zeros) in self
             .series
             .iter()

@@ -77,6 +77,10 @@ fn run_reads(engine: &Engine, count: u32, depth: usize) {
         .expect("the reads finish");
 }
 
+/// Reads delayed 2 ms: 2% of 5000.
+const DELAYED_MIN: u64 = 50;
+const DELAYED_MAX: u64 = 200;
+
 const SLOW_READS: &str = r#"
 [telemetry.trace]
 rate = 0
@@ -98,7 +102,6 @@ size = "64MiB"
 "#;
 
 #[test]
-#[ignore = "open (issue 13): the engine's decision at `seen` misses IOs whose `total` passes the threshold later (up to 6 of 113 seen), and delayed reads on the inline mem controller show their delay in `submit`, not `device`"]
 fn every_io_over_the_tail_threshold_is_traced_and_no_other() {
     let test = node(&[0], SLOW_READS);
     let engine = Engine::start(&test.config).unwrap();
@@ -114,37 +117,68 @@ fn every_io_over_the_tail_threshold_is_traced_and_no_other() {
         fathom_telemetry::report::delta_histogram(&directory, &before, &after, 0, 0, total);
     assert_eq!(histogram.len(), 5000);
     let threshold = directory.tsc_hz / 1000;
-    let slow = histogram.count_between(threshold + 1, u64::MAX);
+    // The histogram's buckets are 1% wide: IOs in the threshold's own bucket may be on
+    // either side of it.
+    let surely_slow = histogram.count_between(histogram.next_non_equivalent(threshold), u64::MAX);
+    let maybe_slow = histogram.count_between(histogram.lowest_equivalent(threshold), u64::MAX);
     let batch = traces.poll();
     assert_eq!((batch.lost, batch.damaged), (0, 0));
     let trace_directory = traces.directory().clone();
-    assert!(
-        (50..=200).contains(&slow),
-        "2% of 5000 reads were delayed 2 ms, the histogram counts {slow} over 1 ms"
-    );
-    // The engine decides when a completion is seen; `total` also holds the `complete`
-    // stage after it, so an IO the machine stalled there (a preempted reactor) can pass the
-    // threshold untraced. The front end's decision, on its own socket-to-socket total, will
-    // be exact; here at most a couple of such IOs are allowed.
     let traced = batch.records.len() as u64;
     assert!(
-        traced <= slow && slow - traced <= 2,
-        "{traced} traced IOs against the histogram's {slow} above the threshold"
+        (surely_slow..=maybe_slow).contains(&traced),
+        "{traced} traced IOs against the histogram's {surely_slow} (..{maybe_slow}) above the threshold"
     );
+    let (mut device_slow, mut stalled) = (0u64, 0u64);
+    let mut others = Vec::new();
     for (_, record) in &batch.records {
         assert_eq!(record.reason & reason::TAIL, reason::TAIL);
         assert_eq!(trace_directory.volumes[record.volume as usize], "vol0");
         assert_eq!((record.op, record.len), (0, 4096));
-        assert!(record.offset < 1024 * 4096 && record.offset % 4096 == 0);
         assert!(record.total_ticks() > threshold);
+        if record.reason & reason::LATE == 0 {
+            assert!(record.offset < 1024 * 4096 && record.offset % 4096 == 0);
+        }
         let spans = record.spans(&trace_directory.layers);
+        let span = |name: &str| {
+            spans
+                .iter()
+                .find(|span| span.name == name)
+                .map_or(0, |span| trace_directory.ns(span.end - span.begin))
+        };
         let longest = spans[1..]
             .iter()
             .max_by_key(|span| span.end - span.begin)
             .unwrap();
-        assert_eq!(longest.name, "device", "{spans:?}");
-        assert!(trace_directory.ns(longest.end - longest.begin) >= 2_000_000);
+        let longest_ns = trace_directory.ns(longest.end - longest.begin);
+        if span("device") >= 2_000_000 {
+            device_slow += 1;
+            // The injected delay is the longest span, unless the machine stalled the node
+            // for as long somewhere else too (a preempted reactor).
+            if longest.name != "device" {
+                assert!(longest_ns >= 2_000_000, "{spans:?}");
+                stalled += 1;
+            }
+        } else {
+            others.push(spans);
+        }
     }
+    // Every 200th read was delayed 2 ms on the device (binomial: 70..130 of 20000 nearly
+    // always; 2% of 5000 in the engine's test): each shows it in its device span.
+    assert!(
+        (DELAYED_MIN..=DELAYED_MAX).contains(&device_slow),
+        "{device_slow} traced reads show a device span of 2 ms or more"
+    );
+    assert!(
+        stalled <= device_slow / 4,
+        "{stalled} of {device_slow} delayed reads have another span longer than the device's"
+    );
+    // The others were slowed by the machine, not the device (a shared machine preempts the
+    // reactor or the client): their device span is short, and their time went elsewhere.
+    eprintln!(
+        "{traced} traced: {device_slow} delayed on the device ({stalled} also stalled elsewhere), {} slowed by the machine",
+        others.len()
+    );
     let mut ids: Vec<_> = batch.records.iter().map(|(_, r)| r.trace_id).collect();
     ids.sort();
     ids.dedup();
@@ -196,4 +230,93 @@ fn a_bad_trace_ring_size_is_refused_with_the_fix() {
         error.contains("telemetry.trace.ring") && error.contains("power of two"),
         "{error}"
     );
+}
+
+#[test]
+fn a_p999_threshold_is_learned_from_the_histograms_and_settings_change_at_run_time() {
+    use fathom_engine::config::TailThreshold;
+    use fathom_engine::trace::VolumeSampling;
+    let body = SLOW_READS
+        .replace("tail = \"1ms\"", "tail = \"p99.9\"")
+        .replace(", fraction = 0.02,", ", fraction = 0.0,");
+    let test = node(&[0], &body);
+    let engine = Engine::start(&test.config).unwrap();
+    let settings = engine.trace_settings().expect("tracing is on");
+    assert_eq!(settings.threshold(0, 0), None, "no p99.9 before any IO");
+    run_reads(&engine, 3000, 8);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let learned = loop {
+        if let Some(threshold) = settings.threshold(0, 0) {
+            break threshold;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no p99.9 learned in 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        learned < Duration::from_millis(100),
+        "p99.9 of null reads: {learned:?}"
+    );
+    assert_eq!(
+        settings.threshold(0, 1),
+        None,
+        "no writes ran: no write threshold"
+    );
+
+    // The IOs above the learned threshold are traced: exactly those the histogram counts.
+    let stats = fathom_telemetry::region::RegionReader::open(&test.config.region_path()).unwrap();
+    let directory = stats.directory().clone();
+    let total = directory.stages.iter().position(|s| s == "total").unwrap();
+    let mut traces = TraceReader::open(&test.config.trace_region_path(), Start::Now).unwrap();
+    let before = stats.snapshot(0);
+    let threshold = settings.threshold(0, 0).unwrap();
+    run_reads(&engine, 3000, 8);
+    std::thread::sleep(Duration::from_millis(20));
+    let after = stats.snapshot(0);
+    let batch = traces.poll();
+    if settings.threshold(0, 0) == Some(threshold) {
+        let histogram =
+            fathom_telemetry::report::delta_histogram(&directory, &before, &after, 0, 0, total);
+        let ticks =
+            (threshold.as_nanos() * directory.tsc_hz as u128 / 1_000_000_000) as u64;
+        let surely = histogram.count_between(histogram.next_non_equivalent(ticks + 1), u64::MAX);
+        let maybe = histogram.count_between(histogram.lowest_equivalent(ticks), u64::MAX);
+        let traced = batch.records.len() as u64;
+        assert!(
+            (surely..=maybe).contains(&traced),
+            "{traced} traced against {surely}..{maybe} above the p99.9 of {threshold:?}"
+        );
+    }
+
+    // Off at run time: nothing more is traced.
+    settings.set(
+        0,
+        VolumeSampling {
+            rate: 0,
+            tail: TailThreshold::Off,
+        },
+    );
+    assert_eq!(settings.threshold(0, 0), None);
+    std::thread::sleep(Duration::from_millis(20));
+    traces.poll();
+    run_reads(&engine, 2000, 8);
+    assert_eq!(traces.poll().records.len(), 0, "tracing was turned off");
+    // And a head rate at run time: one in 10.
+    settings.set(
+        0,
+        VolumeSampling {
+            rate: 10,
+            tail: TailThreshold::Off,
+        },
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    run_reads(&engine, 2000, 8);
+    let sampled = traces.poll().records.len();
+    assert!(
+        (190..=210).contains(&sampled),
+        "{sampled} of 2000 at one in 10"
+    );
+    engine.shutdown().unwrap();
 }

@@ -105,6 +105,9 @@ pub mod reason {
     pub const ERROR: u8 = 4;
     /// Its caller's trace context said "sampled".
     pub const CONTEXT: u8 = 8;
+    /// Decided after the IO's completion was handed on (its `total` passed the threshold
+    /// only then): offset (`u64::MAX`), status and queue were not kept.
+    pub const LATE: u8 = 16;
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

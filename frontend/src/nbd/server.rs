@@ -40,6 +40,7 @@ use fathom_engine::poll::{Epoll, Event, EventFd};
 use fathom_engine::reactor::{IoContext, Rejected, Task};
 use fathom_engine::stats::stage;
 use fathom_engine::volume::{IoCompletion, IoError, IoRequest, VolumeId};
+use fathom_engine::{EngineStamps, FrontendTrace};
 
 /// Bytes of socket data a connection buffers for parsing (request headers and small payloads;
 /// larger payloads are read straight into their DMA buffer).
@@ -561,13 +562,15 @@ impl Task for Poller {
         work
     }
 
-    fn complete(&mut self, _io: &mut IoContext, completion: IoCompletion) {
+    fn complete(&mut self, io: &mut IoContext, completion: IoCompletion) {
         let index = (completion.tag >> 16) as usize;
         let slot = (completion.tag & 0xffff) as u16;
+        // Taken before anything is submitted, while the engine's slot still holds them.
+        let stamps = io.completion_stamps();
         let Some(Some(conn)) = self.conns.get_mut(index) else {
             return;
         };
-        conn.complete(slot, completion, &mut self.buffers);
+        conn.complete(slot, completion, stamps, &mut self.buffers);
     }
 
     fn finished(&self) -> bool {
@@ -638,6 +641,10 @@ struct Slot {
     /// Stamps: the socket read that brought it, the start of its reply.
     received: u64,
     reply_start: u64,
+    /// What the engine stamped on its IO (telemetry only), and the NVMe status of a failed
+    /// one: for its trace.
+    engine: EngineStamps,
+    status: u16,
     /// Reply header (and an error's message), built when the request finished.
     header: [u8; REPLY_HEADER_MAX],
     header_len: u8,
@@ -660,6 +667,8 @@ impl Slot {
             error: None,
             received: 0,
             reply_start: 0,
+            engine: EngineStamps::default(),
+            status: 0,
             header: [0; REPLY_HEADER_MAX],
             header_len: 0,
             with_data: false,
@@ -1147,6 +1156,8 @@ impl Conn {
             slot.error = None;
             slot.received = received;
             slot.reply_start = 0;
+            slot.engine = EngineStamps::default();
+            slot.status = 0;
             progress = true;
             if let Err(rejection) = check {
                 slot.error = Some(rejection.errno());
@@ -1277,16 +1288,32 @@ impl Conn {
         work
     }
 
-    fn complete(&mut self, slot_index: u16, completion: IoCompletion, buffers: &mut BufferCache) {
+    fn complete(
+        &mut self,
+        slot_index: u16,
+        completion: IoCompletion,
+        stamps: Option<EngineStamps>,
+        buffers: &mut BufferCache,
+    ) {
         self.in_engine -= 1;
         let Some(slot) = self.slots.get_mut(slot_index as usize) else {
             return;
         };
         slot.pending -= 1;
+        if let Some(stamps) = stamps {
+            // A request split into several IOs keeps the last one's, and the head
+            // sampler's choice of any of them.
+            let head = slot.engine.head;
+            slot.engine = stamps;
+            slot.engine.head |= head;
+        }
         if let Err(error) = &completion.result {
             if slot.error.is_none() {
                 slot.error = Some(nbd_error(error, slot.command));
                 slot.header_len = 0;
+            }
+            if let IoError::Device { status, .. } = error {
+                slot.status = (status.sct as u16) << 8 | status.sc as u16;
             }
         }
         if let Some(buf) = completion.buf {
@@ -1430,6 +1457,20 @@ impl Conn {
                         sent.saturating_sub(slot.received),
                         1,
                     );
+                    io.trace_frontend(&FrontendTrace {
+                        volume: export.volume.0,
+                        op,
+                        offset: slot.offset,
+                        len: slot.len,
+                        // A request refused before the engine saw it is the client's
+                        // mistake, answered in its reply: not traced as a failure.
+                        ok: slot.error.is_none() || slot.engine.seen == 0,
+                        status: slot.status,
+                        received: slot.received,
+                        reply_start: slot.reply_start,
+                        sent,
+                        engine: slot.engine,
+                    });
                 }
                 self.release(slot_index, buffers);
             }
