@@ -3,8 +3,10 @@
 //!
 //! Every change goes through the engine's control path (`Engine::change_layers`,
 //! `Engine::change_device_inject`): built off the reactors, applied by the owning reactor
-//! between two loop iterations. A request that is wrong in any way is refused with a message
-//! before anything changes, so IO in flight never sees a half-applied request.
+//! between two loop iterations. Trace sampling goes through the engine's `TraceSettings`,
+//! which the reactors take at their next publication. A request that is wrong in any way is
+//! refused with a message before anything changes, so IO in flight never sees a
+//! half-applied request.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,12 +15,14 @@ use std::time::Duration;
 use clap::ValueEnum;
 use fathom_control::proto::{
     self, Cleared, DeviceRow, Hello, LayerRow, NamespaceRow, RemoteError, Request, RuleRow,
-    RunResult, VolumeRow,
+    RunResult, TraceRow, VolumeRow,
 };
 use fathom_control::server::Handler;
-use fathom_engine::config::InjectRule;
+use fathom_engine::config::{InjectRule, TailThreshold};
 use fathom_engine::layer::{ControlError, LayerName};
-use fathom_engine::Engine;
+use fathom_engine::stats::OP_NAMES;
+use fathom_engine::trace::{TraceSettings, VolumeSampling};
+use fathom_engine::{Engine, Volume};
 use serde_json::Value;
 use std::sync::Mutex as StdMutex;
 
@@ -37,6 +41,9 @@ pub struct NodeControl {
     /// engine keeps them parsed.
     rules: StdMutex<HashMap<(String, LayerName), Vec<Value>>>,
     runs: AtomicUsize,
+    /// Held across a `trace_set`'s read of the current sampling and its writes, so that two
+    /// at once (one changing the rate, the other the tail) do not undo each other's change.
+    trace_changes: StdMutex<()>,
 }
 
 impl NodeControl {
@@ -45,6 +52,7 @@ impl NodeControl {
             engine,
             rules: StdMutex::new(HashMap::new()),
             runs: AtomicUsize::new(0),
+            trace_changes: StdMutex::new(()),
         }
     }
 
@@ -469,6 +477,102 @@ impl NodeControl {
             wait_ns: result.wait_ns,
         })
     }
+
+    /// The engine's trace settings, or why there are none.
+    fn trace_settings(&self) -> Result<&TraceSettings, RemoteError> {
+        self.engine.trace_settings().ok_or_else(|| {
+            let why = if self.engine.config().telemetry.enabled {
+                "tracing is off on this node ([telemetry.trace] enabled = false)"
+            } else {
+                "tracing is off on this node: it needs telemetry, which is off ([telemetry] enabled = false)"
+            };
+            RemoteError::new(
+                proto::UNSUPPORTED,
+                format!(
+                    "{why}; to trace, set [telemetry.trace] enabled = true with [telemetry] \
+                     enabled = true in the node's config and restart the node"
+                ),
+            )
+        })
+    }
+
+    /// The volumes a trace command is about: the one named, or every volume.
+    fn trace_volumes(&self, volume: Option<&str>) -> Result<Vec<&Volume>, RemoteError> {
+        match volume {
+            Some(name) => Ok(vec![self
+                .engine
+                .volume_named(name)
+                .map_err(control_error)?]),
+            None => Ok(self.engine.volumes().iter().collect()),
+        }
+    }
+
+    fn trace_row(settings: &TraceSettings, volume: &Volume, sampling: VolumeSampling) -> TraceRow {
+        let index = volume.id.0 as usize;
+        TraceRow {
+            volume: volume.name.clone(),
+            rate: sampling.rate,
+            tail: tail_text(sampling.tail),
+            thresholds_ns: OP_NAMES
+                .iter()
+                .enumerate()
+                .map(|(op, name)| {
+                    let threshold = settings
+                        .threshold(index, op)
+                        .map(|threshold| u64::try_from(threshold.as_nanos()).unwrap_or(u64::MAX));
+                    (name.to_string(), threshold)
+                })
+                .collect(),
+        }
+    }
+
+    fn trace_show(&self, volume: Option<&str>) -> Result<Vec<TraceRow>, RemoteError> {
+        let settings = self.trace_settings()?;
+        let volumes = self.trace_volumes(volume)?;
+        let sampling = settings.sampling();
+        Ok(volumes
+            .into_iter()
+            .map(|volume| Self::trace_row(settings, volume, sampling[volume.id.0 as usize]))
+            .collect())
+    }
+
+    /// Changes the rate and/or the tail of the volumes named; everything is checked before
+    /// the first volume changes.
+    fn trace_set(
+        &self,
+        volume: Option<&str>,
+        rate: Option<u32>,
+        tail: Option<&str>,
+    ) -> Result<Vec<TraceRow>, RemoteError> {
+        let bad = |what: String| RemoteError::new(proto::BAD_REQUEST, format!("trace_set: {what}"));
+        let settings = self.trace_settings()?;
+        let volumes = self.trace_volumes(volume)?;
+        let tail = tail
+            .map(|text| TailThreshold::parse(text).map_err(|error| bad(format!("tail: {error}"))))
+            .transpose()?;
+        if rate.is_none() && tail.is_none() {
+            return Err(bad("nothing to change: give a rate, a tail, or both".into()));
+        }
+        let _changing = self
+            .trace_changes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut sampling = settings.sampling();
+        let mut rows = Vec::with_capacity(volumes.len());
+        for volume in volumes {
+            let index = volume.id.0 as usize;
+            let changed = &mut sampling[index];
+            if let Some(rate) = rate {
+                changed.rate = rate;
+            }
+            if let Some(tail) = tail {
+                changed.tail = tail;
+            }
+            settings.set(index, *changed);
+            rows.push(Self::trace_row(settings, volume, *changed));
+        }
+        Ok(rows)
+    }
 }
 
 impl Handler for NodeControl {
@@ -506,6 +610,10 @@ impl Handler for NodeControl {
             } => json(self.run(
                 &volume, &rw, bs, iodepth, runtime_ms, ramp_ms, size, seed, rwmixread,
             )?),
+            Request::TraceShow { volume } => json(self.trace_show(volume.as_deref())?),
+            Request::TraceSet { volume, rate, tail } => {
+                json(self.trace_set(volume.as_deref(), rate, tail.as_deref())?)
+            }
         }
     }
 }
@@ -524,6 +632,13 @@ fn stub_detail(layer: LayerName) -> &'static str {
         LayerName::Device => "inline null controller behind the same queue code",
         LayerName::Media => "the controller moves no data",
     }
+}
+
+/// A tail setting as text that `trace_set` and the config take back. Durations are written
+/// with `us`, as operators and the config write them, not the `µs` of `Duration`'s `Debug`
+/// (which the engine's `Display` uses); both parse.
+fn tail_text(tail: TailThreshold) -> String {
+    tail.to_string().replace("µs", "us")
 }
 
 fn control_error(error: ControlError) -> RemoteError {

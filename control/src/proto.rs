@@ -19,6 +19,8 @@
 //! `parse_*`/`encode_*` functions turn lines into values and back. The driver that owns the
 //! socket is [`crate::server`] (and [`crate::client`] on the other side).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -57,6 +59,8 @@ pub const COMMANDS: &[&str] = &[
     "inject_list",
     "inject_clear",
     "run",
+    "trace_show",
+    "trace_set",
 ];
 
 /// The layers of a volume's IO path, top to bottom. A volume has `frontend`, `engine` and
@@ -194,6 +198,24 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         rwmixread: Option<u32>,
     },
+    /// Which IOs of one volume (or of every volume) are traced. Answer:
+    /// `Vec<`[`TraceRow`]`>`.
+    TraceShow {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        volume: Option<String>,
+    },
+    /// Changes the head rate, the tail threshold or both, of one volume or of every volume
+    /// (no `volume`); at least one of `rate` and `tail` is given. `tail` is a duration
+    /// (`"2ms"`), `"p99.9"` or `"off"`; the node parses it. Answer: the changed volumes'
+    /// `Vec<`[`TraceRow`]`>`.
+    TraceSet {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        volume: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rate: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tail: Option<String>,
+    },
 }
 
 impl Request {
@@ -210,6 +232,24 @@ impl Request {
             Request::InjectList { .. } => "inject_list",
             Request::InjectClear { .. } => "inject_clear",
             Request::Run { .. } => "run",
+            Request::TraceShow { .. } => "trace_show",
+            Request::TraceSet { .. } => "trace_set",
+        }
+    }
+
+    /// What the per-field table cannot say: fields that only make sense together.
+    fn check(&self) -> Result<(), String> {
+        match self {
+            Request::TraceSet {
+                rate: None,
+                tail: None,
+                ..
+            } => Err(format!(
+                "nothing to change: give \"rate\" (one IO in rate is traced, 0 for none: {}), \"tail\" (every IO slower is traced: {}), or both",
+                Kind::U32.expected(),
+                Kind::Tail.expected()
+            )),
+            _ => Ok(()),
         }
     }
 }
@@ -293,6 +333,19 @@ pub struct RuleRow {
 pub struct Cleared {
     /// How many rules were removed.
     pub cleared: usize,
+}
+
+/// One volume's trace sampling: `trace_show` and `trace_set`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceRow {
+    pub volume: String,
+    /// Head sampling: one IO in `rate` is traced (0: none).
+    pub rate: u32,
+    /// Tail sampling as set: a duration (`"1ms"`, `"500us"`), `"p99.9"` or `"off"`.
+    pub tail: String,
+    /// Per op name (`read`, `write`, ...): the tail threshold in force, in nanoseconds;
+    /// `null` when no IO of that op is tail-sampled (tail off, or a p99.9 not learned yet).
+    pub thresholds_ns: BTreeMap<String, Option<u64>>,
 }
 
 /// Answer to `run`.
@@ -436,6 +489,8 @@ enum Kind {
     U64,
     U32,
     Object,
+    /// A tail-sampling threshold, as text (the node parses it).
+    Tail,
 }
 
 impl Kind {
@@ -447,12 +502,15 @@ impl Kind {
             Kind::Object => {
                 "a JSON object (an injection rule table, e.g. {\"ops\":[\"read\"],\"latency\":\"50us\"})"
             }
+            Kind::Tail => {
+                "a string: a duration with its unit (\"2ms\", \"500us\"), \"p99.9\" (the volume's own, per op) or \"off\""
+            }
         }
     }
 
     fn accepts(self, value: &Value) -> bool {
         match self {
-            Kind::Text => value.is_string(),
+            Kind::Text | Kind::Tail => value.is_string(),
             Kind::U64 => value.is_u64(),
             Kind::U32 => value.as_u64().is_some_and(|n| n <= u64::from(u32::MAX)),
             Kind::Object => value.is_object(),
@@ -531,6 +589,15 @@ const SCHEMA: &[(&str, &[Field])] = &[
             optional("size", Kind::U64),
             optional("seed", Kind::U64),
             optional("rwmixread", Kind::U32),
+        ],
+    ),
+    ("trace_show", &[optional("volume", Kind::Text)]),
+    (
+        "trace_set",
+        &[
+            optional("volume", Kind::Text),
+            optional("rate", Kind::U32),
+            optional("tail", Kind::Tail),
         ],
     ),
 ];
@@ -648,6 +715,9 @@ pub fn parse_request(line: &str) -> Result<(Option<u64>, Request), ProtoError> {
             cmd,
             reason: json_reason(&error),
         })?;
+    request
+        .check()
+        .map_err(|reason| ProtoError::Invalid { cmd, reason })?;
     Ok((id, request))
 }
 
@@ -833,6 +903,25 @@ mod tests {
                 seed: None,
                 rwmixread: None,
             },
+            Request::TraceShow { volume: None },
+            Request::TraceShow {
+                volume: Some("vol0".into()),
+            },
+            Request::TraceSet {
+                volume: None,
+                rate: Some(u32::MAX),
+                tail: None,
+            },
+            Request::TraceSet {
+                volume: Some("vol0".into()),
+                rate: Some(0),
+                tail: Some("500us".into()),
+            },
+            Request::TraceSet {
+                volume: None,
+                rate: None,
+                tail: Some("p99.9".into()),
+            },
         ]
     }
 
@@ -992,6 +1081,100 @@ mod tests {
         );
         let text = error(r#"{"v":1,"cmd":"hello","verbose":true}"#).to_string();
         assert!(text.contains("hello takes no arguments"), "{text}");
+    }
+
+    #[test]
+    fn trace_set_refuses_bad_values_and_an_empty_change() {
+        // Neither rate nor tail (absent or null) would change nothing: refused, and the
+        // message says what may be given.
+        for line in [
+            r#"{"v":1,"cmd":"trace_set"}"#,
+            r#"{"v":1,"cmd":"trace_set","volume":"vol0"}"#,
+            r#"{"v":1,"cmd":"trace_set","rate":null,"tail":null}"#,
+        ] {
+            let e = error(line);
+            assert!(
+                matches!(
+                    e,
+                    ProtoError::Invalid {
+                        cmd: "trace_set",
+                        ..
+                    }
+                ),
+                "{line}: {e:?}"
+            );
+            let text = e.to_string();
+            assert!(
+                text.starts_with("trace_set: nothing to change: give \"rate\"")
+                    && text.contains("4294967295")
+                    && text.contains("\"p99.9\"")
+                    && text.contains("\"off\""),
+                "{text}"
+            );
+        }
+        let text = error(r#"{"v":1,"cmd":"trace_set","rate":4294967296}"#).to_string();
+        assert_eq!(
+            text,
+            "trace_set: field \"rate\" is the number 4294967296: give a whole number, 0 to 4294967295"
+        );
+        for rate in ["-1", "1.5", "\"1024\""] {
+            let line = format!(r#"{{"v":1,"cmd":"trace_set","rate":{rate}}}"#);
+            assert!(
+                matches!(error(&line), ProtoError::BadField { field: "rate", .. }),
+                "{line}"
+            );
+        }
+        let text = error(r#"{"v":1,"cmd":"trace_set","tail":2000000}"#).to_string();
+        assert!(
+            text.contains("\"tail\" is the number 2000000")
+                && text.contains("\"2ms\"")
+                && text.contains("\"p99.9\"")
+                && text.contains("\"off\""),
+            "{text}"
+        );
+        let text = error(r#"{"v":1,"cmd":"trace_set","rate":1,"sample":2}"#).to_string();
+        assert_eq!(
+            text,
+            "trace_set: unknown field \"sample\"; trace_set takes volume, rate, tail"
+        );
+        let text = error(r#"{"v":1,"cmd":"trace_show","volume":0}"#).to_string();
+        assert!(text.contains("\"volume\" is the number 0"), "{text}");
+        // A text the node will refuse ("fast") is still a string here: the node parses
+        // thresholds, with the engine's own parser.
+        let (_, request) = parse_request(r#"{"v":1,"cmd":"trace_set","tail":"fast"}"#).unwrap();
+        assert_eq!(
+            request,
+            Request::TraceSet {
+                volume: None,
+                rate: None,
+                tail: Some("fast".into())
+            }
+        );
+    }
+
+    #[test]
+    fn trace_rows_round_trip() {
+        let row = TraceRow {
+            volume: "vol0".into(),
+            rate: 1024,
+            tail: "p99.9".into(),
+            thresholds_ns: [
+                ("read".to_string(), Some(812_000)),
+                ("write".to_string(), None),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let line = encode_ok(Some(3), &vec![row.clone()]);
+        assert!(
+            line.contains(r#""thresholds_ns":{"read":812000,"write":null}"#),
+            "{line}"
+        );
+        let (_, result) = parse_response(&line).unwrap();
+        assert_eq!(
+            serde_json::from_value::<Vec<TraceRow>>(result.unwrap()).unwrap(),
+            vec![row]
+        );
     }
 
     #[test]
@@ -1190,8 +1373,8 @@ mod tests {
         #[test]
         fn parse_request_never_panics_on_near_misses(
             cmd in prop::sample::select(COMMANDS.to_vec()),
-            key in prop::sample::select(vec!["v", "id", "cmd", "volume", "layer", "target", "rule", "bs", "iodepth", "x"]),
-            value in prop::sample::select(vec!["null", "1", "-1", "1.5", "\"s\"", "[]", "{}", "true", "18446744073709551616"]),
+            key in prop::sample::select(vec!["v", "id", "cmd", "volume", "layer", "target", "rule", "bs", "iodepth", "rate", "tail", "x"]),
+            value in prop::sample::select(vec!["null", "1", "-1", "1.5", "\"s\"", "[]", "{}", "true", "4294967296", "18446744073709551616"]),
         ) {
             let line = format!("{{\"v\":1,\"cmd\":\"{cmd}\",\"{key}\":{value}}}");
             if let Err(error) = parse_request(&line) {

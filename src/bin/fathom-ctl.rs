@@ -7,11 +7,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::builder::PossibleValuesParser;
 use clap::{ArgGroup, Parser};
-use fathom_control::proto::{Request, LAYERS};
+use fathom_control::proto::{Request, TraceRow, LAYERS};
 use fathom_control::{
     Cleared, ControlClient, DeviceRow, Hello, LayerRow, RuleRow, RunResult, VolumeRow,
 };
-use fathom_engine::config::{parse_duration, ByteSize};
+use fathom_engine::config::{parse_duration, ByteSize, TailThreshold};
+use fathom_engine::trace::P999_MIN_IOS;
 use serde_json::{Map, Value};
 
 /// The embedded default config's `node.data_dir` (a test checks they agree).
@@ -19,13 +20,19 @@ const DEFAULT_NODE: &str = "/var/lib/fathom";
 
 /// Controls a running Fathom node through its control socket, DATA_DIR/control.sock: lists
 /// its volumes, devices and the layers of each volume's IO path, stubs a layer, injects
-/// latency and errors at run time, and runs a workload inside the node.
+/// latency and errors at run time, runs a workload inside the node, and changes which IOs
+/// are traced.
 ///
 /// The layers of a volume's IO path, top to bottom: frontend, engine, queue (the volume's),
 /// then device, media (its device's). A stubbed layer completes IOs without passing them
 /// down, so a run measures the path above it. An injection rule adds latency, fails or
 /// stalls matching IOs at one layer; a TARGET is a volume (layers frontend, engine, queue)
 /// or a device (layers device, the default, and media).
+///
+/// Tracing records the spans of some IOs end to end: one IO in RATE per volume (head
+/// sampling; 0: none) and every IO slower than the volume's TAIL (tail sampling): a duration
+/// (2ms, 500us), p99.9 (the volume's own p99.9 per op, learned once an op has 1000 IOs) or
+/// off. The config's [telemetry.trace] and [volume.trace] set them at start.
 ///
 /// Examples:
 ///
@@ -40,6 +47,9 @@ const DEFAULT_NODE: &str = "/var/lib/fathom";
 ///   fathom-ctl inject add nvme0 --lbas 0-2047 --stall  # hold IOs until cleared
 ///   fathom-ctl inject list
 ///   fathom-ctl inject clear nvme0
+///   fathom-ctl trace show                               # which IOs each volume traces
+///   fathom-ctl trace set vol0 --tail 500us --rate 0     # vol0: only IOs slower than 500us
+///   fathom-ctl trace set --tail p99.9                   # every volume: its slowest 0.1%
 ///
 /// The socket is owner-only: run as the user that runs fathom-node. --json prints the node's
 /// answer as JSON instead of a table. Exit status: 0 done, 1 the node (or the connection)
@@ -93,6 +103,55 @@ enum Command {
     ///   fathom-ctl run vol0 --rw randrw --rwmixread 70 --bs 16k --iodepth 8 --runtime 30
     #[command(verbatim_doc_comment)]
     Run(RunArgs),
+    /// Which IOs are traced: each volume's head rate and tail threshold, shown or changed.
+    Trace {
+        #[command(subcommand)]
+        action: TraceAction,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum TraceAction {
+    /// Each volume's head rate, tail setting, and the tail threshold in force per op.
+    ///
+    /// RATE: one IO in N is traced (off: none). TAIL: the setting, a duration, p99.9 or off.
+    /// Then per op the threshold in force: IOs slower than it are traced. "(p99.9)" marks a
+    /// threshold learned from the volume's own histograms; "-" means none (tail off, or a
+    /// p99.9 not learned yet: it needs 1000 IOs of the op).
+    ///
+    ///   fathom-ctl trace show
+    ///   fathom-ctl trace show vol0 --json
+    #[command(verbatim_doc_comment)]
+    Show {
+        /// Only this volume.
+        volume: Option<String>,
+    },
+    /// Changes the head rate, the tail threshold or both, of VOLUME or of every volume.
+    ///
+    /// The reactors take the change within a millisecond of IO. Nothing changes if any part
+    /// is wrong. Setting p99.9 leaves no threshold in force until the node learns one from
+    /// the volume's histograms, per op (about a second after the op has 1000 IOs).
+    ///
+    ///   fathom-ctl trace set vol0 --rate 64              # one IO in 64
+    ///   fathom-ctl trace set vol0 --tail 500us --rate 0  # only IOs slower than 500us
+    ///   fathom-ctl trace set --tail p99.9                # every volume: its slowest 0.1%
+    ///   fathom-ctl trace set vol1 --tail off
+    #[command(verbatim_doc_comment)]
+    Set(TraceSetArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(ArgGroup::new("change").required(true).multiple(true).args(["rate", "tail"])))]
+struct TraceSetArgs {
+    /// Only this volume [default: every volume].
+    volume: Option<String>,
+    /// Head sampling: one IO in N is traced; 0 for none.
+    #[arg(long, value_name = "N", value_parser = parse_rate)]
+    rate: Option<u32>,
+    /// Tail sampling: every IO slower than this is traced: a duration (2ms, 500us), p99.9
+    /// (the volume's own, per op) or off.
+    #[arg(long, value_name = "THRESHOLD", value_parser = parse_tail)]
+    tail: Option<String>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -225,6 +284,21 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
     parse_duration(text).map_err(|error| format!("{error}; or a number of seconds"))
 }
 
+fn parse_rate(text: &str) -> Result<u32, String> {
+    text.trim().parse().map_err(|_| {
+        format!(
+            "{text:?}: give N to trace one IO in N (a whole number, 0 to {}), or 0 for none",
+            u32::MAX
+        )
+    })
+}
+
+/// Checks a tail threshold with the node's own parser, so a typo is a usage error here; the
+/// text goes to the node as written (the node checks it again).
+fn parse_tail(text: &str) -> Result<String, String> {
+    TailThreshold::parse(text).map(|_| text.to_string())
+}
+
 fn parse_size(text: &str) -> Result<u64, String> {
     text.parse::<ByteSize>().map(|size| size.0)
 }
@@ -338,6 +412,18 @@ fn request(command: &Command) -> Request {
             size: run.size,
             seed: run.seed,
             rwmixread: run.rwmixread,
+        },
+        Command::Trace {
+            action: TraceAction::Show { volume },
+        } => Request::TraceShow {
+            volume: volume.clone(),
+        },
+        Command::Trace {
+            action: TraceAction::Set(set),
+        } => Request::TraceSet {
+            volume: set.volume.clone(),
+            rate: set.rate,
+            tail: set.tail.clone(),
         },
     }
 }
@@ -458,6 +544,18 @@ fn print_answer(command: &Command, request: &Request, answer: Value) -> Result<(
         Command::Run(run) => {
             let result: RunResult = parse(answer, what)?;
             print!("{}", run_text(run, &result));
+        }
+        Command::Trace {
+            action: TraceAction::Show { .. },
+        } => {
+            let rows: Vec<TraceRow> = parse(answer, what)?;
+            print!("{}", trace_table(&rows));
+        }
+        Command::Trace {
+            action: TraceAction::Set(set),
+        } => {
+            let rows: Vec<TraceRow> = parse(answer, what)?;
+            print!("{}{}", trace_set_text(set, &rows), trace_table(&rows));
         }
     }
     Ok(())
@@ -733,6 +831,108 @@ fn rule_text(rule: &Value) -> String {
         "-".into()
     } else {
         parts.join(" ")
+    }
+}
+
+/// The tail threshold columns of `trace show`, in the order of the engine's ops (a test
+/// checks they agree); a threshold of an op this list lacks is in `--json`.
+const THRESHOLD_COLUMNS: [(&str, &str); 4] = [
+    ("read", "READ"),
+    ("write", "WRITE"),
+    ("flush", "FLUSH"),
+    ("write_zeroes", "WRITE_ZEROES"),
+];
+
+fn trace_table(rows: &[TraceRow]) -> String {
+    if rows.is_empty() {
+        return "no volumes\n".into();
+    }
+    let mut columns = vec![("VOLUME", false), ("RATE", false), ("TAIL", false)];
+    columns.extend(THRESHOLD_COLUMNS.iter().map(|&(_, header)| (header, false)));
+    let mut table = Table::new(&columns);
+    let mut learning = false;
+    for row in rows {
+        let p999 = row.tail == "p99.9";
+        let mut cells = vec![row.volume.clone(), rate_text(row.rate), row.tail.clone()];
+        for (op, _) in THRESHOLD_COLUMNS {
+            cells.push(match row.thresholds_ns.get(op).copied().flatten() {
+                Some(ns) if p999 => format!("{} (p99.9)", threshold_text(ns)),
+                Some(ns) => threshold_text(ns),
+                None => {
+                    learning |= p999;
+                    "-".into()
+                }
+            });
+        }
+        table.row(cells);
+    }
+    let mut text = table.render();
+    if learning {
+        text.push_str(&format!(
+            "-: no tail sampling yet: a p99.9 is learned once the op has {P999_MIN_IOS} IOs\n"
+        ));
+    }
+    text
+}
+
+/// What `trace set` changed, in a line: `set rate off, tail 500us on vol0`. The values are
+/// the node's answer (what is in force now, as the node writes it), the same on every row.
+fn trace_set_text(set: &TraceSetArgs, rows: &[TraceRow]) -> String {
+    let Some(first) = rows.first() else {
+        return "changed no volume\n".into();
+    };
+    let mut changes = Vec::new();
+    if set.rate.is_some() {
+        changes.push(format!("rate {}", rate_text(first.rate)));
+    }
+    if set.tail.is_some() {
+        changes.push(format!("tail {}", first.tail));
+    }
+    let volumes: Vec<&str> = rows.iter().map(|row| row.volume.as_str()).collect();
+    format!("set {} on {}\n", changes.join(", "), volumes.join(", "))
+}
+
+/// Head sampling as a fraction: `1/1024`, or `off`.
+fn rate_text(rate: u32) -> String {
+    match rate {
+        0 => "off".into(),
+        rate => format!("1/{rate}"),
+    }
+}
+
+/// A threshold in its largest whole unit, to three significant digits: `1ms`, `812us`,
+/// `1.5ms`. The clock's tick conversion can leave a set `1ms` at 999999 ns: it reads `1ms`.
+fn threshold_text(ns: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (1, "ns"),
+        (1_000, "us"),
+        (1_000_000, "ms"),
+        (1_000_000_000, "s"),
+    ];
+    let mut unit = UNITS
+        .iter()
+        .rposition(|&(scale, _)| ns >= scale)
+        .unwrap_or(0);
+    loop {
+        let (scale, name) = UNITS[unit];
+        let value = ns as f64 / scale as f64;
+        let decimals = match value {
+            v if v >= 100.0 => 0,
+            v if v >= 10.0 => 1,
+            _ => 2,
+        };
+        let text = format!("{value:.decimals$}");
+        // Rounding can carry into the next unit (999.7us is 1ms).
+        if unit + 1 < UNITS.len() && text.parse::<f64>().is_ok_and(|v| v >= 1000.0) {
+            unit += 1;
+            continue;
+        }
+        let text = if text.contains('.') {
+            text.trim_end_matches('0').trim_end_matches('.')
+        } else {
+            &text
+        };
+        return format!("{text}{name}");
     }
 }
 
@@ -1058,6 +1258,165 @@ mod tests {
     }
 
     #[test]
+    fn trace_commands_map_to_their_requests() {
+        assert_eq!(
+            request_of("trace show"),
+            Request::TraceShow { volume: None }
+        );
+        assert_eq!(
+            request_of("trace show vol1 --json"),
+            Request::TraceShow {
+                volume: Some("vol1".into())
+            }
+        );
+        assert_eq!(
+            request_of("trace set vol0 --tail 500us --rate 0"),
+            Request::TraceSet {
+                volume: Some("vol0".into()),
+                rate: Some(0),
+                tail: Some("500us".into()),
+            }
+        );
+        assert_eq!(
+            request_of("trace set --tail p99.9"),
+            Request::TraceSet {
+                volume: None,
+                rate: None,
+                tail: Some("p99.9".into()),
+            }
+        );
+        assert_eq!(
+            request_of("trace set --rate 4294967295"),
+            Request::TraceSet {
+                volume: None,
+                rate: Some(u32::MAX),
+                tail: None,
+            }
+        );
+        // Sent as written: the node parses it again.
+        let Request::TraceSet { tail, .. } = request_of("trace set vol0 --tail 1.5ms") else {
+            unreachable!()
+        };
+        assert_eq!(tail.as_deref(), Some("1.5ms"));
+    }
+
+    #[test]
+    fn bad_trace_flags_are_usage_errors() {
+        assert_eq!(
+            usage_error("trace set vol0"),
+            ErrorKind::MissingRequiredArgument
+        );
+        for line in [
+            "trace set --tail fast",
+            "trace set --tail 5",
+            "trace set --tail P99",
+            "trace set --rate 4294967296",
+            "trace set --rate 1/64",
+        ] {
+            assert_eq!(usage_error(line), ErrorKind::ValueValidation, "{line}");
+        }
+        let error = parse_args("trace set vol0 --tail fast")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("\"fast\" is not a duration")
+                && error.contains("200us")
+                && error.contains("\"p99.9\"")
+                && error.contains("\"off\""),
+            "{error}"
+        );
+        let error = parse_args("trace set --rate 1/64").unwrap_err().to_string();
+        assert!(
+            error.contains("one IO in N") && error.contains("0 for none"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn trace_table_shows_rates_and_thresholds_in_force() {
+        let op_names: Vec<&str> = THRESHOLD_COLUMNS.iter().map(|(op, _)| *op).collect();
+        assert_eq!(op_names, fathom_engine::stats::OP_NAMES);
+        let thresholds = |values: [Option<u64>; 4]| {
+            op_names
+                .iter()
+                .map(|op| op.to_string())
+                .zip(values)
+                .collect()
+        };
+        let rows = [
+            TraceRow {
+                volume: "vol0".into(),
+                rate: 1024,
+                tail: "1ms".into(),
+                thresholds_ns: thresholds([Some(999_999); 4]),
+            },
+            TraceRow {
+                volume: "scratch".into(),
+                rate: 0,
+                tail: "p99.9".into(),
+                thresholds_ns: thresholds([Some(812_345), None, None, Some(1_500_000)]),
+            },
+            TraceRow {
+                volume: "vol2".into(),
+                rate: 1,
+                tail: "off".into(),
+                thresholds_ns: thresholds([None; 4]),
+            },
+        ];
+        assert_eq!(
+            trace_table(&rows),
+            "VOLUME   RATE    TAIL   READ           WRITE  FLUSH  WRITE_ZEROES\n\
+             vol0     1/1024  1ms    1ms            1ms    1ms    1ms\n\
+             scratch  off     p99.9  812us (p99.9)  -      -      1.5ms (p99.9)\n\
+             vol2     1/1     off    -              -      -      -\n\
+             -: no tail sampling yet: a p99.9 is learned once the op has 1000 IOs\n"
+        );
+        // No note when every "-" is a tail that is off.
+        assert!(!trace_table(&rows[2..]).contains("p99.9"));
+        assert_eq!(trace_table(&[]), "no volumes\n");
+
+        let Command::Trace {
+            action: TraceAction::Set(set),
+        } = parse_args("trace set --tail 0.5ms --rate 0")
+            .unwrap()
+            .command
+        else {
+            unreachable!()
+        };
+        let changed = [TraceRow {
+            tail: "500us".into(),
+            ..rows[1].clone()
+        }];
+        assert_eq!(
+            trace_set_text(&set, &changed),
+            "set rate off, tail 500us on scratch\n"
+        );
+    }
+
+    #[test]
+    fn thresholds_read_in_their_largest_unit() {
+        for (ns, text) in [
+            (0, "0ns"),
+            (999, "999ns"),
+            (1_000, "1us"),
+            (1_500, "1.5us"),
+            (12_345, "12.3us"),
+            (812_345, "812us"),
+            (999_700, "1ms"),
+            (999_999, "1ms"),
+            (1_000_001, "1ms"),
+            (2_000_000, "2ms"),
+            (1_234_567, "1.23ms"),
+            (3_600_000_000_000, "3600s"),
+            (u64::MAX, "18446744074s"),
+        ] {
+            assert_eq!(threshold_text(ns), text, "{ns}");
+        }
+        assert_eq!(rate_text(0), "off");
+        assert_eq!(rate_text(1024), "1/1024");
+    }
+
+    #[test]
     fn run_summary() {
         let args = parse_args("run vol0").unwrap();
         let Command::Run(run) = &args.command else {
@@ -1090,12 +1449,23 @@ mod tests {
         use clap::CommandFactory;
         let help = Args::command().render_long_help().to_string();
         assert!(help.contains("fathom-ctl inject add nvme0"), "{help}");
+        assert!(
+            help.contains("fathom-ctl trace set vol0 --tail 500us --rate 0"),
+            "{help}"
+        );
         Args::command().debug_assert();
     }
 
     #[test]
     fn the_request_names_exist_in_the_protocol() {
-        for line in ["hello", "volumes", "inject list", "run vol0"] {
+        for line in [
+            "hello",
+            "volumes",
+            "inject list",
+            "run vol0",
+            "trace show",
+            "trace set --rate 1",
+        ] {
             assert!(proto::COMMANDS.contains(&request_of(line).command()));
         }
     }
