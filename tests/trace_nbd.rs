@@ -154,3 +154,253 @@ fn every_nbd_read_over_the_threshold_is_traced_with_the_device_as_its_longest_sp
     );
     node.stop();
 }
+
+const STAT: &str = env!("CARGO_BIN_EXE_fathom-stat");
+
+fn stat_trace(node: &Node, args: &[&str]) -> (String, String) {
+    let output = Command::new(STAT)
+        .arg("trace")
+        .arg("--trace-region")
+        .arg(node.path("stats.trace"))
+        .args(args)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    );
+    assert!(
+        output.status.success(),
+        "fathom-stat trace {args:?}: {stderr}"
+    );
+    (stdout, stderr)
+}
+
+/// The number in "N traced IOs read" of fathom-stat trace's summary.
+fn traced_count(stderr: &str) -> usize {
+    stderr
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("fathom-stat: ")?
+                .split_once(" traced IOs read")
+        })
+        .and_then(|(count, _)| count.parse().ok())
+        .unwrap_or_else(|| panic!("no summary in: {stderr}"))
+}
+
+#[test]
+fn fathom_stat_trace_draws_waterfalls_and_writes_ctf_and_otlp_that_their_readers_take() {
+    let node = node();
+    node.ctl(&[
+        "inject",
+        "add",
+        "nvme0",
+        "--ops",
+        "read",
+        "--latency",
+        "2ms",
+        "--fraction",
+        "0.005",
+    ]);
+    fio_reads(&node, 20_000);
+
+    // Everything the rings hold: as JSON lines, as CTF and as OTLP JSON.
+    let (json, stderr) = stat_trace(&node, &["--oldest", "--duration", "0.3", "--json"]);
+    let records: Vec<serde_json::Value> = json
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(records.len(), traced_count(&stderr));
+    assert!(records.len() >= 50, "{} records", records.len());
+    // The three slowest traced reads, drawn: the root's bar spans the axis, and the row
+    // marked longest has the longest bar of the children.
+    let (out, _) = stat_trace(&node, &["--slowest", "3", "--width", "50"]);
+    let waterfalls: Vec<&str> = out.split("\n\n").collect();
+    assert_eq!(waterfalls.len(), 3, "{out}");
+    let bar = |row: &str| {
+        row[row.find('|').unwrap() + 1..row.rfind('|').unwrap()]
+            .trim()
+            .len()
+    };
+    for waterfall in &waterfalls {
+        assert!(waterfall.starts_with("trace "), "{waterfall}");
+        let rows: Vec<&str> = waterfall.lines().skip(4).collect();
+        assert_eq!(bar(rows[0]), 50, "{waterfall}");
+        let marked: Vec<&&str> = rows
+            .iter()
+            .filter(|row| row.ends_with("<- longest"))
+            .collect();
+        assert_eq!(marked.len(), 1, "{waterfall}");
+        let widest = rows[1..].iter().map(|row| bar(row)).max().unwrap();
+        assert_eq!(bar(marked[0]), widest, "{waterfall}");
+    }
+    // A read the device delayed, shown by its trace id: the device is its longest span.
+    let delayed = records
+        .iter()
+        .find(|record| {
+            let total = record["total_ns"].as_u64().unwrap();
+            record["spans"].as_array().unwrap().iter().any(|span| {
+                span["name"] == "device"
+                    && span["duration_ns"].as_u64().unwrap() >= 2_000_000
+                    && span["duration_ns"].as_u64().unwrap() * 10 >= total * 9
+            })
+        })
+        .expect("a read delayed on the device");
+    let id = delayed["trace_id"].as_str().unwrap();
+    let (shown, _) = stat_trace(&node, &["--show", id, "--width", "50"]);
+    assert!(shown.starts_with(&format!("trace {id}")), "{shown}");
+    let marked: Vec<&str> = shown
+        .lines()
+        .filter(|row| row.ends_with("<- longest"))
+        .collect();
+    assert_eq!(marked.len(), 1, "{shown}");
+    assert!(marked[0].trim_start().starts_with("device"), "{shown}");
+    assert!(bar(marked[0]) >= 44, "{shown}");
+
+    let ctf = node.path("ctf");
+    let otlp = node.path("spans.jsonl");
+    let (quiet, stderr) = stat_trace(
+        &node,
+        &[
+            "--oldest",
+            "--duration",
+            "0.3",
+            "--quiet",
+            "--ctf",
+            ctf.to_str().unwrap(),
+            "--otlp-file",
+            otlp.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(quiet, "", "--quiet prints no lines");
+    assert_eq!(traced_count(&stderr), records.len());
+
+    // babeltrace2 reads as many events as records were written.
+    let text = Command::new("babeltrace2")
+        .arg(&ctf)
+        .output()
+        .expect("babeltrace2 (Debian's babeltrace2; scripts/test installs it)");
+    assert!(
+        text.status.success(),
+        "{}",
+        String::from_utf8_lossy(&text.stderr)
+    );
+    let events = String::from_utf8(text.stdout).unwrap();
+    assert_eq!(events.lines().count(), records.len());
+    // bt2 reads the same trace ids (and checks time order per stream).
+    let traces: Vec<_> = std::fs::read_dir(&ctf)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(traces.len(), 1, "one node run, one CTF trace: {traces:?}");
+    let read = Command::new("/usr/bin/python3")
+        .arg("tests/trace/read_ctf.py")
+        .arg(&traces[0])
+        .output()
+        .unwrap();
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let bt2: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
+    let mut from_bt2: Vec<String> = bt2["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|event| event["trace_id"].as_str().unwrap().to_string())
+        .collect();
+    let mut from_json: Vec<String> = records
+        .iter()
+        .map(|record| record["trace_id"].as_str().unwrap().to_string())
+        .collect();
+    from_bt2.sort();
+    from_json.sort();
+    assert_eq!(from_bt2, from_json);
+
+    // The OTLP JSON passes the official protobuf definitions, one tree per trace.
+    let python_path = std::env::var("FATHOM_OTLP_PY")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/otlp-py").into());
+    assert!(
+        std::path::Path::new(&python_path)
+            .join("opentelemetry/proto")
+            .is_dir(),
+        "no opentelemetry-proto in {python_path}: run scripts/test, which installs it"
+    );
+    let check = Command::new("/usr/bin/python3")
+        .arg("tests/trace/validate_otlp.py")
+        .arg(&otlp)
+        .env("PYTHONPATH", &python_path)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
+    let spans: u64 = records
+        .iter()
+        .map(|record| record["spans"].as_array().unwrap().len() as u64)
+        .sum();
+    assert_eq!(summary["spans"], spans, "{summary}");
+    assert_eq!(summary["traces"], records.len() as u64, "{summary}");
+    node.stop();
+}
+
+#[test]
+fn fathom_stat_trace_follows_a_node_through_a_restart() {
+    // Every request traced (head rate 1).
+    let node = Node::start_config(
+        tempfile::tempdir().unwrap(),
+        "[telemetry.trace]\nrate = 1\ntail = \"off\"\n\
+         [nbd]\nlisten = [\"127.0.0.1:0\"]\n\
+         [[device]]\nname = \"nvme0\"\ndriver = \"mem\"\nmedia = \"ram\"\nsize = \"64MiB\"\n\
+         [[volume]]\nname = \"vol0\"\ndevice = \"nvme0\"\nsize = \"64MiB\"\n",
+    );
+    let output = node.path("follow.jsonl");
+    let mut follower = Command::new(STAT)
+        .arg("trace")
+        .arg("--trace-region")
+        .arg(node.path("stats.trace"))
+        .arg("--json")
+        .stdout(std::fs::File::create(&output).unwrap())
+        .stderr(std::fs::File::create(node.path("follow.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let errors = node.path("follow.err");
+    let reads_in = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .filter(|line| line.contains("\"op\":\"read\""))
+            .count()
+    };
+    let wait_for = |reads: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while reads_in(&output) < reads {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {reads} reads followed: {}",
+                reads_in(&output),
+                std::fs::read_to_string(&errors).unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    fio_reads(&node, 1000);
+    wait_for(1000);
+    let node = node.restart();
+    fio_reads(&node, 500);
+    wait_for(1500);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(follower.id() as i32, libc::SIGTERM) };
+    let status = follower.wait().unwrap();
+    let stderr = std::fs::read_to_string(&errors).unwrap();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(reads_in(&output), 1500, "{stderr}");
+    let nodes = stderr.matches("tracing node test").count();
+    assert_eq!(nodes, 2, "both runs of the node were followed: {stderr}");
+    node.stop();
+}

@@ -268,7 +268,20 @@ impl std::fmt::Display for TailThreshold {
         match self {
             TailThreshold::Off => f.write_str("off"),
             TailThreshold::P999 => f.write_str("p99.9"),
-            TailThreshold::Above(duration) => write!(f, "{duration:?}"),
+            // In the units the parser takes back (ns, us, ms, s), exactly.
+            TailThreshold::Above(duration) => {
+                let ns = duration.as_nanos();
+                match ns {
+                    _ if ns >= 1_000_000_000 && ns % 1_000_000_000 == 0 => {
+                        write!(f, "{}s", ns / 1_000_000_000)
+                    }
+                    _ if ns >= 1_000_000 && ns % 1_000_000 == 0 => {
+                        write!(f, "{}ms", ns / 1_000_000)
+                    }
+                    _ if ns >= 1_000 && ns % 1_000 == 0 => write!(f, "{}us", ns / 1_000),
+                    _ => write!(f, "{ns}ns"),
+                }
+            }
         }
     }
 }

@@ -56,6 +56,11 @@ impl LayerName {
         LayerName::Media,
     ];
 
+    /// Its position in [`LayerName::ALL`] (how a trace record names it).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             LayerName::Frontend => "frontend",

@@ -31,7 +31,7 @@ use crossbeam_queue::ArrayQueue;
 use crate::config::{PollMode, MAX_DEVICES};
 use crate::layer::{Down, Layer, LayerCtx, LayerName, LayerWork, Up, VolumePath, NO_SLOT};
 use crate::poll::EventFd;
-use crate::stats::{CoreTelemetry, EngineStamps, FrontendTrace, Series, TracedIo};
+use crate::stats::{CoreTelemetry, EngineStamps, FrontendTrace, LayerSpans, Series, TracedIo};
 use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};
 use fathom_dma::DmaBuf;
 use fathom_drivers::{IoCommand, IoFlags, IoQueue, Op};
@@ -57,7 +57,7 @@ const LAYERED_COOKIE: u32 = 1 << 31;
 /// first and then moved, the buffer read as part of a tuple (copied twice on the stack), and
 /// the same code as an inlined function taking a closure (spills).
 macro_rules! finish_io {
-    ($io:expr, $tasks:expr, $cookie:expr, $seen:expr, ok: $ok:expr, status: $status:expr, queue: $queue:expr, result: |$op:pat_param| $result:expr) => {{
+    ($io:expr, $tasks:expr, $cookie:expr, $seen:expr, ok: $ok:expr, status: $status:expr, queue: $queue:expr, layered: $layered:expr, result: |$op:pat_param| $result:expr) => {{
         let cookie: u32 = $cookie;
         let slot = &mut $io.slots[cookie as usize];
         if let (Some(telemetry), Some(seen)) = ($io.telemetry.as_deref_mut(), $seen) {
@@ -74,6 +74,7 @@ macro_rules! finish_io {
                 seen,
                 slot: cookie,
                 queue: $queue,
+                layered: $layered,
             };
             if telemetry.trace_due(slot.accepted, seen) {
                 telemetry.trace(TracedIo {
@@ -87,6 +88,10 @@ macro_rules! finish_io {
                     status: $status,
                     ok: $ok,
                     queue: $queue,
+                    layers: match $layered {
+                        true => $io.layer_spans.get(cookie as usize).copied(),
+                        false => None,
+                    },
                 });
             }
         }
@@ -243,6 +248,9 @@ pub struct IoContext {
     /// array of its own: a field more would make every slot a word larger, which measured
     /// +0.6 ns per IO.
     offsets: Box<[u64]>,
+    /// Per slot (telemetry only): the layers a layered IO passed, by depth: (layer kind,
+    /// entered going down, left going up), for its trace.
+    layer_spans: Box<[LayerSpans]>,
     free_slots: Vec<u32>,
     /// The task being polled or completed, so its submissions come back to it.
     current_task: u32,
@@ -353,6 +361,11 @@ impl IoContext {
             slots,
             links,
             offsets: vec![0; capacity].into_boxed_slice(),
+            layer_spans: vec![
+                LayerSpans::default();
+                if telemetry.is_some() { capacity } else { 0 }
+            ]
+            .into_boxed_slice(),
             free_slots: (0..capacity as u32).rev().collect(),
             current_task: u32::MAX,
             completing: Completing::default(),
@@ -442,6 +455,10 @@ impl IoContext {
             seen: completing.seen,
             queue: completing.queue,
             head: telemetry.take_frontend_head(),
+            layers: match completing.layered {
+                true => self.layer_spans[completing.slot as usize],
+                false => LayerSpans::default(),
+            },
         })
     }
 
@@ -598,6 +615,7 @@ impl IoContext {
             slot.series = Series::new(request.volume.0, request.op, frontend);
             slot.bytes = request.len;
             self.offsets[slot_index as usize] = request.offset;
+            self.layer_spans[slot_index as usize] = LayerSpans::default();
         }
         slot.notify = notify;
         slot.tag = request.tag;
@@ -850,6 +868,13 @@ impl IoContext {
                 depth += 1;
                 continue;
             }
+            if let Some(span) = self
+                .layer_spans
+                .get_mut(slot as usize)
+                .and_then(|spans| spans.0.get_mut(depth))
+            {
+                *span = (stack[depth].layer().index() as u8, self.layer_now, 0);
+            }
             let mut ctx = self.layer_ctx(self.layer_now, depth as u8);
             match stack[depth].submit(&mut ctx, slot, &command) {
                 Down::Pass => depth += 1,
@@ -885,6 +910,13 @@ impl IoContext {
                 break Some(result);
             }
             depth -= 1;
+            if let Some(span) = self
+                .layer_spans
+                .get_mut(slot as usize)
+                .and_then(|spans| spans.0.get_mut(depth))
+            {
+                span.2 = self.layer_now;
+            }
             let mut ctx = self.layer_ctx(self.layer_now, depth as u8);
             if parent != NO_SLOT && depth == origin {
                 stack[depth].child_done(&mut ctx, parent, slot, result);
@@ -1007,6 +1039,8 @@ struct Completing {
     seen: u64,
     slot: u32,
     queue: u16,
+    /// It came up through its volume's layers: [`IoContext::layer_spans`] holds its spans.
+    layered: bool,
 }
 
 pub(crate) struct Reactor {
@@ -1258,6 +1292,7 @@ impl Reactor {
                     ok: completed.status.is_success(),
                     status: status_word(completed.status),
                     queue: device as u16,
+                    layered: false,
                     result: |op| match completed.status.is_success() {
                         true => Ok(()),
                         false => Err(IoError::Device {
@@ -1284,6 +1319,11 @@ impl Reactor {
             .telemetry
             .as_deref_mut()
             .map(|telemetry| telemetry.stamp());
+        if let Some(seen) = seen {
+            // The layers' walk up happens now: their spans end here, not at the iteration's
+            // start.
+            self.io.layer_now = seen;
+        }
         let mut done = 0;
         // Bounded: completions layers make during this walk wait for the next iteration.
         let mut batch = std::mem::take(&mut self.io.up_batch);
@@ -1324,6 +1364,7 @@ impl Reactor {
                 Err(_) => u16::MAX,
             },
             queue: u16::MAX,
+            layered: true,
             result: |_op| result
         );
     }

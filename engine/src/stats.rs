@@ -29,7 +29,9 @@
 //! submitted on the reactor itself (by a task or a front end), which is always zero.
 
 use fathom_telemetry::region::{QueueRecorder, SeriesRecorder};
-use fathom_telemetry::trace::{reason, stamp, IdGenerator, RingWriter, SpanId, TraceRecord};
+use fathom_telemetry::trace::{
+    reason, stamp, IdGenerator, RingWriter, SpanId, TraceRecord, MAX_LAYERS,
+};
 use fathom_telemetry::Clock;
 use std::sync::Arc;
 
@@ -366,7 +368,7 @@ impl Tracer {
         let reason = (engine.head as u8 * reason::HEAD)
             | (tail as u8 * reason::TAIL)
             | (!io.ok as u8 * reason::ERROR);
-        let record = self.record(
+        let mut record = self.record(
             series,
             reason,
             io.offset,
@@ -375,6 +377,7 @@ impl Tracer {
             engine.queue,
             stamps,
         );
+        engine.layers.into_record(&mut record);
         self.push(&record);
     }
 }
@@ -409,6 +412,8 @@ pub struct EngineStamps {
     pub queue: u16,
     /// The head sampler kept it.
     pub head: bool,
+    /// The layers it passed (none for a volume without layers).
+    pub layers: LayerSpans,
 }
 
 /// What a traced IO's slot holds, handed to [`CoreTelemetry::trace`].
@@ -424,6 +429,28 @@ pub(crate) struct TracedIo {
     pub ok: bool,
     /// The device queue it completed on, on this reactor (`u16::MAX`: not known).
     pub queue: u16,
+    /// The layers it passed, if it went through its volume's layers.
+    pub layers: Option<LayerSpans>,
+}
+
+/// The layers one IO passed, by depth in its volume's stack: (layer kind as
+/// [`crate::layer::LayerName::index`], entered going down, left going up; 0 where it did
+/// not pass).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LayerSpans(pub [(u8, u64, u64); MAX_LAYERS]);
+
+impl LayerSpans {
+    /// The layers it passed, top first, as a trace record holds them.
+    fn into_record(self, record: &mut TraceRecord) {
+        let mut count = 0;
+        for &(kind, begin, end) in &self.0 {
+            if begin != 0 {
+                record.layers[count] = (kind, begin, end.max(begin));
+                count += 1;
+            }
+        }
+        record.layer_count = count as u8;
+    }
 }
 
 impl CoreTelemetry {
@@ -534,9 +561,12 @@ impl CoreTelemetry {
         let reason = (head as u8 * reason::HEAD)
             | (tail as u8 * reason::TAIL)
             | (!io.ok as u8 * reason::ERROR);
-        let record = tracer.record(
+        let mut record = tracer.record(
             series, reason, io.offset, io.bytes, io.status, io.queue, stamps,
         );
+        if let Some(layers) = io.layers {
+            layers.into_record(&mut record);
+        }
         tracer.push(&record);
     }
 

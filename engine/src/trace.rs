@@ -67,7 +67,7 @@ impl TraceSettings {
             clock,
         };
         for (volume, &sampling) in sampling.iter().enumerate() {
-            settings.apply(volume, sampling);
+            settings.apply(volume, sampling, false);
         }
         *settings.sampling.lock() = sampling;
         settings
@@ -89,15 +89,21 @@ impl TraceSettings {
     /// millisecond of IO).
     pub fn set(&self, volume: usize, sampling: VolumeSampling) {
         let mut all = self.sampling.lock();
+        // A p99.9 already learned stays in force while the volume stays `p99.9`.
+        let keep_learned =
+            all[volume].tail == TailThreshold::P999 && sampling.tail == TailThreshold::P999;
         all[volume] = sampling;
-        self.apply(volume, sampling);
+        self.apply(volume, sampling, keep_learned);
         self.generation.fetch_add(1, Ordering::Release);
     }
 
-    fn apply(&self, volume: usize, sampling: VolumeSampling) {
+    fn apply(&self, volume: usize, sampling: VolumeSampling, keep_learned: bool) {
         for op in 0..OP_NAMES.len() {
             let series = volume * OP_NAMES.len() + op;
             self.rates[series].store(sampling.rate, Ordering::Relaxed);
+            if keep_learned {
+                continue;
+            }
             let ticks = match sampling.tail {
                 TailThreshold::Off => NO_THRESHOLD,
                 TailThreshold::Above(threshold) => self.clock.duration_to_ticks(threshold),
@@ -228,5 +234,19 @@ impl P999Tracker {
                 baseline.copy_from_slice(counts);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_threshold_prints_as_the_parser_takes_it_back() {
+        for text in ["500us", "2ms", "1s", "750ns", "1500us", "off", "p99.9"] {
+            let threshold = TailThreshold::parse(text).unwrap();
+            assert_eq!(threshold.to_string(), text);
+        }
+        assert!(TailThreshold::parse("fast").unwrap_err().contains("p99.9"));
     }
 }

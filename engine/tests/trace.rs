@@ -279,8 +279,7 @@ fn a_p999_threshold_is_learned_from_the_histograms_and_settings_change_at_run_ti
     if settings.threshold(0, 0) == Some(threshold) {
         let histogram =
             fathom_telemetry::report::delta_histogram(&directory, &before, &after, 0, 0, total);
-        let ticks =
-            (threshold.as_nanos() * directory.tsc_hz as u128 / 1_000_000_000) as u64;
+        let ticks = (threshold.as_nanos() * directory.tsc_hz as u128 / 1_000_000_000) as u64;
         let surely = histogram.count_between(histogram.next_non_equivalent(ticks + 1), u64::MAX);
         let maybe = histogram.count_between(histogram.lowest_equivalent(ticks), u64::MAX);
         let traced = batch.records.len() as u64;
@@ -318,5 +317,49 @@ fn a_p999_threshold_is_learned_from_the_histograms_and_settings_change_at_run_ti
         (190..=210).contains(&sampled),
         "{sampled} of 2000 at one in 10"
     );
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn a_layer_of_the_volume_is_a_span_of_its_own() {
+    use fathom_drivers::inject::InjectRule;
+    use fathom_engine::layer::LayerName;
+    let body = SLOW_READS
+        .replace("rate = 0", "rate = 1")
+        .replace("tail = \"1ms\"", "tail = \"off\"")
+        .replace(", fraction = 0.02,", ", fraction = 0.0,");
+    let test = node(&[0], &body);
+    let engine = Engine::start(&test.config).unwrap();
+    engine
+        .change_layers("vol0", |layers| {
+            layers.get_mut(LayerName::Engine).inject =
+                vec![InjectRule::latency("2ms".parse().unwrap())];
+            Ok(())
+        })
+        .unwrap();
+    let mut traces = TraceReader::open(&test.config.trace_region_path(), Start::Now).unwrap();
+    run_reads(&engine, 20, 4);
+    let batch = traces.poll();
+    let directory = traces.directory().clone();
+    assert_eq!(batch.records.len(), 20, "every read is traced at rate 1");
+    for (_, record) in &batch.records {
+        let spans = record.spans(&directory.layers);
+        let layer = spans
+            .iter()
+            .find(|span| span.name == "layer:engine")
+            .unwrap_or_else(|| panic!("no engine layer span: {spans:?}"));
+        assert!(
+            directory.ns(layer.end - layer.begin) >= 2_000_000,
+            "{spans:?}"
+        );
+        assert_eq!(layer.parent, record.span_id);
+        // The layer holds the IO's way down to the device and back up, so it encloses the
+        // device span.
+        let device = spans.iter().find(|span| span.name == "device").unwrap();
+        assert!(
+            layer.begin <= device.begin && device.end <= layer.end,
+            "{spans:?}"
+        );
+    }
     engine.shutdown().unwrap();
 }

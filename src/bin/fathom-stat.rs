@@ -8,8 +8,10 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use fathom::stat::{render_table, Follower, Observation};
+use fathom::trace::command::TraceOptions;
 use fathom_telemetry::region::{Directory, Snapshot};
 use fathom_telemetry::report::delta_histogram;
+use fathom_telemetry::trace::{Start, TraceId};
 use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
 use hdrhistogram::serialization::V2DeflateSerializer;
 use hdrhistogram::Histogram;
@@ -25,6 +27,7 @@ use hdrhistogram::Histogram;
 ///   fathom-stat --json 1 3       JSON lines, one object per interval
 ///   fathom-stat --hdr-log h.log  also write HdrHistogram interval logs (ns)
 ///   fathom-stat top              a live full-screen view
+///   fathom-stat trace            traced IOs, live (see `fathom-stat trace --help`)
 ///
 /// Percentiles come from log-linear histograms with 1% resolution. A report covers the
 /// interval since the previous one; peaks are the highest per-second rate inside it.
@@ -81,6 +84,65 @@ impl Source {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Traced IOs: the node keeps one record per traced IO (head-sampled, slower than the
+    /// tail threshold, or failed) in per-core rings in shared memory, with every stage's
+    /// stamps. This follows them live, one line per IO (like `tail -f`), through node
+    /// restarts, and shows or exports them.
+    ///
+    ///   fathom-stat trace                       follow: one line per traced IO
+    ///   fathom-stat trace --slowest 3           waterfalls of the 3 slowest IOs the rings hold
+    ///   fathom-stat trace --slowest 5 --duration 10   ... of those traced in the next 10 s
+    ///   fathom-stat trace --show 4bf92f3577b34da6a3ce929d0e0e4736   one trace's waterfall
+    ///   fathom-stat trace --json --count 100    JSON lines, one object per IO with its spans
+    ///   fathom-stat trace --ctf /tmp/t --duration 60 -q   CTF 1.8: `babeltrace2 /tmp/t`
+    ///   fathom-stat trace --otlp http://127.0.0.1:4318   to an OpenTelemetry collector/Jaeger
+    ///   fathom-stat trace --otlp-file spans.jsonl        the same OTLP JSON, one request a line
+    ///
+    /// A waterfall has one row per span: the front end's request (or `io` for an IO from
+    /// inside the node) and, below it, queue, submit, each layer, device, complete and reply,
+    /// each bar placed and sized on the request's time axis; the longest is marked. Which
+    /// IOs are traced is set by `[telemetry.trace]` and `fathom-ctl trace set`.
+    #[command(verbatim_doc_comment)]
+    Trace {
+        /// The trace region (default: the stats region's path with `.trace` added).
+        #[arg(long, value_name = "FILE")]
+        trace_region: Option<PathBuf>,
+        /// Start with what the rings already hold instead of what comes next.
+        #[arg(long)]
+        oldest: bool,
+        /// Stop after this many seconds (with --slowest/--show: read for this long).
+        #[arg(long, value_name = "SECONDS")]
+        duration: Option<f64>,
+        /// Stop after this many traced IOs.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// JSON lines: one object per traced IO, with its spans.
+        #[arg(long)]
+        json: bool,
+        /// No line per IO: only the exports and the closing summary.
+        #[arg(long, short)]
+        quiet: bool,
+        /// Also write a CTF 1.8 trace (for babeltrace2) into this new directory: one trace
+        /// per node run, in DIR/<node>-<pid>.
+        #[arg(long, value_name = "DIR")]
+        ctf: Option<PathBuf>,
+        /// Also send OTLP/HTTP JSON to this collector (http://host:port; /v1/traces added).
+        #[arg(long, value_name = "URL")]
+        otlp: Option<String>,
+        /// Also write the OTLP JSON to FILE, one export request per line.
+        #[arg(long, value_name = "FILE")]
+        otlp_file: Option<PathBuf>,
+        /// Draw the waterfalls of the N slowest IOs (of what the rings hold, or of what comes
+        /// during --duration).
+        #[arg(long, value_name = "N", conflicts_with = "show")]
+        slowest: Option<usize>,
+        /// Draw the waterfall of this trace (32 hex digits).
+        #[arg(long, value_name = "TRACE_ID")]
+        show: Option<String>,
+        /// Characters of a waterfall's time axis (default: fits the terminal).
+        #[arg(long)]
+        width: Option<usize>,
+    },
     /// A live full-screen view in the spirit of spdk_top: per volume and op, rates and stage
     /// latencies, refreshed every interval. q quits.
     Top {
@@ -98,9 +160,64 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
-    if let Some(Command::Top { interval }) = args.command {
-        let every = seconds(interval, "--interval")?;
-        return fathom::top::run(&args.source.path(), every);
+    match args.command {
+        Some(Command::Top { interval }) => {
+            let every = seconds(interval, "--interval")?;
+            return fathom::top::run(&args.source.path(), every);
+        }
+        Some(Command::Trace {
+            trace_region,
+            oldest,
+            duration,
+            count,
+            json,
+            quiet,
+            ctf,
+            otlp,
+            otlp_file,
+            slowest,
+            show,
+            width,
+        }) => {
+            if count == Some(0) || slowest == Some(0) {
+                bail!("a count of 0 shows nothing; leave it out to follow until interrupted");
+            }
+            let show = show
+                .map(|text| {
+                    TraceId::parse(&text).with_context(|| {
+                        format!("--show {text:?} is not a trace id: give its 32 hex digits, as a line or waterfall prints it")
+                    })
+                })
+                .transpose()?;
+            let width = width.unwrap_or_else(|| {
+                crossterm::terminal::size()
+                    .map_or(100, |(columns, _)| columns as usize)
+                    .saturating_sub(48)
+                    .clamp(20, 200)
+            });
+            let region = trace_region.unwrap_or_else(|| {
+                let mut path = args.source.path().into_os_string();
+                path.push(".trace");
+                PathBuf::from(path)
+            });
+            return fathom::trace::command::run(&TraceOptions {
+                region,
+                start: if oldest { Start::Oldest } else { Start::Now },
+                duration: duration
+                    .map(|value| seconds(value, "--duration"))
+                    .transpose()?,
+                count,
+                json,
+                quiet,
+                ctf,
+                otlp,
+                otlp_file,
+                slowest,
+                show,
+                width,
+            });
+        }
+        None => {}
     }
     let every = seconds(
         args.interval.or(args.interval_positional).unwrap_or(1.0),

@@ -804,6 +804,20 @@ impl TraceReader {
             .load(Ordering::Acquire)
     }
 
+    /// Whether the file at this reader's path is no longer the region it reads: gone, or
+    /// another writer's (a restarted node publishes a new region under the same name; its
+    /// header names another writer pid or start time, even when the file system gave it
+    /// the old file's inode number).
+    pub fn replaced(&self) -> bool {
+        let mut header = [0u8; field::NODE_ID];
+        let read = std::fs::File::open(&self.path)
+            .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut header));
+        read.is_err()
+            || header[..8] != MAGIC
+            || u32_at(&header, field::WRITER_PID) != self.directory.writer_pid
+            || u64_at(&header, field::START_UNIX_NS) != self.directory.start_unix_ns
+    }
+
     /// Records written to each ring so far.
     pub fn heads(&self) -> Vec<u64> {
         (0..self.next.len()).map(|ring| self.head(ring)).collect()

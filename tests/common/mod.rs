@@ -55,49 +55,31 @@ impl Node {
             ),
         )
         .unwrap();
-        let mut child = Command::new(NODE)
-            .arg("--config")
-            .arg(&config)
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        // Keeps draining the log so the node never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(rest) = line
-                    .split("NBD: serving nbd://")
-                    .nth(1)
-                    .or_else(|| line.split("NBD: serving nbds://").nth(1))
-                {
-                    let address = rest.split('/').next().unwrap().to_string();
-                    let _ = tx.send(address);
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let address = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(address) => address.parse().unwrap(),
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "the node did not start serving NBD:\n{}",
-                    log.lock().unwrap().join("\n")
-                );
-            }
-        };
+        let (child, address, log) = spawn(&config);
         Node {
             child,
             address,
             log,
             dir,
         }
+    }
+
+    /// Stops the node (SIGTERM) and starts it again on the same directory, config and
+    /// region paths (a new NBD port).
+    pub fn restart(mut self) -> Node {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "node exit status {status}:\n{}",
+            self.log()
+        );
+        let (child, address, log) = spawn(&self.dir.path().join("node.toml"));
+        self.child = child;
+        self.address = address;
+        self.log = log;
+        self
     }
 
     pub fn uri(&self, export: &str) -> String {
@@ -145,6 +127,48 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts fathom-node on `config`; returns it, its NBD address and its log (kept drained).
+fn spawn(config: &std::path::Path) -> (Child, SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let mut child = Command::new(NODE)
+        .arg("--config")
+        .arg(config)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let sink = log.clone();
+    // Keeps draining the log so the node never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line
+                .split("NBD: serving nbd://")
+                .nth(1)
+                .or_else(|| line.split("NBD: serving nbds://").nth(1))
+            {
+                let address = rest.split('/').next().unwrap().to_string();
+                let _ = tx.send(address);
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let address: SocketAddr = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(address) => address.parse().unwrap(),
+        Err(_) => {
+            let _ = child.kill();
+            panic!(
+                "the node did not start serving NBD:\n{}",
+                log.lock().unwrap().join("\n")
+            );
+        }
+    };
+    (child, address, log)
 }
 
 pub fn free_hugepages() -> u64 {
