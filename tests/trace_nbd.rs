@@ -404,3 +404,81 @@ fn fathom_stat_trace_follows_a_node_through_a_restart() {
     assert_eq!(nodes, 2, "both runs of the node were followed: {stderr}");
     node.stop();
 }
+
+#[test]
+fn a_reader_that_comes_late_is_told_exactly_what_it_lost_and_a_damaged_region_is_refused_or_skipped(
+) {
+    // Every request traced into rings of 64 records.
+    let node = Node::start_config(
+        tempfile::tempdir().unwrap(),
+        "[telemetry.trace]\nrate = 1\ntail = \"off\"\nring = 64\n\
+         [nbd]\nlisten = [\"127.0.0.1:0\"]\n\
+         [[device]]\nname = \"nvme0\"\ndriver = \"mem\"\nmedia = \"ram\"\nsize = \"64MiB\"\n\
+         [[volume]]\nname = \"vol0\"\ndevice = \"nvme0\"\nsize = \"64MiB\"\n",
+    );
+    fio_reads(&node, 1000);
+    std::thread::sleep(Duration::from_millis(100));
+    let written: u64 = TraceReader::open(&node.path("stats.trace"), Start::Oldest)
+        .unwrap()
+        .heads()
+        .iter()
+        .sum();
+    assert!(written >= 1000, "{written} records written");
+    let (json, stderr) = stat_trace(&node, &["--oldest", "--duration", "0.2", "--json"]);
+    let seen = json.lines().count() as u64;
+    assert_eq!(seen, 64, "the ring keeps the newest 64");
+    assert!(
+        stderr.contains(&format!(
+            "{} traced IOs read, {} lost",
+            seen,
+            written - seen
+        )),
+        "{stderr}"
+    );
+
+    // A copy with a damaged header is refused with what is wrong; one with a damaged record
+    // is read without it.
+    let image = std::fs::read(node.path("stats.trace")).unwrap();
+    let mut bad_magic = image.clone();
+    bad_magic[..8].copy_from_slice(b"NOTATRAC");
+    let path = node.path("bad-magic.trace");
+    std::fs::write(&path, &bad_magic).unwrap();
+    let refused = Command::new(STAT)
+        .args(["trace", "--oldest", "--duration", "0.2", "--trace-region"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("is not a fathom trace region"),
+        "{message}"
+    );
+
+    let mut bad_record = image;
+    let records = u64::from_le_bytes(bad_record[144 + 24..144 + 32].try_into().unwrap()) as usize;
+    // Record 5's layer count (the low byte of its 16th word) beyond the 7 a record holds.
+    bad_record[records + 5 * 256 + 16 * 8] = 0xff;
+    let path = node.path("bad-record.trace");
+    std::fs::write(&path, &bad_record).unwrap();
+    let output = Command::new(STAT)
+        .args([
+            "trace",
+            "--oldest",
+            "--duration",
+            "0.2",
+            "--json",
+            "--trace-region",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).lines().count(), 63);
+    assert!(
+        stderr.contains("1 records could not be decoded"),
+        "{stderr}"
+    );
+    node.stop();
+}

@@ -79,7 +79,7 @@ enum Mode {
 /// --size region of the export (job j at j * size; by default the export is divided among the
 /// jobs). Latencies and CPU time are the client's; the node's own per-stage breakdown of the
 /// same IOs is in fathom-stat. The options of the in-process engine (--driver, --media,
-/// --mode, --filename, --pci, --poll, --clock, --telemetry, --sector, --no-hugepages,
+/// --mode, --filename, --pci, --poll, --clock, --telemetry, --trace*, --sector, --no-hugepages,
 /// --plot, --bsrange) do not apply and are refused.
 #[derive(Debug, Parser)]
 #[command(version, verbatim_doc_comment)]
@@ -160,6 +160,15 @@ struct Args {
     /// off, to measure what it costs.
     #[arg(long, value_enum, default_value = "on")]
     telemetry: Switch,
+    /// Tracing (with telemetry): on as a node runs, or off, to measure what it costs.
+    #[arg(long, value_enum, default_value = "on")]
+    trace: Switch,
+    /// Head sampling: one IO in N is traced (0: none), as `[telemetry.trace] rate`.
+    #[arg(long, default_value_t = 1024)]
+    trace_rate: u32,
+    /// Tail sampling: every IO slower than this is traced ("1ms", "p99.9", "off").
+    #[arg(long, default_value = "1ms", value_parser = parse_tail)]
+    trace_tail: String,
     /// Telemetry's clock: tsc (the CPU's invariant TSC, refused on CPUs without one) or
     /// monotonic (CLOCK_MONOTONIC: slower to read, works everywhere, e.g. in emulators).
     #[arg(long, value_enum, default_value = "tsc")]
@@ -167,6 +176,10 @@ struct Args {
     /// Print one JSON object instead of the human summary.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_tail(text: &str) -> Result<String, String> {
+    fathom_engine::config::TailThreshold::parse(text).map(|_| text.to_string())
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -600,9 +613,13 @@ fn bench_config(args: &Args) -> String {
          [dma]\nsize = \"{dma}MiB\"\nhugepages = {hugepages}\n\
          [reactor]\ncores = [{cores}]\npoll = \"{poll}\"\nqueue_depth = {depth}\n\
          [telemetry]\nenabled = {telemetry}\nclock = \"{clock}\"\nregion = {region:?}\nmetrics = \"\"\n\
+         [telemetry.trace]\nenabled = {trace}\nrate = {rate}\ntail = {tail:?}\n\
          [[device]]\nname = \"nvme0\"\n{device}{path}{geometry}",
         hugepages = !args.no_hugepages,
         telemetry = args.telemetry == Switch::On,
+        trace = args.trace == Switch::On,
+        rate = args.trace_rate,
+        tail = args.trace_tail,
         clock = format!("{:?}", args.clock).to_lowercase(),
         poll = format!("{:?}", args.poll).to_lowercase(),
         region = format!("/dev/shm/fathom-bench-{}", std::process::id()),
@@ -800,6 +817,21 @@ mod nbd_mode {
             "telemetry",
             "--telemetry",
             "telemetry is the node's: read its per-stage breakdown with fathom-stat",
+        ),
+        (
+            "trace",
+            "--trace",
+            "tracing is the node's: change it with `fathom-ctl trace set`",
+        ),
+        (
+            "trace_rate",
+            "--trace-rate",
+            "tracing is the node's: change it with `fathom-ctl trace set`",
+        ),
+        (
+            "trace_tail",
+            "--trace-tail",
+            "tracing is the node's: change it with `fathom-ctl trace set`",
         ),
         ("sector", "--sector", "the export's block sizes come from the server"),
         ("no_hugepages", "--no-hugepages", "the client needs no DMA memory"),
