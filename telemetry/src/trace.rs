@@ -322,6 +322,7 @@ pub struct Span {
 
 impl TraceRecord {
     /// Content words 1..32 of the record (word 0 is the sequence word).
+    #[inline(always)]
     fn encode(&self) -> [u64; RECORD_WORDS - 1] {
         let mut words = [0u64; RECORD_WORDS - 1];
         words[0] = (self.trace_id.0 >> 64) as u64;
