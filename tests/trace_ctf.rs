@@ -47,6 +47,13 @@ fn spec() -> TraceSpec {
         cores: vec![2, 5],
         capacity: 512,
         volumes: vec!["vol0".into(), "vol1".into()],
+        geometry: vec![
+            fathom_telemetry::trace::VolumeGeometry {
+                first_lba: 0,
+                block_size: 512,
+            };
+            2
+        ],
         layers: vec!["cache".into(), "crypt".into()],
     }
 }

@@ -212,6 +212,14 @@ fn fathom_stat_trace_draws_waterfalls_and_writes_ctf_and_otlp_that_their_readers
         .collect();
     assert_eq!(records.len(), traced_count(&stderr));
     assert!(records.len() >= 50, "{} records", records.len());
+    for record in &records {
+        // vol0 starts at LBA 0 of a 512-byte-block device.
+        assert_eq!(
+            record["lba"].as_u64(),
+            record["offset"].as_u64().map(|offset| offset / 512),
+            "{record}"
+        );
+    }
     // The three slowest traced reads, drawn: the root's bar spans the axis, and the row
     // marked longest has the longest bar of the children.
     let (out, _) = stat_trace(&node, &["--slowest", "3", "--width", "50"]);
@@ -480,5 +488,131 @@ fn a_reader_that_comes_late_is_told_exactly_what_it_lost_and_a_damaged_region_is
         stderr.contains("1 records could not be decoded"),
         "{stderr}"
     );
+    node.stop();
+}
+
+/// What the collector received: each request's head and body.
+type Received = Vec<(String, Vec<u8>)>;
+
+/// A minimal OTLP/HTTP collector on loopback: answers every POST with 200 and keeps the
+/// bodies. Stops when `stop` is set (it polls with a short accept timeout).
+fn collector(
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (u16, std::thread::JoinHandle<Received>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        let mut requests = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            stream.set_nonblocking(false).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut reader = BufReader::new(stream);
+            let mut head = String::new();
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+                if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = value.trim().parse().unwrap();
+                }
+                head += &line;
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            let mut stream = reader.into_inner();
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+                .unwrap();
+            requests.push((head, body));
+        }
+        requests
+    });
+    (port, handle)
+}
+
+#[test]
+fn fathom_stat_trace_sends_otlp_to_a_collector() {
+    let node = node();
+    node.ctl(&[
+        "inject",
+        "add",
+        "nvme0",
+        "--ops",
+        "read",
+        "--latency",
+        "2ms",
+        "--fraction",
+        "0.005",
+    ]);
+    fio_reads(&node, 20_000);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (port, handle) = collector(stop.clone());
+    let (_, stderr) = stat_trace(
+        &node,
+        &[
+            "--oldest",
+            "--duration",
+            "0.3",
+            "-q",
+            "--otlp",
+            &format!("http://127.0.0.1:{port}"),
+        ],
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let requests = handle.join().unwrap();
+    let traced = traced_count(&stderr);
+    assert!(traced >= 50, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "OTLP: {traced} IOs sent to http://127.0.0.1:{port}/v1/traces, 0 dropped"
+        )),
+        "{stderr}"
+    );
+    assert!(!requests.is_empty());
+    for (head, _) in &requests {
+        assert!(head.starts_with("POST /v1/traces HTTP/1.1"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{head}"
+        );
+    }
+    // What the collector received passes the official definitions, one tree per trace.
+    let lines = node.path("received.jsonl");
+    let mut text = String::new();
+    for (_, body) in &requests {
+        text += std::str::from_utf8(body).unwrap();
+        text.push('\n');
+    }
+    std::fs::write(&lines, text).unwrap();
+    let python_path = std::env::var("FATHOM_OTLP_PY")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/otlp-py").into());
+    let check = Command::new("/usr/bin/python3")
+        .arg("tests/trace/validate_otlp.py")
+        .arg(&lines)
+        .env("PYTHONPATH", &python_path)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
+    assert_eq!(summary["traces"], traced as u64, "{summary}");
     node.stop();
 }

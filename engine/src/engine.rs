@@ -31,7 +31,7 @@ use fathom_drivers::uring::UringDriver;
 use fathom_drivers::vfio::VfioDriver;
 use fathom_drivers::{DeviceInfo, Driver, DriverError, InjectAt};
 use fathom_telemetry::region::{QueueEntry, RegionSpec, StatsRegion, VolumeEntry};
-use fathom_telemetry::trace::{IdGenerator, TraceRegion, TraceSpec};
+use fathom_telemetry::trace::{IdGenerator, TraceRegion, TraceSpec, VolumeGeometry};
 
 /// How often the stats region's heartbeat moves.
 const HEARTBEAT_PERIOD: Duration = Duration::from_millis(100);
@@ -815,6 +815,13 @@ fn create_trace_region(
             .collect(),
         capacity: config.telemetry.trace.ring,
         volumes: volumes.iter().map(|volume| volume.name.clone()).collect(),
+        geometry: volumes
+            .iter()
+            .map(|volume| VolumeGeometry {
+                first_lba: volume.first_lba,
+                block_size: volume.block_size,
+            })
+            .collect(),
         layers: LayerName::ALL
             .iter()
             .map(|layer| layer.as_str().to_string())

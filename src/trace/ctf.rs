@@ -41,6 +41,7 @@
 //! string   volume          the volume's name; "#N" for an index N the region does not name
 //! string   op              read, write, flush, write_zeroes; "#N" for an unknown op N
 //! u64      offset          bytes into the volume (u64::MAX when not kept: reason 16)
+//! u64      lba             the device LBA it starts at (u64::MAX when not known)
 //! u32      len             bytes
 //! u16      status          NVMe status (type << 8 | code), 0 for success; printed in hex
 //! u16      core            the reactor's core
@@ -68,7 +69,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use fathom_telemetry::trace::{SpanId, TraceDirectory, TraceRecord};
+use fathom_telemetry::trace::{SpanId, TraceDirectory, TraceRecord, VolumeGeometry};
 
 /// The longest packet the writer makes (unless one event alone is longer).
 pub const PACKET_BYTES: usize = 64 * 1024;
@@ -141,6 +142,7 @@ pub struct CtfWriter {
     dir: PathBuf,
     uuid: [u8; 16],
     volumes: Vec<String>,
+    geometry: Vec<VolumeGeometry>,
     layers: Vec<String>,
     cores: Vec<u32>,
     /// By ring; `None` until the ring's first IO.
@@ -176,6 +178,7 @@ impl CtfWriter {
             dir: dir.into(),
             uuid,
             volumes: directory.volumes.clone(),
+            geometry: directory.geometry.clone(),
             layers: directory.layers.clone(),
             cores: directory.cores.clone(),
             streams: (0..directory.cores.len()).map(|_| None).collect(),
@@ -218,6 +221,7 @@ impl CtfWriter {
         };
         let names = Names {
             volumes: &self.volumes,
+            geometry: &self.geometry,
             layers: &self.layers,
         };
         stream
@@ -279,6 +283,7 @@ impl Drop for CtfWriter {
 #[derive(Clone, Copy)]
 struct Names<'a> {
     volumes: &'a [String],
+    geometry: &'a [VolumeGeometry],
     layers: &'a [String],
 }
 
@@ -384,6 +389,11 @@ fn encode_event(
     put_string(out, &index_name(names.volumes, record.volume as usize));
     put_string(out, &op_name(record.op));
     out.extend_from_slice(&record.offset.to_le_bytes());
+    let lba = names
+        .geometry
+        .get(record.volume as usize)
+        .and_then(|geometry| geometry.lba(record.offset));
+    out.extend_from_slice(&lba.unwrap_or(u64::MAX).to_le_bytes());
     out.extend_from_slice(&record.len.to_le_bytes());
     out.extend_from_slice(&record.status.to_le_bytes());
     out.extend_from_slice(&record.core.to_le_bytes());
@@ -610,6 +620,7 @@ event {{
         string volume;                  /* "#N" when the region names no volume N */
         string op;                      /* read, write, flush, write_zeroes, or "#N" */
         uint64_t offset;                /* bytes; 2^64 - 1 when not kept (reason 16) */
+        uint64_t lba;                   /* the device LBA it starts at; 2^64 - 1 when not known */
         uint32_t len;                   /* bytes */
         uint16_hex_t status;            /* NVMe status type << 8 | code; 0 = success */
         uint16_t core;
@@ -654,6 +665,16 @@ mod tests {
             cores: vec![3, 7],
             capacity: 8,
             volumes: vec!["vol0".into(), "vol1".into()],
+            geometry: vec![
+                VolumeGeometry {
+                    first_lba: 0,
+                    block_size: 512,
+                },
+                VolumeGeometry {
+                    first_lba: 1000,
+                    block_size: 512,
+                },
+            ],
             layers: vec!["cache".into(), "crypt".into()],
         }
     }
@@ -661,6 +682,7 @@ mod tests {
     fn names(directory: &TraceDirectory) -> Names<'_> {
         Names {
             volumes: &directory.volumes,
+            geometry: &directory.geometry,
             layers: &directory.layers,
         }
     }
@@ -715,6 +737,7 @@ mod tests {
         volume: String,
         op: String,
         offset: u64,
+        lba: u64,
         len: u32,
         status: u16,
         core: u16,
@@ -792,6 +815,7 @@ mod tests {
                     volume: c.string(),
                     op: c.string(),
                     offset: c.u64(),
+                    lba: c.u64(),
                     len: c.u32(),
                     status: c.u16(),
                     core: c.u16(),
@@ -843,6 +867,7 @@ mod tests {
                 volume: "vol1".into(),
                 op: "write".into(),
                 offset: 4096,
+                lba: 1008,
                 len: 512,
                 status: 0x281,
                 core: 3,

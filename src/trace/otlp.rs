@@ -17,15 +17,16 @@
 //! |-----------------|-----------------------------------------------------------------------|
 //! | `fathom.op`     | `read`, `write`, `flush`, `write_zeroes` (as the stats region names them) |
 //! | `fathom.offset` | byte offset in the volume; absent when the record did not keep it     |
+//! | `fathom.lba`    | the device LBA it starts at; absent when not known                    |
 //! | `fathom.len`    | length in bytes                                                       |
 //! | `fathom.status` | the NVMe status word (status code type << 8 \| status code), 0 for success |
 //! | `fathom.core`   | core of the reactor that ran it                                       |
 //! | `fathom.queue`  | device queue (index into the stats region's queues); absent when the IO reached no device queue |
 //! | `fathom.reason` | why it was traced: `head`, `tail`, `error`, `context`, comma-separated |
 //!
-//! There is no `fathom.lba`: the record holds a byte offset in the *volume*, and a sector
-//! number would suggest a device address it is not (and 512 bytes is not every device's
-//! block size). Divide `fathom.offset` by the block size you care about.
+//! `fathom.lba` is the device LBA the IO starts at (the volume's first LBA plus the offset in
+//! its blocks, from the region's volume geometry); absent when the offset was not kept or the
+//! geometry is unknown.
 //!
 //! A failed IO's root has status ERROR with the NVMe status's name as its message. Successful
 //! spans leave the status unset, as OpenTelemetry asks of instrumentation. Children (`queue`,
@@ -238,7 +239,10 @@ fn span_json(directory: &TraceDirectory, record: &TraceRecord, span: &Span, root
     object.insert("startTimeUnixNano".into(), json!(start.to_string()));
     object.insert("endTimeUnixNano".into(), json!(end.to_string()));
     if root {
-        object.insert("attributes".into(), json!(root_attributes(record)));
+        object.insert(
+            "attributes".into(),
+            json!(root_attributes(record, directory.lba(record))),
+        );
         if let Some(message) = failure(record) {
             object.insert(
                 "status".into(),
@@ -249,13 +253,16 @@ fn span_json(directory: &TraceDirectory, record: &TraceRecord, span: &Span, root
     Value::Object(object)
 }
 
-fn root_attributes(record: &TraceRecord) -> Vec<Value> {
+fn root_attributes(record: &TraceRecord, lba: Option<u64>) -> Vec<Value> {
     let op = OP_NAMES
         .get(record.op as usize)
         .map_or_else(|| format!("op{}", record.op), |name| name.to_string());
     let mut attributes = vec![string_attribute("fathom.op", &op)];
     if record.offset != OFFSET_UNKNOWN {
         attributes.push(int_attribute("fathom.offset", record.offset));
+    }
+    if let Some(lba) = lba {
+        attributes.push(int_attribute("fathom.lba", lba));
     }
     attributes.extend([
         int_attribute("fathom.len", record.len as u64),
@@ -733,6 +740,7 @@ mod tests {
             cores: vec![0, 1],
             capacity: 8,
             volumes: vec!["vol0".into(), "vol1".into()],
+            geometry: Vec::new(),
             layers: vec!["cache".into(), "replica".into()],
         }
     }

@@ -60,7 +60,7 @@ fn offset_known(record: &TraceRecord) -> bool {
 
 /// The heading of [`line`]'s rows.
 pub const LINE_HEADER: &str =
-    "TIME(UTC)        TRACE                             VOLUME       OP            OFFSET     LEN     TOTAL  LONGEST              WHY";
+    "TIME(UTC)        TRACE                             VOLUME       OP               LBA     LEN     TOTAL  LONGEST              WHY";
 
 /// One traced IO on one line, as `fathom-stat trace` prints them while following.
 pub fn line(directory: &TraceDirectory, record: &TraceRecord) -> String {
@@ -81,11 +81,9 @@ pub fn line(directory: &TraceDirectory, record: &TraceRecord) -> String {
         record.trace_id.to_string(),
         volume_name(directory, record),
         op_name(record),
-        if offset_known(record) {
-            record.offset.to_string()
-        } else {
-            "?".into()
-        },
+        directory
+            .lba(record)
+            .map_or_else(|| "?".into(), |lba| lba.to_string()),
         bytes(record.len as u64),
         duration(directory.ns(record.total_ticks()) as f64),
         longest,
@@ -106,6 +104,7 @@ pub fn json(directory: &TraceDirectory, record: &TraceRecord) -> Value {
         "volume": volume_name(directory, record),
         "op": op_name(record),
         "offset": offset_known(record).then_some(record.offset),
+        "lba": directory.lba(record),
         "len": record.len,
         "status": record.status,
         "core": record.core,
@@ -152,10 +151,10 @@ pub fn waterfall(directory: &TraceDirectory, record: &TraceRecord, width: usize)
         volume_name(directory, record),
         op_name(record),
         bytes(record.len as u64),
-        if offset_known(record) {
-            format!(" at offset {}", record.offset)
-        } else {
-            " (offset not kept)".into()
+        match (offset_known(record), directory.lba(record)) {
+            (true, Some(lba)) => format!(" at LBA {lba} (offset {})", record.offset),
+            (true, None) => format!(" at offset {}", record.offset),
+            (false, _) => " (offset not kept)".into(),
         },
         record.core,
         if record.queue != u16::MAX {
@@ -267,6 +266,10 @@ mod tests {
             cores: vec![0],
             capacity: 8,
             volumes: vec!["vol0".into()],
+            geometry: vec![fathom_telemetry::trace::VolumeGeometry {
+                first_lba: 2048,
+                block_size: 512,
+            }],
             layers: vec!["cache".into()],
         }
     }
@@ -306,7 +309,7 @@ mod tests {
             rows[0].starts_with("trace 4bf92f3577b34da6a3ce929d0e0e4736  span 00f067aa0ba902b7")
         );
         assert!(
-            rows[1].contains("volume vol0  read 4K at offset 8192"),
+            rows[1].contains("volume vol0  read 4K at LBA 2064 (offset 8192)"),
             "{text}"
         );
         assert!(rows[2].contains("total 2.10ms"), "{text}");
@@ -341,7 +344,7 @@ mod tests {
         let (directory, record) = (directory(), slow_read());
         let line = line(&directory, &record);
         assert!(line.contains("4bf92f3577b34da6a3ce929d0e0e4736"), "{line}");
-        assert!(line.contains("vol0") && line.contains("read") && line.contains("8192"));
+        assert!(line.contains("vol0") && line.contains("read") && line.contains(" 2064 "));
         assert!(
             line.contains("2.10ms") && line.contains("device 2.00ms"),
             "{line}"
@@ -349,6 +352,10 @@ mod tests {
         assert!(line.ends_with("tail"));
         let object = json(&directory, &record);
         assert_eq!(object["volume"], "vol0");
+        assert_eq!(
+            (object["offset"].as_u64(), object["lba"].as_u64()),
+            (Some(8192), Some(2064))
+        );
         assert_eq!(object["total_ns"], 2_100_000);
         assert_eq!(object["parent_span_id"], Value::Null);
         let spans = object["spans"].as_array().unwrap();

@@ -38,7 +38,7 @@ use crate::shm::{
 };
 
 pub const MAGIC: [u8; 8] = *b"FATHOMTR";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const HEADER_BYTES: usize = 4096;
 /// One record: a sequence word and 31 words of content.
 pub const RECORD_WORDS: usize = 32;
@@ -46,6 +46,9 @@ pub const RECORD_BYTES: usize = RECORD_WORDS * 8;
 /// Layers of a volume's stack a record has room for (deeper ones are not recorded).
 pub const MAX_LAYERS: usize = 7;
 const RING_HEADER_BYTES: usize = 64;
+/// A volume's entry: its name (48 bytes), first LBA on its device (u64 at 48) and block size
+/// (u32 at 56).
+const VOLUME_ENTRY_BYTES: usize = 64;
 const VOLUME_NAME_BYTES: usize = 48;
 const LAYER_NAME_BYTES: usize = 16;
 /// Limits a reader accepts, so a corrupt header cannot make it allocate without bound.
@@ -455,8 +458,31 @@ pub struct TraceSpec {
     /// Records per ring (a power of two).
     pub capacity: u32,
     pub volumes: Vec<String>,
+    /// Where each volume lies on its device (by volume; missing ones are unknown).
+    pub geometry: Vec<VolumeGeometry>,
     /// Names of layer kinds, indexed by [`TraceRecord::layers`]' first field.
     pub layers: Vec<String>,
+}
+
+/// Where a volume lies on its device, so a reader can turn a byte offset in the volume into
+/// the device's LBA.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VolumeGeometry {
+    /// The volume's first LBA in its namespace.
+    pub first_lba: u64,
+    /// Bytes per LBA (0: unknown).
+    pub block_size: u32,
+}
+
+impl VolumeGeometry {
+    /// The device LBA of byte `offset` in the volume (`None`: an offset not kept,
+    /// `u64::MAX`, or an unknown block size).
+    pub fn lba(&self, offset: u64) -> Option<u64> {
+        if offset == u64::MAX || self.block_size == 0 {
+            return None;
+        }
+        self.first_lba.checked_add(offset / self.block_size as u64)
+    }
 }
 
 /// What a trace region describes: written once by the node, read by every reader.
@@ -473,10 +499,20 @@ pub struct TraceDirectory {
     pub cores: Vec<u32>,
     pub capacity: u32,
     pub volumes: Vec<String>,
+    /// By volume, as [`TraceSpec::geometry`].
+    pub geometry: Vec<VolumeGeometry>,
     pub layers: Vec<String>,
 }
 
 impl TraceDirectory {
+    /// The device LBA a record's IO started at: `None` when its offset was not kept or its
+    /// volume's geometry is not known.
+    pub fn lba(&self, record: &TraceRecord) -> Option<u64> {
+        self.geometry
+            .get(record.volume as usize)?
+            .lba(record.offset)
+    }
+
     /// The unix time in ns of TSC stamp `ticks` (stamps before the epoch saturate).
     pub fn unix_ns(&self, ticks: u64) -> u64 {
         let delta = ticks.saturating_sub(self.epoch_ticks) as u128;
@@ -503,7 +539,7 @@ impl Offsets {
     fn compute(rings: usize, capacity: usize, volumes: usize, layers: usize) -> Option<Offsets> {
         let rings_at = HEADER_BYTES;
         let volumes_at = rings_at.checked_add(rings.checked_mul(RING_HEADER_BYTES)?)?;
-        let layers_at = volumes_at.checked_add(volumes.checked_mul(VOLUME_NAME_BYTES)?)?;
+        let layers_at = volumes_at.checked_add(volumes.checked_mul(VOLUME_ENTRY_BYTES)?)?;
         let names_end = layers_at.checked_add(layers.checked_mul(LAYER_NAME_BYTES)?)?;
         let records_at = names_end.checked_next_multiple_of(4096)?;
         let records = rings.checked_mul(capacity)?.checked_mul(RECORD_BYTES)?;
@@ -647,9 +683,12 @@ impl TraceRegion {
             );
         }
         for (index, name) in spec.volumes.iter().enumerate() {
-            let mut entry = [0u8; VOLUME_NAME_BYTES];
-            put_name(&mut entry, name);
-            map.write(offsets.volumes + index * VOLUME_NAME_BYTES, &entry);
+            let mut entry = [0u8; VOLUME_ENTRY_BYTES];
+            put_name(&mut entry[..VOLUME_NAME_BYTES], name);
+            let geometry = spec.geometry.get(index).copied().unwrap_or_default();
+            entry[48..56].copy_from_slice(&geometry.first_lba.to_le_bytes());
+            entry[56..60].copy_from_slice(&geometry.block_size.to_le_bytes());
+            map.write(offsets.volumes + index * VOLUME_ENTRY_BYTES, &entry);
         }
         for (index, name) in spec.layers.iter().enumerate() {
             let mut entry = [0u8; LAYER_NAME_BYTES];
@@ -961,9 +1000,17 @@ fn parse(
         .chunks(RING_HEADER_BYTES)
         .map(|entry| u32_at(entry, 0))
         .collect();
-    let volume_names = read(offsets.volumes, volumes as usize * VOLUME_NAME_BYTES)
-        .chunks(VOLUME_NAME_BYTES)
-        .map(name_at)
+    let volume_entries = read(offsets.volumes, volumes as usize * VOLUME_ENTRY_BYTES);
+    let volume_names = volume_entries
+        .chunks(VOLUME_ENTRY_BYTES)
+        .map(|entry| name_at(&entry[..VOLUME_NAME_BYTES]))
+        .collect();
+    let geometry = volume_entries
+        .chunks(VOLUME_ENTRY_BYTES)
+        .map(|entry| VolumeGeometry {
+            first_lba: u64_at(entry, 48),
+            block_size: u32_at(entry, 56),
+        })
         .collect();
     let layer_names = read(offsets.layers, layers as usize * LAYER_NAME_BYTES)
         .chunks(LAYER_NAME_BYTES)
@@ -981,6 +1028,7 @@ fn parse(
             cores,
             capacity,
             volumes: volume_names,
+            geometry,
             layers: layer_names,
         },
     ))
@@ -997,6 +1045,16 @@ mod tests {
             cores: vec![0, 1],
             capacity,
             volumes: vec!["vol0".into(), "vol1".into()],
+            geometry: vec![
+                VolumeGeometry {
+                    first_lba: 0,
+                    block_size: 512,
+                },
+                VolumeGeometry {
+                    first_lba: 1 << 20,
+                    block_size: 4096,
+                },
+            ],
             layers: vec!["frontend".into(), "engine".into(), "queue".into()],
         }
     }
@@ -1074,6 +1132,18 @@ mod tests {
         let region = TraceRegion::create(&path, &spec(8), &Clock::monotonic()).unwrap();
         let mut reader = TraceReader::open(&path, Start::Oldest).unwrap();
         assert_eq!(reader.directory().volumes, ["vol0", "vol1"]);
+        assert_eq!(reader.directory().geometry, spec(8).geometry);
+        let io = TraceRecord {
+            volume: 1,
+            offset: 3 * 4096 + 100,
+            ..TraceRecord::default()
+        };
+        assert_eq!(reader.directory().lba(&io), Some((1 << 20) + 3));
+        let late = TraceRecord {
+            offset: u64::MAX,
+            ..io
+        };
+        assert_eq!(reader.directory().lba(&late), None);
         assert_eq!(reader.directory().cores, [0, 1]);
         let mut writer = region.writer(1);
         for n in 0..5 {

@@ -57,6 +57,7 @@ def read(path):
             "volume": str(p["volume"]),
             "op": str(p["op"]),
             "offset": int(p["offset"]),
+            "lba": int(p["lba"]),
             "len": int(p["len"]),
             "status": int(p["status"]),
             "core": int(p["core"]),
