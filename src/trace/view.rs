@@ -46,11 +46,41 @@ pub fn reasons(record: &TraceRecord) -> String {
     }
 }
 
-/// The longest of a record's child spans (the stage its time went to).
+/// The child span the IO's time went to: the longest by its own time, the time no span
+/// below it covers. Below a stage (`queue`, `submit`, `complete`, `reply`) are the layers and
+/// the device, below a layer the layers after it and the device: a layer encloses the device
+/// span under it, and a layered IO's `submit` stage holds the layers' way down.
 pub fn longest(spans: &[Span]) -> Option<&Span> {
-    spans[1..]
-        .iter()
-        .max_by_key(|span| span.end.saturating_sub(span.begin))
+    let children = &spans[1..];
+    let depth = |index: usize| match children[index].name.as_str() {
+        "device" => usize::MAX,
+        name if name.starts_with("layer:") => 1 + index,
+        _ => 0,
+    };
+    (0..children.len())
+        .max_by_key(|&index| {
+            let span = &children[index];
+            let mut below: Vec<(u64, u64)> = (0..children.len())
+                .filter(|&other| depth(other) > depth(index))
+                .map(|other| {
+                    let other = &children[other];
+                    (other.begin.max(span.begin), other.end.min(span.end))
+                })
+                .filter(|(begin, end)| begin < end)
+                .collect();
+            below.sort_unstable();
+            // The union of what the spans below cover inside this one.
+            let (mut covered, mut reach) = (0, span.begin);
+            for (begin, end) in below {
+                let begin = begin.max(reach);
+                if end > begin {
+                    covered += end - begin;
+                    reach = end;
+                }
+            }
+            (span.end.saturating_sub(span.begin)).saturating_sub(covered)
+        })
+        .map(|index| &children[index])
 }
 
 /// Whether the offset was kept (a late tail decision has none).
@@ -123,7 +153,8 @@ pub fn json(directory: &TraceDirectory, record: &TraceRecord) -> Value {
 }
 
 /// One traced IO as a waterfall: a row per span, its bar placed and sized to scale on the
-/// root's time axis `width` characters wide, the longest child span marked.
+/// root's time axis `width` characters wide (`.` for a span under half a character), the
+/// longest child span drawn with `#` and marked.
 pub fn waterfall(directory: &TraceDirectory, record: &TraceRecord, width: usize) -> String {
     let spans = record.spans(&directory.layers);
     let root = &spans[0];
@@ -199,8 +230,11 @@ pub fn waterfall(directory: &TraceDirectory, record: &TraceRecord, width: usize)
         } else {
             span.name.clone()
         };
+        // A span shorter than half a character is a dot where it happened.
         let bar_char = if Some(span.span_id) == longest_id {
             '#'
+        } else if (length as u128 * width as u128 * 2) < total as u128 {
+            '.'
         } else {
             '='
         };
@@ -337,6 +371,7 @@ mod tests {
         assert!(!row("reply").contains("longest"));
         let (start, cells, _) = bar("reply");
         assert_eq!((start, cells), (38, 2), "{text}");
+        assert!(row("queue").contains("|. "), "a zero-length span is a dot: {text}");
     }
 
     #[test]
@@ -363,6 +398,25 @@ mod tests {
         let device = spans.iter().find(|span| span["name"] == "device").unwrap();
         assert_eq!(device["duration_ns"], 2_000_000);
         assert_eq!(device["parent_span_id"], "00f067aa0ba902b7");
+    }
+
+    #[test]
+    fn a_layer_around_the_device_is_not_where_the_time_went() {
+        let directory = directory();
+        let mut record = slow_read();
+        // An engine layer from just after submission to just before completion.
+        record.layer_count = 1;
+        record.layers[0] = (0, 11_500, 2_012_500);
+        let spans = record.spans(&directory.layers);
+        assert_eq!(longest(&spans).unwrap().name, "device");
+        let text = waterfall(&directory, &record, 40);
+        let marked: Vec<&str> = text.lines().filter(|l| l.ends_with("<- longest")).collect();
+        assert_eq!(marked.len(), 1, "{text}");
+        assert!(marked[0].trim_start().starts_with("device"), "{text}");
+        // A layer that holds the IO itself (a delay before the device, inside `submit`) is.
+        record.stamps[stamp::RUNG] = 1_900_000;
+        let spans = record.spans(&directory.layers);
+        assert_eq!(longest(&spans).unwrap().name, "layer:cache");
     }
 
     #[test]
