@@ -358,25 +358,28 @@ fn fathom_stat_trace_draws_waterfalls_and_writes_ctf_and_otlp_that_their_readers
 
 #[test]
 fn fathom_stat_trace_follows_a_node_through_a_restart() {
+    // The reader starts before the node is there: it waits for it.
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("follow.jsonl");
+    let errors = dir.path().join("follow.err");
+    let mut follower = Command::new(STAT)
+        .arg("trace")
+        .arg("--trace-region")
+        .arg(dir.path().join("stats.trace"))
+        .arg("--json")
+        .stdout(std::fs::File::create(&output).unwrap())
+        .stderr(std::fs::File::create(&errors).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     // Every request traced (head rate 1).
     let node = Node::start_config(
-        tempfile::tempdir().unwrap(),
+        dir,
         "[telemetry.trace]\nrate = 1\ntail = \"off\"\n\
          [nbd]\nlisten = [\"127.0.0.1:0\"]\n\
          [[device]]\nname = \"nvme0\"\ndriver = \"mem\"\nmedia = \"ram\"\nsize = \"64MiB\"\n\
          [[volume]]\nname = \"vol0\"\ndevice = \"nvme0\"\nsize = \"64MiB\"\n",
     );
-    let output = node.path("follow.jsonl");
-    let mut follower = Command::new(STAT)
-        .arg("trace")
-        .arg("--trace-region")
-        .arg(node.path("stats.trace"))
-        .arg("--json")
-        .stdout(std::fs::File::create(&output).unwrap())
-        .stderr(std::fs::File::create(node.path("follow.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let errors = node.path("follow.err");
     let reads_in = |path: &std::path::Path| {
         std::fs::read_to_string(path)
             .unwrap()
@@ -410,6 +413,10 @@ fn fathom_stat_trace_follows_a_node_through_a_restart() {
     assert_eq!(reads_in(&output), 1500, "{stderr}");
     let nodes = stderr.matches("tracing node test").count();
     assert_eq!(nodes, 2, "both runs of the node were followed: {stderr}");
+    assert!(
+        stderr.contains("waiting for a node: no trace region at"),
+        "it said what it waited for: {stderr}"
+    );
     node.stop();
 }
 
