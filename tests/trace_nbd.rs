@@ -470,6 +470,20 @@ fn a_reader_that_comes_late_is_told_exactly_what_it_lost_and_a_damaged_region_is
         "{message}"
     );
 
+    // Truncated: shorter than its header, and cut inside its rings.
+    for (len, says) in [(1000, "shorter than its"), (image.len() - 4096, "damaged")] {
+        let path = node.path("truncated.trace");
+        std::fs::write(&path, &image[..len]).unwrap();
+        let refused = Command::new(STAT)
+            .args(["trace", "--oldest", "--duration", "0.2", "--trace-region"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(refused.status.code(), Some(1));
+        let message = String::from_utf8_lossy(&refused.stderr);
+        assert!(message.contains(says), "{len} bytes: {message}");
+    }
+
     let mut bad_record = image;
     let records = u64::from_le_bytes(bad_record[144 + 24..144 + 32].try_into().unwrap()) as usize;
     // Record 5's layer count (the low byte of its 16th word) beyond the 7 a record holds.
