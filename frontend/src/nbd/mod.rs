@@ -4,7 +4,7 @@
 //! The protocol is sans-IO ([`handshake`] and [`proto`]: bytes in, bytes out, no sockets,
 //! threads or engine types), so it is tested and fuzzed without sockets. [`server`] is the
 //! socket driver: listeners, connections polled by the reactors, requests handed to the engine;
-//! [`transport`] is its TLS. A connection runs in two phases:
+//! its TLS is `fathom_net::transport`, shared with replication. A connection runs in two phases:
 //! - [`handshake`]: the fixed newstyle handshake as a state machine ([`Handshake`]). It
 //!   answers `NBD_OPT_EXPORT_NAME`, `NBD_OPT_ABORT`, `NBD_OPT_LIST`, `NBD_OPT_INFO`,
 //!   `NBD_OPT_GO`, `NBD_OPT_STRUCTURED_REPLY` and `NBD_OPT_STARTTLS`, and ends with a
@@ -30,7 +30,6 @@
 pub mod handshake;
 pub mod proto;
 pub mod server;
-pub mod transport;
 
 pub use handshake::{
     ExportError, ExportInfo, Handshake, HandshakeConfig, HandshakeError, Negotiated, State,

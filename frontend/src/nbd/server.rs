@@ -31,7 +31,6 @@ use super::proto::{
     self, cmd_flag, reply_flag, reply_type, transmission_flag, AfterRejection, Command, Errno,
     Limits, Request, REQUEST_HEADER_LEN,
 };
-use super::transport::{self, TlsError, Transport};
 use fathom_dma::{DmaBuf, DmaPool};
 use fathom_drivers::Op;
 use fathom_engine::config::NbdConfig;
@@ -41,6 +40,8 @@ use fathom_engine::reactor::{IoContext, Rejected, Task};
 use fathom_engine::stats::stage;
 use fathom_engine::volume::{IoCompletion, IoError, IoRequest, VolumeId};
 use fathom_engine::{EngineStamps, FrontendTrace};
+use fathom_net::transport::{self, TlsError, Transport};
+use fathom_net::BufferCache;
 
 /// Bytes of socket data a connection buffers for parsing (request headers and small payloads;
 /// larger payloads are read straight into their DMA buffer).
@@ -61,8 +62,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BLOCK: u32 = 32 << 20;
 /// DMA buffers a reactor keeps for reuse; more are returned to the pool.
 const BUFFER_CACHE_BYTES: usize = 32 << 20;
-/// Smallest buffer size class (one page).
-const MIN_BUFFER_SHIFT: u32 = 12;
 /// Room for a reply header: a structured ERROR chunk with a message of up to 100 bytes.
 const REPLY_HEADER_MAX: usize = 128;
 
@@ -77,7 +76,7 @@ pub enum NbdError {
     },
     #[error("the volumes cannot be served over NBD")]
     Exports(#[source] HandshakeError),
-    #[error("NBD over TLS")]
+    #[error("NBD over TLS (nbd.tls_cert, nbd.tls_key)")]
     Tls(#[from] TlsError),
     #[error("could not set up the NBD poller: {0}")]
     Poller(#[source] io::Error),
@@ -258,80 +257,6 @@ impl Drop for NbdServer {
     }
 }
 
-/// DMA buffers by power-of-two size class, reused across requests of one reactor.
-struct BufferCache {
-    pool: DmaPool,
-    classes: Vec<Vec<DmaBuf>>,
-    cached_bytes: usize,
-    /// Whether the last allocation failed (logged once per episode).
-    exhausted: bool,
-}
-
-impl BufferCache {
-    fn new(pool: DmaPool) -> Self {
-        Self {
-            pool,
-            classes: (0..=(MAX_BLOCK.trailing_zeros() - MIN_BUFFER_SHIFT))
-                .map(|_| Vec::new())
-                .collect(),
-            cached_bytes: 0,
-            exhausted: false,
-        }
-    }
-
-    fn class_of(bytes: usize) -> usize {
-        let shift = bytes.max(1).next_power_of_two().trailing_zeros();
-        shift.saturating_sub(MIN_BUFFER_SHIFT) as usize
-    }
-
-    /// A buffer whose view is `bytes` long, or `None` while DMA memory is exhausted.
-    fn get(&mut self, bytes: usize) -> Option<DmaBuf> {
-        let class = Self::class_of(bytes);
-        let mut buf = match self.classes[class].pop() {
-            Some(buf) => {
-                self.cached_bytes -= buf.capacity();
-                buf
-            }
-            None => match self.pool.alloc(1 << (class as u32 + MIN_BUFFER_SHIFT)) {
-                Ok(buf) => {
-                    self.exhausted = false;
-                    buf
-                }
-                Err(error) => {
-                    if !self.exhausted {
-                        tracing::warn!(
-                            "NBD: no DMA memory for a {bytes}-byte request ({error}); \
-                             requests wait for buffers to return (raise dma.size)"
-                        );
-                        self.exhausted = true;
-                    }
-                    // Give back what this reactor keeps, so that the next try can succeed.
-                    self.release_all();
-                    return None;
-                }
-            },
-        };
-        buf.set_view(0, bytes);
-        Some(buf)
-    }
-
-    fn put(&mut self, buf: DmaBuf) {
-        let capacity = buf.capacity();
-        if self.cached_bytes + capacity > BUFFER_CACHE_BYTES || !capacity.is_power_of_two() {
-            return;
-        }
-        self.cached_bytes += capacity;
-        self.classes[Self::class_of(capacity)].push(buf);
-    }
-
-    fn release_all(&mut self) {
-        for class in &mut self.classes {
-            class.clear();
-        }
-        self.cached_bytes = 0;
-    }
-}
-
 const WAKE_TOKEN: u64 = u64::MAX;
 const LISTENER_TOKEN: u64 = u64::MAX - 1 - u16::MAX as u64;
 
@@ -358,7 +283,7 @@ impl Poller {
         }
         Ok(Self {
             reactor,
-            buffers: BufferCache::new(shared.dma.clone()),
+            buffers: BufferCache::new(shared.dma.clone(), MAX_BLOCK, BUFFER_CACHE_BYTES, "NBD"),
             shared,
             epoll,
             listeners,

@@ -1,0 +1,14 @@
+//! Fathom's socket runtime, shared by the protocols that reactors poll: the NBD front end
+//! and replication.
+//!
+//! - [`transport`]: a connection's byte stream, plain TCP or TLS over it (rustls), server or
+//!   client side, non-blocking like the socket under it;
+//! - [`buffers`]: DMA buffers by size class, reused across one reactor's requests.
+//!
+//! Protocols stay sans-IO in their own crates; this is the thin part that touches sockets.
+
+pub mod buffers;
+pub mod transport;
+
+pub use buffers::BufferCache;
+pub use transport::{TlsError, Transport};
