@@ -18,28 +18,24 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use crossbeam_queue::ArrayQueue;
 
 use super::handshake::{ExportInfo, Handshake, HandshakeConfig, HandshakeError, State};
 use super::proto::{
     self, cmd_flag, reply_flag, reply_type, transmission_flag, AfterRejection, Command, Errno,
     Limits, Request, REQUEST_HEADER_LEN,
 };
-use fathom_dma::{DmaBuf, DmaPool};
+use fathom_dma::DmaBuf;
 use fathom_drivers::Op;
 use fathom_engine::config::NbdConfig;
 use fathom_engine::engine::Engine;
-use fathom_engine::poll::{Epoll, Event, EventFd};
-use fathom_engine::reactor::{IoContext, Rejected, Task};
+use fathom_engine::reactor::{IoContext, Rejected};
 use fathom_engine::stats::stage;
 use fathom_engine::volume::{IoCompletion, IoError, IoRequest, VolumeId};
 use fathom_engine::{EngineStamps, FrontendTrace};
+use fathom_net::server::{self, Connection, Served, Server, ServerError, Service};
 use fathom_net::transport::{self, TlsError, Transport};
 use fathom_net::BufferCache;
 
@@ -54,8 +50,6 @@ const DIRECT_READ_MIN: usize = 64 << 10;
 const READ_BUDGET: usize = 1 << 20;
 /// Replies gathered into one `writev`.
 const REPLIES_PER_WRITE: usize = 64;
-/// Ready sockets taken per `epoll_wait`.
-const EVENTS_PER_POLL: usize = 256;
 /// A client has this long to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest READ or WRITE the server advertises (the volume's own limit may be lower).
@@ -68,20 +62,12 @@ const REPLY_HEADER_MAX: usize = 128;
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NbdError {
-    #[error("could not listen on {address} for NBD (if another server such as qemu-nbd or another node holds the port, stop it or set nbd.listen)")]
-    Listen {
-        address: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Server(#[from] ServerError),
     #[error("the volumes cannot be served over NBD")]
     Exports(#[source] HandshakeError),
     #[error("NBD over TLS (nbd.tls_cert, nbd.tls_key)")]
     Tls(#[from] TlsError),
-    #[error("could not set up the NBD poller: {0}")]
-    Poller(#[source] io::Error),
-    #[error("could not start the NBD poller on reactor {reactor}: {what}")]
-    Spawn { reactor: usize, what: String },
 }
 
 /// One volume as clients see it.
@@ -93,45 +79,46 @@ struct Export {
     info: ExportInfo,
 }
 
-/// What the pollers of one server share.
-struct Shared {
-    stop: AtomicBool,
-    /// Pollers still running.
-    running: AtomicUsize,
+/// What every NBD connection shares: the exports, TLS and the handshake's settings.
+struct NbdService {
     exports: Vec<Export>,
-    /// Per reactor: connections handed over after their handshake, and the poller's wake-up.
-    handoff: Vec<ArrayQueue<Box<Conn>>>,
-    wake: Vec<EventFd>,
-    connections: AtomicUsize,
-    max_connections: usize,
     max_in_flight: usize,
-    dma: DmaPool,
     /// TLS for clients that ask for it (and, when required, the only way in).
     tls: Option<Arc<rustls::ServerConfig>>,
     handshake: HandshakeConfig,
 }
 
+impl Service for NbdService {
+    type Connection = Conn;
+    const NAME: &'static str = "NBD";
+    const MAX_CONNECTIONS_KEY: &'static str = "nbd.max_connections";
+
+    fn accept(&self, stream: TcpStream, peer: SocketAddr) -> Option<Box<Conn>> {
+        let exports = self
+            .exports
+            .iter()
+            .map(|export| export.info.clone())
+            .collect();
+        match Handshake::new(exports, self.handshake) {
+            Ok(handshake) => Some(Box::new(Conn::new(stream, peer, handshake))),
+            Err(error) => {
+                // Checked when the server started: cannot happen.
+                tracing::error!(%peer, "NBD: {error}");
+                None
+            }
+        }
+    }
+}
+
 /// A running NBD server. Dropping it stops it.
 pub struct NbdServer {
-    shared: Arc<Shared>,
-    addresses: Vec<SocketAddr>,
+    server: Server<NbdService>,
 }
 
 impl NbdServer {
     /// Serves every volume of `engine` as an export of the same name on `config.listen`.
     pub fn start(engine: &Engine, config: &NbdConfig) -> Result<Self, NbdError> {
-        let mut listeners = Vec::new();
-        let mut addresses = Vec::new();
-        for address in &config.listen {
-            let listener = TcpListener::bind(address.as_str())
-                .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
-                .map_err(|source| NbdError::Listen {
-                    address: address.clone(),
-                    source,
-                })?;
-            addresses.push(listener.local_addr().map_err(NbdError::Poller)?);
-            listeners.push(listener);
-        }
+        let listeners = server::listen::<NbdService>(&config.listen, "nbd.listen")?;
         let exports: Vec<Export> = engine
             .volumes()
             .iter()
@@ -174,347 +161,38 @@ impl NbdServer {
             ..HandshakeConfig::default()
         };
         Handshake::new(infos, handshake).map_err(NbdError::Exports)?;
-        let reactors = engine.cores().len();
-        let wake = (0..reactors)
-            .map(|_| EventFd::new())
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(NbdError::Poller)?;
-        let shared = Arc::new(Shared {
-            stop: AtomicBool::new(false),
-            running: AtomicUsize::new(0),
+        let service = NbdService {
             exports,
-            handoff: (0..reactors)
-                .map(|_| ArrayQueue::new(config.max_connections))
-                .collect(),
-            wake,
-            connections: AtomicUsize::new(0),
-            max_connections: config.max_connections,
             max_in_flight: config.max_in_flight,
-            dma: engine.dma().clone(),
             tls,
             handshake,
-        });
-        let mut listeners = Some(listeners);
-        for reactor in 0..reactors {
-            let poller = Poller::new(
-                reactor,
-                shared.clone(),
-                if reactor == 0 {
-                    listeners.take().unwrap_or_default()
-                } else {
-                    Vec::new()
-                },
-            )
-            .map_err(NbdError::Poller)?;
-            shared.running.fetch_add(1, Ordering::AcqRel);
-            if let Err(error) = engine.spawn(reactor, Box::new(poller)) {
-                shared.running.fetch_sub(1, Ordering::AcqRel);
-                shared.stop.store(true, Ordering::Release);
-                return Err(NbdError::Spawn {
-                    reactor,
-                    what: error.to_string(),
-                });
-            }
-        }
-        Ok(Self { shared, addresses })
+        };
+        let limits = server::Limits {
+            max_connections: config.max_connections,
+            max_buffer: MAX_BLOCK,
+            keep_buffers: BUFFER_CACHE_BYTES,
+        };
+        Ok(Self {
+            server: Server::start(engine, listeners, service, limits)?,
+        })
     }
 
     /// The addresses it listens on (with the ports the system chose for port 0).
     pub fn addresses(&self) -> &[SocketAddr] {
-        &self.addresses
+        self.server.addresses()
     }
 
     /// Connections open now.
     pub fn connections(&self) -> usize {
-        self.shared.connections.load(Ordering::Acquire)
+        self.server.connections()
     }
 
     /// Stops listening, closes every connection once its IO in flight has finished (replies
     /// not yet written are dropped: the client sees the connection close and must retry), and
     /// waits up to `timeout` for the pollers to finish. True when they all did.
     pub fn stop(&self, timeout: Duration) -> bool {
-        self.shared.stop.store(true, Ordering::Release);
-        for wake in &self.shared.wake {
-            wake.notify();
-        }
-        let started = Instant::now();
-        while self.shared.running.load(Ordering::Acquire) > 0 {
-            if started.elapsed() >= timeout {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        true
+        self.server.stop(timeout)
     }
-}
-
-impl Drop for NbdServer {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        for wake in &self.shared.wake {
-            wake.notify();
-        }
-    }
-}
-
-const WAKE_TOKEN: u64 = u64::MAX;
-const LISTENER_TOKEN: u64 = u64::MAX - 1 - u16::MAX as u64;
-
-/// One reactor's NBD work: its connections (and on reactor 0, the listeners).
-struct Poller {
-    reactor: usize,
-    shared: Arc<Shared>,
-    epoll: Epoll,
-    listeners: Vec<TcpListener>,
-    conns: Vec<Option<Box<Conn>>>,
-    free_conns: Vec<u32>,
-    buffers: BufferCache,
-    events: Vec<Event>,
-    stopping: bool,
-    done: bool,
-}
-
-impl Poller {
-    fn new(reactor: usize, shared: Arc<Shared>, listeners: Vec<TcpListener>) -> io::Result<Self> {
-        let epoll = Epoll::new(EVENTS_PER_POLL)?;
-        epoll.add(shared.wake[reactor].as_fd(), WAKE_TOKEN, false)?;
-        for (index, listener) in listeners.iter().enumerate() {
-            epoll.add(listener.as_fd(), LISTENER_TOKEN + index as u64, false)?;
-        }
-        Ok(Self {
-            reactor,
-            buffers: BufferCache::new(shared.dma.clone(), MAX_BLOCK, BUFFER_CACHE_BYTES, "NBD"),
-            shared,
-            epoll,
-            listeners,
-            conns: Vec::new(),
-            free_conns: Vec::new(),
-            events: Vec::with_capacity(EVENTS_PER_POLL),
-            stopping: false,
-            done: false,
-        })
-    }
-
-    fn insert(&mut self, mut conn: Box<Conn>) {
-        let index = match self.free_conns.pop() {
-            Some(index) => index,
-            None => {
-                self.conns.push(None);
-                (self.conns.len() - 1) as u32
-            }
-        };
-        if let Err(error) = self
-            .epoll
-            .add(conn.transport.stream.as_fd(), index as u64, true)
-        {
-            tracing::warn!(peer = %conn.peer, "NBD: cannot watch the connection: {error}");
-            self.shared.connections.fetch_sub(1, Ordering::AcqRel);
-            self.free_conns.push(index);
-            return;
-        }
-        // Whatever arrived with the handshake is parsed without waiting for more.
-        conn.readable = true;
-        conn.writable = true;
-        self.conns[index as usize] = Some(conn);
-    }
-
-    fn remove(&mut self, index: usize) {
-        if let Some(conn) = self.conns[index].take() {
-            let _ = self.epoll.delete(conn.transport.stream.as_fd());
-            self.free_conns.push(index as u32);
-            self.shared.connections.fetch_sub(1, Ordering::AcqRel);
-            match &conn.close_reason {
-                Some(reason) => {
-                    tracing::info!(peer = %conn.peer, export = conn.export_name(&self.shared), "NBD connection closed: {reason}")
-                }
-                None => {
-                    tracing::info!(peer = %conn.peer, export = conn.export_name(&self.shared), "NBD connection closed")
-                }
-            }
-            for slot in Vec::from(conn.slots).into_iter() {
-                if let Some(buf) = slot.buf {
-                    self.buffers.put(buf);
-                }
-            }
-        }
-    }
-
-    fn accept(&mut self, listener: usize) -> bool {
-        let mut accepted = false;
-        loop {
-            let (stream, peer) = match self.listeners[listener].accept() {
-                Ok(pair) => pair,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                Err(error) => {
-                    // Out of descriptors or a connection reset before accept: the listener
-                    // itself is fine.
-                    tracing::warn!("NBD: accept failed: {error}");
-                    break;
-                }
-            };
-            accepted = true;
-            if self.shared.connections.load(Ordering::Acquire) >= self.shared.max_connections {
-                tracing::warn!(
-                    %peer,
-                    "NBD: refusing a connection: {} open, the limit (nbd.max_connections)",
-                    self.shared.max_connections
-                );
-                continue;
-            }
-            if let Err(error) = stream
-                .set_nonblocking(true)
-                .and_then(|()| stream.set_nodelay(true))
-            {
-                tracing::warn!(%peer, "NBD: cannot set up the connection: {error}");
-                continue;
-            }
-            let exports = self
-                .shared
-                .exports
-                .iter()
-                .map(|export| export.info.clone())
-                .collect();
-            let handshake = match Handshake::new(exports, self.shared.handshake) {
-                Ok(handshake) => handshake,
-                Err(error) => {
-                    // Checked when the server started: cannot happen.
-                    tracing::error!(%peer, "NBD: {error}");
-                    continue;
-                }
-            };
-            self.shared.connections.fetch_add(1, Ordering::AcqRel);
-            tracing::debug!(%peer, "NBD connection accepted");
-            self.insert(Box::new(Conn::new(stream, peer, handshake)));
-        }
-        accepted
-    }
-
-    fn take_handoffs(&mut self) -> bool {
-        let mut any = false;
-        while let Some(conn) = self.shared.handoff[self.reactor].pop() {
-            self.insert(conn);
-            any = true;
-        }
-        any
-    }
-
-    fn begin_stop(&mut self) {
-        self.stopping = true;
-        for listener in self.listeners.drain(..) {
-            let _ = self.epoll.delete(listener.as_fd());
-        }
-        while let Some(conn) = self.shared.handoff[self.reactor].pop() {
-            self.shared.connections.fetch_sub(1, Ordering::AcqRel);
-            drop(conn);
-        }
-        for conn in self.conns.iter_mut().flatten() {
-            conn.close("the node is stopping");
-        }
-    }
-
-    /// Moves a connection that negotiated an export owned by another reactor to it.
-    fn hand_off(&mut self, index: usize, reactor: usize) {
-        let Some(conn) = self.conns[index].take() else {
-            return;
-        };
-        let _ = self.epoll.delete(conn.transport.stream.as_fd());
-        self.free_conns.push(index as u32);
-        if let Err(conn) = self.shared.handoff[reactor].push(conn) {
-            // Cannot happen while max_connections bounds the queue; close rather than lose it.
-            tracing::warn!(peer = %conn.peer, "NBD: hand-off queue full; closing the connection");
-            self.shared.connections.fetch_sub(1, Ordering::AcqRel);
-            return;
-        }
-        self.shared.wake[reactor].notify();
-    }
-}
-
-impl Task for Poller {
-    fn poll(&mut self, io: &mut IoContext) -> bool {
-        if self.done {
-            return false;
-        }
-        if !self.stopping && self.shared.stop.load(Ordering::Acquire) {
-            self.begin_stop();
-        }
-        let mut work = false;
-        self.events.clear();
-        match self.epoll.wait(0) {
-            Ok(events) => self.events.extend(events),
-            Err(error) => tracing::warn!("NBD: epoll_wait failed: {error}"),
-        }
-        for event_index in 0..self.events.len() {
-            let event = self.events[event_index];
-            work = true;
-            match event.token {
-                WAKE_TOKEN => {
-                    self.shared.wake[self.reactor].clear();
-                    if !self.stopping {
-                        self.take_handoffs();
-                    }
-                }
-                token if token >= LISTENER_TOKEN => {
-                    let listener = (token - LISTENER_TOKEN) as usize;
-                    if listener < self.listeners.len() {
-                        self.accept(listener);
-                    }
-                }
-                token => {
-                    if let Some(Some(conn)) = self.conns.get_mut(token as usize) {
-                        conn.readable |= event.readable || event.closed;
-                        conn.writable |= event.writable;
-                    }
-                }
-            }
-        }
-        for index in 0..self.conns.len() {
-            let Some(conn) = self.conns[index].as_deref_mut() else {
-                continue;
-            };
-            let outcome = conn.serve(index as u32, io, &self.shared, &mut self.buffers);
-            work |= outcome.work;
-            if outcome.remove {
-                self.remove(index);
-            } else if let Some(reactor) = outcome.hand_off.filter(|&r| r != self.reactor) {
-                self.hand_off(index, reactor);
-            }
-        }
-        if self.stopping && self.conns.iter().all(Option::is_none) {
-            self.done = true;
-            self.buffers.release_all();
-            self.shared.running.fetch_sub(1, Ordering::AcqRel);
-        }
-        work
-    }
-
-    fn complete(&mut self, io: &mut IoContext, completion: IoCompletion) {
-        let index = (completion.tag >> 16) as usize;
-        let slot = (completion.tag & 0xffff) as u16;
-        // Taken before anything is submitted, while the engine's slot still holds them.
-        let stamps = io.completion_stamps();
-        let Some(Some(conn)) = self.conns.get_mut(index) else {
-            return;
-        };
-        conn.complete(slot, completion, stamps, &mut self.buffers);
-    }
-
-    fn finished(&self) -> bool {
-        self.done
-    }
-
-    /// The epoll descriptor: readable when a socket or the hand-off eventfd is, so an idle
-    /// reactor sleeps instead of polling empty sockets.
-    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
-        Some(self.epoll.as_fd())
-    }
-}
-
-/// What serving a connection for one loop iteration led to.
-#[derive(Default)]
-struct Served {
-    work: bool,
-    remove: bool,
-    hand_off: Option<usize>,
 }
 
 enum Phase {
@@ -673,7 +351,7 @@ impl Conn {
         }
     }
 
-    fn export_name<'a>(&self, shared: &'a Shared) -> &'a str {
+    fn export_name<'a>(&self, shared: &'a NbdService) -> &'a str {
         let export = match self.phase {
             Phase::Serving { export } => Some(export),
             Phase::Closing { export } => export,
@@ -701,11 +379,11 @@ impl Conn {
         let _ = self.transport.stream.shutdown(std::net::Shutdown::Both);
     }
 
-    fn serve(
+    fn serve_io(
         &mut self,
         index: u32,
         io: &mut IoContext,
-        shared: &Shared,
+        shared: &NbdService,
         buffers: &mut BufferCache,
     ) -> Served {
         match &mut self.phase {
@@ -755,7 +433,7 @@ impl Conn {
         }
     }
 
-    fn serve_handshake(&mut self, shared: &Shared) -> Served {
+    fn serve_handshake(&mut self, shared: &NbdService) -> Served {
         let Phase::Handshake {
             handshake,
             deadline,
@@ -1213,7 +891,7 @@ impl Conn {
         work
     }
 
-    fn complete(
+    fn completed(
         &mut self,
         slot_index: u16,
         completion: IoCompletion,
@@ -1404,6 +1082,62 @@ impl Conn {
             self.reply_sent = left;
         }
         work
+    }
+}
+
+impl Connection for Conn {
+    type Service = NbdService;
+
+    fn stream(&self) -> &TcpStream {
+        &self.transport.stream
+    }
+
+    fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    fn set_ready(&mut self, readable: bool, writable: bool) {
+        self.readable |= readable;
+        self.writable |= writable;
+    }
+
+    fn serve(
+        &mut self,
+        index: u32,
+        io: &mut IoContext,
+        service: &NbdService,
+        buffers: &mut BufferCache,
+    ) -> Served {
+        self.serve_io(index, io, service, buffers)
+    }
+
+    fn complete(
+        &mut self,
+        slot: u16,
+        completion: IoCompletion,
+        stamps: Option<EngineStamps>,
+        buffers: &mut BufferCache,
+    ) {
+        self.completed(slot, completion, stamps, buffers);
+    }
+
+    fn close(&mut self, reason: &str) {
+        Conn::close(self, reason);
+    }
+
+    fn removed(self: Box<Self>, service: &NbdService, buffers: &mut BufferCache) {
+        let export = self.export_name(service);
+        match &self.close_reason {
+            Some(reason) => {
+                tracing::info!(peer = %self.peer, export, "NBD connection closed: {reason}")
+            }
+            None => tracing::info!(peer = %self.peer, export, "NBD connection closed"),
+        }
+        for slot in Vec::from(self.slots).into_iter() {
+            if let Some(buf) = slot.buf {
+                buffers.put(buf);
+            }
+        }
     }
 }
 
