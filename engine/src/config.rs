@@ -69,7 +69,80 @@ pub struct Config {
     pub devices: Vec<DeviceConfig>,
     #[serde(rename = "volume", default)]
     pub volumes: Vec<VolumeConfig>,
+    /// The nodes of this node's cluster (`[[cluster.node]]`), for replicated volumes.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+    /// This node's replica service and the peers' authentication (`[replication]`).
+    #[serde(default)]
+    pub replication: ReplicationConfig,
 }
+
+/// `[cluster]`: the nodes replicated volumes are placed on. Every node of a cluster has the
+/// same list.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Peers of another cluster are refused.
+    #[serde(default)]
+    pub name: String,
+    #[serde(rename = "node", default)]
+    pub nodes: Vec<ClusterNode>,
+}
+
+/// One node of the cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterNode {
+    pub id: String,
+    /// Where its replica service listens (`[replication] listen` on that node).
+    pub replication: String,
+    /// Where it serves NBD (for operators and clients; forwarding uses `replication`).
+    pub nbd: Option<String>,
+}
+
+/// `[replication]`: this node's replica service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Addresses the replica service listens on (loopback unless listed otherwise).
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// Mutual TLS between peers: the cluster's CA, and this node's certificate and key.
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Or a cluster key (at least 32 bytes, the same file on every node) for a
+    /// challenge-response when peers connect.
+    pub key_file: Option<PathBuf>,
+    /// Resync and reconciliation work per region of this size; the dirty bitmaps have a bit
+    /// per region.
+    #[serde(default = "ReplicationConfig::default_region_size")]
+    pub region_size: ByteSize,
+}
+
+impl ReplicationConfig {
+    fn default_region_size() -> ByteSize {
+        ByteSize(1 << 20)
+    }
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            key_file: None,
+            region_size: Self::default_region_size(),
+        }
+    }
+}
+
+/// Metadata blocks (4 KiB) a replicated volume keeps after its data: two superblocks, and a
+/// dirty-region bitmap for each of up to 7 replicas.
+pub const METADATA_BLOCK_BYTES: u64 = 4096;
+pub const MAX_REPLICAS: usize = 7;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -522,6 +595,27 @@ pub struct VolumeConfig {
     /// `[telemetry.trace]`'s.
     #[serde(default)]
     pub trace: VolumeTraceConfig,
+    /// The nodes that hold a copy (ids of `[[cluster.node]]`, this node among them); empty
+    /// for a volume of this node only.
+    #[serde(default)]
+    pub replicas: Vec<String>,
+    /// The primary of its first epoch (default: the first replica). Later epochs are in the
+    /// volume's metadata.
+    pub primary: Option<String>,
+}
+
+impl VolumeConfig {
+    /// Bytes of crash-safe metadata a replicated volume keeps right after its data: two
+    /// superblocks and one dirty-region bitmap per possible replica (a bit per
+    /// `region_size` bytes). 0 for a volume that is not replicated.
+    pub fn metadata_bytes(&self, region_size: u64) -> u64 {
+        if self.replicas.is_empty() {
+            return 0;
+        }
+        let regions = self.size.0.div_ceil(region_size.max(1));
+        let bitmap_blocks = regions.div_ceil(METADATA_BLOCK_BYTES * 8);
+        (2 + MAX_REPLICAS as u64 * bitmap_blocks) * METADATA_BLOCK_BYTES
+    }
 }
 
 /// `[volume.trace]`: a volume's sampling, where it differs from `[telemetry.trace]`.
@@ -801,6 +895,7 @@ impl Config {
                 }
             }
         }
+        self.validate_cluster()?;
         for (index, volume) in self.volumes.iter().enumerate() {
             let key = |field: &str| format!("volume[{index}].{field}");
             if volume.name.is_empty()
@@ -859,21 +954,30 @@ impl Config {
                     format!("a non-zero multiple of the device's {block}-byte blocks"),
                 ));
             }
+            self.validate_replicas(index, volume)?;
             // A device whose size comes from the disk is checked when the engine opens it.
+            let metadata = volume.metadata_bytes(self.replication.region_size.0);
             if let Some(device_size) = device.size {
                 if volume
                     .offset
                     .0
                     .checked_add(volume.size.0)
+                    .and_then(|end| end.checked_add(metadata))
                     .is_none_or(|end| end > device_size.0)
                 {
                     return Err(invalid(
                         key("size"),
                         volume.size,
-                        format!(
-                            "offset + size within device {:?} ({} bytes)",
-                            device.name, device_size.0
-                        ),
+                        match metadata {
+                            0 => format!(
+                                "offset + size within device {:?} ({} bytes)",
+                                device.name, device_size.0
+                            ),
+                            _ => format!(
+                                "offset + size + its {metadata} bytes of replication metadata within device {:?} ({} bytes)",
+                                device.name, device_size.0
+                            ),
+                        },
                     ));
                 }
             }
@@ -885,6 +989,159 @@ impl Config {
                         format!("one of reactor.cores {:?}", self.reactor.cores),
                     ));
                 }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Whether any volume is replicated.
+    pub fn replicated(&self) -> bool {
+        self.volumes
+            .iter()
+            .any(|volume| !volume.replicas.is_empty())
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        for (index, node) in self.cluster.nodes.iter().enumerate() {
+            let key = |field: &str| format!("cluster.node[{index}].{field}");
+            if node.id.is_empty()
+                || !node
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                || self.cluster.nodes[..index]
+                    .iter()
+                    .any(|other| other.id == node.id)
+            {
+                return Err(invalid(
+                    key("id"),
+                    format!("{:?}", node.id),
+                    "a node id (letters, digits, '-' and '_') no other node of the cluster has",
+                ));
+            }
+            if node.replication.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    key("replication"),
+                    format!("{:?}", node.replication),
+                    "the IP address and port its replica service listens on, e.g. \"127.0.0.1:7601\"",
+                ));
+            }
+        }
+        for (index, listen) in self.replication.listen.iter().enumerate() {
+            if listen.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    format!("replication.listen[{index}]"),
+                    format!("{listen:?}"),
+                    "an IP address and port such as \"127.0.0.1:7601\"",
+                ));
+            }
+        }
+        let region = self.replication.region_size.0;
+        if !region.is_power_of_two() || !(64 << 10..=1 << 30).contains(&region) {
+            return Err(invalid(
+                "replication.region_size",
+                self.replication.region_size,
+                "a power of two from 64KiB to 1GiB",
+            ));
+        }
+        let tls = [
+            &self.replication.tls_ca,
+            &self.replication.tls_cert,
+            &self.replication.tls_key,
+        ];
+        let tls_set = tls.iter().filter(|path| path.is_some()).count();
+        if tls_set != 0 && tls_set != 3 {
+            return Err(invalid(
+                "replication.tls_ca",
+                "(partly set)",
+                "set all of replication.tls_ca, tls_cert and tls_key (PEM files), or none",
+            ));
+        }
+        if !self.replicated() {
+            return Ok(());
+        }
+        if !self
+            .cluster
+            .nodes
+            .iter()
+            .any(|node| node.id == self.node.id)
+        {
+            return Err(invalid(
+                "cluster.node",
+                format!("no node {:?}", self.node.id),
+                "list this node (node.id) among [[cluster.node]]: replicated volumes need it",
+            ));
+        }
+        if self.replication.listen.is_empty() {
+            return Err(invalid(
+                "replication.listen",
+                "[]",
+                "the address this node's replica service listens on (its [[cluster.node]] replication address)",
+            ));
+        }
+        if tls_set == 0 && self.replication.key_file.is_none() {
+            return Err(invalid(
+                "replication.key_file",
+                "(missing)",
+                "peers must authenticate: a cluster key file (e.g. `head -c 32 /dev/urandom > cluster.key`, the same on every node), or replication.tls_ca/tls_cert/tls_key",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_replicas(&self, index: usize, volume: &VolumeConfig) -> Result<(), ConfigError> {
+        if volume.replicas.is_empty() {
+            if volume.primary.is_some() {
+                return Err(invalid(
+                    format!("volume[{index}].primary"),
+                    format!("{:?}", volume.primary.as_deref().unwrap_or_default()),
+                    "a primary only for a replicated volume: list its replicas too",
+                ));
+            }
+            return Ok(());
+        }
+        let key = |field: &str| format!("volume[{index}].{field}");
+        if volume.replicas.len() > MAX_REPLICAS {
+            return Err(invalid(
+                key("replicas"),
+                format!("{:?}", volume.replicas),
+                format!("at most {MAX_REPLICAS} nodes"),
+            ));
+        }
+        let known: Vec<&str> = self
+            .cluster
+            .nodes
+            .iter()
+            .map(|node| node.id.as_str())
+            .collect();
+        for (at, replica) in volume.replicas.iter().enumerate() {
+            if !known.contains(&replica.as_str()) || volume.replicas[..at].contains(replica) {
+                return Err(invalid(
+                    format!("volume[{index}].replicas[{at}]"),
+                    format!("{replica:?}"),
+                    format!("a node of [[cluster.node]] ({known:?}), each once"),
+                ));
+            }
+        }
+        if !volume.replicas.contains(&self.node.id) {
+            return Err(invalid(
+                key("replicas"),
+                format!("{:?}", volume.replicas),
+                format!(
+                    "this node ({:?}) among them: a node configures the volumes it holds",
+                    self.node.id
+                ),
+            ));
+        }
+        if let Some(primary) = &volume.primary {
+            if !volume.replicas.contains(primary) {
+                return Err(invalid(
+                    key("primary"),
+                    format!("{primary:?}"),
+                    format!("one of its replicas {:?}", volume.replicas),
+                ));
             }
         }
         Ok(())
@@ -1026,6 +1283,81 @@ mod tests {
             }
         );
         assert!("uniform(3ms,1ms)".parse::<LatencySpec>().is_err());
+    }
+
+    /// Node n1 of a three-node cluster with a 64 MiB device, and `extra` after it.
+    fn cluster(extra: &str) -> Result<Config, ConfigError> {
+        Config::parse(&format!(
+            "[node]\nid = \"n1\"\ndata_dir = \"/tmp/x\"\n\
+             [cluster]\nname = \"test\"\n\
+             [[cluster.node]]\nid = \"n1\"\nreplication = \"127.0.0.1:7601\"\n\
+             [[cluster.node]]\nid = \"n2\"\nreplication = \"127.0.0.1:7602\"\n\
+             [[cluster.node]]\nid = \"n3\"\nreplication = \"127.0.0.1:7603\"\n\
+             [[device]]\nname = \"d0\"\ndriver = \"mem\"\nmedia = \"ram\"\nsize = \"64MiB\"\n{extra}"
+        ))
+    }
+
+    const REPLICATION: &str =
+        "[replication]\nlisten = [\"127.0.0.1:7601\"]\nkey_file = \"/tmp/x/cluster.key\"\n";
+
+    #[test]
+    fn a_replicated_volume_names_its_nodes_and_keeps_room_for_its_metadata() {
+        let volume = "[[volume]]\nname = \"v\"\ndevice = \"d0\"\nsize = \"32MiB\"\nreplicas = [\"n1\", \"n2\", \"n3\"]\n";
+        let config = cluster(&format!("{REPLICATION}{volume}")).unwrap();
+        assert!(config.replicated());
+        let v = &config.volumes[0];
+        assert_eq!(v.replicas, ["n1", "n2", "n3"]);
+        // 32 regions of 1 MiB: two superblocks and one bitmap block for each of 7 replicas.
+        assert_eq!(v.metadata_bytes(config.replication.region_size.0), 9 * 4096);
+        // Data and metadata must fit the device.
+        let full = volume.replace("32MiB", "64MiB");
+        let error = cluster(&format!("{REPLICATION}{full}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("volume[0].size") && error.contains("replication metadata"),
+            "{error}"
+        );
+        let error = |extra: &str| cluster(extra).unwrap_err().to_string();
+        let e = error(&format!(
+            "{REPLICATION}{}",
+            volume.replace("\"n3\"", "\"n9\"")
+        ));
+        assert!(
+            e.contains("volume[0].replicas[2]") && e.contains("\"n9\""),
+            "{e}"
+        );
+        let e = error(&format!("{REPLICATION}{}", volume.replace("\"n1\", ", "")));
+        assert!(e.contains("this node (\"n1\") among them"), "{e}");
+        let e = error(&format!("{REPLICATION}{volume}primary = \"n7\"\n"));
+        assert!(e.contains("volume[0].primary"), "{e}");
+        let e = error(volume);
+        assert!(e.contains("replication.listen"), "{e}");
+        let e = error(&format!(
+            "[replication]\nlisten = [\"127.0.0.1:7601\"]\n{volume}"
+        ));
+        assert!(
+            e.contains("replication.key_file") && e.contains("/dev/urandom"),
+            "{e}"
+        );
+        let e = error(&format!("{REPLICATION}region_size = \"1000\"\n{volume}"));
+        assert!(e.contains("replication.region_size"), "{e}");
+        let e = error(&format!(
+            "[replication]\nlisten = [\"127.0.0.1:7601\"]\ntls_ca = \"/ca.pem\"\n{volume}"
+        ));
+        assert!(e.contains("tls_cert and tls_key"), "{e}");
+        let e =
+            error("[[volume]]\nname = \"v\"\ndevice = \"d0\"\nsize = \"4k\"\nprimary = \"n1\"\n");
+        assert!(
+            e.contains("volume[0].primary") && e.contains("list its replicas"),
+            "{e}"
+        );
+        // A volume of this node alone needs none of it.
+        assert!(
+            !cluster("[[volume]]\nname = \"v\"\ndevice = \"d0\"\nsize = \"64MiB\"\n")
+                .unwrap()
+                .replicated()
+        );
     }
 
     fn with(extra: &str) -> Result<Config, ConfigError> {

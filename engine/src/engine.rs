@@ -107,6 +107,16 @@ pub struct Engine {
 impl Engine {
     /// Brings up DMA memory, devices, volumes and one reactor per configured core.
     pub fn start(config: &Config) -> Result<Self, EngineError> {
+        // The replication data path is being built (issue 14): a replicated volume is refused
+        // rather than served without its replicas.
+        if let Some(volume) = config.volumes.iter().find(|volume| !volume.replicas.is_empty()) {
+            return Err(EngineError::Volume {
+                volume: volume.name.clone(),
+                what: "replicated volumes (replicas = [...]) are not served by this build yet; \
+                       leave `replicas` out to serve it from this node alone"
+                    .into(),
+            });
+        }
         let clock = match (config.telemetry.enabled, config.telemetry.clock) {
             (true, ClockChoice::Tsc) => Clock::tsc(Duration::from_millis(20))?,
             (true, ClockChoice::Monotonic) => Clock::monotonic(),
