@@ -1,5 +1,6 @@
 //! Shared code of Fathom's programs: `fathom-node`, `fathom-bench`, `fathom-ctl`.
 
+pub mod checker;
 pub mod isolate;
 pub mod metrics;
 pub mod nbd_client;

@@ -82,6 +82,35 @@ impl Node {
         self
     }
 
+    /// Kills the node with SIGKILL (a crash: no flush, no clean shutdown), unless something
+    /// killed it already, and starts it again on the same directory, config and region paths
+    /// (a new NBD port). Fails unless SIGKILL is what ended it.
+    pub fn restart_after_kill(self) -> Node {
+        self.restart_after_kill_with(|_| {})
+    }
+
+    /// As [`Node::restart_after_kill`], calling `while_down` with the node's directory once the
+    /// process is gone and before it starts again (to damage its media, say).
+    pub fn restart_after_kill_with(mut self, while_down: impl FnOnce(&std::path::Path)) -> Node {
+        // SAFETY: sending a signal to our own child process; it has not been waited for, so
+        // its pid cannot have been reused.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let status = self.child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "node exit status {status}, not SIGKILL:\n{}",
+            self.log()
+        );
+        while_down(self.dir.path());
+        let (child, address, log) = spawn(&self.dir.path().join("node.toml"));
+        self.child = child;
+        self.address = address;
+        self.log = log;
+        self
+    }
+
     pub fn uri(&self, export: &str) -> String {
         format!("nbd://{}/{export}", self.address)
     }
