@@ -1,0 +1,17 @@
+//! Fathom replication: how a volume's primary keeps its replicas in step.
+//!
+//! A primary writes locally and to every replica in parallel and acknowledges a client once a
+//! majority holds the write; a new primary reconciles from the survivors before it serves;
+//! every frame carries the volume's epoch so that a replica can refuse a deposed primary
+//! (see the Replication section of the design). This crate grows that in steps. Today it is
+//! the wire protocol only: [`proto`] is a sans-IO codec, frames in and out as bytes with no
+//! socket, unit-tested, property-tested and fuzzed on its own. The replica service, the
+//! primary's fan-out layer and the socket driver that feeds the codec come next and stay
+//! thin over it.
+
+pub mod proto;
+
+pub use proto::{
+    check_epoch, encode, DecodedHeader, EpochVerdict, Frame, FrameDecoder, Header, Hello, Kind,
+    ProbeEntry, ProtoError, Refusal,
+};
