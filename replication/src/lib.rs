@@ -4,11 +4,13 @@
 //! majority holds the write; a new primary reconciles from the survivors before it serves;
 //! every frame carries the volume's epoch so that a replica can refuse a deposed primary
 //! (see the Replication section of the design). This crate grows that in steps. Today it is
-//! the wire protocol only: [`proto`] is a sans-IO codec, frames in and out as bytes with no
-//! socket, unit-tested, property-tested and fuzzed on its own. The replica service, the
-//! primary's fan-out layer and the socket driver that feeds the codec come next and stay
-//! thin over it.
+//! the wire protocol and the metadata formats: [`proto`] is a sans-IO codec, frames in and
+//! out as bytes with no socket, unit-tested, property-tested and fuzzed on its own; [`meta`] is
+//! a replicated volume's crash-safe superblock (two checksummed copies) and its dirty-region
+//! bitmap, blocks in and out. The replica service, the primary's fan-out layer and the socket
+//! driver that feeds the codec (on `fathom-net`) come next and stay thin over them.
 
+pub mod meta;
 pub mod proto;
 
 pub use proto::{
