@@ -8,7 +8,9 @@
 //! out as bytes with no socket, unit-tested, property-tested and fuzzed on its own; [`meta`] is
 //! a replicated volume's crash-safe superblock (two checksummed copies) and its dirty-region
 //! bitmap, blocks in and out; [`auth`] is the cluster-key challenge-response peers run in
-//! their first frames; [`order`] keeps overlapping writes in sequence order on a replica. The
+//! their first frames, and [`session`] the opening of a session around it (cluster, version,
+//! volumes, key or mutual TLS); [`order`] keeps overlapping writes in sequence order on a
+//! replica. The
 //! replica service, the primary's fan-out layer and the socket
 //! driver that feeds the codec (on `fathom-net`) come next and stay thin over them.
 
@@ -16,6 +18,7 @@ pub mod auth;
 pub mod meta;
 pub mod order;
 pub mod proto;
+pub mod session;
 
 pub use proto::{
     check_epoch, encode, DecodedHeader, EpochVerdict, Frame, FrameDecoder, Header, Hello, Kind,
