@@ -1,0 +1,558 @@
+//! What a replica does with a volume's frames, sans-IO: fencing by epoch, bounds, writes in
+//! sequence order, and the replies once the local IO is done. The replica service (the socket
+//! driver) submits the IOs this decides and reports their completions back.
+//!
+//! - A frame from an older epoch, or a newer epoch not claimed by an Epoch frame, is refused
+//!   ([`crate::proto::check_epoch`]) and nothing is written.
+//! - An Epoch frame with a newer epoch is adopted once it is durable: the service writes the
+//!   superblock with FUA, then calls [`ReplicaVolume::epoch_durable`] for the EpochOk.
+//! - Writes (Write, WriteZeroes, Trim) must come in sequence order; overlapping ones run one
+//!   after the other ([`crate::order`]). Each is acknowledged with its sequence once written.
+//! - A Flush is acknowledged with "durable up to": every write acknowledged before the flush
+//!   was submitted.
+//! - A Read answers with the data (a new primary's reconciliation, resync).
+
+use fathom_telemetry::trace::TraceContext;
+
+use crate::order::{Admit, Write, WriteOrder};
+use crate::proto::{check_epoch, encode, status, EpochVerdict, Frame, Header, Kind};
+
+/// An IO the service is to run on the local volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Io {
+    pub kind: IoKind,
+    pub request_id: u64,
+    pub lba: u64,
+    pub blocks: u32,
+    /// The write's sequence; for a flush, the last write it covers.
+    pub sequence: u64,
+    pub fua: bool,
+    pub trace: Option<TraceContext>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoKind {
+    Write,
+    WriteZeroes,
+    Trim,
+    Flush,
+    Read,
+}
+
+/// What to do with a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Run it now.
+    Submit(Io),
+    /// It waits behind an earlier overlapping write: keep it and its payload until
+    /// [`ReplicaVolume::completed`] names its sequence as ready.
+    Held(Io),
+    /// Too many writes outstanding: stop reading the session until one completes, then
+    /// offer the same frame again.
+    Full,
+    /// Send this reply; nothing is run (a refusal, an out-of-range request).
+    Reply(Vec<u8>),
+    /// Write the superblock with `epoch` durably, then call [`ReplicaVolume::epoch_durable`].
+    PersistEpoch { epoch: u64, request_id: u64 },
+    /// The primary broke the protocol (writes out of order, a payload of the wrong size):
+    /// close the session with this reason; nothing is run.
+    Close(String),
+}
+
+/// One replicated volume on this replica node.
+#[derive(Debug)]
+pub struct ReplicaVolume {
+    /// The session's index of the volume (for replies).
+    index: u32,
+    epoch: u64,
+    block_bytes: u32,
+    blocks: u64,
+    order: WriteOrder,
+    /// Every write up to this sequence has completed here (acknowledged).
+    applied: u64,
+    /// Sequences completed beyond `applied`, not yet contiguous.
+    done: Vec<u64>,
+    /// Every write up to this sequence is durable here.
+    durable: u64,
+}
+
+impl ReplicaVolume {
+    /// A volume at `epoch` of `blocks` blocks of `block_bytes`, whose writes up to `applied`
+    /// are here; at most `max_writes` tracked at once.
+    pub fn new(
+        index: u32,
+        epoch: u64,
+        block_bytes: u32,
+        blocks: u64,
+        applied: u64,
+        max_writes: usize,
+    ) -> Self {
+        Self {
+            index,
+            epoch,
+            block_bytes,
+            blocks,
+            order: WriteOrder::new(max_writes),
+            applied,
+            done: Vec::new(),
+            durable: applied,
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn durable(&self) -> u64 {
+        self.durable
+    }
+
+    fn reply(&self, header: Header, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(crate::proto::HEADER_LEN + payload.len());
+        let header = Header {
+            volume: self.index,
+            epoch: self.epoch,
+            ..header
+        };
+        // Every field is one the reply kind takes: an error here is a bug in this module.
+        encode(&header, payload, &mut out).expect("a reply this module builds is valid");
+        out
+    }
+
+    /// What to do with a frame of this volume.
+    pub fn on_frame(&mut self, frame: &Frame<'_>) -> Decision {
+        let header = frame.header;
+        match check_epoch(self.epoch, &header) {
+            Err(refusal) => {
+                let text = refusal.to_string();
+                return Decision::Reply(self.reply(
+                    Header {
+                        status: refusal.reason(),
+                        request_id: header.request_id,
+                        ..Header::new(Kind::Refused)
+                    },
+                    text.as_bytes(),
+                ));
+            }
+            Ok(EpochVerdict::Adopt { epoch }) => {
+                return Decision::PersistEpoch {
+                    epoch,
+                    request_id: header.request_id,
+                };
+            }
+            Ok(EpochVerdict::Current) => {}
+        }
+        let kind = match header.kind {
+            Kind::Write => IoKind::Write,
+            Kind::WriteZeroes => IoKind::WriteZeroes,
+            Kind::Trim => IoKind::Trim,
+            Kind::Flush => IoKind::Flush,
+            Kind::Read => IoKind::Read,
+            Kind::Epoch => {
+                // The current epoch claimed again (a primary that reconnected).
+                return Decision::Reply(self.epoch_ok(header.request_id));
+            }
+            other => {
+                return Decision::Close(format!(
+                    "a {} frame is not a request a replica serves",
+                    other.name()
+                ))
+            }
+        };
+        let io = Io {
+            kind,
+            request_id: header.request_id,
+            lba: header.lba,
+            blocks: header.block_count,
+            sequence: header.sequence,
+            fua: header.fua,
+            trace: header.trace,
+        };
+        if kind == IoKind::Flush {
+            // It covers what was acknowledged when it is submitted.
+            return Decision::Submit(Io {
+                sequence: self.applied,
+                ..io
+            });
+        }
+        if io
+            .lba
+            .checked_add(io.blocks as u64)
+            .is_none_or(|end| end > self.blocks)
+        {
+            let reply_kind = if kind == IoKind::Read {
+                Kind::ReadReply
+            } else {
+                Kind::Ack
+            };
+            return Decision::Reply(self.reply(
+                Header {
+                    status: status::OUT_OF_RANGE,
+                    request_id: io.request_id,
+                    sequence: if kind == IoKind::Read {
+                        self.applied
+                    } else {
+                        io.sequence
+                    },
+                    lba: if kind == IoKind::Read { io.lba } else { 0 },
+                    block_count: if kind == IoKind::Read { io.blocks } else { 0 },
+                    ..Header::new(reply_kind)
+                },
+                &[],
+            ));
+        }
+        if kind == IoKind::Read {
+            return Decision::Submit(io);
+        }
+        if kind == IoKind::Write
+            && frame.payload.len() as u64 != io.blocks as u64 * self.block_bytes as u64
+        {
+            return Decision::Close(format!(
+                "write {} of {} blocks carries {} bytes, not {} (blocks of {} bytes)",
+                io.sequence,
+                io.blocks,
+                frame.payload.len(),
+                io.blocks as u64 * self.block_bytes as u64,
+                self.block_bytes
+            ));
+        }
+        let write = Write {
+            sequence: io.sequence,
+            lba: io.lba,
+            blocks: io.blocks,
+        };
+        match self.order.admit(write) {
+            Ok(Admit::Now) => Decision::Submit(io),
+            Ok(Admit::Held) => Decision::Held(io),
+            Ok(Admit::Full) => Decision::Full,
+            Err(error) => Decision::Close(error.to_string()),
+        }
+    }
+
+    fn epoch_ok(&self, request_id: u64) -> Vec<u8> {
+        self.reply(
+            Header {
+                request_id,
+                sequence: self.applied,
+                ..Header::new(Kind::EpochOk)
+            },
+            &[],
+        )
+    }
+
+    /// The superblock now holds `epoch`: the replica is fenced against anything older, and
+    /// the EpochOk to send.
+    pub fn epoch_durable(&mut self, epoch: u64, request_id: u64) -> Vec<u8> {
+        self.epoch = self.epoch.max(epoch);
+        self.epoch_ok(request_id)
+    }
+
+    /// A submitted IO finished (`ok`: without error; `data`: a read's data). Returns the
+    /// reply to send and the sequences of the held writes that may run now, in order.
+    pub fn completed(&mut self, io: &Io, ok: bool, data: &[u8]) -> (Vec<u8>, Vec<u64>) {
+        let code = if ok { status::OK } else { status::IO_ERROR };
+        match io.kind {
+            IoKind::Read => {
+                let header = Header {
+                    status: code,
+                    request_id: io.request_id,
+                    sequence: self.applied,
+                    lba: io.lba,
+                    block_count: io.blocks,
+                    ..Header::new(Kind::ReadReply)
+                };
+                (self.reply(header, if ok { data } else { &[] }), Vec::new())
+            }
+            IoKind::Flush => {
+                if ok {
+                    self.durable = self.durable.max(io.sequence);
+                }
+                let header = Header {
+                    status: code,
+                    request_id: io.request_id,
+                    sequence: if ok { io.sequence } else { self.durable },
+                    ..Header::new(Kind::FlushAck)
+                };
+                (self.reply(header, &[]), Vec::new())
+            }
+            IoKind::Write | IoKind::WriteZeroes | IoKind::Trim => {
+                let ready = self.order.completed(io.sequence).unwrap_or_default();
+                if ok {
+                    self.applied_one(io.sequence);
+                    if io.fua {
+                        self.durable = self.durable.max(io.sequence.min(self.applied));
+                    }
+                }
+                let header = Header {
+                    status: code,
+                    request_id: io.request_id,
+                    sequence: io.sequence,
+                    ..Header::new(Kind::Ack)
+                };
+                let ready = ready.into_iter().map(|write| write.sequence).collect();
+                (self.reply(header, &[]), ready)
+            }
+        }
+    }
+
+    /// Write `sequence` is done: `applied` moves up over every contiguous completed one.
+    fn applied_one(&mut self, sequence: u64) {
+        if sequence <= self.applied {
+            return;
+        }
+        self.done.push(sequence);
+        self.done.sort_unstable();
+        // A gap (writes this replica missed while away) holds `applied` until a resync
+        // fills it: its flush acks then promise no more than it has.
+        while self.done.first() == Some(&(self.applied + 1)) {
+            self.applied += 1;
+            self.done.remove(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{refusal, FrameDecoder};
+
+    const BLOCK: u32 = 4096;
+
+    fn volume() -> ReplicaVolume {
+        ReplicaVolume::new(0, 5, BLOCK, 1024, 0, 16)
+    }
+
+    fn frame_bytes(header: Header, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(&header, payload, &mut out).unwrap();
+        out
+    }
+
+    /// Decodes `bytes` (one frame) and hands it to `f`.
+    fn with_frame<T>(bytes: &[u8], f: impl FnOnce(&Frame<'_>) -> T) -> T {
+        let mut decoder = FrameDecoder::default();
+        decoder.push(bytes);
+        let frame = decoder.next().unwrap().unwrap();
+        f(&frame)
+    }
+
+    fn write(sequence: u64, lba: u64, blocks: u32, epoch: u64) -> Vec<u8> {
+        frame_bytes(
+            Header {
+                epoch,
+                sequence,
+                lba,
+                block_count: blocks,
+                request_id: 100 + sequence,
+                ..Header::new(Kind::Write)
+            },
+            &vec![0xab; (blocks * BLOCK) as usize],
+        )
+    }
+
+    fn decide(volume: &mut ReplicaVolume, bytes: &[u8]) -> Decision {
+        with_frame(bytes, |frame| volume.on_frame(frame))
+    }
+
+    #[test]
+    fn a_frame_from_an_older_epoch_is_refused_and_nothing_is_run() {
+        let mut v = volume();
+        let Decision::Reply(reply) = decide(&mut v, &write(1, 0, 1, 4)) else {
+            panic!("a stale write must be refused");
+        };
+        with_frame(&reply, |frame| {
+            assert_eq!(frame.kind(), Kind::Refused);
+            assert_eq!(frame.header.status, refusal::STALE_EPOCH);
+            assert_eq!(frame.epoch(), 5, "the refusal names the current epoch");
+            assert!(frame.refusal_text().unwrap().contains('4'));
+        });
+        // A newer epoch on a write (not claimed by an Epoch frame) is refused too.
+        assert!(matches!(
+            decide(&mut v, &write(1, 0, 1, 6)),
+            Decision::Reply(_)
+        ));
+        assert_eq!(v.applied(), 0);
+    }
+
+    #[test]
+    fn a_newer_epoch_is_adopted_once_durable_and_then_fences_the_old_primary() {
+        let mut v = volume();
+        let claim = frame_bytes(
+            Header {
+                epoch: 6,
+                request_id: 9,
+                ..Header::new(Kind::Epoch)
+            },
+            &[],
+        );
+        assert_eq!(
+            decide(&mut v, &claim),
+            Decision::PersistEpoch {
+                epoch: 6,
+                request_id: 9
+            }
+        );
+        assert_eq!(v.epoch(), 5, "not before it is durable");
+        let ok = v.epoch_durable(6, 9);
+        with_frame(&ok, |frame| {
+            assert_eq!(
+                (frame.kind(), frame.epoch(), frame.request_id()),
+                (Kind::EpochOk, 6, 9)
+            );
+        });
+        // The deposed primary's write (epoch 5) is refused from now on.
+        assert!(matches!(
+            decide(&mut v, &write(1, 0, 1, 5)),
+            Decision::Reply(_)
+        ));
+        assert!(matches!(
+            decide(&mut v, &write(1, 0, 1, 6)),
+            Decision::Submit(_)
+        ));
+    }
+
+    #[test]
+    fn writes_are_acknowledged_in_order_and_overlapping_ones_wait() {
+        let mut v = volume();
+        let Decision::Submit(first) = decide(&mut v, &write(1, 0, 2, 5)) else {
+            panic!()
+        };
+        let Decision::Held(second) = decide(&mut v, &write(2, 1, 2, 5)) else {
+            panic!("overlaps write 1")
+        };
+        let Decision::Submit(third) = decide(&mut v, &write(3, 10, 1, 5)) else {
+            panic!()
+        };
+        let (ack, ready) = v.completed(&third, true, &[]);
+        with_frame(&ack, |frame| {
+            assert_eq!((frame.kind(), frame.sequence()), (Kind::Ack, 3))
+        });
+        assert!(ready.is_empty());
+        assert_eq!(v.applied(), 0, "3 is done but 1 and 2 are not");
+        let (_, ready) = v.completed(&first, true, &[]);
+        assert_eq!(ready, vec![2], "write 2 may run now");
+        assert_eq!(v.applied(), 1);
+        v.completed(&second, true, &[]);
+        assert_eq!(v.applied(), 3);
+    }
+
+    #[test]
+    fn a_flush_acknowledges_what_was_written_before_it_and_a_fua_write_itself() {
+        let mut v = volume();
+        let Decision::Submit(w1) = decide(&mut v, &write(1, 0, 1, 5)) else {
+            panic!()
+        };
+        v.completed(&w1, true, &[]);
+        let Decision::Submit(w2) = decide(&mut v, &write(2, 1, 1, 5)) else {
+            panic!()
+        };
+        // Flush submitted while write 2 is in flight: it covers write 1 only.
+        let flush = frame_bytes(
+            Header {
+                epoch: 5,
+                sequence: 2,
+                request_id: 7,
+                ..Header::new(Kind::Flush)
+            },
+            &[],
+        );
+        let Decision::Submit(f) = decide(&mut v, &flush) else {
+            panic!()
+        };
+        assert_eq!(f.sequence, 1);
+        v.completed(&w2, true, &[]);
+        let (ack, _) = v.completed(&f, true, &[]);
+        with_frame(&ack, |frame| {
+            assert_eq!((frame.kind(), frame.sequence()), (Kind::FlushAck, 1))
+        });
+        assert_eq!(v.durable(), 1);
+        let fua = frame_bytes(
+            Header {
+                epoch: 5,
+                sequence: 3,
+                lba: 2,
+                block_count: 1,
+                fua: true,
+                ..Header::new(Kind::Write)
+            },
+            &[0; BLOCK as usize],
+        );
+        let Decision::Submit(w3) = decide(&mut v, &fua) else {
+            panic!()
+        };
+        v.completed(&w3, true, &[]);
+        assert_eq!(v.durable(), 3);
+    }
+
+    #[test]
+    fn out_of_range_wrong_sized_and_out_of_order_requests_are_answered_or_close_the_session() {
+        let mut v = volume();
+        let Decision::Reply(reply) = decide(&mut v, &write(1, 1020, 8, 5)) else {
+            panic!()
+        };
+        with_frame(&reply, |frame| {
+            assert_eq!(frame.header.status, status::OUT_OF_RANGE)
+        });
+        let short = frame_bytes(
+            Header {
+                epoch: 5,
+                sequence: 1,
+                lba: 0,
+                block_count: 2,
+                ..Header::new(Kind::Write)
+            },
+            &[0; BLOCK as usize],
+        );
+        let Decision::Close(reason) = decide(&mut v, &short) else {
+            panic!()
+        };
+        assert!(reason.contains("4096 bytes, not 8192"), "{reason}");
+        assert!(matches!(
+            decide(&mut v, &write(2, 0, 1, 5)),
+            Decision::Submit(_)
+        ));
+        let Decision::Close(reason) = decide(&mut v, &write(2, 5, 1, 5)) else {
+            panic!()
+        };
+        assert!(reason.contains("sequence order"), "{reason}");
+        let ack = frame_bytes(
+            Header {
+                epoch: 5,
+                ..Header::new(Kind::Ack)
+            },
+            &[],
+        );
+        assert!(matches!(decide(&mut v, &ack), Decision::Close(_)));
+    }
+
+    #[test]
+    fn a_read_returns_the_data_with_the_replicas_applied_sequence() {
+        let mut v = volume();
+        let read = frame_bytes(
+            Header {
+                epoch: 5,
+                lba: 3,
+                block_count: 1,
+                request_id: 4,
+                ..Header::new(Kind::Read)
+            },
+            &[],
+        );
+        let Decision::Submit(io) = decide(&mut v, &read) else {
+            panic!()
+        };
+        let data = vec![7u8; BLOCK as usize];
+        let (reply, _) = v.completed(&io, true, &data);
+        with_frame(&reply, |frame| {
+            assert_eq!(
+                (frame.kind(), frame.header.lba, frame.request_id()),
+                (Kind::ReadReply, 3, 4)
+            );
+            assert_eq!(frame.payload, &data[..]);
+        });
+    }
+}
