@@ -13,7 +13,9 @@
 //!   [`session`]: the opening of a session around it (cluster, version, volumes, key or
 //!   mutual TLS);
 //! - [`order`]: overlapping writes in sequence order on a replica, and [`replica`]: what a
-//!   replica does with each frame of a volume (fencing, bounds, order, the replies).
+//!   replica does with each frame of a volume (fencing, bounds, order, the replies);
+//! - [`primary`]: the primary's bookkeeping per volume: sequences, majority answers for
+//!   writes and flushes, and the regions each replica may lack.
 //!
 //! The replica service and the primary's peer connections (socket drivers on `fathom-net`)
 //! and the primary's fan-out layer come next and stay thin over these.
@@ -21,6 +23,7 @@
 pub mod auth;
 pub mod meta;
 pub mod order;
+pub mod primary;
 pub mod proto;
 pub mod replica;
 pub mod session;
