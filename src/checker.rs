@@ -37,25 +37,20 @@
 //! orders no concurrent requests, so two overlapping writes in flight at once have no defined
 //! result. [`Client`] holds back a write that would overlap one in flight.
 //!
-//! Why the client has its own small NBD driver rather than [`crate::nbd_client::Pipeline`]:
-//! the pipeline sends neither command flags (FUA) nor `NBD_CMD_FLUSH`, and both are the point
-//! here. The driver reuses the URI parsing and the protocol constants, and keeps to blocking
-//! reads and writes: with at most 8 requests in flight, and reads never mixed with large
-//! writes, neither side can fill the other's socket buffer.
+//! The client speaks NBD through fathom-bench's [`crate::nbd_client`]: its handshake, and a
+//! [`Pipeline`] of up to 8 requests that sends writes with `NBD_CMD_FLAG_FUA` and
+//! `NBD_CMD_FLUSH` ([`Pipeline::submit_with`]). The pipeline's slot of a request is its cookie;
+//! the client keeps, per slot, what the request is to the model.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::io;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use fathom_frontend::nbd::proto::{
-    client_flag, cmd_flag, handshake_flag, info, magic, opt, rep, transmission_flag, Command,
-    Errno, Request, REQUEST_HEADER_LEN, SIMPLE_REPLY_LEN,
-};
+use fathom_frontend::nbd::proto::{cmd_flag, transmission_flag, Command};
 
-use crate::nbd_client::NbdUri;
+use crate::nbd_client::{Completion, Connection, NbdClientError, NbdUri, Pipeline};
 
 /// The checker's block: every write covers whole blocks, each stamped on its own.
 pub const BLOCK_BYTES: usize = 4096;
@@ -78,10 +73,9 @@ const HEADER_BYTES: usize = 40;
 const MAX_VIOLATIONS_KEPT: usize = 16;
 /// Blocks per read of a verify pass.
 const VERIFY_READ_BLOCKS: u64 = 16;
-/// A bound on the replies to one `NBD_OPT_GO`.
-const MAX_OPTION_REPLIES: usize = 64;
-/// Option replies longer than this are not worth reading.
-const MAX_OPTION_REPLY_BYTES: u32 = 64 << 10;
+/// The longest one wait for a reply sleeps before the pipeline looks at its stall timeout
+/// (the reply timeout) again.
+const REPLY_WAIT_SLICE: Duration = Duration::from_millis(100);
 /// The pause between connection attempts while reconnecting.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
 
@@ -963,7 +957,7 @@ pub struct VerifyReport {
     pub written_blocks: u64,
 }
 
-/// A request on the wire, by cookie.
+/// A request in flight, by its pipeline slot (its cookie on the wire).
 #[derive(Debug, Clone)]
 enum Pending {
     Write(WriteId),
@@ -971,66 +965,33 @@ enum Pending {
     Read(Range<u64>),
 }
 
-/// One NBD connection in the transmission phase, on a blocking socket.
+/// One NBD connection in the transmission phase: the [`Pipeline`] keeps its requests in flight,
+/// and `pending` says what each slot's request is to the model.
 struct Wire {
-    stream: TcpStream,
+    pipeline: Pipeline,
+    pending: Vec<Option<Pending>>,
     address: String,
     size_bytes: u64,
-    slots: Vec<Option<Pending>>,
-    in_flight: usize,
-    /// A request being built (header and payload), and the data of a read.
-    out: Vec<u8>,
-    data: Vec<u8>,
-    reply_timeout: Duration,
 }
 
 impl Wire {
-    fn open(uri: &NbdUri, reply_timeout: Duration) -> Result<Wire, CheckerError> {
+    /// Connects and opens the export, which must take writes, flushes and FUA, and IOs as long
+    /// as the checker's; `queue_depth` slots, a reply timeout of `reply_timeout`.
+    fn open(
+        uri: &NbdUri,
+        queue_depth: usize,
+        reply_timeout: Duration,
+    ) -> Result<Wire, CheckerError> {
         let address = uri.address();
-        let addresses: Vec<SocketAddr> = (uri.host.as_str(), uri.port)
-            .to_socket_addrs()
-            .map_err(|source| CheckerError::Resolve {
-                address: address.clone(),
-                source,
-            })?
-            .collect();
-        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address to connect to");
-        let mut stream = None;
-        for candidate in &addresses {
-            match TcpStream::connect_timeout(candidate, reply_timeout) {
-                Ok(connected) => {
-                    stream = Some(connected);
-                    break;
-                }
-                Err(error) => last = error,
-            }
-        }
-        let Some(mut stream) = stream else {
-            return Err(CheckerError::Connect {
-                address,
-                source: last,
-            });
-        };
-        let setup = |stream: &TcpStream| -> io::Result<()> {
-            stream.set_nodelay(true)?;
-            stream.set_read_timeout(Some(reply_timeout))?;
-            stream.set_write_timeout(Some(reply_timeout))
-        };
-        setup(&stream).map_err(|source| CheckerError::Connect {
-            address: address.clone(),
-            source,
-        })?;
-        let (size_bytes, flags, max_block) = handshake(&mut stream, &address, &uri.export)
-            .map_err(|detail| CheckerError::Handshake {
-                address: address.clone(),
-                detail,
-            })?;
+        let connection = Connection::open(uri).map_err(|error| open_failed(&address, error))?;
+        let export = connection.export().clone();
         let refuse = |detail: String| CheckerError::Export {
             address: address.clone(),
             export: uri.export.clone(),
             detail,
         };
-        if flags & transmission_flag::READ_ONLY != 0 {
+        let flags = export.transmission_flags;
+        if export.read_only() {
             return Err(refuse("it is read-only".into()));
         }
         if flags & transmission_flag::SEND_FLUSH == 0 || flags & transmission_flag::SEND_FUA == 0 {
@@ -1039,119 +1000,111 @@ impl Wire {
             )));
         }
         let largest = MAX_WRITE_BLOCKS.max(VERIFY_READ_BLOCKS) * BLOCK_BYTES as u64;
-        if u64::from(max_block) < largest {
+        if u64::from(export.max_block_bytes) < largest {
             return Err(refuse(format!(
-                "its maximum block size is {max_block} bytes; the checker sends {largest}"
+                "its maximum block size is {} bytes; the checker sends {largest}",
+                export.max_block_bytes
             )));
         }
+        let mut pipeline = Pipeline::new(connection, queue_depth, largest as u32, true)
+            .map_err(|error| open_failed(&address, error))?;
+        pipeline.set_stall_timeout(reply_timeout);
         Ok(Wire {
-            stream,
+            pipeline,
+            pending: vec![None; queue_depth],
             address,
-            size_bytes,
-            slots: vec![None; MAX_QUEUE_DEPTH],
-            in_flight: 0,
-            out: Vec::with_capacity(REQUEST_HEADER_LEN + largest as usize),
-            data: vec![0u8; largest as usize],
-            reply_timeout,
+            size_bytes: export.size_bytes,
         })
     }
 
-    fn free_slot(&self) -> Option<usize> {
-        self.slots.iter().position(Option::is_none)
+    fn can_submit(&self) -> bool {
+        self.pipeline.can_submit()
     }
 
-    /// Sends a request; `payload` fills a write's data (after the header in `out`).
-    fn send(
+    fn in_flight(&self) -> usize {
+        self.pipeline.in_flight()
+    }
+
+    /// Queues the request for `pending`, on `blocks` (none for a flush); `payload` fills a
+    /// write's data. The caller checked for a free slot. It is sent by [`Wire::receive`].
+    fn submit(
         &mut self,
         pending: Pending,
         command: Command,
         flags: u16,
         blocks: Range<u64>,
         payload: impl FnOnce(&mut [u8]),
-    ) -> Result<(), CheckerError> {
+    ) {
+        let offset = blocks.start * BLOCK_BYTES as u64;
+        let length = (blocks.end - blocks.start) as u32 * BLOCK_BYTES as u32;
         let slot = self
-            .free_slot()
+            .pipeline
+            .submit_with(command, flags, offset, length, payload)
             .expect("the caller checked for a free slot");
-        let length = if command == Command::Flush {
-            0
-        } else {
-            (blocks.end - blocks.start) as u32 * BLOCK_BYTES as u32
-        };
-        let offset = if command == Command::Flush {
-            0
-        } else {
-            blocks.start * BLOCK_BYTES as u64
-        };
-        let request = Request {
-            cookie: slot as u64,
-            flags,
-            command,
-            offset,
-            length,
-        };
-        self.out.clear();
-        self.out.extend_from_slice(&request.to_bytes());
-        if command == Command::Write {
-            self.out.resize(REQUEST_HEADER_LEN + length as usize, 0);
-            payload(&mut self.out[REQUEST_HEADER_LEN..]);
-        }
-        // In flight from here: the request may reach the node even if the send fails.
-        self.slots[slot] = Some(pending);
-        self.in_flight += 1;
-        let result = self.stream.write_all(&self.out);
-        result.map_err(|error| self.failed("sending a request", error))
+        self.pending[slot as usize] = Some(pending);
     }
 
-    /// Waits for the next reply: its request, its error value, and for a read its data in
-    /// `self.data`.
-    fn receive(&mut self) -> Result<(Pending, u32), CheckerError> {
-        let mut header = [0u8; SIMPLE_REPLY_LEN];
-        self.stream
-            .read_exact(&mut header)
-            .map_err(|error| self.failed("waiting for a reply", error))?;
-        let reply_magic = u32::from_be_bytes(header[0..4].try_into().expect("4 bytes"));
-        let error = u32::from_be_bytes(header[4..8].try_into().expect("4 bytes"));
-        let cookie = u64::from_be_bytes(header[8..16].try_into().expect("8 bytes"));
-        if reply_magic != magic::SIMPLE_REPLY {
-            return Err(self.protocol(format!(
-                "a reply starts with {reply_magic:#010x}, not the simple reply magic"
-            )));
+    /// Sends what is queued and waits for the next reply: its request and completion (a read's
+    /// data is [`Wire::data`] until the next submit). The wait ends with the reply timeout.
+    fn receive(&mut self) -> Result<(Pending, Completion), CheckerError> {
+        loop {
+            self.pipeline.flush().map_err(|error| self.failed(error))?;
+            if let Some(done) = self
+                .pipeline
+                .next_completion()
+                .map_err(|error| self.failed(error))?
+            {
+                let pending = self.pending[done.slot as usize]
+                    .take()
+                    .expect("a slot with a reply has a request");
+                return Ok((pending, done));
+            }
+            self.pipeline
+                .wait(REPLY_WAIT_SLICE)
+                .map_err(|error| self.failed(error))?;
         }
-        let Some(pending) = usize::try_from(cookie)
-            .ok()
-            .and_then(|slot| self.slots.get_mut(slot))
-            .and_then(Option::take)
-        else {
-            return Err(self.protocol(format!(
-                "a reply with cookie {cookie}, which no request in flight has"
-            )));
-        };
-        self.in_flight -= 1;
-        if let (Pending::Read(blocks), 0) = (&pending, error) {
-            let length = (blocks.end - blocks.start) as usize * BLOCK_BYTES;
-            let mut data = std::mem::take(&mut self.data);
-            let result = self.stream.read_exact(&mut data[..length]);
-            self.data = data;
-            result.map_err(|error| self.failed("reading a read's data", error))?;
-        }
-        Ok((pending, error))
     }
 
-    /// An IO error of the transmission phase: a timeout is a stall, anything else the end of
-    /// the connection.
-    fn failed(&self, during: &'static str, source: io::Error) -> CheckerError {
-        match source.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => CheckerError::Stalled {
+    /// The data of the read completed in `slot`.
+    fn data(&self, slot: u32) -> &[u8] {
+        self.pipeline.data(slot)
+    }
+
+    /// A pipeline error of the transmission phase: the end of the connection, a stall, or a
+    /// broken protocol.
+    fn failed(&self, error: NbdClientError) -> CheckerError {
+        if let NbdClientError::Disconnected { in_flight, .. } = error {
+            return CheckerError::ConnectionLost {
                 address: self.address.clone(),
-                seconds: self.reply_timeout.as_secs(),
-                in_flight: self.in_flight,
-            },
-            _ => CheckerError::ConnectionLost {
-                address: self.address.clone(),
+                during: "in the transmission phase",
+                in_flight,
+                source: io::Error::new(io::ErrorKind::UnexpectedEof, error),
+            };
+        }
+        match error {
+            NbdClientError::Io {
+                address,
                 during,
-                in_flight: self.in_flight,
+                source,
+            } => CheckerError::ConnectionLost {
+                address,
+                during,
+                in_flight: self.in_flight(),
                 source,
             },
+            NbdClientError::Stalled {
+                address,
+                seconds,
+                in_flight,
+            } => CheckerError::Stalled {
+                address,
+                seconds,
+                in_flight,
+            },
+            NbdClientError::Protocol { address, detail } => {
+                CheckerError::Protocol { address, detail }
+            }
+            other => self.protocol(other.to_string()),
         }
     }
 
@@ -1163,94 +1116,16 @@ impl Wire {
     }
 }
 
-fn be_u32(bytes: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
-}
-
-/// The fixed newstyle handshake with `NBD_OPT_GO` (asking for the block sizes): the export's
-/// size, transmission flags and maximum block size, or why not.
-fn handshake(
-    stream: &mut TcpStream,
-    address: &str,
-    export: &str,
-) -> Result<(u64, u16, u32), String> {
-    let failed = |error: io::Error| match error.kind() {
-        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => {
-            format!("the server at {address} closed the connection")
-        }
-        _ => error.to_string(),
-    };
-    let mut greeting = [0u8; 18];
-    stream.read_exact(&mut greeting).map_err(failed)?;
-    if greeting[..8] != magic::NBDMAGIC.to_be_bytes()
-        || greeting[8..16] != magic::IHAVEOPT.to_be_bytes()
-    {
-        return Err(format!(
-            "not a newstyle NBD greeting: {:02x?}",
-            &greeting[..16]
-        ));
+/// Why connecting to `address` or its handshake failed.
+fn open_failed(address: &str, error: NbdClientError) -> CheckerError {
+    match error {
+        NbdClientError::Resolve { address, source } => CheckerError::Resolve { address, source },
+        NbdClientError::Connect { address, source } => CheckerError::Connect { address, source },
+        other => CheckerError::Handshake {
+            address: address.to_string(),
+            detail: other.to_string(),
+        },
     }
-    let flags = u16::from_be_bytes([greeting[16], greeting[17]]);
-    if flags & handshake_flag::FIXED_NEWSTYLE == 0 {
-        return Err(format!("no fixed newstyle handshake (flags {flags:#06x})"));
-    }
-    let mut client_flags = client_flag::FIXED_NEWSTYLE;
-    if flags & handshake_flag::NO_ZEROES != 0 {
-        client_flags |= client_flag::NO_ZEROES;
-    }
-    let name = export.as_bytes();
-    let mut message = Vec::with_capacity(4 + 16 + 4 + name.len() + 4);
-    message.extend_from_slice(&client_flags.to_be_bytes());
-    message.extend_from_slice(&magic::IHAVEOPT.to_be_bytes());
-    message.extend_from_slice(&opt::GO.to_be_bytes());
-    message.extend_from_slice(&(4 + name.len() as u32 + 2 + 2).to_be_bytes());
-    message.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    message.extend_from_slice(name);
-    message.extend_from_slice(&1u16.to_be_bytes());
-    message.extend_from_slice(&info::BLOCK_SIZE.to_be_bytes());
-    stream.write_all(&message).map_err(failed)?;
-    let mut size_and_flags = None;
-    let mut max_block = 32 << 20;
-    for _ in 0..MAX_OPTION_REPLIES {
-        let mut header = [0u8; 20];
-        stream.read_exact(&mut header).map_err(failed)?;
-        let (reply, len) = (be_u32(&header, 12), be_u32(&header, 16));
-        if header[..8] != magic::OPTION_REPLY.to_be_bytes() || be_u32(&header, 8) != opt::GO {
-            return Err(format!(
-                "an option reply that is not to NBD_OPT_GO: {header:02x?}"
-            ));
-        }
-        if len > MAX_OPTION_REPLY_BYTES {
-            return Err(format!("an option reply of {len} bytes"));
-        }
-        let mut data = vec![0u8; len as usize];
-        stream.read_exact(&mut data).map_err(failed)?;
-        match reply {
-            rep::ACK => {
-                return size_and_flags
-                    .map(|(size, flags)| (size, flags, max_block))
-                    .ok_or_else(|| "NBD_OPT_GO acknowledged without NBD_INFO_EXPORT".to_string())
-            }
-            rep::INFO if data.len() == 12 && data[..2] == info::EXPORT.to_be_bytes() => {
-                let size = u64::from_be_bytes(data[2..10].try_into().expect("8 bytes"));
-                size_and_flags = Some((size, u16::from_be_bytes([data[10], data[11]])));
-            }
-            rep::INFO if data.len() == 14 && data[..2] == info::BLOCK_SIZE.to_be_bytes() => {
-                max_block = be_u32(&data, 10);
-            }
-            rep::INFO => {}
-            reply if rep::is_error(reply) => {
-                return Err(format!(
-                    "export {export:?} refused ({reply:#x}): {}",
-                    String::from_utf8_lossy(&data)
-                ))
-            }
-            other => return Err(format!("option reply {other:#x} to NBD_OPT_GO")),
-        }
-    }
-    Err(format!(
-        "more than {MAX_OPTION_REPLIES} replies to NBD_OPT_GO without an acknowledgement"
-    ))
 }
 
 /// Drives a node with random writes over NBD and checks every block it reads back against its
@@ -1280,7 +1155,7 @@ impl Client {
             "writes of up to {} blocks (1 to {MAX_WRITE_BLOCKS})",
             options.max_write_blocks
         );
-        let wire = Wire::open(uri, options.reply_timeout)?;
+        let wire = Wire::open(uri, options.queue_depth, options.reply_timeout)?;
         let export_blocks = wire.size_bytes / BLOCK_BYTES as u64;
         let blocks = match options.blocks {
             0 => export_blocks,
@@ -1332,22 +1207,18 @@ impl Client {
         let end = Instant::now() + duration;
         loop {
             let wire = self.wire.as_ref().ok_or(CheckerError::NotConnected)?;
-            if wire.in_flight < self.options.queue_depth && Instant::now() < end {
-                match self.issue_one() {
-                    Ok(true) => continue,
-                    Ok(false) => {}
-                    Err(error) => return self.lost(error),
-                }
+            if wire.can_submit() && Instant::now() < end && self.issue_one() {
+                continue;
             }
             let wire = self.wire.as_mut().expect("checked above");
-            if wire.in_flight == 0 {
+            if wire.in_flight() == 0 {
                 return Ok(RunEnd::Elapsed);
             }
-            let (pending, error) = match wire.receive() {
+            let (pending, done) = match wire.receive() {
                 Ok(reply) => reply,
                 Err(error) => return self.lost(error),
             };
-            match (pending, error) {
+            match (pending, done.error) {
                 (Pending::Write(id), 0) => self.model.acked(id),
                 (Pending::Write(id), _) => self.model.failed(id),
                 (Pending::Flush(id), 0) => self.model.flush_acked(id),
@@ -1371,21 +1242,18 @@ impl Client {
         );
         let wire = self.wire.as_mut().ok_or(CheckerError::NotConnected)?;
         let id = self.model.flush_issued();
-        let reply = wire
-            .send(Pending::Flush(id), Command::Flush, 0, 0..0, |_| {})
-            .and_then(|()| wire.receive());
-        match reply {
-            Ok((Pending::Flush(replied), 0)) if replied == id => {
+        wire.submit(Pending::Flush(id), Command::Flush, 0, 0..0, |_| {});
+        match wire.receive() {
+            Ok((Pending::Flush(replied), done)) if replied == id && done.error == 0 => {
                 self.model.flush_acked(id);
                 Ok(())
             }
-            Ok((Pending::Flush(replied), error)) if replied == id => {
+            Ok((Pending::Flush(replied), done)) if replied == id => {
                 self.model.flush_failed(id);
                 Err(CheckerError::ErrorReply {
                     command: Command::Flush,
                     blocks: 0..0,
-                    error: Errno::from_code(error)
-                        .map_or_else(|| format!("error {error}"), |errno| errno.to_string()),
+                    error: done.error_text(),
                 })
             }
             Ok(_) => {
@@ -1400,15 +1268,15 @@ impl Client {
         }
     }
 
-    /// Sends one write (or flush, when one is due); `false` when every place tried overlaps a
-    /// write in flight (then a reply must come first).
-    fn issue_one(&mut self) -> Result<bool, CheckerError> {
+    /// Queues one write (or flush, when one is due) in a free slot; `false` when every place
+    /// tried overlaps a write in flight (then a reply must come first).
+    fn issue_one(&mut self) -> bool {
         if self.until_flush == 0 {
             self.until_flush = self.next_flush_gap();
             let id = self.model.flush_issued();
             let wire = self.wire.as_mut().expect("the caller checked");
-            wire.send(Pending::Flush(id), Command::Flush, 0, 0..0, |_| {})?;
-            return Ok(true);
+            wire.submit(Pending::Flush(id), Command::Flush, 0, 0..0, |_| {});
+            return true;
         }
         let blocks_total = self.model.blocks();
         // A few tries for a place that overlaps no write in flight.
@@ -1425,7 +1293,7 @@ impl Client {
             let run = self.model.run();
             let flags = if fua { cmd_flag::FUA } else { 0 };
             let wire = self.wire.as_mut().expect("the caller checked");
-            wire.send(
+            wire.submit(
                 Pending::Write(id),
                 Command::Write,
                 flags,
@@ -1435,10 +1303,10 @@ impl Client {
                         stamp_block(run, id, block, out);
                     }
                 },
-            )?;
-            return Ok(true);
+            );
+            return true;
         }
-        Ok(false)
+        false
     }
 
     fn next_flush_gap(&mut self) -> u64 {
@@ -1478,7 +1346,7 @@ impl Client {
         self.drop_connection();
         let deadline = Instant::now() + timeout;
         loop {
-            match Wire::open(uri, self.options.reply_timeout) {
+            match Wire::open(uri, self.options.queue_depth, self.options.reply_timeout) {
                 Ok(wire) => {
                     if wire.size_bytes / (BLOCK_BYTES as u64) < self.model.blocks() {
                         return Err(CheckerError::Export {
@@ -1547,33 +1415,32 @@ impl Client {
         let mut next = 0u64;
         let mut checked = 0u64;
         loop {
-            while next < blocks_total && wire.in_flight < self.options.queue_depth {
+            while next < blocks_total && wire.can_submit() {
                 let blocks = next..(next + VERIFY_READ_BLOCKS).min(blocks_total);
                 next = blocks.end;
-                wire.send(
+                wire.submit(
                     Pending::Read(blocks.clone()),
                     Command::Read,
                     0,
                     blocks,
                     |_| {},
-                )?;
+                );
             }
-            if wire.in_flight == 0 {
+            if wire.in_flight() == 0 {
                 return Ok(checked);
             }
-            let (pending, error) = wire.receive()?;
+            let (pending, done) = wire.receive()?;
             let Pending::Read(blocks) = pending else {
                 return Err(wire.protocol("a reply to a write during a verify pass".into()));
             };
-            if error != 0 {
+            if done.error != 0 {
                 return Err(CheckerError::ErrorReply {
                     command: Command::Read,
                     blocks,
-                    error: Errno::from_code(error)
-                        .map_or_else(|| format!("error {error}"), |errno| errno.to_string()),
+                    error: done.error_text(),
                 });
             }
-            for (block, data) in blocks.zip(wire.data.chunks_exact(BLOCK_BYTES)) {
+            for (block, data) in blocks.zip(wire.data(done.slot).chunks_exact(BLOCK_BYTES)) {
                 checked += 1;
                 if let Err(violation) = self.model.check_read(block, data) {
                     *count += 1;
@@ -1587,17 +1454,9 @@ impl Client {
 
     /// Sends `NBD_CMD_DISC` and closes (nothing may be in flight).
     pub fn disconnect(&mut self) {
-        if let Some(mut wire) = self.wire.take() {
-            assert_eq!(wire.in_flight, 0, "disconnecting with requests in flight");
-            let request = Request {
-                cookie: 0,
-                flags: 0,
-                command: Command::Disc,
-                offset: 0,
-                length: 0,
-            };
-            let _ = wire.stream.write_all(&request.to_bytes());
-            let _ = wire.stream.shutdown(std::net::Shutdown::Both);
+        if let Some(wire) = self.wire.take() {
+            assert_eq!(wire.in_flight(), 0, "disconnecting with requests in flight");
+            wire.pipeline.disconnect();
         }
     }
 

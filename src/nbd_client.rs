@@ -12,6 +12,8 @@
 //!   replies on a non-blocking socket, and waits in poll(2) when it can do neither. Reading and
 //!   writing in one loop means a large write can never wedge against replies the server is
 //!   waiting to send, and waiting in the kernel (not spinning) leaves the cores to the node.
+//!   Besides reads and writes it sends `NBD_CMD_FLUSH` and writes with `NBD_CMD_FLAG_FUA`
+//!   ([`Pipeline::submit_with`]), which the crash checker ([`crate::checker`]) needs.
 //! - [`run_job`] and [`run_verify`] are the two workloads on a pipeline: a closed loop of
 //!   `iodepth` IOs for a time, with latency (from the write of the request to the end of its
 //!   reply) and CPU time measured by the client; and a pass that writes a region, reads it back
@@ -30,9 +32,9 @@ use std::time::{Duration, Instant};
 
 use fathom_engine::Op;
 use fathom_frontend::nbd::proto::{
-    client_flag, handshake_flag, info, magic, opt, rep, transmission_flag, Command, Errno, Request,
-    DEFAULT_MAX_BLOCK_BYTES, DEFAULT_MIN_BLOCK_BYTES, DEFAULT_PREFERRED_BLOCK_BYTES,
-    REQUEST_HEADER_LEN, SIMPLE_REPLY_LEN,
+    client_flag, cmd_flag, handshake_flag, info, magic, opt, rep, transmission_flag, Command,
+    Errno, Request, DEFAULT_MAX_BLOCK_BYTES, DEFAULT_MIN_BLOCK_BYTES,
+    DEFAULT_PREFERRED_BLOCK_BYTES, REQUEST_HEADER_LEN, SIMPLE_REPLY_LEN,
 };
 use hdrhistogram::Histogram;
 
@@ -212,11 +214,12 @@ pub enum NbdClientError {
     Protocol { address: String, detail: String },
     #[error("the server at {address} closed the connection with {in_flight} requests in flight")]
     Disconnected { address: String, in_flight: usize },
-    #[error(
-        "no reply from {address} for {} s with {in_flight} requests in flight",
-        STALL_TIMEOUT.as_secs()
-    )]
-    Stalled { address: String, in_flight: usize },
+    #[error("no reply from {address} for {seconds} s with {in_flight} requests in flight")]
+    Stalled {
+        address: String,
+        seconds: u64,
+        in_flight: usize,
+    },
 }
 
 /// An `nbd://host[:port]/export` URI.
@@ -760,15 +763,22 @@ impl Completion {
             .as_nanos() as u64
     }
 
-    /// The failed request and the server's error, for reports.
-    pub fn describe_error(&self) -> String {
-        let error = match Errno::from_code(self.error) {
+    /// The server's error, named (`NBD_EIO`, or `error 1234` for a value NBD does not define).
+    pub fn error_text(&self) -> String {
+        match Errno::from_code(self.error) {
             Some(errno) => errno.to_string(),
             None => format!("error {}", self.error),
-        };
+        }
+    }
+
+    /// The failed request and the server's error, for reports.
+    pub fn describe_error(&self) -> String {
         format!(
-            "{} of {} bytes at offset {}: {error}",
-            self.command, self.length, self.offset
+            "{} of {} bytes at offset {}: {}",
+            self.command,
+            self.length,
+            self.offset,
+            self.error_text()
         )
     }
 }
@@ -792,8 +802,10 @@ pub struct Pipeline {
     /// Slots queued since the last flush; their send time is the flush's.
     unsent: Vec<u32>,
     last_progress: Instant,
-    // Set up once.
+    // Set up once: the IO path never touches these.
     address: String,
+    /// Requests in flight and no progress for this long: the connection is dead.
+    stall_timeout: Duration,
 }
 
 impl Pipeline {
@@ -846,7 +858,14 @@ impl Pipeline {
             unsent: Vec::with_capacity(depth),
             last_progress: now,
             address,
+            stall_timeout: STALL_TIMEOUT,
         })
+    }
+
+    /// How long requests in flight may see no progress (nothing read or written) before
+    /// [`Pipeline::wait`] calls the connection stalled; 30 s unless set.
+    pub fn set_stall_timeout(&mut self, timeout: Duration) {
+        self.stall_timeout = timeout;
     }
 
     pub fn in_flight(&self) -> usize {
@@ -857,9 +876,9 @@ impl Pipeline {
         !self.free.is_empty()
     }
 
-    /// Queues a read or write of `length` bytes at `offset`; `payload` fills a write's data.
-    /// Nothing is sent until [`Pipeline::flush`]. Returns the slot, or `None` when every slot
-    /// is in flight (back-pressure: submit again after a completion).
+    /// Queues a read or write of `length` bytes at `offset`, without command flags; `payload`
+    /// fills a write's data. Nothing is sent until [`Pipeline::flush`]. Returns the slot, or
+    /// `None` when every slot is in flight (back-pressure: submit again after a completion).
     #[inline]
     pub fn submit(
         &mut self,
@@ -868,7 +887,29 @@ impl Pipeline {
         length: u32,
         payload: impl FnOnce(&mut [u8]),
     ) -> Option<u32> {
-        debug_assert!(matches!(command, Command::Read | Command::Write));
+        self.submit_with(command, 0, offset, length, payload)
+    }
+
+    /// As [`Pipeline::submit`], with command `flags` ([`cmd_flag`]) and `NBD_CMD_FLUSH` (offset
+    /// and length 0) besides reads and writes. Only `NBD_CMD_FLAG_FUA` on a write is allowed:
+    /// the other flags ask for structured replies, which the pipeline does not negotiate. The
+    /// caller checks that the export offers what it sends (`NBD_FLAG_SEND_FUA`,
+    /// `NBD_FLAG_SEND_FLUSH`). A flush's reply, like any error reply, carries no data.
+    #[inline]
+    pub fn submit_with(
+        &mut self,
+        command: Command,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: impl FnOnce(&mut [u8]),
+    ) -> Option<u32> {
+        debug_assert!(match command {
+            Command::Read => flags == 0,
+            Command::Write => flags & !cmd_flag::FUA == 0,
+            Command::Flush => flags == 0 && offset == 0 && length == 0,
+            _ => false,
+        });
         let index = self.free.pop()?;
         let slot = &mut self.slots[index as usize];
         debug_assert!(!slot.in_flight && length as usize <= slot.data.len());
@@ -884,7 +925,7 @@ impl Pipeline {
         }
         let request = Request {
             cookie: u64::from(index),
-            flags: 0,
+            flags,
             command,
             offset,
             length,
@@ -915,9 +956,15 @@ impl Pipeline {
                     self.out_start += written;
                     self.last_progress = Instant::now();
                 }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => return Err(self.io_error("sending requests", error)),
+                Err(error) => match error.kind() {
+                    io::ErrorKind::WouldBlock => return Ok(()),
+                    io::ErrorKind::Interrupted => {}
+                    // The server went away (closed or was killed) while requests were queued.
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
+                        return Err(self.disconnected())
+                    }
+                    _ => return Err(self.io_error("sending requests", error)),
+                },
             }
         }
         self.out.clear();
@@ -954,7 +1001,8 @@ impl Pipeline {
                             )))
                         }
                     };
-                    // An error reply to a read carries no data.
+                    // Only a successful read's reply carries data: a write's, a flush's and
+                    // any error reply are the header alone.
                     if error == 0 && self.slots[slot as usize].command == Command::Read {
                         self.incoming = Incoming::Data { slot, filled: 0 };
                         continue;
@@ -1032,11 +1080,12 @@ impl Pipeline {
 
     /// Sleeps until the socket has something to read (or room to write, with requests queued)
     /// or `timeout` passes (at most `WAIT_SLICE`). Fails when requests in flight have seen no
-    /// progress for `STALL_TIMEOUT`.
+    /// progress for the stall timeout ([`Pipeline::set_stall_timeout`]).
     pub fn wait(&mut self, timeout: Duration) -> Result<(), NbdClientError> {
-        if self.in_flight > 0 && self.last_progress.elapsed() > STALL_TIMEOUT {
+        if self.in_flight > 0 && self.last_progress.elapsed() > self.stall_timeout {
             return Err(NbdClientError::Stalled {
                 address: self.address.clone(),
+                seconds: self.stall_timeout.as_secs(),
                 in_flight: self.in_flight,
             });
         }
@@ -1449,6 +1498,172 @@ pub fn run_verify(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fathom_frontend::nbd::proto::simple_reply;
+    use std::net::TcpListener;
+    use std::thread::JoinHandle;
+
+    /// A fake server for one connection on a loopback port: the fixed newstyle handshake
+    /// (an export of 1 MiB that takes FLUSH and FUA), then `serve` with the stream, in a thread.
+    fn fake_server<T: Send + 'static>(
+        serve: impl FnOnce(&mut TcpStream) -> T + Send + 'static,
+    ) -> (NbdUri, JoinHandle<T>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut greeting = Vec::new();
+            greeting.extend_from_slice(&magic::NBDMAGIC.to_be_bytes());
+            greeting.extend_from_slice(&magic::IHAVEOPT.to_be_bytes());
+            let flags = handshake_flag::FIXED_NEWSTYLE | handshake_flag::NO_ZEROES;
+            greeting.extend_from_slice(&flags.to_be_bytes());
+            stream.write_all(&greeting).unwrap();
+            // Client flags, IHAVEOPT, the option and its length, then its data.
+            let mut option = [0u8; 20];
+            stream.read_exact(&mut option).unwrap();
+            assert_eq!(be_u32(&option, 12), opt::GO);
+            let mut data = vec![0u8; be_u32(&option, 16) as usize];
+            stream.read_exact(&mut data).unwrap();
+            let mut export = Vec::new();
+            export.extend_from_slice(&info::EXPORT.to_be_bytes());
+            export.extend_from_slice(&(1u64 << 20).to_be_bytes());
+            let transmission = transmission_flag::HAS_FLAGS
+                | transmission_flag::SEND_FLUSH
+                | transmission_flag::SEND_FUA;
+            export.extend_from_slice(&transmission.to_be_bytes());
+            for (reply, data) in [(rep::INFO, &export[..]), (rep::ACK, &[][..])] {
+                let mut message = Vec::new();
+                message.extend_from_slice(&magic::OPTION_REPLY.to_be_bytes());
+                message.extend_from_slice(&opt::GO.to_be_bytes());
+                message.extend_from_slice(&reply.to_be_bytes());
+                message.extend_from_slice(&(data.len() as u32).to_be_bytes());
+                message.extend_from_slice(data);
+                stream.write_all(&message).unwrap();
+            }
+            serve(&mut stream)
+        });
+        let uri = NbdUri {
+            host: "127.0.0.1".into(),
+            port,
+            export: "vol0".into(),
+        };
+        (uri, server)
+    }
+
+    /// One request as the server read it, with its payload.
+    fn read_request(stream: &mut TcpStream) -> (Request, Vec<u8>) {
+        let mut header = [0u8; REQUEST_HEADER_LEN];
+        stream.read_exact(&mut header).unwrap();
+        let request = Request::parse(&header).unwrap();
+        let mut payload = vec![0u8; request.payload_len() as usize];
+        stream.read_exact(&mut payload).unwrap();
+        (request, payload)
+    }
+
+    #[test]
+    fn fua_writes_and_flushes_go_on_the_wire_and_replies_without_data_complete() {
+        const REQUESTS: usize = 5;
+        let (uri, server) = fake_server(|stream| {
+            let seen: Vec<(Request, Vec<u8>)> =
+                (0..REQUESTS).map(|_| read_request(stream)).collect();
+            // Out of order, and the replies without data first: were any of them taken to
+            // carry data, the headers after it would be read as that data.
+            let mut replies = Vec::new();
+            for (index, error) in [
+                (4, Some(Errno::Io)),
+                (2, Some(Errno::Inval)),
+                (1, None),
+                (3, None),
+                (0, None),
+            ] {
+                let (request, _) = &seen[index];
+                replies.extend_from_slice(&simple_reply(request.cookie, error));
+                if index == 3 {
+                    replies.extend(std::iter::repeat_n(0x5a, request.length as usize));
+                }
+            }
+            stream.write_all(&replies).unwrap();
+            let (disconnect, _) = read_request(stream);
+            assert_eq!(disconnect.command, Command::Disc);
+            seen
+        });
+        let connection = Connection::open(&uri).unwrap();
+        let mut pipeline = Pipeline::new(connection, 8, 4096, true).unwrap();
+        let no_payload = |_: &mut [u8]| panic!("only a write has a payload");
+        let write = pipeline.submit_with(Command::Write, cmd_flag::FUA, 4096, 4096, |data| {
+            data.fill(0xa5)
+        });
+        let flush = pipeline.submit_with(Command::Flush, 0, 0, 0, no_payload);
+        let failed_read = pipeline.submit(Command::Read, 0, 4096, no_payload);
+        let read = pipeline.submit(Command::Read, 8192, 4096, no_payload);
+        let failed_flush = pipeline.submit_with(Command::Flush, 0, 0, 0, no_payload);
+        let slots = [write, flush, failed_read, read, failed_flush].map(Option::unwrap);
+        let mut completions = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while completions.len() < REQUESTS {
+            assert!(
+                Instant::now() < deadline,
+                "completions so far: {completions:?}"
+            );
+            pipeline.flush().unwrap();
+            while let Some(done) = pipeline.next_completion().unwrap() {
+                if done.slot == slots[3] {
+                    assert!(pipeline.data(done.slot).iter().all(|&byte| byte == 0x5a));
+                }
+                completions.push(done);
+            }
+            pipeline.wait(WAIT_SLICE).unwrap();
+        }
+        let answered: Vec<(u32, Command, u32, u32)> = completions
+            .iter()
+            .map(|done| (done.slot, done.command, done.length, done.error))
+            .collect();
+        let (io, inval) = (Errno::Io.code(), Errno::Inval.code());
+        assert_eq!(
+            answered,
+            [
+                (slots[4], Command::Flush, 0, io),
+                (slots[2], Command::Read, 4096, inval),
+                (slots[1], Command::Flush, 0, 0),
+                (slots[3], Command::Read, 4096, 0),
+                (slots[0], Command::Write, 4096, 0),
+            ]
+        );
+        assert_eq!(
+            completions[0].describe_error(),
+            "NBD_CMD_FLUSH of 0 bytes at offset 0: NBD_EIO"
+        );
+        assert_eq!(pipeline.in_flight(), 0);
+        pipeline.disconnect();
+        let seen = server.join().unwrap();
+        let wire: Vec<(u64, u16, Command, u64, u32)> = seen
+            .iter()
+            .map(|(request, _)| {
+                let (cookie, flags) = (request.cookie, request.flags);
+                (
+                    cookie,
+                    flags,
+                    request.command,
+                    request.offset,
+                    request.length,
+                )
+            })
+            .collect();
+        let cookie = |index: usize| u64::from(slots[index]);
+        assert_eq!(
+            wire,
+            [
+                (cookie(0), cmd_flag::FUA, Command::Write, 4096, 4096),
+                (cookie(1), 0, Command::Flush, 0, 0),
+                (cookie(2), 0, Command::Read, 0, 4096),
+                (cookie(3), 0, Command::Read, 8192, 4096),
+                (cookie(4), 0, Command::Flush, 0, 0),
+            ]
+        );
+        assert!(seen[0].1.len() == 4096 && seen[0].1.iter().all(|&byte| byte == 0xa5));
+    }
 
     #[test]
     fn uris_parse_with_the_default_port_ipv6_and_escapes() {
