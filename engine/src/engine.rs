@@ -109,7 +109,11 @@ impl Engine {
     pub fn start(config: &Config) -> Result<Self, EngineError> {
         // The replication data path is being built (issue 14): a replicated volume is refused
         // rather than served without its replicas.
-        if let Some(volume) = config.volumes.iter().find(|volume| !volume.replicas.is_empty()) {
+        if let Some(volume) = config
+            .volumes
+            .iter()
+            .find(|volume| !volume.replicas.is_empty())
+        {
             return Err(EngineError::Volume {
                 volume: volume.name.clone(),
                 what: "replicated volumes (replicas = [...]) are not served by this build yet; \

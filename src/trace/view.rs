@@ -371,7 +371,10 @@ mod tests {
         assert!(!row("reply").contains("longest"));
         let (start, cells, _) = bar("reply");
         assert_eq!((start, cells), (38, 2), "{text}");
-        assert!(row("queue").contains("|. "), "a zero-length span is a dot: {text}");
+        assert!(
+            row("queue").contains("|. "),
+            "a zero-length span is a dot: {text}"
+        );
     }
 
     #[test]
