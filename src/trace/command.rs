@@ -41,6 +41,8 @@ pub struct TraceOptions {
 
 /// How often an idle follower looks at the rings.
 const POLL_PERIOD: Duration = Duration::from_millis(50);
+/// How often a live CTF trace's partial packets are written out.
+const CTF_FLUSH_PERIOD: Duration = Duration::from_secs(1);
 /// Most records per OTLP request.
 const OTLP_BATCH: usize = 512;
 
@@ -55,6 +57,7 @@ struct Exports {
     otlp_sent: u64,
     ctf_events: u64,
     ctf_traces: Vec<PathBuf>,
+    ctf_flushed: Instant,
 }
 
 impl Exports {
@@ -91,6 +94,7 @@ impl Exports {
             otlp_sent: 0,
             ctf_events: 0,
             ctf_traces: Vec::new(),
+            ctf_flushed: Instant::now(),
         })
     }
 
@@ -118,9 +122,14 @@ impl Exports {
                     .write(*ring, record)
                     .with_context(|| format!("--ctf: writing to {}", dir.display()))?;
             }
-            writer
-                .flush()
-                .with_context(|| format!("--ctf: writing to {}", dir.display()))?;
+            // Whole packets go out when full; a partial one at most once a second, so that
+            // babeltrace2 can read a live trace without one small packet per poll.
+            if self.ctf_flushed.elapsed() >= CTF_FLUSH_PERIOD {
+                writer
+                    .flush()
+                    .with_context(|| format!("--ctf: writing to {}", dir.display()))?;
+                self.ctf_flushed = Instant::now();
+            }
             self.ctf_events += records.len() as u64;
         }
         for chunk in records.chunks(OTLP_BATCH) {
