@@ -31,6 +31,9 @@ const LISTENER_TOKEN: u64 = u64::MAX - 1 - u16::MAX as u64;
 /// A protocol served by a [`Server`]: what every connection of it shares.
 pub trait Service: Send + Sync + 'static {
     type Connection: Connection<Service = Self>;
+    /// State one reactor keeps for its connections, touched only by that reactor's poller
+    /// (a replica's volumes on that reactor): shared by its connections without a lock.
+    type Local: Send + 'static;
     /// The protocol's name in the log ("NBD").
     const NAME: &'static str;
     /// The configuration key that limits connections, for the message when it is reached.
@@ -38,6 +41,9 @@ pub trait Service: Send + Sync + 'static {
 
     /// A connection just accepted (non-blocking, no delay); `None` refuses it.
     fn accept(&self, stream: TcpStream, peer: SocketAddr) -> Option<Box<Self::Connection>>;
+
+    /// The state of reactor `reactor`'s poller, made when the server starts.
+    fn local(&self, reactor: usize) -> Self::Local;
 }
 
 /// One connection of a [`Service`], owned by one reactor's poller at a time.
@@ -55,6 +61,7 @@ pub trait Connection: Send + 'static {
         index: u32,
         io: &mut IoContext,
         service: &Self::Service,
+        local: &mut <Self::Service as Service>::Local,
         buffers: &mut BufferCache,
     ) -> Served;
     /// An engine IO of slot `slot` completed (`stamps`: its telemetry stamps, if any).
@@ -63,6 +70,7 @@ pub trait Connection: Send + 'static {
         slot: u16,
         completion: IoCompletion,
         stamps: Option<EngineStamps>,
+        local: &mut <Self::Service as Service>::Local,
         buffers: &mut BufferCache,
     );
     /// Starts closing: no more requests are taken; `serve` says `remove` once the IO in
@@ -261,6 +269,7 @@ struct Poller<S: Service> {
     listeners: Vec<TcpListener>,
     conns: Vec<Option<Box<S::Connection>>>,
     free_conns: Vec<u32>,
+    local: S::Local,
     buffers: BufferCache,
     events: Vec<Event>,
     stopping: bool,
@@ -280,8 +289,10 @@ impl<S: Service> Poller<S> {
             epoll.add(listener.as_fd(), LISTENER_TOKEN + index as u64, false)?;
         }
         let limits = shared.limits;
+        let local = shared.service.local(reactor);
         Ok(Self {
             reactor,
+            local,
             buffers: BufferCache::new(dma, limits.max_buffer, limits.keep_buffers, S::NAME),
             shared,
             epoll,
@@ -439,7 +450,13 @@ impl<S: Service> Task for Poller<S> {
             let Some(conn) = self.conns[index].as_deref_mut() else {
                 continue;
             };
-            let outcome = conn.serve(index as u32, io, &self.shared.service, &mut self.buffers);
+            let outcome = conn.serve(
+                index as u32,
+                io,
+                &self.shared.service,
+                &mut self.local,
+                &mut self.buffers,
+            );
             work |= outcome.work;
             if outcome.remove {
                 self.remove(index);
@@ -463,7 +480,7 @@ impl<S: Service> Task for Poller<S> {
         let Some(Some(conn)) = self.conns.get_mut(index) else {
             return;
         };
-        conn.complete(slot, completion, stamps, &mut self.buffers);
+        conn.complete(slot, completion, stamps, &mut self.local, &mut self.buffers);
     }
 
     fn finished(&self) -> bool {

@@ -90,8 +90,11 @@ struct NbdService {
 
 impl Service for NbdService {
     type Connection = Conn;
+    type Local = ();
     const NAME: &'static str = "NBD";
     const MAX_CONNECTIONS_KEY: &'static str = "nbd.max_connections";
+
+    fn local(&self, _reactor: usize) {}
 
     fn accept(&self, stream: TcpStream, peer: SocketAddr) -> Option<Box<Conn>> {
         let exports = self
@@ -1106,6 +1109,7 @@ impl Connection for Conn {
         index: u32,
         io: &mut IoContext,
         service: &NbdService,
+        _local: &mut (),
         buffers: &mut BufferCache,
     ) -> Served {
         self.serve_io(index, io, service, buffers)
@@ -1116,6 +1120,7 @@ impl Connection for Conn {
         slot: u16,
         completion: IoCompletion,
         stamps: Option<EngineStamps>,
+        _local: &mut (),
         buffers: &mut BufferCache,
     ) {
         self.completed(slot, completion, stamps, buffers);
