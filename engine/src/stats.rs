@@ -292,12 +292,13 @@ impl Tracer {
         if total <= threshold || decided > threshold {
             return;
         }
-        let mut stamps = [0u64; stamp::COUNT];
-        stamps[stamp::ACCEPTED] = run.key.accepted;
-        stamps[stamp::SUBMITTED] = run.key.submitted;
-        stamps[stamp::RUNG] = run.key.rung;
-        stamps[stamp::SEEN] = run.seen;
-        stamps[stamp::COMPLETED] = run.ended;
+        let stamps = engine_stamps(
+            run.key.accepted,
+            run.key.submitted,
+            run.key.rung,
+            run.seen,
+            run.ended,
+        );
         for _ in 0..run.count {
             let record = self.record(
                 series,
@@ -356,18 +357,17 @@ impl Tracer {
     #[inline(never)]
     fn trace_frontend(&mut self, series: usize, io: &FrontendTrace, tail: bool) {
         let engine = &io.engine;
-        let mut stamps = [0u64; stamp::COUNT];
+        let mut stamps = engine_stamps(
+            engine.accepted,
+            engine.submitted,
+            engine.rung,
+            engine.seen,
+            io.reply_start,
+        );
         stamps[stamp::RECEIVED] = io.received;
-        stamps[stamp::ACCEPTED] = engine.accepted;
-        stamps[stamp::SUBMITTED] = engine.submitted;
-        stamps[stamp::RUNG] = engine.rung;
-        stamps[stamp::SEEN] = engine.seen;
-        stamps[stamp::COMPLETED] = io.reply_start;
         stamps[stamp::REPLY_START] = io.reply_start;
         stamps[stamp::SENT] = io.sent;
-        let reason = (engine.head as u8 * reason::HEAD)
-            | (tail as u8 * reason::TAIL)
-            | (!io.ok as u8 * reason::ERROR);
+        let reason = reason_bits(engine.head, tail, !io.ok);
         let mut record = self.record(
             series,
             reason,
@@ -380,6 +380,28 @@ impl Tracer {
         engine.layers.into_record(&mut record);
         self.push(&record);
     }
+}
+
+/// A record's stamps of the engine's stages (a front end adds its own).
+fn engine_stamps(
+    accepted: u64,
+    submitted: u64,
+    rung: u64,
+    seen: u64,
+    completed: u64,
+) -> [u64; stamp::COUNT] {
+    let mut stamps = [0u64; stamp::COUNT];
+    stamps[stamp::ACCEPTED] = accepted;
+    stamps[stamp::SUBMITTED] = submitted;
+    stamps[stamp::RUNG] = rung;
+    stamps[stamp::SEEN] = seen;
+    stamps[stamp::COMPLETED] = completed;
+    stamps
+}
+
+/// Why an IO is traced, as a record's [`reason`] bits.
+fn reason_bits(head: bool, tail: bool, failed: bool) -> u8 {
+    (head as u8 * reason::HEAD) | (tail as u8 * reason::TAIL) | (failed as u8 * reason::ERROR)
 }
 
 /// A front end's answered request, as [`crate::IoContext::trace_frontend`] takes it.
@@ -552,15 +574,8 @@ impl CoreTelemetry {
         if !(head || tail) {
             return;
         }
-        let mut stamps = [0u64; stamp::COUNT];
-        stamps[stamp::ACCEPTED] = io.accepted;
-        stamps[stamp::SUBMITTED] = io.submitted;
-        stamps[stamp::RUNG] = io.rung;
-        stamps[stamp::SEEN] = io.seen;
-        stamps[stamp::COMPLETED] = io.seen;
-        let reason = (head as u8 * reason::HEAD)
-            | (tail as u8 * reason::TAIL)
-            | (!io.ok as u8 * reason::ERROR);
+        let stamps = engine_stamps(io.accepted, io.submitted, io.rung, io.seen, io.seen);
+        let reason = reason_bits(head, tail, !io.ok);
         let mut record = tracer.record(
             series, reason, io.offset, io.bytes, io.status, io.queue, stamps,
         );
