@@ -8,6 +8,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::otlp::validate;
 use common::Node;
 use fathom_telemetry::region::RegionReader;
 use fathom_telemetry::report::delta_histogram;
@@ -28,6 +29,21 @@ fn node() -> Node {
 /// Reads delayed 2 ms: 0.5% of 20000.
 const DELAYED_MIN: u64 = 50;
 const DELAYED_MAX: u64 = 170;
+
+/// From now on, 0.5% of reads are slowed by 2 ms on the device.
+fn delay_reads(node: &Node) {
+    node.ctl(&[
+        "inject",
+        "add",
+        "nvme0",
+        "--ops",
+        "read",
+        "--latency",
+        "2ms",
+        "--fraction",
+        "0.005",
+    ]);
+}
 
 fn fio_reads(node: &Node, ios: u64) {
     let output = Command::new("fio")
@@ -60,18 +76,7 @@ fn every_nbd_read_over_the_threshold_is_traced_with_the_device_as_its_longest_sp
     let directory = stats.directory().clone();
     let total = directory.stages.iter().position(|s| s == "total").unwrap();
     let read = directory.ops.iter().position(|op| op == "read").unwrap();
-    // 0.5% of reads slowed by 2 ms on the device, from now on.
-    node.ctl(&[
-        "inject",
-        "add",
-        "nvme0",
-        "--ops",
-        "read",
-        "--latency",
-        "2ms",
-        "--fraction",
-        "0.005",
-    ]);
+    delay_reads(&node);
     let mut traces = TraceReader::open(&node.path("stats.trace"), Start::Now).unwrap();
     let before = stats.snapshot(0);
     fio_reads(&node, 20_000);
@@ -191,17 +196,7 @@ fn traced_count(stderr: &str) -> usize {
 #[test]
 fn fathom_stat_trace_draws_waterfalls_and_writes_ctf_and_otlp_that_their_readers_take() {
     let node = node();
-    node.ctl(&[
-        "inject",
-        "add",
-        "nvme0",
-        "--ops",
-        "read",
-        "--latency",
-        "2ms",
-        "--fraction",
-        "0.005",
-    ]);
+    delay_reads(&node);
     fio_reads(&node, 20_000);
 
     // Everything the rings hold: as JSON lines, as CTF and as OTLP JSON.
@@ -327,26 +322,7 @@ fn fathom_stat_trace_draws_waterfalls_and_writes_ctf_and_otlp_that_their_readers
     assert_eq!(from_bt2, from_json);
 
     // The OTLP JSON passes the official protobuf definitions, one tree per trace.
-    let python_path = std::env::var("FATHOM_OTLP_PY")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/otlp-py").into());
-    assert!(
-        std::path::Path::new(&python_path)
-            .join("opentelemetry/proto")
-            .is_dir(),
-        "no opentelemetry-proto in {python_path}: run scripts/test, which installs it"
-    );
-    let check = Command::new("/usr/bin/python3")
-        .arg("tests/trace/validate_otlp.py")
-        .arg(&otlp)
-        .env("PYTHONPATH", &python_path)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
+    let summary = validate(&otlp).unwrap_or_else(|errors| panic!("{errors}"));
     let spans: u64 = records
         .iter()
         .map(|record| record["spans"].as_array().unwrap().len() as u64)
@@ -568,17 +544,7 @@ fn collector(
 #[test]
 fn fathom_stat_trace_sends_otlp_to_a_collector() {
     let node = node();
-    node.ctl(&[
-        "inject",
-        "add",
-        "nvme0",
-        "--ops",
-        "read",
-        "--latency",
-        "2ms",
-        "--fraction",
-        "0.005",
-    ]);
+    delay_reads(&node);
     fio_reads(&node, 20_000);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (port, handle) = collector(stop.clone());
@@ -620,20 +586,7 @@ fn fathom_stat_trace_sends_otlp_to_a_collector() {
         text.push('\n');
     }
     std::fs::write(&lines, text).unwrap();
-    let python_path = std::env::var("FATHOM_OTLP_PY")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/otlp-py").into());
-    let check = Command::new("/usr/bin/python3")
-        .arg("tests/trace/validate_otlp.py")
-        .arg(&lines)
-        .env("PYTHONPATH", &python_path)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
+    let summary = validate(&lines).unwrap_or_else(|errors| panic!("{errors}"));
     assert_eq!(summary["traces"], traced as u64, "{summary}");
     node.stop();
 }

@@ -1,6 +1,8 @@
 //! A fathom-node started by a test, on its own directory and ports, stopped when dropped.
 #![allow(dead_code)]
 
+pub mod otlp;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
