@@ -15,7 +15,9 @@
 //! ```
 
 use crate::auth::{self, Acceptor as KeyAcceptor, ClusterKey, Connector as KeyConnector};
-use crate::proto::{encode, refusal, Frame, Header, Hello, Kind, MAX_VERSION, MIN_VERSION};
+use crate::proto::{
+    encode, refusal, Frame, Header, Hello, Kind, ProtoError, MAX_VERSION, MIN_VERSION,
+};
 
 /// How peers prove they belong to the cluster.
 #[derive(Debug, Clone)]
@@ -50,6 +52,8 @@ pub enum SessionError {
     Auth(#[from] auth::AuthError),
     #[error("the peer refused the session: {0}")]
     Refused(String),
+    #[error("this node's Hello cannot be sent: {0}")]
+    Encode(#[from] ProtoError),
 }
 
 impl SessionError {
@@ -79,7 +83,7 @@ fn hello_frame(
     auth: &[u8],
     volumes: &[String],
     version: Option<u8>,
-) -> Vec<u8> {
+) -> Result<Vec<u8>, SessionError> {
     let (min_version, max_version) = match version {
         Some(version) => (version, version),
         None => (MIN_VERSION, MAX_VERSION),
@@ -94,12 +98,9 @@ fn hello_frame(
     };
     let mut payload = Vec::new();
     let mut out = Vec::new();
-    // Names and lengths were checked by the caller's config (ids, volume names): an error
-    // here would be a bug, and the peer then sees the connection close.
-    if hello.encode(&mut payload).is_ok() {
-        let _ = encode(&Header::new(kind), &payload, &mut out);
-    }
-    out
+    hello.encode(&mut payload)?;
+    encode(&Header::new(kind), &payload, &mut out)?;
+    Ok(out)
 }
 
 /// A Refused frame for `error`.
@@ -228,7 +229,7 @@ impl AcceptorSession {
                     &[],
                     &opened.volumes,
                     Some(version),
-                );
+                )?;
                 Ok(Step::Open(reply, opened))
             }
             PeerAuth::Key(key) => {
@@ -245,7 +246,7 @@ impl AcceptorSession {
                     &auth,
                     &opened.volumes,
                     Some(version),
-                );
+                )?;
                 self.state = AcceptorState::AwaitProof(Box::new((opened, key)));
                 Ok(Step::Send(reply))
             }
@@ -305,7 +306,7 @@ impl ConnectorSession {
                 (Some(Box::new(connector)), nonce)
             }
         };
-        let hello = hello_frame(Kind::Hello, node, cluster, &nonce, &volumes, None);
+        let hello = hello_frame(Kind::Hello, node, cluster, &nonce, &volumes, None)?;
         Ok((
             Self {
                 node: node.into(),
@@ -364,7 +365,7 @@ impl ConnectorSession {
                     &proof,
                     &self.volumes,
                     None,
-                )
+                )?
             }
         };
         Ok((
@@ -502,6 +503,14 @@ mod tests {
             matches!(acceptor, Err(SessionError::Auth(_))),
             "{acceptor:?}"
         );
+    }
+
+    #[test]
+    fn a_hello_that_cannot_be_encoded_is_an_error_not_an_empty_frame() {
+        let error = ConnectorSession::start("", "test", "n2", vec!["vol0".into()], &PeerAuth::Tls)
+            .err()
+            .expect("an empty node id cannot be sent");
+        assert!(matches!(error, SessionError::Encode(_)), "{error:?}");
     }
 
     #[test]
