@@ -69,6 +69,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use fathom_engine::stats::OP_NAMES;
 use fathom_telemetry::trace::{SpanId, TraceDirectory, TraceRecord, VolumeGeometry};
 
 /// The longest packet the writer makes (unless one event alone is longer).
@@ -85,7 +86,6 @@ const TIMESTAMP_END_AT: usize = 40;
 const CONTENT_SIZE_AT: usize = 48;
 const PACKET_SIZE_AT: usize = 56;
 const SEQUENCE_AT: usize = 64;
-const OP_NAMES: [&str; 4] = ["read", "write", "flush", "write_zeroes"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtfError {

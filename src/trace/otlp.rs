@@ -22,7 +22,7 @@
 //! | `fathom.status` | the NVMe status word (status code type << 8 \| status code), 0 for success |
 //! | `fathom.core`   | core of the reactor that ran it                                       |
 //! | `fathom.queue`  | device queue (index into the stats region's queues); absent when the IO reached no device queue |
-//! | `fathom.reason` | why it was traced: `head`, `tail`, `error`, `context`, comma-separated |
+//! | `fathom.reason` | why it was traced: `head`, `tail`, `error`, `context`, `late`, comma-separated |
 //!
 //! `fathom.lba` is the device LBA the IO starts at (the volume's first LBA plus the offset in
 //! its blocks, from the region's volume geometry); absent when the offset was not kept or the
@@ -46,7 +46,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use fathom_engine::stats::OP_NAMES;
+use super::view;
 use fathom_nvme::Status;
 use fathom_telemetry::trace::{reason, Span, TraceDirectory, TraceRecord};
 use serde_json::{json, Map, Value};
@@ -254,10 +254,7 @@ fn span_json(directory: &TraceDirectory, record: &TraceRecord, span: &Span, root
 }
 
 fn root_attributes(record: &TraceRecord, lba: Option<u64>) -> Vec<Value> {
-    let op = OP_NAMES
-        .get(record.op as usize)
-        .map_or_else(|| format!("op{}", record.op), |name| name.to_string());
-    let mut attributes = vec![string_attribute("fathom.op", &op)];
+    let mut attributes = vec![string_attribute("fathom.op", &view::op_name(record))];
     if record.offset != OFFSET_UNKNOWN {
         attributes.push(int_attribute("fathom.offset", record.offset));
     }
@@ -272,32 +269,11 @@ fn root_attributes(record: &TraceRecord, lba: Option<u64>) -> Vec<Value> {
     if record.queue != QUEUE_NONE {
         attributes.push(int_attribute("fathom.queue", record.queue as u64));
     }
-    let reasons = reason_words(record.reason);
+    let reasons = view::reason_words(record.reason);
     if !reasons.is_empty() {
         attributes.push(string_attribute("fathom.reason", &reasons));
     }
     attributes
-}
-
-/// The bits of `bits` ([`reason`]) as words, comma-separated (an unknown bit as its hex value).
-fn reason_words(bits: u8) -> String {
-    let names = [
-        (reason::HEAD, "head"),
-        (reason::TAIL, "tail"),
-        (reason::ERROR, "error"),
-        (reason::CONTEXT, "context"),
-    ];
-    (0..8)
-        .map(|bit| 1u8 << bit)
-        .filter(|mask| bits & mask != 0)
-        .map(|mask| {
-            names
-                .iter()
-                .find(|(known, _)| *known == mask)
-                .map_or_else(|| format!("{mask:#x}"), |(_, name)| name.to_string())
-        })
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// Why the IO failed, when it did: its NVMe status, or the engine's word that it failed

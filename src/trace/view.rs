@@ -3,17 +3,17 @@
 
 use std::fmt::Write;
 
+use fathom_engine::stats::OP_NAMES;
 use fathom_telemetry::trace::{reason, Span, TraceDirectory, TraceRecord};
 use serde_json::{json, Value};
 
 use crate::stat::duration;
 
-/// Operation names by [`TraceRecord::op`].
-const OPS: [&str; 4] = ["read", "write", "flush", "write_zeroes"];
-
-/// A record's operation's name (`op7` for one this reader does not know).
+/// A record's operation's name, as the stats region names ops (`op7` for one this reader
+/// does not know).
 pub fn op_name(record: &TraceRecord) -> String {
-    OPS.get(record.op as usize)
+    OP_NAMES
+        .get(record.op as usize)
         .map_or_else(|| format!("op{}", record.op), |name| name.to_string())
 }
 
@@ -26,23 +26,34 @@ pub fn volume_name(directory: &TraceDirectory, record: &TraceRecord) -> String {
         .unwrap_or_else(|| format!("?{}", record.volume))
 }
 
-/// Why it was traced, as words: `head`, `tail`, `error`, `context`, `late`.
-pub fn reasons(record: &TraceRecord) -> String {
-    let words: Vec<&str> = [
+/// The bits of a record's reason ([`reason`]) as words, comma-separated: `head`, `tail`,
+/// `error`, `context`, `late`, and an unknown bit as its hex value; empty for none.
+pub fn reason_words(bits: u8) -> String {
+    let names = [
         (reason::HEAD, "head"),
         (reason::TAIL, "tail"),
         (reason::ERROR, "error"),
         (reason::CONTEXT, "context"),
         (reason::LATE, "late"),
-    ]
-    .iter()
-    .filter(|&&(bit, _)| record.reason & bit != 0)
-    .map(|&(_, word)| word)
-    .collect();
-    if words.is_empty() {
-        "-".into()
-    } else {
-        words.join(",")
+    ];
+    (0..8)
+        .map(|bit| 1u8 << bit)
+        .filter(|mask| bits & mask != 0)
+        .map(|mask| {
+            names
+                .iter()
+                .find(|(known, _)| *known == mask)
+                .map_or_else(|| format!("{mask:#x}"), |(_, name)| name.to_string())
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Why it was traced, as words ([`reason_words`]), or `-`.
+pub fn reasons(record: &TraceRecord) -> String {
+    match reason_words(record.reason) {
+        words if words.is_empty() => "-".into(),
+        words => words,
     }
 }
 
