@@ -469,11 +469,11 @@ impl Config {
     /// The trace region's path: `[telemetry.trace] region`, or the stats region's with
     /// `.trace` added.
     pub fn trace_region_path(&self) -> PathBuf {
-        self.telemetry.trace.region.clone().unwrap_or_else(|| {
-            let mut path = self.region_path().into_os_string();
-            path.push(".trace");
-            PathBuf::from(path)
-        })
+        self.telemetry
+            .trace
+            .region
+            .clone()
+            .unwrap_or_else(|| fathom_telemetry::trace::region_beside(&self.region_path()))
     }
 }
 

@@ -195,11 +195,8 @@ fn run(args: Args) -> Result<()> {
                     .saturating_sub(48)
                     .clamp(20, 200)
             });
-            let region = trace_region.unwrap_or_else(|| {
-                let mut path = args.source.path().into_os_string();
-                path.push(".trace");
-                PathBuf::from(path)
-            });
+            let region = trace_region
+                .unwrap_or_else(|| fathom_telemetry::trace::region_beside(&args.source.path()));
             return fathom::trace::command::run(&TraceOptions {
                 region,
                 start: if oldest { Start::Oldest } else { Start::Now },

@@ -449,6 +449,14 @@ impl TraceRecord {
     }
 }
 
+/// Where a node keeps its trace region unless told otherwise: beside its stats region, with
+/// `.trace` added (`/dev/shm/fathom-node0.trace`).
+pub fn region_beside(stats_region: &Path) -> PathBuf {
+    let mut path = stats_region.as_os_str().to_os_string();
+    path.push(".trace");
+    PathBuf::from(path)
+}
+
 /// What the node describes when it creates its trace region.
 #[derive(Debug, Clone)]
 pub struct TraceSpec {
