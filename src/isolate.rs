@@ -573,7 +573,9 @@ fn shares(variants: &[Variant]) -> Vec<Share> {
         // What is left of the latency with this layer's stub, against the same with only
         // the layers below it gone (or the full stack).
         let above = match layer {
-            LayerName::Frontend | LayerName::Engine | LayerName::Media => full,
+            LayerName::Frontend | LayerName::Engine | LayerName::Replication | LayerName::Media => {
+                full
+            }
             LayerName::Queue => find(Some(LayerName::Device))
                 .or_else(|| find(Some(LayerName::Media)))
                 .unwrap_or(full),

@@ -343,7 +343,12 @@ impl NodeControl {
         let layers: Vec<LayerName> = match layer {
             Some(layer) => vec![self.target_layer(target, Some(layer))?.0],
             None if device => vec![LayerName::Device, LayerName::Media],
-            None => vec![LayerName::Frontend, LayerName::Engine, LayerName::Queue],
+            None => vec![
+                LayerName::Frontend,
+                LayerName::Engine,
+                LayerName::Replication,
+                LayerName::Queue,
+            ],
         };
         let mut rules = self.rules();
         let mut cleared = 0;
@@ -628,6 +633,7 @@ fn stub_detail(layer: LayerName) -> &'static str {
     match layer {
         LayerName::Frontend => "workload inside the node",
         LayerName::Engine => "no engine layers: nothing held or delayed",
+        LayerName::Replication => "no replication stub yet",
         LayerName::Queue => "completes at submission, NVMe rings untouched",
         LayerName::Device => "inline null controller behind the same queue code",
         LayerName::Media => "the controller moves no data",

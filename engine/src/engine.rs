@@ -107,20 +107,6 @@ pub struct Engine {
 impl Engine {
     /// Brings up DMA memory, devices, volumes and one reactor per configured core.
     pub fn start(config: &Config) -> Result<Self, EngineError> {
-        // The replication data path is being built (issue 14): a replicated volume is refused
-        // rather than served without its replicas.
-        if let Some(volume) = config
-            .volumes
-            .iter()
-            .find(|volume| !volume.replicas.is_empty())
-        {
-            return Err(EngineError::Volume {
-                volume: volume.name.clone(),
-                what: "replicated volumes (replicas = [...]) are not served by this build yet; \
-                       leave `replicas` out to serve it from this node alone"
-                    .into(),
-            });
-        }
         let clock = match (config.telemetry.enabled, config.telemetry.clock) {
             (true, ClockChoice::Tsc) => Clock::tsc(Duration::from_millis(20))?,
             (true, ClockChoice::Monotonic) => Clock::monotonic(),
@@ -474,6 +460,58 @@ impl Engine {
             result: Err(IoError::Stopped),
             buf: None,
         })
+    }
+
+    /// As [`Engine::io`], in `request.volume`'s replication metadata area (offsets from its
+    /// start; see [`Volume::metadata_command`]): for start-up and tools, not the IO path.
+    pub fn metadata_io(&self, request: IoRequest) -> IoCompletion {
+        let tag = request.tag;
+        let Some(volume) = self.inner.volumes.get(request.volume.0 as usize) else {
+            return IoCompletion {
+                tag,
+                result: Err(IoError::UnknownVolume(request.volume.0)),
+                buf: request.buf,
+            };
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let task = OneMetadataIo {
+            request: Some(request),
+            done: tx,
+            finished: false,
+        };
+        if let Err(error) = self.spawn(volume.reactor, Box::new(task)) {
+            tracing::warn!("metadata IO on volume {}: {error}", volume.name);
+            return IoCompletion {
+                tag,
+                result: Err(IoError::Busy),
+                buf: None,
+            };
+        }
+        rx.recv().unwrap_or(IoCompletion {
+            tag,
+            result: Err(IoError::Stopped),
+            buf: None,
+        })
+    }
+
+    /// Adds `layer`, one that belongs to the volume ([`Layer::persistent`]: replication), to
+    /// `volume`'s stack at its place among the layers its settings make, and waits until it
+    /// is in place. Later changes of the settings keep it; adding another of the same kind
+    /// replaces it.
+    pub fn add_layer(&self, volume: &Volume, layer: Box<dyn Layer>) -> Result<(), ControlError> {
+        let all = self.inner.layers.lock();
+        let settings = &all[volume.id.0 as usize];
+        let (mut layers, path) = settings.build(
+            &self.inner.clock,
+            self.inner.slots_per_reactor,
+            volume.id.0 as u64,
+        )?;
+        let at = layers
+            .iter()
+            .take_while(|built| built.layer() <= layer.layer())
+            .count();
+        layers.insert(at, layer);
+        self.install(volume, layers, path)
     }
 
     /// A volume's layer settings: stubs and run-time injection rules, per layer.
@@ -938,7 +976,50 @@ fn build_volumes(config: &Config, devices: &[Arc<dyn Driver>]) -> Result<Vec<Vol
             reactor,
             core: config.reactor.cores[reactor],
             max_transfer_bytes: info.max_transfer_bytes,
+            meta_blocks: volume.metadata_bytes(config.replication.region_size.0) / block_size,
         });
     }
     Ok(volumes)
+}
+
+/// One metadata IO run on the volume's own reactor ([`Engine::metadata_io`]), which is the
+/// only place [`IoContext::submit_metadata`] can be called.
+struct OneMetadataIo {
+    request: Option<IoRequest>,
+    done: crossbeam_channel::Sender<IoCompletion>,
+    finished: bool,
+}
+
+impl Task for OneMetadataIo {
+    fn poll(&mut self, io: &mut IoContext) -> bool {
+        let Some(request) = self.request.take() else {
+            return false;
+        };
+        match io.submit_metadata(request) {
+            Ok(()) => {}
+            Err(Rejected {
+                request,
+                error: IoError::Busy,
+                ..
+            }) => self.request = Some(request),
+            Err(rejected) => {
+                let _ = self.done.send(IoCompletion {
+                    tag: rejected.request.tag,
+                    result: Err(rejected.error),
+                    buf: rejected.request.buf,
+                });
+                self.finished = true;
+            }
+        }
+        true
+    }
+
+    fn complete(&mut self, _io: &mut IoContext, completion: IoCompletion) {
+        let _ = self.done.send(completion);
+        self.finished = true;
+    }
+
+    fn finished(&self) -> bool {
+        self.finished
+    }
 }

@@ -39,6 +39,9 @@ pub enum LayerName {
     Frontend,
     /// The engine: the cross-core hop to the owning reactor and the volume's layers.
     Engine,
+    /// Replication: a replicated volume's writes and flushes fanned out to its replicas (on
+    /// the primary), beside the local copy below.
+    Replication,
     /// The device queue: NVMe submission and completion rings, doorbells.
     Queue,
     /// The controller behind the queue.
@@ -48,9 +51,10 @@ pub enum LayerName {
 }
 
 impl LayerName {
-    pub const ALL: [LayerName; 5] = [
+    pub const ALL: [LayerName; 6] = [
         LayerName::Frontend,
         LayerName::Engine,
+        LayerName::Replication,
         LayerName::Queue,
         LayerName::Device,
         LayerName::Media,
@@ -65,6 +69,7 @@ impl LayerName {
         match self {
             LayerName::Frontend => "frontend",
             LayerName::Engine => "engine",
+            LayerName::Replication => "replication",
             LayerName::Queue => "queue",
             LayerName::Device => "device",
             LayerName::Media => "media",
@@ -85,7 +90,10 @@ impl std::str::FromStr for LayerName {
             .into_iter()
             .find(|name| name.as_str() == text)
             .ok_or_else(|| {
-                format!("no layer {text:?}: the layers are frontend, engine, queue, device, media")
+                format!(
+                    "no layer {text:?}: the layers are frontend, engine, replication, queue, \
+                     device, media"
+                )
             })
     }
 }
@@ -124,7 +132,7 @@ pub struct LayerSettings {
 /// A volume's settings for every layer, in [`LayerName::ALL`] order.
 #[derive(Debug, Clone, Default)]
 pub struct VolumeLayers {
-    pub layers: [LayerSettings; 5],
+    pub layers: [LayerSettings; 6],
 }
 
 impl VolumeLayers {
@@ -172,6 +180,13 @@ impl VolumeLayers {
                     })
                 }
                 LayerName::Device | LayerName::Media => continue,
+                LayerName::Replication if settings.stub => {
+                    return Err(ControlError::Unsupported {
+                        what: "the replication layer has no stub yet: stub the queue, device \
+                               or media of the replicas' nodes instead"
+                            .into(),
+                    })
+                }
                 _ => {}
             }
             if settings.stub {
@@ -293,6 +308,22 @@ pub trait Layer: Send {
     }
     /// The layer is leaving the stack: release or complete everything it holds.
     fn drain(&mut self, _ctx: &mut LayerCtx<'_>) {}
+    /// Whether [`Layer::poll`] is called every loop iteration even while the layer holds
+    /// nothing (a layer with sockets of its own: replication's peers).
+    fn polled(&self) -> bool {
+        false
+    }
+    /// A descriptor that turns readable when the layer has work (its sockets' epoll), so that
+    /// an idle reactor sleeps until then rather than spinning for it.
+    fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+    /// A layer that belongs to the volume itself rather than to its stub and injection
+    /// settings (replication, with its sequences and peers): a change of those settings keeps
+    /// it where it stands and rebuilds the rest around it.
+    fn persistent(&self) -> bool {
+        false
+    }
 }
 
 /// A slot number meaning "none" (no parent).
@@ -318,9 +349,12 @@ impl LayerWork {
     }
 }
 
-/// What a layer may do while it is called: read the clock, and hand IOs on.
+/// What a layer may do while it is called: read the clock, see an IO's data, and hand IOs
+/// on.
 pub struct LayerCtx<'a> {
     pub(crate) clock: &'a Clock,
+    /// The reactor's IO slots: a client's IO keeps its data buffer there.
+    pub(crate) slots: &'a [crate::reactor::Slot],
     pub(crate) now: u64,
     pub(crate) depth: u8,
     pub(crate) work: &'a mut LayerWork,
@@ -337,6 +371,18 @@ impl LayerCtx<'_> {
     /// Clock ticks, read once per loop iteration for the layers.
     pub fn now(&self) -> u64 {
         self.now
+    }
+
+    /// The payload of write `slot` as its client handed it; `None` for any other IO (a
+    /// read's buffer is the device's to fill) and for a child (its data is its parent's).
+    pub fn data(&self, slot: u32) -> Option<&[u8]> {
+        let slot = self.slots.get(slot as usize)?;
+        // A device only reads a write's buffer, so the host may read it alongside, in flight
+        // or not (the DMA crate's ownership rule keeps writers apart, not readers).
+        match slot.op {
+            Op::Write => Some(slot.buf.as_ref()?.as_bytes()),
+            _ => None,
+        }
     }
 
     /// Passes a held IO on to the layer below this one.

@@ -194,11 +194,11 @@ impl ReactorShared {
     }
 }
 
-struct Slot {
+pub(crate) struct Slot {
     notify: Notify,
     tag: u64,
-    buf: Option<DmaBuf>,
-    op: Op,
+    pub(crate) buf: Option<DmaBuf>,
+    pub(crate) op: Op,
     /// Stage stamps (telemetry only): accepted by the engine, submitted to the device queue,
     /// published by a doorbell.
     accepted: u64,
@@ -415,7 +415,7 @@ impl IoContext {
     #[inline]
     pub fn submit(&mut self, request: IoRequest) -> Result<(), Rejected> {
         let task = self.current_task;
-        self.submit_notify(request, Notify::Task(task), None, false)
+        self.submit_notify(request, Notify::Task(task), None, false, false)
     }
 
     /// As [`IoContext::submit`], for an IO that has waited since `since` (clock ticks) to be
@@ -429,7 +429,14 @@ impl IoContext {
             telemetry.stamp();
             since
         });
-        self.submit_notify(request, Notify::Task(task), since, false)
+        self.submit_notify(request, Notify::Task(task), since, false, false)
+    }
+
+    /// As [`IoContext::submit`], for the volume's replication metadata area
+    /// ([`Volume::metadata_command`]): straight to the device, past every layer.
+    pub fn submit_metadata(&mut self, request: IoRequest) -> Result<(), Rejected> {
+        let task = self.current_task;
+        self.submit_notify(request, Notify::Task(task), None, false, true)
     }
 
     /// As [`IoContext::submit`], from a front end that times the IO from its socket to its
@@ -437,7 +444,7 @@ impl IoContext {
     #[inline]
     pub fn submit_frontend(&mut self, request: IoRequest) -> Result<(), Rejected> {
         let task = self.current_task;
-        self.submit_notify(request, Notify::Task(task), None, true)
+        self.submit_notify(request, Notify::Task(task), None, true, false)
     }
 
     /// Inside [`Task::complete`], before submitting anything: the stamps of the IO whose
@@ -507,6 +514,7 @@ impl IoContext {
         notify: Notify,
         accepted: Option<u64>,
         frontend: bool,
+        metadata: bool,
     ) -> Result<(), Rejected> {
         let Some(volume) = self.volumes.get(request.volume.0 as usize) else {
             let error = IoError::UnknownVolume(request.volume.0);
@@ -527,7 +535,10 @@ impl IoContext {
                 error,
             });
         }
-        let command = match volume.command(&request) {
+        let command = match match metadata {
+            false => volume.command(&request),
+            true => volume.metadata_command(&request),
+        } {
             Ok(command) => command,
             Err(error) => {
                 return Err(Rejected {
@@ -547,7 +558,8 @@ impl IoContext {
         let device = volume.device;
         // One check for the layerless, uncontended path: anything else is behind it, out of
         // line, so that the fast path keeps the command in the one place the queue reads it.
-        if self.slow != 0 {
+        // Metadata IO goes straight to the device: it is no client's and passes no layer.
+        if self.slow != 0 && !metadata {
             if self.waiting & (1 << device) != 0 {
                 if let Notify::Task(task) = notify {
                     if !self.take_turn(device, task) {
@@ -712,6 +724,7 @@ impl IoContext {
     fn layer_ctx(&mut self, now: u64, depth: u8) -> LayerCtx<'_> {
         LayerCtx {
             clock: &self.clock,
+            slots: &self.slots,
             now,
             depth,
             work: &mut self.work,
@@ -740,15 +753,56 @@ impl IoContext {
         let Some(stack) = self.stacks.get_mut(index) else {
             return;
         };
-        let mut old = std::mem::replace(stack, layers);
+        let mut layers = layers;
+        let mut old = std::mem::take(stack);
+        // A persistent layer (replication) stays, unless the new stack brings its own for its
+        // place; it moves to its place among the new layers, and its children in flight with it.
+        let kept = old.iter().position(|layer| {
+            layer.persistent()
+                && !layers
+                    .iter()
+                    .any(|new| new.persistent() && new.layer() == layer.layer())
+        });
+        // What the old layers hold is released from where each stood (below the persistent
+        // layer: on to its children's way down).
         let now = self.clock.now();
-        for layer in old.iter_mut() {
-            layer.drain(&mut self.layer_ctx(now, 0));
+        for (depth, layer) in old.iter_mut().enumerate() {
+            if Some(depth) != kept {
+                layer.drain(&mut self.layer_ctx(now, depth as u8));
+            }
         }
-        // Everything of this volume waiting between layers starts again at the top.
+        let moved = kept.map(|from| {
+            let layer = old.remove(from);
+            let to = layers
+                .iter()
+                .take_while(|new| new.layer() <= layer.layer())
+                .count();
+            layers.insert(to, layer);
+            (from, to)
+        });
+        self.stacks[index] = layers;
+        // Everything of this volume waiting between layers starts again at the top, but what
+        // is below the persistent layer (its children) goes on from below its new place.
         for entry in self.work.down.iter_mut() {
-            if self.links[entry.0 as usize].volume == volume.0 {
-                entry.1 = 0;
+            if self.links[entry.0 as usize].volume != volume.0 {
+                continue;
+            }
+            match moved {
+                Some((from, to)) if entry.1 as usize > from => entry.1 = to as u8 + 1,
+                _ => entry.1 = 0,
+            }
+        }
+        if let Some((from, to)) = moved {
+            for entry in self.work.up.iter_mut() {
+                if self.links[entry.0 as usize].volume == volume.0 && entry.1 as usize > from {
+                    entry.1 = to as u8 + 1;
+                }
+            }
+            for link in self.links.iter_mut() {
+                if link.volume == volume.0 && link.parent != NO_SLOT && link.origin as usize == from
+                {
+                    link.origin = to as u8;
+                }
             }
         }
         let device = self.volumes[index].device;
@@ -959,7 +1013,7 @@ impl IoContext {
             }
             let mut stack = std::mem::take(&mut self.stacks[volume]);
             for (depth, layer) in stack.iter_mut().enumerate() {
-                if layer.holding() > 0 {
+                if layer.holding() > 0 || layer.polled() {
                     let mut ctx = self.layer_ctx(self.layer_now, depth as u8);
                     work |= layer.poll(&mut ctx);
                 }
@@ -967,6 +1021,16 @@ impl IoContext {
             self.stacks[volume] = stack;
         }
         work
+    }
+
+    /// Whether every layer polled for its own sake names a descriptor to sleep on.
+    fn layers_can_sleep(&self) -> bool {
+        !self.layered
+            || self
+                .stacks
+                .iter()
+                .flatten()
+                .all(|layer| !layer.polled() || layer.wake_fd().is_some())
     }
 
     /// IOs held by layers or waiting between them.
@@ -1123,6 +1187,7 @@ impl Reactor {
                         .iter()
                         .flatten()
                         .all(|task| task.wake_fd().is_some())
+                    && self.io.layers_can_sleep()
                 {
                     self.park();
                     idle_since = None;
@@ -1159,6 +1224,14 @@ impl Reactor {
                     .iter()
                     .flatten()
                     .filter_map(|task| task.wake_fd())
+                    .map(watch),
+            );
+            fds.extend(
+                self.io
+                    .stacks
+                    .iter()
+                    .flatten()
+                    .filter_map(|layer| layer.wake_fd())
                     .map(watch),
             );
             // SAFETY: `fds` holds `len` initialised pollfd entries of descriptors that stay
@@ -1203,7 +1276,7 @@ impl Reactor {
 
     fn submit_or_backlog(&mut self, request: IoRequest, notify: Notify, accepted: u64) -> bool {
         let stamp = (self.io.telemetry.is_some()).then_some(accepted);
-        match self.io.submit_notify(request, notify, stamp, false) {
+        match self.io.submit_notify(request, notify, stamp, false, false) {
             Ok(()) => true,
             Err(Rejected {
                 request,

@@ -35,6 +35,9 @@ pub struct Volume {
     /// The CPU core that reactor runs on.
     pub core: usize,
     pub max_transfer_bytes: usize,
+    /// Blocks of replication metadata right after the data (superblocks, dirty bitmaps),
+    /// reached only through [`Volume::metadata_command`]; 0 for a volume of one node.
+    pub meta_blocks: u64,
 }
 
 /// Why an IO failed.
@@ -177,6 +180,27 @@ impl Volume {
     /// The device command for `request`, or why there is none.
     #[inline]
     pub fn command(&self, request: &IoRequest) -> Result<IoCommand, IoError> {
+        self.command_in(request, self.first_lba, self.size_bytes())
+    }
+
+    /// As [`Volume::command`], for the volume's replication metadata area: `request`'s offset
+    /// counts from the area's start.
+    pub fn metadata_command(&self, request: &IoRequest) -> Result<IoCommand, IoError> {
+        self.command_in(
+            request,
+            self.first_lba + self.blocks,
+            self.meta_blocks << self.block_shift,
+        )
+    }
+
+    /// The command for `request` in the `size` bytes from namespace LBA `first_lba`.
+    #[inline(always)]
+    fn command_in(
+        &self,
+        request: &IoRequest,
+        first_lba: u64,
+        size: u64,
+    ) -> Result<IoCommand, IoError> {
         let op = request.op;
         let (len, data) = match request.op {
             Op::Flush => {
@@ -210,7 +234,6 @@ impl Volume {
                 block_size: self.block_size,
             });
         }
-        let size = self.size_bytes();
         if request.offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(IoError::OutOfRange {
                 op,
@@ -230,7 +253,7 @@ impl Volume {
         Ok(IoCommand {
             op: request.op,
             nsid: self.nsid,
-            slba: self.first_lba + (request.offset >> self.block_shift),
+            slba: first_lba + (request.offset >> self.block_shift),
             blocks: (len >> self.block_shift) as u32,
             data,
             flags: if request.fua {
