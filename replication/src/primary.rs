@@ -77,7 +77,15 @@ pub struct PrimaryVolume {
     /// Per replica: the regions it may lack, and per dirty region the last write to it.
     dirty: Vec<DirtyMap>,
     last_write: Vec<HashMap<u64, u64>>,
+    /// Per replica: it holds every write up to its durable mark, none missed (its regions
+    /// missed while it was away are resynchronised first); only such a replica counts for
+    /// flushes.
+    in_sync: Vec<bool>,
 }
+
+/// A dirty region's last write when the replica missed writes to it while it was away: no
+/// flush cleans it, only a resync of the region ([`PrimaryVolume::resynced`]).
+const NEEDS_RESYNC: u64 = u64::MAX;
 
 impl PrimaryVolume {
     /// A volume of `blocks` blocks of `block_bytes` with `remotes` replicas besides this
@@ -103,7 +111,70 @@ impl PrimaryVolume {
             next_flush: 1,
             dirty: (0..remotes).map(|_| DirtyMap::new(regions)).collect(),
             last_write: (0..remotes).map(|_| HashMap::new()).collect(),
+            in_sync: vec![true; remotes],
         }
+    }
+
+    /// Whether replica `replica` counts for flushes (it lacks no write it acknowledged
+    /// durable, and none from before its stream began).
+    pub fn in_sync(&self, replica: usize) -> bool {
+        self.in_sync[replica]
+    }
+
+    /// The sequence of the last write begun.
+    pub fn last_sequence(&self) -> u64 {
+        self.next_sequence - 1
+    }
+
+    /// Replica `replica`'s session is gone: every write and flush it had not answered failed
+    /// there (it keeps the dirty bits of those writes). Returns the answers now decided.
+    pub fn replica_lost(&mut self, replica: usize) -> Vec<(Option<u64>, Answer)> {
+        let bit = Self::bit(Copy::Replica(replica));
+        let open: Vec<u64> = self
+            .writes
+            .iter()
+            .filter(|(_, write)| (write.done | write.failed) & bit == 0)
+            .map(|(&sequence, _)| sequence)
+            .collect();
+        let mut answers: Vec<(Option<u64>, Answer)> = open
+            .into_iter()
+            .filter_map(|sequence| self.replica_done(replica, sequence, false))
+            .map(|answer| (None, answer))
+            .collect();
+        answers.extend(
+            self.flush_done(Copy::Replica(replica), 0, false)
+                .into_iter()
+                .map(|(id, answer)| (Some(id), answer)),
+        );
+        self.in_sync[replica] = false;
+        answers
+    }
+
+    /// Replica `replica` opens a new stream: its base, the last write begun (every write up
+    /// to it is on the replica or in its dirty regions). The regions it may lack from before
+    /// are then cleaned only by a resync; it is in sync again when none is left.
+    pub fn replica_rejoined(&mut self, replica: usize) -> u64 {
+        for region in self.dirty[replica].dirty().collect::<Vec<_>>() {
+            self.last_write[replica].insert(region, NEEDS_RESYNC);
+        }
+        self.in_sync[replica] = self.dirty[replica].count() == 0;
+        self.durable[1 + replica] = self.last_sequence();
+        self.last_sequence()
+    }
+
+    /// Region `region` was copied to replica `replica` and is durable there (a resync):
+    /// clean unless a write to it is still in flight. Returns whether the replica is in sync.
+    pub fn resynced(&mut self, replica: usize, region: u64) -> bool {
+        let bit = Self::bit(Copy::Replica(replica));
+        let pending = self.writes.values().any(|write| {
+            write.done & bit == 0 && (write.first_region..=write.last_region).contains(&region)
+        });
+        if !pending {
+            self.last_write[replica].remove(&region);
+            self.dirty[replica].clear(region);
+        }
+        self.in_sync[replica] = self.dirty[replica].count() == 0;
+        self.in_sync[replica]
     }
 
     /// Copies that make a majority.
@@ -260,10 +331,16 @@ impl PrimaryVolume {
         let bit = Self::bit(copy);
         let durable = &self.durable;
         let mut answers = Vec::new();
+        let counts = match copy {
+            Copy::Local => true,
+            Copy::Replica(replica) => self.in_sync[replica],
+        };
         for (&id, flush) in self.flushes.iter_mut().filter(|(_, flush)| !flush.answered) {
-            if ok && durable[index] >= flush.target {
+            if ok && counts && durable[index] >= flush.target {
                 flush.durable |= bit;
-            } else if !ok {
+            } else if !ok || !counts {
+                // A replica out of sync lacks writes from before its stream: it can make no
+                // flush durable until it is resynchronised.
                 flush.failed |= bit;
             }
             if flush.durable.count_ones() >= majority {
@@ -417,6 +494,48 @@ mod tests {
             vec![1],
             "durable up to a only"
         );
+    }
+
+    #[test]
+    fn a_replica_that_rejoins_lacks_its_missed_regions_until_they_are_resynced() {
+        let mut v = volume();
+        let (a, _) = v.begin_write(0, 1, false);
+        v.local_done(a, true);
+        v.replica_done(0, a, true);
+        // Replica 1's session goes: write a is failed there, and a flush cannot count it.
+        assert!(v.replica_lost(1).is_empty(), "a was answered already");
+        assert!(!v.in_sync(1));
+        let (b, _) = v.begin_write(512, 1, false);
+        assert_eq!(v.replica_done(1, b, false), None, "b was never sent to it");
+        v.local_done(b, true);
+        assert_eq!(
+            v.replica_done(0, b, true),
+            Some(Answer::Done { sequence: b })
+        );
+        // It comes back: its stream starts after b, and regions 0 and 2 are its to catch up.
+        assert_eq!(v.replica_rejoined(1), b);
+        assert!(!v.in_sync(1));
+        let (c, _) = v.begin_write(256, 1, false);
+        v.local_done(c, true);
+        v.replica_done(1, c, true);
+        let (id, target) = v.begin_flush();
+        assert_eq!(target, c);
+        v.flush_done(Copy::Local, c, true);
+        // Replica 1 says it is durable up to c; it lacks a and b, so it does not count.
+        assert!(v.flush_done(Copy::Replica(1), c, true).is_empty());
+        assert_eq!(
+            v.dirty(1).dirty().collect::<Vec<_>>(),
+            vec![0, 2],
+            "no flush cleans what it missed (region 1 had only c, durable there)"
+        );
+        assert_eq!(
+            v.flush_done(Copy::Replica(0), c, false),
+            vec![(id, Answer::Failed { sequence: c })],
+            "only the primary's copy is durable"
+        );
+        assert!(!v.resynced(1, 0));
+        assert!(v.resynced(1, 2), "region 1 was cleaned by its flush");
+        assert!(v.in_sync(1));
     }
 
     proptest! {

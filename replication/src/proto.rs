@@ -71,10 +71,15 @@
 //!   10 ReadReply   replica   yes    yes      highest applied     echo   echo       yes    data if OK, else none
 //!   11 Probe       primary   yes    yes      ·                   region ≥ 1 (most) ·      none
 //!   12 ProbeReply  replica   yes    yes      highest applied     echo   covered    yes    pairs if OK, else none
-//!   13 Epoch       primary   yes    claimed  ·                   ·      ·          ·      none
+//!   13 Epoch       primary   yes    claimed  base (see below)    ·      ·          ·      none
 //!   14 EpochOk     replica   yes    now      highest applied     ·      ·          ·      none
 //!   15 Refused     either    yes    current  ·                   ·      ·          reason text (UTF-8)
 //! ```
+//!
+//! An Epoch frame opens a volume's stream on a session. Its sequence is the primary's base:
+//! every write up to it is on the replica already or is in the primary's dirty-region map for
+//! that replica (to be resynchronised), and the stream's writes follow it. The replica counts
+//! its writes as applied from there.
 //!
 //! Write, WriteZeroes and Trim each take the next per-volume sequence number; a Flush names
 //! the sequence of the last write issued before it, and its FlushAck says every write up to
@@ -391,7 +396,7 @@ impl Kind {
             Kind::Ack | Kind::FlushAck => VOLUME | EPOCH | SEQUENCE | STATUS,
             Kind::Read | Kind::Probe => VOLUME | EPOCH | LBA | BLOCKS,
             Kind::ReadReply | Kind::ProbeReply => VOLUME | EPOCH | SEQUENCE | LBA | BLOCKS | STATUS,
-            Kind::Epoch => VOLUME | EPOCH,
+            Kind::Epoch => VOLUME | EPOCH | SEQUENCE,
             Kind::EpochOk => VOLUME | EPOCH | SEQUENCE,
             Kind::Refused => VOLUME | EPOCH | STATUS,
         }

@@ -52,8 +52,13 @@ pub enum Decision {
     Full,
     /// Send this reply; nothing is run (a refusal, an out-of-range request).
     Reply(Vec<u8>),
-    /// Write the superblock with `epoch` durably, then call [`ReplicaVolume::epoch_durable`].
-    PersistEpoch { epoch: u64, request_id: u64 },
+    /// Write the superblock with `epoch` durably, then call [`ReplicaVolume::epoch_durable`]
+    /// with these fields.
+    PersistEpoch {
+        epoch: u64,
+        request_id: u64,
+        base: u64,
+    },
     /// The primary broke the protocol (writes out of order, a payload of the wrong size):
     /// close the session with this reason; nothing is run.
     Close(String),
@@ -142,6 +147,7 @@ impl ReplicaVolume {
                 return Decision::PersistEpoch {
                     epoch,
                     request_id: header.request_id,
+                    base: header.sequence,
                 };
             }
             Ok(EpochVerdict::Current) => {}
@@ -154,6 +160,7 @@ impl ReplicaVolume {
             Kind::Read => IoKind::Read,
             Kind::Epoch => {
                 // The current epoch claimed again (a primary that reconnected).
+                self.rebase(header.sequence);
                 return Decision::Reply(self.epoch_ok(header.request_id));
             }
             other => {
@@ -244,11 +251,28 @@ impl ReplicaVolume {
         )
     }
 
-    /// The superblock now holds `epoch`: the replica is fenced against anything older, and
-    /// the EpochOk to send.
-    pub fn epoch_durable(&mut self, epoch: u64, request_id: u64) -> Vec<u8> {
+    /// The superblock now holds `epoch`: the replica is fenced against anything older, its
+    /// stream starts after `base` (the Epoch frame's), and the EpochOk to send.
+    pub fn epoch_durable(&mut self, epoch: u64, request_id: u64, base: u64) -> Vec<u8> {
         self.epoch = self.epoch.max(epoch);
+        self.rebase(base);
         self.epoch_ok(request_id)
+    }
+
+    /// A primary's stream starts after `base`: what this replica lacks up to it is in the
+    /// primary's dirty-region map, so `applied` (and what flush acks promise, in the same
+    /// sense) moves up to it, and no gap below it is waited for.
+    fn rebase(&mut self, base: u64) {
+        if base <= self.applied {
+            return;
+        }
+        self.applied = base;
+        self.durable = self.durable.max(base);
+        self.done.retain(|&sequence| sequence > base);
+        while self.done.first() == Some(&(self.applied + 1)) {
+            self.applied += 1;
+            self.done.remove(0);
+        }
     }
 
     /// A submitted IO finished (`ok`: without error; `data`: a read's data). Returns the
@@ -393,11 +417,12 @@ mod tests {
             decide(&mut v, &claim),
             Decision::PersistEpoch {
                 epoch: 6,
-                request_id: 9
+                request_id: 9,
+                base: 0
             }
         );
         assert_eq!(v.epoch(), 5, "not before it is durable");
-        let ok = v.epoch_durable(6, 9);
+        let ok = v.epoch_durable(6, 9, 0);
         with_frame(&ok, |frame| {
             assert_eq!(
                 (frame.kind(), frame.epoch(), frame.request_id()),
@@ -413,6 +438,33 @@ mod tests {
             decide(&mut v, &write(1, 0, 1, 6)),
             Decision::Submit(_)
         ));
+    }
+
+    #[test]
+    fn a_stream_starts_after_the_primarys_base_and_no_gap_below_it_is_waited_for() {
+        // A replica that restarted knows writes up to 0; the primary resumes after 10 (what
+        // it lacks below is in the primary's dirty regions).
+        let mut v = volume();
+        let claim = frame_bytes(
+            Header {
+                epoch: 5,
+                sequence: 10,
+                request_id: 1,
+                ..Header::new(Kind::Epoch)
+            },
+            &[],
+        );
+        let Decision::Reply(ok) = decide(&mut v, &claim) else {
+            panic!("the current epoch is answered at once")
+        };
+        with_frame(&ok, |frame| {
+            assert_eq!((frame.kind(), frame.sequence()), (Kind::EpochOk, 10))
+        });
+        let Decision::Submit(io) = decide(&mut v, &write(11, 0, 1, 5)) else {
+            panic!()
+        };
+        v.completed(&io, true, &[]);
+        assert_eq!(v.applied(), 11, "no gap below the base");
     }
 
     #[test]
