@@ -640,6 +640,11 @@ impl Engine {
         Ok((index, at))
     }
 
+    /// IO slots each reactor has (what a layer that holds IOs sizes its storage for).
+    pub fn slots_per_reactor(&self) -> usize {
+        self.inner.slots_per_reactor
+    }
+
     /// The queue depth of each reactor's queue on every device.
     pub fn queue_depth(&self) -> u16 {
         self.inner.config.reactor.queue_depth

@@ -24,6 +24,7 @@
 //! supported yet (their completions would reach the new stack's layer at the same depth):
 //! replication, the first fan-out layer, must drain its children first.
 
+use fathom_dma::DmaBuf;
 use fathom_drivers::inject::{InjectRule, Injector, OpClass, Rng};
 use fathom_drivers::{IoCommand, Op};
 use fathom_telemetry::Clock;
@@ -306,6 +307,15 @@ pub trait Layer: Send {
     fn poll(&mut self, _ctx: &mut LayerCtx<'_>) -> bool {
         false
     }
+    /// An IO of the layer's own ([`LayerCtx::issue_own`]) completed, with its buffer back.
+    fn own_done(
+        &mut self,
+        _ctx: &mut LayerCtx<'_>,
+        _tag: u64,
+        _result: Result<(), IoError>,
+        _buf: Option<DmaBuf>,
+    ) {
+    }
     /// The layer is leaving the stack: release or complete everything it holds.
     fn drain(&mut self, _ctx: &mut LayerCtx<'_>) {}
     /// Whether [`Layer::poll`] is called every loop iteration even while the layer holds
@@ -328,6 +338,22 @@ pub trait Layer: Send {
 
 /// A slot number meaning "none" (no parent).
 pub(crate) const NO_SLOT: u32 = u32::MAX;
+/// The parent of a layer's own IO ([`LayerCtx::issue_own`]): none, its layer takes it.
+pub(crate) const OWN_SLOT: u32 = u32::MAX - 1;
+
+/// An IO a layer issues for itself (replication's resync reads and bitmap writes): in LBAs of
+/// the volume's namespace, anywhere in it (its metadata area included).
+#[derive(Debug)]
+pub struct OwnIo {
+    pub op: Op,
+    pub slba: u64,
+    pub blocks: u32,
+    pub fua: bool,
+    /// Returned to [`Layer::own_done`] with the completion.
+    pub tag: u64,
+    /// A read's or a write's data, `blocks` long.
+    pub buf: Option<DmaBuf>,
+}
 
 /// Work the reactor carries on after a layer call: IOs to take further down, IOs to take up.
 pub(crate) struct LayerWork {
@@ -337,6 +363,8 @@ pub(crate) struct LayerWork {
     pub up: Vec<(u32, u8, Result<(), IoError>)>,
     /// Child IOs issued this call: (parent, command). Slots are given by the reactor.
     pub children: Vec<(u32, u8, IoCommand)>,
+    /// Layers' own IOs issued this call: (volume, depth, IO).
+    pub own: Vec<(u32, u8, OwnIo)>,
 }
 
 impl LayerWork {
@@ -345,6 +373,7 @@ impl LayerWork {
             down: Vec::with_capacity(slots),
             up: Vec::with_capacity(slots),
             children: Vec::with_capacity(slots),
+            own: Vec::with_capacity(slots),
         }
     }
 }
@@ -357,6 +386,8 @@ pub struct LayerCtx<'a> {
     pub(crate) slots: &'a [crate::reactor::Slot],
     pub(crate) now: u64,
     pub(crate) depth: u8,
+    /// The volume whose stack is being walked.
+    pub(crate) volume: u32,
     pub(crate) work: &'a mut LayerWork,
     /// Slots free for children (checked before a child is accepted).
     pub(crate) free_slots: usize,
@@ -394,6 +425,22 @@ impl LayerCtx<'_> {
     /// once any children it issued for the IO are done.
     pub fn complete(&mut self, slot: u32, result: Result<(), IoError>) {
         self.work.up.push((slot, self.depth, result));
+    }
+
+    /// Issues an IO of the layer's own below it (no client's: a resync read, a metadata
+    /// write); its completion and buffer come to [`Layer::own_done`]. `Busy` (with the IO
+    /// back) when no slot is free: the layer retries later.
+    pub fn issue_own(&mut self, io: OwnIo) -> Result<(), (IoError, OwnIo)> {
+        if self.free_slots == 0 {
+            return Err((IoError::Busy, io));
+        }
+        if io.blocks == 0 || (io.op != Op::Flush && io.op != Op::WriteZeroes && io.buf.is_none()) {
+            let op = io.op;
+            return Err((IoError::MissingBuffer { op }, io));
+        }
+        self.free_slots -= 1;
+        self.work.own.push((self.volume, self.depth, io));
+        Ok(())
     }
 
     /// Issues a child IO for `parent` below this layer; its completion comes to

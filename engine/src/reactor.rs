@@ -29,13 +29,15 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 
 use crate::config::{PollMode, MAX_DEVICES};
-use crate::layer::{Down, Layer, LayerCtx, LayerName, LayerWork, Up, VolumePath, NO_SLOT};
+use crate::layer::{
+    Down, Layer, LayerCtx, LayerName, LayerWork, OwnIo, Up, VolumePath, NO_SLOT, OWN_SLOT,
+};
 use crate::poll::EventFd;
 use crate::stats::{CoreTelemetry, EngineStamps, FrontendTrace, LayerSpans, Series, TracedIo};
 use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};
 use fathom_dma::DmaBuf;
 use fathom_drivers::{IoCommand, IoFlags, IoQueue, Op};
-use fathom_nvme::{Completed, Status};
+use fathom_nvme::{Completed, DataRange, Status};
 use fathom_telemetry::Clock;
 
 /// Inbound messages taken per loop iteration.
@@ -721,12 +723,13 @@ impl IoContext {
     }
 
     /// What a layer at `depth` is handed while it is called.
-    fn layer_ctx(&mut self, now: u64, depth: u8) -> LayerCtx<'_> {
+    fn layer_ctx(&mut self, now: u64, volume: usize, depth: u8) -> LayerCtx<'_> {
         LayerCtx {
             clock: &self.clock,
             slots: &self.slots,
             now,
             depth,
+            volume: volume as u32,
             work: &mut self.work,
             free_slots: self.free_slots.len(),
         }
@@ -768,7 +771,7 @@ impl IoContext {
         let now = self.clock.now();
         for (depth, layer) in old.iter_mut().enumerate() {
             if Some(depth) != kept {
-                layer.drain(&mut self.layer_ctx(now, depth as u8));
+                layer.drain(&mut self.layer_ctx(now, index, depth as u8));
             }
         }
         let moved = kept.map(|from| {
@@ -831,7 +834,7 @@ impl IoContext {
     /// (before the doorbells). Bounded: IOs a layer releases or issues during this walk wait
     /// for the next iteration.
     fn run_layers(&mut self) {
-        if self.work.children.is_empty() && self.work.down.is_empty() {
+        if self.work.children.is_empty() && self.work.down.is_empty() && self.work.own.is_empty() {
             return;
         }
         self.start_children();
@@ -849,6 +852,9 @@ impl IoContext {
 
     /// Gives the children layers issued their slots; they start below their layer.
     fn start_children(&mut self) {
+        while let Some((volume, depth, io)) = self.work.own.pop() {
+            self.start_own(volume, depth, io);
+        }
         while let Some((parent, depth, command)) = self.work.children.pop() {
             let Some(child) = self.free_slots.pop() else {
                 // LayerCtx::issue counted free slots; a child without one fails its parent's
@@ -886,6 +892,57 @@ impl IoContext {
             self.links[parent as usize].children += 1;
             self.work.down.push((child, depth + 1));
         }
+    }
+
+    /// Gives a layer's own IO its slot; it starts below its layer.
+    fn start_own(&mut self, volume: u32, depth: u8, io: OwnIo) {
+        let OwnIo {
+            op,
+            slba,
+            blocks,
+            fua,
+            tag,
+            buf,
+        } = io;
+        let Some(slot_index) = self.free_slots.pop() else {
+            // LayerCtx::issue_own counted free slots: cannot happen; the layer hears of it.
+            let (depth, volume) = (depth as usize, volume as usize);
+            let mut stack = std::mem::take(&mut self.stacks[volume]);
+            let mut ctx = self.layer_ctx(self.layer_now, volume, depth as u8);
+            if let Some(layer) = stack.get_mut(depth) {
+                layer.own_done(&mut ctx, tag, Err(IoError::Busy), buf);
+            }
+            self.stacks[volume] = stack;
+            return;
+        };
+        let nsid = self.volumes[volume as usize].nsid;
+        let command = IoCommand {
+            op,
+            nsid,
+            slba,
+            blocks,
+            data: buf.as_ref().map(DataRange::of),
+            flags: match fua {
+                true => IoFlags::FUA,
+                false => IoFlags::NONE,
+            },
+        };
+        let slot = &mut self.slots[slot_index as usize];
+        slot.notify = Notify::Nobody;
+        slot.tag = tag;
+        slot.buf = buf;
+        slot.op = op;
+        slot.bytes = 0;
+        self.links[slot_index as usize] = Link {
+            from_frontend: false,
+            origin: depth,
+            volume,
+            parent: OWN_SLOT,
+            children: 0,
+            deferred: None,
+            command,
+        };
+        self.work.down.push((slot_index, depth + 1));
     }
 
     /// Walks one IO down from layer `depth` until a layer keeps or completes it, or it reaches
@@ -929,7 +986,7 @@ impl IoContext {
             {
                 *span = (stack[depth].layer().index() as u8, self.layer_now, 0);
             }
-            let mut ctx = self.layer_ctx(self.layer_now, depth as u8);
+            let mut ctx = self.layer_ctx(self.layer_now, volume, depth as u8);
             match stack[depth].submit(&mut ctx, slot, &command) {
                 Down::Pass => depth += 1,
                 Down::Hold => break,
@@ -971,7 +1028,16 @@ impl IoContext {
             {
                 span.2 = self.layer_now;
             }
-            let mut ctx = self.layer_ctx(self.layer_now, depth as u8);
+            if parent == OWN_SLOT && depth == origin {
+                let tag = self.slots[slot as usize].tag;
+                let buf = self.slots[slot as usize].buf.take();
+                let mut ctx = self.layer_ctx(self.layer_now, volume, depth as u8);
+                stack[depth].own_done(&mut ctx, tag, result, buf);
+                self.links[slot as usize].parent = NO_SLOT;
+                self.free_slots.push(slot);
+                break None;
+            }
+            let mut ctx = self.layer_ctx(self.layer_now, volume, depth as u8);
             if parent != NO_SLOT && depth == origin {
                 stack[depth].child_done(&mut ctx, parent, slot, result);
                 self.links[slot as usize].parent = NO_SLOT;
@@ -1014,7 +1080,7 @@ impl IoContext {
             let mut stack = std::mem::take(&mut self.stacks[volume]);
             for (depth, layer) in stack.iter_mut().enumerate() {
                 if layer.holding() > 0 || layer.polled() {
-                    let mut ctx = self.layer_ctx(self.layer_now, depth as u8);
+                    let mut ctx = self.layer_ctx(self.layer_now, volume, depth as u8);
                     work |= layer.poll(&mut ctx);
                 }
             }

@@ -77,6 +77,10 @@ pub enum IoError {
     Device { op: Op, status: Status },
     #[error("the engine is shutting down")]
     Stopped,
+    #[error("{op} reached fewer than a majority of the volume's copies: it failed (it may be on some of them); the volume needs a majority of its replicas up")]
+    NoQuorum { op: Op },
+    #[error("this node is not the volume's primary at epoch {epoch}: another node took the volume over; send IO to the primary")]
+    NotPrimary { epoch: u64 },
 }
 
 /// One IO as a client describes it: byte offsets within a volume.

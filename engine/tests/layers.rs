@@ -645,3 +645,133 @@ fn a_parent_completed_early_waits_for_its_children_before_its_buffer_goes_back()
     assert_eq!(read(&engine, half_bytes), pattern(11, 4096));
     engine.shutdown().unwrap();
 }
+
+/// Copies the volume's first 4 KiB to `to` with IO of its own (a read, then a write of the same
+/// buffer), once per client write it sees; counts the copies done.
+struct Copier {
+    buf: Option<fathom_dma::DmaBuf>,
+    to_lba: u64,
+    due: usize,
+    busy: bool,
+    seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    copied: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+const READ_TAG: u64 = 1;
+const WRITE_TAG: u64 = 2;
+
+impl Layer for Copier {
+    fn layer(&self) -> LayerName {
+        LayerName::Replication
+    }
+    fn kind(&self) -> &'static str {
+        "copier"
+    }
+    fn submit(&mut self, _ctx: &mut LayerCtx<'_>, _slot: u32, command: &IoCommand) -> Down {
+        if command.op == fathom_engine::Op::Write {
+            self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.due += 1;
+        }
+        Down::Pass
+    }
+    fn holding(&self) -> usize {
+        self.due + self.busy as usize
+    }
+    fn poll(&mut self, ctx: &mut LayerCtx<'_>) -> bool {
+        if self.busy || self.due == 0 {
+            return false;
+        }
+        let io = fathom_engine::layer::OwnIo {
+            op: fathom_engine::Op::Read,
+            slba: 0,
+            blocks: 8,
+            fua: false,
+            tag: READ_TAG,
+            buf: self.buf.take(),
+        };
+        match ctx.issue_own(io) {
+            Ok(()) => {
+                self.due -= 1;
+                self.busy = true;
+            }
+            Err((_, io)) => self.buf = io.buf,
+        }
+        true
+    }
+    fn own_done(
+        &mut self,
+        ctx: &mut LayerCtx<'_>,
+        tag: u64,
+        result: Result<(), IoError>,
+        buf: Option<fathom_dma::DmaBuf>,
+    ) {
+        result.unwrap();
+        if tag == READ_TAG {
+            let io = fathom_engine::layer::OwnIo {
+                op: fathom_engine::Op::Write,
+                slba: self.to_lba,
+                blocks: 8,
+                fua: true,
+                tag: WRITE_TAG,
+                buf,
+            };
+            if let Err((error, io)) = ctx.issue_own(io) {
+                panic!("{error}: {io:?}");
+            }
+        } else {
+            self.buf = buf;
+            self.busy = false;
+            self.copied
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    fn persistent(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn a_layer_moves_data_with_io_of_its_own_and_stays_through_setting_changes() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let test = node(&[0], ONE_VOLUME);
+    let engine = Engine::start(&test.config).unwrap();
+    let (seen, copied) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let volume = engine.volume("v").unwrap().clone();
+    engine
+        .add_layer(
+            &volume,
+            Box::new(Copier {
+                buf: Some(engine.dma().alloc(4096).unwrap()),
+                to_lba: 1024,
+                due: 0,
+                busy: false,
+                seen: seen.clone(),
+                copied: copied.clone(),
+            }),
+        )
+        .unwrap();
+    let wait_copies = |count: usize| {
+        let started = Instant::now();
+        while copied.load(Ordering::SeqCst) < count {
+            assert!(started.elapsed() < Duration::from_secs(5), "no copy made");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    write(&engine, 0, 41).unwrap();
+    wait_copies(1);
+    assert_eq!(
+        read(&engine, 1024 * 512),
+        pattern(41, 4096),
+        "the layer's copy"
+    );
+    // A stub or injection change rebuilds the settings' layers; the persistent one stays, and
+    // sees the next write from below the new engine layer.
+    latency(LayerName::Engine, &engine, "1ms");
+    write(&engine, 0, 42).unwrap();
+    wait_copies(2);
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
+    assert_eq!(read(&engine, 1024 * 512), pattern(42, 4096));
+    let described = engine.layers("v").unwrap();
+    assert_eq!(described.get(LayerName::Engine).inject.len(), 1);
+}

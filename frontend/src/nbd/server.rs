@@ -1170,6 +1170,8 @@ fn nbd_error(error: &IoError, command: Command) -> Errno {
         | IoError::BufferMisaligned { .. } => Errno::Inval,
         IoError::Stopped => Errno::Shutdown,
         IoError::Device { .. }
+        | IoError::NoQuorum { .. }
+        | IoError::NotPrimary { .. }
         | IoError::Busy
         | IoError::UnknownVolume(_)
         | IoError::WrongCore { .. } => Errno::Io,
