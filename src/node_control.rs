@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 use fathom_control::proto::{
-    self, Cleared, DeviceRow, Hello, LayerRow, NamespaceRow, RemoteError, Request, RuleRow,
-    RunResult, TraceRow, VolumeRow,
+    self, Cleared, DeviceRow, Hello, LayerRow, NamespaceRow, PeerRow, RemoteError, ReplicationRow,
+    Request, RuleRow, RunResult, TraceRow, VolumeRow,
 };
 use fathom_control::server::Handler;
 use fathom_engine::config::{InjectRule, TailThreshold};
@@ -23,6 +23,7 @@ use fathom_engine::layer::{ControlError, LayerName};
 use fathom_engine::stats::OP_NAMES;
 use fathom_engine::trace::{TraceSettings, VolumeSampling};
 use fathom_engine::{Engine, Volume};
+use fathom_replication::node::CopyStatus;
 use serde_json::Value;
 use std::sync::Mutex as StdMutex;
 
@@ -44,6 +45,8 @@ pub struct NodeControl {
     /// Held across a `trace_set`'s read of the current sampling and its writes, so that two
     /// at once (one changing the rate, the other the tail) do not undo each other's change.
     trace_changes: StdMutex<()>,
+    /// The replicated volumes this node holds a copy of.
+    replication: Vec<CopyStatus>,
 }
 
 impl NodeControl {
@@ -53,7 +56,60 @@ impl NodeControl {
             rules: StdMutex::new(HashMap::new()),
             runs: AtomicUsize::new(0),
             trace_changes: StdMutex::new(()),
+            replication: Vec::new(),
         }
+    }
+
+    /// Answers `replication` from these copies' live status.
+    pub fn with_replication(mut self, copies: Vec<CopyStatus>) -> Self {
+        self.replication = copies;
+        self
+    }
+
+    fn replication(&self, volume: Option<&str>) -> Result<Vec<ReplicationRow>, RemoteError> {
+        if let Some(name) = volume {
+            self.engine.volume_named(name).map_err(control_error)?;
+        }
+        let node = &self.engine.config().node.id;
+        Ok(self
+            .replication
+            .iter()
+            .filter_map(|copy| {
+                let row = match copy {
+                    CopyStatus::Primary(status) => ReplicationRow {
+                        volume: status.volume.clone(),
+                        role: "primary".into(),
+                        epoch: status.epoch(),
+                        primary: node.clone(),
+                        sequence: status.sequence(),
+                        fenced: status.fenced(),
+                        peers: status
+                            .peers
+                            .iter()
+                            .map(|peer| PeerRow {
+                                node: peer.node.clone(),
+                                state: peer.state().as_str().into(),
+                                in_sync: peer.in_sync(),
+                                acknowledged: peer.acknowledged(),
+                                dirty_bytes: peer.dirty_regions() * status.region_bytes,
+                                resync_left_bytes: peer.stale_regions() * status.region_bytes,
+                                resynced_bytes: peer.resynced_bytes(),
+                            })
+                            .collect(),
+                    },
+                    CopyStatus::Replica(status) => ReplicationRow {
+                        volume: status.volume.clone(),
+                        role: "replica".into(),
+                        epoch: status.epoch(),
+                        primary: status.primary(),
+                        sequence: status.applied(),
+                        fenced: false,
+                        peers: Vec::new(),
+                    },
+                };
+                volume.is_none_or(|name| name == row.volume).then_some(row)
+            })
+            .collect())
     }
 
     /// The operator's rules; a handler that panicked holding them left them whole (each
@@ -619,6 +675,7 @@ impl Handler for NodeControl {
             Request::TraceSet { volume, rate, tail } => {
                 json(self.trace_set(volume.as_deref(), rate, tail.as_deref())?)
             }
+            Request::Replication { volume } => json(self.replication(volume.as_deref())?),
         }
     }
 }

@@ -94,7 +94,7 @@ fn bad_control_requests_get_clear_errors_while_io_flows_and_lose_nothing() {
         (br#"{"v":2,"cmd":"hello"}"#, "bad_request", "version 1"),
         (br#"{"v":1,"cmd":"format_disk"}"#, "bad_request", "unknown command"),
         (br#"{"v":1,"cmd":"stub_set","volume":"nope","layer":"queue"}"#, "unknown_volume", "vol0, vol1"),
-        (br#"{"v":1,"cmd":"stub_set","volume":"vol0","layer":"disk"}"#, "unknown_layer", "frontend, engine, queue, device, media"),
+        (br#"{"v":1,"cmd":"stub_set","volume":"vol0","layer":"disk"}"#, "unknown_layer", "frontend, engine, replication, queue, device, media"),
         (br#"{"v":1,"cmd":"stub_set","volume":"vol0","layer":"frontend"}"#, "unsupported", "inside the node"),
         (br#"{"v":1,"cmd":"inject_add","target":"vol1","layer":"engine","rule":{"fraction":7}}"#, "bad_rule", "0.0 to 1.0"),
         (br#"{"v":1,"cmd":"inject_add","target":"vol1","rule":{"latency":"banana"}}"#, "bad_rule", "banana"),

@@ -61,11 +61,19 @@ pub const COMMANDS: &[&str] = &[
     "run",
     "trace_show",
     "trace_set",
+    "replication",
 ];
 
 /// The layers of a volume's IO path, top to bottom. A volume has `frontend`, `engine` and
 /// `queue`; a device has `device` and `media`.
-pub const LAYERS: &[&str] = &["frontend", "engine", "queue", "device", "media"];
+pub const LAYERS: &[&str] = &[
+    "frontend",
+    "engine",
+    "replication",
+    "queue",
+    "device",
+    "media",
+];
 
 /// Why a line is not a valid request (or response).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -216,6 +224,13 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tail: Option<String>,
     },
+    /// The replicated volumes this node holds a copy of (or one of them): role, epoch, and
+    /// on the primary each replica's session and how far behind it is. Answer:
+    /// `Vec<`[`ReplicationRow`]`>`.
+    Replication {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        volume: Option<String>,
+    },
 }
 
 impl Request {
@@ -234,6 +249,7 @@ impl Request {
             Request::Run { .. } => "run",
             Request::TraceShow { .. } => "trace_show",
             Request::TraceSet { .. } => "trace_set",
+            Request::Replication { .. } => "replication",
         }
     }
 
@@ -346,6 +362,44 @@ pub struct TraceRow {
     /// Per op name (`read`, `write`, ...): the tail threshold in force, in nanoseconds;
     /// `null` when no IO of that op is tail-sampled (tail off, or a p99.9 not learned yet).
     pub thresholds_ns: BTreeMap<String, Option<u64>>,
+}
+
+/// One replicated volume on this node: `replication`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationRow {
+    pub volume: String,
+    /// `primary` or `replica`.
+    pub role: String,
+    pub epoch: u64,
+    /// The primary's node id.
+    pub primary: String,
+    /// The primary: the last write sequence it began. A replica: the highest it applied
+    /// with none missing below.
+    pub sequence: u64,
+    /// The primary learned that another node took the volume over (a newer epoch): it
+    /// fails every write.
+    pub fenced: bool,
+    /// On the primary: one per replica.
+    pub peers: Vec<PeerRow>,
+}
+
+/// A replica's session, as its primary sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRow {
+    pub node: String,
+    /// `open`, `connecting` or `down`.
+    pub state: String,
+    /// It holds every write up to what it reported durable: it counts for flushes.
+    pub in_sync: bool,
+    /// The highest write sequence it acknowledged.
+    pub acknowledged: u64,
+    /// Bytes in the regions it may lack (to be caught up).
+    pub dirty_bytes: u64,
+    /// Of them, bytes in regions it missed writes to while away (or all, for a new copy):
+    /// what its resync has left to copy.
+    pub resync_left_bytes: u64,
+    /// Bytes resynced to it since the primary started.
+    pub resynced_bytes: u64,
 }
 
 /// Answer to `run`.
@@ -600,6 +654,7 @@ const SCHEMA: &[(&str, &[Field])] = &[
             optional("tail", Kind::Tail),
         ],
     ),
+    ("replication", &[optional("volume", Kind::Text)]),
 ];
 
 /// How a JSON value is described in an error: its type and, when short, the value.
@@ -921,6 +976,10 @@ mod tests {
                 volume: None,
                 rate: None,
                 tail: Some("p99.9".into()),
+            },
+            Request::Replication { volume: None },
+            Request::Replication {
+                volume: Some("vol0".into()),
             },
         ]
     }

@@ -118,6 +118,10 @@ pub struct ReplicationConfig {
     /// per region.
     #[serde(default = "ReplicationConfig::default_region_size")]
     pub region_size: ByteSize,
+    /// Resync bytes per second to one replica (a returning or new replica is caught up in
+    /// the background); 0 (the default): as fast as the disks and the network go.
+    #[serde(default)]
+    pub resync_rate: ByteSize,
 }
 
 impl ReplicationConfig {
@@ -135,6 +139,7 @@ impl Default for ReplicationConfig {
             tls_key: None,
             key_file: None,
             region_size: Self::default_region_size(),
+            resync_rate: ByteSize(0),
         }
     }
 }

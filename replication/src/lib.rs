@@ -21,12 +21,17 @@
 //! and the primary's fan-out layer come next and stay thin over these.
 
 pub mod auth;
+pub mod layer;
 pub mod meta;
+pub mod node;
 pub mod order;
 pub mod primary;
 pub mod proto;
 pub mod replica;
+pub mod resync;
+pub mod service;
 pub mod session;
+pub mod stream;
 
 pub use proto::{
     check_epoch, encode, DecodedHeader, EpochVerdict, Frame, FrameDecoder, Header, Hello, Kind,

@@ -19,7 +19,7 @@
 //!
 //! A region is clean for a replica again when every write to it is durable on that replica.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::meta::DirtyMap;
 
@@ -48,6 +48,10 @@ struct InFlight {
     /// that failed.
     done: u64,
     failed: u64,
+    /// Copies whose completion counts for its majority: the primary's, and the replicas in
+    /// sync when it began (one that lacks earlier writes to the region could not give it
+    /// back whole to a new primary).
+    counting: u64,
     answered: bool,
 }
 
@@ -64,6 +68,7 @@ struct Flush {
 #[derive(Debug)]
 pub struct PrimaryVolume {
     remotes: usize,
+    volume_blocks: u64,
     region_shift: u32,
     block_bytes: u64,
     next_sequence: u64,
@@ -77,15 +82,11 @@ pub struct PrimaryVolume {
     /// Per replica: the regions it may lack, and per dirty region the last write to it.
     dirty: Vec<DirtyMap>,
     last_write: Vec<HashMap<u64, u64>>,
-    /// Per replica: it holds every write up to its durable mark, none missed (its regions
-    /// missed while it was away are resynchronised first); only such a replica counts for
-    /// flushes.
-    in_sync: Vec<bool>,
+    /// Per replica: the regions it missed writes to while it was away (or all, for a new
+    /// copy). No flush cleans them, only a resync ([`PrimaryVolume::resynced`]); while any
+    /// is left the replica is out of sync and counts for no majority.
+    stale: Vec<BTreeSet<u64>>,
 }
-
-/// A dirty region's last write when the replica missed writes to it while it was away: no
-/// flush cleans it, only a resync of the region ([`PrimaryVolume::resynced`]).
-const NEEDS_RESYNC: u64 = u64::MAX;
 
 impl PrimaryVolume {
     /// A volume of `blocks` blocks of `block_bytes` with `remotes` replicas besides this
@@ -101,6 +102,7 @@ impl PrimaryVolume {
         let regions = (blocks * block_bytes as u64).div_ceil(1 << region_shift);
         Self {
             remotes,
+            volume_blocks: blocks,
             region_shift,
             block_bytes: block_bytes as u64,
             next_sequence: sequence + 1,
@@ -111,19 +113,84 @@ impl PrimaryVolume {
             next_flush: 1,
             dirty: (0..remotes).map(|_| DirtyMap::new(regions)).collect(),
             last_write: (0..remotes).map(|_| HashMap::new()).collect(),
-            in_sync: vec![true; remotes],
+            stale: (0..remotes).map(|_| BTreeSet::new()).collect(),
         }
     }
 
-    /// Whether replica `replica` counts for flushes (it lacks no write it acknowledged
-    /// durable, and none from before its stream began).
+    /// Whether replica `replica` counts for majorities: it lacks no write from before its
+    /// stream began (no stale region).
     pub fn in_sync(&self, replica: usize) -> bool {
-        self.in_sync[replica]
+        self.stale[replica].is_empty()
+    }
+
+    /// Loads replica `replica`'s dirty-region bitmap block `index` as stored (a primary that
+    /// restarts learns which regions each replica may lack).
+    pub fn load_dirty(
+        &mut self,
+        replica: usize,
+        index: usize,
+        block: &[u8],
+    ) -> Result<(), crate::meta::MetaError> {
+        self.dirty[replica].load_block(index, block)?;
+        self.dirty[replica].take_changed();
+        Ok(())
+    }
+
+    /// Replica `replica`'s bitmap block `index`, to be written.
+    pub fn dirty_block(&self, replica: usize, index: usize) -> [u8; crate::meta::BLOCK_BYTES] {
+        self.dirty[replica].block(index)
+    }
+
+    /// The regions replica `replica` must be resynchronised in, in order.
+    pub fn stale(&self, replica: usize) -> &BTreeSet<u64> {
+        &self.stale[replica]
+    }
+
+    /// The blocks of region `region`: its first block and how many (the last is short when
+    /// the volume ends inside it).
+    pub fn region_blocks(&self, region: u64) -> (u64, u64) {
+        let per_region = (1u64 << self.region_shift) / self.block_bytes;
+        let first = region * per_region;
+        (first, per_region.min(self.blocks().saturating_sub(first)))
+    }
+
+    fn blocks(&self) -> u64 {
+        self.volume_blocks
+    }
+
+    /// Whether a write not yet completed on the primary's own copy touches `region` (a
+    /// resync read of it waits for them).
+    pub fn local_pending(&self, region: u64) -> bool {
+        let bit = Self::bit(Copy::Local);
+        self.writes.values().any(|write| {
+            write.done & bit == 0
+                && write.failed & bit == 0
+                && (write.first_region..=write.last_region).contains(&region)
+        })
+    }
+
+    /// Replica `replica`'s copy is new (a replaced or wiped disk): every region is stale and
+    /// it is rebuilt in full. Returns the bitmap blocks that changed.
+    pub fn replica_is_new(&mut self, replica: usize) -> Vec<usize> {
+        let regions = self.dirty[replica].regions();
+        for region in 0..regions {
+            self.dirty[replica].set(region);
+            self.stale[replica].insert(region);
+        }
+        self.dirty[replica].take_changed()
     }
 
     /// The sequence of the last write begun.
     pub fn last_sequence(&self) -> u64 {
         self.next_sequence - 1
+    }
+
+    /// A replica has applied writes up to `sequence` (a primary that restarted learns where
+    /// the volume's numbering stands): the next write numbers after it.
+    pub fn observe(&mut self, sequence: u64) {
+        if sequence >= self.next_sequence {
+            self.next_sequence = sequence + 1;
+        }
     }
 
     /// Replica `replica`'s session is gone: every write and flush it had not answered failed
@@ -146,7 +213,6 @@ impl PrimaryVolume {
                 .into_iter()
                 .map(|(id, answer)| (Some(id), answer)),
         );
-        self.in_sync[replica] = false;
         answers
     }
 
@@ -154,27 +220,27 @@ impl PrimaryVolume {
     /// to it is on the replica or in its dirty regions). The regions it may lack from before
     /// are then cleaned only by a resync; it is in sync again when none is left.
     pub fn replica_rejoined(&mut self, replica: usize) -> u64 {
-        for region in self.dirty[replica].dirty().collect::<Vec<_>>() {
-            self.last_write[replica].insert(region, NEEDS_RESYNC);
-        }
-        self.in_sync[replica] = self.dirty[replica].count() == 0;
+        let dirty: Vec<u64> = self.dirty[replica].dirty().collect();
+        self.stale[replica].extend(dirty);
         self.durable[1 + replica] = self.last_sequence();
         self.last_sequence()
     }
 
-    /// Region `region` was copied to replica `replica` and is durable there (a resync):
-    /// clean unless a write to it is still in flight. Returns whether the replica is in sync.
-    pub fn resynced(&mut self, replica: usize, region: u64) -> bool {
-        let bit = Self::bit(Copy::Replica(replica));
-        let pending = self.writes.values().any(|write| {
-            write.done & bit == 0 && (write.first_region..=write.last_region).contains(&region)
-        });
-        if !pending {
-            self.last_write[replica].remove(&region);
-            self.dirty[replica].clear(region);
+    /// Region `region` was copied to replica `replica` and is durable there (a resync), as
+    /// the primary's copy held it once every write up to `through` had completed there. The
+    /// region is clean unless a later write to it is not yet durable on the replica. Returns
+    /// whether the replica is in sync now.
+    pub fn resynced(&mut self, replica: usize, region: u64, through: u64) -> bool {
+        if self.stale[replica].remove(&region) {
+            let later = self.last_write[replica]
+                .get(&region)
+                .is_some_and(|&last| last > through);
+            if !later {
+                self.last_write[replica].remove(&region);
+                self.dirty[replica].clear(region);
+            }
         }
-        self.in_sync[replica] = self.dirty[replica].count() == 0;
-        self.in_sync[replica]
+        self.in_sync(replica)
     }
 
     /// Copies that make a majority.
@@ -219,7 +285,11 @@ impl PrimaryVolume {
         self.next_sequence += 1;
         let (first_region, last_region) = self.regions(lba, blocks);
         let mut changed = Vec::new();
+        let mut counting = Self::bit(Copy::Local);
         for replica in 0..self.remotes {
+            if self.stale[replica].is_empty() {
+                counting |= Self::bit(Copy::Replica(replica));
+            }
             for region in first_region..=last_region {
                 self.dirty[replica].set(region);
                 self.last_write[replica].insert(region, sequence);
@@ -239,6 +309,7 @@ impl PrimaryVolume {
                 last_region,
                 done: 0,
                 failed: 0,
+                counting,
                 answered: false,
             },
         );
@@ -258,7 +329,6 @@ impl PrimaryVolume {
 
     fn copy_done(&mut self, copy: Copy, sequence: u64, ok: bool) -> Option<Answer> {
         let majority = self.majority();
-        let copies = 1 + self.remotes as u32;
         let write = self.writes.get_mut(&sequence)?;
         let bit = Self::bit(copy);
         if (write.done | write.failed) & bit != 0 {
@@ -272,10 +342,10 @@ impl PrimaryVolume {
         let fua = write.fua;
         let answer = if write.answered {
             None
-        } else if write.done.count_ones() >= majority {
+        } else if (write.done & write.counting).count_ones() >= majority {
             write.answered = true;
             Some(Answer::Done { sequence })
-        } else if copies - write.failed.count_ones() < majority {
+        } else if (write.counting & !write.failed).count_ones() < majority {
             write.answered = true;
             Some(Answer::Failed { sequence })
         } else {
@@ -333,7 +403,7 @@ impl PrimaryVolume {
         let mut answers = Vec::new();
         let counts = match copy {
             Copy::Local => true,
-            Copy::Replica(replica) => self.in_sync[replica],
+            Copy::Replica(replica) => self.stale[replica].is_empty(),
         };
         for (&id, flush) in self.flushes.iter_mut().filter(|(_, flush)| !flush.answered) {
             if ok && counts && durable[index] >= flush.target {
@@ -385,12 +455,16 @@ impl PrimaryVolume {
                 .collect();
             let last_write = &mut self.last_write[replica];
             let dirty = &mut self.dirty[replica];
+            let stale = &self.stale[replica];
             last_write.retain(|&region, &mut last| {
                 let pending = in_flight
                     .iter()
                     .any(|&(first, end)| (first..=end).contains(&region));
                 if last <= durable && !pending {
-                    dirty.clear(region);
+                    // A stale region stays dirty until its resync.
+                    if !stale.contains(&region) {
+                        dirty.clear(region);
+                    }
                     false
                 } else {
                     true
@@ -502,9 +576,8 @@ mod tests {
         let (a, _) = v.begin_write(0, 1, false);
         v.local_done(a, true);
         v.replica_done(0, a, true);
-        // Replica 1's session goes: write a is failed there, and a flush cannot count it.
+        // Replica 1's session goes: write a is failed there (it keeps its dirty bit).
         assert!(v.replica_lost(1).is_empty(), "a was answered already");
-        assert!(!v.in_sync(1));
         let (b, _) = v.begin_write(512, 1, false);
         assert_eq!(v.replica_done(1, b, false), None, "b was never sent to it");
         v.local_done(b, true);
@@ -517,7 +590,15 @@ mod tests {
         assert!(!v.in_sync(1));
         let (c, _) = v.begin_write(256, 1, false);
         v.local_done(c, true);
-        v.replica_done(1, c, true);
+        assert_eq!(
+            v.replica_done(1, c, true),
+            None,
+            "an out-of-sync replica does not make a majority"
+        );
+        assert_eq!(
+            v.replica_done(0, c, true),
+            Some(Answer::Done { sequence: c })
+        );
         let (id, target) = v.begin_flush();
         assert_eq!(target, c);
         v.flush_done(Copy::Local, c, true);
@@ -533,9 +614,17 @@ mod tests {
             vec![(id, Answer::Failed { sequence: c })],
             "only the primary's copy is durable"
         );
-        assert!(!v.resynced(1, 0));
-        assert!(v.resynced(1, 2), "region 1 was cleaned by its flush");
+        assert!(!v.resynced(1, 0, c));
+        assert!(v.resynced(1, 2, c), "region 1 was cleaned by its flush");
         assert!(v.in_sync(1));
+        assert_eq!(v.dirty(1).count(), 0);
+        // In sync again, it counts for the next write's majority.
+        let (d, _) = v.begin_write(0, 1, false);
+        v.local_done(d, true);
+        assert_eq!(
+            v.replica_done(1, d, true),
+            Some(Answer::Done { sequence: d })
+        );
     }
 
     proptest! {

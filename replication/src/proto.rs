@@ -23,7 +23,7 @@
 //! offset size field        value
 //!      0    4 magic        "FTRP" (46 54 52 50)
 //!      4    1 version      1
-//!      5    1 kind         1..=15, see below; 0 and 16..=255 are refused
+//!      5    1 kind         1..=16, see below; 0 and 17..=255 are refused
 //!      6    2 flags        bit 0 FUA, bit 1 trace sampled; any other bit is refused
 //!      8    2 header_len   88 (a later version that grows the header bumps the version)
 //!     10    2 status       replies: 0 OK, else a status code; Refused: the reason (not 0)
@@ -74,12 +74,19 @@
 //!   13 Epoch       primary   yes    claimed  base (see below)    ·      ·          ·      none
 //!   14 EpochOk     replica   yes    now      highest applied     ·      ·          ·      none
 //!   15 Refused     either    yes    current  ·                   ·      ·          reason text (UTF-8)
+//!   16 Resync      primary   yes    yes      ·                   first  ≥ 1        ·      data, ≥ 1 byte
 //! ```
 //!
 //! An Epoch frame opens a volume's stream on a session. Its sequence is the primary's base:
 //! every write up to it is on the replica already or is in the primary's dirty-region map for
 //! that replica (to be resynchronised), and the stream's writes follow it. The replica counts
 //! its writes as applied from there.
+//!
+//! A Resync carries a region's data as the primary holds it, to a replica that lacks writes
+//! there (it was away, or its copy is new). It takes no sequence: the replica applies it in
+//! the order it arrived among the session's writes, and makes it durable before its Ack (the
+//! primary sends it once every earlier write to those blocks completed on its own copy, and
+//! holds later ones until it is sent, so the replica ends with the primary's data).
 //!
 //! Write, WriteZeroes and Trim each take the next per-volume sequence number; a Flush names
 //! the sequence of the last write issued before it, and its FlushAck says every write up to
@@ -284,11 +291,12 @@ pub enum Kind {
     Epoch = 13,
     EpochOk = 14,
     Refused = 15,
+    Resync = 16,
 }
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 16] = [
         Kind::Hello,
         Kind::HelloOk,
         Kind::Write,
@@ -304,6 +312,7 @@ impl Kind {
         Kind::Epoch,
         Kind::EpochOk,
         Kind::Refused,
+        Kind::Resync,
     ];
 
     /// The value on the wire.
@@ -331,6 +340,7 @@ impl Kind {
             13 => Kind::Epoch,
             14 => Kind::EpochOk,
             15 => Kind::Refused,
+            16 => Kind::Resync,
             _ => return None,
         })
     }
@@ -353,6 +363,7 @@ impl Kind {
             Kind::Epoch => "Epoch",
             Kind::EpochOk => "EpochOk",
             Kind::Refused => "Refused",
+            Kind::Resync => "Resync",
         }
     }
 
@@ -380,7 +391,7 @@ impl Kind {
     const fn needs_blocks(self) -> bool {
         matches!(
             self,
-            Kind::Write | Kind::WriteZeroes | Kind::Trim | Kind::Read | Kind::Probe
+            Kind::Write | Kind::WriteZeroes | Kind::Trim | Kind::Read | Kind::Probe | Kind::Resync
         )
     }
 
@@ -394,7 +405,7 @@ impl Kind {
             }
             Kind::Flush => VOLUME | EPOCH | SEQUENCE,
             Kind::Ack | Kind::FlushAck => VOLUME | EPOCH | SEQUENCE | STATUS,
-            Kind::Read | Kind::Probe => VOLUME | EPOCH | LBA | BLOCKS,
+            Kind::Read | Kind::Probe | Kind::Resync => VOLUME | EPOCH | LBA | BLOCKS,
             Kind::ReadReply | Kind::ProbeReply => VOLUME | EPOCH | SEQUENCE | LBA | BLOCKS | STATUS,
             Kind::Epoch => VOLUME | EPOCH | SEQUENCE,
             Kind::EpochOk => VOLUME | EPOCH | SEQUENCE,
@@ -405,7 +416,7 @@ impl Kind {
     const fn payload_rule(self) -> PayloadRule {
         match self {
             Kind::Hello | Kind::HelloOk => PayloadRule::Hello,
-            Kind::Write => PayloadRule::Data,
+            Kind::Write | Kind::Resync => PayloadRule::Data,
             Kind::ReadReply => PayloadRule::DataIfOk,
             Kind::ProbeReply => PayloadRule::ProbePairs,
             Kind::Refused => PayloadRule::Text,
@@ -459,7 +470,7 @@ pub enum ProtoError {
         stored: u32,
         computed: u32,
     },
-    #[error("unknown frame kind {code}: version 1 defines kinds 1 to 15")]
+    #[error("unknown frame kind {code}: version 1 defines kinds 1 to 16")]
     UnknownKind { code: u8 },
     #[error("{kind} sets flag bits {flags:#06x}, which version 1 does not define")]
     UnknownFlags { kind: Kind, flags: u16 },
@@ -1656,6 +1667,15 @@ mod tests {
                 },
                 b"stale epoch 4 < 5".to_vec(),
             ),
+            (
+                Header {
+                    sequence: 0,
+                    lba: 2048,
+                    block_count: 2,
+                    ..io(Kind::Resync)
+                },
+                vec![0x5a; 8192],
+            ),
         ]
     }
 
@@ -1735,7 +1755,7 @@ mod tests {
             assert_eq!(Kind::from_code(kind.code()), Some(kind));
         }
         assert_eq!(Kind::from_code(0), None);
-        assert_eq!(Kind::from_code(16), None);
+        assert_eq!(Kind::from_code(17), None);
     }
 
     #[test]
@@ -1891,11 +1911,11 @@ mod tests {
 
     #[test]
     fn unknown_kinds_are_refused() {
-        for code in [0u8, 16, 255] {
+        for code in [0u8, 17, 255] {
             let bytes = reseal(frame_bytes(&flush(), &[]), |b| b[offset::KIND] = code);
             let error = decode_error(&bytes);
             assert_eq!(error, ProtoError::UnknownKind { code });
-            assert!(error.to_string().contains("kinds 1 to 15"));
+            assert!(error.to_string().contains("kinds 1 to 16"));
         }
     }
 

@@ -21,6 +21,10 @@ use crate::proto::{check_epoch, encode, status, EpochVerdict, Frame, Header, Kin
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Io {
     pub kind: IoKind,
+    /// Its place among the session's writes (Write, WriteZeroes, Trim, Resync), in the order
+    /// they arrived: what overlapping writes are ordered by, and what
+    /// [`ReplicaVolume::completed`] names held writes by.
+    pub arrival: u64,
     pub request_id: u64,
     pub lba: u64,
     pub blocks: u32,
@@ -35,6 +39,8 @@ pub enum IoKind {
     Write,
     WriteZeroes,
     Trim,
+    /// A region's data from the primary (resync): written durably, no sequence.
+    Resync,
     Flush,
     Read,
 }
@@ -45,7 +51,7 @@ pub enum Decision {
     /// Run it now.
     Submit(Io),
     /// It waits behind an earlier overlapping write: keep it and its payload until
-    /// [`ReplicaVolume::completed`] names its sequence as ready.
+    /// [`ReplicaVolume::completed`] names its arrival as ready.
     Held(Io),
     /// Too many writes outstanding: stop reading the session until one completes, then
     /// offer the same frame again.
@@ -73,6 +79,10 @@ pub struct ReplicaVolume {
     block_bytes: u32,
     blocks: u64,
     order: WriteOrder,
+    /// Writes so far, in arrival order (the order's keys).
+    arrivals: u64,
+    /// The last write sequence taken: the primary's writes come in sequence order.
+    last_sequence: u64,
     /// Every write up to this sequence has completed here (acknowledged).
     applied: u64,
     /// Sequences completed beyond `applied`, not yet contiguous.
@@ -98,6 +108,8 @@ impl ReplicaVolume {
             block_bytes,
             blocks,
             order: WriteOrder::new(max_writes),
+            arrivals: 0,
+            last_sequence: applied,
             applied,
             done: Vec::new(),
             durable: applied,
@@ -158,6 +170,7 @@ impl ReplicaVolume {
             Kind::Trim => IoKind::Trim,
             Kind::Flush => IoKind::Flush,
             Kind::Read => IoKind::Read,
+            Kind::Resync => IoKind::Resync,
             Kind::Epoch => {
                 // The current epoch claimed again (a primary that reconnected).
                 self.rebase(header.sequence);
@@ -172,6 +185,7 @@ impl ReplicaVolume {
         };
         let io = Io {
             kind,
+            arrival: 0,
             request_id: header.request_id,
             lba: header.lba,
             blocks: header.block_count,
@@ -215,7 +229,7 @@ impl ReplicaVolume {
         if kind == IoKind::Read {
             return Decision::Submit(io);
         }
-        if kind == IoKind::Write
+        if matches!(kind, IoKind::Write | IoKind::Resync)
             && frame.payload.len() as u64 != io.blocks as u64 * self.block_bytes as u64
         {
             return Decision::Close(format!(
@@ -227,17 +241,32 @@ impl ReplicaVolume {
                 self.block_bytes
             ));
         }
+        if kind != IoKind::Resync && io.sequence <= self.last_sequence {
+            return Decision::Close(format!(
+                "write {} came after write {}: the primary's writes come in sequence order",
+                io.sequence, self.last_sequence
+            ));
+        }
         let write = Write {
-            sequence: io.sequence,
+            sequence: self.arrivals + 1,
             lba: io.lba,
             blocks: io.blocks,
         };
-        match self.order.admit(write) {
+        let io = Io {
+            arrival: write.sequence,
+            ..io
+        };
+        let decision = match self.order.admit(write) {
             Ok(Admit::Now) => Decision::Submit(io),
             Ok(Admit::Held) => Decision::Held(io),
-            Ok(Admit::Full) => Decision::Full,
-            Err(error) => Decision::Close(error.to_string()),
+            Ok(Admit::Full) => return Decision::Full,
+            Err(error) => return Decision::Close(error.to_string()),
+        };
+        self.arrivals += 1;
+        if kind != IoKind::Resync {
+            self.last_sequence = io.sequence;
         }
+        decision
     }
 
     fn epoch_ok(&self, request_id: u64) -> Vec<u8> {
@@ -254,6 +283,10 @@ impl ReplicaVolume {
     /// The superblock now holds `epoch`: the replica is fenced against anything older, its
     /// stream starts after `base` (the Epoch frame's), and the EpochOk to send.
     pub fn epoch_durable(&mut self, epoch: u64, request_id: u64, base: u64) -> Vec<u8> {
+        if epoch > self.epoch {
+            // A new primary numbers its writes from where it learned the volume stands.
+            self.last_sequence = 0;
+        }
         self.epoch = self.epoch.max(epoch);
         self.rebase(base);
         self.epoch_ok(request_id)
@@ -267,6 +300,7 @@ impl ReplicaVolume {
             return;
         }
         self.applied = base;
+        self.last_sequence = self.last_sequence.max(base);
         self.durable = self.durable.max(base);
         self.done.retain(|&sequence| sequence > base);
         while self.done.first() == Some(&(self.applied + 1)) {
@@ -276,7 +310,7 @@ impl ReplicaVolume {
     }
 
     /// A submitted IO finished (`ok`: without error; `data`: a read's data). Returns the
-    /// reply to send and the sequences of the held writes that may run now, in order.
+    /// reply to send and the arrivals of the held writes that may run now, in order.
     pub fn completed(&mut self, io: &Io, ok: bool, data: &[u8]) -> (Vec<u8>, Vec<u64>) {
         let code = if ok { status::OK } else { status::IO_ERROR };
         match io.kind {
@@ -303,8 +337,18 @@ impl ReplicaVolume {
                 };
                 (self.reply(header, &[]), Vec::new())
             }
+            IoKind::Resync => {
+                let ready = self.order.completed(io.arrival).unwrap_or_default();
+                let header = Header {
+                    status: code,
+                    request_id: io.request_id,
+                    ..Header::new(Kind::Ack)
+                };
+                let ready = ready.into_iter().map(|write| write.sequence).collect();
+                (self.reply(header, &[]), ready)
+            }
             IoKind::Write | IoKind::WriteZeroes | IoKind::Trim => {
-                let ready = self.order.completed(io.sequence).unwrap_or_default();
+                let ready = self.order.completed(io.arrival).unwrap_or_default();
                 if ok {
                     self.applied_one(io.sequence);
                     if io.fua {

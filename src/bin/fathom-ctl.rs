@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::builder::PossibleValuesParser;
 use clap::{ArgGroup, Parser};
-use fathom_control::proto::{Request, TraceRow, LAYERS};
+use fathom_control::proto::{ReplicationRow, Request, TraceRow, LAYERS};
 use fathom_control::{
     Cleared, ControlClient, DeviceRow, Hello, LayerRow, RuleRow, RunResult, VolumeRow,
 };
@@ -50,6 +50,7 @@ const DEFAULT_NODE: &str = "/var/lib/fathom";
 ///   fathom-ctl trace show                               # which IOs each volume traces
 ///   fathom-ctl trace set vol0 --tail 500us --rate 0     # vol0: only IOs slower than 500us
 ///   fathom-ctl trace set --tail p99.9                   # every volume: its slowest 0.1%
+///   fathom-ctl replication                              # replicas: sessions, sync, lag
 ///
 /// The socket is owner-only: run as the user that runs fathom-node. --json prints the node's
 /// answer as JSON instead of a table. Exit status: 0 done, 1 the node (or the connection)
@@ -107,6 +108,20 @@ enum Command {
     Trace {
         #[command(subcommand)]
         action: TraceAction,
+    },
+    /// The replicated volumes this node holds a copy of, as `drbdadm status` shows them:
+    /// role, epoch and primary; on the primary, each replica's session (open, connecting,
+    /// down), whether it is in sync (counts for majorities and flushes), the last write it
+    /// acknowledged, how many writes it is behind, the bytes it may lack (its dirty regions)
+    /// and its resync: what is left to copy to it (regions it missed while away) and what
+    /// was copied.
+    ///
+    ///   fathom-ctl --node /tmp/fathom-cluster/a replication
+    ///   fathom-ctl replication vol0 --json
+    #[command(verbatim_doc_comment)]
+    Replication {
+        /// Only this volume.
+        volume: Option<String>,
     },
 }
 
@@ -425,6 +440,9 @@ fn request(command: &Command) -> Request {
             rate: set.rate,
             tail: set.tail.clone(),
         },
+        Command::Replication { volume } => Request::Replication {
+            volume: volume.clone(),
+        },
     }
 }
 
@@ -556,6 +574,10 @@ fn print_answer(command: &Command, request: &Request, answer: Value) -> Result<(
         } => {
             let rows: Vec<TraceRow> = parse(answer, what)?;
             print!("{}{}", trace_set_text(set, &rows), trace_table(&rows));
+        }
+        Command::Replication { .. } => {
+            let rows: Vec<ReplicationRow> = parse(answer, what)?;
+            print!("{}", replication_table(&rows));
         }
     }
     Ok(())
@@ -842,6 +864,68 @@ const THRESHOLD_COLUMNS: [(&str, &str); 4] = [
     ("flush", "FLUSH"),
     ("write_zeroes", "WRITE_ZEROES"),
 ];
+
+/// Each volume's line, then on a primary one line per replica under it.
+fn replication_table(rows: &[ReplicationRow]) -> String {
+    if rows.is_empty() {
+        return "no replicated volumes on this node\n".into();
+    }
+    let mut text = String::new();
+    for row in rows {
+        let mut volume = Table::new(&[
+            ("VOLUME", false),
+            ("ROLE", false),
+            ("EPOCH", true),
+            ("PRIMARY", false),
+            ("SEQUENCE", true),
+        ]);
+        let role = match row.fenced {
+            true => format!("{} (fenced: another node took it over)", row.role),
+            false => row.role.clone(),
+        };
+        volume.row(vec![
+            row.volume.clone(),
+            role,
+            row.epoch.to_string(),
+            row.primary.clone(),
+            row.sequence.to_string(),
+        ]);
+        text.push_str(&volume.render());
+        if row.peers.is_empty() {
+            continue;
+        }
+        let mut peers = Table::new(&[
+            ("  REPLICA", false),
+            ("STATE", false),
+            ("IN_SYNC", false),
+            ("ACKED", true),
+            ("BEHIND", true),
+            ("DIRTY", true),
+            ("RESYNC", false),
+        ]);
+        for peer in &row.peers {
+            peers.row(vec![
+                format!("  {}", peer.node),
+                peer.state.clone(),
+                if peer.in_sync { "yes" } else { "no" }.into(),
+                peer.acknowledged.to_string(),
+                row.sequence.saturating_sub(peer.acknowledged).to_string(),
+                bytes_text(peer.dirty_bytes),
+                match peer.resync_left_bytes {
+                    0 if peer.resynced_bytes == 0 => "-".into(),
+                    0 => format!("done, {} copied", bytes_text(peer.resynced_bytes)),
+                    left => format!(
+                        "{} left, {} copied",
+                        bytes_text(left),
+                        bytes_text(peer.resynced_bytes)
+                    ),
+                },
+            ]);
+        }
+        text.push_str(&peers.render());
+    }
+    text
+}
 
 fn trace_table(rows: &[TraceRow]) -> String {
     if rows.is_empty() {

@@ -1,6 +1,7 @@
 //! A fathom-node started by a test, on its own directory and ports, stopped when dropped.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod otlp;
 
 use std::io::{BufRead, BufReader};
@@ -161,7 +162,7 @@ impl Drop for Node {
 }
 
 /// Starts fathom-node on `config`; returns it, its NBD address and its log (kept drained).
-fn spawn(config: &std::path::Path) -> (Child, SocketAddr, Arc<Mutex<Vec<String>>>) {
+pub fn spawn(config: &std::path::Path) -> (Child, SocketAddr, Arc<Mutex<Vec<String>>>) {
     let mut child = Command::new(NODE)
         .arg("--config")
         .arg(config)

@@ -1,0 +1,1272 @@
+//! The replication layer on a volume's primary: an engine [`Layer`] that sends every write,
+//! write-zeroes and flush to the local device (a child IO) and to every replica (a frame on
+//! the session to that node) in parallel, and completes the client's IO when
+//! [`PrimaryVolume`] says a majority of copies has it. Reads pass on to the local device.
+//!
+//! The layer owns its sessions, one per replica: non-blocking sockets in an epoll set the
+//! reactor sleeps on ([`Layer::wake_fd`]), polled every loop iteration. A session opens with
+//! Hello ([`crate::session`]), then an Epoch frame claiming the volume's epoch (which the
+//! replica makes durable), then a second Epoch frame with the base its stream starts after
+//! ([`PrimaryVolume::replica_rejoined`]); writes follow. A replica that is down or whose
+//! session breaks falls behind: its writes fail there and keep their dirty bits, and the
+//! layer dials it again with a growing pause. Connecting runs on a short-lived thread, so
+//! the reactor never blocks on a dead peer.
+//!
+//! A replica that refuses the epoch as stale says another node took the volume over: the
+//! layer is then fenced, and fails every write from then on ([`IoError::NotPrimary`]).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use std::collections::VecDeque;
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use fathom_dma::{DmaBuf, DmaPool};
+use fathom_drivers::{IoCommand, IoFlags, Op};
+use fathom_engine::layer::{Down, Layer, LayerCtx, LayerName, OwnIo, Up};
+use fathom_engine::poll::Epoll;
+use fathom_engine::volume::IoError;
+use fathom_net::Transport;
+
+use crate::primary::{Answer, Copy, PrimaryVolume};
+use crate::proto::{refusal, status, Header, Kind, HEADER_LEN};
+use crate::resync::{Chunk, Resync};
+use crate::session::{ConnectorSession, PeerAuth};
+use crate::stream::{FrameStream, StreamError};
+
+/// How long a replica has to open its session and take the epoch.
+const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pauses between attempts to reach a replica that is down.
+const FIRST_RETRY: Duration = Duration::from_millis(50);
+const LAST_RETRY: Duration = Duration::from_secs(1);
+/// A connection attempt gives up after this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bytes a session may hold for a replica that does not read: beyond it, the replica is
+/// dropped (it falls behind and is caught up later) rather than holding writes back.
+const MAX_UNSENT: usize = 64 << 20;
+
+/// One replica's node.
+#[derive(Debug, Clone)]
+pub struct PeerAddress {
+    pub node: String,
+    pub address: SocketAddr,
+}
+
+/// What a replication layer is built from.
+pub struct Settings {
+    pub node: String,
+    pub cluster: String,
+    pub auth: PeerAuth,
+    /// Mutual TLS: this node's client side (its certificate, the cluster's CA).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub volume: String,
+    pub epoch: u64,
+    /// The volume's first namespace LBA, size and block.
+    pub first_lba: u64,
+    pub blocks: u64,
+    pub block_size: u32,
+    pub region_shift: u32,
+    /// The last write sequence known here.
+    pub sequence: u64,
+    pub peers: Vec<PeerAddress>,
+    /// The largest payload a frame carries (the volume's largest transfer).
+    pub max_payload: u32,
+    /// The owning reactor's IO slots.
+    pub slots: usize,
+    /// Where resync buffers come from.
+    pub pool: DmaPool,
+    /// Resync bytes per second to one replica; 0: as fast as it goes.
+    pub resync_rate: u64,
+}
+
+/// Resync chunks read or sent and not yet answered, per replica.
+const RESYNC_WINDOW: usize = 8;
+/// The largest resync chunk.
+const RESYNC_CHUNK_BYTES: u64 = 256 << 10;
+
+/// A replica's session as an operator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PeerState {
+    Down = 0,
+    Connecting = 1,
+    Open = 2,
+}
+
+impl PeerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerState::Down => "down",
+            PeerState::Connecting => "connecting",
+            PeerState::Open => "open",
+        }
+    }
+}
+
+/// One replica, as the layer last published it.
+#[derive(Debug)]
+pub struct PeerStatus {
+    pub node: String,
+    state: AtomicU8,
+    in_sync: AtomicBool,
+    /// The highest sequence it acknowledged.
+    acknowledged: AtomicU64,
+    /// Regions it may lack.
+    dirty_regions: AtomicU64,
+    /// Regions it lacks writes in from before its session (to resync), and bytes resynced.
+    stale_regions: AtomicU64,
+    resynced_bytes: AtomicU64,
+}
+
+impl PeerStatus {
+    pub fn state(&self) -> PeerState {
+        match self.state.load(Ordering::Relaxed) {
+            2 => PeerState::Open,
+            1 => PeerState::Connecting,
+            _ => PeerState::Down,
+        }
+    }
+    pub fn in_sync(&self) -> bool {
+        self.in_sync.load(Ordering::Relaxed)
+    }
+    pub fn acknowledged(&self) -> u64 {
+        self.acknowledged.load(Ordering::Relaxed)
+    }
+    pub fn dirty_regions(&self) -> u64 {
+        self.dirty_regions.load(Ordering::Relaxed)
+    }
+    pub fn stale_regions(&self) -> u64 {
+        self.stale_regions.load(Ordering::Relaxed)
+    }
+    pub fn resynced_bytes(&self) -> u64 {
+        self.resynced_bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// A replicated volume on its primary, as the layer last published it (read by the control
+/// channel and telemetry on other threads).
+#[derive(Debug)]
+pub struct VolumeStatus {
+    pub volume: String,
+    /// Bytes a dirty region stands for.
+    pub region_bytes: u64,
+    epoch: AtomicU64,
+    sequence: AtomicU64,
+    fenced: AtomicBool,
+    pub peers: Vec<PeerStatus>,
+}
+
+impl VolumeStatus {
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+    /// The last write sequence begun.
+    pub fn sequence(&self) -> u64 {
+        self.sequence.load(Ordering::Relaxed)
+    }
+    pub fn fenced(&self) -> bool {
+        self.fenced.load(Ordering::Relaxed)
+    }
+}
+
+/// What was sent to a replica and waits for its answer.
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    Write { sequence: u64 },
+    Flush,
+    Resync(Chunk),
+}
+
+enum Link {
+    Down {
+        retry_at: Instant,
+        dialing: Option<Receiver<io::Result<TcpStream>>>,
+    },
+    Opening {
+        stream: Box<FrameStream>,
+        session: Box<ConnectorSession>,
+        deadline: Instant,
+    },
+    /// The epoch claim is out; writes wait for its answer.
+    Claiming {
+        stream: Box<FrameStream>,
+        request_id: u64,
+        deadline: Instant,
+    },
+    Open {
+        stream: Box<FrameStream>,
+    },
+}
+
+struct Peer {
+    node: String,
+    address: SocketAddr,
+    link: Link,
+    /// By request id.
+    outstanding: HashMap<u64, Sent>,
+    retry: Duration,
+    resync: Resync,
+    /// Chunks being copied: waiting for the primary's writes to them, or being read. Client
+    /// writes to them wait meanwhile (`blocked`), so the Resync frame goes out before them.
+    copying: Vec<Copying>,
+    /// Resync buffers free to read into.
+    buffers: Vec<DmaBuf>,
+    /// Resync bytes it may be sent now (the rate's token bucket), and when it was filled.
+    tokens: f64,
+    filled: Instant,
+}
+
+/// A chunk on its way from the primary's copy to a replica's session.
+struct Copying {
+    chunk: Chunk,
+    /// The read is out (else it waits for writes in flight to the chunk).
+    reading: bool,
+    /// The session broke meanwhile: the read's data goes nowhere.
+    abandoned: bool,
+}
+
+impl Peer {
+    fn stream(&mut self) -> Option<&mut FrameStream> {
+        match &mut self.link {
+            Link::Opening { stream, .. }
+            | Link::Claiming { stream, .. }
+            | Link::Open { stream } => Some(stream),
+            Link::Down { .. } => None,
+        }
+    }
+
+    fn copying_overlaps(&self, lba: u64, blocks: u32) -> bool {
+        self.copying.iter().any(|copying| {
+            copying.chunk.lba < lba + blocks as u64
+                && lba < copying.chunk.lba + copying.chunk.blocks as u64
+        })
+    }
+}
+
+/// A client IO the layer holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parent {
+    None,
+    Write {
+        sequence: u64,
+        /// Volume blocks, and whether the primary's own copy has it (a resync read of
+        /// these blocks waits until it does).
+        lba: u64,
+        blocks: u32,
+        local_done: bool,
+    },
+    Flush {
+        id: u64,
+        target: u64,
+    },
+}
+
+/// The replication layer of one volume on its primary.
+pub struct ReplicationLayer {
+    node: String,
+    cluster: String,
+    auth: PeerAuth,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    volume: String,
+    epoch: u64,
+    first_lba: u64,
+    max_payload: u32,
+    primary: PrimaryVolume,
+    peers: Vec<Peer>,
+    epoll: Epoll,
+    /// By reactor slot.
+    parents: Vec<Parent>,
+    by_sequence: HashMap<u64, u32>,
+    by_flush: HashMap<u64, u32>,
+    held: usize,
+    /// Client writes waiting for a resync chunk they overlap to go out, in arrival order.
+    blocked: VecDeque<(u32, IoCommand)>,
+    next_request: u64,
+    /// A replica refused this epoch as stale: another node is primary now.
+    fenced: bool,
+    status: Arc<VolumeStatus>,
+    resync_rate: u64,
+    block_size: u32,
+}
+
+impl ReplicationLayer {
+    pub fn new(settings: Settings) -> io::Result<Self> {
+        let status = Arc::new(VolumeStatus {
+            volume: settings.volume.clone(),
+            region_bytes: 1 << settings.region_shift,
+            epoch: AtomicU64::new(settings.epoch),
+            sequence: AtomicU64::new(settings.sequence),
+            fenced: AtomicBool::new(false),
+            peers: settings
+                .peers
+                .iter()
+                .map(|peer| PeerStatus {
+                    node: peer.node.clone(),
+                    state: AtomicU8::new(PeerState::Down as u8),
+                    in_sync: AtomicBool::new(false),
+                    acknowledged: AtomicU64::new(0),
+                    dirty_regions: AtomicU64::new(0),
+                    stale_regions: AtomicU64::new(0),
+                    resynced_bytes: AtomicU64::new(0),
+                })
+                .collect(),
+        });
+        let now = Instant::now();
+        let chunk_bytes = RESYNC_CHUNK_BYTES
+            .min(1 << settings.region_shift)
+            .min(settings.max_payload as u64)
+            .max(settings.block_size as u64);
+        let chunk_blocks = (chunk_bytes / settings.block_size as u64) as u32;
+        let remotes = settings.peers.len();
+        let mut peers = Vec::with_capacity(remotes);
+        for peer in settings.peers {
+            let buffers = (0..RESYNC_WINDOW)
+                .map(|_| settings.pool.alloc(chunk_bytes as usize))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|error| {
+                    io::Error::other(format!("no DMA memory for resync buffers: {error}"))
+                })?;
+            peers.push(Peer {
+                node: peer.node,
+                address: peer.address,
+                link: Link::Down {
+                    retry_at: now,
+                    dialing: None,
+                },
+                outstanding: HashMap::with_capacity(settings.slots),
+                retry: FIRST_RETRY,
+                resync: Resync::new(chunk_blocks, RESYNC_WINDOW),
+                copying: Vec::with_capacity(RESYNC_WINDOW),
+                buffers,
+                tokens: 0.0,
+                filled: now,
+            });
+        }
+        Ok(Self {
+            primary: PrimaryVolume::new(
+                remotes,
+                settings.blocks,
+                settings.block_size,
+                settings.region_shift,
+                settings.sequence,
+            ),
+            peers,
+            epoll: Epoll::new(16)?,
+            parents: vec![Parent::None; settings.slots],
+            by_sequence: HashMap::with_capacity(settings.slots),
+            by_flush: HashMap::with_capacity(settings.slots),
+            held: 0,
+            blocked: VecDeque::with_capacity(settings.slots),
+            next_request: 1,
+            fenced: false,
+            node: settings.node,
+            cluster: settings.cluster,
+            auth: settings.auth,
+            tls: settings.tls,
+            volume: settings.volume,
+            epoch: settings.epoch,
+            first_lba: settings.first_lba,
+            max_payload: settings.max_payload,
+            status,
+            resync_rate: settings.resync_rate,
+            block_size: settings.block_size,
+        })
+    }
+
+    /// What the layer publishes, for the control channel and telemetry.
+    pub fn status(&self) -> Arc<VolumeStatus> {
+        self.status.clone()
+    }
+
+    fn request_id(&mut self) -> u64 {
+        let id = self.next_request;
+        self.next_request += 1;
+        id
+    }
+
+    /// Completes the client IOs `answers` decided.
+    fn answer_writes(&mut self, ctx: &mut LayerCtx<'_>, answers: impl IntoIterator<Item = Answer>) {
+        for answer in answers {
+            let (sequence, result) = match answer {
+                Answer::Done { sequence } => (sequence, Ok(())),
+                Answer::Failed { sequence } => (sequence, Err(IoError::NoQuorum { op: Op::Write })),
+            };
+            if let Some(slot) = self.by_sequence.remove(&sequence) {
+                self.finish(ctx, slot, result);
+            }
+        }
+    }
+
+    fn answer_flushes(&mut self, ctx: &mut LayerCtx<'_>, answers: Vec<(u64, Answer)>) {
+        for (id, answer) in answers {
+            let result = match answer {
+                Answer::Done { .. } => Ok(()),
+                Answer::Failed { .. } => Err(IoError::NoQuorum { op: Op::Flush }),
+            };
+            if let Some(slot) = self.by_flush.remove(&id) {
+                self.finish(ctx, slot, result);
+            }
+        }
+    }
+
+    fn finish(&mut self, ctx: &mut LayerCtx<'_>, slot: u32, result: Result<(), IoError>) {
+        self.parents[slot as usize] = Parent::None;
+        self.held -= 1;
+        ctx.complete(slot, result);
+    }
+
+    /// Replica `index`'s session is gone: what it had not answered failed there.
+    fn lose(&mut self, ctx: &mut LayerCtx<'_>, index: usize, reason: &str) {
+        let peer = &mut self.peers[index];
+        if let Some(stream) = peer.stream() {
+            let fd = stream.transport().stream.as_fd();
+            let _ = self.epoll.delete(fd);
+        }
+        tracing::warn!(
+            volume = %self.volume,
+            replica = %peer.node,
+            "replication: session to {} lost: {reason}; it falls behind and is caught up when it is back",
+            peer.address
+        );
+        peer.link = Link::Down {
+            retry_at: Instant::now() + peer.retry,
+            dialing: None,
+        };
+        peer.retry = (peer.retry * 2).min(LAST_RETRY);
+        peer.outstanding.clear();
+        peer.resync.reset();
+        for copying in &mut peer.copying {
+            copying.abandoned = true;
+        }
+        // Chunks not read yet are dropped now; those being read come back to chunk_read.
+        peer.copying.retain(|copying| copying.reading);
+        for (flush, answer) in self.primary.replica_lost(index) {
+            match flush {
+                Some(id) => self.answer_flushes(ctx, vec![(id, answer)]),
+                None => self.answer_writes(ctx, [answer]),
+            }
+        }
+        self.publish_peer(index);
+        self.release_blocked(ctx);
+    }
+
+    fn publish_peer(&self, index: usize) {
+        let status = &self.status.peers[index];
+        let state = match self.peers[index].link {
+            Link::Down { .. } => PeerState::Down,
+            Link::Opening { .. } | Link::Claiming { .. } => PeerState::Connecting,
+            Link::Open { .. } => PeerState::Open,
+        };
+        status.state.store(state as u8, Ordering::Relaxed);
+        // A replica that is away is behind by whatever it misses meanwhile.
+        status.in_sync.store(
+            state == PeerState::Open && self.primary.in_sync(index),
+            Ordering::Relaxed,
+        );
+        status
+            .dirty_regions
+            .store(self.primary.dirty(index).count(), Ordering::Relaxed);
+        status
+            .stale_regions
+            .store(self.primary.stale(index).len() as u64, Ordering::Relaxed);
+    }
+
+    /// Starts or finishes a connection attempt to a replica that is down.
+    fn dial(&mut self, index: usize, now: Instant) -> Result<bool, String> {
+        let peer = &mut self.peers[index];
+        let Link::Down { retry_at, dialing } = &mut peer.link else {
+            return Ok(false);
+        };
+        let stream = match dialing {
+            None if now >= *retry_at => {
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                let address = peer.address;
+                let spawned = std::thread::Builder::new()
+                    .name(format!("dial-{}", peer.node))
+                    .spawn(move || {
+                        let _ = tx.send(TcpStream::connect_timeout(&address, CONNECT_TIMEOUT));
+                    });
+                match spawned {
+                    Ok(_) => *dialing = Some(rx),
+                    Err(error) => {
+                        *retry_at = now + peer.retry;
+                        return Err(format!("cannot start a thread to connect: {error}"));
+                    }
+                }
+                return Ok(true);
+            }
+            None => return Ok(false),
+            Some(rx) => match rx.try_recv() {
+                Err(TryRecvError::Empty) => return Ok(false),
+                Err(TryRecvError::Disconnected) => {
+                    Err(io::Error::other("the connecting thread ended"))
+                }
+                Ok(result) => result,
+            },
+        };
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(error) => {
+                *dialing = None;
+                *retry_at = now + peer.retry;
+                peer.retry = (peer.retry * 2).min(LAST_RETRY);
+                tracing::debug!(replica = %peer.node, "replication: cannot reach {}: {error}", peer.address);
+                return Ok(true);
+            }
+        };
+        let opened = stream
+            .set_nonblocking(true)
+            .and_then(|()| stream.set_nodelay(true))
+            .map_err(|error| format!("cannot set up the socket: {error}"));
+        let mut transport = Transport::plain(stream);
+        let result = opened.and_then(|()| {
+            if let Some(tls) = &self.tls {
+                transport
+                    .start_tls_client(tls.clone(), &peer.address.ip().to_string())
+                    .map_err(|error| format!("TLS: {error}"))?;
+            }
+            let (session, hello) = ConnectorSession::start(
+                &self.node,
+                &self.cluster,
+                &peer.node,
+                vec![self.volume.clone()],
+                &self.auth,
+            )
+            .map_err(|error| error.to_string())?;
+            let mut stream = FrameStream::new(
+                transport,
+                self.max_payload + 4096,
+                MAX_UNSENT.max(HEADER_LEN + self.max_payload as usize),
+            );
+            stream.queue(&hello).map_err(|error| error.to_string())?;
+            self.epoll
+                .add(stream.transport().stream.as_fd(), index as u64, true)
+                .map_err(|error| format!("cannot watch the socket: {error}"))?;
+            Ok((stream, session))
+        });
+        match result {
+            Ok((stream, session)) => {
+                peer.link = Link::Opening {
+                    stream: Box::new(stream),
+                    session: Box::new(session),
+                    deadline: now + OPENING_TIMEOUT,
+                };
+                self.publish_peer(index);
+                Ok(true)
+            }
+            Err(reason) => {
+                peer.link = Link::Down {
+                    retry_at: now + peer.retry,
+                    dialing: None,
+                };
+                Err(reason)
+            }
+        }
+    }
+
+    /// Reads and handles what replica `index` sent, and writes what waits for it.
+    fn serve_peer(
+        &mut self,
+        ctx: &mut LayerCtx<'_>,
+        index: usize,
+        now: Instant,
+    ) -> Result<bool, String> {
+        let mut work = false;
+        let peer = &mut self.peers[index];
+        match &peer.link {
+            Link::Opening { deadline, .. } | Link::Claiming { deadline, .. }
+                if now >= *deadline =>
+            {
+                return Err(format!(
+                    "the replica did not open the session within {} s",
+                    OPENING_TIMEOUT.as_secs()
+                ))
+            }
+            _ => {}
+        }
+        if let Some(stream) = peer.stream() {
+            work |= stream.fill().map_err(|error| match error {
+                StreamError::Closed => "the replica closed the session".to_string(),
+                error => error.to_string(),
+            })? > 0;
+        }
+        loop {
+            // What the next frame says, taken out of it before the stream is used again.
+            let received = match &mut self.peers[index].link {
+                Link::Down { .. } => break,
+                Link::Opening {
+                    stream, session, ..
+                } => match stream.next_frame() {
+                    None => break,
+                    Some(Err(error)) => return Err(error.to_string()),
+                    Some(Ok(frame)) => {
+                        let (bytes, _) = session
+                            .on_frame(&frame)
+                            .map_err(|error| error.to_string())?;
+                        Received::Opened(bytes)
+                    }
+                },
+                Link::Claiming { stream, .. } | Link::Open { stream } => {
+                    match stream.next_frame() {
+                        None => break,
+                        Some(Err(error)) => return Err(error.to_string()),
+                        Some(Ok(frame)) => {
+                            Received::Frame(frame.header, frame.refusal_text().map(str::to_string))
+                        }
+                    }
+                }
+            };
+            work = true;
+            match received {
+                Received::Opened(bytes) => self.claim(index, &bytes, now)?,
+                Received::Frame(header, text) => self.on_answer(ctx, index, header, text, now)?,
+            }
+        }
+        if let Some(stream) = self.peers[index].stream() {
+            stream.flush().map_err(|error| error.to_string())?;
+        }
+        Ok(work)
+    }
+
+    /// The session to replica `index` is open (`bytes`: the proof to send, if any): claim
+    /// the epoch, which the replica records durably before it answers.
+    fn claim(&mut self, index: usize, bytes: &[u8], now: Instant) -> Result<(), String> {
+        let request_id = self.request_id();
+        let epoch = self.epoch;
+        let peer = &mut self.peers[index];
+        let Link::Opening { mut stream, .. } = std::mem::replace(&mut peer.link, down(now)) else {
+            return Err("the session opened twice".into());
+        };
+        stream.queue(bytes).map_err(|error| error.to_string())?;
+        let claim = Header {
+            epoch,
+            request_id,
+            ..Header::new(Kind::Epoch)
+        };
+        stream
+            .queue_frame(&claim, &[])
+            .map_err(|error| error.to_string())?;
+        peer.link = Link::Claiming {
+            stream,
+            request_id,
+            deadline: now + OPENING_TIMEOUT,
+        };
+        Ok(())
+    }
+
+    /// A frame from replica `index` once its session is open.
+    fn on_answer(
+        &mut self,
+        ctx: &mut LayerCtx<'_>,
+        index: usize,
+        header: Header,
+        refusal_text: Option<String>,
+        now: Instant,
+    ) -> Result<(), String> {
+        match header.kind {
+            Kind::Refused => {
+                let text = refusal_text.unwrap_or_default();
+                if header.status == refusal::STALE_EPOCH {
+                    let node = self.peers[index].node.clone();
+                    self.fence(&node, header.epoch, &text);
+                }
+                Err(format!("the replica refused: {text}"))
+            }
+            Kind::EpochOk => {
+                let Link::Claiming { request_id, .. } = self.peers[index].link else {
+                    // The answer to the base: nothing to do.
+                    return Ok(());
+                };
+                if header.request_id != request_id {
+                    return Err("an EpochOk for another claim".into());
+                }
+                self.primary.observe(header.sequence);
+                self.open(index, now)
+            }
+            Kind::Ack => {
+                let sent = self.peers[index].outstanding.remove(&header.request_id);
+                if let Some(Sent::Resync(chunk)) = sent {
+                    self.chunk_answered(index, chunk, header.status == status::OK);
+                    return Ok(());
+                }
+                let Some(Sent::Write { sequence }) = sent else {
+                    return Err(format!("an Ack for request {} not sent", header.request_id));
+                };
+                if sequence != header.sequence {
+                    return Err(format!(
+                        "an Ack of write {} for write {sequence}",
+                        header.sequence
+                    ));
+                }
+                let ok = header.status == status::OK;
+                if ok {
+                    self.status.peers[index]
+                        .acknowledged
+                        .fetch_max(sequence, Ordering::Relaxed);
+                }
+                if let Some(answer) = self.primary.replica_done(index, sequence, ok) {
+                    self.answer_writes(ctx, [answer]);
+                }
+                Ok(())
+            }
+            Kind::FlushAck => {
+                let sent = self.peers[index].outstanding.remove(&header.request_id);
+                let Some(Sent::Flush) = sent else {
+                    return Err(format!(
+                        "a FlushAck for request {} not sent",
+                        header.request_id
+                    ));
+                };
+                let ok = header.status == status::OK;
+                let answers = self
+                    .primary
+                    .flush_done(Copy::Replica(index), header.sequence, ok);
+                self.answer_flushes(ctx, answers);
+                self.publish_peer(index);
+                Ok(())
+            }
+            other => Err(format!(
+                "a {} frame is not an answer a replica sends",
+                other.name()
+            )),
+        }
+    }
+
+    /// Replica `index` took the epoch: its stream starts after the last write begun (what it
+    /// lacks before is in its dirty regions), and writes from here on go to it.
+    fn open(&mut self, index: usize, now: Instant) -> Result<(), String> {
+        let base = self.primary.replica_rejoined(index);
+        let request_id = self.request_id();
+        let epoch = self.epoch;
+        let peer = &mut self.peers[index];
+        let Link::Claiming { mut stream, .. } = std::mem::replace(&mut peer.link, down(now)) else {
+            return Err("the epoch was taken twice".into());
+        };
+        let header = Header {
+            epoch,
+            sequence: base,
+            request_id,
+            ..Header::new(Kind::Epoch)
+        };
+        stream
+            .queue_frame(&header, &[])
+            .map_err(|error| error.to_string())?;
+        peer.link = Link::Open { stream };
+        peer.retry = FIRST_RETRY;
+        tracing::info!(
+            volume = %self.volume,
+            replica = %peer.node,
+            epoch,
+            base,
+            in_sync = self.primary.in_sync(index),
+            "replication: session open"
+        );
+        self.publish_peer(index);
+        Ok(())
+    }
+
+    /// A client write goes out: to the primary's own copy (a child IO) and to every replica.
+    fn start_write(&mut self, ctx: &mut LayerCtx<'_>, slot: u32, command: &IoCommand) {
+        let lba = command.slba - self.first_lba;
+        let (sequence, _changed) =
+            self.primary
+                .begin_write(lba, command.blocks, command.flags.contains(IoFlags::FUA));
+        self.status.sequence.store(sequence, Ordering::Relaxed);
+        self.parents[slot as usize] = Parent::Write {
+            sequence,
+            lba,
+            blocks: command.blocks,
+            local_done: false,
+        };
+        self.by_sequence.insert(sequence, slot);
+        if ctx.issue(slot, *command).is_err() {
+            if let Parent::Write { local_done, .. } = &mut self.parents[slot as usize] {
+                *local_done = true;
+            }
+            if let Some(answer) = self.primary.local_done(sequence, false) {
+                self.answer_writes(ctx, [answer]);
+            }
+        }
+        self.send_write(ctx, slot, sequence, command);
+    }
+
+    /// Starts the writes that waited for resync chunks, in order, up to the first that
+    /// still overlaps one.
+    fn release_blocked(&mut self, ctx: &mut LayerCtx<'_>) {
+        while let Some(&(slot, command)) = self.blocked.front() {
+            let lba = command.slba - self.first_lba;
+            if self
+                .peers
+                .iter()
+                .any(|peer| peer.copying_overlaps(lba, command.blocks))
+            {
+                break;
+            }
+            self.blocked.pop_front();
+            if self.fenced {
+                self.finish(ctx, slot, Err(IoError::NotPrimary { epoch: self.epoch }));
+            } else {
+                self.start_write(ctx, slot, &command);
+            }
+        }
+    }
+
+    /// Whether a write to these blocks is in flight to the primary's own copy.
+    fn local_pending(&self, chunk: &Chunk) -> bool {
+        self.parents.iter().any(|parent| match *parent {
+            Parent::Write {
+                lba,
+                blocks,
+                local_done: false,
+                ..
+            } => lba < chunk.lba + chunk.blocks as u64 && chunk.lba < lba + blocks as u64,
+            _ => false,
+        })
+    }
+
+    /// Moves replica `index`'s resync on: new chunks as the window, the buffers and the rate
+    /// allow, and reads of the chunks whose writes in flight are done.
+    fn resync(&mut self, ctx: &mut LayerCtx<'_>, index: usize, now: Instant) -> bool {
+        let mut work = false;
+        let rate = self.resync_rate as f64;
+        let block_size = self.block_size as u64;
+        let peer = &mut self.peers[index];
+        if !matches!(peer.link, Link::Open { .. }) {
+            return false;
+        }
+        if rate > 0.0 {
+            let elapsed = now.duration_since(peer.filled).as_secs_f64();
+            // At most a tenth of a second's worth at once.
+            peer.tokens = (peer.tokens + elapsed * rate).min(rate / 10.0);
+            peer.filled = now;
+        }
+        while !peer.buffers.is_empty() && (rate == 0.0 || peer.tokens > 0.0) {
+            let Some(chunk) = peer.resync.next(&self.primary, index) else {
+                break;
+            };
+            peer.tokens -= (chunk.blocks as u64 * block_size) as f64;
+            peer.copying.push(Copying {
+                chunk,
+                reading: false,
+                abandoned: false,
+            });
+            work = true;
+        }
+        for at in 0..self.peers[index].copying.len() {
+            let copying = &self.peers[index].copying[at];
+            if copying.reading || self.local_pending(&copying.chunk) {
+                continue;
+            }
+            let chunk = copying.chunk;
+            let peer = &mut self.peers[index];
+            let Some(buf) = peer.buffers.pop() else {
+                break;
+            };
+            let io = OwnIo {
+                op: Op::Read,
+                slba: self.first_lba + chunk.lba,
+                blocks: chunk.blocks,
+                fua: false,
+                tag: (index as u64) << 32 | chunk.lba,
+                buf: Some(buf),
+            };
+            match ctx.issue_own(io) {
+                Ok(()) => peer.copying[at].reading = true,
+                Err((_, io)) => {
+                    // No slot free: again next time.
+                    peer.buffers.extend(io.buf);
+                    break;
+                }
+            }
+            work = true;
+        }
+        work
+    }
+
+    /// A resync chunk was read from the primary's copy: it goes to its replica, and the
+    /// writes that waited for it go out behind it.
+    fn chunk_read(
+        &mut self,
+        ctx: &mut LayerCtx<'_>,
+        tag: u64,
+        result: Result<(), IoError>,
+        buf: Option<DmaBuf>,
+    ) {
+        let index = (tag >> 32) as usize;
+        let lba = tag & 0xffff_ffff;
+        let epoch = self.epoch;
+        let Some(peer) = self.peers.get_mut(index) else {
+            return;
+        };
+        let Some(at) = peer
+            .copying
+            .iter()
+            .position(|copying| copying.reading && copying.chunk.lba == lba)
+        else {
+            return;
+        };
+        let copying = peer.copying.swap_remove(at);
+        let chunk = copying.chunk;
+        let mut lost = None;
+        match (&result, buf.as_ref(), &mut peer.link) {
+            (Ok(()), Some(data), Link::Open { stream }) if !copying.abandoned => {
+                let request_id = self.next_request;
+                let header = Header {
+                    epoch,
+                    lba: chunk.lba,
+                    block_count: chunk.blocks,
+                    request_id,
+                    ..Header::new(Kind::Resync)
+                };
+                match stream.queue_frame(
+                    &header,
+                    &data.as_bytes()[..(chunk.blocks as u64 * self.block_size as u64) as usize],
+                ) {
+                    Ok(()) => {
+                        self.next_request += 1;
+                        peer.outstanding.insert(request_id, Sent::Resync(chunk));
+                    }
+                    Err(error) => lost = Some(error.to_string()),
+                }
+            }
+            _ => {
+                if let Err(error) = &result {
+                    tracing::warn!(volume = %self.volume, replica = %peer.node, "replication: resync read failed: {error}");
+                }
+                if !copying.abandoned {
+                    peer.resync.answered(chunk, false);
+                }
+            }
+        }
+        if let Some(buf) = buf {
+            self.peers[index].buffers.push(buf);
+        }
+        if let Some(reason) = lost {
+            self.lose(ctx, index, &reason);
+        }
+        self.release_blocked(ctx);
+    }
+
+    /// Replica `index` acknowledged a resync chunk (`ok`) or failed it.
+    fn chunk_answered(&mut self, index: usize, chunk: Chunk, ok: bool) {
+        let peer = &mut self.peers[index];
+        if let Some((region, through)) = peer.resync.answered(chunk, ok) {
+            let in_sync = self.primary.resynced(index, region, through);
+            if in_sync {
+                tracing::info!(
+                    volume = %self.volume,
+                    replica = %self.peers[index].node,
+                    "replication: resync done; the replica is in sync"
+                );
+            }
+        }
+        if ok {
+            self.status.peers[index].resynced_bytes.fetch_add(
+                chunk.blocks as u64 * self.block_size as u64,
+                Ordering::Relaxed,
+            );
+        }
+        self.publish_peer(index);
+    }
+
+    /// Another node holds a newer epoch: this one may no longer have writes acknowledged.
+    fn fence(&mut self, replica: &str, epoch: u64, text: &str) {
+        if !self.fenced {
+            tracing::error!(
+                volume = %self.volume,
+                replica,
+                "replication: replica {replica} is at epoch {epoch}, newer than this primary's {}: another node took the volume over; every write fails here from now on ({text})",
+                self.epoch
+            );
+        }
+        self.fenced = true;
+        self.status.fenced.store(true, Ordering::Relaxed);
+    }
+
+    /// Sends write `sequence` (`command`, with `payload`) to every replica whose stream is
+    /// open; a replica that cannot take it has it failed (its dirty bits stay).
+    fn send_write(
+        &mut self,
+        ctx: &mut LayerCtx<'_>,
+        slot: u32,
+        sequence: u64,
+        command: &IoCommand,
+    ) {
+        let epoch = self.epoch;
+        let kind = match command.op {
+            Op::WriteZeroes => Kind::WriteZeroes,
+            _ => Kind::Write,
+        };
+        let header = Header {
+            epoch,
+            sequence,
+            lba: command.slba - self.first_lba,
+            block_count: command.blocks,
+            fua: command.flags.contains(IoFlags::FUA),
+            ..Header::new(kind)
+        };
+        let payload: &[u8] = match kind {
+            Kind::Write => ctx.data(slot).unwrap_or(&[]),
+            _ => &[],
+        };
+        let mut failed = Vec::new();
+        for (index, peer) in self.peers.iter_mut().enumerate() {
+            let Link::Open { stream } = &mut peer.link else {
+                failed.push((index, None));
+                continue;
+            };
+            let request_id = self.next_request;
+            match stream.queue_frame(
+                &Header {
+                    request_id,
+                    ..header
+                },
+                payload,
+            ) {
+                Ok(()) => {
+                    self.next_request += 1;
+                    peer.outstanding
+                        .insert(request_id, Sent::Write { sequence });
+                }
+                Err(error) => failed.push((index, Some(error.to_string()))),
+            }
+        }
+        for (index, error) in failed {
+            match error {
+                // Not connected: it lacks the write, which stays dirty for it.
+                None => {
+                    if let Some(answer) = self.primary.replica_done(index, sequence, false) {
+                        self.answer_writes(ctx, [answer]);
+                    }
+                }
+                Some(reason) => self.lose(ctx, index, &reason),
+            }
+        }
+    }
+
+    fn send_flush(&mut self, ctx: &mut LayerCtx<'_>, target: u64) {
+        let epoch = self.epoch;
+        let mut failed = Vec::new();
+        for (index, peer) in self.peers.iter_mut().enumerate() {
+            let Link::Open { stream } = &mut peer.link else {
+                failed.push((index, None));
+                continue;
+            };
+            if !self.primary.in_sync(index) {
+                failed.push((index, None));
+                continue;
+            }
+            let request_id = self.next_request;
+            let header = Header {
+                epoch,
+                sequence: target,
+                request_id,
+                ..Header::new(Kind::Flush)
+            };
+            match stream.queue_frame(&header, &[]) {
+                Ok(()) => {
+                    self.next_request += 1;
+                    peer.outstanding.insert(request_id, Sent::Flush);
+                }
+                Err(error) => failed.push((index, Some(error.to_string()))),
+            }
+        }
+        for (index, error) in failed {
+            match error {
+                None => {
+                    let answers = self.primary.flush_done(Copy::Replica(index), 0, false);
+                    self.answer_flushes(ctx, answers);
+                }
+                Some(reason) => self.lose(ctx, index, &reason),
+            }
+        }
+    }
+}
+
+/// What a replica's frame said, taken out of the stream's buffer.
+enum Received {
+    /// The session opened; the bytes (a proof) go back.
+    Opened(Vec<u8>),
+    Frame(Header, Option<String>),
+}
+
+fn down(now: Instant) -> Link {
+    Link::Down {
+        retry_at: now,
+        dialing: None,
+    }
+}
+
+impl Layer for ReplicationLayer {
+    fn layer(&self) -> LayerName {
+        LayerName::Replication
+    }
+
+    fn kind(&self) -> &'static str {
+        "replicate"
+    }
+
+    fn describe(&self) -> String {
+        let open = self
+            .status
+            .peers
+            .iter()
+            .filter(|peer| peer.state() == PeerState::Open)
+            .count();
+        format!(
+            "replicate: primary at epoch {}, {open} of {} replicas connected",
+            self.epoch,
+            self.peers.len()
+        )
+    }
+
+    fn submit(&mut self, ctx: &mut LayerCtx<'_>, slot: u32, command: &IoCommand) -> Down {
+        match command.op {
+            Op::Read => Down::Pass,
+            _ if self.fenced => Down::Complete(Err(IoError::NotPrimary { epoch: self.epoch })),
+            Op::Write | Op::WriteZeroes => {
+                self.held += 1;
+                let lba = command.slba - self.first_lba;
+                if !self.blocked.is_empty()
+                    || self
+                        .peers
+                        .iter()
+                        .any(|peer| peer.copying_overlaps(lba, command.blocks))
+                {
+                    // A resync chunk it overlaps is being copied: after its frame (and after
+                    // the writes that wait already).
+                    self.blocked.push_back((slot, *command));
+                } else {
+                    self.start_write(ctx, slot, command);
+                }
+                Down::Hold
+            }
+            Op::Flush => {
+                let (id, target) = self.primary.begin_flush();
+                self.parents[slot as usize] = Parent::Flush { id, target };
+                self.by_flush.insert(id, slot);
+                self.held += 1;
+                if ctx.issue(slot, *command).is_err() {
+                    let answers = self.primary.flush_done(Copy::Local, target, false);
+                    self.answer_flushes(ctx, answers);
+                }
+                self.send_flush(ctx, target);
+                Down::Hold
+            }
+        }
+    }
+
+    fn complete(
+        &mut self,
+        _ctx: &mut LayerCtx<'_>,
+        _slot: u32,
+        _result: &mut Result<(), IoError>,
+    ) -> Up {
+        // Reads, served by the local copy.
+        Up::Pass
+    }
+
+    fn child_done(
+        &mut self,
+        ctx: &mut LayerCtx<'_>,
+        parent: u32,
+        _child: u32,
+        result: Result<(), IoError>,
+    ) {
+        let ok = result.is_ok();
+        if !ok {
+            tracing::warn!(volume = %self.volume, "replication: the local copy failed: {result:?}");
+        }
+        match self.parents.get(parent as usize).copied() {
+            Some(Parent::Write { sequence, .. }) => {
+                if let Parent::Write { local_done, .. } = &mut self.parents[parent as usize] {
+                    *local_done = true;
+                }
+                if let Some(answer) = self.primary.local_done(sequence, ok) {
+                    self.answer_writes(ctx, [answer]);
+                }
+            }
+            Some(Parent::Flush { target, .. }) => {
+                // The local flush covers what was acknowledged when it was issued.
+                let answers = self.primary.flush_done(Copy::Local, target, ok);
+                self.answer_flushes(ctx, answers);
+            }
+            _ => {}
+        }
+    }
+
+    fn holding(&self) -> usize {
+        // Frames a replica has not answered, and resync chunks, keep the reactor polling.
+        self.held
+            + self
+                .peers
+                .iter()
+                .map(|peer| peer.outstanding.len() + peer.copying.len())
+                .sum::<usize>()
+    }
+
+    fn own_done(
+        &mut self,
+        ctx: &mut LayerCtx<'_>,
+        tag: u64,
+        result: Result<(), IoError>,
+        buf: Option<DmaBuf>,
+    ) {
+        self.chunk_read(ctx, tag, result, buf);
+    }
+
+    fn polled(&self) -> bool {
+        true
+    }
+
+    fn poll(&mut self, ctx: &mut LayerCtx<'_>) -> bool {
+        let mut work = false;
+        if let Ok(events) = self.epoll.wait(0) {
+            for event in events {
+                work = true;
+                if let Some(stream) = self
+                    .peers
+                    .get_mut(event.token as usize)
+                    .and_then(Peer::stream)
+                {
+                    stream.set_readable();
+                }
+            }
+        }
+        let now = Instant::now();
+        for index in 0..self.peers.len() {
+            if matches!(self.peers[index].link, Link::Down { .. }) {
+                match self.dial(index, now) {
+                    Ok(did) => work |= did,
+                    Err(reason) => {
+                        tracing::warn!(volume = %self.volume, replica = %self.peers[index].node, "replication: {reason}")
+                    }
+                }
+                continue;
+            }
+            match self.serve_peer(ctx, index, now) {
+                Ok(did) => work |= did,
+                Err(reason) => {
+                    self.lose(ctx, index, &reason);
+                    work = true;
+                    continue;
+                }
+            }
+            work |= self.resync(ctx, index, now);
+        }
+        work
+    }
+
+    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.epoll.as_fd())
+    }
+
+    fn persistent(&self) -> bool {
+        true
+    }
+}

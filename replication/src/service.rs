@@ -1,0 +1,820 @@
+//! The replica service: the socket driver on every node that holds copies of replicated
+//! volumes. A primary connects, the session opens ([`crate::session`]), and the volume's frames
+//! go through [`ReplicaVolume`] (fencing, bounds, write order) to engine IO on the local copy;
+//! the replies go back on the same session.
+//!
+//! It is a [`fathom_net::server::Service`]: reactor 0 accepts and runs the opening, then the
+//! session moves to the reactor that owns its volume, whose poller keeps the volume's
+//! replica state ([`ReplicaLocal`]) for every session of it without a lock. A session carries
+//! one volume (a primary opens one per volume). Each session holds at most [`SLOTS`] frames
+//! in the engine; beyond that it stops reading and TCP pushes back on the primary.
+
+use std::collections::VecDeque;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fathom_dma::DmaBuf;
+use fathom_engine::reactor::{IoContext, Rejected};
+use fathom_engine::volume::{IoCompletion, IoError, IoRequest, VolumeId};
+use fathom_engine::EngineStamps;
+use fathom_net::server::{Connection, Served, Service};
+use fathom_net::{BufferCache, Transport};
+
+use crate::meta::{Role, Superblock, BLOCK_BYTES};
+use crate::proto::HEADER_LEN;
+use crate::replica::{Decision, Io, IoKind, ReplicaVolume};
+use crate::session::{AcceptorSession, PeerAuth, Step};
+use crate::stream::{FrameStream, StreamError};
+
+/// Frames of one session in the engine at once.
+pub const SLOTS: usize = 64;
+/// Writes a volume tracks for ordering, over all its sessions.
+const ORDER_CAPACITY: usize = 4 * SLOTS;
+/// A peer has this long to open its session.
+const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A replica's copy of a volume, as the service last published it (for the control channel
+/// and telemetry on other threads).
+#[derive(Debug)]
+pub struct ReplicaStatus {
+    pub volume: String,
+    epoch: AtomicU64,
+    applied: AtomicU64,
+    /// The node whose session last claimed the epoch.
+    primary: Mutex<String>,
+}
+
+impl ReplicaStatus {
+    pub fn new(volume: &str, epoch: u64, applied: u64, primary: &str) -> Self {
+        Self {
+            volume: volume.into(),
+            epoch: AtomicU64::new(epoch),
+            applied: AtomicU64::new(applied),
+            primary: Mutex::new(primary.into()),
+        }
+    }
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+    /// Writes up to this sequence are here (or in the primary's dirty regions for it).
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+    pub fn primary(&self) -> String {
+        self.primary
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+}
+
+/// One volume this node holds a copy of.
+#[derive(Debug, Clone)]
+pub struct HeldVolume {
+    pub name: String,
+    pub id: VolumeId,
+    pub reactor: usize,
+    pub block_size: u32,
+    pub blocks: u64,
+    /// Its superblock as read at start, and which of the two copies holds it.
+    pub superblock: Superblock,
+    pub copy: usize,
+    pub status: Arc<ReplicaStatus>,
+}
+
+/// What the replica service of a node is.
+pub struct ReplicaService {
+    node: String,
+    cluster: String,
+    auth: PeerAuth,
+    /// Mutual TLS: sessions start with a TLS handshake that requires the peer's certificate.
+    tls: Option<Arc<rustls::ServerConfig>>,
+    max_payload: u32,
+    volumes: Vec<HeldVolume>,
+}
+
+impl ReplicaService {
+    /// `max_payload`: the largest write payload a frame may carry (the volumes' largest
+    /// transfer).
+    pub fn new(
+        node: &str,
+        cluster: &str,
+        auth: PeerAuth,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        max_payload: u32,
+        volumes: Vec<HeldVolume>,
+    ) -> Self {
+        Self {
+            node: node.into(),
+            cluster: cluster.into(),
+            auth,
+            tls,
+            max_payload,
+            volumes,
+        }
+    }
+
+    /// Bytes a session may hold for its peer: every slot's reply at its largest.
+    fn max_out(&self) -> usize {
+        SLOTS * (HEADER_LEN + self.max_payload as usize)
+    }
+}
+
+/// One volume's replica state on its reactor, shared by its sessions.
+struct VolumeState {
+    replica: ReplicaVolume,
+    superblock: Superblock,
+    copy: usize,
+    /// A superblock write is in flight (epochs are persisted one at a time).
+    persisting: bool,
+    status: Arc<ReplicaStatus>,
+}
+
+/// The replica states of the volumes one reactor owns, by index in the service's list.
+pub struct ReplicaLocal {
+    volumes: Vec<Option<VolumeState>>,
+}
+
+impl Service for ReplicaService {
+    type Connection = ReplicaConn;
+    type Local = ReplicaLocal;
+    const NAME: &'static str = "replication";
+    const MAX_CONNECTIONS_KEY: &'static str = "replication.max_connections";
+
+    fn accept(&self, stream: TcpStream, peer: SocketAddr) -> Option<Box<ReplicaConn>> {
+        let mut transport = Transport::plain(stream);
+        if let Some(tls) = &self.tls {
+            if let Err(error) = transport.start_tls(tls.clone(), &[]) {
+                tracing::warn!(%peer, "replication: refusing a peer: TLS: {error}");
+                return None;
+            }
+        }
+        let session = AcceptorSession::new(&self.node, &self.cluster, self.auth.clone());
+        Some(Box::new(ReplicaConn {
+            stream: FrameStream::new(transport, self.max_payload + 4096, self.max_out()),
+            peer,
+            phase: Phase::Opening {
+                session: Box::new(session),
+                deadline: Instant::now() + OPENING_TIMEOUT,
+            },
+            slots: (0..SLOTS).map(|_| None).collect(),
+            free: (0..SLOTS as u16).rev().collect(),
+            ready: VecDeque::with_capacity(SLOTS),
+            in_engine: 0,
+            writable: true,
+            close_reason: None,
+        }))
+    }
+
+    fn local(&self, reactor: usize) -> ReplicaLocal {
+        ReplicaLocal {
+            volumes: self
+                .volumes
+                .iter()
+                .map(|held| {
+                    (held.reactor == reactor).then(|| VolumeState {
+                        replica: ReplicaVolume::new(
+                            0,
+                            held.superblock.epoch,
+                            held.block_size,
+                            held.blocks,
+                            held.superblock.applied,
+                            ORDER_CAPACITY,
+                        ),
+                        superblock: held.superblock.clone(),
+                        copy: held.copy,
+                        persisting: false,
+                        status: held.status.clone(),
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+enum Phase {
+    Opening {
+        session: Box<AcceptorSession>,
+        deadline: Instant,
+    },
+    Open {
+        /// The peer's node id.
+        peer: String,
+        /// The volume (index in the service's list).
+        volume: usize,
+    },
+}
+
+/// Where a frame's IO stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// To submit (again, after the engine was busy).
+    Ready,
+    /// Behind an earlier overlapping write.
+    Held,
+    /// In the engine.
+    Submitted,
+}
+
+enum Work {
+    Io(Io),
+    /// The superblock with a newer epoch, then the EpochOk.
+    Epoch {
+        epoch: u64,
+        request_id: u64,
+        base: u64,
+        next: Option<(Superblock, usize)>,
+    },
+}
+
+struct Pending {
+    work: Work,
+    stage: Stage,
+    buf: Option<DmaBuf>,
+}
+
+/// One session from a primary.
+pub struct ReplicaConn {
+    stream: FrameStream,
+    peer: SocketAddr,
+    phase: Phase,
+    slots: Vec<Option<Pending>>,
+    free: Vec<u16>,
+    /// Slots to submit, in arrival order.
+    ready: VecDeque<u16>,
+    in_engine: usize,
+    writable: bool,
+    close_reason: Option<String>,
+}
+
+impl ReplicaConn {
+    fn closing(&self) -> bool {
+        self.close_reason.is_some()
+    }
+
+    fn close_with(&mut self, reason: String) {
+        if self.close_reason.is_none() {
+            self.close_reason = Some(reason);
+        }
+    }
+
+    fn serve_opening(&mut self, service: &ReplicaService) -> Served {
+        let mut served = Served::default();
+        let Phase::Opening { session, deadline } = &mut self.phase else {
+            return served;
+        };
+        if Instant::now() >= *deadline {
+            let reason = format!(
+                "the peer did not open its session within {} s",
+                OPENING_TIMEOUT.as_secs()
+            );
+            self.close_with(reason);
+            return served;
+        }
+        match self.stream.fill() {
+            Ok(read) => served.work |= read > 0,
+            Err(error) => {
+                self.close_with(format!("while opening: {error}"));
+                return served;
+            }
+        }
+        let step = match self.stream.next_frame() {
+            None => return served,
+            Some(Err(error)) => {
+                self.close_with(format!("while opening: {error}"));
+                return served;
+            }
+            Some(Ok(frame)) => session.on_frame(&frame, |name| {
+                service.volumes.iter().any(|held| held.name == name)
+            }),
+        };
+        served.work = true;
+        let (bytes, opened) = match step {
+            Step::Send(bytes) => (bytes, None),
+            Step::Open(bytes, opened) => (bytes, Some(opened)),
+            Step::Refuse(bytes, error) => {
+                let _ = self.stream.queue(&bytes);
+                let _ = self.stream.flush();
+                self.close_with(format!("refused the session: {error}"));
+                return served;
+            }
+        };
+        if let Err(error) = self.stream.queue(&bytes) {
+            self.close_with(format!("while opening: {error}"));
+            return served;
+        }
+        if let Some(opened) = opened {
+            let [name] = opened.volumes.as_slice() else {
+                self.close_with(format!(
+                    "peer {} opened a session for {} volumes; a session carries one",
+                    opened.peer,
+                    opened.volumes.len()
+                ));
+                return served;
+            };
+            let volume = service
+                .volumes
+                .iter()
+                .position(|held| &held.name == name)
+                .expect("the session checked that this node holds it");
+            tracing::info!(peer = %self.peer, node = %opened.peer, volume = %name, "replication session open");
+            self.phase = Phase::Open {
+                peer: opened.peer,
+                volume,
+            };
+            served.hand_off = Some(service.volumes[volume].reactor);
+        }
+        served
+    }
+
+    /// Takes the frames received while there is room for their IO and their replies.
+    fn take_frames(
+        &mut self,
+        volume: usize,
+        local: &mut ReplicaLocal,
+        buffers: &mut BufferCache,
+    ) -> Result<bool, String> {
+        let mut work = false;
+        let Some(state) = local.volumes.get_mut(volume).and_then(Option::as_mut) else {
+            return Err("the volume is not on this reactor".into());
+        };
+        while !self.free.is_empty() {
+            let (decision, buf) = {
+                let frame = match self.stream.next_frame() {
+                    None => break,
+                    Some(Err(error)) => return Err(error.to_string()),
+                    Some(Ok(frame)) => frame,
+                };
+                if frame.volume() != 0 {
+                    return Err(format!(
+                        "a frame for volume index {} on a session of one volume",
+                        frame.volume()
+                    ));
+                }
+                let decision = state.replica.on_frame(&frame);
+                // A write's payload goes into a DMA buffer of its own now: the frame's bytes
+                // are the decoder's, reused by the next frame.
+                let buf = match &decision {
+                    Decision::Submit(io) | Decision::Held(io)
+                        if matches!(io.kind, IoKind::Write | IoKind::Resync) =>
+                    {
+                        let mut buf = buffers
+                            .get(frame.payload.len())
+                            .ok_or("no DMA memory for a write's payload (raise dma.size)")?;
+                        buf.as_bytes_mut().copy_from_slice(frame.payload);
+                        Some(buf)
+                    }
+                    _ => None,
+                };
+                (decision, buf)
+            };
+            work = true;
+            let (work_item, stage) = match decision {
+                Decision::Reply(bytes) => {
+                    self.stream
+                        .queue(&bytes)
+                        .map_err(|error| error.to_string())?;
+                    continue;
+                }
+                Decision::Close(reason) => return Err(reason),
+                Decision::Full => {
+                    return Err(format!(
+                        "the primary has more than {ORDER_CAPACITY} writes outstanding"
+                    ))
+                }
+                Decision::Submit(io) => (Work::Io(io), Stage::Ready),
+                Decision::Held(io) => (Work::Io(io), Stage::Held),
+                Decision::PersistEpoch {
+                    epoch,
+                    request_id,
+                    base,
+                } => (
+                    Work::Epoch {
+                        epoch,
+                        request_id,
+                        base,
+                        next: None,
+                    },
+                    Stage::Ready,
+                ),
+            };
+            let slot = self.free.pop().expect("checked above");
+            self.slots[slot as usize] = Some(Pending {
+                work: work_item,
+                stage,
+                buf,
+            });
+            if stage == Stage::Ready {
+                self.ready.push_back(slot);
+            }
+        }
+        Ok(work)
+    }
+
+    /// Submits what is ready, in order, until the engine is busy.
+    fn submit_ready(
+        &mut self,
+        index: u32,
+        (at, volume): (usize, &HeldVolume),
+        io: &mut IoContext,
+        local: &mut ReplicaLocal,
+        buffers: &mut BufferCache,
+    ) -> Result<bool, String> {
+        let mut work = false;
+        let Some(state) = local.volumes.get_mut(at).and_then(Option::as_mut) else {
+            return Err("the volume is not on this reactor".into());
+        };
+        while let Some(&slot) = self.ready.front() {
+            let pending = self.slots[slot as usize]
+                .as_mut()
+                .expect("a ready slot is in use");
+            let tag = (index as u64) << 16 | slot as u64;
+            let request = match &mut pending.work {
+                Work::Io(replica_io) => {
+                    let block = volume.block_size as u64;
+                    let offset = replica_io.lba * block;
+                    let len = replica_io.blocks as u64 * block;
+                    match replica_io.kind {
+                        IoKind::Write | IoKind::Resync => {
+                            let buf = pending.buf.take().expect("a write has its payload");
+                            IoRequest {
+                                // A resync's data is durable before its Ack: its region is
+                                // then clean for this replica.
+                                fua: replica_io.fua || replica_io.kind == IoKind::Resync,
+                                ..IoRequest::write(volume.id, offset, buf, tag)
+                            }
+                        }
+                        IoKind::WriteZeroes => IoRequest {
+                            fua: replica_io.fua,
+                            ..IoRequest::write_zeroes(volume.id, offset, len, tag)
+                        },
+                        IoKind::Flush => IoRequest::flush(volume.id, tag),
+                        IoKind::Read => {
+                            let buf = buffers
+                                .get(len as usize)
+                                .ok_or("no DMA memory for a read (raise dma.size)")?;
+                            IoRequest::read(volume.id, offset, buf, tag)
+                        }
+                        IoKind::Trim => {
+                            // The media keep no allocation map: a trim changes nothing here,
+                            // as on the primary (NBD acknowledges TRIM the same way).
+                            self.ready.pop_front();
+                            let replica_io = *replica_io;
+                            self.finish_io(slot, replica_io, true, state, buffers)?;
+                            work = true;
+                            continue;
+                        }
+                    }
+                }
+                Work::Epoch { epoch, next, .. } => {
+                    if next.is_none() {
+                        if state.persisting {
+                            // Another session's epoch is being written: after it.
+                            break;
+                        }
+                        let (mut superblock, copy) = state.superblock.next(state.copy);
+                        superblock.epoch = *epoch;
+                        superblock.role = Role::Replica;
+                        *next = Some((superblock, copy));
+                    }
+                    let (superblock, copy) = next.as_ref().expect("set above");
+                    let block = superblock
+                        .encode()
+                        .map_err(|error| format!("cannot write the superblock: {error}"))?;
+                    let mut buf = buffers
+                        .get(BLOCK_BYTES)
+                        .ok_or("no DMA memory for the superblock (raise dma.size)")?;
+                    buf.as_bytes_mut().copy_from_slice(&block);
+                    let request = IoRequest {
+                        fua: true,
+                        ..IoRequest::write(volume.id, (*copy * BLOCK_BYTES) as u64, buf, tag)
+                    };
+                    match io.submit_metadata(request) {
+                        Ok(()) => {
+                            state.persisting = true;
+                            pending.stage = Stage::Submitted;
+                            self.ready.pop_front();
+                            self.in_engine += 1;
+                            work = true;
+                            continue;
+                        }
+                        Err(rejected) => {
+                            if let Some(buf) = rejected.request.buf {
+                                buffers.put(buf);
+                            }
+                            if rejected.error == IoError::Busy {
+                                break;
+                            }
+                            return Err(format!("cannot write the superblock: {}", rejected.error));
+                        }
+                    }
+                }
+            };
+            match io.submit(request) {
+                Ok(()) => {
+                    pending.stage = Stage::Submitted;
+                    self.ready.pop_front();
+                    self.in_engine += 1;
+                    work = true;
+                }
+                Err(Rejected {
+                    request,
+                    error: IoError::Busy,
+                    ..
+                }) => {
+                    // Every slot of the reactor is in use: again after a completion. A write
+                    // keeps its payload; a read takes a buffer again then.
+                    if let Some(buf) = request.buf {
+                        match pending.work {
+                            Work::Io(Io {
+                                kind: IoKind::Write | IoKind::Resync,
+                                ..
+                            }) => pending.buf = Some(buf),
+                            _ => buffers.put(buf),
+                        }
+                    }
+                    break;
+                }
+                Err(rejected) => {
+                    // The volume refused it (cannot happen for frames ReplicaVolume checked):
+                    // the primary gets an error status for it.
+                    tracing::warn!(peer = %self.peer, "replication: {}", rejected.error);
+                    if let Some(buf) = rejected.request.buf {
+                        buffers.put(buf);
+                    }
+                    self.ready.pop_front();
+                    if let Work::Io(replica_io) = pending.work {
+                        self.finish_io(slot, replica_io, false, state, buffers)?;
+                    }
+                }
+            }
+        }
+        Ok(work)
+    }
+
+    /// IO `io` of slot `slot` finished: its reply, and the held writes it lets go.
+    fn finish_io(
+        &mut self,
+        slot: u16,
+        io: Io,
+        ok: bool,
+        state: &mut VolumeState,
+        buffers: &mut BufferCache,
+    ) -> Result<(), String> {
+        let pending = self.slots[slot as usize].take().expect("in use");
+        self.free.push(slot);
+        let data = match (&pending.buf, io.kind) {
+            (Some(buf), IoKind::Read) if ok => buf.as_bytes(),
+            _ => &[],
+        };
+        let (reply, ready) = state.replica.completed(&io, ok, data);
+        state
+            .status
+            .applied
+            .store(state.replica.applied(), Ordering::Relaxed);
+        if let Some(buf) = pending.buf {
+            buffers.put(buf);
+        }
+        if self.closing() {
+            // The peer is gone; what it held behind this write is let go, or it would block
+            // the volume's later writes that overlap it.
+            release_held(ready, state);
+            return Ok(());
+        }
+        self.stream
+            .queue(&reply)
+            .map_err(|error| error.to_string())?;
+        for arrival in ready {
+            let mine = self.slots.iter().position(|pending| {
+                pending.as_ref().is_some_and(|pending| {
+                    pending.stage == Stage::Held
+                        && matches!(pending.work, Work::Io(io) if io.arrival == arrival)
+                })
+            });
+            match mine {
+                Some(held) => {
+                    self.slots[held].as_mut().expect("found").stage = Stage::Ready;
+                    self.ready.push_back(held as u16);
+                }
+                // Held by a session that has closed since.
+                None => release_held(vec![arrival], state),
+            }
+        }
+        Ok(())
+    }
+
+    fn completed(
+        &mut self,
+        slot: u16,
+        completion: IoCompletion,
+        local: &mut ReplicaLocal,
+        buffers: &mut BufferCache,
+    ) {
+        self.in_engine -= 1;
+        let Phase::Open { volume, .. } = self.phase else {
+            return;
+        };
+        let Some(state) = local.volumes.get_mut(volume).and_then(Option::as_mut) else {
+            return;
+        };
+        let ok = completion.result.is_ok();
+        if let Some(buf) = completion.buf {
+            match self.slots[slot as usize].as_mut() {
+                Some(pending)
+                    if matches!(
+                        pending.work,
+                        Work::Io(Io {
+                            kind: IoKind::Read,
+                            ..
+                        })
+                    ) =>
+                {
+                    pending.buf = Some(buf)
+                }
+                _ => buffers.put(buf),
+            }
+        }
+        let Some(pending) = self.slots[slot as usize].take() else {
+            return;
+        };
+        let result = match pending.work {
+            Work::Io(io) => {
+                self.slots[slot as usize] = Some(pending);
+                self.finish_io(slot, io, ok, state, buffers)
+            }
+            Work::Epoch {
+                epoch,
+                request_id,
+                base,
+                next,
+            } => {
+                state.persisting = false;
+                self.free.push(slot);
+                match (ok, next) {
+                    (true, Some((superblock, copy))) => {
+                        state.superblock = superblock;
+                        state.copy = copy;
+                        state.status.epoch.store(epoch, Ordering::Relaxed);
+                        if let Phase::Open { peer, .. } = &self.phase {
+                            *state
+                                .status
+                                .primary
+                                .lock()
+                                .unwrap_or_else(|poisoned| poisoned.into_inner()) = peer.clone();
+                        }
+                        tracing::info!(peer = %self.peer, epoch, "replication: adopted epoch {epoch}");
+                        let reply = state.replica.epoch_durable(epoch, request_id, base);
+                        self.stream.queue(&reply).map_err(|error| error.to_string())
+                    }
+                    _ => Err(format!(
+                        "could not record epoch {epoch} durably: {:?}",
+                        completion.result
+                    )),
+                }
+            }
+        };
+        if let Err(reason) = result {
+            self.close_with(reason);
+        }
+    }
+}
+
+/// Lets go of held writes (by arrival) whose session is gone: they fail there (their primary
+/// resynchronises what they held), and what they held back in turn goes too.
+fn release_held(mut arrivals: Vec<u64>, state: &mut VolumeState) {
+    while let Some(arrival) = arrivals.pop() {
+        let io = Io {
+            kind: IoKind::Resync,
+            arrival,
+            request_id: 0,
+            lba: 0,
+            blocks: 0,
+            sequence: 0,
+            fua: false,
+            trace: None,
+        };
+        let (_, more) = state.replica.completed(&io, false, &[]);
+        arrivals.extend(more);
+    }
+}
+
+impl Connection for ReplicaConn {
+    type Service = ReplicaService;
+
+    fn stream(&self) -> &TcpStream {
+        &self.stream.transport().stream
+    }
+
+    fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    fn set_ready(&mut self, readable: bool, writable: bool) {
+        if readable {
+            self.stream.set_readable();
+        }
+        self.writable |= writable;
+    }
+
+    fn serve(
+        &mut self,
+        index: u32,
+        io: &mut IoContext,
+        service: &ReplicaService,
+        local: &mut ReplicaLocal,
+        buffers: &mut BufferCache,
+    ) -> Served {
+        let mut served = Served::default();
+        if !self.closing() {
+            match self.phase {
+                Phase::Opening { .. } => served = self.serve_opening(service),
+                Phase::Open { volume, .. } => {
+                    let held = &service.volumes[volume];
+                    let result = self
+                        .stream
+                        .fill()
+                        .map_err(|error| match error {
+                            StreamError::Closed => "the primary closed the session".to_string(),
+                            error => error.to_string(),
+                        })
+                        .and_then(|read| {
+                            let taken = self.take_frames(volume, local, buffers)?;
+                            let submitted =
+                                self.submit_ready(index, (volume, held), io, local, buffers)?;
+                            Ok(read > 0 || taken || submitted)
+                        });
+                    match result {
+                        Ok(work) => served.work = work,
+                        Err(reason) => self.close_with(reason),
+                    }
+                }
+            }
+        }
+        if self.stream.unsent() > 0 || self.writable {
+            match self.stream.flush() {
+                Ok(done) => self.writable = done,
+                Err(error) => self.close_with(format!("writing to the primary: {error}")),
+            }
+        }
+        if self.closing() {
+            // Frames taken but not in the engine fail here; what is in the engine comes back
+            // first.
+            if let Phase::Open { volume, .. } = self.phase {
+                if let Some(state) = local.volumes.get_mut(volume).and_then(Option::as_mut) {
+                    while let Some(slot) = self.ready.pop_front() {
+                        if let Some(pending) = self.slots[slot as usize].take() {
+                            self.free.push(slot);
+                            if let Some(buf) = pending.buf {
+                                buffers.put(buf);
+                            }
+                            if let Work::Io(replica_io) = pending.work {
+                                if replica_io.kind != IoKind::Read
+                                    && replica_io.kind != IoKind::Flush
+                                {
+                                    release_held(vec![replica_io.arrival], state);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            served.remove = self.in_engine == 0;
+        }
+        served
+    }
+
+    fn complete(
+        &mut self,
+        slot: u16,
+        completion: IoCompletion,
+        _stamps: Option<EngineStamps>,
+        local: &mut ReplicaLocal,
+        buffers: &mut BufferCache,
+    ) {
+        self.completed(slot, completion, local, buffers);
+    }
+
+    fn close(&mut self, reason: &str) {
+        self.close_with(reason.to_string());
+    }
+
+    fn removed(self: Box<Self>, _service: &ReplicaService, buffers: &mut BufferCache) {
+        let node = match &self.phase {
+            Phase::Open { peer, .. } => peer.as_str(),
+            Phase::Opening { .. } => "(not identified)",
+        };
+        tracing::warn!(
+            peer = %self.peer,
+            node,
+            "replication session closed: {}",
+            self.close_reason.as_deref().unwrap_or("(no reason)")
+        );
+        for pending in self.slots.into_iter().flatten() {
+            if let Some(buf) = pending.buf {
+                buffers.put(buf);
+            }
+        }
+    }
+}

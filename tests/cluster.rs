@@ -1,0 +1,280 @@
+//! A volume replicated across three fathom-node processes on loopback: writes through the
+//! primary land on every replica byte for byte, a replica that dies does not stop writes (a
+//! majority still holds them) and is shown behind, and the replica service refuses garbage
+//! and peers without the cluster key while the volume's IO goes on.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use common::cluster::{first_difference, Cluster, BLOCK_BYTES};
+use fathom::checker::{Client, ClientOptions, RunEnd};
+use fathom::nbd_client::NbdUri;
+use fathom_replication::proto::{encode, FrameDecoder, Header, Hello, Kind};
+
+fn client(cluster: &Cluster, index: usize, seed: u64) -> Client {
+    let uri = NbdUri::parse(&cluster.uri(index)).unwrap();
+    Client::connect(
+        &uri,
+        ClientOptions {
+            seed,
+            // 4 MiB of the volume, so blocks are overwritten many times.
+            blocks: 1024,
+            ..ClientOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Runs the checker's random writes (FUA, flushes) on the primary for `duration`; every one
+/// must be acknowledged.
+fn write_for(client: &mut Client, cluster: &Cluster, duration: Duration) {
+    let end = client.run(duration).unwrap();
+    assert!(
+        matches!(end, RunEnd::Elapsed),
+        "{end:?}\n{}",
+        cluster.logs()
+    );
+    client.sync().unwrap();
+    let stats = client.summary().stats;
+    assert_eq!(
+        (stats.writes_failed, stats.flushes_failed),
+        (0, 0),
+        "{}\n{}",
+        client.summary(),
+        cluster.logs()
+    );
+}
+
+/// Waits until each replica of the primary (node 0) acknowledged every write it began.
+fn wait_caught_up(cluster: &Cluster) {
+    let sequence = cluster.replication(0)["sequence"].as_u64().unwrap();
+    cluster.wait_peers(0, Duration::from_secs(10), "caught up", |peer| {
+        peer["acknowledged"].as_u64() == Some(sequence)
+    });
+}
+
+fn assert_identical(cluster: &Cluster, nodes: &[usize]) {
+    let first = cluster.volume_data(nodes[0]);
+    for &other in &nodes[1..] {
+        let data = cluster.volume_data(other);
+        if let Some(block) = first_difference(&first, &data) {
+            panic!(
+                "node {} and node {} differ first at block {block} (byte {})",
+                cluster.nodes[nodes[0]].id,
+                cluster.nodes[other].id,
+                block * BLOCK_BYTES
+            );
+        }
+    }
+}
+
+#[test]
+fn writes_through_the_primary_are_on_every_replica_byte_for_byte() {
+    let cluster = Cluster::start(3);
+    let mut client = client(&cluster, 0, 21);
+    write_for(&mut client, &cluster, Duration::from_secs(2));
+    client.verify_all().unwrap();
+    let summary = client.summary();
+    println!("{summary}");
+    assert!(summary.stats.writes_acked > 200, "{summary}");
+    assert!(summary.stats.fua_writes_acked > 0 && summary.stats.flushes_acked > 0);
+    wait_caught_up(&cluster);
+    // The last flush reached every replica (the slower one's answer may come after the
+    // client's): no region is dirty for any of them.
+    cluster.wait_peers(0, Duration::from_secs(10), "clean", |peer| {
+        peer["dirty_bytes"] == 0
+    });
+    let row = cluster.replication(0);
+    assert_eq!(row["role"], "primary", "{row}");
+    for peer in row["peers"].as_array().unwrap() {
+        assert_eq!(peer["in_sync"], true, "{row}");
+    }
+    // The replicas took the primary's epoch and know who it is.
+    for index in 1..3 {
+        let replica = cluster.replication(index);
+        assert_eq!(replica["role"], "replica", "{replica}");
+        assert_eq!(replica["primary"], "a", "{replica}");
+        assert_eq!(replica["epoch"], row["epoch"], "{replica}");
+    }
+    assert_identical(&cluster, &[0, 1, 2]);
+    let (_, table) = cluster.ctl(0, &["replication"]);
+    println!("{table}");
+    assert!(
+        table.contains("REPLICA") && table.contains("open"),
+        "{table}"
+    );
+
+    // A replica serves no client: its copy is the primary's to write.
+    let output = Command::new("qemu-io")
+        .args(["-f", "raw", &cluster.uri(1), "-c", "write -P 0x33 0 4096"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("Input/output error"), "{text}");
+    assert_identical(&cluster, &[0, 1, 2]);
+}
+
+#[test]
+fn a_dead_replica_does_not_stop_writes_and_is_resynced_when_it_returns() {
+    let mut cluster = Cluster::start(3);
+    let mut client = client(&cluster, 0, 22);
+    write_for(&mut client, &cluster, Duration::from_millis(500));
+    cluster.kill(2);
+    // Two copies of three are a majority: writes and flushes go on.
+    write_for(&mut client, &cluster, Duration::from_secs(1));
+    client.verify_all().unwrap();
+    let row = cluster.replication(0);
+    let peers = row["peers"].as_array().unwrap();
+    assert_eq!(peers[1]["node"], "c");
+    assert_eq!(peers[1]["state"], "down", "{row}");
+    assert_eq!(peers[1]["in_sync"], false, "{row}");
+    assert!(
+        peers[1]["acknowledged"].as_u64() < row["sequence"].as_u64(),
+        "{row}"
+    );
+    assert_eq!(peers[0]["in_sync"], true, "{row}");
+    wait_caught_up_one(&cluster, "b");
+    assert_identical(&cluster, &[0, 1]);
+
+    // It comes back: its session opens again, and the regions it missed are copied to it in
+    // the background while writes go on; then it is in sync, byte for byte.
+    cluster.start_node(2);
+    cluster.wait_open(0, Duration::from_secs(30));
+    write_for(&mut client, &cluster, Duration::from_millis(500));
+    cluster.wait_peers(0, Duration::from_secs(30), "in sync", |peer| {
+        peer["in_sync"] == true
+    });
+    let row = cluster.replication(0);
+    let c = &row["peers"][1];
+    assert_eq!(c["resync_left_bytes"], 0, "{row}");
+    assert!(c["resynced_bytes"].as_u64().unwrap() > 0, "{row}");
+    write_for(&mut client, &cluster, Duration::from_millis(300));
+    client.verify_all().unwrap();
+    wait_caught_up(&cluster);
+    assert_identical(&cluster, &[0, 1, 2]);
+    let (_, table) = cluster.ctl(0, &["replication"]);
+    println!("{table}");
+}
+
+fn wait_caught_up_one(cluster: &Cluster, node: &str) {
+    let sequence = cluster.replication(0)["sequence"].as_u64().unwrap();
+    cluster.wait_peers(0, Duration::from_secs(10), "caught up", |peer| {
+        peer["node"] != node || peer["acknowledged"].as_u64() == Some(sequence)
+    });
+}
+
+/// Reads frames from `stream` until one arrives or it closes; `None` when it closed.
+fn read_frame(stream: &mut TcpStream) -> Option<(Header, Vec<u8>)> {
+    let mut decoder = FrameDecoder::default();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(frame) = decoder.next() {
+            let frame = frame.ok()?;
+            return Some((frame.header, frame.payload.to_vec()));
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(read) => {
+                decoder.push(&buf[..read]);
+            }
+        }
+    }
+}
+
+fn hello(node: &str, cluster: &str, auth: &[u8]) -> Vec<u8> {
+    let hello = Hello {
+        min_version: 1,
+        max_version: 1,
+        node_id: node,
+        cluster,
+        auth,
+        volumes: vec!["vol0"],
+    };
+    let mut payload = Vec::new();
+    hello.encode(&mut payload).unwrap();
+    let mut out = Vec::new();
+    encode(&Header::new(Kind::Hello), &payload, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn the_replica_service_refuses_garbage_and_strangers_while_writes_go_on() {
+    let cluster = Cluster::start(3);
+    let mut client = client(&cluster, 0, 23);
+    let replica = cluster.nodes[1].replication;
+    let connect = || {
+        let stream = TcpStream::connect(replica).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        stream
+    };
+
+    // Garbage: the connection is closed, nothing answered.
+    let mut garbage = connect();
+    garbage
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert!(read_frame(&mut garbage).is_none());
+
+    // Another cluster: refused with the reason.
+    let mut stranger = connect();
+    stranger.write_all(&hello("z", "other", &[7; 32])).unwrap();
+    let (header, text) = read_frame(&mut stranger).expect("an answer");
+    assert_eq!(header.kind, Kind::Refused);
+    let text = String::from_utf8(text).unwrap();
+    assert!(text.contains("cluster"), "{text}");
+    assert!(read_frame(&mut stranger).is_none(), "then closed");
+
+    // The right cluster without the key: the HelloOk's challenge cannot be answered, and a
+    // made-up proof is refused.
+    let mut impostor = connect();
+    impostor.write_all(&hello("a", "test", &[7; 32])).unwrap();
+    let (header, _) = read_frame(&mut impostor).expect("a challenge");
+    assert_eq!(header.kind, Kind::HelloOk);
+    impostor.write_all(&hello("a", "test", &[9; 32])).unwrap();
+    let (header, text) = read_frame(&mut impostor).expect("an answer");
+    assert_eq!(
+        header.kind,
+        Kind::Refused,
+        "{}",
+        String::from_utf8_lossy(&text)
+    );
+    assert!(read_frame(&mut impostor).is_none(), "then closed");
+
+    // A write frame before any session opened: refused and closed, nothing written.
+    let mut early = connect();
+    let mut frame = Vec::new();
+    encode(
+        &Header {
+            epoch: 99,
+            sequence: 1,
+            block_count: 1,
+            ..Header::new(Kind::Write)
+        },
+        &[0xee; BLOCK_BYTES as usize],
+        &mut frame,
+    )
+    .unwrap();
+    early.write_all(&frame).unwrap();
+    let answer = read_frame(&mut early);
+    assert!(
+        answer
+            .as_ref()
+            .is_none_or(|(header, _)| header.kind == Kind::Refused),
+        "{answer:?}"
+    );
+
+    // Through all of it the volume's IO went on, on every copy.
+    write_for(&mut client, &cluster, Duration::from_millis(500));
+    client.verify_all().unwrap();
+    wait_caught_up(&cluster);
+    assert_identical(&cluster, &[0, 1, 2]);
+    let log = cluster.log(1);
+    assert!(log.contains("refused the session"), "{log}");
+}

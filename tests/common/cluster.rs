@@ -1,0 +1,259 @@
+//! Several fathom-node processes on loopback that replicate one volume: each on its own
+//! directory, file media, NBD port and replication port, sharing a cluster key. Killed when
+//! dropped.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{free_hugepages, spawn, CTL};
+
+/// The replicated volume's size, and the device's (room for its metadata after it).
+pub const VOLUME_BYTES: u64 = 64 << 20;
+const DEVICE_BYTES: u64 = 80 << 20;
+/// Its block: the checker's 4 KiB, so a block the checker judges atomic is one device block.
+pub const BLOCK_BYTES: u64 = 4096;
+
+/// One node of a [`Cluster`].
+pub struct ClusterNode {
+    pub id: String,
+    pub dir: PathBuf,
+    pub replication: SocketAddr,
+    /// Its NBD address while it runs.
+    pub nbd: Option<SocketAddr>,
+    child: Option<std::process::Child>,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// Nodes `a`, `b`, `c`... replicating `vol0` across all of them; the first is its first
+/// primary.
+pub struct Cluster {
+    pub nodes: Vec<ClusterNode>,
+    _dir: tempfile::TempDir,
+}
+
+/// A port nobody listens on now (taken from the system, then let go).
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+impl Cluster {
+    /// Starts `count` nodes and waits until the primary's session to every replica is open.
+    pub fn start(count: usize) -> Cluster {
+        Self::start_with(count, "")
+    }
+
+    /// As [`Cluster::start`], with `extra` added to each node's config (its own sections).
+    pub fn start_with(count: usize, extra: &str) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("cluster.key");
+        std::fs::write(
+            &key,
+            (0..32u8)
+                .map(|i| i.wrapping_mul(37) ^ 0x5c)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let ids: Vec<String> = (0..count)
+            .map(|index| ((b'a' + index as u8) as char).to_string())
+            .collect();
+        let addresses: Vec<SocketAddr> = ids.iter().map(|_| free_port()).collect();
+        let table: String = ids
+            .iter()
+            .zip(&addresses)
+            .map(|(id, address)| {
+                format!("[[cluster.node]]\nid = \"{id}\"\nreplication = \"{address}\"\n")
+            })
+            .collect();
+        let replicas = ids
+            .iter()
+            .map(|id| format!("\"{id}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Two nodes per core at most: the test machine has two.
+        let hugepages = free_hugepages() >= 32 * count as u64;
+        let mut nodes = Vec::new();
+        for (index, (id, address)) in ids.iter().zip(&addresses).enumerate() {
+            let node_dir = dir.path().join(id);
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let config = format!(
+                "[node]\nid = \"{id}\"\ndata_dir = {data:?}\n\
+                 [dma]\nsize = \"64MiB\"\nhugepages = {hugepages}\n\
+                 [reactor]\ncores = [{core}]\n\
+                 [telemetry]\nregion = {region:?}\nmetrics = \"\"\n\
+                 [nbd]\nlisten = [\"127.0.0.1:0\"]\n\
+                 [cluster]\nname = \"test\"\n{table}\
+                 [replication]\nlisten = [\"{address}\"]\nkey_file = {key:?}\n\
+                 [[device]]\nname = \"nvme0\"\ndriver = \"mem\"\nmedia = \"file\"\n\
+                 size = \"{DEVICE_BYTES}\"\nblock_size = {BLOCK_BYTES}\n\
+                 [[volume]]\nname = \"vol0\"\ndevice = \"nvme0\"\nsize = \"{VOLUME_BYTES}\"\n\
+                 replicas = [{replicas}]\nprimary = \"{primary}\"\n{extra}",
+                data = node_dir.display().to_string(),
+                core = index % 2,
+                region = node_dir.join("stats").display().to_string(),
+                key = key.display().to_string(),
+                primary = ids[0],
+            );
+            std::fs::write(node_dir.join("node.toml"), config).unwrap();
+            nodes.push(ClusterNode {
+                id: id.clone(),
+                dir: node_dir,
+                replication: *address,
+                nbd: None,
+                child: None,
+                log: Default::default(),
+            });
+        }
+        let mut cluster = Cluster { nodes, _dir: dir };
+        // Replicas first, so the primary finds them listening.
+        for index in (0..count).rev() {
+            cluster.start_node(index);
+        }
+        cluster.wait_open(0, Duration::from_secs(30));
+        cluster
+    }
+
+    /// Starts node `index` (again) on its directory and config.
+    pub fn start_node(&mut self, index: usize) {
+        let node = &mut self.nodes[index];
+        assert!(node.child.is_none(), "node {} runs already", node.id);
+        let (child, address, log) = spawn(&node.dir.join("node.toml"));
+        node.child = Some(child);
+        node.nbd = Some(address);
+        node.log = log;
+    }
+
+    /// Kills node `index` with SIGKILL: no flush, no clean shutdown.
+    pub fn kill(&mut self, index: usize) {
+        let node = &mut self.nodes[index];
+        let mut child = node.child.take().expect("the node runs");
+        // SAFETY: sending a signal to our own child process, not yet waited for.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        child.wait().unwrap();
+        node.nbd = None;
+    }
+
+    /// Sends `signal` to node `index` (SIGSTOP, SIGCONT).
+    pub fn signal(&self, index: usize, signal: i32) {
+        let child = self.nodes[index].child.as_ref().expect("the node runs");
+        // SAFETY: sending a signal to our own child process, not yet waited for.
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
+
+    pub fn uri(&self, index: usize) -> String {
+        format!(
+            "nbd://{}/vol0",
+            self.nodes[index].nbd.expect("the node runs")
+        )
+    }
+
+    pub fn log(&self, index: usize) -> String {
+        self.nodes[index].log.lock().unwrap().join("\n")
+    }
+
+    /// Every running node's log, for a failure's message.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, node)| node.child.is_some())
+            .map(|(index, node)| format!("--- node {}:\n{}", node.id, self.log(index)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// `fathom-ctl --node DIR ARGS` against node `index`: its exit success and output.
+    pub fn ctl(&self, index: usize, args: &[&str]) -> (bool, String) {
+        let output = Command::new(CTL)
+            .arg("--node")
+            .arg(&self.nodes[index].dir)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
+    }
+
+    /// `fathom-ctl --json replication` on node `index`: its one volume's row.
+    pub fn replication(&self, index: usize) -> Value {
+        let (ok, text) = self.ctl(index, &["--json", "replication"]);
+        assert!(ok, "fathom-ctl replication: {text}");
+        let rows: Value = serde_json::from_str(&text).unwrap();
+        rows[0].clone()
+    }
+
+    /// Waits until node `index`, the primary, has every replica's session open.
+    pub fn wait_open(&self, index: usize, timeout: Duration) {
+        self.wait_peers(index, timeout, "open", |peer| peer["state"] == "open");
+    }
+
+    /// Waits until every replica of primary `index` passes `check`.
+    pub fn wait_peers(
+        &self,
+        index: usize,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&Value) -> bool,
+    ) {
+        let started = Instant::now();
+        loop {
+            let row = self.replication(index);
+            let peers = row["peers"].as_array().cloned().unwrap_or_default();
+            if !peers.is_empty() && peers.iter().all(&check) {
+                return;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "the replicas of node {} are not all {what} after {timeout:?}: {row}\n{}",
+                self.nodes[index].id,
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Node `index`'s media file.
+    pub fn media(&self, index: usize) -> PathBuf {
+        self.nodes[index].dir.join("nvme0.img")
+    }
+
+    /// The volume's bytes as node `index`'s media hold them (the volume starts at offset 0).
+    pub fn volume_data(&self, index: usize) -> Vec<u8> {
+        read_prefix(&self.media(index), VOLUME_BYTES)
+    }
+}
+
+fn read_prefix(path: &Path, bytes: u64) -> Vec<u8> {
+    let mut data = std::fs::read(path).unwrap();
+    data.resize(bytes as usize, 0);
+    data
+}
+
+/// The first block where `a` and `b` differ, if any.
+pub fn first_difference(a: &[u8], b: &[u8]) -> Option<u64> {
+    a.chunks(BLOCK_BYTES as usize)
+        .zip(b.chunks(BLOCK_BYTES as usize))
+        .position(|(x, y)| x != y)
+        .map(|block| block as u64)
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
