@@ -83,8 +83,10 @@ fn writes_through_the_primary_are_on_every_replica_byte_for_byte() {
     assert!(summary.stats.writes_acked > 200, "{summary}");
     assert!(summary.stats.fua_writes_acked > 0 && summary.stats.flushes_acked > 0);
     wait_caught_up(&cluster);
-    // The last flush reached every replica (the slower one's answer may come after the
-    // client's): no region is dirty for any of them.
+    // Every write is on every replica now; a flush makes them durable there (the client's
+    // last one may have come while the slower replica still wrote), after which no region
+    // is dirty for any of them.
+    client.sync().unwrap();
     cluster.wait_peers(0, Duration::from_secs(10), "clean", |peer| {
         peer["dirty_bytes"] == 0
     });
@@ -277,4 +279,73 @@ fn the_replica_service_refuses_garbage_and_strangers_while_writes_go_on() {
     assert_identical(&cluster, &[0, 1, 2]);
     let log = cluster.log(1);
     assert!(log.contains("refused the session"), "{log}");
+}
+
+/// The primary's record of what each replica lacks is on its device: a replica misses
+/// writes, the primary is killed (kill -9) and restarted, and the replica is still caught up.
+#[test]
+fn a_primary_that_crashes_remembers_what_a_replica_missed() {
+    let mut cluster = Cluster::start(3);
+    let mut client = client(&cluster, 0, 24);
+    write_for(&mut client, &cluster, Duration::from_millis(300));
+    cluster.kill(2);
+    write_for(&mut client, &cluster, Duration::from_millis(500));
+    let missed = cluster.replication(0)["peers"][1]["dirty_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(missed > 0, "c missed writes");
+    cluster.kill(0);
+    client.crashed();
+    cluster.start_node(0);
+    cluster.wait_peers(0, Duration::from_secs(30), "b open", |peer| {
+        peer["node"] != "b" || peer["state"] == "open"
+    });
+    let row = cluster.replication(0);
+    assert_eq!(
+        row["epoch"], 2,
+        "a restarted primary takes the next epoch: {row}"
+    );
+    assert_eq!(
+        row["peers"][1]["dirty_bytes"].as_u64(),
+        Some(missed),
+        "c's dirty regions came back from the bitmap: {row}"
+    );
+    cluster.start_node(2);
+    cluster.wait_peers(0, Duration::from_secs(30), "in sync", |peer| {
+        peer["in_sync"] == true
+    });
+    client
+        .reconnect(
+            &NbdUri::parse(&cluster.uri(0)).unwrap(),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    client.verify_all().unwrap();
+    write_for(&mut client, &cluster, Duration::from_millis(300));
+    wait_caught_up(&cluster);
+    assert_identical(&cluster, &[0, 1, 2]);
+}
+
+/// A replica whose disk is replaced (its media file deleted) is rebuilt in full.
+#[test]
+fn a_replica_with_a_new_disk_is_rebuilt_in_full() {
+    let mut cluster = Cluster::start(3);
+    let mut client = client(&cluster, 0, 25);
+    write_for(&mut client, &cluster, Duration::from_millis(500));
+    cluster.kill(1);
+    std::fs::remove_file(cluster.media(1)).unwrap();
+    cluster.start_node(1);
+    cluster.wait_peers(0, Duration::from_secs(60), "in sync", |peer| {
+        peer["in_sync"] == true && peer["state"] == "open"
+    });
+    let row = cluster.replication(0);
+    let b = &row["peers"][0];
+    assert!(
+        b["resynced_bytes"].as_u64().unwrap() >= common::cluster::VOLUME_BYTES,
+        "the whole volume was copied: {row}"
+    );
+    write_for(&mut client, &cluster, Duration::from_millis(300));
+    client.verify_all().unwrap();
+    wait_caught_up(&cluster);
+    assert_identical(&cluster, &[0, 1, 2]);
 }

@@ -33,6 +33,7 @@ use fathom_engine::poll::Epoll;
 use fathom_engine::volume::IoError;
 use fathom_net::Transport;
 
+use crate::meta::BLOCK_BYTES;
 use crate::primary::{Answer, Copy, PrimaryVolume};
 use crate::proto::{refusal, status, Header, Kind, HEADER_LEN};
 use crate::resync::{Chunk, Resync};
@@ -82,7 +83,19 @@ pub struct Settings {
     pub pool: DmaPool,
     /// Resync bytes per second to one replica; 0: as fast as it goes.
     pub resync_rate: u64,
+    /// Per replica: the namespace LBA of its dirty-region bitmap's first 4 KiB block in the
+    /// metadata area, and the blocks as stored there at start.
+    pub bitmap_lbas: Vec<u64>,
+    pub bitmaps: Vec<Vec<Vec<u8>>>,
+    /// This primary's copy was new at this start (the volume's first epoch): until its first
+    /// write, a replica's new copy needs no rebuild (every copy starts alike).
+    pub fresh: bool,
 }
+
+/// Own IO tags: a dirty-bitmap block write (replica << 32 | block), a resync read
+/// (replica << 48 | volume block).
+const BITMAP_TAG: u64 = 1 << 63;
+const RESYNC_TAG: u64 = 1 << 62;
 
 /// Resync chunks read or sent and not yet answered, per replica.
 const RESYNC_WINDOW: usize = 8;
@@ -292,7 +305,27 @@ pub struct ReplicationLayer {
     status: Arc<VolumeStatus>,
     resync_rate: u64,
     block_size: u32,
+    fresh: bool,
+    /// The dirty bitmaps on the device (activity-log semantics: a bit set before the write
+    /// it covers goes to any replica): where each lies, the blocks changed since the last
+    /// batch, the batch being written, and how many batches were started and finished.
+    bitmap_lbas: Vec<u64>,
+    bitmap_changed: std::collections::BTreeSet<(usize, usize)>,
+    batch: Vec<(usize, usize)>,
+    batch_in_flight: usize,
+    batches_started: u64,
+    batches_done: u64,
+    bitmap_buffers: Vec<DmaBuf>,
+    pool: DmaPool,
+    /// Writes whose frames wait for a bitmap batch (and those behind them, to keep the
+    /// sequence order): slot, sequence, command, the batch they need.
+    waiting_sends: VecDeque<(u32, u64, IoCommand, u64)>,
+    /// When the peers' status was last published for other threads.
+    published: Instant,
 }
+
+/// How often the layer publishes its replicas' lag for the control channel and telemetry.
+const PUBLISH_EVERY: Duration = Duration::from_millis(50);
 
 impl ReplicationLayer {
     pub fn new(settings: Settings) -> io::Result<Self> {
@@ -347,14 +380,34 @@ impl ReplicationLayer {
                 filled: now,
             });
         }
-        Ok(Self {
-            primary: PrimaryVolume::new(
-                remotes,
-                settings.blocks,
-                settings.block_size,
-                settings.region_shift,
-                settings.sequence,
-            ),
+        let mut primary = PrimaryVolume::new(
+            remotes,
+            settings.blocks,
+            settings.block_size,
+            settings.region_shift,
+            settings.sequence,
+        );
+        for (replica, blocks) in settings.bitmaps.iter().enumerate() {
+            for (index, block) in blocks.iter().enumerate() {
+                primary.load_dirty(replica, index, block).map_err(|error| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "the dirty bitmap of replica {}: {error}",
+                            peers[replica].node
+                        ),
+                    )
+                })?;
+            }
+        }
+        let bitmap_buffers = (0..4)
+            .map(|_| settings.pool.alloc(BLOCK_BYTES))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| {
+                io::Error::other(format!("no DMA memory for bitmap writes: {error}"))
+            })?;
+        let layer = Self {
+            primary,
             peers,
             epoll: Epoll::new(16)?,
             parents: vec![Parent::None; settings.slots],
@@ -375,7 +428,23 @@ impl ReplicationLayer {
             status,
             resync_rate: settings.resync_rate,
             block_size: settings.block_size,
-        })
+            fresh: settings.fresh,
+            bitmap_lbas: settings.bitmap_lbas,
+            bitmap_changed: Default::default(),
+            batch: Vec::new(),
+            batch_in_flight: 0,
+            batches_started: 0,
+            batches_done: 0,
+            bitmap_buffers,
+            pool: settings.pool,
+            waiting_sends: VecDeque::with_capacity(settings.slots),
+            published: now,
+        };
+        // What the bitmaps say each replica lacks shows from the start.
+        for index in 0..layer.peers.len() {
+            layer.publish_peer(index);
+        }
+        Ok(layer)
     }
 
     /// What the layer publishes, for the control channel and telemetry.
@@ -686,6 +755,21 @@ impl ReplicationLayer {
                     return Err("an EpochOk for another claim".into());
                 }
                 self.primary.observe(header.sequence);
+                // A new copy at the volume's very start (no write yet on a new primary) is
+                // like every other; later, it holds nothing of what was written.
+                let blank_volume = self.fresh && self.primary.last_sequence() == 0;
+                if header.status == status::NEW_COPY && !blank_volume {
+                    // A replaced or wiped disk: every region is copied to it.
+                    tracing::warn!(
+                        volume = %self.volume,
+                        replica = %self.peers[index].node,
+                        "replication: the replica's copy is new; rebuilding it in full"
+                    );
+                    let changed = self.primary.replica_is_new(index);
+                    self.bitmap_changed
+                        .extend(changed.into_iter().map(|block| (index, block)));
+                    self.start_batch(ctx);
+                }
                 self.open(index, now)
             }
             Kind::Ack => {
@@ -773,7 +857,7 @@ impl ReplicationLayer {
     /// A client write goes out: to the primary's own copy (a child IO) and to every replica.
     fn start_write(&mut self, ctx: &mut LayerCtx<'_>, slot: u32, command: &IoCommand) {
         let lba = command.slba - self.first_lba;
-        let (sequence, _changed) =
+        let (sequence, changed) =
             self.primary
                 .begin_write(lba, command.blocks, command.flags.contains(IoFlags::FUA));
         self.status.sequence.store(sequence, Ordering::Relaxed);
@@ -792,7 +876,117 @@ impl ReplicationLayer {
                 self.answer_writes(ctx, [answer]);
             }
         }
-        self.send_write(ctx, slot, sequence, command);
+        // Its regions' dirty bits reach the device before it reaches any replica.
+        let needs = if changed.is_empty() {
+            0
+        } else {
+            self.bitmap_changed.extend(changed);
+            if self.batch_in_flight > 0 || !self.batch.is_empty() {
+                self.batches_started + 1
+            } else {
+                self.start_batch(ctx);
+                self.batches_started
+            }
+        };
+        if needs > self.batches_done || !self.waiting_sends.is_empty() {
+            self.waiting_sends
+                .push_back((slot, sequence, *command, needs));
+        } else {
+            self.send_write(ctx, slot, sequence, command);
+        }
+    }
+
+    /// Writes the bitmap blocks changed since the last batch, with FUA, as one batch.
+    fn start_batch(&mut self, ctx: &mut LayerCtx<'_>) {
+        if self.batch_in_flight > 0 || !self.batch.is_empty() || self.bitmap_changed.is_empty() {
+            return;
+        }
+        self.batches_started += 1;
+        self.batch = std::mem::take(&mut self.bitmap_changed)
+            .into_iter()
+            .collect();
+        self.issue_batch(ctx);
+    }
+
+    /// Issues what the batch has not issued yet (slots permitting).
+    fn issue_batch(&mut self, ctx: &mut LayerCtx<'_>) {
+        let per_block = (BLOCK_BYTES / self.block_size as usize) as u64;
+        while let Some(&(replica, block)) = self.batch.last() {
+            let mut buf = match self.bitmap_buffers.pop() {
+                Some(buf) => buf,
+                None => match self.pool.alloc(BLOCK_BYTES) {
+                    Ok(buf) => buf,
+                    Err(error) => {
+                        tracing::warn!(volume = %self.volume, "replication: no DMA memory for a bitmap write ({error}); retrying");
+                        return;
+                    }
+                },
+            };
+            buf.as_bytes_mut()
+                .copy_from_slice(&self.primary.dirty_block(replica, block));
+            let io = OwnIo {
+                op: Op::Write,
+                slba: self.bitmap_lbas[replica] + block as u64 * per_block,
+                blocks: per_block as u32,
+                fua: true,
+                tag: BITMAP_TAG | (replica as u64) << 32 | block as u64,
+                buf: Some(buf),
+            };
+            match ctx.issue_own(io) {
+                Ok(()) => {
+                    self.batch.pop();
+                    self.batch_in_flight += 1;
+                }
+                Err((_, io)) => {
+                    // No slot free now: the rest goes from poll.
+                    self.bitmap_buffers.extend(io.buf);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A bitmap block of the batch is on the device (or failed: logged, the write goes on;
+    /// a crash could then cost a resync of what the block did not mark).
+    fn bitmap_written(
+        &mut self,
+        ctx: &mut LayerCtx<'_>,
+        result: Result<(), IoError>,
+        buf: Option<DmaBuf>,
+    ) {
+        if let Err(error) = result {
+            tracing::error!(volume = %self.volume, "replication: writing a dirty bitmap block failed: {error}");
+        }
+        self.bitmap_buffers.extend(buf);
+        self.batch_in_flight -= 1;
+        if self.batch_in_flight > 0 || !self.batch.is_empty() {
+            return;
+        }
+        self.batches_done = self.batches_started;
+        self.start_batch(ctx);
+        self.send_waiting(ctx);
+    }
+
+    /// Sends the writes whose bitmap batch is done, in order.
+    fn send_waiting(&mut self, ctx: &mut LayerCtx<'_>) {
+        while let Some(&(slot, sequence, command, needs)) = self.waiting_sends.front() {
+            if needs > self.batches_done {
+                break;
+            }
+            self.waiting_sends.pop_front();
+            let still_held = matches!(
+                self.parents[slot as usize],
+                Parent::Write { sequence: held, .. } if held == sequence
+            );
+            if still_held {
+                self.send_write(ctx, slot, sequence, &command);
+            } else {
+                // Answered (failed) while it waited: no replica gets it.
+                for replica in 0..self.peers.len() {
+                    self.primary.replica_done(replica, sequence, false);
+                }
+            }
+        }
     }
 
     /// Starts the writes that waited for resync chunks, in order, up to the first that
@@ -872,7 +1066,7 @@ impl ReplicationLayer {
                 slba: self.first_lba + chunk.lba,
                 blocks: chunk.blocks,
                 fua: false,
-                tag: (index as u64) << 32 | chunk.lba,
+                tag: RESYNC_TAG | (index as u64) << 48 | chunk.lba,
                 buf: Some(buf),
             };
             match ctx.issue_own(io) {
@@ -897,8 +1091,8 @@ impl ReplicationLayer {
         result: Result<(), IoError>,
         buf: Option<DmaBuf>,
     ) {
-        let index = (tag >> 32) as usize;
-        let lba = tag & 0xffff_ffff;
+        let index = (tag >> 48) as usize;
+        let lba = tag & ((1 << 48) - 1);
         let epoch = self.epoch;
         let Some(peer) = self.peers.get_mut(index) else {
             return;
@@ -1203,6 +1397,7 @@ impl Layer for ReplicationLayer {
     fn holding(&self) -> usize {
         // Frames a replica has not answered, and resync chunks, keep the reactor polling.
         self.held
+            + self.batch_in_flight
             + self
                 .peers
                 .iter()
@@ -1217,7 +1412,11 @@ impl Layer for ReplicationLayer {
         result: Result<(), IoError>,
         buf: Option<DmaBuf>,
     ) {
-        self.chunk_read(ctx, tag, result, buf);
+        if tag & BITMAP_TAG != 0 {
+            self.bitmap_written(ctx, result, buf);
+        } else {
+            self.chunk_read(ctx, tag & !RESYNC_TAG, result, buf);
+        }
     }
 
     fn polled(&self) -> bool {
@@ -1258,6 +1457,15 @@ impl Layer for ReplicationLayer {
                 }
             }
             work |= self.resync(ctx, index, now);
+        }
+        if !self.batch.is_empty() {
+            self.issue_batch(ctx);
+        }
+        if now.duration_since(self.published) >= PUBLISH_EVERY {
+            self.published = now;
+            for index in 0..self.peers.len() {
+                self.publish_peer(index);
+            }
         }
         work
     }

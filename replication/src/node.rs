@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use fathom_drivers::IoCommand;
-use fathom_engine::config::Config;
+use fathom_engine::config::{Config, MAX_REPLICAS};
 use fathom_engine::engine::Engine;
 use fathom_engine::layer::{ControlError, Down, Layer, LayerCtx, LayerName};
 use fathom_engine::volume::{IoError, IoRequest, Volume};
@@ -132,10 +132,39 @@ impl Replication {
             if superblock.primary == node {
                 // A primary that starts takes the next epoch, durably, before it serves: a
                 // replica then refuses whatever its earlier incarnation still had in flight.
+                let fresh = superblock.epoch == 0;
                 let (mut next, copy) = superblock.next(copy);
                 next.epoch += 1;
                 next.role = Role::Primary;
                 write_superblock(engine, &volume, &next, copy)?;
+                // Each replica's dirty bitmap lies in the metadata area at its place in the
+                // volume's replica list, whoever is primary.
+                let bitmap_blocks = volume
+                    .meta_blocks
+                    .saturating_mul(volume.block_size as u64)
+                    .saturating_sub(2 * BLOCK_BYTES as u64)
+                    / (BLOCK_BYTES as u64 * MAX_REPLICAS as u64);
+                let mut bitmap_lbas = Vec::new();
+                let mut bitmaps = Vec::new();
+                for (slot, _) in volume_config
+                    .replicas
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, replica)| *replica != node)
+                {
+                    let first = 2 + slot as u64 * bitmap_blocks;
+                    bitmap_lbas.push(
+                        volume.first_lba
+                            + volume.blocks
+                            + first * BLOCK_BYTES as u64 / volume.block_size as u64,
+                    );
+                    let blocks = (0..bitmap_blocks)
+                        .map(|block| {
+                            read_metadata(engine, &volume, (first + block) * BLOCK_BYTES as u64)
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    bitmaps.push(blocks);
+                }
                 let peers = volume_config
                     .replicas
                     .iter()
@@ -174,6 +203,9 @@ impl Replication {
                     slots: engine.slots_per_reactor(),
                     pool: engine.dma().clone(),
                     resync_rate: replication.resync_rate.0,
+                    bitmap_lbas,
+                    bitmaps,
+                    fresh,
                 })
                 .map_err(|error| volume_error(format!("cannot set up its sessions: {error}")))?;
                 let status = layer.status();
@@ -273,32 +305,32 @@ impl Replication {
 
 /// Reads the volume's two superblock copies; a copy never written (no superblock in either)
 /// is formatted with `fresh` (given a new uuid) and written.
+/// One 4 KiB block of the volume's metadata area, at byte `offset` in it.
+fn read_metadata(engine: &Engine, volume: &Volume, offset: u64) -> Result<Vec<u8>, StartError> {
+    let buf = engine
+        .dma()
+        .alloc(BLOCK_BYTES)
+        .map_err(|error| StartError::Volume {
+            volume: volume.name.clone(),
+            what: format!("no DMA memory to read its metadata: {error}"),
+        })?;
+    let completion = engine.metadata_io(IoRequest::read(volume.id, offset, buf, 0));
+    completion.result.map_err(|error| StartError::Volume {
+        volume: volume.name.clone(),
+        what: format!("reading its metadata at byte {offset}: {error}"),
+    })?;
+    Ok(completion.buf.expect("a read returns its buffer").to_vec())
+}
+
 fn read_superblock(
     engine: &Engine,
     volume: &Volume,
     fresh: impl FnOnce([u8; 16]) -> Superblock,
 ) -> Result<(Superblock, usize), StartError> {
-    let read = |copy: usize| -> Result<Vec<u8>, StartError> {
-        let buf = engine
-            .dma()
-            .alloc(BLOCK_BYTES)
-            .map_err(|error| StartError::Volume {
-                volume: volume.name.clone(),
-                what: format!("no DMA memory to read its superblock: {error}"),
-            })?;
-        let completion = engine.metadata_io(IoRequest::read(
-            volume.id,
-            (copy * BLOCK_BYTES) as u64,
-            buf,
-            0,
-        ));
-        completion.result.map_err(|error| StartError::Volume {
-            volume: volume.name.clone(),
-            what: format!("reading superblock copy {copy}: {error}"),
-        })?;
-        Ok(completion.buf.expect("a read returns its buffer").to_vec())
-    };
-    let (first, second) = (read(0)?, read(1)?);
+    let (first, second) = (
+        read_metadata(engine, volume, 0)?,
+        read_metadata(engine, volume, BLOCK_BYTES as u64)?,
+    );
     match Superblock::newest(&first, &second) {
         Ok(found) => Ok(found),
         Err(MetaError::NoValidCopy {

@@ -72,7 +72,7 @@
 //!   11 Probe       primary   yes    yes      ·                   region ≥ 1 (most) ·      none
 //!   12 ProbeReply  replica   yes    yes      highest applied     echo   covered    yes    pairs if OK, else none
 //!   13 Epoch       primary   yes    claimed  base (see below)    ·      ·          ·      none
-//!   14 EpochOk     replica   yes    now      highest applied     ·      ·          ·      none
+//!   14 EpochOk     replica   yes    now      highest applied     ·      ·          yes    none
 //!   15 Refused     either    yes    current  ·                   ·      ·          reason text (UTF-8)
 //!   16 Resync      primary   yes    yes      ·                   first  ≥ 1        ·      data, ≥ 1 byte
 //! ```
@@ -226,6 +226,9 @@ pub mod status {
     pub const IO_ERROR: u16 = 1;
     /// The IO reaches past the end of the replica's copy of the volume.
     pub const OUT_OF_RANGE: u16 = 2;
+    /// EpochOk: the replica's copy was never written by a primary (a new or wiped disk):
+    /// it holds nothing of the volume and is rebuilt in full.
+    pub const NEW_COPY: u16 = 3;
 }
 
 /// Reason codes of a Refused frame (its status field; never 0).
@@ -408,7 +411,7 @@ impl Kind {
             Kind::Read | Kind::Probe | Kind::Resync => VOLUME | EPOCH | LBA | BLOCKS,
             Kind::ReadReply | Kind::ProbeReply => VOLUME | EPOCH | SEQUENCE | LBA | BLOCKS | STATUS,
             Kind::Epoch => VOLUME | EPOCH | SEQUENCE,
-            Kind::EpochOk => VOLUME | EPOCH | SEQUENCE,
+            Kind::EpochOk => VOLUME | EPOCH | SEQUENCE | STATUS,
             Kind::Refused => VOLUME | EPOCH | STATUS,
         }
     }

@@ -89,6 +89,8 @@ pub struct ReplicaVolume {
     done: Vec<u64>,
     /// Every write up to this sequence is durable here.
     durable: u64,
+    /// The copy was never written by a primary: the first EpochOk says so.
+    new_copy: bool,
 }
 
 impl ReplicaVolume {
@@ -113,7 +115,14 @@ impl ReplicaVolume {
             applied,
             done: Vec::new(),
             durable: applied,
+            new_copy: false,
         }
+    }
+
+    /// The copy holds nothing of the volume (a new or wiped disk): the next primary to
+    /// claim it is told, and rebuilds it in full.
+    pub fn mark_new_copy(&mut self) {
+        self.new_copy = true;
     }
 
     pub fn epoch(&self) -> u64 {
@@ -274,6 +283,10 @@ impl ReplicaVolume {
             Header {
                 request_id,
                 sequence: self.applied,
+                status: match self.new_copy {
+                    true => status::NEW_COPY,
+                    false => status::OK,
+                },
                 ..Header::new(Kind::EpochOk)
             },
             &[],
@@ -289,7 +302,10 @@ impl ReplicaVolume {
         }
         self.epoch = self.epoch.max(epoch);
         self.rebase(base);
-        self.epoch_ok(request_id)
+        let reply = self.epoch_ok(request_id);
+        // Told once: from now on the primary that claimed it keeps what it lacks.
+        self.new_copy = false;
+        reply
     }
 
     /// A primary's stream starts after `base`: what this replica lacks up to it is in the

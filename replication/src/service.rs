@@ -175,14 +175,21 @@ impl Service for ReplicaService {
                 .iter()
                 .map(|held| {
                     (held.reactor == reactor).then(|| VolumeState {
-                        replica: ReplicaVolume::new(
-                            0,
-                            held.superblock.epoch,
-                            held.block_size,
-                            held.blocks,
-                            held.superblock.applied,
-                            ORDER_CAPACITY,
-                        ),
+                        replica: {
+                            let mut replica = ReplicaVolume::new(
+                                0,
+                                held.superblock.epoch,
+                                held.block_size,
+                                held.blocks,
+                                held.superblock.applied,
+                                ORDER_CAPACITY,
+                            );
+                            // No primary ever claimed this copy: it holds nothing yet.
+                            if held.superblock.epoch == 0 {
+                                replica.mark_new_copy();
+                            }
+                            replica
+                        },
                         superblock: held.superblock.clone(),
                         copy: held.copy,
                         persisting: false,
