@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 use fathom_control::proto::{
-    self, Cleared, DeviceRow, Hello, LayerRow, NamespaceRow, PeerRow, RemoteError, ReplicationRow,
-    Request, RuleRow, RunResult, TraceRow, VolumeRow,
+    self, Cleared, DeviceRow, Hello, LayerRow, NamespaceRow, PeerRow, PromoteResult, RemoteError,
+    ReplicationRow, Request, RuleRow, RunResult, TraceRow, VolumeRow,
 };
 use fathom_control::server::Handler;
 use fathom_engine::config::{InjectRule, TailThreshold};
@@ -23,7 +23,7 @@ use fathom_engine::layer::{ControlError, LayerName};
 use fathom_engine::stats::OP_NAMES;
 use fathom_engine::trace::{TraceSettings, VolumeSampling};
 use fathom_engine::{Engine, Volume};
-use fathom_replication::node::CopyStatus;
+use fathom_replication::node::Replication;
 use serde_json::Value;
 use std::sync::Mutex as StdMutex;
 
@@ -45,8 +45,8 @@ pub struct NodeControl {
     /// Held across a `trace_set`'s read of the current sampling and its writes, so that two
     /// at once (one changing the rate, the other the tail) do not undo each other's change.
     trace_changes: StdMutex<()>,
-    /// The replicated volumes this node holds a copy of.
-    replication: Vec<CopyStatus>,
+    /// Replication, when this node holds copies of replicated volumes.
+    replication: Option<std::sync::Arc<Replication>>,
 }
 
 impl NodeControl {
@@ -56,13 +56,13 @@ impl NodeControl {
             rules: StdMutex::new(HashMap::new()),
             runs: AtomicUsize::new(0),
             trace_changes: StdMutex::new(()),
-            replication: Vec::new(),
+            replication: None,
         }
     }
 
-    /// Answers `replication` from these copies' live status.
-    pub fn with_replication(mut self, copies: Vec<CopyStatus>) -> Self {
-        self.replication = copies;
+    /// Answers `replication` and `promote` through `replication`.
+    pub fn with_replication(mut self, replication: Option<std::sync::Arc<Replication>>) -> Self {
+        self.replication = replication;
         self
     }
 
@@ -71,45 +71,70 @@ impl NodeControl {
             self.engine.volume_named(name).map_err(control_error)?;
         }
         let node = &self.engine.config().node.id;
-        Ok(self
+        let roles = self
             .replication
+            .as_ref()
+            .map(|replication| replication.roles())
+            .unwrap_or_default();
+        Ok(roles
             .iter()
-            .filter_map(|copy| {
-                let row = match copy {
-                    CopyStatus::Primary(status) => ReplicationRow {
-                        volume: status.volume.clone(),
-                        role: "primary".into(),
-                        epoch: status.epoch(),
-                        primary: node.clone(),
-                        sequence: status.sequence(),
-                        fenced: status.fenced(),
-                        peers: status
-                            .peers
-                            .iter()
-                            .map(|peer| PeerRow {
-                                node: peer.node.clone(),
-                                state: peer.state().as_str().into(),
-                                in_sync: peer.in_sync(),
-                                acknowledged: peer.acknowledged(),
-                                dirty_bytes: peer.dirty_regions() * status.region_bytes,
-                                resync_left_bytes: peer.stale_regions() * status.region_bytes,
-                                resynced_bytes: peer.resynced_bytes(),
-                            })
-                            .collect(),
-                    },
-                    CopyStatus::Replica(status) => ReplicationRow {
-                        volume: status.volume.clone(),
-                        role: "replica".into(),
-                        epoch: status.epoch(),
-                        primary: status.primary(),
-                        sequence: status.applied(),
-                        fenced: false,
-                        peers: Vec::new(),
-                    },
-                };
-                volume.is_none_or(|name| name == row.volume).then_some(row)
+            .filter(|role| volume.is_none_or(|name| name == role.volume))
+            .map(|role| match role.primary_status() {
+                Some(status) => ReplicationRow {
+                    volume: status.volume.clone(),
+                    role: "primary".into(),
+                    epoch: status.epoch(),
+                    primary: node.clone(),
+                    sequence: status.sequence(),
+                    fenced: status.fenced(),
+                    in_sync: status.serving(),
+                    peers: status
+                        .peers
+                        .iter()
+                        .map(|peer| PeerRow {
+                            node: peer.node.clone(),
+                            state: peer.state().as_str().into(),
+                            in_sync: peer.in_sync(),
+                            acknowledged: peer.acknowledged(),
+                            dirty_bytes: peer.dirty_regions() * status.region_bytes,
+                            resync_left_bytes: peer.stale_regions() * status.region_bytes,
+                            resynced_bytes: peer.resynced_bytes(),
+                        })
+                        .collect(),
+                },
+                None => ReplicationRow {
+                    volume: role.volume.clone(),
+                    role: "replica".into(),
+                    epoch: role.epoch(),
+                    primary: role.superblock().primary,
+                    sequence: role.applied(),
+                    fenced: false,
+                    in_sync: role.in_sync(),
+                    peers: Vec::new(),
+                },
             })
             .collect())
+    }
+
+    fn promote(&self, volume: &str, force: bool) -> Result<PromoteResult, RemoteError> {
+        self.engine.volume_named(volume).map_err(control_error)?;
+        let replication = self.replication.as_ref().ok_or_else(|| {
+            RemoteError::new(
+                proto::UNSUPPORTED,
+                format!("volume {volume} is not replicated: there is nothing to promote"),
+            )
+        })?;
+        let promoted = replication
+            .promote(volume, force)
+            .map_err(|error| RemoteError::new(proto::UNSUPPORTED, error.to_string()))?;
+        Ok(PromoteResult {
+            volume: promoted.volume,
+            epoch: promoted.epoch,
+            survivors: promoted.survivors,
+            regions_copied: promoted.regions_copied,
+            bytes_copied: promoted.bytes_copied,
+            behind: promoted.behind,
+        })
     }
 
     /// The operator's rules; a handler that panicked holding them left them whole (each
@@ -676,6 +701,7 @@ impl Handler for NodeControl {
                 json(self.trace_set(volume.as_deref(), rate, tail.as_deref())?)
             }
             Request::Replication { volume } => json(self.replication(volume.as_deref())?),
+            Request::Promote { volume, force } => json(self.promote(&volume, force)?),
         }
     }
 }

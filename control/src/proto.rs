@@ -62,6 +62,7 @@ pub const COMMANDS: &[&str] = &[
     "trace_show",
     "trace_set",
     "replication",
+    "promote",
 ];
 
 /// The layers of a volume's IO path, top to bottom. A volume has `frontend`, `engine` and
@@ -231,6 +232,14 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         volume: Option<String>,
     },
+    /// Makes this node (a replica of `volume`) the primary, when the primary is gone: the
+    /// next epoch on a majority, the survivors reconciled. Refused for a copy not known to
+    /// be in sync unless `force`. Answer: [`PromoteResult`].
+    Promote {
+        volume: String,
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 impl Request {
@@ -250,6 +259,7 @@ impl Request {
             Request::TraceShow { .. } => "trace_show",
             Request::TraceSet { .. } => "trace_set",
             Request::Replication { .. } => "replication",
+            Request::Promote { .. } => "promote",
         }
     }
 
@@ -379,6 +389,9 @@ pub struct ReplicationRow {
     /// The primary learned that another node took the volume over (a newer epoch): it
     /// fails every write.
     pub fenced: bool,
+    /// A replica: its primary said it lacks nothing (it may be promoted). The primary:
+    /// whether it serves (a majority took its epoch).
+    pub in_sync: bool,
     /// On the primary: one per replica.
     pub peers: Vec<PeerRow>,
 }
@@ -400,6 +413,20 @@ pub struct PeerRow {
     pub resync_left_bytes: u64,
     /// Bytes resynced to it since the primary started.
     pub resynced_bytes: u64,
+}
+
+/// Answer to `promote`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromoteResult {
+    pub volume: String,
+    pub epoch: u64,
+    /// The copies that took the epoch, this node first.
+    pub survivors: Vec<String>,
+    /// Regions copied here from a survivor that had them newer, and their bytes.
+    pub regions_copied: u64,
+    pub bytes_copied: u64,
+    /// Per other copy: the regions it is behind in (resynchronised from here).
+    pub behind: Vec<(String, u64)>,
 }
 
 /// Answer to `run`.
@@ -545,12 +572,14 @@ enum Kind {
     Object,
     /// A tail-sampling threshold, as text (the node parses it).
     Tail,
+    Bool,
 }
 
 impl Kind {
     fn expected(self) -> &'static str {
         match self {
             Kind::Text => "a string",
+            Kind::Bool => "true or false",
             Kind::U64 => "a whole number, 0 to 18446744073709551615",
             Kind::U32 => "a whole number, 0 to 4294967295",
             Kind::Object => {
@@ -568,6 +597,7 @@ impl Kind {
             Kind::U64 => value.is_u64(),
             Kind::U32 => value.as_u64().is_some_and(|n| n <= u64::from(u32::MAX)),
             Kind::Object => value.is_object(),
+            Kind::Bool => value.is_boolean(),
         }
     }
 }
@@ -655,6 +685,13 @@ const SCHEMA: &[(&str, &[Field])] = &[
         ],
     ),
     ("replication", &[optional("volume", Kind::Text)]),
+    (
+        "promote",
+        &[
+            required("volume", Kind::Text),
+            optional("force", Kind::Bool),
+        ],
+    ),
 ];
 
 /// How a JSON value is described in an error: its type and, when short, the value.
@@ -980,6 +1017,14 @@ mod tests {
             Request::Replication { volume: None },
             Request::Replication {
                 volume: Some("vol0".into()),
+            },
+            Request::Promote {
+                volume: "vol0".into(),
+                force: false,
+            },
+            Request::Promote {
+                volume: "vol0".into(),
+                force: true,
             },
         ]
     }

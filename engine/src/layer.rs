@@ -388,6 +388,8 @@ pub struct LayerCtx<'a> {
     pub(crate) depth: u8,
     /// The volume whose stack is being walked.
     pub(crate) volume: u32,
+    /// On the way down: the IO came through a front end (a client's, not the node's own).
+    pub(crate) from_frontend: bool,
     pub(crate) work: &'a mut LayerWork,
     /// Slots free for children (checked before a child is accepted).
     pub(crate) free_slots: usize,
@@ -397,6 +399,12 @@ impl LayerCtx<'_> {
     /// The clock layers measure time with, and its reading for this call.
     pub fn clock(&self) -> &Clock {
         self.clock
+    }
+
+    /// In [`Layer::submit`]: whether the IO came through a front end (NBD), as opposed to
+    /// one from inside the node (a replica service's, a workload's, a layer's own).
+    pub fn from_frontend(&self) -> bool {
+        self.from_frontend
     }
 
     /// Clock ticks, read once per loop iteration for the layers.

@@ -730,6 +730,7 @@ impl IoContext {
             now,
             depth,
             volume: volume as u32,
+            from_frontend: false,
             work: &mut self.work,
             free_slots: self.free_slots.len(),
         }
@@ -987,6 +988,7 @@ impl IoContext {
                 *span = (stack[depth].layer().index() as u8, self.layer_now, 0);
             }
             let mut ctx = self.layer_ctx(self.layer_now, volume, depth as u8);
+            ctx.from_frontend = from_frontend;
             match stack[depth].submit(&mut ctx, slot, &command) {
                 Down::Pass => depth += 1,
                 Down::Hold => break,

@@ -37,6 +37,7 @@ use crate::meta::BLOCK_BYTES;
 use crate::primary::{Answer, Copy, PrimaryVolume};
 use crate::proto::{refusal, status, Header, Kind, HEADER_LEN};
 use crate::resync::{Chunk, Resync};
+use crate::role::VolumeRole;
 use crate::session::{ConnectorSession, PeerAuth};
 use crate::stream::{FrameStream, StreamError};
 
@@ -90,11 +91,22 @@ pub struct Settings {
     /// This primary's copy was new at this start (the volume's first epoch): until its first
     /// write, a replica's new copy needs no rebuild (every copy starts alike).
     pub fresh: bool,
+    /// What this node is for the volume (shared with its replica service).
+    pub role: Arc<VolumeRole>,
+    /// The epoch is durable on a majority already (a promote did it): serve at once. Else
+    /// the layer serves once a majority of copies took `epoch` and it made it durable here.
+    pub serving: bool,
+    /// The namespace LBA of the volume's metadata area (its two superblocks first).
+    pub meta_lba: u64,
+    /// Per replica, regions it lacks from the start (a promote's reconciliation).
+    pub stale: Vec<Vec<u64>>,
 }
 
 /// Own IO tags: a dirty-bitmap block write (replica << 32 | block), a resync read
 /// (replica << 48 | volume block).
 const BITMAP_TAG: u64 = 1 << 63;
+/// Own IO tag of the superblock write that makes a new epoch durable here.
+const SUPERBLOCK_TAG: u64 = 1 << 61;
 const RESYNC_TAG: u64 = 1 << 62;
 
 /// Resync chunks read or sent and not yet answered, per replica.
@@ -171,6 +183,7 @@ pub struct VolumeStatus {
     epoch: AtomicU64,
     sequence: AtomicU64,
     fenced: AtomicBool,
+    serving: AtomicBool,
     pub peers: Vec<PeerStatus>,
 }
 
@@ -184,6 +197,10 @@ impl VolumeStatus {
     }
     pub fn fenced(&self) -> bool {
         self.fenced.load(Ordering::Relaxed)
+    }
+    /// A majority took its epoch: it serves client IO.
+    pub fn serving(&self) -> bool {
+        self.serving.load(Ordering::Relaxed)
     }
 }
 
@@ -322,6 +339,15 @@ pub struct ReplicationLayer {
     waiting_sends: VecDeque<(u32, u64, IoCommand, u64)>,
     /// When the peers' status was last published for other threads.
     published: Instant,
+    role: Arc<VolumeRole>,
+    /// A majority of copies holds the epoch, durably here: client IO is served.
+    serving: bool,
+    /// The superblock write that makes the epoch durable here is out.
+    persisting: bool,
+    /// Replicas that took this epoch.
+    claimed: u64,
+    node_id: String,
+    meta_lba: u64,
 }
 
 /// How often the layer publishes its replicas' lag for the control channel and telemetry.
@@ -335,6 +361,7 @@ impl ReplicationLayer {
             epoch: AtomicU64::new(settings.epoch),
             sequence: AtomicU64::new(settings.sequence),
             fenced: AtomicBool::new(false),
+            serving: AtomicBool::new(settings.serving),
             peers: settings
                 .peers
                 .iter()
@@ -356,6 +383,7 @@ impl ReplicationLayer {
             .max(settings.block_size as u64);
         let chunk_blocks = (chunk_bytes / settings.block_size as u64) as u32;
         let remotes = settings.peers.len();
+        let node_id = settings.node.clone();
         let mut peers = Vec::with_capacity(remotes);
         for peer in settings.peers {
             let buffers = (0..RESYNC_WINDOW)
@@ -400,6 +428,9 @@ impl ReplicationLayer {
                 })?;
             }
         }
+        for (replica, regions) in settings.stale.iter().enumerate() {
+            primary.mark_stale(replica, regions);
+        }
         let bitmap_buffers = (0..4)
             .map(|_| settings.pool.alloc(BLOCK_BYTES))
             .collect::<Result<Vec<_>, _>>()
@@ -439,6 +470,12 @@ impl ReplicationLayer {
             pool: settings.pool,
             waiting_sends: VecDeque::with_capacity(settings.slots),
             published: now,
+            role: settings.role,
+            serving: settings.serving,
+            persisting: false,
+            claimed: 0,
+            node_id,
+            meta_lba: settings.meta_lba,
         };
         // What the bitmaps say each replica lacks shows from the start.
         for index in 0..layer.peers.len() {
@@ -715,6 +752,7 @@ impl ReplicationLayer {
         let claim = Header {
             epoch,
             request_id,
+            status: status::OUT_OF_SYNC,
             ..Header::new(Kind::Epoch)
         };
         stream
@@ -740,7 +778,7 @@ impl ReplicationLayer {
         match header.kind {
             Kind::Refused => {
                 let text = refusal_text.unwrap_or_default();
-                if header.status == refusal::STALE_EPOCH {
+                if header.status == refusal::STALE_EPOCH || header.status == refusal::EPOCH_TAKEN {
                     let node = self.peers[index].node.clone();
                     self.fence(&node, header.epoch, &text);
                 }
@@ -755,6 +793,9 @@ impl ReplicationLayer {
                     return Err("an EpochOk for another claim".into());
                 }
                 self.primary.observe(header.sequence);
+                self.status
+                    .sequence
+                    .store(self.primary.last_sequence(), Ordering::Relaxed);
                 // A new copy at the volume's very start (no write yet on a new primary) is
                 // like every other; later, it holds nothing of what was written.
                 let blank_volume = self.fresh && self.primary.last_sequence() == 0;
@@ -770,7 +811,9 @@ impl ReplicationLayer {
                         .extend(changed.into_iter().map(|block| (index, block)));
                     self.start_batch(ctx);
                 }
-                self.open(index, now)
+                self.open(index, now)?;
+                self.establish(ctx);
+                Ok(())
             }
             Kind::Ack => {
                 let sent = self.peers[index].outstanding.remove(&header.request_id);
@@ -835,12 +878,17 @@ impl ReplicationLayer {
             epoch,
             sequence: base,
             request_id,
+            status: match self.primary.in_sync(index) {
+                true => status::OK,
+                false => status::OUT_OF_SYNC,
+            },
             ..Header::new(Kind::Epoch)
         };
         stream
             .queue_frame(&header, &[])
             .map_err(|error| error.to_string())?;
         peer.link = Link::Open { stream };
+        self.claimed |= 1 << index;
         peer.retry = FIRST_RETRY;
         tracing::info!(
             volume = %self.volume,
@@ -852,6 +900,79 @@ impl ReplicationLayer {
         );
         self.publish_peer(index);
         Ok(())
+    }
+
+    /// Once a majority of copies took the epoch (this one and the replicas that answered its
+    /// claim), it is made durable here; then client IO is served.
+    fn establish(&mut self, ctx: &mut LayerCtx<'_>) {
+        if self.serving || self.persisting || self.fenced {
+            return;
+        }
+        if self.claimed.count_ones() + 1 < self.primary.majority() {
+            return;
+        }
+        let epoch = self.epoch;
+        let node = self.node_id.clone();
+        let (superblock, copy) = self.role.next_superblock(|superblock| {
+            superblock.epoch = epoch;
+            superblock.role = crate::meta::Role::Primary;
+            superblock.primary = node;
+        });
+        let block = match superblock.encode() {
+            Ok(block) => block,
+            Err(error) => {
+                tracing::error!(volume = %self.volume, "replication: cannot write the superblock: {error}");
+                return;
+            }
+        };
+        let Some(mut buf) = self
+            .bitmap_buffers
+            .pop()
+            .or_else(|| self.pool.alloc(BLOCK_BYTES).ok())
+        else {
+            tracing::warn!(volume = %self.volume, "replication: no DMA memory for the superblock; retrying");
+            return;
+        };
+        buf.as_bytes_mut().copy_from_slice(&block);
+        let per_block = (BLOCK_BYTES / self.block_size as usize) as u64;
+        let io = OwnIo {
+            op: Op::Write,
+            slba: self.meta_lba + copy as u64 * per_block,
+            blocks: per_block as u32,
+            fua: true,
+            tag: SUPERBLOCK_TAG,
+            buf: Some(buf),
+        };
+        match ctx.issue_own(io) {
+            Ok(()) => self.persisting = true,
+            Err((_, io)) => self.bitmap_buffers.extend(io.buf),
+        }
+    }
+
+    /// The superblock with this primary's epoch is durable: client IO is served.
+    fn epoch_written(&mut self, result: Result<(), IoError>, buf: Option<DmaBuf>) {
+        self.bitmap_buffers.extend(buf);
+        self.persisting = false;
+        match result {
+            Ok(()) if !self.fenced => {
+                self.serving = true;
+                self.status.serving.store(true, Ordering::Relaxed);
+                // Known here from now on: this node's replica service refuses a claim of
+                // this epoch by another node.
+                self.role.raise_epoch(self.epoch);
+                tracing::info!(
+                    volume = %self.volume,
+                    epoch = self.epoch,
+                    "replication: epoch {} taken by a majority; serving as the primary",
+                    self.epoch
+                );
+            }
+            Ok(()) => {}
+            Err(error) => tracing::error!(
+                volume = %self.volume,
+                "replication: writing the superblock failed ({error}); not serving"
+            ),
+        }
     }
 
     /// A client write goes out: to the primary's own copy (a child IO) and to every replica.
@@ -1157,6 +1278,17 @@ impl ReplicationLayer {
                     replica = %self.peers[index].node,
                     "replication: resync done; the replica is in sync"
                 );
+                // It is told, so that it may be promoted.
+                let request_id = self.request_id();
+                let header = Header {
+                    epoch: self.epoch,
+                    request_id,
+                    status: status::OK,
+                    ..Header::new(Kind::Epoch)
+                };
+                if let Link::Open { stream } = &mut self.peers[index].link {
+                    let _ = stream.queue_frame(&header, &[]);
+                }
             }
         }
         if ok {
@@ -1312,17 +1444,36 @@ impl Layer for ReplicationLayer {
             .iter()
             .filter(|peer| peer.state() == PeerState::Open)
             .count();
+        let state = match (self.fenced, self.serving) {
+            (true, _) => "fenced primary",
+            (false, true) => "primary",
+            (false, false) => "primary taking its epoch",
+        };
         format!(
-            "replicate: primary at epoch {}, {open} of {} replicas connected",
+            "replicate: {state} at epoch {}, {open} of {} replicas connected",
             self.epoch,
             self.peers.len()
         )
     }
 
     fn submit(&mut self, ctx: &mut LayerCtx<'_>, slot: u32, command: &IoCommand) -> Down {
+        if !self.fenced && (self.role.epoch() > self.epoch || !self.role.primary_here()) {
+            let epoch = self.role.epoch();
+            self.fence(
+                "this node's replica service",
+                epoch,
+                "it took a newer primary's claim",
+            );
+        }
+        if self.fenced {
+            return Down::Complete(Err(IoError::NotPrimary { epoch: self.epoch }));
+        }
+        if !self.serving {
+            // Not yet a primary a majority follows: nothing is served from this copy.
+            return Down::Complete(Err(IoError::NoQuorum { op: command.op }));
+        }
         match command.op {
             Op::Read => Down::Pass,
-            _ if self.fenced => Down::Complete(Err(IoError::NotPrimary { epoch: self.epoch })),
             Op::Write | Op::WriteZeroes => {
                 self.held += 1;
                 let lba = command.slba - self.first_lba;
@@ -1412,7 +1563,9 @@ impl Layer for ReplicationLayer {
         result: Result<(), IoError>,
         buf: Option<DmaBuf>,
     ) {
-        if tag & BITMAP_TAG != 0 {
+        if tag == SUPERBLOCK_TAG {
+            self.epoch_written(result, buf);
+        } else if tag & BITMAP_TAG != 0 {
             self.bitmap_written(ctx, result, buf);
         } else {
             self.chunk_read(ctx, tag & !RESYNC_TAG, result, buf);
@@ -1461,6 +1614,7 @@ impl Layer for ReplicationLayer {
         if !self.batch.is_empty() {
             self.issue_batch(ctx);
         }
+        self.establish(ctx);
         if now.duration_since(self.published) >= PUBLISH_EVERY {
             self.published = now;
             for index in 0..self.peers.len() {

@@ -21,6 +21,7 @@
 //! and the primary's fan-out layer come next and stay thin over these.
 
 pub mod auth;
+pub mod client;
 pub mod layer;
 pub mod meta;
 pub mod node;
@@ -29,6 +30,7 @@ pub mod primary;
 pub mod proto;
 pub mod replica;
 pub mod resync;
+pub mod role;
 pub mod service;
 pub mod session;
 pub mod stream;

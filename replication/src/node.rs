@@ -1,10 +1,22 @@
-//! Replication on one node: at start, each replicated volume this node holds a copy of is
+//! Replication on one node. At start, each replicated volume this node holds a copy of is
 //! read from its metadata area (the superblock: epoch, role, primary), formatted if it is
-//! new; the primary takes the next epoch durably and gets its [`ReplicationLayer`]; the
-//! other copies are served to the primary by the replica service and refuse client IO.
+//! new, and served to primaries by the replica service. The node its superblock names as
+//! the primary gets a [`ReplicationLayer`] that claims the next epoch on the others and
+//! serves once a majority took it; the other copies refuse client IO ([`NotPrimary`]).
+//!
+//! `promote` makes a replica the primary when the primary is gone: it takes the next epoch
+//! durably, claims it on every copy it reaches (a majority is needed), asks each what it
+//! wrote last, region by region (Probe), copies to itself every region another survivor has
+//! newer, and serves with the survivors' lagging regions marked for resync. A primary that
+//! learns another node took over (a replica refused its epoch, or its own replica service
+//! took a newer claim) is fenced and becomes a replica (a watcher thread swaps its layer).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use fathom_drivers::IoCommand;
 use fathom_engine::config::{Config, MAX_REPLICAS};
@@ -15,10 +27,13 @@ use fathom_net::server::{self, Server, ServerError};
 use fathom_net::transport::{self, TlsError};
 
 use crate::auth::{AuthError, ClusterKey};
-use crate::layer::{PeerAddress, ReplicationLayer, Settings, VolumeStatus};
+use crate::client::{BlockingSession, ClientError, Opener};
+use crate::layer::{PeerAddress, ReplicationLayer, Settings};
 use crate::meta::{MetaError, Role, Superblock, BLOCK_BYTES};
-use crate::proto::MAX_PAYLOAD_LIMIT_BYTES;
-use crate::service::{HeldVolume, ReplicaService, ReplicaStatus, SLOTS};
+use crate::proto::{probe_entries, status, Header, Kind, MAX_PAYLOAD_LIMIT_BYTES};
+use crate::replica::PROBE_PAIRS_PER_REPLY;
+use crate::role::VolumeRole;
+use crate::service::{HeldVolume, ReplicaService, SLOTS};
 use crate::session::PeerAuth;
 
 /// Why replication could not start.
@@ -46,17 +61,76 @@ pub enum StartError {
     Server(#[from] ServerError),
 }
 
-/// What this node is for one replicated volume, live.
-#[derive(Debug, Clone)]
-pub enum CopyStatus {
-    Primary(Arc<VolumeStatus>),
-    Replica(Arc<ReplicaStatus>),
+/// Why a promote was refused or failed. Each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum PromoteError {
+    #[error("this node holds no copy of volume {0:?}")]
+    Unknown(String),
+    #[error("this node is the primary of volume {0:?} already")]
+    AlreadyPrimary(String),
+    #[error("this node's copy of volume {0:?} is not known to be in sync (its primary never said so, or it lacks regions): promoting it could lose acknowledged writes; promote an in-sync replica, or use --force to accept that")]
+    NotInSync(String),
+    #[error("only {reached} of {copies} copies of volume {volume:?} took epoch {epoch} (a majority is {majority}); the others: {failures}. The epoch stays taken here; promote again once a majority is reachable")]
+    NoMajority {
+        volume: String,
+        epoch: u64,
+        reached: usize,
+        copies: usize,
+        majority: usize,
+        failures: String,
+    },
+    #[error("volume {volume:?}: {what}")]
+    Failed { volume: String, what: String },
 }
 
-/// Replication running on this node. Dropping it stops the replica service.
+/// What a promote did.
+#[derive(Debug, Clone)]
+pub struct Promoted {
+    pub volume: String,
+    pub epoch: u64,
+    /// The copies that took the epoch (this node first).
+    pub survivors: Vec<String>,
+    /// Regions copied to this node from a survivor that had them newer, and their bytes.
+    pub regions_copied: u64,
+    pub bytes_copied: u64,
+    /// Per other copy: regions it is behind in, to be resynchronised.
+    pub behind: Vec<(String, u64)>,
+}
+
+/// One volume this node holds a copy of.
+struct Held {
+    volume: Volume,
+    /// The other nodes that hold copies, in the volume's replica order.
+    peers: Vec<PeerAddress>,
+    /// Each peer's place in the volume's replica list (its bitmap's place).
+    slots: Vec<usize>,
+    role: Arc<VolumeRole>,
+    max_payload: u32,
+    bitmap_blocks: u64,
+}
+
+struct Shared {
+    engine: Engine,
+    node: String,
+    cluster: String,
+    auth: PeerAuth,
+    client_tls: Option<Arc<rustls::ClientConfig>>,
+    region_shift: u32,
+    resync_rate: u64,
+    volumes: Vec<Held>,
+    /// This node's replica service, for a promote's session to its own copy.
+    own_address: Option<SocketAddr>,
+    stop: AtomicBool,
+    /// One role change at a time (a promote, the watcher's demotion).
+    changes: Mutex<()>,
+}
+
+/// Replication running on this node. Dropping it stops the replica service and the
+/// watcher.
 pub struct Replication {
+    shared: Arc<Shared>,
     server: Option<Server<ReplicaService>>,
-    copies: Vec<CopyStatus>,
+    watcher: Option<JoinHandle<()>>,
 }
 
 impl Replication {
@@ -89,8 +163,7 @@ impl Replication {
             _ => (None, None),
         };
         let region_shift = replication.region_size.0.trailing_zeros();
-        let mut held = Vec::new();
-        let mut copies = Vec::new();
+        let mut volumes = Vec::new();
         let mut max_payload = 0u32;
         for volume_config in mine {
             let name = volume_config.name.as_str();
@@ -111,9 +184,9 @@ impl Replication {
                 .primary
                 .clone()
                 .unwrap_or_else(|| volume_config.replicas[0].clone());
-            let (superblock, copy) = read_superblock(engine, &volume, |block| Superblock {
+            let (superblock, copy) = read_superblock(engine, &volume, |uuid| Superblock {
                 generation: 0,
-                uuid: block,
+                uuid,
                 volume: name.into(),
                 epoch: 0,
                 role: Role::None,
@@ -129,167 +202,142 @@ impl Replication {
                     superblock.volume
                 )));
             }
-            if superblock.primary == node {
-                // A primary that starts takes the next epoch, durably, before it serves: a
-                // replica then refuses whatever its earlier incarnation still had in flight.
-                let fresh = superblock.epoch == 0;
-                let (mut next, copy) = superblock.next(copy);
-                next.epoch += 1;
-                next.role = Role::Primary;
-                write_superblock(engine, &volume, &next, copy)?;
-                // Each replica's dirty bitmap lies in the metadata area at its place in the
-                // volume's replica list, whoever is primary.
-                let bitmap_blocks = volume
-                    .meta_blocks
-                    .saturating_mul(volume.block_size as u64)
-                    .saturating_sub(2 * BLOCK_BYTES as u64)
-                    / (BLOCK_BYTES as u64 * MAX_REPLICAS as u64);
-                let mut bitmap_lbas = Vec::new();
-                let mut bitmaps = Vec::new();
-                for (slot, _) in volume_config
-                    .replicas
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, replica)| *replica != node)
-                {
-                    let first = 2 + slot as u64 * bitmap_blocks;
-                    bitmap_lbas.push(
-                        volume.first_lba
-                            + volume.blocks
-                            + first * BLOCK_BYTES as u64 / volume.block_size as u64,
-                    );
-                    let blocks = (0..bitmap_blocks)
-                        .map(|block| {
-                            read_metadata(engine, &volume, (first + block) * BLOCK_BYTES as u64)
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
-                    bitmaps.push(blocks);
+            let mut peers = Vec::new();
+            let mut slots = Vec::new();
+            for (slot, replica) in volume_config.replicas.iter().enumerate() {
+                if replica == node {
+                    continue;
                 }
-                let peers = volume_config
-                    .replicas
+                let entry = config
+                    .cluster
+                    .nodes
                     .iter()
-                    .filter(|replica| *replica != node)
-                    .map(|replica| {
-                        let entry = config
-                            .cluster
-                            .nodes
-                            .iter()
-                            .find(|entry| &entry.id == replica)
-                            .expect("validated: replicas are cluster nodes");
-                        let address: SocketAddr = entry
-                            .replication
-                            .parse()
-                            .expect("validated: replication addresses parse");
-                        PeerAddress {
-                            node: replica.clone(),
-                            address,
-                        }
-                    })
-                    .collect();
-                let layer = ReplicationLayer::new(Settings {
-                    node: node.into(),
-                    cluster: config.cluster.name.clone(),
-                    auth: auth.clone(),
-                    tls: client_tls.clone(),
-                    volume: name.into(),
-                    epoch: next.epoch,
-                    first_lba: volume.first_lba,
-                    blocks: volume.blocks,
-                    block_size: volume.block_size,
-                    region_shift,
-                    sequence: next.applied,
-                    peers,
-                    max_payload: payload,
-                    slots: engine.slots_per_reactor(),
-                    pool: engine.dma().clone(),
-                    resync_rate: replication.resync_rate.0,
-                    bitmap_lbas,
-                    bitmaps,
-                    fresh,
-                })
-                .map_err(|error| volume_error(format!("cannot set up its sessions: {error}")))?;
-                let status = layer.status();
-                engine
-                    .add_layer(&volume, Box::new(layer))
-                    .map_err(|source| StartError::Layer {
-                        volume: name.into(),
-                        source,
-                    })?;
-                tracing::info!(volume = name, epoch = next.epoch, "replication: primary");
-                copies.push(CopyStatus::Primary(status));
-            } else {
-                engine
-                    .add_layer(
-                        &volume,
-                        Box::new(NotPrimary {
-                            epoch: superblock.epoch,
-                            primary: superblock.primary.clone(),
-                        }),
-                    )
-                    .map_err(|source| StartError::Layer {
-                        volume: name.into(),
-                        source,
-                    })?;
-                tracing::info!(
-                    volume = name,
-                    epoch = superblock.epoch,
-                    primary = %superblock.primary,
-                    "replication: replica"
-                );
-                let status = Arc::new(ReplicaStatus::new(
-                    name,
-                    superblock.epoch,
-                    superblock.applied,
-                    &superblock.primary,
-                ));
-                copies.push(CopyStatus::Replica(status.clone()));
-                held.push(HeldVolume {
-                    status,
-                    name: name.into(),
-                    id: volume.id,
-                    reactor: volume.reactor,
-                    block_size: volume.block_size,
-                    blocks: volume.blocks,
-                    superblock,
-                    copy,
+                    .find(|entry| &entry.id == replica)
+                    .expect("validated: replicas are cluster nodes");
+                peers.push(PeerAddress {
+                    node: replica.clone(),
+                    address: entry
+                        .replication
+                        .parse()
+                        .expect("validated: replication addresses parse"),
                 });
+                slots.push(slot);
             }
+            // Each replica's dirty bitmap lies in the metadata area at its place in the
+            // volume's replica list, whoever is primary.
+            let bitmap_blocks = (volume.meta_blocks * volume.block_size as u64)
+                .saturating_sub(2 * BLOCK_BYTES as u64)
+                / (BLOCK_BYTES as u64 * MAX_REPLICAS as u64);
+            let primary_here = superblock.primary == node;
+            volumes.push(Held {
+                volume,
+                peers,
+                slots,
+                role: Arc::new(VolumeRole::new(name, superblock, copy, primary_here)),
+                max_payload: payload,
+                bitmap_blocks,
+            });
         }
-        let server = if held.is_empty() {
-            None
-        } else {
-            let listeners =
-                server::listen::<ReplicaService>(&replication.listen, "replication.listen")?;
-            let service = ReplicaService::new(
-                node,
-                &config.cluster.name,
-                auth,
-                server_tls,
-                max_payload,
-                held,
-            );
-            let limits = server::Limits {
-                max_connections: 64,
-                max_buffer: max_payload.next_power_of_two().max(BLOCK_BYTES as u32),
-                keep_buffers: SLOTS * max_payload as usize,
-            };
-            let server = Server::start(engine, listeners, service, limits)?;
-            for address in server.addresses() {
-                tracing::info!("replication: replica service on {address}");
-            }
-            Some(server)
+        let listeners =
+            server::listen::<ReplicaService>(&replication.listen, "replication.listen")?;
+        let service = ReplicaService::new(
+            node,
+            &config.cluster.name,
+            auth.clone(),
+            server_tls,
+            max_payload,
+            volumes
+                .iter()
+                .map(|held| HeldVolume {
+                    name: held.volume.name.clone(),
+                    id: held.volume.id,
+                    reactor: held.volume.reactor,
+                    block_size: held.volume.block_size,
+                    blocks: held.volume.blocks,
+                    region_shift,
+                    role: held.role.clone(),
+                })
+                .collect(),
+        );
+        let limits = server::Limits {
+            max_connections: 64,
+            max_buffer: max_payload.next_power_of_two().max(BLOCK_BYTES as u32),
+            keep_buffers: SLOTS * max_payload as usize,
         };
-        Ok(Some(Self { server, copies }))
+        let server = Server::start(engine, listeners, service, limits)?;
+        for address in server.addresses() {
+            tracing::info!("replication: replica service on {address}");
+        }
+        let shared = Arc::new(Shared {
+            engine: engine.clone(),
+            node: node.into(),
+            cluster: config.cluster.name.clone(),
+            auth,
+            client_tls,
+            region_shift,
+            resync_rate: replication.resync_rate.0,
+            own_address: server.addresses().first().copied(),
+            volumes,
+            stop: AtomicBool::new(false),
+            changes: Mutex::new(()),
+        });
+        for held in &shared.volumes {
+            let name = held.volume.name.clone();
+            let superblock = held.role.superblock();
+            let result = if held.role.primary_here() {
+                // It claims the next epoch on the others, and serves once a majority took it:
+                // whatever an earlier run of it still had in flight is then refused.
+                shared.install_primary(held, superblock.epoch + 1, false, Vec::new(), 0, true)
+            } else {
+                shared.install_replica(held)
+            };
+            result.map_err(|error| StartError::Volume {
+                volume: name.clone(),
+                what: error,
+            })?;
+            tracing::info!(
+                volume = %name,
+                epoch = superblock.epoch,
+                primary = %superblock.primary,
+                "replication: this node is {}",
+                if held.role.primary_here() { "its primary" } else { "a replica" }
+            );
+        }
+        let watcher = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("replication-roles".into())
+                .spawn(move || shared.watch())
+                .map_err(|error| StartError::Volume {
+                    volume: String::new(),
+                    what: format!("cannot start the role watcher: {error}"),
+                })?
+        };
+        Ok(Some(Self {
+            shared,
+            server: Some(server),
+            watcher: Some(watcher),
+        }))
     }
 
-    /// What this node is for each replicated volume it holds.
-    pub fn copies(&self) -> &[CopyStatus] {
-        &self.copies
+    /// Each replicated volume this node holds, live.
+    pub fn roles(&self) -> Vec<Arc<VolumeRole>> {
+        self.shared
+            .volumes
+            .iter()
+            .map(|held| held.role.clone())
+            .collect()
+    }
+
+    /// Makes this node the primary of `volume` (see the module documentation).
+    pub fn promote(&self, volume: &str, force: bool) -> Result<Promoted, PromoteError> {
+        self.shared.promote(volume, force)
     }
 
     /// Stops the replica service: its sessions close once their IO in flight is back. True
     /// when they did within `timeout`.
-    pub fn stop(&self, timeout: std::time::Duration) -> bool {
+    pub fn stop(&self, timeout: Duration) -> bool {
+        self.shared.stop.store(true, Ordering::Release);
         self.server
             .as_ref()
             .is_none_or(|server| server.stop(timeout))
@@ -303,8 +351,409 @@ impl Replication {
     }
 }
 
-/// Reads the volume's two superblock copies; a copy never written (no superblock in either)
-/// is formatted with `fresh` (given a new uuid) and written.
+impl Drop for Replication {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(watcher) = self.watcher.take() {
+            let _ = watcher.join();
+        }
+    }
+}
+
+impl Shared {
+    /// Makes this node `held`'s primary at `epoch`: its replication layer in the volume's
+    /// stack. `serving`: the epoch is durable on a majority already (a promote).
+    fn install_primary(
+        &self,
+        held: &Held,
+        epoch: u64,
+        serving: bool,
+        stale: Vec<Vec<u64>>,
+        sequence: u64,
+        load_bitmaps: bool,
+    ) -> Result<(), String> {
+        let volume = &held.volume;
+        let mut bitmap_lbas = Vec::new();
+        let mut bitmaps = Vec::new();
+        for &slot in &held.slots {
+            let first = 2 + slot as u64 * held.bitmap_blocks;
+            bitmap_lbas.push(
+                volume.first_lba
+                    + volume.blocks
+                    + first * BLOCK_BYTES as u64 / volume.block_size as u64,
+            );
+            let blocks = match load_bitmaps {
+                true => (0..held.bitmap_blocks)
+                    .map(|block| {
+                        read_metadata(&self.engine, volume, (first + block) * BLOCK_BYTES as u64)
+                            .map_err(|error| error.to_string())
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+                false => Vec::new(),
+            };
+            bitmaps.push(blocks);
+        }
+        let superblock = held.role.superblock();
+        let layer = ReplicationLayer::new(Settings {
+            node: self.node.clone(),
+            cluster: self.cluster.clone(),
+            auth: self.auth.clone(),
+            tls: self.client_tls.clone(),
+            volume: volume.name.clone(),
+            epoch,
+            first_lba: volume.first_lba,
+            blocks: volume.blocks,
+            block_size: volume.block_size,
+            region_shift: self.region_shift,
+            sequence: sequence.max(superblock.applied),
+            peers: held.peers.clone(),
+            max_payload: held.max_payload,
+            slots: self.engine.slots_per_reactor(),
+            pool: self.engine.dma().clone(),
+            resync_rate: self.resync_rate,
+            bitmap_lbas,
+            bitmaps,
+            fresh: superblock.epoch == 0,
+            role: held.role.clone(),
+            serving,
+            meta_lba: volume.first_lba + volume.blocks,
+            stale,
+        })
+        .map_err(|error| format!("cannot set up its replication: {error}"))?;
+        held.role.set_primary_status(Some(layer.status()));
+        held.role.set_primary_here(true);
+        self.engine
+            .add_layer(volume, Box::new(layer))
+            .map_err(|error| error.to_string())
+    }
+
+    /// Makes this node a replica of `held`: client IO is refused.
+    fn install_replica(&self, held: &Held) -> Result<(), String> {
+        held.role.set_primary_here(false);
+        held.role.set_primary_status(None);
+        self.engine
+            .add_layer(
+                &held.volume,
+                Box::new(NotPrimary {
+                    role: held.role.clone(),
+                }),
+            )
+            .map_err(|error| error.to_string())
+    }
+
+    /// Until stopped: a primary that is fenced (another node took the volume over) becomes
+    /// a replica.
+    fn watch(&self) {
+        while !self.stop.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(50));
+            for held in &self.volumes {
+                let deposed = held
+                    .role
+                    .primary_status()
+                    .is_some_and(|status| status.fenced() || !held.role.primary_here());
+                if !deposed {
+                    continue;
+                }
+                let _changing = self
+                    .changes
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                tracing::warn!(
+                    volume = %held.volume.name,
+                    epoch = held.role.epoch(),
+                    "replication: another node is the primary now; this node serves as a replica"
+                );
+                if let Err(error) = self.install_replica(held) {
+                    tracing::error!(volume = %held.volume.name, "replication: cannot become a replica: {error}");
+                }
+            }
+        }
+    }
+
+    fn opener(&self, max_payload: u32) -> Opener<'_> {
+        Opener {
+            node: &self.node,
+            cluster: &self.cluster,
+            auth: &self.auth,
+            tls: self.client_tls.clone(),
+            max_payload,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn promote(&self, name: &str, force: bool) -> Result<Promoted, PromoteError> {
+        let _changing = self
+            .changes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let held = self
+            .volumes
+            .iter()
+            .find(|held| held.volume.name == name)
+            .ok_or_else(|| PromoteError::Unknown(name.into()))?;
+        let failed = |what: String| PromoteError::Failed {
+            volume: name.into(),
+            what,
+        };
+        if held.role.primary_here() {
+            return Err(PromoteError::AlreadyPrimary(name.into()));
+        }
+        if !force && !held.role.in_sync() {
+            return Err(PromoteError::NotInSync(name.into()));
+        }
+        // The next epoch, durable here before anyone is asked: from now on this node's own
+        // replica service refuses the old primary's frames.
+        let epoch = held.role.epoch() + 1;
+        held.role.raise_epoch(epoch);
+        let node = self.node.clone();
+        let (superblock, copy) = held.role.next_superblock(|superblock| {
+            superblock.epoch = epoch;
+            superblock.role = Role::Primary;
+            superblock.primary = node;
+        });
+        write_superblock(&self.engine, &held.volume, &superblock, copy)
+            .map_err(|error| failed(error.to_string()))?;
+        tracing::warn!(
+            volume = name,
+            epoch,
+            "replication: promoting this node to primary"
+        );
+
+        // Claim it on every copy reachable (this one through its own service), and ask each
+        // which regions it wrote last.
+        let opener = self.opener(held.max_payload);
+        let own = self
+            .own_address
+            .ok_or_else(|| failed("this node's replica service is not running".into()))?;
+        let mut survivors: Vec<Survivor> = Vec::new();
+        let mut failures = Vec::new();
+        let targets = std::iter::once((None, self.node.clone(), own)).chain(
+            held.peers
+                .iter()
+                .enumerate()
+                .map(|(index, peer)| (Some(index), peer.node.clone(), peer.address)),
+        );
+        let regions =
+            (held.volume.blocks * held.volume.block_size as u64).div_ceil(1 << self.region_shift);
+        for (index, peer, address) in targets {
+            match Survivor::reach(&opener, index, &peer, address, name, epoch, regions) {
+                Ok(survivor) => survivors.push(survivor),
+                Err(error) => {
+                    if index.is_none() {
+                        return Err(failed(format!("its own copy: {error}")));
+                    }
+                    tracing::warn!(volume = name, "replication: promote: {error}");
+                    failures.push(error.to_string());
+                }
+            }
+        }
+        let copies = 1 + held.peers.len();
+        let majority = copies / 2 + 1;
+        if survivors.len() < majority {
+            return Err(PromoteError::NoMajority {
+                volume: name.into(),
+                epoch,
+                reached: survivors.len(),
+                copies,
+                majority,
+                failures: failures.join("; "),
+            });
+        }
+
+        // Bring this copy up to the newest survivor, region by region.
+        let mut newest: BTreeMap<u64, (u64, usize)> = BTreeMap::new();
+        for (at, survivor) in survivors.iter().enumerate() {
+            for (&region, &sequence) in &survivor.regions {
+                let entry = newest.entry(region).or_insert((0, 0));
+                if sequence > entry.0 {
+                    *entry = (sequence, at);
+                }
+            }
+        }
+        let (mut regions_copied, mut bytes_copied) = (0, 0);
+        for (&region, &(sequence, source)) in &newest {
+            let own_sequence = survivors[0].regions.get(&region).copied().unwrap_or(0);
+            if source == 0 || own_sequence >= sequence {
+                continue;
+            }
+            bytes_copied += self
+                .copy_region(held, &mut survivors, source, region)
+                .map_err(failed)?;
+            regions_copied += 1;
+        }
+        // Every other copy is behind where it has a region older than the newest; a copy
+        // that was not reached is behind in every region anyone wrote lately.
+        let written: BTreeSet<u64> = newest.keys().copied().collect();
+        let mut stale = vec![Vec::new(); held.peers.len()];
+        let mut behind = Vec::new();
+        for (index, peer) in held.peers.iter().enumerate() {
+            let regions: Vec<u64> = match survivors.iter().find(|s| s.index == Some(index)) {
+                Some(survivor) => newest
+                    .iter()
+                    .filter(|(region, (sequence, _))| {
+                        survivor.regions.get(region).copied().unwrap_or(0) < *sequence
+                    })
+                    .map(|(&region, _)| region)
+                    .collect(),
+                None => written.iter().copied().collect(),
+            };
+            behind.push((peer.node.clone(), regions.len() as u64));
+            stale[index] = regions;
+        }
+        let sequence = survivors.iter().map(|s| s.taken).max().unwrap_or(0);
+        let names = survivors.iter().map(|s| s.node.clone()).collect();
+        drop(survivors);
+        self.install_primary(held, epoch, true, stale, sequence, false)
+            .map_err(failed)?;
+        tracing::warn!(
+            volume = name,
+            epoch,
+            regions_copied,
+            "replication: this node is the primary now"
+        );
+        Ok(Promoted {
+            volume: name.into(),
+            epoch,
+            survivors: names,
+            regions_copied,
+            bytes_copied,
+            behind,
+        })
+    }
+
+    /// Copies region `region` from survivor `source` to this node's copy; its bytes.
+    fn copy_region(
+        &self,
+        held: &Held,
+        survivors: &mut [Survivor],
+        source: usize,
+        region: u64,
+    ) -> Result<u64, String> {
+        let volume = &held.volume;
+        let block = volume.block_size as u64;
+        let per_region = (1u64 << self.region_shift) / block;
+        let first = region * per_region;
+        let end = (first + per_region).min(volume.blocks);
+        let chunk = (held.max_payload as u64 / block).max(1);
+        let mut lba = first;
+        let mut copied = 0;
+        while lba < end {
+            let blocks = (end - lba).min(chunk) as u32;
+            let (header, data) = survivors[source]
+                .session
+                .request(
+                    Header {
+                        epoch: survivors[source].epoch,
+                        lba,
+                        block_count: blocks,
+                        ..Header::new(Kind::Read)
+                    },
+                    &[],
+                )
+                .map_err(|error| error.to_string())?;
+            if header.kind != Kind::ReadReply || header.status != status::OK {
+                return Err(format!(
+                    "reading region {region} from node {}: {} status {}",
+                    survivors[source].node,
+                    header.kind.name(),
+                    header.status
+                ));
+            }
+            let mut buf = self
+                .engine
+                .dma()
+                .alloc(data.len())
+                .map_err(|error| format!("no DMA memory to copy a region: {error}"))?;
+            buf.as_bytes_mut().copy_from_slice(&data);
+            self.engine
+                .io(IoRequest::write(volume.id, lba * block, buf, 0))
+                .result
+                .map_err(|error| format!("writing region {region} here: {error}"))?;
+            copied += data.len() as u64;
+            lba += blocks as u64;
+        }
+        Ok(copied)
+    }
+}
+
+/// A copy that took a promote's epoch: its session, and what it wrote last.
+struct Survivor {
+    /// Its place among the volume's peers; `None` for this node.
+    index: Option<usize>,
+    node: String,
+    session: BlockingSession,
+    epoch: u64,
+    /// The highest write sequence it took.
+    taken: u64,
+    /// Region -> the highest sequence it applied there lately.
+    regions: BTreeMap<u64, u64>,
+}
+
+impl Survivor {
+    fn reach(
+        opener: &Opener<'_>,
+        index: Option<usize>,
+        node: &str,
+        address: SocketAddr,
+        volume: &str,
+        epoch: u64,
+        regions: u64,
+    ) -> Result<Survivor, ClientError> {
+        let mut session = BlockingSession::open(opener, node, address, volume)?;
+        let fail = |what: String| ClientError {
+            node: node.into(),
+            address,
+            what,
+        };
+        let (answer, text) = session.request(
+            Header {
+                epoch,
+                status: status::OUT_OF_SYNC,
+                ..Header::new(Kind::Epoch)
+            },
+            &[],
+        )?;
+        if answer.kind != Kind::EpochOk {
+            return Err(fail(format!(
+                "refused epoch {epoch}: {}",
+                String::from_utf8_lossy(&text)
+            )));
+        }
+        let mut survivor = Survivor {
+            index,
+            node: node.into(),
+            session,
+            epoch,
+            taken: answer.sequence,
+            regions: BTreeMap::new(),
+        };
+        let mut first = 0;
+        while first < regions {
+            let count = (regions - first).min(PROBE_PAIRS_PER_REPLY as u64) as u32;
+            let (answer, pairs) = survivor.session.request(
+                Header {
+                    epoch,
+                    lba: first,
+                    block_count: count,
+                    ..Header::new(Kind::Probe)
+                },
+                &[],
+            )?;
+            if answer.kind != Kind::ProbeReply || answer.status != status::OK {
+                return Err(fail(format!(
+                    "probe refused: {}",
+                    String::from_utf8_lossy(&pairs)
+                )));
+            }
+            for entry in probe_entries(&pairs) {
+                survivor.regions.insert(entry.region, entry.sequence);
+            }
+            first += (answer.block_count as u64).max(1);
+        }
+        Ok(survivor)
+    }
+}
+
 /// One 4 KiB block of the volume's metadata area, at byte `offset` in it.
 fn read_metadata(engine: &Engine, volume: &Volume, offset: u64) -> Result<Vec<u8>, StartError> {
     let buf = engine
@@ -390,16 +839,16 @@ fn write_superblock(
         })
 }
 
-/// A copy that is not the primary's: client IO (NBD) is refused with the primary's name;
-/// the replica service's IO passes (it comes from inside the node, not a front end).
+/// A copy that is not the primary's: client IO (NBD) is refused; the replica service's IO
+/// passes (it comes from inside the node, not a front end). It stands where the primary's
+/// replication layer stands, so that either replaces the other.
 struct NotPrimary {
-    epoch: u64,
-    primary: String,
+    role: Arc<VolumeRole>,
 }
 
 impl Layer for NotPrimary {
     fn layer(&self) -> LayerName {
-        LayerName::Frontend
+        LayerName::Replication
     }
 
     fn kind(&self) -> &'static str {
@@ -409,12 +858,18 @@ impl Layer for NotPrimary {
     fn describe(&self) -> String {
         format!(
             "replica at epoch {}: client IO goes to the primary, {}",
-            self.epoch, self.primary
+            self.role.epoch(),
+            self.role.superblock().primary
         )
     }
 
-    fn submit(&mut self, _ctx: &mut LayerCtx<'_>, _slot: u32, _command: &IoCommand) -> Down {
-        Down::Complete(Err(IoError::NotPrimary { epoch: self.epoch }))
+    fn submit(&mut self, ctx: &mut LayerCtx<'_>, _slot: u32, _command: &IoCommand) -> Down {
+        match ctx.from_frontend() {
+            true => Down::Complete(Err(IoError::NotPrimary {
+                epoch: self.role.epoch(),
+            })),
+            false => Down::Pass,
+        }
     }
 
     fn persistent(&self) -> bool {

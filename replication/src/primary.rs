@@ -169,6 +169,17 @@ impl PrimaryVolume {
         })
     }
 
+    /// Replica `replica` lacks `regions` (a new primary's reconciliation found them behind
+    /// there): they are resynchronised before it counts again.
+    pub fn mark_stale(&mut self, replica: usize, regions: &[u64]) {
+        for &region in regions {
+            if region < self.dirty[replica].regions() {
+                self.dirty[replica].set(region);
+                self.stale[replica].insert(region);
+            }
+        }
+    }
+
     /// Replica `replica`'s copy is new (a replaced or wiped disk): every region is stale and
     /// it is rebuilt in full. Returns the bitmap blocks that changed.
     pub fn replica_is_new(&mut self, replica: usize) -> Vec<usize> {

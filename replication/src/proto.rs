@@ -71,7 +71,7 @@
 //!   10 ReadReply   replica   yes    yes      highest applied     echo   echo       yes    data if OK, else none
 //!   11 Probe       primary   yes    yes      ·                   region ≥ 1 (most) ·      none
 //!   12 ProbeReply  replica   yes    yes      highest applied     echo   covered    yes    pairs if OK, else none
-//!   13 Epoch       primary   yes    claimed  base (see below)    ·      ·          ·      none
+//!   13 Epoch       primary   yes    claimed  base (see below)    ·      ·          sync   none
 //!   14 EpochOk     replica   yes    now      highest applied     ·      ·          yes    none
 //!   15 Refused     either    yes    current  ·                   ·      ·          reason text (UTF-8)
 //!   16 Resync      primary   yes    yes      ·                   first  ≥ 1        ·      data, ≥ 1 byte
@@ -80,7 +80,11 @@
 //! An Epoch frame opens a volume's stream on a session. Its sequence is the primary's base:
 //! every write up to it is on the replica already or is in the primary's dirty-region map for
 //! that replica (to be resynchronised), and the stream's writes follow it. The replica counts
-//! its writes as applied from there.
+//! its writes as applied from there. Its status says whether the copy lacks anything: 0 it
+//! is in sync, [`status::OUT_OF_SYNC`] it lacks regions a resync copies next (a new primary
+//! may then be promoted from it only by force). The primary sends it again, with base 0,
+//! when that changes. A replica refuses a claim of the epoch it holds from another node than
+//! the one that claimed it ([`refusal::EPOCH_TAKEN`]): one epoch has one primary.
 //!
 //! A Resync carries a region's data as the primary holds it, to a replica that lacks writes
 //! there (it was away, or its copy is new). It takes no sequence: the replica applies it in
@@ -226,9 +230,12 @@ pub mod status {
     pub const IO_ERROR: u16 = 1;
     /// The IO reaches past the end of the replica's copy of the volume.
     pub const OUT_OF_RANGE: u16 = 2;
-    /// EpochOk: the replica's copy was never written by a primary (a new or wiped disk):
-    /// it holds nothing of the volume and is rebuilt in full.
+    /// EpochOk: the replica's copy was never written by a primary (a new or wiped disk), or
+    /// was a deposed primary's (which may hold writes no one else has): it is rebuilt in
+    /// full.
     pub const NEW_COPY: u16 = 3;
+    /// Epoch: the copy lacks regions; a resync follows.
+    pub const OUT_OF_SYNC: u16 = 4;
 }
 
 /// Reason codes of a Refused frame (its status field; never 0).
@@ -246,6 +253,10 @@ pub mod refusal {
     /// The volume index is not in the session's volume list, or this node holds no replica
     /// of that volume.
     pub const UNKNOWN_VOLUME: u16 = 6;
+    /// Another node claimed this epoch: one epoch has one primary.
+    pub const EPOCH_TAKEN: u16 = 7;
+    /// A frame of the current epoch on a session that did not claim it.
+    pub const NOT_CLAIMED: u16 = 8;
 }
 
 /// Bits of [`Kind::fields`]: the header fields a kind uses. The others must be zero.
@@ -410,7 +421,7 @@ impl Kind {
             Kind::Ack | Kind::FlushAck => VOLUME | EPOCH | SEQUENCE | STATUS,
             Kind::Read | Kind::Probe | Kind::Resync => VOLUME | EPOCH | LBA | BLOCKS,
             Kind::ReadReply | Kind::ProbeReply => VOLUME | EPOCH | SEQUENCE | LBA | BLOCKS | STATUS,
-            Kind::Epoch => VOLUME | EPOCH | SEQUENCE,
+            Kind::Epoch => VOLUME | EPOCH | SEQUENCE | STATUS,
             Kind::EpochOk => VOLUME | EPOCH | SEQUENCE | STATUS,
             Kind::Refused => VOLUME | EPOCH | STATUS,
         }

@@ -15,7 +15,10 @@
 use fathom_telemetry::trace::TraceContext;
 
 use crate::order::{Admit, Write, WriteOrder};
-use crate::proto::{check_epoch, encode, status, EpochVerdict, Frame, Header, Kind};
+use crate::proto::{
+    check_epoch, encode, encode_probe_entries, status, EpochVerdict, Frame, Header, Kind,
+    ProbeEntry,
+};
 
 /// An IO the service is to run on the local volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +71,14 @@ pub enum Decision {
     /// The primary broke the protocol (writes out of order, a payload of the wrong size):
     /// close the session with this reason; nothing is run.
     Close(String),
+    /// A new primary asks which regions this copy wrote last, and at which sequence: answer
+    /// with [`ReplicaVolume::probe_reply`] once no write is in flight here (so every write
+    /// the session delivered counts).
+    Probe {
+        request_id: u64,
+        first: u64,
+        count: u32,
+    },
 }
 
 /// One replicated volume on this replica node.
@@ -91,7 +102,14 @@ pub struct ReplicaVolume {
     durable: u64,
     /// The copy was never written by a primary: the first EpochOk says so.
     new_copy: bool,
+    /// Per region (of `1 << region_shift` bytes): the highest write sequence applied to it
+    /// since this process started (a new primary's reconciliation asks for them).
+    region_shift: u32,
+    region_sequences: Vec<u64>,
 }
+
+/// The most (region, sequence) pairs one ProbeReply carries.
+pub const PROBE_PAIRS_PER_REPLY: u32 = 4096;
 
 impl ReplicaVolume {
     /// A volume at `epoch` of `blocks` blocks of `block_bytes`, whose writes up to `applied`
@@ -116,6 +134,61 @@ impl ReplicaVolume {
             done: Vec::new(),
             durable: applied,
             new_copy: false,
+            region_shift: 0,
+            region_sequences: Vec::new(),
+        }
+    }
+
+    /// Keeps, per region of `1 << region_shift` bytes, the highest sequence written to it,
+    /// for Probe.
+    pub fn track_regions(&mut self, region_shift: u32) {
+        let bytes = self.blocks * self.block_bytes as u64;
+        self.region_shift = region_shift;
+        self.region_sequences = vec![0; bytes.div_ceil(1 << region_shift) as usize];
+    }
+
+    /// Whether writes are in flight or waiting here.
+    pub fn writing(&self) -> bool {
+        !self.order.is_empty()
+    }
+
+    /// The ProbeReply for regions `first..first + count`: each one written since this
+    /// process started, with its highest sequence.
+    pub fn probe_reply(&self, request_id: u64, first: u64, count: u32) -> Vec<u8> {
+        let regions = self.region_sequences.len() as u64;
+        let first = first.min(regions);
+        let count = (count.min(PROBE_PAIRS_PER_REPLY) as u64).min(regions - first);
+        let entries: Vec<ProbeEntry> = (first..first + count)
+            .filter_map(|region| {
+                let sequence = self.region_sequences[region as usize];
+                (sequence != 0).then_some(ProbeEntry { region, sequence })
+            })
+            .collect();
+        let mut payload = Vec::with_capacity(entries.len() * 16);
+        encode_probe_entries(&entries, &mut payload);
+        self.reply(
+            Header {
+                request_id,
+                sequence: self.applied,
+                lba: first,
+                block_count: count as u32,
+                ..Header::new(Kind::ProbeReply)
+            },
+            &payload,
+        )
+    }
+
+    /// Write `io` completed here: its regions' highest sequence.
+    fn note_regions(&mut self, io: &Io) {
+        if self.region_sequences.is_empty() || io.blocks == 0 {
+            return;
+        }
+        let block = self.block_bytes as u64;
+        let first = (io.lba * block) >> self.region_shift;
+        let last = ((io.lba + io.blocks as u64) * block - 1) >> self.region_shift;
+        for region in first..=last.min(self.region_sequences.len() as u64 - 1) {
+            let slot = &mut self.region_sequences[region as usize];
+            *slot = (*slot).max(io.sequence);
         }
     }
 
@@ -180,6 +253,13 @@ impl ReplicaVolume {
             Kind::Flush => IoKind::Flush,
             Kind::Read => IoKind::Read,
             Kind::Resync => IoKind::Resync,
+            Kind::Probe => {
+                return Decision::Probe {
+                    request_id: header.request_id,
+                    first: header.lba,
+                    count: header.block_count,
+                }
+            }
             Kind::Epoch => {
                 // The current epoch claimed again (a primary that reconnected).
                 self.rebase(header.sequence);
@@ -282,7 +362,8 @@ impl ReplicaVolume {
         self.reply(
             Header {
                 request_id,
-                sequence: self.applied,
+                // The highest sequence taken: a primary that starts numbers after it.
+                sequence: self.applied.max(self.last_sequence),
                 status: match self.new_copy {
                     true => status::NEW_COPY,
                     false => status::OK,
@@ -290,6 +371,27 @@ impl ReplicaVolume {
                 ..Header::new(Kind::EpochOk)
             },
             &[],
+        )
+    }
+
+    /// Another session on this node made `epoch` durable here (a promote): frames of older
+    /// epochs are refused from now on.
+    pub fn raise_epoch(&mut self, epoch: u64) {
+        if epoch > self.epoch {
+            self.epoch = epoch;
+            self.last_sequence = 0;
+        }
+    }
+
+    /// A Refused frame answering request `request_id`, with reason `code` and `text`.
+    pub fn refusal(&self, request_id: u64, code: u16, text: &str) -> Vec<u8> {
+        self.reply(
+            Header {
+                status: code,
+                request_id,
+                ..Header::new(Kind::Refused)
+            },
+            text.as_bytes(),
         )
     }
 
@@ -366,6 +468,7 @@ impl ReplicaVolume {
             IoKind::Write | IoKind::WriteZeroes | IoKind::Trim => {
                 let ready = self.order.completed(io.arrival).unwrap_or_default();
                 if ok {
+                    self.note_regions(io);
                     self.applied_one(io.sequence);
                     if io.fua {
                         self.durable = self.durable.max(io.sequence.min(self.applied));
@@ -525,6 +628,70 @@ mod tests {
         };
         v.completed(&io, true, &[]);
         assert_eq!(v.applied(), 11, "no gap below the base");
+    }
+
+    #[test]
+    fn a_probe_names_each_region_written_with_its_highest_sequence() {
+        // 4 MiB in 1 MiB regions.
+        let mut v = volume();
+        v.track_regions(20);
+        for (sequence, lba) in [(1, 0), (2, 300), (3, 5)] {
+            let Decision::Submit(io) = decide(&mut v, &write(sequence, lba, 1, 5)) else {
+                panic!()
+            };
+            v.completed(&io, true, &[]);
+        }
+        let probe = frame_bytes(
+            Header {
+                epoch: 5,
+                lba: 0,
+                block_count: 16,
+                request_id: 7,
+                ..Header::new(Kind::Probe)
+            },
+            &[],
+        );
+        assert_eq!(
+            decide(&mut v, &probe),
+            Decision::Probe {
+                request_id: 7,
+                first: 0,
+                count: 16
+            }
+        );
+        assert!(!v.writing());
+        let reply = v.probe_reply(7, 0, 16);
+        with_frame(&reply, |frame| {
+            assert_eq!(frame.kind(), Kind::ProbeReply);
+            assert_eq!(
+                (frame.header.lba, frame.header.block_count),
+                (0, 4),
+                "the volume has 4 regions"
+            );
+            let pairs: Vec<(u64, u64)> = frame
+                .probe_entries()
+                .unwrap()
+                .map(|entry| (entry.region, entry.sequence))
+                .collect();
+            assert_eq!(pairs, vec![(0, 3), (1, 2)]);
+        });
+    }
+
+    #[test]
+    fn a_new_copy_says_so_once_and_a_raised_epoch_fences_older_frames() {
+        let mut v = ReplicaVolume::new(0, 0, BLOCK, 1024, 0, 16);
+        v.mark_new_copy();
+        let ok = v.epoch_durable(1, 3, 0);
+        with_frame(&ok, |frame| {
+            assert_eq!(frame.header.status, status::NEW_COPY)
+        });
+        let again = v.epoch_durable(1, 4, 0);
+        with_frame(&again, |frame| assert_eq!(frame.header.status, status::OK));
+        v.raise_epoch(2);
+        assert!(matches!(
+            decide(&mut v, &write(1, 0, 1, 1)),
+            Decision::Reply(_)
+        ));
     }
 
     #[test]

@@ -11,8 +11,7 @@
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fathom_dma::DmaBuf;
@@ -23,8 +22,9 @@ use fathom_net::server::{Connection, Served, Service};
 use fathom_net::{BufferCache, Transport};
 
 use crate::meta::{Role, Superblock, BLOCK_BYTES};
-use crate::proto::HEADER_LEN;
+use crate::proto::{refusal, status, Header, Kind, HEADER_LEN};
 use crate::replica::{Decision, Io, IoKind, ReplicaVolume};
+use crate::role::VolumeRole;
 use crate::session::{AcceptorSession, PeerAuth, Step};
 use crate::stream::{FrameStream, StreamError};
 
@@ -35,41 +35,6 @@ const ORDER_CAPACITY: usize = 4 * SLOTS;
 /// A peer has this long to open its session.
 const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A replica's copy of a volume, as the service last published it (for the control channel
-/// and telemetry on other threads).
-#[derive(Debug)]
-pub struct ReplicaStatus {
-    pub volume: String,
-    epoch: AtomicU64,
-    applied: AtomicU64,
-    /// The node whose session last claimed the epoch.
-    primary: Mutex<String>,
-}
-
-impl ReplicaStatus {
-    pub fn new(volume: &str, epoch: u64, applied: u64, primary: &str) -> Self {
-        Self {
-            volume: volume.into(),
-            epoch: AtomicU64::new(epoch),
-            applied: AtomicU64::new(applied),
-            primary: Mutex::new(primary.into()),
-        }
-    }
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Relaxed)
-    }
-    /// Writes up to this sequence are here (or in the primary's dirty regions for it).
-    pub fn applied(&self) -> u64 {
-        self.applied.load(Ordering::Relaxed)
-    }
-    pub fn primary(&self) -> String {
-        self.primary
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
-    }
-}
-
 /// One volume this node holds a copy of.
 #[derive(Debug, Clone)]
 pub struct HeldVolume {
@@ -78,10 +43,9 @@ pub struct HeldVolume {
     pub reactor: usize,
     pub block_size: u32,
     pub blocks: u64,
-    /// Its superblock as read at start, and which of the two copies holds it.
-    pub superblock: Superblock,
-    pub copy: usize,
-    pub status: Arc<ReplicaStatus>,
+    /// Regions of `1 << region_shift` bytes, as the cluster's config has them.
+    pub region_shift: u32,
+    pub role: Arc<VolumeRole>,
 }
 
 /// What the replica service of a node is.
@@ -125,11 +89,20 @@ impl ReplicaService {
 /// One volume's replica state on its reactor, shared by its sessions.
 struct VolumeState {
     replica: ReplicaVolume,
-    superblock: Superblock,
-    copy: usize,
     /// A superblock write is in flight (epochs are persisted one at a time).
     persisting: bool,
-    status: Arc<ReplicaStatus>,
+    role: Arc<VolumeRole>,
+}
+
+impl VolumeState {
+    /// Takes an epoch raised elsewhere on this node (a promote here) before a frame is
+    /// judged: the deposed primary's frames are then stale.
+    fn sync_epoch(&mut self) {
+        let known = self.role.epoch();
+        if known > self.replica.epoch() {
+            self.replica.raise_epoch(known);
+        }
+    }
 }
 
 /// The replica states of the volumes one reactor owns, by index in the service's list.
@@ -165,6 +138,7 @@ impl Service for ReplicaService {
             in_engine: 0,
             writable: true,
             close_reason: None,
+            claimed: None,
         }))
     }
 
@@ -174,26 +148,26 @@ impl Service for ReplicaService {
                 .volumes
                 .iter()
                 .map(|held| {
-                    (held.reactor == reactor).then(|| VolumeState {
-                        replica: {
-                            let mut replica = ReplicaVolume::new(
-                                0,
-                                held.superblock.epoch,
-                                held.block_size,
-                                held.blocks,
-                                held.superblock.applied,
-                                ORDER_CAPACITY,
-                            );
-                            // No primary ever claimed this copy: it holds nothing yet.
-                            if held.superblock.epoch == 0 {
-                                replica.mark_new_copy();
-                            }
-                            replica
-                        },
-                        superblock: held.superblock.clone(),
-                        copy: held.copy,
-                        persisting: false,
-                        status: held.status.clone(),
+                    (held.reactor == reactor).then(|| {
+                        let superblock = held.role.superblock();
+                        let mut replica = ReplicaVolume::new(
+                            0,
+                            superblock.epoch,
+                            held.block_size,
+                            held.blocks,
+                            superblock.applied,
+                            ORDER_CAPACITY,
+                        );
+                        replica.track_regions(held.region_shift);
+                        // No primary ever claimed this copy: it holds nothing yet.
+                        if superblock.epoch == 0 {
+                            replica.mark_new_copy();
+                        }
+                        VolumeState {
+                            replica,
+                            persisting: false,
+                            role: held.role.clone(),
+                        }
                     })
                 })
                 .collect(),
@@ -227,6 +201,12 @@ enum Stage {
 
 enum Work {
     Io(Io),
+    /// A new primary's Probe: answered once no write is in flight here.
+    Probe {
+        request_id: u64,
+        first: u64,
+        count: u32,
+    },
     /// The superblock with a newer epoch, then the EpochOk.
     Epoch {
         epoch: u64,
@@ -254,6 +234,8 @@ pub struct ReplicaConn {
     in_engine: usize,
     writable: bool,
     close_reason: Option<String>,
+    /// The epoch this session claimed (its frames of that epoch are taken).
+    claimed: Option<u64>,
 }
 
 impl ReplicaConn {
@@ -360,7 +342,25 @@ impl ReplicaConn {
                         frame.volume()
                     ));
                 }
-                let decision = state.replica.on_frame(&frame);
+                state.sync_epoch();
+                let header = frame.header;
+                let current = state.replica.epoch();
+                let peer = peer_node_of(&self.phase);
+                let decision = match refuse_unclaimed(peer, self.claimed, &header, current, state) {
+                    Some(refused) => refused,
+                    None => state.replica.on_frame(&frame),
+                };
+                if header.kind == Kind::Epoch
+                    && header.epoch == current
+                    && state.replica.epoch() == current
+                    && matches!(decision, Decision::Reply(_))
+                    && !refused_claim(peer, &header, current, state)
+                {
+                    // The epoch this copy holds, claimed again by its primary: this session
+                    // is that primary's from here on.
+                    self.claimed = Some(current);
+                    state.role.set_in_sync(header.status == status::OK);
+                }
                 // A write's payload goes into a DMA buffer of its own now: the frame's bytes
                 // are the decoder's, reused by the next frame.
                 let buf = match &decision {
@@ -403,6 +403,18 @@ impl ReplicaConn {
                         request_id,
                         base,
                         next: None,
+                    },
+                    Stage::Ready,
+                ),
+                Decision::Probe {
+                    request_id,
+                    first,
+                    count,
+                } => (
+                    Work::Probe {
+                        request_id,
+                        first,
+                        count,
                     },
                     Stage::Ready,
                 ),
@@ -475,16 +487,42 @@ impl ReplicaConn {
                         }
                     }
                 }
+                Work::Probe {
+                    request_id,
+                    first,
+                    count,
+                } => {
+                    if state.replica.writing() {
+                        // Every write the session delivered counts: after they are done.
+                        break;
+                    }
+                    let reply = state.replica.probe_reply(*request_id, *first, *count);
+                    self.ready.pop_front();
+                    self.slots[slot as usize] = None;
+                    self.free.push(slot);
+                    self.stream
+                        .queue(&reply)
+                        .map_err(|error| error.to_string())?;
+                    work = true;
+                    continue;
+                }
                 Work::Epoch { epoch, next, .. } => {
                     if next.is_none() {
                         if state.persisting {
                             // Another session's epoch is being written: after it.
                             break;
                         }
-                        let (mut superblock, copy) = state.superblock.next(state.copy);
-                        superblock.epoch = *epoch;
-                        superblock.role = Role::Replica;
-                        *next = Some((superblock, copy));
+                        let peer = peer_node_of(&self.phase).to_string();
+                        if state.role.superblock().role == Role::Primary {
+                            // This copy was the primary's: it may hold writes of its own no
+                            // majority took, so the new primary rebuilds it in full.
+                            state.replica.mark_new_copy();
+                        }
+                        *next = Some(state.role.next_superblock(|superblock| {
+                            superblock.epoch = *epoch;
+                            superblock.role = Role::Replica;
+                            superblock.primary = peer;
+                        }));
                     }
                     let (superblock, copy) = next.as_ref().expect("set above");
                     let block = superblock
@@ -577,10 +615,7 @@ impl ReplicaConn {
             _ => &[],
         };
         let (reply, ready) = state.replica.completed(&io, ok, data);
-        state
-            .status
-            .applied
-            .store(state.replica.applied(), Ordering::Relaxed);
+        state.role.set_applied(state.replica.applied());
         if let Some(buf) = pending.buf {
             buffers.put(buf);
         }
@@ -647,6 +682,11 @@ impl ReplicaConn {
             return;
         };
         let result = match pending.work {
+            // Answered without the engine: never here.
+            Work::Probe { .. } => {
+                self.free.push(slot);
+                Ok(())
+            }
             Work::Io(io) => {
                 self.slots[slot as usize] = Some(pending);
                 self.finish_io(slot, io, ok, state, buffers)
@@ -660,17 +700,18 @@ impl ReplicaConn {
                 state.persisting = false;
                 self.free.push(slot);
                 match (ok, next) {
-                    (true, Some((superblock, copy))) => {
-                        state.superblock = superblock;
-                        state.copy = copy;
-                        state.status.epoch.store(epoch, Ordering::Relaxed);
-                        if let Phase::Open { peer, .. } = &self.phase {
-                            *state
-                                .status
-                                .primary
-                                .lock()
-                                .unwrap_or_else(|poisoned| poisoned.into_inner()) = peer.clone();
+                    (true, Some(_)) => {
+                        state.role.raise_epoch(epoch);
+                        state.role.set_in_sync(false);
+                        if state.role.primary_here() {
+                            state.role.set_primary_here(false);
+                            tracing::warn!(
+                                volume = %state.role.volume,
+                                "replication: node {} took the volume over at epoch {epoch}; this node is a replica now",
+                                peer_node_of(&self.phase)
+                            );
                         }
+                        self.claimed = Some(epoch);
                         tracing::info!(peer = %self.peer, epoch, "replication: adopted epoch {epoch}");
                         let reply = state.replica.epoch_durable(epoch, request_id, base);
                         self.stream.queue(&reply).map_err(|error| error.to_string())
@@ -824,4 +865,47 @@ impl Connection for ReplicaConn {
             }
         }
     }
+}
+
+/// The node a session is from (once open).
+fn peer_node_of(phase: &Phase) -> &str {
+    match phase {
+        Phase::Open { peer, .. } => peer,
+        Phase::Opening { .. } => "",
+    }
+}
+
+/// Whether `header` claims the epoch this copy holds, for another node than the one that
+/// claimed it (`peer` is the session's node).
+fn refused_claim(peer: &str, header: &Header, current: u64, state: &VolumeState) -> bool {
+    header.kind == Kind::Epoch
+        && header.epoch == current
+        && current > 0
+        && state.role.superblock().primary != peer
+}
+
+/// The refusal of a frame a session may not send: a claim of an epoch another node holds,
+/// or a frame of the current epoch before the session (`claimed`) claimed it.
+fn refuse_unclaimed(
+    peer: &str,
+    claimed: Option<u64>,
+    header: &Header,
+    current: u64,
+    state: &VolumeState,
+) -> Option<Decision> {
+    if refused_claim(peer, header, current, state) {
+        let holder = state.role.superblock().primary;
+        return Some(Decision::Reply(state.replica.refusal(
+            header.request_id,
+            refusal::EPOCH_TAKEN,
+            &format!("epoch {current} of this volume is node {holder:?}'s"),
+        )));
+    }
+    if header.kind != Kind::Epoch && header.epoch == current && claimed != Some(current) {
+        return Some(Decision::Close(format!(
+            "a {} frame of epoch {current} before the session claimed it",
+            header.kind.name()
+        )));
+    }
+    None
 }

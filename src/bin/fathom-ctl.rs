@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::builder::PossibleValuesParser;
 use clap::{ArgGroup, Parser};
-use fathom_control::proto::{ReplicationRow, Request, TraceRow, LAYERS};
+use fathom_control::proto::{PromoteResult, ReplicationRow, Request, TraceRow, LAYERS};
 use fathom_control::{
     Cleared, ControlClient, DeviceRow, Hello, LayerRow, RuleRow, RunResult, VolumeRow,
 };
@@ -51,6 +51,7 @@ const DEFAULT_NODE: &str = "/var/lib/fathom";
 ///   fathom-ctl trace set vol0 --tail 500us --rate 0     # vol0: only IOs slower than 500us
 ///   fathom-ctl trace set --tail p99.9                   # every volume: its slowest 0.1%
 ///   fathom-ctl replication                              # replicas: sessions, sync, lag
+///   fathom-ctl promote vol0                             # this replica becomes the primary
 ///
 /// The socket is owner-only: run as the user that runs fathom-node. --json prints the node's
 /// answer as JSON instead of a table. Exit status: 0 done, 1 the node (or the connection)
@@ -122,6 +123,24 @@ enum Command {
     Replication {
         /// Only this volume.
         volume: Option<String>,
+    },
+    /// Makes this node the primary of VOLUME when its primary is dead (or gone for good).
+    ///
+    /// The node takes the volume's next epoch, durably, and claims it on every copy it
+    /// reaches: a majority must take it (a deposed primary that comes back is refused by
+    /// them, and becomes a replica). It asks each survivor which regions it wrote last,
+    /// copies to itself every region another has newer, then serves; the survivors are
+    /// caught up in the background (`fathom-ctl replication` shows it). Refused for a copy
+    /// its primary did not call in sync, unless --force (which can lose acknowledged writes
+    /// the others lack).
+    ///
+    ///   fathom-ctl --node /tmp/fathom-cluster/b promote vol0
+    #[command(verbatim_doc_comment)]
+    Promote {
+        volume: String,
+        /// Promote a copy that is not known to be in sync.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -443,6 +462,10 @@ fn request(command: &Command) -> Request {
         Command::Replication { volume } => Request::Replication {
             volume: volume.clone(),
         },
+        Command::Promote { volume, force } => Request::Promote {
+            volume: volume.clone(),
+            force: *force,
+        },
     }
 }
 
@@ -578,6 +601,24 @@ fn print_answer(command: &Command, request: &Request, answer: Value) -> Result<(
         Command::Replication { .. } => {
             let rows: Vec<ReplicationRow> = parse(answer, what)?;
             print!("{}", replication_table(&rows));
+        }
+        Command::Promote { .. } => {
+            let result: PromoteResult = parse(answer, what)?;
+            println!(
+                "{} is primary of {} at epoch {}; copies that took it: {}",
+                result.survivors.first().map_or("this node", String::as_str),
+                result.volume,
+                result.epoch,
+                result.survivors.join(", ")
+            );
+            println!(
+                "reconciled: {} region(s), {} copied here from newer survivors",
+                result.regions_copied,
+                bytes_text(result.bytes_copied)
+            );
+            for (node, regions) in &result.behind {
+                println!("  {node}: behind in {regions} region(s), resynchronised from here");
+            }
         }
     }
     Ok(())
@@ -879,9 +920,11 @@ fn replication_table(rows: &[ReplicationRow]) -> String {
             ("PRIMARY", false),
             ("SEQUENCE", true),
         ]);
-        let role = match row.fenced {
-            true => format!("{} (fenced: another node took it over)", row.role),
-            false => row.role.clone(),
+        let role = match (row.fenced, row.role.as_str(), row.in_sync) {
+            (true, ..) => format!("{} (fenced: another node took it over)", row.role),
+            (false, "replica", false) => "replica (not in sync)".into(),
+            (false, "primary", false) => "primary (taking its epoch: not serving yet)".into(),
+            _ => row.role.clone(),
         };
         volume.row(vec![
             row.volume.clone(),

@@ -173,16 +173,14 @@ fn run(args: Args) -> Result<()> {
     // Replication before the front end: a primary takes its epoch and a replica fences its
     // client IO before any client is served.
     let replication = fathom_replication::node::Replication::start(&engine, &config)
-        .context("starting replication")?;
-    let copies = replication
-        .as_ref()
-        .map(|replication| replication.copies().to_vec())
-        .unwrap_or_default();
+        .context("starting replication")?
+        .map(std::sync::Arc::new);
     let control_path = fathom_control::socket_path(&config.node.data_dir);
     let control = fathom_control::server::ControlServer::start(
         &control_path,
         std::sync::Arc::new(
-            fathom::node_control::NodeControl::new(engine.clone()).with_replication(copies),
+            fathom::node_control::NodeControl::new(engine.clone())
+                .with_replication(replication.clone()),
         ),
     )
     .with_context(|| format!("serving the control socket {}", control_path.display()))?;
@@ -248,7 +246,7 @@ fn run(args: Args) -> Result<()> {
             tracing::info!("NBD: closed {open} client connections");
         }
     }
-    if let Some(replication) = replication {
+    if let Some(replication) = &replication {
         if !replication.stop(Duration::from_secs(5)) {
             tracing::warn!(
                 "replication: sessions still open after 5 s; stopping the engine anyway"

@@ -139,6 +139,24 @@ impl Cluster {
         node.nbd = None;
     }
 
+    /// Node `index`'s process id.
+    pub fn pid(&self, index: usize) -> i32 {
+        self.nodes[index]
+            .child
+            .as_ref()
+            .expect("the node runs")
+            .id() as i32
+    }
+
+    /// Waits for node `index`, killed from elsewhere, to be gone.
+    pub fn reap(&mut self, index: usize) {
+        let node = &mut self.nodes[index];
+        if let Some(mut child) = node.child.take() {
+            child.wait().unwrap();
+        }
+        node.nbd = None;
+    }
+
     /// Sends `signal` to node `index` (SIGSTOP, SIGCONT).
     pub fn signal(&self, index: usize, signal: i32) {
         let child = self.nodes[index].child.as_ref().expect("the node runs");
@@ -192,9 +210,28 @@ impl Cluster {
         rows[0].clone()
     }
 
-    /// Waits until node `index`, the primary, has every replica's session open.
+    /// Waits until node `index`, the primary, has every replica's session open and serves.
     pub fn wait_open(&self, index: usize, timeout: Duration) {
         self.wait_peers(index, timeout, "open", |peer| peer["state"] == "open");
+        self.wait_serving(index, timeout);
+    }
+
+    /// Waits until node `index` is the primary and serves (a majority took its epoch).
+    pub fn wait_serving(&self, index: usize, timeout: Duration) {
+        let started = Instant::now();
+        loop {
+            let row = self.replication(index);
+            if row["role"] == "primary" && row["in_sync"] == true {
+                return;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "node {} does not serve as the primary after {timeout:?}: {row}\n{}",
+                self.nodes[index].id,
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Waits until every replica of primary `index` passes `check`.
