@@ -889,6 +889,10 @@ impl ReplicationLayer {
             .map_err(|error| error.to_string())?;
         peer.link = Link::Open { stream };
         self.claimed |= 1 << index;
+        // It has every write up to its base, or lacks it in a region it is resynced in.
+        self.status.peers[index]
+            .acknowledged
+            .fetch_max(base, Ordering::Relaxed);
         peer.retry = FIRST_RETRY;
         tracing::info!(
             volume = %self.volume,

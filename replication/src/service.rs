@@ -811,6 +811,15 @@ impl Connection for ReplicaConn {
             // first.
             if let Phase::Open { volume, .. } = self.phase {
                 if let Some(state) = local.volumes.get_mut(volume).and_then(Option::as_mut) {
+                    if self
+                        .claimed
+                        .take()
+                        .is_some_and(|epoch| epoch == state.replica.epoch())
+                    {
+                        // The primary's stream broke: this copy misses what it sends
+                        // meanwhile, until the primary says otherwise.
+                        state.role.set_in_sync(false);
+                    }
                     while let Some(slot) = self.ready.pop_front() {
                         if let Some(pending) = self.slots[slot as usize].take() {
                             self.free.push(slot);

@@ -1,0 +1,187 @@
+//! The crash test of a replicated volume: three fathom-node processes on loopback, a client
+//! (`fathom::checker::Client`) writing random blocks through the primary (some FUA, some
+//! followed by a flush) and remembering every write it was acknowledged. At a random moment
+//! a random node (primary or replica) is killed with SIGKILL and started again; when it was
+//! the primary, an in-sync survivor is promoted with `fathom-ctl promote` and the client
+//! reconnects to it. The checker is never told of a crash: with one node of three down a
+//! majority still holds every acknowledged write, so every one must read back, and no block
+//! may hold data that was never written. Each cycle waits for the returning node to be in
+//! sync (one failure at a time). At the end, once writes stop and resync is done, the three
+//! copies must be byte for byte the same.
+//!
+//! `FATHOM_CLUSTER_CRASH_CYCLES` sets the cycles (5 unless set; `tests/cluster-crash-soak`
+//! runs 50 or more), `FATHOM_CLUSTER_CRASH_SEED` the seed (printed).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::{first_difference, Cluster, BLOCK_BYTES};
+use fathom::checker::{CheckerError, Client, ClientOptions, RunEnd};
+use fathom::nbd_client::NbdUri;
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().map(|value| {
+        value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value:?} is not a number"))
+    })
+}
+
+fn next(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+fn uri(cluster: &Cluster, index: usize) -> NbdUri {
+    NbdUri::parse(&cluster.uri(index)).unwrap()
+}
+
+/// A verify pass on the current primary that must find every acknowledged write.
+fn verify(client: &mut Client, cluster: &Cluster, when: &str) -> u64 {
+    match client.verify_all() {
+        Ok(report) => report.blocks_checked,
+        Err(CheckerError::Violations { count, violations }) => {
+            let listed: Vec<String> = violations.iter().map(|v| format!("  {v}")).collect();
+            panic!(
+                "{when}: {count} blocks hold what the model forbids:\n{}\n{}\n{}",
+                listed.join("\n"),
+                client.summary(),
+                cluster.logs()
+            );
+        }
+        Err(error) => panic!("{when}: verify failed: {error}\n{}", cluster.logs()),
+    }
+}
+
+/// Waits until primary `primary` has every replica open, in sync and caught up.
+fn wait_in_sync(cluster: &Cluster, primary: usize) {
+    cluster.wait_serving(primary, Duration::from_secs(30));
+    let sequence = cluster.replication(primary)["sequence"].as_u64().unwrap();
+    cluster.wait_peers(primary, Duration::from_secs(120), "in sync", |peer| {
+        peer["state"] == "open"
+            && peer["in_sync"] == true
+            && peer["acknowledged"].as_u64() >= Some(sequence)
+    });
+}
+
+#[test]
+fn kill_9_of_any_node_loses_no_acknowledged_write() {
+    let cycles = env_u64("FATHOM_CLUSTER_CRASH_CYCLES").unwrap_or(5);
+    let seed = env_u64("FATHOM_CLUSTER_CRASH_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    });
+    println!("cluster crash test: {cycles} cycles, FATHOM_CLUSTER_CRASH_SEED={seed}");
+    let mut cluster = Cluster::start(3);
+    let mut primary = 0;
+    let options = ClientOptions {
+        seed,
+        // 4 MiB of the 64 MiB volume: blocks are overwritten many times.
+        blocks: 1024,
+        ..ClientOptions::default()
+    };
+    let mut client = Client::connect(&uri(&cluster, primary), options).unwrap();
+    let mut rng = seed | 1;
+    let started = Instant::now();
+    let (mut primary_kills, mut replica_kills) = (0, 0);
+    for cycle in 1..=cycles {
+        let victim = (next(&mut rng) % 3) as usize;
+        let delay = Duration::from_millis(100 + next(&mut rng) % 401);
+        let pid = cluster.pid(victim);
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            // SAFETY: a signal to the test's own child process, not yet waited for.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        });
+        // The client writes through the kill (a replica's) or until it (the primary's).
+        let run_for = delay + Duration::from_millis(300);
+        let end = client.run(run_for).unwrap();
+        killer.join().unwrap();
+        cluster.reap(victim);
+        let what = if victim == primary {
+            primary_kills += 1;
+            assert!(
+                matches!(end, RunEnd::ConnectionLost(_)),
+                "cycle {cycle}: the primary was killed but the run ended {end:?}"
+            );
+            // Promote an in-sync survivor.
+            let survivor = (0..3)
+                .filter(|&index| index != victim)
+                .find(|&index| cluster.replication(index)["in_sync"] == true)
+                .unwrap_or_else(|| {
+                    panic!("cycle {cycle}: no survivor is in sync\n{}", cluster.logs())
+                });
+            let (ok, text) = cluster.ctl(survivor, &["promote", "vol0"]);
+            assert!(ok, "cycle {cycle}: promote: {text}\n{}", cluster.logs());
+            primary = survivor;
+            cluster.wait_serving(primary, Duration::from_secs(30));
+            client
+                .reconnect(&uri(&cluster, primary), Duration::from_secs(30))
+                .unwrap();
+            format!(
+                "primary {} killed, {} promoted: {}",
+                cluster.nodes[victim].id,
+                cluster.nodes[primary].id,
+                text.lines().nth(1).unwrap_or("")
+            )
+        } else {
+            replica_kills += 1;
+            assert!(
+                matches!(end, RunEnd::Elapsed),
+                "cycle {cycle}: a replica's death stopped the client: {end:?}\n{}",
+                cluster.logs()
+            );
+            format!("replica {} killed", cluster.nodes[victim].id)
+        };
+        cluster.start_node(victim);
+        wait_in_sync(&cluster, primary);
+        let checked = verify(&mut client, &cluster, &format!("cycle {cycle}"));
+        println!(
+            "cycle {cycle}: {what} after {} ms; {checked} blocks checked",
+            delay.as_millis()
+        );
+    }
+    let end = client.run(Duration::from_millis(300)).unwrap();
+    assert!(matches!(end, RunEnd::Elapsed), "{end:?}");
+    client.sync().unwrap();
+    verify(&mut client, &cluster, "at the end");
+    wait_in_sync(&cluster, primary);
+    // The copies are the same, byte for byte.
+    let reference = cluster.volume_data(primary);
+    let mut checksums = Vec::new();
+    for index in 0..3 {
+        let data = cluster.volume_data(index);
+        if let Some(block) = first_difference(&reference, &data) {
+            panic!(
+                "node {} differs from the primary {} at block {block} (byte {})",
+                cluster.nodes[index].id,
+                cluster.nodes[primary].id,
+                block * BLOCK_BYTES
+            );
+        }
+        checksums.push(format!(
+            "{}={:08x}",
+            cluster.nodes[index].id,
+            crc32c::crc32c(&data)
+        ));
+    }
+    let summary = client.summary();
+    println!(
+        "cluster crash test: {cycles} cycles ({primary_kills} primary, {replica_kills} replica \
+         kills) in {:.1} s; copies identical ({}); {summary}",
+        started.elapsed().as_secs_f64(),
+        checksums.join(" ")
+    );
+    let stats = summary.stats;
+    assert_eq!(stats.violations, 0);
+    assert_eq!(stats.crashes, 0, "the model was never told of a crash");
+    assert!(
+        stats.writes_acked > 0 && stats.flushes_acked > 0,
+        "{summary}"
+    );
+}
