@@ -514,3 +514,124 @@ fn a_promoted_replica_that_lagged_takes_the_newer_regions_from_the_other() {
     client.verify_all().unwrap();
     assert_identical(&cluster, &[0, 1, 2]);
 }
+
+/// Opens a session to node `index`'s replica service for vol0 as node `as_node`, proving the
+/// cluster key as a primary would.
+fn open_session(cluster: &Cluster, index: usize, as_node: &str) -> TcpStream {
+    use fathom_replication::auth::ClusterKey;
+    use fathom_replication::session::{ConnectorSession, PeerAuth};
+    let auth = PeerAuth::Key(ClusterKey::load(&cluster.key).unwrap());
+    let mut stream = TcpStream::connect(cluster.nodes[index].replication).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let (mut session, hello) = ConnectorSession::start(
+        as_node,
+        "test",
+        &cluster.nodes[index].id,
+        vec!["vol0".into()],
+        &auth,
+    )
+    .unwrap();
+    stream.write_all(&hello).unwrap();
+    let (header, payload) = read_frame(&mut stream).expect("a HelloOk");
+    let frame = fathom_replication::proto::Frame {
+        header,
+        payload: &payload,
+    };
+    let (proof, _) = session.on_frame(&frame).unwrap();
+    stream.write_all(&proof).unwrap();
+    stream
+}
+
+/// On a session that proved the key: frames of a wrong epoch are refused and change
+/// nothing, garbage closes the session, and a peer that stops in the middle of a frame is
+/// dropped; the primary's writes go on throughout.
+#[test]
+fn a_live_session_that_sends_wrong_epochs_garbage_or_half_a_frame_is_refused() {
+    let cluster = Cluster::start(3);
+    let mut client = client(&cluster, 0, 29);
+    write_for(&mut client, &cluster, Duration::from_millis(200));
+    let epoch = cluster.replication(1)["epoch"].as_u64().unwrap();
+
+    // A write of an old epoch and one of a newer epoch nobody claimed: refused, with the
+    // reason; the session stays.
+    let mut peer = open_session(&cluster, 1, "z");
+    for (stale, code) in [
+        (epoch - 1, fathom_replication::proto::refusal::STALE_EPOCH),
+        (
+            epoch + 5,
+            fathom_replication::proto::refusal::EPOCH_NOT_CLAIMED,
+        ),
+    ] {
+        let mut frame = Vec::new();
+        encode(
+            &Header {
+                epoch: stale,
+                sequence: 1 << 40,
+                lba: 8192,
+                block_count: 1,
+                request_id: 5,
+                ..Header::new(Kind::Write)
+            },
+            &[0xee; BLOCK_BYTES as usize],
+            &mut frame,
+        )
+        .unwrap();
+        peer.write_all(&frame).unwrap();
+        let (header, text) = read_frame(&mut peer).expect("a refusal");
+        assert_eq!(
+            (header.kind, header.status),
+            (Kind::Refused, code),
+            "{}",
+            String::from_utf8_lossy(&text)
+        );
+    }
+    // A claim of the current epoch by a node that does not hold it: refused.
+    let mut claim = Vec::new();
+    encode(
+        &Header {
+            epoch,
+            request_id: 6,
+            ..Header::new(Kind::Epoch)
+        },
+        &[],
+        &mut claim,
+    )
+    .unwrap();
+    peer.write_all(&claim).unwrap();
+    let (header, _) = read_frame(&mut peer).expect("a refusal");
+    assert_eq!(
+        (header.kind, header.status),
+        (
+            Kind::Refused,
+            fathom_replication::proto::refusal::EPOCH_TAKEN
+        )
+    );
+    // Garbage: the session is closed.
+    peer.write_all(&[0x55; 200]).unwrap();
+    assert!(read_frame(&mut peer).is_none(), "closed after garbage");
+
+    // Half a frame, then nothing: dropped after the stall timeout, while writes go on.
+    let mut staller = open_session(&cluster, 2, "z");
+    staller.write_all(&claim[..40]).unwrap();
+    let started = std::time::Instant::now();
+    write_for(&mut client, &cluster, Duration::from_millis(500));
+    assert!(
+        read_frame(&mut staller).is_none(),
+        "the staller was dropped"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    client.verify_all().unwrap();
+    wait_caught_up(&cluster);
+    assert_identical(&cluster, &[0, 1, 2]);
+    let log = cluster.log(2);
+    assert!(
+        log.contains("sent 40 bytes of a frame and then nothing"),
+        "{log}"
+    );
+}

@@ -34,6 +34,8 @@ pub const SLOTS: usize = 64;
 const ORDER_CAPACITY: usize = 4 * SLOTS;
 /// A peer has this long to open its session.
 const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
+/// A session whose peer stops in the middle of a frame for this long is closed.
+const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One volume this node holds a copy of.
 #[derive(Debug, Clone)]
@@ -139,6 +141,7 @@ impl Service for ReplicaService {
             writable: true,
             close_reason: None,
             claimed: None,
+            stalled: None,
         }))
     }
 
@@ -236,11 +239,35 @@ pub struct ReplicaConn {
     close_reason: Option<String>,
     /// The epoch this session claimed (its frames of that epoch are taken).
     claimed: Option<u64>,
+    /// Bytes of a partial frame, and since when no more came.
+    stalled: Option<(usize, Instant)>,
 }
 
 impl ReplicaConn {
     fn closing(&self) -> bool {
         self.close_reason.is_some()
+    }
+
+    /// A peer that sends part of a frame and then nothing for [`STALL_TIMEOUT`] is gone or
+    /// broken: its session closes (it holds nothing in the engine meanwhile).
+    fn check_stall(&mut self) {
+        let partial = self.stream.buffered();
+        if partial == 0 {
+            self.stalled = None;
+            return;
+        }
+        let now = Instant::now();
+        match self.stalled {
+            Some((bytes, since)) if bytes == partial => {
+                if now.duration_since(since) >= STALL_TIMEOUT {
+                    self.close_with(format!(
+                        "the primary sent {partial} bytes of a frame and then nothing for {} s",
+                        STALL_TIMEOUT.as_secs()
+                    ));
+                }
+            }
+            _ => self.stalled = Some((partial, now)),
+        }
     }
 
     fn close_with(&mut self, reason: String) {
@@ -797,6 +824,7 @@ impl Connection for ReplicaConn {
                         Ok(work) => served.work = work,
                         Err(reason) => self.close_with(reason),
                     }
+                    self.check_stall();
                 }
             }
         }
@@ -811,15 +839,6 @@ impl Connection for ReplicaConn {
             // first.
             if let Phase::Open { volume, .. } = self.phase {
                 if let Some(state) = local.volumes.get_mut(volume).and_then(Option::as_mut) {
-                    if self
-                        .claimed
-                        .take()
-                        .is_some_and(|epoch| epoch == state.replica.epoch())
-                    {
-                        // The primary's stream broke: this copy misses what it sends
-                        // meanwhile, until the primary says otherwise.
-                        state.role.set_in_sync(false);
-                    }
                     while let Some(slot) = self.ready.pop_front() {
                         if let Some(pending) = self.slots[slot as usize].take() {
                             self.free.push(slot);

@@ -106,6 +106,11 @@ impl FrameStream {
             .map(|frame| frame.map_err(StreamError::from))
     }
 
+    /// Bytes received and not yet taken as frames (part of one, when no frame is whole).
+    pub fn buffered(&self) -> usize {
+        self.decoder.buffered()
+    }
+
     /// Bytes waiting for the socket.
     pub fn unsent(&self) -> usize {
         self.out.len() - self.sent

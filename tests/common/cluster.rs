@@ -32,6 +32,8 @@ pub struct ClusterNode {
 /// primary.
 pub struct Cluster {
     pub nodes: Vec<ClusterNode>,
+    /// The cluster key every node holds.
+    pub key: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -110,7 +112,11 @@ impl Cluster {
                 log: Default::default(),
             });
         }
-        let mut cluster = Cluster { nodes, _dir: dir };
+        let mut cluster = Cluster {
+            nodes,
+            key,
+            _dir: dir,
+        };
         // Replicas first, so the primary finds them listening.
         for index in (0..count).rev() {
             cluster.start_node(index);
