@@ -635,3 +635,83 @@ fn a_live_session_that_sends_wrong_epochs_garbage_or_half_a_frame_is_refused() {
         "{log}"
     );
 }
+
+/// The primary's stats region (what fathom-stat reads) over `seconds` while `during` runs:
+/// the last interval's report.
+fn stats_during(cluster: &Cluster, index: usize, during: impl FnOnce()) -> serde_json::Value {
+    let region = cluster.nodes[index].dir.join("stats");
+    let reader = std::thread::spawn(move || {
+        Command::new(env!("CARGO_BIN_EXE_fathom-stat"))
+            .arg("--region")
+            .arg(&region)
+            .args(["--json", "1", "2"])
+            .output()
+            .unwrap()
+    });
+    during();
+    let output = reader.join().unwrap();
+    assert!(
+        output.status.success(),
+        "fathom-stat: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    serde_json::from_str(text.lines().last().expect("a report")).unwrap()
+}
+
+fn write_stage(report: &serde_json::Value, stage: &str) -> serde_json::Value {
+    let row = report["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["op"] == "write")
+        .unwrap_or_else(|| panic!("no write row in {report}"));
+    row["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == stage)
+        .unwrap_or_else(|| panic!("no {stage} stage in {row}"))
+        .clone()
+}
+
+/// 2 ms on one replica's device: the primary's `replicate:c` stage shows it, `replicate:b`
+/// does not, and the client's writes are answered by the primary and b without waiting for c.
+#[test]
+fn a_slow_replica_shows_in_its_replicate_stage_and_does_not_hold_writes_back() {
+    let cluster = Cluster::start(3);
+    let (ok, text) = cluster.ctl(2, &["inject", "add", "nvme0", "--latency", "2ms"]);
+    assert!(ok, "{text}");
+    let uri = NbdUri::parse(&cluster.uri(0)).unwrap();
+    let mut client = Client::connect(
+        &uri,
+        ClientOptions {
+            seed: 30,
+            blocks: 1024,
+            queue_depth: 1,
+            flush_every_writes: 0,
+            fua_percent: 0,
+            ..ClientOptions::default()
+        },
+    )
+    .unwrap();
+    let report = stats_during(&cluster, 0, || {
+        let end = client.run(Duration::from_millis(2500)).unwrap();
+        assert!(matches!(end, RunEnd::Elapsed), "{end:?}");
+    });
+    let (b, c, total) = (
+        write_stage(&report, "replicate:b"),
+        write_stage(&report, "replicate:c"),
+        write_stage(&report, "total"),
+    );
+    println!("replicate:b {b}\nreplicate:c {c}\ntotal {total}");
+    let ns = |stage: &serde_json::Value, field: &str| stage[field].as_f64().unwrap();
+    assert!(b["count"].as_u64().unwrap() > 50, "{b}");
+    assert!(ns(&c, "p50_ns") >= 2e6, "c's 2 ms shows in its stage: {c}");
+    assert!(ns(&b, "p50_ns") < 1e6, "{b}");
+    assert!(
+        ns(&total, "p50_ns") < 1e6,
+        "the client's writes do not wait for c: {total}"
+    );
+    client.verify_all().unwrap();
+}

@@ -1001,6 +1001,21 @@ impl Config {
 }
 
 impl Config {
+    /// Stages beyond the data path's own: with replicated volumes, `replicate:NODE` for each
+    /// other node of the cluster (a write or flush sent to that replica, until it answered),
+    /// so that local and remote latency show apart.
+    pub fn replicate_stages(&self) -> Vec<String> {
+        if !self.replicated() {
+            return Vec::new();
+        }
+        self.cluster
+            .nodes
+            .iter()
+            .filter(|node| node.id != self.node.id)
+            .map(|node| format!("replicate:{}", node.id))
+            .collect()
+    }
+
     /// Whether any volume is replicated.
     pub fn replicated(&self) -> bool {
         self.volumes

@@ -640,6 +640,16 @@ impl Engine {
         Ok((index, at))
     }
 
+    /// The index of telemetry stage `name` (one of [`stage::NAMES`] or
+    /// [`Config::replicate_stages`]), for [`LayerCtx::record`](crate::layer::LayerCtx::record).
+    pub fn stage(&self, name: &str) -> Option<usize> {
+        stage::NAMES
+            .iter()
+            .map(|name| name.to_string())
+            .chain(self.inner.config.replicate_stages())
+            .position(|stage| stage == name)
+    }
+
     /// IO slots each reactor has (what a layer that holds IOs sizes its storage for).
     pub fn slots_per_reactor(&self) -> usize {
         self.inner.slots_per_reactor
@@ -843,7 +853,11 @@ fn create_region(
             })
             .collect(),
         ops: OP_NAMES.iter().map(|name| name.to_string()).collect(),
-        stages: stage::NAMES.iter().map(|name| name.to_string()).collect(),
+        stages: stage::NAMES
+            .iter()
+            .map(|name| name.to_string())
+            .chain(config.replicate_stages())
+            .collect(),
         queues: (0..config.reactor.cores.len())
             .flat_map(|reactor| {
                 devices.iter().chain(stubs).map(move |device| QueueEntry {

@@ -390,6 +390,8 @@ pub struct LayerCtx<'a> {
     pub(crate) volume: u32,
     /// On the way down: the IO came through a front end (a client's, not the node's own).
     pub(crate) from_frontend: bool,
+    /// The reactor's telemetry, for stages a layer times itself.
+    pub(crate) telemetry: Option<&'a mut crate::stats::CoreTelemetry>,
     pub(crate) work: &'a mut LayerWork,
     /// Slots free for children (checked before a child is accepted).
     pub(crate) free_slots: usize,
@@ -405,6 +407,15 @@ impl LayerCtx<'_> {
     /// one from inside the node (a replica service's, a workload's, a layer's own).
     pub fn from_frontend(&self) -> bool {
         self.from_frontend
+    }
+
+    /// Records one IO of `op` on the volume that spent `ticks` in `stage` (an index from
+    /// [`crate::engine::Engine::stage`]): a stage the layer times itself (replication's
+    /// `replicate:NODE`). Nothing without telemetry.
+    pub fn record(&mut self, op: Op, stage: usize, ticks: u64) {
+        if let Some(telemetry) = self.telemetry.as_deref_mut() {
+            telemetry.record(self.volume, op, stage, ticks, 1);
+        }
     }
 
     /// Clock ticks, read once per loop iteration for the layers.

@@ -731,6 +731,7 @@ impl IoContext {
             depth,
             volume: volume as u32,
             from_frontend: false,
+            telemetry: self.telemetry.as_deref_mut(),
             work: &mut self.work,
             free_slots: self.free_slots.len(),
         }

@@ -100,6 +100,8 @@ pub struct Settings {
     pub meta_lba: u64,
     /// Per replica, regions it lacks from the start (a promote's reconciliation).
     pub stale: Vec<Vec<u64>>,
+    /// Per replica, its `replicate:NODE` telemetry stage ([`fathom_engine::Engine::stage`]).
+    pub replicate_stages: Vec<Option<usize>>,
 }
 
 /// Own IO tags: a dirty-bitmap block write (replica << 32 | block), a resync read
@@ -207,8 +209,15 @@ impl VolumeStatus {
 /// What was sent to a replica and waits for its answer.
 #[derive(Debug, Clone, Copy)]
 enum Sent {
-    Write { sequence: u64 },
-    Flush,
+    /// A write of `op` (write or write-zeroes), sent at `sent` (clock ticks).
+    Write {
+        sequence: u64,
+        op: Op,
+        sent: u64,
+    },
+    Flush {
+        sent: u64,
+    },
     Resync(Chunk),
 }
 
@@ -240,6 +249,8 @@ struct Peer {
     /// By request id.
     outstanding: HashMap<u64, Sent>,
     retry: Duration,
+    /// Its `replicate:NODE` stage.
+    stage: Option<usize>,
     resync: Resync,
     /// Chunks being copied: waiting for the primary's writes to them, or being read. Client
     /// writes to them wait meanwhile (`blocked`), so the Resync frame goes out before them.
@@ -385,7 +396,13 @@ impl ReplicationLayer {
         let remotes = settings.peers.len();
         let node_id = settings.node.clone();
         let mut peers = Vec::with_capacity(remotes);
-        for peer in settings.peers {
+        for (peer, stage) in settings.peers.into_iter().zip(
+            settings
+                .replicate_stages
+                .iter()
+                .copied()
+                .chain(std::iter::repeat(None)),
+        ) {
             let buffers = (0..RESYNC_WINDOW)
                 .map(|_| settings.pool.alloc(chunk_bytes as usize))
                 .collect::<Result<Vec<_>, _>>()
@@ -401,6 +418,7 @@ impl ReplicationLayer {
                 },
                 outstanding: HashMap::with_capacity(settings.slots),
                 retry: FIRST_RETRY,
+                stage,
                 resync: Resync::new(chunk_blocks, RESYNC_WINDOW),
                 copying: Vec::with_capacity(RESYNC_WINDOW),
                 buffers,
@@ -821,9 +839,12 @@ impl ReplicationLayer {
                     self.chunk_answered(index, chunk, header.status == status::OK);
                     return Ok(());
                 }
-                let Some(Sent::Write { sequence }) = sent else {
+                let Some(Sent::Write { sequence, op, sent }) = sent else {
                     return Err(format!("an Ack for request {} not sent", header.request_id));
                 };
+                if let Some(stage) = self.peers[index].stage {
+                    ctx.record(op, stage, ctx.now().saturating_sub(sent));
+                }
                 if sequence != header.sequence {
                     return Err(format!(
                         "an Ack of write {} for write {sequence}",
@@ -843,13 +864,16 @@ impl ReplicationLayer {
             }
             Kind::FlushAck => {
                 let sent = self.peers[index].outstanding.remove(&header.request_id);
-                let Some(Sent::Flush) = sent else {
+                let Some(Sent::Flush { sent }) = sent else {
                     return Err(format!(
                         "a FlushAck for request {} not sent",
                         header.request_id
                     ));
                 };
                 let ok = header.status == status::OK;
+                if let Some(stage) = self.peers[index].stage {
+                    ctx.record(Op::Flush, stage, ctx.now().saturating_sub(sent));
+                }
                 let answers = self
                     .primary
                     .flush_done(Copy::Replica(index), header.sequence, ok);
@@ -1344,10 +1368,14 @@ impl ReplicationLayer {
             Kind::Write => ctx.data(slot).unwrap_or(&[]),
             _ => &[],
         };
-        let mut failed = Vec::new();
+        let (now, op) = (ctx.now(), command.op);
+        // Replicas that did not get it (not connected), and the first whose session broke:
+        // kept in a mask, so a write allocates nothing here.
+        let mut missing = 0u64;
+        let mut broken = None;
         for (index, peer) in self.peers.iter_mut().enumerate() {
             let Link::Open { stream } = &mut peer.link else {
-                failed.push((index, None));
+                missing |= 1 << index;
                 continue;
             };
             let request_id = self.next_request;
@@ -1360,27 +1388,47 @@ impl ReplicationLayer {
             ) {
                 Ok(()) => {
                     self.next_request += 1;
-                    peer.outstanding
-                        .insert(request_id, Sent::Write { sequence });
+                    peer.outstanding.insert(
+                        request_id,
+                        Sent::Write {
+                            sequence,
+                            op,
+                            sent: now,
+                        },
+                    );
                 }
-                Err(error) => failed.push((index, Some(error.to_string()))),
+                Err(error) if broken.is_none() => broken = Some((index, error.to_string())),
+                // A second broken session shows again at its next read or write.
+                Err(_) => missing |= 1 << index,
             }
         }
-        for (index, error) in failed {
-            match error {
-                // Not connected: it lacks the write, which stays dirty for it.
-                None => {
-                    if let Some(answer) = self.primary.replica_done(index, sequence, false) {
-                        self.answer_writes(ctx, [answer]);
-                    }
-                }
-                Some(reason) => self.lose(ctx, index, &reason),
+        self.not_sent(ctx, sequence, missing, broken);
+    }
+
+    /// Write `sequence` did not reach the replicas in `missing` (they lack it, and it stays
+    /// dirty for them) nor `broken`'s, whose session is gone.
+    fn not_sent(
+        &mut self,
+        ctx: &mut LayerCtx<'_>,
+        sequence: u64,
+        mut missing: u64,
+        broken: Option<(usize, String)>,
+    ) {
+        while missing != 0 {
+            let index = missing.trailing_zeros() as usize;
+            missing &= missing - 1;
+            if let Some(answer) = self.primary.replica_done(index, sequence, false) {
+                self.answer_writes(ctx, [answer]);
             }
+        }
+        if let Some((index, reason)) = broken {
+            self.lose(ctx, index, &reason);
         }
     }
 
     fn send_flush(&mut self, ctx: &mut LayerCtx<'_>, target: u64) {
         let epoch = self.epoch;
+        let now = ctx.now();
         let mut failed = Vec::new();
         for (index, peer) in self.peers.iter_mut().enumerate() {
             let Link::Open { stream } = &mut peer.link else {
@@ -1401,7 +1449,8 @@ impl ReplicationLayer {
             match stream.queue_frame(&header, &[]) {
                 Ok(()) => {
                     self.next_request += 1;
-                    peer.outstanding.insert(request_id, Sent::Flush);
+                    peer.outstanding
+                        .insert(request_id, Sent::Flush { sent: now });
                 }
                 Err(error) => failed.push((index, Some(error.to_string()))),
             }

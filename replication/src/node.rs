@@ -418,6 +418,11 @@ impl Shared {
             serving,
             meta_lba: volume.first_lba + volume.blocks,
             stale,
+            replicate_stages: held
+                .peers
+                .iter()
+                .map(|peer| self.engine.stage(&format!("replicate:{}", peer.node)))
+                .collect(),
         })
         .map_err(|error| format!("cannot set up its replication: {error}"))?;
         held.role.set_primary_status(Some(layer.status()));
