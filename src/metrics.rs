@@ -18,6 +18,9 @@ use fathom_telemetry::Clock;
 const MAX_REQUEST_BYTES: usize = 8192;
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// More metrics text, rendered at each scrape (replication's, from live state in the node).
+pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
 pub struct MetricsServer {
     address: SocketAddr,
     stop: Arc<AtomicBool>,
@@ -27,6 +30,15 @@ pub struct MetricsServer {
 impl MetricsServer {
     /// Binds `listen` and serves the region at `region` until dropped.
     pub fn start(listen: SocketAddr, region: PathBuf) -> std::io::Result<Self> {
+        Self::start_with(listen, region, None)
+    }
+
+    /// As [`MetricsServer::start`], with `extra` text after the region's.
+    pub fn start_with(
+        listen: SocketAddr,
+        region: PathBuf,
+        extra: Option<ExtraMetrics>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(listen)?;
         let address = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -39,7 +51,7 @@ impl MetricsServer {
                         break;
                     }
                     if let Ok(stream) = stream {
-                        if let Err(error) = serve(stream, &region) {
+                        if let Err(error) = serve(stream, &region, extra.as_ref()) {
                             tracing::debug!("metrics request: {error}");
                         }
                     }
@@ -69,7 +81,11 @@ impl Drop for MetricsServer {
     }
 }
 
-fn serve(mut stream: TcpStream, region: &std::path::Path) -> std::io::Result<()> {
+fn serve(
+    mut stream: TcpStream,
+    region: &std::path::Path,
+    extra: Option<&ExtraMetrics>,
+) -> std::io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut request = Vec::new();
@@ -100,8 +116,11 @@ fn serve(mut stream: TcpStream, region: &std::path::Path) -> std::io::Result<()>
             Ok(reader) => {
                 let directory = reader.directory();
                 let clock = Clock::recorded(directory.clock_source, directory.tsc_hz);
-                let body =
+                let mut body =
                     fathom_telemetry::prometheus::render(directory, &reader.snapshot(clock.now()));
+                if let Some(extra) = extra {
+                    body.push_str(&extra());
+                }
                 respond(
                     &mut stream,
                     "200 OK",
@@ -145,4 +164,113 @@ fn respond(
 ) -> std::io::Result<()> {
     write!(stream, "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
     stream.flush()
+}
+
+/// Replication's metrics for the volumes this node holds copies of: epoch and role, and on
+/// the primary each replica's session, sync, lag and resync, in the text exposition format.
+pub fn replication_metrics(
+    node: &str,
+    roles: &[Arc<fathom_replication::role::VolumeRole>],
+) -> String {
+    use std::fmt::Write as _;
+    let mut volumes = String::new();
+    let mut replicas: [(&str, &str, &str, String); 7] = [
+        (
+            "fathom_replica_connected",
+            "gauge",
+            "1 if the primary's session to the replica is open.",
+            String::new(),
+        ),
+        (
+            "fathom_replica_in_sync",
+            "gauge",
+            "1 if the replica lacks no region (it counts for majorities and flushes).",
+            String::new(),
+        ),
+        (
+            "fathom_replica_behind_writes",
+            "gauge",
+            "Writes the primary began that the replica has not acknowledged.",
+            String::new(),
+        ),
+        (
+            "fathom_replica_dirty_bytes",
+            "gauge",
+            "Bytes in the regions the replica may lack (not yet durable there).",
+            String::new(),
+        ),
+        (
+            "fathom_replica_resync_left_bytes",
+            "gauge",
+            "Bytes in the regions the replica missed while away, still to be resynchronised.",
+            String::new(),
+        ),
+        (
+            "fathom_replica_resync_bytes_total",
+            "counter",
+            "Bytes resynchronised to the replica since the primary started (apart from client writes).",
+            String::new(),
+        ),
+        (
+            "fathom_replication_fenced",
+            "gauge",
+            "1 if this primary learned another node took the volume over.",
+            String::new(),
+        ),
+    ];
+    let _ = writeln!(
+        volumes,
+        "# HELP fathom_replication_epoch The volume's epoch as this node knows it.\n\
+         # TYPE fathom_replication_epoch gauge"
+    );
+    let mut primary = String::from(
+        "# HELP fathom_replication_primary 1 if this node is the volume's primary.\n\
+         # TYPE fathom_replication_primary gauge\n",
+    );
+    for role in roles {
+        let volume = &role.volume;
+        let _ = writeln!(
+            volumes,
+            "fathom_replication_epoch{{node=\"{node}\",volume=\"{volume}\"}} {}",
+            role.epoch()
+        );
+        let status = role.primary_status();
+        let _ = writeln!(
+            primary,
+            "fathom_replication_primary{{node=\"{node}\",volume=\"{volume}\"}} {}",
+            status.is_some() as u8
+        );
+        let Some(status) = status else {
+            continue;
+        };
+        let _ = writeln!(
+            replicas[6].3,
+            "fathom_replication_fenced{{node=\"{node}\",volume=\"{volume}\"}} {}",
+            status.fenced() as u8
+        );
+        for peer in &status.peers {
+            let labels = format!(
+                "node=\"{node}\",volume=\"{volume}\",replica=\"{}\"",
+                peer.node
+            );
+            let values = [
+                (peer.state() == fathom_replication::layer::PeerState::Open) as u64,
+                peer.in_sync() as u64,
+                status.sequence().saturating_sub(peer.acknowledged()),
+                peer.dirty_regions() * status.region_bytes,
+                peer.stale_regions() * status.region_bytes,
+                peer.resynced_bytes(),
+            ];
+            for (metric, value) in replicas.iter_mut().zip(values) {
+                let _ = writeln!(metric.3, "{}{{{labels}}} {value}", metric.0);
+            }
+        }
+    }
+    let mut text = volumes + &primary;
+    for (name, kind, help, lines) in &replicas {
+        if !lines.is_empty() {
+            let _ = write!(text, "# HELP {name} {help}\n# TYPE {name} {kind}\n{lines}");
+        }
+    }
+    text
 }

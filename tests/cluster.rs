@@ -715,3 +715,62 @@ fn a_slow_replica_shows_in_its_replicate_stage_and_does_not_hold_writes_back() {
     );
     client.verify_all().unwrap();
 }
+
+/// The primary's /metrics has the replicate stages and each replica's session, sync, lag
+/// and resync, and passes promtool; a replica's says it is not the primary.
+#[test]
+fn metrics_show_each_replica_and_pass_promtool() {
+    let cluster = Cluster::start_with_metrics(3);
+    let mut client = client(&cluster, 0, 31);
+    write_for(&mut client, &cluster, Duration::from_millis(300));
+    wait_caught_up(&cluster);
+    let scrape = |index: usize| {
+        let mut stream = TcpStream::connect(cluster.metrics_address(index)).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap()
+    };
+    let body = scrape(0);
+    for expected in [
+        "stage=\"replicate:b\"",
+        "stage=\"replicate:c\"",
+        "fathom_replication_primary{node=\"a\",volume=\"vol0\"} 1",
+        "fathom_replica_connected{node=\"a\",volume=\"vol0\",replica=\"b\"} 1",
+        "fathom_replica_in_sync{node=\"a\",volume=\"vol0\",replica=\"c\"} 1",
+        "fathom_replica_behind_writes{node=\"a\",volume=\"vol0\",replica=\"b\"} 0",
+        "fathom_replica_resync_bytes_total{",
+    ] {
+        assert!(body.contains(expected), "no {expected} in:\n{body}");
+    }
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; scripts/test installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let output = promtool.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let replica = scrape(1);
+    assert!(
+        replica.contains("fathom_replication_primary{node=\"b\",volume=\"vol0\"} 0"),
+        "{replica}"
+    );
+}

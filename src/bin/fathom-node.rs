@@ -191,10 +191,17 @@ fn run(args: Args) -> Result<()> {
     );
     let _metrics = if config.telemetry.enabled && !config.telemetry.metrics.is_empty() {
         let listen = config.telemetry.metrics.parse().expect("validated");
-        let server = fathom::metrics::MetricsServer::start(listen, config.region_path())
-            .with_context(|| {
-                format!("serving metrics on {listen} (set telemetry.metrics, or \"\" for none)")
-            })?;
+        let extra: Option<fathom::metrics::ExtraMetrics> = replication.clone().map(|replication| {
+            let node = config.node.id.clone();
+            std::sync::Arc::new(move || {
+                fathom::metrics::replication_metrics(&node, &replication.roles())
+            }) as fathom::metrics::ExtraMetrics
+        });
+        let server =
+            fathom::metrics::MetricsServer::start_with(listen, config.region_path(), extra)
+                .with_context(|| {
+                    format!("serving metrics on {listen} (set telemetry.metrics, or \"\" for none)")
+                })?;
         tracing::info!("Prometheus metrics on http://{}/metrics", server.address());
         Some(server)
     } else {

@@ -53,6 +53,16 @@ impl Cluster {
 
     /// As [`Cluster::start`], with `extra` added to each node's config (its own sections).
     pub fn start_with(count: usize, extra: &str) -> Cluster {
+        Self::start_full(count, extra, false)
+    }
+
+    /// As [`Cluster::start`], each node serving /metrics on a port of its own
+    /// ([`Cluster::metrics_address`]).
+    pub fn start_with_metrics(count: usize) -> Cluster {
+        Self::start_full(count, "", true)
+    }
+
+    fn start_full(count: usize, extra: &str, metrics: bool) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("cluster.key");
         std::fs::write(
@@ -88,7 +98,7 @@ impl Cluster {
                 "[node]\nid = \"{id}\"\ndata_dir = {data:?}\n\
                  [dma]\nsize = \"64MiB\"\nhugepages = {hugepages}\n\
                  [reactor]\ncores = [{core}]\n\
-                 [telemetry]\nregion = {region:?}\nmetrics = \"\"\n\
+                 [telemetry]\nregion = {region:?}\nmetrics = \"{metrics}\"\n\
                  [nbd]\nlisten = [\"127.0.0.1:0\"]\n\
                  [cluster]\nname = \"test\"\n{table}\
                  [replication]\nlisten = [\"{address}\"]\nkey_file = {key:?}\n\
@@ -99,6 +109,7 @@ impl Cluster {
                 data = node_dir.display().to_string(),
                 core = index % 2,
                 region = node_dir.join("stats").display().to_string(),
+                metrics = if metrics { "127.0.0.1:0" } else { "" },
                 key = key.display().to_string(),
                 primary = ids[0],
             );
@@ -263,6 +274,16 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Where node `index` serves /metrics (from its log).
+    pub fn metrics_address(&self, index: usize) -> SocketAddr {
+        let log = self.log(index);
+        let line = log
+            .lines()
+            .find_map(|line| line.split("Prometheus metrics on http://").nth(1))
+            .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"));
+        line.split('/').next().unwrap().parse().unwrap()
     }
 
     /// Node `index`'s media file.
