@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -25,17 +25,16 @@ use std::time::{Duration, Instant};
 
 use std::collections::VecDeque;
 
-use crossbeam_channel::{Receiver, TryRecvError};
 use fathom_dma::{DmaBuf, DmaPool};
 use fathom_drivers::{IoCommand, IoFlags, Op};
 use fathom_engine::layer::{Down, Layer, LayerCtx, LayerName, OwnIo, Up};
 use fathom_engine::poll::Epoll;
 use fathom_engine::volume::IoError;
-use fathom_net::Transport;
 
+use crate::dial::{open_stream, Dialed, Dialer, Identity};
 use crate::meta::BLOCK_BYTES;
 use crate::primary::{Answer, Copy, PrimaryVolume};
-use crate::proto::{refusal, status, Header, Kind, HEADER_LEN};
+use crate::proto::{refusal, status, Header, Kind};
 use crate::resync::{Chunk, Resync};
 use crate::role::VolumeRole;
 use crate::session::{ConnectorSession, PeerAuth};
@@ -43,11 +42,6 @@ use crate::stream::{FrameStream, StreamError};
 
 /// How long a replica has to open its session and take the epoch.
 const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pauses between attempts to reach a replica that is down.
-const FIRST_RETRY: Duration = Duration::from_millis(50);
-const LAST_RETRY: Duration = Duration::from_secs(1);
-/// A connection attempt gives up after this long.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bytes a session may hold for a replica that does not read: beyond it, the replica is
 /// dropped (it falls behind and is caught up later) rather than holding writes back.
 const MAX_UNSENT: usize = 64 << 20;
@@ -222,10 +216,7 @@ enum Sent {
 }
 
 enum Link {
-    Down {
-        retry_at: Instant,
-        dialing: Option<Receiver<io::Result<TcpStream>>>,
-    },
+    Down,
     Opening {
         stream: Box<FrameStream>,
         session: Box<ConnectorSession>,
@@ -248,7 +239,7 @@ struct Peer {
     link: Link,
     /// By request id.
     outstanding: HashMap<u64, Sent>,
-    retry: Duration,
+    dialer: Dialer,
     /// Its `replicate:NODE` stage.
     stage: Option<usize>,
     resync: Resync,
@@ -277,7 +268,7 @@ impl Peer {
             Link::Opening { stream, .. }
             | Link::Claiming { stream, .. }
             | Link::Open { stream } => Some(stream),
-            Link::Down { .. } => None,
+            Link::Down => None,
         }
     }
 
@@ -309,14 +300,10 @@ enum Parent {
 
 /// The replication layer of one volume on its primary.
 pub struct ReplicationLayer {
-    node: String,
-    cluster: String,
-    auth: PeerAuth,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    identity: Identity,
     volume: String,
     epoch: u64,
     first_lba: u64,
-    max_payload: u32,
     primary: PrimaryVolume,
     peers: Vec<Peer>,
     epoll: Epoll,
@@ -412,12 +399,9 @@ impl ReplicationLayer {
             peers.push(Peer {
                 node: peer.node,
                 address: peer.address,
-                link: Link::Down {
-                    retry_at: now,
-                    dialing: None,
-                },
+                link: Link::Down,
                 outstanding: HashMap::with_capacity(settings.slots),
-                retry: FIRST_RETRY,
+                dialer: Dialer::new(now),
                 stage,
                 resync: Resync::new(chunk_blocks, RESYNC_WINDOW),
                 copying: Vec::with_capacity(RESYNC_WINDOW),
@@ -466,14 +450,16 @@ impl ReplicationLayer {
             blocked: VecDeque::with_capacity(settings.slots),
             next_request: 1,
             fenced: false,
-            node: settings.node,
-            cluster: settings.cluster,
-            auth: settings.auth,
-            tls: settings.tls,
+            identity: Identity {
+                node: settings.node,
+                cluster: settings.cluster,
+                auth: settings.auth,
+                tls: settings.tls,
+                max_payload: settings.max_payload,
+            },
             volume: settings.volume,
             epoch: settings.epoch,
             first_lba: settings.first_lba,
-            max_payload: settings.max_payload,
             status,
             resync_rate: settings.resync_rate,
             block_size: settings.block_size,
@@ -557,11 +543,8 @@ impl ReplicationLayer {
             "replication: session to {} lost: {reason}; it falls behind and is caught up when it is back",
             peer.address
         );
-        peer.link = Link::Down {
-            retry_at: Instant::now() + peer.retry,
-            dialing: None,
-        };
-        peer.retry = (peer.retry * 2).min(LAST_RETRY);
+        peer.link = Link::Down;
+        peer.dialer.failed(Instant::now());
         peer.outstanding.clear();
         peer.resync.reset();
         for copying in &mut peer.copying {
@@ -582,7 +565,7 @@ impl ReplicationLayer {
     fn publish_peer(&self, index: usize) {
         let status = &self.status.peers[index];
         let state = match self.peers[index].link {
-            Link::Down { .. } => PeerState::Down,
+            Link::Down => PeerState::Down,
             Link::Opening { .. } | Link::Claiming { .. } => PeerState::Connecting,
             Link::Open { .. } => PeerState::Open,
         };
@@ -603,77 +586,33 @@ impl ReplicationLayer {
     /// Starts or finishes a connection attempt to a replica that is down.
     fn dial(&mut self, index: usize, now: Instant) -> Result<bool, String> {
         let peer = &mut self.peers[index];
-        let Link::Down { retry_at, dialing } = &mut peer.link else {
+        if !matches!(peer.link, Link::Down) {
             return Ok(false);
-        };
-        let stream = match dialing {
-            None if now >= *retry_at => {
-                let (tx, rx) = crossbeam_channel::bounded(1);
-                let address = peer.address;
-                let spawned = std::thread::Builder::new()
-                    .name(format!("dial-{}", peer.node))
-                    .spawn(move || {
-                        let _ = tx.send(TcpStream::connect_timeout(&address, CONNECT_TIMEOUT));
-                    });
-                match spawned {
-                    Ok(_) => *dialing = Some(rx),
-                    Err(error) => {
-                        *retry_at = now + peer.retry;
-                        return Err(format!("cannot start a thread to connect: {error}"));
-                    }
-                }
+        }
+        let socket = match peer.dialer.poll(&peer.node, peer.address, now) {
+            Dialed::Waiting => return Ok(false),
+            Dialed::Started => return Ok(true),
+            Dialed::Failed(reason) => {
+                tracing::debug!(replica = %peer.node, "replication: {reason}");
                 return Ok(true);
             }
-            None => return Ok(false),
-            Some(rx) => match rx.try_recv() {
-                Err(TryRecvError::Empty) => return Ok(false),
-                Err(TryRecvError::Disconnected) => {
-                    Err(io::Error::other("the connecting thread ended"))
-                }
-                Ok(result) => result,
-            },
+            Dialed::Connected(socket) => socket,
         };
-        let stream = match stream {
-            Ok(stream) => stream,
-            Err(error) => {
-                *dialing = None;
-                *retry_at = now + peer.retry;
-                peer.retry = (peer.retry * 2).min(LAST_RETRY);
-                tracing::debug!(replica = %peer.node, "replication: cannot reach {}: {error}", peer.address);
-                return Ok(true);
-            }
-        };
-        let opened = stream
-            .set_nonblocking(true)
-            .and_then(|()| stream.set_nodelay(true))
-            .map_err(|error| format!("cannot set up the socket: {error}"));
-        let mut transport = Transport::plain(stream);
-        let result = opened.and_then(|()| {
-            if let Some(tls) = &self.tls {
-                transport
-                    .start_tls_client(tls.clone(), &peer.address.ip().to_string())
-                    .map_err(|error| format!("TLS: {error}"))?;
-            }
-            let (session, hello) = ConnectorSession::start(
-                &self.node,
-                &self.cluster,
-                &peer.node,
-                vec![self.volume.clone()],
-                &self.auth,
-            )
-            .map_err(|error| error.to_string())?;
-            let mut stream = FrameStream::new(
-                transport,
-                self.max_payload + 4096,
-                MAX_UNSENT.max(HEADER_LEN + self.max_payload as usize),
-            );
-            stream.queue(&hello).map_err(|error| error.to_string())?;
+        let opened = open_stream(
+            &self.identity,
+            socket,
+            &peer.node,
+            peer.address,
+            &self.volume,
+            MAX_UNSENT,
+        )
+        .and_then(|(stream, session)| {
             self.epoll
                 .add(stream.transport().stream.as_fd(), index as u64, true)
                 .map_err(|error| format!("cannot watch the socket: {error}"))?;
             Ok((stream, session))
         });
-        match result {
+        match opened {
             Ok((stream, session)) => {
                 peer.link = Link::Opening {
                     stream: Box::new(stream),
@@ -684,10 +623,7 @@ impl ReplicationLayer {
                 Ok(true)
             }
             Err(reason) => {
-                peer.link = Link::Down {
-                    retry_at: now + peer.retry,
-                    dialing: None,
-                };
+                peer.dialer.failed(now);
                 Err(reason)
             }
         }
@@ -722,7 +658,7 @@ impl ReplicationLayer {
         loop {
             // What the next frame says, taken out of it before the stream is used again.
             let received = match &mut self.peers[index].link {
-                Link::Down { .. } => break,
+                Link::Down => break,
                 Link::Opening {
                     stream, session, ..
                 } => match stream.next_frame() {
@@ -748,7 +684,7 @@ impl ReplicationLayer {
             work = true;
             match received {
                 Received::Opened(bytes) => self.claim(index, &bytes, now)?,
-                Received::Frame(header, text) => self.on_answer(ctx, index, header, text, now)?,
+                Received::Frame(header, text) => self.on_answer(ctx, index, header, text)?,
             }
         }
         if let Some(stream) = self.peers[index].stream() {
@@ -763,7 +699,7 @@ impl ReplicationLayer {
         let request_id = self.request_id();
         let epoch = self.epoch;
         let peer = &mut self.peers[index];
-        let Link::Opening { mut stream, .. } = std::mem::replace(&mut peer.link, down(now)) else {
+        let Link::Opening { mut stream, .. } = std::mem::replace(&mut peer.link, Link::Down) else {
             return Err("the session opened twice".into());
         };
         stream.queue(bytes).map_err(|error| error.to_string())?;
@@ -791,7 +727,6 @@ impl ReplicationLayer {
         index: usize,
         header: Header,
         refusal_text: Option<String>,
-        now: Instant,
     ) -> Result<(), String> {
         match header.kind {
             Kind::Refused => {
@@ -829,7 +764,7 @@ impl ReplicationLayer {
                         .extend(changed.into_iter().map(|block| (index, block)));
                     self.start_batch(ctx);
                 }
-                self.open(index, now)?;
+                self.open(index)?;
                 self.establish(ctx);
                 Ok(())
             }
@@ -890,12 +825,13 @@ impl ReplicationLayer {
 
     /// Replica `index` took the epoch: its stream starts after the last write begun (what it
     /// lacks before is in its dirty regions), and writes from here on go to it.
-    fn open(&mut self, index: usize, now: Instant) -> Result<(), String> {
+    fn open(&mut self, index: usize) -> Result<(), String> {
         let base = self.primary.replica_rejoined(index);
         let request_id = self.request_id();
         let epoch = self.epoch;
         let peer = &mut self.peers[index];
-        let Link::Claiming { mut stream, .. } = std::mem::replace(&mut peer.link, down(now)) else {
+        let Link::Claiming { mut stream, .. } = std::mem::replace(&mut peer.link, Link::Down)
+        else {
             return Err("the epoch was taken twice".into());
         };
         let header = Header {
@@ -917,7 +853,7 @@ impl ReplicationLayer {
         self.status.peers[index]
             .acknowledged
             .fetch_max(base, Ordering::Relaxed);
-        peer.retry = FIRST_RETRY;
+        peer.dialer.opened();
         tracing::info!(
             volume = %self.volume,
             replica = %peer.node,
@@ -1474,13 +1410,6 @@ enum Received {
     Frame(Header, Option<String>),
 }
 
-fn down(now: Instant) -> Link {
-    Link::Down {
-        retry_at: now,
-        dialing: None,
-    }
-}
-
 impl Layer for ReplicationLayer {
     fn layer(&self) -> LayerName {
         LayerName::Replication
@@ -1645,7 +1574,7 @@ impl Layer for ReplicationLayer {
         }
         let now = Instant::now();
         for index in 0..self.peers.len() {
-            if matches!(self.peers[index].link, Link::Down { .. }) {
+            if matches!(self.peers[index].link, Link::Down) {
                 match self.dial(index, now) {
                     Ok(did) => work |= did,
                     Err(reason) => {

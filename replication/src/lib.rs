@@ -22,6 +22,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod dial;
 pub mod layer;
 pub mod meta;
 pub mod node;

@@ -24,7 +24,8 @@
 //!      0    4 magic        "FTRP" (46 54 52 50)
 //!      4    1 version      1
 //!      5    1 kind         1..=16, see below; 0 and 17..=255 are refused
-//!      6    2 flags        bit 0 FUA, bit 1 trace sampled; any other bit is refused
+//!      6    2 flags        bit 0 FUA, bit 1 trace sampled, bit 2 forwarded; any other bit
+//!                          is refused
 //!      8    2 header_len   88 (a later version that grows the header bumps the version)
 //!     10    2 status       replies: 0 OK, else a status code; Refused: the reason (not 0)
 //!     12    4 payload_len  bytes of payload after the header
@@ -218,8 +219,11 @@ pub mod flag {
     pub const FUA: u16 = 1 << 0;
     /// The sender sampled the trace the frame belongs to (W3C `sampled`).
     pub const TRACE_SAMPLED: u16 = 1 << 1;
+    /// A client's IO that a node which is not the primary forwards to it (Write,
+    /// WriteZeroes, Flush, Read): the primary runs it as its own client's.
+    pub const FORWARDED: u16 = 1 << 2;
     /// Every flag version 1 defines.
-    pub const KNOWN: u16 = FUA | TRACE_SAMPLED;
+    pub const KNOWN: u16 = FUA | TRACE_SAMPLED | FORWARDED;
 }
 
 /// Status codes of Ack, FlushAck, ReadReply and ProbeReply. The codec only tells OK from the
@@ -255,6 +259,9 @@ pub mod refusal {
     pub const UNKNOWN_VOLUME: u16 = 6;
     /// Another node claimed this epoch: one epoch has one primary.
     pub const EPOCH_TAKEN: u16 = 7;
+    /// A forwarded IO reached a node that is not the volume's primary; the text names the
+    /// primary this node knows.
+    pub const NOT_PRIMARY: u16 = 9;
     /// A frame of the current epoch on a session that did not claim it.
     pub const NOT_CLAIMED: u16 = 8;
 }
@@ -400,6 +407,15 @@ impl Kind {
         self.is_write()
     }
 
+    /// Whether a node may forward it to the primary as a client's IO.
+    #[inline]
+    pub const fn allows_forwarded(self) -> bool {
+        matches!(
+            self,
+            Kind::Write | Kind::WriteZeroes | Kind::Flush | Kind::Read
+        )
+    }
+
     /// Whether `block_count` must be at least one.
     #[inline]
     const fn needs_blocks(self) -> bool {
@@ -490,6 +506,8 @@ pub enum ProtoError {
     UnknownFlags { kind: Kind, flags: u16 },
     #[error("{kind} sets FUA, which only Write, WriteZeroes and Trim may carry")]
     FuaNotAllowed { kind: Kind },
+    #[error("{kind} is marked forwarded, which only Write, WriteZeroes, Flush and Read may be")]
+    ForwardedNotAllowed { kind: Kind },
     #[error(
         "{kind} carries half a trace context (trace id {trace_id}, parent span {parent}, \
          sampled {sampled}): both ids are non-zero, or both zero and not sampled"
@@ -539,6 +557,8 @@ pub struct Header {
     pub kind: Kind,
     /// Force unit access (writes only).
     pub fua: bool,
+    /// A client's IO forwarded to the primary ([`flag::FORWARDED`]).
+    pub forwarded: bool,
     /// Replies: [`status`] code; Refused: [`refusal`] reason.
     pub status: u16,
     /// Index into the session's Hello volume list.
@@ -561,6 +581,7 @@ impl Header {
         Header {
             kind,
             fua: false,
+            forwarded: false,
             status: 0,
             volume: 0,
             block_count: 0,
@@ -604,6 +625,9 @@ impl Header {
         }
         if sampled {
             flags |= flag::TRACE_SAMPLED;
+        }
+        if self.forwarded {
+            flags |= flag::FORWARDED;
         }
 
         let mut bytes = [0u8; HEADER_LEN];
@@ -734,6 +758,10 @@ pub fn decode_header(
     if fua && !kind.allows_fua() {
         return Err(ProtoError::FuaNotAllowed { kind });
     }
+    let forwarded = flags & flag::FORWARDED != 0;
+    if forwarded && !kind.allows_forwarded() {
+        return Err(ProtoError::ForwardedNotAllowed { kind });
+    }
 
     let trace_id = TraceId(u128::from_be_bytes(array_at(bytes, offset::TRACE_ID)));
     let parent = SpanId(u64::from_be_bytes(array_at(bytes, offset::PARENT_SPAN)));
@@ -758,6 +786,7 @@ pub fn decode_header(
     let header = Header {
         kind,
         fua,
+        forwarded,
         status: le_u16(bytes, offset::STATUS),
         volume: le_u32(bytes, offset::VOLUME),
         block_count: le_u32(bytes, offset::BLOCK_COUNT),
@@ -1777,6 +1806,7 @@ mod tests {
         let header = Header {
             kind: Kind::Write,
             fua: true,
+            forwarded: false,
             status: 0,
             volume: 2,
             block_count: 1,
@@ -1956,6 +1986,38 @@ mod tests {
         assert_eq!(
             header.to_bytes(&[]),
             Err(ProtoError::FuaNotAllowed { kind: Kind::Flush })
+        );
+    }
+
+    #[test]
+    fn the_forwarded_flag_round_trips_on_client_requests_only() {
+        let forwarded = Header {
+            forwarded: true,
+            ..flush()
+        };
+        let (frames, error) = decode_all(&frame_bytes(&forwarded, &[]));
+        assert_eq!(error, None);
+        assert!(frames[0].0.forwarded);
+        let ack = Header {
+            volume: 1,
+            epoch: 5,
+            sequence: 9,
+            ..Header::new(Kind::Ack)
+        };
+        let bytes = reseal(frame_bytes(&ack, &[]), |b| {
+            b[offset::FLAGS] = flag::FORWARDED as u8
+        });
+        assert_eq!(
+            decode_error(&bytes),
+            ProtoError::ForwardedNotAllowed { kind: Kind::Ack }
+        );
+        assert_eq!(
+            Header {
+                forwarded: true,
+                ..ack
+            }
+            .to_bytes(&[]),
+            Err(ProtoError::ForwardedNotAllowed { kind: Kind::Ack })
         );
     }
 
@@ -2538,6 +2600,7 @@ mod tests {
             let mut header = Header {
                 kind,
                 fua: fua && kind.allows_fua(),
+                forwarded: fua && kind.allows_forwarded(),
                 status: keep(field::STATUS, u64::from(status_code)) as u16,
                 volume: keep(field::VOLUME, u64::from(volume)) as u32,
                 block_count: keep(field::BLOCKS, u64::from(blocks)) as u32,
