@@ -22,6 +22,12 @@
 //! band of a share is the sum of the half-ranges, across rounds, of the two variants it is the
 //! difference of.
 //!
+//! fathom-bench's own NBD client spins on its socket (as `--hipri`): a client that sleeps in
+//! poll(2) while a slow layer holds its IO has to be woken by the node's reply, and on some
+//! virtual machines that wake-up (an IPI) adds several microseconds to the node's own latency,
+//! only in the variants slow enough for the client to sleep: the layer slowed would be charged
+//! for it.
+//!
 //! Queueing is its own line: IOs that the engine refused `Busy` (every slot or queue entry
 //! taken) and waited to be submitted, as the in-node workload saw them, beside the engine's
 //! `queue` stage for the same IOs, and the limit that explains them (a device queue whose
@@ -502,6 +508,10 @@ fn run_load(
         ramp: spec.ramp,
         seed,
         read_percent: spec.rwmixread,
+        // The node's latency must not include waking the client up: a sleeping client's
+        // wake-up is paid in the node's reply (an IPI, ~5 us on some VMs), and only when IOs
+        // take long enough for the client to sleep, so it would be counted in a slow layer.
+        spin: true,
     };
     let result = nbd_client::run_job(connection, &job, start, &AtomicU64::new(0))?;
     Ok(Load {

@@ -1230,6 +1230,11 @@ pub struct JobSpec {
     pub seed: u64,
     /// Percent of reads in a mixed pattern (fio's rwmixread).
     pub read_percent: u32,
+    /// Spin on the socket while waiting for replies instead of sleeping in poll(2), as fio's
+    /// `hipri` polls for completions: costs the client a core, and spares the server the
+    /// client's wake-up in its reply (an inter-processor interrupt, several microseconds on
+    /// some virtual machines, that would otherwise count in the server's own latency).
+    pub spin: bool,
 }
 
 /// IOs of one operation over the measured interval.
@@ -1350,7 +1355,11 @@ pub fn run_job(
         }
         if !progressed {
             let next = if now < ramp_end { ramp_end } else { end };
-            pipeline.wait(next - now)?;
+            pipeline.wait(if spec.spin {
+                Duration::ZERO
+            } else {
+                next - now
+            })?;
         }
     }
     // Completions are counted when they fall inside [ramp_end, end): that is the interval.

@@ -113,6 +113,10 @@ struct Args {
     /// IOs kept in flight per core.
     #[arg(long, default_value_t = 32)]
     iodepth: usize,
+    /// With --nbd: each client job spins on its socket for replies instead of sleeping in
+    /// poll(2) (as fio's hipri): a core per job, and no client wake-up in the node's latency.
+    #[arg(long)]
+    hipri: bool,
     /// Reactor cores to run on (one workload per core), as fio's numjobs; with --nbd, client
     /// jobs (threads), each on its own connection.
     #[arg(long, alias = "numjobs", default_value_t = 1)]
@@ -228,6 +232,9 @@ fn check_shape(args: &Args) -> Result<()> {
 }
 
 fn run(mut args: Args) -> Result<()> {
+    if args.hipri {
+        bail!("--hipri is for an NBD client (--nbd URI): in-node workloads are polled by their reactors already");
+    }
     // As fio does, a relative --filename is relative to where the command runs.
     if let Some(path) = &args.filename {
         args.filename = Some(
@@ -944,6 +951,7 @@ mod nbd_mode {
                 // As the in-process workloads seed core c with c + 1.
                 seed: job as u64 + 1,
                 read_percent: args.rwmixread,
+                spin: args.hipri,
             };
             let (start, counter, tx) = (start.clone(), counters[job].clone(), tx.clone());
             std::thread::Builder::new()
