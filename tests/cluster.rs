@@ -30,8 +30,9 @@ fn client(cluster: &Cluster, index: usize, seed: u64) -> Client {
 }
 
 /// Runs the checker's random writes (FUA, flushes) on the primary for `duration`; every one
-/// must be acknowledged.
+/// must be acknowledged (failures before it, counted in the client's totals, are not its).
 fn write_for(client: &mut Client, cluster: &Cluster, duration: Duration) {
+    let before = client.summary().stats;
     let end = client.run(duration).unwrap();
     assert!(
         matches!(end, RunEnd::Elapsed),
@@ -41,7 +42,10 @@ fn write_for(client: &mut Client, cluster: &Cluster, duration: Duration) {
     client.sync().unwrap();
     let stats = client.summary().stats;
     assert_eq!(
-        (stats.writes_failed, stats.flushes_failed),
+        (
+            stats.writes_failed - before.writes_failed,
+            stats.flushes_failed - before.flushes_failed
+        ),
         (0, 0),
         "{}\n{}",
         client.summary(),
@@ -116,15 +120,41 @@ fn writes_through_the_primary_are_on_every_replica_byte_for_byte() {
         "{table}"
     );
 
-    // A replica serves no client: its copy is the primary's to write.
+    // A replica's clients are served too: their IO goes to the primary (forwarded), so
+    // every copy gets their writes and their reads see the primary's data.
     let output = Command::new("qemu-io")
-        .args(["-f", "raw", &cluster.uri(1), "-c", "write -P 0x33 0 4096"])
+        .args([
+            "-f",
+            "raw",
+            &cluster.uri(1),
+            "-c",
+            "write -P 0x33 40M 64k",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0x33 40M 64k",
+            "-c",
+            "read -P 0 41M 4k",
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&output.stdout).to_string()
         + &String::from_utf8_lossy(&output.stderr);
-    assert!(text.contains("Input/output error"), "{text}");
+    assert!(
+        text.contains("wrote 65536/65536") && text.contains("read 65536/65536"),
+        "{text}\n--- log of b:\n{}\n--- log of a:\n{}",
+        cluster.log(1),
+        cluster.log(0)
+    );
+    assert!(!text.contains("Pattern verification failed"), "{text}");
+    wait_caught_up(&cluster);
     assert_identical(&cluster, &[0, 1, 2]);
+    let offset = 40usize << 20;
+    assert!(cluster.volume_data(2)[offset..offset + 65536]
+        .iter()
+        .all(|&byte| byte == 0x33));
+    let log = cluster.log(1);
+    assert!(log.contains("forwarding client IO to the primary"), "{log}");
 }
 
 #[test]
@@ -412,44 +442,56 @@ fn a_replica_promoted_after_the_primary_dies_has_every_acknowledged_write() {
     assert_identical(&cluster, &[0, 1, 2]);
 }
 
-/// Fencing: the primary is stopped (SIGSTOP), another node promoted, the old one continued
-/// (SIGCONT). None of its writes after the promote is taken by any replica, and its client
-/// gets no acknowledgement for them.
+/// Fencing: the primary is stopped (SIGSTOP) in the middle of its client's writes, another
+/// node promoted, the old one continued (SIGCONT). The writes it held were sent at its old
+/// epoch: every replica refuses them, so none is acknowledged (they fail); the old primary
+/// knows it was deposed, becomes a replica and forwards its client's later IO to the new
+/// primary. Every write the client saw acknowledged reads back.
 #[test]
 fn a_deposed_primary_gets_no_write_acknowledged() {
     let cluster = Cluster::start(3);
     let mut client = client(&cluster, 0, 27);
     write_for(&mut client, &cluster, Duration::from_millis(300));
-    cluster.signal(0, libc::SIGSTOP);
+    let pid = cluster.pid(0);
+    let runner = std::thread::spawn(move || {
+        let end = client.run(Duration::from_secs(4));
+        (client, end)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: a signal to the test's own child process, not yet waited for.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
     let (ok, text) = cluster.ctl(1, &["promote", "vol0"]);
     assert!(ok, "promote: {text}\n{}", cluster.logs());
     cluster.wait_serving(1, Duration::from_secs(10));
     cluster.signal(0, libc::SIGCONT);
-
-    // Its client writes a pattern the others never write, at 32 MiB.
-    let output = Command::new("qemu-io")
-        .args(["-f", "raw", &cluster.uri(0), "-c", "write -P 0xee 32M 64k"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).to_string()
-        + &String::from_utf8_lossy(&output.stderr);
+    let (mut client, end) = runner.join().unwrap();
+    let end = end.unwrap();
     assert!(
-        text.contains("Input/output error") && !text.contains("wrote"),
-        "the deposed primary acknowledged a write: {text}"
+        matches!(end, RunEnd::Elapsed),
+        "{end:?}\n{}",
+        cluster.logs()
     );
-    // It knows it was deposed, and says so.
+    let stats = client.summary().stats;
+    println!("{}", client.summary());
+    assert!(
+        stats.writes_failed > 0,
+        "the writes the deposed primary held failed, none acknowledged: {}",
+        client.summary()
+    );
+    let log = cluster.log(0);
+    assert!(log.contains("another node took the volume over"), "{log}");
     let started = std::time::Instant::now();
-    loop {
-        let a = cluster.replication(0);
-        if a["fenced"] == true || a["role"] == "replica" {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "{a}");
+    while cluster.replication(0)["role"] != "replica" {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{}",
+            cluster.replication(0)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // No copy took the pattern; the new primary serves, and the old one's client's earlier
-    // writes read back through it.
-    client.disconnect();
+    // Through the old primary (forwarding now) and through the new one alike.
+    client.verify_all().unwrap();
+    write_for(&mut client, &cluster, Duration::from_millis(300));
     client
         .reconnect(
             &NbdUri::parse(&cluster.uri(1)).unwrap(),
@@ -457,15 +499,8 @@ fn a_deposed_primary_gets_no_write_acknowledged() {
         )
         .unwrap();
     client.verify_all().unwrap();
-    let offset = 32usize << 20;
-    for index in [1, 2] {
-        let data = cluster.volume_data(index);
-        assert!(
-            data[offset..offset + 65536].iter().all(|&b| b != 0xee),
-            "node {} took the deposed primary's write",
-            cluster.nodes[index].id
-        );
-    }
+    wait_caught_up_on(&cluster, 1);
+    assert_identical(&cluster, &[0, 1, 2]);
 }
 
 /// Majority writes leave replicas holding different writes: c's device is stalled, so the

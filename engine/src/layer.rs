@@ -383,7 +383,9 @@ impl LayerWork {
 pub struct LayerCtx<'a> {
     pub(crate) clock: &'a Clock,
     /// The reactor's IO slots: a client's IO keeps its data buffer there.
-    pub(crate) slots: &'a [crate::reactor::Slot],
+    pub(crate) slots: &'a mut [crate::reactor::Slot],
+    /// Per slot: whether the IO went below the layers (to a device queue).
+    pub(crate) links: &'a [crate::reactor::Link],
     pub(crate) now: u64,
     pub(crate) depth: u8,
     /// The volume whose stack is being walked.
@@ -431,6 +433,22 @@ impl LayerCtx<'_> {
         // or not (the DMA crate's ownership rule keeps writers apart, not readers).
         match slot.op {
             Op::Write => Some(slot.buf.as_ref()?.as_bytes()),
+            _ => None,
+        }
+    }
+
+    /// The buffer of read `slot` that this layer holds, to fill with the data (a layer that
+    /// answers reads itself: a forwarder). `None` for any other IO, or one that went below
+    /// the layers (a device may be writing its buffer).
+    pub fn read_buffer(&mut self, slot: u32) -> Option<&mut [u8]> {
+        if self.links.get(slot as usize)?.below() {
+            return None;
+        }
+        let slot = self.slots.get_mut(slot as usize)?;
+        match slot.op {
+            // Not below: no device holds it, and the layer that holds the IO is the only one
+            // called now, so this is the buffer's one access.
+            Op::Read => Some(slot.buf.as_mut()?.as_bytes_mut()),
             _ => None,
         }
     }

@@ -213,9 +213,11 @@ pub(crate) struct Slot {
 
 /// What an IO on the layered path needs beyond its [`Slot`], in an array of its own so that
 /// the layerless path's slots stay as small as they were (and it never touches these).
-struct Link {
+pub(crate) struct Link {
     /// Submitted by a front end (NBD): only such IOs pass the `frontend` layer.
     from_frontend: bool,
+    /// Its command went to a device queue.
+    below: bool,
     /// The depth of the layer that issued a child IO.
     origin: u8,
     volume: u32,
@@ -293,6 +295,12 @@ pub struct IoContext {
     turn: Vec<u32>,
 }
 
+impl Link {
+    pub(crate) fn below(&self) -> bool {
+        self.below
+    }
+}
+
 impl IoContext {
     pub(crate) fn new(
         reactor: usize,
@@ -333,6 +341,7 @@ impl IoContext {
         let links = (0..capacity)
             .map(|_| Link {
                 from_frontend: false,
+                below: false,
                 origin: 0,
                 volume: 0,
                 parent: NO_SLOT,
@@ -637,6 +646,7 @@ impl IoContext {
         slot.op = request.op;
         self.links[slot_index as usize] = Link {
             from_frontend: frontend,
+            below: false,
             origin: 0,
             volume: request.volume.0,
             parent: NO_SLOT,
@@ -726,7 +736,8 @@ impl IoContext {
     fn layer_ctx(&mut self, now: u64, volume: usize, depth: u8) -> LayerCtx<'_> {
         LayerCtx {
             clock: &self.clock,
-            slots: &self.slots,
+            slots: &mut self.slots,
+            links: &self.links,
             now,
             depth,
             volume: volume as u32,
@@ -884,6 +895,7 @@ impl IoContext {
             slot.bytes = 0;
             self.links[child as usize] = Link {
                 from_frontend,
+                below: false,
                 origin: depth,
                 volume,
                 parent,
@@ -937,6 +949,7 @@ impl IoContext {
         slot.bytes = 0;
         self.links[slot_index as usize] = Link {
             from_frontend: false,
+            below: false,
             origin: depth,
             volume,
             parent: OWN_SLOT,
@@ -969,6 +982,7 @@ impl IoContext {
                 {
                     self.work.down.push((slot, stack.len() as u8));
                 } else {
+                    self.links[slot as usize].below = true;
                     self.dirty |= 1 << device;
                     if self.telemetry.is_some() {
                         self.unrung[device].push(slot);

@@ -81,6 +81,8 @@ pub enum IoError {
     NoQuorum { op: Op },
     #[error("this node is not the volume's primary at epoch {epoch}: another node took the volume over; send IO to the primary")]
     NotPrimary { epoch: u64 },
+    #[error("the volume's primary failed the {op} this node forwarded to it (replication status {status})")]
+    Forwarded { op: Op, status: u16 },
 }
 
 /// One IO as a client describes it: byte offsets within a volume.

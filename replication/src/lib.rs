@@ -23,6 +23,7 @@
 pub mod auth;
 pub mod client;
 pub mod dial;
+pub mod forward;
 pub mod layer;
 pub mod meta;
 pub mod node;

@@ -2,7 +2,8 @@
 //! read from its metadata area (the superblock: epoch, role, primary), formatted if it is
 //! new, and served to primaries by the replica service. The node its superblock names as
 //! the primary gets a [`ReplicationLayer`] that claims the next epoch on the others and
-//! serves once a majority took it; the other copies refuse client IO ([`NotPrimary`]).
+//! serves once a majority took it; the other copies forward their clients' IO to it
+//! ([`ForwardLayer`]).
 //!
 //! `promote` makes a replica the primary when the primary is gone: it takes the next epoch
 //! durably, claims it on every copy it reaches (a majority is needed), asks each what it
@@ -18,16 +19,17 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use fathom_drivers::IoCommand;
 use fathom_engine::config::{Config, MAX_REPLICAS};
 use fathom_engine::engine::Engine;
-use fathom_engine::layer::{ControlError, Down, Layer, LayerCtx, LayerName};
-use fathom_engine::volume::{IoError, IoRequest, Volume};
+use fathom_engine::layer::ControlError;
+use fathom_engine::volume::{IoRequest, Volume};
 use fathom_net::server::{self, Server, ServerError};
 use fathom_net::transport::{self, TlsError};
 
 use crate::auth::{AuthError, ClusterKey};
 use crate::client::{BlockingSession, ClientError, Opener};
+use crate::dial::Identity;
+use crate::forward::{ForwardLayer, ForwardSettings};
 use crate::layer::{PeerAddress, ReplicationLayer, Settings};
 use crate::meta::{MetaError, Role, Superblock, BLOCK_BYTES};
 use crate::proto::{probe_entries, status, Header, Kind, MAX_PAYLOAD_LIMIT_BYTES};
@@ -432,17 +434,27 @@ impl Shared {
             .map_err(|error| error.to_string())
     }
 
-    /// Makes this node a replica of `held`: client IO is refused.
+    /// Makes this node a replica of `held`: its clients' IO is forwarded to the primary.
     fn install_replica(&self, held: &Held) -> Result<(), String> {
         held.role.set_primary_here(false);
         held.role.set_primary_status(None);
+        let forwarder = ForwardLayer::new(ForwardSettings {
+            identity: Identity {
+                node: self.node.clone(),
+                cluster: self.cluster.clone(),
+                auth: self.auth.clone(),
+                tls: self.client_tls.clone(),
+                max_payload: held.max_payload,
+            },
+            volume: held.volume.name.clone(),
+            role: held.role.clone(),
+            nodes: held.peers.clone(),
+            first_lba: held.volume.first_lba,
+            slots: self.engine.slots_per_reactor(),
+        })
+        .map_err(|error| format!("cannot set up forwarding: {error}"))?;
         self.engine
-            .add_layer(
-                &held.volume,
-                Box::new(NotPrimary {
-                    role: held.role.clone(),
-                }),
-            )
+            .add_layer(&held.volume, Box::new(forwarder))
             .map_err(|error| error.to_string())
     }
 
@@ -842,42 +854,4 @@ fn write_superblock(
             volume: volume.name.clone(),
             what: format!("writing its superblock: {error}"),
         })
-}
-
-/// A copy that is not the primary's: client IO (NBD) is refused; the replica service's IO
-/// passes (it comes from inside the node, not a front end). It stands where the primary's
-/// replication layer stands, so that either replaces the other.
-struct NotPrimary {
-    role: Arc<VolumeRole>,
-}
-
-impl Layer for NotPrimary {
-    fn layer(&self) -> LayerName {
-        LayerName::Replication
-    }
-
-    fn kind(&self) -> &'static str {
-        "replica"
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "replica at epoch {}: client IO goes to the primary, {}",
-            self.role.epoch(),
-            self.role.superblock().primary
-        )
-    }
-
-    fn submit(&mut self, ctx: &mut LayerCtx<'_>, _slot: u32, _command: &IoCommand) -> Down {
-        match ctx.from_frontend() {
-            true => Down::Complete(Err(IoError::NotPrimary {
-                epoch: self.role.epoch(),
-            })),
-            false => Down::Pass,
-        }
-    }
-
-    fn persistent(&self) -> bool {
-        true
-    }
 }

@@ -383,6 +383,37 @@ impl ReplicaVolume {
         }
     }
 
+    /// The answer to a forwarded client IO of `kind` (run on this node, the primary): an Ack,
+    /// FlushAck or ReadReply (with `data`) with `code`.
+    pub fn forwarded_reply(
+        &self,
+        kind: Kind,
+        request_id: u64,
+        code: u16,
+        lba: u64,
+        blocks: u32,
+        data: &[u8],
+    ) -> Vec<u8> {
+        let header = match kind {
+            Kind::Read => Header {
+                lba,
+                block_count: blocks,
+                ..Header::new(Kind::ReadReply)
+            },
+            Kind::Flush => Header::new(Kind::FlushAck),
+            _ => Header::new(Kind::Ack),
+        };
+        let ok = code == status::OK;
+        self.reply(
+            Header {
+                status: code,
+                request_id,
+                ..header
+            },
+            if ok && kind == Kind::Read { data } else { &[] },
+        )
+    }
+
     /// A Refused frame answering request `request_id`, with reason `code` and `text`.
     pub fn refusal(&self, request_id: u64, code: u16, text: &str) -> Vec<u8> {
         self.reply(

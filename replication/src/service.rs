@@ -204,6 +204,15 @@ enum Stage {
 
 enum Work {
     Io(Io),
+    /// A client's IO another node forwarded to this one, the primary: run through the
+    /// volume's layers (replicated) as its own client's would be.
+    Forward {
+        kind: Kind,
+        request_id: u64,
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+    },
     /// A new primary's Probe: answered once no write is in flight here.
     Probe {
         request_id: u64,
@@ -372,39 +381,76 @@ impl ReplicaConn {
                 state.sync_epoch();
                 let header = frame.header;
                 let current = state.replica.epoch();
-                let peer = peer_node_of(&self.phase);
-                let decision = match refuse_unclaimed(peer, self.claimed, &header, current, state) {
-                    Some(refused) => refused,
-                    None => state.replica.on_frame(&frame),
-                };
-                if header.kind == Kind::Epoch
-                    && header.epoch == current
-                    && state.replica.epoch() == current
-                    && matches!(decision, Decision::Reply(_))
-                    && !refused_claim(peer, &header, current, state)
-                {
-                    // The epoch this copy holds, claimed again by its primary: this session
-                    // is that primary's from here on.
-                    self.claimed = Some(current);
-                    state.role.set_in_sync(header.status == status::OK);
-                }
-                // A write's payload goes into a DMA buffer of its own now: the frame's bytes
-                // are the decoder's, reused by the next frame.
-                let buf = match &decision {
-                    Decision::Submit(io) | Decision::Held(io)
-                        if matches!(io.kind, IoKind::Write | IoKind::Resync) =>
+                if header.forwarded {
+                    let buf = match header.kind {
+                        Kind::Write => {
+                            let mut buf = buffers
+                                .get(frame.payload.len())
+                                .ok_or("no DMA memory for a write's payload (raise dma.size)")?;
+                            buf.as_bytes_mut().copy_from_slice(frame.payload);
+                            Some(buf)
+                        }
+                        _ => None,
+                    };
+                    (forwarded(&header, state), buf)
+                } else {
+                    let peer = peer_node_of(&self.phase);
+                    let decision =
+                        match refuse_unclaimed(peer, self.claimed, &header, current, state) {
+                            Some(refused) => refused,
+                            None => state.replica.on_frame(&frame),
+                        };
+                    if header.kind == Kind::Epoch
+                        && header.epoch == current
+                        && state.replica.epoch() == current
+                        && matches!(decision, Decision::Reply(_))
+                        && !refused_claim(peer, &header, current, state)
                     {
-                        let mut buf = buffers
-                            .get(frame.payload.len())
-                            .ok_or("no DMA memory for a write's payload (raise dma.size)")?;
-                        buf.as_bytes_mut().copy_from_slice(frame.payload);
-                        Some(buf)
+                        // The epoch this copy holds, claimed again by its primary: this session
+                        // is that primary's from here on.
+                        self.claimed = Some(current);
+                        state.role.set_in_sync(header.status == status::OK);
                     }
-                    _ => None,
-                };
-                (decision, buf)
+                    // A write's payload goes into a DMA buffer of its own now: the frame's bytes
+                    // are the decoder's, reused by the next frame.
+                    let buf = match &decision {
+                        Decision::Submit(io) | Decision::Held(io)
+                            if matches!(io.kind, IoKind::Write | IoKind::Resync) =>
+                        {
+                            let mut buf = buffers
+                                .get(frame.payload.len())
+                                .ok_or("no DMA memory for a write's payload (raise dma.size)")?;
+                            buf.as_bytes_mut().copy_from_slice(frame.payload);
+                            Some(buf)
+                        }
+                        _ => None,
+                    };
+                    (Taken::Decision(decision), buf)
+                }
             };
             work = true;
+            let decision = match decision {
+                Taken::Decision(decision) => decision,
+                Taken::Refused(bytes) => {
+                    if let Some(buf) = buf {
+                        buffers.put(buf);
+                    }
+                    self.stream
+                        .queue(&bytes)
+                        .map_err(|error| error.to_string())?;
+                    continue;
+                }
+                Taken::Forward(forward) => {
+                    let slot = self.free.pop().expect("checked above");
+                    self.slots[slot as usize] = Some(Pending {
+                        work: forward,
+                        stage: Stage::Ready,
+                        buf,
+                    });
+                    self.ready.push_back(slot);
+                    continue;
+                }
+            };
             let (work_item, stage) = match decision {
                 Decision::Reply(bytes) => {
                     self.stream
@@ -512,6 +558,38 @@ impl ReplicaConn {
                             work = true;
                             continue;
                         }
+                    }
+                }
+                Work::Forward {
+                    kind,
+                    lba,
+                    blocks,
+                    fua,
+                    ..
+                } => {
+                    let block = volume.block_size as u64;
+                    let (offset, len) = (*lba * block, *blocks as u64 * block);
+                    match kind {
+                        Kind::Write => IoRequest {
+                            fua: *fua,
+                            ..IoRequest::write(
+                                volume.id,
+                                offset,
+                                pending.buf.take().expect("a write has its payload"),
+                                tag,
+                            )
+                        },
+                        Kind::WriteZeroes => IoRequest {
+                            fua: *fua,
+                            ..IoRequest::write_zeroes(volume.id, offset, len, tag)
+                        },
+                        Kind::Read => {
+                            let buf = buffers
+                                .get(len as usize)
+                                .ok_or("no DMA memory for a read (raise dma.size)")?;
+                            IoRequest::read(volume.id, offset, buf, tag)
+                        }
+                        _ => IoRequest::flush(volume.id, tag),
                     }
                 }
                 Work::Probe {
@@ -697,7 +775,10 @@ impl ReplicaConn {
                         Work::Io(Io {
                             kind: IoKind::Read,
                             ..
-                        })
+                        }) | Work::Forward {
+                            kind: Kind::Read,
+                            ..
+                        }
                     ) =>
                 {
                     pending.buf = Some(buf)
@@ -713,6 +794,28 @@ impl ReplicaConn {
             Work::Probe { .. } => {
                 self.free.push(slot);
                 Ok(())
+            }
+            Work::Forward {
+                kind,
+                request_id,
+                lba,
+                blocks,
+                ..
+            } => {
+                self.free.push(slot);
+                let code = match completion.result {
+                    Ok(()) => status::OK,
+                    Err(IoError::OutOfRange { .. }) => status::OUT_OF_RANGE,
+                    Err(_) => status::IO_ERROR,
+                };
+                let data = pending.buf.as_ref().map_or(&[][..], |buf| buf.as_bytes());
+                let reply = state
+                    .replica
+                    .forwarded_reply(kind, request_id, code, lba, blocks, data);
+                if let Some(buf) = pending.buf {
+                    buffers.put(buf);
+                }
+                self.stream.queue(&reply).map_err(|error| error.to_string())
             }
             Work::Io(io) => {
                 self.slots[slot as usize] = Some(pending);
@@ -936,4 +1039,40 @@ fn refuse_unclaimed(
         )));
     }
     None
+}
+
+/// What a frame taken from a session asks for.
+enum Taken {
+    /// A replica's frame, as [`ReplicaVolume::on_frame`] decided.
+    Decision(Decision),
+    /// A forwarded IO this node runs (it is the primary).
+    Forward(Work),
+    /// A forwarded IO this node refuses (it is not the primary): the refusal names the
+    /// primary it knows.
+    Refused(Vec<u8>),
+}
+
+/// A forwarded client IO: run here if this node serves as the primary at the epoch the
+/// forwarder knows, else refused with the primary's node id.
+fn forwarded(header: &Header, state: &VolumeState) -> Taken {
+    let serving = state.role.primary_here()
+        && state
+            .role
+            .primary_status()
+            .is_some_and(|status| status.serving() && !status.fenced());
+    if !serving || header.epoch != state.role.epoch() {
+        let primary = state.role.superblock().primary;
+        return Taken::Refused(state.replica.refusal(
+            header.request_id,
+            refusal::NOT_PRIMARY,
+            &primary,
+        ));
+    }
+    Taken::Forward(Work::Forward {
+        kind: header.kind,
+        request_id: header.request_id,
+        lba: header.lba,
+        blocks: header.block_count,
+        fua: header.fua,
+    })
 }

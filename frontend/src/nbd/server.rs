@@ -1172,6 +1172,7 @@ fn nbd_error(error: &IoError, command: Command) -> Errno {
         IoError::Device { .. }
         | IoError::NoQuorum { .. }
         | IoError::NotPrimary { .. }
+        | IoError::Forwarded { .. }
         | IoError::Busy
         | IoError::UnknownVolume(_)
         | IoError::WrongCore { .. } => Errno::Io,
