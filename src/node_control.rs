@@ -15,7 +15,7 @@ use std::time::Duration;
 use clap::ValueEnum;
 use fathom_control::proto::{
     self, Cleared, DeviceRow, Hello, LayerRow, NamespaceRow, PeerRow, PromoteResult, RemoteError,
-    ReplicationRow, Request, RuleRow, RunResult, TraceRow, VolumeRow,
+    ReparentResult, ReplicationRow, Request, RuleRow, RunResult, TraceRow, VolumeRow,
 };
 use fathom_control::server::Handler;
 use fathom_engine::config::{InjectRule, TailThreshold};
@@ -134,6 +134,27 @@ impl NodeControl {
             regions_copied: promoted.regions_copied,
             bytes_copied: promoted.bytes_copied,
             behind: promoted.behind,
+        })
+    }
+
+    fn reparent(&self, volume: &str, to: &str) -> Result<ReparentResult, RemoteError> {
+        self.engine.volume_named(volume).map_err(control_error)?;
+        let replication = self.replication.as_ref().ok_or_else(|| {
+            RemoteError::new(
+                proto::UNSUPPORTED,
+                format!("volume {volume} is not replicated: it has no primary to move"),
+            )
+        })?;
+        let done = replication
+            .reparent(volume, to)
+            .map_err(|error| RemoteError::new(proto::UNSUPPORTED, error.to_string()))?;
+        Ok(ReparentResult {
+            volume: done.volume,
+            from: done.from,
+            to: done.to,
+            epoch: done.epoch,
+            sequence: done.sequence,
+            paused_us: done.paused.as_micros() as u64,
         })
     }
 
@@ -702,6 +723,7 @@ impl Handler for NodeControl {
             }
             Request::Replication { volume } => json(self.replication(volume.as_deref())?),
             Request::Promote { volume, force } => json(self.promote(&volume, force)?),
+            Request::Reparent { volume, to } => json(self.reparent(&volume, &to)?),
         }
     }
 }

@@ -63,6 +63,7 @@ pub const COMMANDS: &[&str] = &[
     "trace_set",
     "replication",
     "promote",
+    "reparent",
 ];
 
 /// The layers of a volume's IO path, top to bottom. A volume has `frontend`, `engine` and
@@ -240,6 +241,11 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// Hands `volume`, whose primary this node is, over to the in-sync replica on node `to`:
+    /// new IO pauses, what is in flight is answered, `to` takes the next epoch on a majority
+    /// and this node becomes a replica that forwards its clients' IO (paused IO included) to
+    /// it. Answer: [`ReparentResult`].
+    Reparent { volume: String, to: String },
 }
 
 impl Request {
@@ -260,6 +266,7 @@ impl Request {
             Request::TraceSet { .. } => "trace_set",
             Request::Replication { .. } => "replication",
             Request::Promote { .. } => "promote",
+            Request::Reparent { .. } => "reparent",
         }
     }
 
@@ -427,6 +434,20 @@ pub struct PromoteResult {
     pub bytes_copied: u64,
     /// Per other copy: the regions it is behind in (resynchronised from here).
     pub behind: Vec<(String, u64)>,
+}
+
+/// Answer to `reparent`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReparentResult {
+    pub volume: String,
+    pub from: String,
+    pub to: String,
+    /// The new primary's epoch.
+    pub epoch: u64,
+    /// The old primary's last write sequence.
+    pub sequence: u64,
+    /// From the pause of new IO until this node served as a replica.
+    pub paused_us: u64,
 }
 
 /// Answer to `run`.
@@ -691,6 +712,10 @@ const SCHEMA: &[(&str, &[Field])] = &[
             required("volume", Kind::Text),
             optional("force", Kind::Bool),
         ],
+    ),
+    (
+        "reparent",
+        &[required("volume", Kind::Text), required("to", Kind::Text)],
     ),
 ];
 
@@ -1025,6 +1050,10 @@ mod tests {
             Request::Promote {
                 volume: "vol0".into(),
                 force: true,
+            },
+            Request::Reparent {
+                volume: "vol0".into(),
+                to: "b".into(),
             },
         ]
     }

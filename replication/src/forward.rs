@@ -321,8 +321,15 @@ impl ForwardLayer {
             };
             if header.kind == Kind::Refused {
                 if header.status == refusal::NOT_PRIMARY {
-                    // Not run there: it goes again, to the primary named.
-                    self.waiting.push_front(waiting);
+                    // Not run there: it goes again, to the primary named, and so does every
+                    // other IO not answered yet (run there before it stopped serving, with the
+                    // answer on its way, or never to be run there: sending it again is safe).
+                    let mut again: Vec<(u64, Waiting)> = self.outstanding.drain().collect();
+                    again.push((header.request_id, waiting));
+                    again.sort_unstable_by_key(|(request_id, _)| *request_id);
+                    for (_, waiting) in again.into_iter().rev() {
+                        self.waiting.push_front(waiting);
+                    }
                     self.hint = text.filter(|name| !name.is_empty() && *name != self.identity.node);
                     return Err(format!(
                         "node {} is not the primary; it names {}",
@@ -462,8 +469,14 @@ impl Layer for ForwardLayer {
     }
 
     fn drain(&mut self, ctx: &mut LayerCtx<'_>) {
-        // Replaced (this node became the primary): what waits goes down the new stack.
+        // Replaced (this node became the primary): what waits goes down the new stack, and so
+        // does what the old primary has not answered. It was paused there (a reparent) or its
+        // outcome is unknown; the client has no answer for it yet, so running it again here is
+        // what a client's own retry would do.
         for waiting in self.waiting.drain(..) {
+            ctx.release(waiting.slot);
+        }
+        for (_, waiting) in self.outstanding.drain() {
             ctx.release(waiting.slot);
         }
         self.close(ctx, "this node is the primary now");

@@ -180,6 +180,11 @@ pub struct VolumeStatus {
     sequence: AtomicU64,
     fenced: AtomicBool,
     serving: AtomicBool,
+    /// Set by a reparent: new IO is paused (held, not failed) until the layer leaves the
+    /// stack (its IO then goes to the new primary) or the flag is cleared (it goes on here).
+    draining: AtomicBool,
+    /// Client IO the layer holds in flight (not counting what is paused).
+    in_flight: AtomicU64,
     pub peers: Vec<PeerStatus>,
 }
 
@@ -197,6 +202,17 @@ impl VolumeStatus {
     /// A majority took its epoch: it serves client IO.
     pub fn serving(&self) -> bool {
         self.serving.load(Ordering::Relaxed)
+    }
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+    /// Pauses new IO (true) or lets it go on (false), for a reparent.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Release);
+    }
+    /// Client writes and flushes in flight (published every loop while draining).
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Acquire)
     }
 }
 
@@ -298,6 +314,9 @@ enum Parent {
     },
 }
 
+/// How long a new primary holds writes while its sessions to the replicas open.
+const WARM_UP: Duration = Duration::from_secs(3);
+
 /// The replication layer of one volume on its primary.
 pub struct ReplicationLayer {
     identity: Identity,
@@ -312,6 +331,11 @@ pub struct ReplicationLayer {
     by_sequence: HashMap<u64, u32>,
     by_flush: HashMap<u64, u32>,
     held: usize,
+    /// IO that arrived while a reparent drains this primary, in arrival order.
+    paused: VecDeque<(u32, IoCommand, bool)>,
+    /// Until then, a new primary (a promote, a reparent) holds writes and flushes rather
+    /// than fail them while its sessions to a majority open.
+    warm_until: Option<Instant>,
     /// Client writes waiting for a resync chunk they overlap to go out, in arrival order.
     blocked: VecDeque<(u32, IoCommand)>,
     next_request: u64,
@@ -360,6 +384,8 @@ impl ReplicationLayer {
             sequence: AtomicU64::new(settings.sequence),
             fenced: AtomicBool::new(false),
             serving: AtomicBool::new(settings.serving),
+            draining: AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
             peers: settings
                 .peers
                 .iter()
@@ -447,6 +473,8 @@ impl ReplicationLayer {
             by_sequence: HashMap::with_capacity(settings.slots),
             by_flush: HashMap::with_capacity(settings.slots),
             held: 0,
+            paused: VecDeque::with_capacity(settings.slots),
+            warm_until: Some(Instant::now() + WARM_UP),
             blocked: VecDeque::with_capacity(settings.slots),
             next_request: 1,
             fenced: false,
@@ -522,6 +550,26 @@ impl ReplicationLayer {
                 self.finish(ctx, slot, result);
             }
         }
+    }
+
+    /// A new primary whose sessions to a majority of in-sync copies are not open yet, for
+    /// [`WARM_UP`] at most.
+    fn warming(&self) -> bool {
+        let Some(until) = self.warm_until else {
+            return false;
+        };
+        if !self.serving || Instant::now() >= until {
+            return false;
+        }
+        let open = self
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(index, peer)| {
+                matches!(peer.link, Link::Open { .. }) && self.primary.in_sync(*index)
+            })
+            .count() as u32;
+        1 + open < self.primary.majority()
     }
 
     fn finish(&mut self, ctx: &mut LayerCtx<'_>, slot: u32, result: Result<(), IoError>) {
@@ -1059,6 +1107,12 @@ impl ReplicationLayer {
                 break;
             }
             self.waiting_sends.pop_front();
+            if command.op == Op::Flush {
+                // A flush that came after these writes goes after them (`sequence` is its
+                // target), so that no replica's FlushAck misses a write still to come.
+                self.send_flush(ctx, sequence);
+                continue;
+            }
             let still_held = matches!(
                 self.parents[slot as usize],
                 Parent::Write { sequence: held, .. } if held == sequence
@@ -1439,6 +1493,14 @@ impl Layer for ReplicationLayer {
     }
 
     fn submit(&mut self, ctx: &mut LayerCtx<'_>, slot: u32, command: &IoCommand) -> Down {
+        if (self.status.draining() || (command.op != Op::Read && self.warming()))
+            && (command.op != Op::Read || ctx.from_frontend())
+        {
+            // A reparent: held for the next primary (or for this one if it fails). Reads
+            // from inside the node (a promoting node copying a region) go on.
+            self.paused.push_back((slot, *command, ctx.from_frontend()));
+            return Down::Hold;
+        }
         if !self.fenced && (self.role.epoch() > self.epoch || !self.role.primary_here()) {
             let epoch = self.role.epoch();
             self.fence(
@@ -1482,7 +1544,13 @@ impl Layer for ReplicationLayer {
                     let answers = self.primary.flush_done(Copy::Local, target, false);
                     self.answer_flushes(ctx, answers);
                 }
-                self.send_flush(ctx, target);
+                if self.waiting_sends.is_empty() {
+                    self.send_flush(ctx, target);
+                } else {
+                    // Writes before it wait for their dirty bits: it goes to the replicas
+                    // after them.
+                    self.waiting_sends.push_back((slot, target, *command, 0));
+                }
                 Down::Hold
             }
         }
@@ -1530,6 +1598,7 @@ impl Layer for ReplicationLayer {
     fn holding(&self) -> usize {
         // Frames a replica has not answered, and resync chunks, keep the reactor polling.
         self.held
+            + self.paused.len()
             + self.batch_in_flight
             + self
                 .peers
@@ -1597,6 +1666,25 @@ impl Layer for ReplicationLayer {
             self.issue_batch(ctx);
         }
         self.establish(ctx);
+        if self.status.draining() {
+            self.status
+                .in_flight
+                .store(self.held as u64, Ordering::Release);
+        } else if self.warm_until.is_some() && !self.warming() {
+            // Warmed up: from now on no clock read per write for it.
+            self.warm_until = None;
+        }
+        if !self.status.draining() && !self.paused.is_empty() && !self.warming() {
+            // The reparent was called off: what it paused goes on here, in order.
+            work = true;
+            while let Some((slot, command, _)) = self.paused.pop_front() {
+                match self.submit(ctx, slot, &command) {
+                    Down::Hold => {}
+                    Down::Pass => ctx.release(slot),
+                    Down::Complete(result) => ctx.complete(slot, result),
+                }
+            }
+        }
         if now.duration_since(self.published) >= PUBLISH_EVERY {
             self.published = now;
             for index in 0..self.peers.len() {
@@ -1608,6 +1696,32 @@ impl Layer for ReplicationLayer {
 
     fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.epoll.as_fd())
+    }
+
+    fn drain(&mut self, ctx: &mut LayerCtx<'_>) {
+        // Replaced: this node is a replica now. What was paused (a reparent) or waits for a
+        // resync chunk went nowhere yet: it goes down the new stack, whose forwarder sends it
+        // to the new primary. Writes and flushes in flight here may be on some copies and not
+        // on a majority: they fail (a deposed primary acknowledges nothing more).
+        // IO from inside the node that was paused (another node forwarded it) is not run: it
+        // fails NotPrimary, and its forwarder sends it to the new primary, or ran it there.
+        for (slot, _, frontend) in self.paused.drain(..) {
+            match frontend {
+                true => ctx.release(slot),
+                false => ctx.complete(slot, Err(IoError::NotPrimary { epoch: self.epoch })),
+            }
+        }
+        for (slot, _) in self.blocked.drain(..) {
+            ctx.release(slot);
+        }
+        let writes: Vec<u32> = self.by_sequence.drain().map(|(_, slot)| slot).collect();
+        for slot in writes {
+            self.finish(ctx, slot, Err(IoError::NotPrimary { epoch: self.epoch }));
+        }
+        let flushes: Vec<u32> = self.by_flush.drain().map(|(_, slot)| slot).collect();
+        for slot in flushes {
+            self.finish(ctx, slot, Err(IoError::NotPrimary { epoch: self.epoch }));
+        }
     }
 
     fn persistent(&self) -> bool {

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fathom_engine::config::{Config, MAX_REPLICAS};
 use fathom_engine::engine::Engine;
@@ -30,9 +30,9 @@ use crate::auth::{AuthError, ClusterKey};
 use crate::client::{BlockingSession, ClientError, Opener};
 use crate::dial::Identity;
 use crate::forward::{ForwardLayer, ForwardSettings};
-use crate::layer::{PeerAddress, ReplicationLayer, Settings};
+use crate::layer::{PeerAddress, PeerState, ReplicationLayer, Settings};
 use crate::meta::{MetaError, Role, Superblock, BLOCK_BYTES};
-use crate::proto::{probe_entries, status, Header, Kind, MAX_PAYLOAD_LIMIT_BYTES};
+use crate::proto::{probe_entries, refusal, status, Header, Kind, MAX_PAYLOAD_LIMIT_BYTES};
 use crate::replica::PROBE_PAIRS_PER_REPLY;
 use crate::role::VolumeRole;
 use crate::service::{HeldVolume, ReplicaService, SLOTS};
@@ -84,6 +84,56 @@ pub enum PromoteError {
     #[error("volume {volume:?}: {what}")]
     Failed { volume: String, what: String },
 }
+
+/// Why a reparent was refused or failed; the volume stays with its primary (this node)
+/// unless the error says otherwise. Each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ReparentError {
+    #[error("this node holds no copy of volume {0:?}")]
+    Unknown(String),
+    #[error("this node is not the primary of volume {volume:?} (node {primary:?} is, as far as this node knows): run reparent on the primary")]
+    NotPrimary { volume: String, primary: String },
+    #[error("node {to:?} holds no copy of volume {volume:?}; its copies are on {copies}")]
+    NotACopy {
+        volume: String,
+        to: String,
+        copies: String,
+    },
+    #[error("node {to:?} is not an in-sync replica of volume {volume:?} now (its session is {state}{sync}): wait for its resync to finish (`fathom-ctl replication`), or pick an in-sync replica")]
+    NotInSync {
+        volume: String,
+        to: String,
+        state: &'static str,
+        sync: &'static str,
+    },
+    #[error("volume {volume:?}: {what}; IO goes on on this node")]
+    CalledOff { volume: String, what: String },
+    #[error("volume {volume:?}: node {to:?} accepted the volume but did not take it over within {seconds} s: it may still; check `fathom-ctl replication` on both nodes")]
+    NotTaken {
+        volume: String,
+        to: String,
+        seconds: u64,
+    },
+}
+
+/// What a reparent did.
+#[derive(Debug, Clone)]
+pub struct Reparented {
+    pub volume: String,
+    pub from: String,
+    pub to: String,
+    /// The new primary's epoch.
+    pub epoch: u64,
+    /// The last write sequence of the old primary's epoch.
+    pub sequence: u64,
+    /// From the pause of new IO to this node serving as a replica (IO paused meanwhile goes
+    /// to the new primary).
+    pub paused: Duration,
+}
+
+/// How long a reparent waits for the primary's writes in flight to be answered and for the
+/// new primary to take the volume over, each.
+const REPARENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a promote did.
 #[derive(Debug, Clone)]
@@ -336,6 +386,12 @@ impl Replication {
         self.shared.promote(volume, force)
     }
 
+    /// Hands `volume`, whose primary this node is, over to replica `to` (see the module
+    /// documentation).
+    pub fn reparent(&self, volume: &str, to: &str) -> Result<Reparented, ReparentError> {
+        self.shared.reparent(volume, to)
+    }
+
     /// Stops the replica service: its sessions close once their IO in flight is back. True
     /// when they did within `timeout`.
     pub fn stop(&self, timeout: Duration) -> bool {
@@ -460,10 +516,13 @@ impl Shared {
 
     /// Until stopped: a primary that is fenced (another node took the volume over) becomes
     /// a replica.
-    fn watch(&self) {
+    fn watch(self: &Arc<Self>) {
         while !self.stop.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(50));
             for held in &self.volumes {
+                if let Some(epoch) = held.role.take_handover() {
+                    self.take_over(held, epoch);
+                }
                 let deposed = held
                     .role
                     .primary_status()
@@ -484,6 +543,187 @@ impl Shared {
                     tracing::error!(volume = %held.volume.name, "replication: cannot become a replica: {error}");
                 }
             }
+        }
+    }
+
+    /// The primary handed `held` over to this node at `epoch` (it drained): promote, on a
+    /// thread of its own so that the watcher goes on.
+    fn take_over(self: &Arc<Self>, held: &Held, epoch: u64) {
+        if held.role.epoch() != epoch || held.role.primary_here() {
+            return;
+        }
+        let shared = self.clone();
+        let name = held.volume.name.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("take-over-{name}"))
+            .spawn(move || match shared.promote(&name, false) {
+                Ok(promoted) => tracing::warn!(
+                    volume = %name,
+                    epoch = promoted.epoch,
+                    "replication: took the volume over from its primary (reparent)"
+                ),
+                Err(error) => tracing::error!(
+                    volume = %name,
+                    "replication: the primary handed the volume over, and taking it failed: {error}"
+                ),
+            });
+        if let Err(error) = spawned {
+            tracing::error!(volume = %held.volume.name, "replication: cannot start taking the volume over: {error}");
+        }
+    }
+
+    fn reparent(&self, name: &str, to: &str) -> Result<Reparented, ReparentError> {
+        let held = self
+            .volumes
+            .iter()
+            .find(|held| held.volume.name == name)
+            .ok_or_else(|| ReparentError::Unknown(name.into()))?;
+        let not_primary = || ReparentError::NotPrimary {
+            volume: name.into(),
+            primary: held.role.superblock().primary,
+        };
+        let status = {
+            // Checked under the role lock: no promote or demotion crosses the start.
+            let _changing = self
+                .changes
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let status = held.role.primary_status().ok_or_else(not_primary)?;
+            if !held.role.primary_here() || status.fenced() || !status.serving() {
+                return Err(not_primary());
+            }
+            let Some(index) = held.peers.iter().position(|peer| peer.node == to) else {
+                return Err(ReparentError::NotACopy {
+                    volume: name.into(),
+                    to: to.into(),
+                    copies: std::iter::once(self.node.as_str())
+                        .chain(held.peers.iter().map(|peer| peer.node.as_str()))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            };
+            let peer = &status.peers[index];
+            if peer.state() != PeerState::Open || !peer.in_sync() {
+                return Err(ReparentError::NotInSync {
+                    volume: name.into(),
+                    to: to.into(),
+                    state: peer.state().as_str(),
+                    sync: if peer.in_sync() { "" } else { ", not in sync" },
+                });
+            }
+            held.role.set_handing_over_to(Some(to.to_string()));
+            status.set_draining(true);
+            status
+        };
+        let started = Instant::now();
+        tracing::warn!(
+            volume = name,
+            to,
+            "replication: reparent: new IO paused, draining"
+        );
+        let call_off = |what: String| {
+            status.set_draining(false);
+            held.role.set_handing_over_to(None);
+            tracing::warn!(
+                volume = name,
+                to,
+                "replication: reparent called off: {what}"
+            );
+            ReparentError::CalledOff {
+                volume: name.into(),
+                what,
+            }
+        };
+        // Every write begun is answered (a majority has it) ...
+        let deadline = started + REPARENT_TIMEOUT;
+        while status.in_flight() > 0 || started.elapsed() < Duration::from_millis(5) {
+            if status.fenced() {
+                return Err(call_off(
+                    "another node took the volume over meanwhile".into(),
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(call_off(format!(
+                    "{} writes still in flight after {} s",
+                    status.in_flight(),
+                    REPARENT_TIMEOUT.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // ... and the new primary holds every one: it says so in its answer to the Handover
+        // (it may still be applying the last ones: asked again until the deadline).
+        let epoch = status.epoch();
+        let sequence = status.sequence();
+        let address = held
+            .peers
+            .iter()
+            .find(|peer| peer.node == to)
+            .map(|peer| peer.address)
+            .expect("checked above");
+        let opener = self.opener(held.max_payload);
+        let mut session = BlockingSession::open(&opener, to, address, name)
+            .map_err(|error| call_off(error.to_string()))?;
+        loop {
+            let (answer, text) = session
+                .request(
+                    Header {
+                        epoch,
+                        sequence,
+                        ..Header::new(Kind::Handover)
+                    },
+                    &[],
+                )
+                .map_err(|error| call_off(error.to_string()))?;
+            if answer.kind == Kind::Ack && answer.status == status::OK {
+                break;
+            }
+            let reason = String::from_utf8_lossy(&text).into_owned();
+            if answer.kind != Kind::Refused
+                || answer.status != refusal::NOT_READY
+                || Instant::now() >= deadline
+            {
+                return Err(call_off(format!("node {to} refused the volume: {reason}")));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(session);
+        // The new primary claims the next epoch on a majority, this copy among them; this
+        // node's watcher then makes it a replica, and what was paused goes to the new primary.
+        let deadline = Instant::now() + REPARENT_TIMEOUT;
+        loop {
+            let superblock = held.role.superblock();
+            if superblock.epoch > epoch
+                && superblock.primary == to
+                && !held.role.primary_here()
+                && held.role.primary_status().is_none()
+            {
+                held.role.set_handing_over_to(None);
+                let paused = started.elapsed();
+                tracing::warn!(
+                    volume = name,
+                    to,
+                    epoch = superblock.epoch,
+                    paused_ms = paused.as_millis() as u64,
+                    "replication: reparent done: this node is a replica now"
+                );
+                return Ok(Reparented {
+                    volume: name.into(),
+                    from: self.node.clone(),
+                    to: to.into(),
+                    epoch: superblock.epoch,
+                    sequence,
+                    paused,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(ReparentError::NotTaken {
+                    volume: name.into(),
+                    to: to.into(),
+                    seconds: REPARENT_TIMEOUT.as_secs(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 

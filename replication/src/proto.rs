@@ -23,7 +23,7 @@
 //! offset size field        value
 //!      0    4 magic        "FTRP" (46 54 52 50)
 //!      4    1 version      1
-//!      5    1 kind         1..=16, see below; 0 and 17..=255 are refused
+//!      5    1 kind         1..=17, see below; 0 and 18..=255 are refused
 //!      6    2 flags        bit 0 FUA, bit 1 trace sampled, bit 2 forwarded; any other bit
 //!                          is refused
 //!      8    2 header_len   88 (a later version that grows the header bumps the version)
@@ -76,6 +76,7 @@
 //!   14 EpochOk     replica   yes    now      highest applied     ·      ·          yes    none
 //!   15 Refused     either    yes    current  ·                   ·      ·          reason text (UTF-8)
 //!   16 Resync      primary   yes    yes      ·                   first  ≥ 1        ·      data, ≥ 1 byte
+//!   17 Handover    primary   yes    yes      last write          ·      ·          ·      none
 //! ```
 //!
 //! An Epoch frame opens a volume's stream on a session. Its sequence is the primary's base:
@@ -92,6 +93,11 @@
 //! the order it arrived among the session's writes, and makes it durable before its Ack (the
 //! primary sends it once every earlier write to those blocks completed on its own copy, and
 //! holds later ones until it is sent, so the replica ends with the primary's data).
+//!
+//! A Handover asks a replica to take the volume over (a reparent): the primary stopped
+//! taking writes and drained, and its sequence is the last write it began. The replica
+//! answers with an Ack whose sequence is the highest it applied, status OK if it holds every
+//! write up to the Handover's and will claim the next epoch, or refuses with the reason.
 //!
 //! Write, WriteZeroes and Trim each take the next per-volume sequence number; a Flush names
 //! the sequence of the last write issued before it, and its FlushAck says every write up to
@@ -264,6 +270,9 @@ pub mod refusal {
     pub const NOT_PRIMARY: u16 = 9;
     /// A frame of the current epoch on a session that did not claim it.
     pub const NOT_CLAIMED: u16 = 8;
+    /// A Handover to a copy that cannot take the volume over (it lacks writes, is not in
+    /// sync, or is the primary already); the text says which.
+    pub const NOT_READY: u16 = 10;
 }
 
 /// Bits of [`Kind::fields`]: the header fields a kind uses. The others must be zero.
@@ -313,11 +322,12 @@ pub enum Kind {
     EpochOk = 14,
     Refused = 15,
     Resync = 16,
+    Handover = 17,
 }
 
 impl Kind {
     /// Every kind, in code order.
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 17] = [
         Kind::Hello,
         Kind::HelloOk,
         Kind::Write,
@@ -334,6 +344,7 @@ impl Kind {
         Kind::EpochOk,
         Kind::Refused,
         Kind::Resync,
+        Kind::Handover,
     ];
 
     /// The value on the wire.
@@ -362,6 +373,7 @@ impl Kind {
             14 => Kind::EpochOk,
             15 => Kind::Refused,
             16 => Kind::Resync,
+            17 => Kind::Handover,
             _ => return None,
         })
     }
@@ -385,6 +397,7 @@ impl Kind {
             Kind::EpochOk => "EpochOk",
             Kind::Refused => "Refused",
             Kind::Resync => "Resync",
+            Kind::Handover => "Handover",
         }
     }
 
@@ -433,7 +446,7 @@ impl Kind {
             Kind::Write | Kind::WriteZeroes | Kind::Trim => {
                 VOLUME | EPOCH | SEQUENCE | LBA | BLOCKS
             }
-            Kind::Flush => VOLUME | EPOCH | SEQUENCE,
+            Kind::Flush | Kind::Handover => VOLUME | EPOCH | SEQUENCE,
             Kind::Ack | Kind::FlushAck => VOLUME | EPOCH | SEQUENCE | STATUS,
             Kind::Read | Kind::Probe | Kind::Resync => VOLUME | EPOCH | LBA | BLOCKS,
             Kind::ReadReply | Kind::ProbeReply => VOLUME | EPOCH | SEQUENCE | LBA | BLOCKS | STATUS,
@@ -458,7 +471,8 @@ impl Kind {
             | Kind::Read
             | Kind::Probe
             | Kind::Epoch
-            | Kind::EpochOk => PayloadRule::Empty,
+            | Kind::EpochOk
+            | Kind::Handover => PayloadRule::Empty,
         }
     }
 }
@@ -500,7 +514,7 @@ pub enum ProtoError {
         stored: u32,
         computed: u32,
     },
-    #[error("unknown frame kind {code}: version 1 defines kinds 1 to 16")]
+    #[error("unknown frame kind {code}: version 1 defines kinds 1 to 17")]
     UnknownKind { code: u8 },
     #[error("{kind} sets flag bits {flags:#06x}, which version 1 does not define")]
     UnknownFlags { kind: Kind, flags: u16 },
@@ -1719,6 +1733,15 @@ mod tests {
                 },
                 vec![0x5a; 8192],
             ),
+            (
+                Header {
+                    volume: 1,
+                    epoch: 5,
+                    sequence: 42,
+                    ..Header::new(Kind::Handover)
+                },
+                Vec::new(),
+            ),
         ]
     }
 
@@ -1798,7 +1821,7 @@ mod tests {
             assert_eq!(Kind::from_code(kind.code()), Some(kind));
         }
         assert_eq!(Kind::from_code(0), None);
-        assert_eq!(Kind::from_code(17), None);
+        assert_eq!(Kind::from_code(18), None);
     }
 
     #[test]
@@ -1955,11 +1978,11 @@ mod tests {
 
     #[test]
     fn unknown_kinds_are_refused() {
-        for code in [0u8, 17, 255] {
+        for code in [0u8, 18, 255] {
             let bytes = reseal(frame_bytes(&flush(), &[]), |b| b[offset::KIND] = code);
             let error = decode_error(&bytes);
             assert_eq!(error, ProtoError::UnknownKind { code });
-            assert!(error.to_string().contains("kinds 1 to 16"));
+            assert!(error.to_string().contains("kinds 1 to 17"));
         }
     }
 

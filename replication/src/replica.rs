@@ -79,6 +79,10 @@ pub enum Decision {
         first: u64,
         count: u32,
     },
+    /// The primary asks this copy to take the volume over once it drained, its last write
+    /// being `sequence`: answer with [`ReplicaVolume::handover_reply`] once no write is in
+    /// flight here.
+    Handover { request_id: u64, sequence: u64 },
 }
 
 /// One replicated volume on this replica node.
@@ -260,6 +264,12 @@ impl ReplicaVolume {
                     count: header.block_count,
                 }
             }
+            Kind::Handover => {
+                return Decision::Handover {
+                    request_id: header.request_id,
+                    sequence: header.sequence,
+                }
+            }
             Kind::Epoch => {
                 // The current epoch claimed again (a primary that reconnected).
                 self.rebase(header.sequence);
@@ -412,6 +422,22 @@ impl ReplicaVolume {
             },
             if ok && kind == Kind::Read { data } else { &[] },
         )
+    }
+
+    /// The answer to a Handover: an Ack with the highest sequence applied here when this copy
+    /// takes the volume over, else `refusal`'s reason.
+    pub fn handover_reply(&self, request_id: u64, refusal: Option<&str>) -> Vec<u8> {
+        match refusal {
+            None => self.reply(
+                Header {
+                    sequence: self.applied,
+                    request_id,
+                    ..Header::new(Kind::Ack)
+                },
+                &[],
+            ),
+            Some(text) => self.refusal(request_id, crate::proto::refusal::NOT_READY, text),
+        }
     }
 
     /// A Refused frame answering request `request_id`, with reason `code` and `text`.

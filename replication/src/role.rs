@@ -29,6 +29,12 @@ pub struct VolumeRole {
     applied: AtomicU64,
     /// As the primary: its layer's status.
     primary_status: Mutex<Option<Arc<VolumeStatus>>>,
+    /// As the primary in a reparent: the node it hands the volume over to (its claim of the
+    /// next epoch finds this copy drained, not deposed).
+    handing_over_to: Mutex<Option<String>>,
+    /// As a replica: the epoch at which the primary asked this node to take the volume over
+    /// (a Handover it accepted), for the control thread to act on; 0 when none.
+    handover_asked: AtomicU64,
 }
 
 impl VolumeRole {
@@ -41,6 +47,36 @@ impl VolumeRole {
             applied: AtomicU64::new(superblock.applied),
             superblock: Mutex::new((superblock, copy)),
             primary_status: Mutex::new(None),
+            handing_over_to: Mutex::new(None),
+            handover_asked: AtomicU64::new(0),
+        }
+    }
+
+    /// The node this primary is handing the volume over to, in a reparent.
+    pub fn handing_over_to(&self) -> Option<String> {
+        self.handing_over_to
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn set_handing_over_to(&self, node: Option<String>) {
+        *self
+            .handing_over_to
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = node;
+    }
+
+    /// As a replica: the primary asked this node to take the volume over at `epoch`.
+    pub fn ask_handover(&self, epoch: u64) {
+        self.handover_asked.store(epoch, Ordering::Release);
+    }
+
+    /// The epoch of a handover asked and not yet acted on, taken.
+    pub fn take_handover(&self) -> Option<u64> {
+        match self.handover_asked.swap(0, Ordering::AcqRel) {
+            0 => None,
+            epoch => Some(epoch),
         }
     }
 

@@ -219,6 +219,11 @@ enum Work {
         first: u64,
         count: u32,
     },
+    /// The primary's Handover: answered once no write is in flight here.
+    Handover {
+        request_id: u64,
+        sequence: u64,
+    },
     /// The superblock with a newer epoch, then the EpochOk.
     Epoch {
         epoch: u64,
@@ -491,6 +496,16 @@ impl ReplicaConn {
                     },
                     Stage::Ready,
                 ),
+                Decision::Handover {
+                    request_id,
+                    sequence,
+                } => (
+                    Work::Handover {
+                        request_id,
+                        sequence,
+                    },
+                    Stage::Ready,
+                ),
             };
             let slot = self.free.pop().expect("checked above");
             self.slots[slot as usize] = Some(Pending {
@@ -602,12 +617,47 @@ impl ReplicaConn {
                         break;
                     }
                     let reply = state.replica.probe_reply(*request_id, *first, *count);
-                    self.ready.pop_front();
-                    self.slots[slot as usize] = None;
-                    self.free.push(slot);
-                    self.stream
-                        .queue(&reply)
-                        .map_err(|error| error.to_string())?;
+                    self.answer_ready(slot, &reply)?;
+                    work = true;
+                    continue;
+                }
+                Work::Handover {
+                    request_id,
+                    sequence,
+                } => {
+                    if state.replica.writing() {
+                        break;
+                    }
+                    let applied = state.replica.applied();
+                    let refusal = if state.role.primary_here() {
+                        Some("this node is the volume's primary already".to_string())
+                    } else if !state.role.in_sync() {
+                        Some("this copy is not in sync (a resync is due or running)".to_string())
+                    } else if applied < *sequence {
+                        Some(format!(
+                            "this copy applied writes up to {applied}, not up to {sequence}"
+                        ))
+                    } else {
+                        None
+                    };
+                    match &refusal {
+                        None => {
+                            tracing::warn!(
+                                volume = %state.role.volume,
+                                sequence = *sequence,
+                                "replication: the primary hands the volume over to this node"
+                            );
+                            state.role.ask_handover(state.replica.epoch());
+                        }
+                        Some(reason) => tracing::warn!(
+                            volume = %state.role.volume,
+                            "replication: handover refused: {reason}"
+                        ),
+                    }
+                    let reply = state
+                        .replica
+                        .handover_reply(*request_id, refusal.as_deref());
+                    self.answer_ready(slot, &reply)?;
                     work = true;
                     continue;
                 }
@@ -618,7 +668,9 @@ impl ReplicaConn {
                             break;
                         }
                         let peer = peer_node_of(&self.phase).to_string();
-                        if state.role.superblock().role == Role::Primary {
+                        let handed_over =
+                            state.role.handing_over_to().as_deref() == Some(peer.as_str());
+                        if state.role.superblock().role == Role::Primary && !handed_over {
                             // This copy was the primary's: it may hold writes of its own no
                             // majority took, so the new primary rebuilds it in full.
                             state.replica.mark_new_copy();
@@ -662,7 +714,26 @@ impl ReplicaConn {
                     }
                 }
             };
-            match io.submit(request) {
+            let submitted = match &pending.work {
+                // Run only while this node still serves as the primary (a stack change comes
+                // after the role's, on this reactor): else the old primary's forwarder would
+                // have it reach this copy alone.
+                Work::Forward { request_id, .. } if !serving_primary(state) => {
+                    let reply = state.replica.refusal(
+                        *request_id,
+                        refusal::NOT_PRIMARY,
+                        &state.role.superblock().primary,
+                    );
+                    if let Some(buf) = request.buf {
+                        buffers.put(buf);
+                    }
+                    self.answer_ready(slot, &reply)?;
+                    work = true;
+                    continue;
+                }
+                _ => io.submit(request),
+            };
+            match submitted {
                 Ok(()) => {
                     pending.stage = Stage::Submitted;
                     self.ready.pop_front();
@@ -705,6 +776,14 @@ impl ReplicaConn {
     }
 
     /// IO `io` of slot `slot` finished: its reply, and the held writes it lets go.
+    /// Answers the first ready slot, `slot`, with `reply`, without the engine, and frees it.
+    fn answer_ready(&mut self, slot: u16, reply: &[u8]) -> Result<(), String> {
+        self.ready.pop_front();
+        self.slots[slot as usize] = None;
+        self.free.push(slot);
+        self.stream.queue(reply).map_err(|error| error.to_string())
+    }
+
     fn finish_io(
         &mut self,
         slot: u16,
@@ -791,7 +870,7 @@ impl ReplicaConn {
         };
         let result = match pending.work {
             // Answered without the engine: never here.
-            Work::Probe { .. } => {
+            Work::Probe { .. } | Work::Handover { .. } => {
                 self.free.push(slot);
                 Ok(())
             }
@@ -803,19 +882,32 @@ impl ReplicaConn {
                 ..
             } => {
                 self.free.push(slot);
-                let code = match completion.result {
-                    Ok(()) => status::OK,
-                    Err(IoError::OutOfRange { .. }) => status::OUT_OF_RANGE,
-                    Err(_) => status::IO_ERROR,
-                };
-                let data = pending.buf.as_ref().map_or(&[][..], |buf| buf.as_bytes());
-                let reply = state
-                    .replica
-                    .forwarded_reply(kind, request_id, code, lba, blocks, data);
-                if let Some(buf) = pending.buf {
-                    buffers.put(buf);
+                if let Err(IoError::NotPrimary { .. }) = completion.result {
+                    // Not run: this node stopped being the primary (a reparent paused it).
+                    // The forwarder sends it again, to the primary named.
+                    if let Some(buf) = pending.buf {
+                        buffers.put(buf);
+                    }
+                    let primary = state.role.superblock().primary;
+                    let reply = state
+                        .replica
+                        .refusal(request_id, refusal::NOT_PRIMARY, &primary);
+                    self.stream.queue(&reply).map_err(|error| error.to_string())
+                } else {
+                    let code = match completion.result {
+                        Ok(()) => status::OK,
+                        Err(IoError::OutOfRange { .. }) => status::OUT_OF_RANGE,
+                        Err(_) => status::IO_ERROR,
+                    };
+                    let data = pending.buf.as_ref().map_or(&[][..], |buf| buf.as_bytes());
+                    let reply = state
+                        .replica
+                        .forwarded_reply(kind, request_id, code, lba, blocks, data);
+                    if let Some(buf) = pending.buf {
+                        buffers.put(buf);
+                    }
+                    self.stream.queue(&reply).map_err(|error| error.to_string())
                 }
-                self.stream.queue(&reply).map_err(|error| error.to_string())
             }
             Work::Io(io) => {
                 self.slots[slot as usize] = Some(pending);
@@ -1032,7 +1124,13 @@ fn refuse_unclaimed(
             &format!("epoch {current} of this volume is node {holder:?}'s"),
         )));
     }
-    if header.kind != Kind::Epoch && header.epoch == current && claimed != Some(current) {
+    // The primary this copy follows may hand it the volume over on a session of its own.
+    let handover = header.kind == Kind::Handover && state.role.superblock().primary == peer;
+    if header.kind != Kind::Epoch
+        && !handover
+        && header.epoch == current
+        && claimed != Some(current)
+    {
         return Some(Decision::Close(format!(
             "a {} frame of epoch {current} before the session claimed it",
             header.kind.name()
@@ -1052,15 +1150,19 @@ enum Taken {
     Refused(Vec<u8>),
 }
 
-/// A forwarded client IO: run here if this node serves as the primary at the epoch the
-/// forwarder knows, else refused with the primary's node id.
-fn forwarded(header: &Header, state: &VolumeState) -> Taken {
-    let serving = state.role.primary_here()
+/// Whether this node serves the volume as its primary now.
+fn serving_primary(state: &VolumeState) -> bool {
+    state.role.primary_here()
         && state
             .role
             .primary_status()
-            .is_some_and(|status| status.serving() && !status.fenced());
-    if !serving || header.epoch != state.role.epoch() {
+            .is_some_and(|status| status.serving() && !status.fenced())
+}
+
+/// A forwarded client IO: run here if this node serves as the primary at the epoch the
+/// forwarder knows, else refused with the primary's node id.
+fn forwarded(header: &Header, state: &VolumeState) -> Taken {
+    if !serving_primary(state) || header.epoch != state.role.epoch() {
         let primary = state.role.superblock().primary;
         return Taken::Refused(state.replica.refusal(
             header.request_id,

@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::builder::PossibleValuesParser;
 use clap::{ArgGroup, Parser};
-use fathom_control::proto::{PromoteResult, ReplicationRow, Request, TraceRow, LAYERS};
+use fathom_control::proto::{
+    PromoteResult, ReparentResult, ReplicationRow, Request, TraceRow, LAYERS,
+};
 use fathom_control::{
     Cleared, ControlClient, DeviceRow, Hello, LayerRow, RuleRow, RunResult, VolumeRow,
 };
@@ -141,6 +143,21 @@ enum Command {
         /// Promote a copy that is not known to be in sync.
         #[arg(long)]
         force: bool,
+    },
+    /// Moves a volume's primary to another node, with no client IO failing: run on the
+    /// primary. New IO pauses, the writes in flight are answered, the new primary (an
+    /// in-sync replica) checks it holds every one, takes the next epoch on a majority and
+    /// serves; this node becomes a replica that forwards its NBD clients' IO, the paused IO
+    /// first, to it. Clients keep their connections. Called off (IO goes on here) when the
+    /// target refuses or writes do not drain within 10 s.
+    ///
+    ///   fathom-ctl --node /tmp/fathom-cluster/a reparent vol0 --to b
+    #[command(verbatim_doc_comment)]
+    Reparent {
+        volume: String,
+        /// The node to move the primary to (an in-sync replica of the volume).
+        #[arg(long, value_name = "NODE")]
+        to: String,
     },
 }
 
@@ -466,6 +483,10 @@ fn request(command: &Command) -> Request {
             volume: volume.clone(),
             force: *force,
         },
+        Command::Reparent { volume, to } => Request::Reparent {
+            volume: volume.clone(),
+            to: to.clone(),
+        },
     }
 }
 
@@ -506,6 +527,11 @@ fn run(args: &Args) -> Result<()> {
             ramp_ms,
             ..
         } => args.timeout + Duration::from_millis(runtime_ms.saturating_add(*ramp_ms)),
+        // Each waits up to 10 s for a drain, and as long for the other nodes (5 s a node
+        // that does not answer).
+        Request::Promote { .. } | Request::Reparent { .. } => {
+            args.timeout + Duration::from_secs(25)
+        }
         _ => args.timeout,
     };
     let mut client = ControlClient::connect(&socket, args.timeout)?;
@@ -619,6 +645,18 @@ fn print_answer(command: &Command, request: &Request, answer: Value) -> Result<(
             for (node, regions) in &result.behind {
                 println!("  {node}: behind in {regions} region(s), resynchronised from here");
             }
+        }
+        Command::Reparent { .. } => {
+            let result: ReparentResult = parse(answer, what)?;
+            println!(
+                "{} is primary of {} at epoch {} (writes up to {} of the last epoch on it); {} is a replica that forwards its clients' IO; IO paused {:.1} ms",
+                result.to,
+                result.volume,
+                result.epoch,
+                result.sequence,
+                result.from,
+                result.paused_us as f64 / 1e3
+            );
         }
     }
     Ok(())
