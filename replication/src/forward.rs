@@ -26,7 +26,7 @@ use crate::layer::PeerAddress;
 use crate::proto::{refusal, status, Header, Kind};
 use crate::role::VolumeRole;
 use crate::session::ConnectorSession;
-use crate::stream::{FrameStream, StreamError};
+use crate::stream::FrameStream;
 
 /// How long a client IO waits for a primary to forward it to.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -267,10 +267,7 @@ impl ForwardLayer {
             }
         }
         if let Link::Opening { stream, .. } | Link::Open { stream } = &mut self.link {
-            work |= stream.fill().map_err(|error| match error {
-                StreamError::Closed => "the primary closed the session".to_string(),
-                error => error.to_string(),
-            })? > 0;
+            work |= stream.fill_from("primary")? > 0;
         }
         loop {
             let answer = match &mut self.link {

@@ -38,7 +38,7 @@ use crate::proto::{refusal, status, Header, Kind};
 use crate::resync::{Chunk, Resync};
 use crate::role::VolumeRole;
 use crate::session::{ConnectorSession, PeerAuth};
-use crate::stream::{FrameStream, StreamError};
+use crate::stream::FrameStream;
 
 /// How long a replica has to open its session and take the epoch.
 const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
@@ -208,9 +208,14 @@ impl VolumeStatus {
     }
     /// Pauses new IO (true) or lets it go on (false), for a reparent.
     pub fn set_draining(&self, draining: bool) {
+        if draining {
+            // Unknown until the layer's next loop publishes it.
+            self.in_flight.store(u64::MAX, Ordering::Release);
+        }
         self.draining.store(draining, Ordering::Release);
     }
-    /// Client writes and flushes in flight (published every loop while draining).
+    /// Client writes and flushes in flight (published every loop while draining; `u64::MAX`
+    /// until the first loop after the drain began).
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Acquire)
     }
@@ -698,10 +703,7 @@ impl ReplicationLayer {
             _ => {}
         }
         if let Some(stream) = peer.stream() {
-            work |= stream.fill().map_err(|error| match error {
-                StreamError::Closed => "the replica closed the session".to_string(),
-                error => error.to_string(),
-            })? > 0;
+            work |= stream.fill_from("replica")? > 0;
         }
         loop {
             // What the next frame says, taken out of it before the stream is used again.

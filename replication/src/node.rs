@@ -636,18 +636,20 @@ impl Shared {
         };
         // Every write begun is answered (a majority has it) ...
         let deadline = started + REPARENT_TIMEOUT;
-        while status.in_flight() > 0 || started.elapsed() < Duration::from_millis(5) {
+        while status.in_flight() > 0 {
             if status.fenced() {
                 return Err(call_off(
                     "another node took the volume over meanwhile".into(),
                 ));
             }
             if Instant::now() >= deadline {
-                return Err(call_off(format!(
-                    "{} writes still in flight after {} s",
-                    status.in_flight(),
-                    REPARENT_TIMEOUT.as_secs()
-                )));
+                let seconds = REPARENT_TIMEOUT.as_secs();
+                return Err(call_off(match status.in_flight() {
+                    u64::MAX => format!(
+                        "the volume's reactor did not report its writes in flight within {seconds} s"
+                    ),
+                    writes => format!("{writes} writes still in flight after {seconds} s"),
+                }));
             }
             std::thread::sleep(Duration::from_millis(1));
         }

@@ -26,7 +26,7 @@ use crate::proto::{refusal, status, Header, Kind, HEADER_LEN};
 use crate::replica::{Decision, Io, IoKind, ReplicaVolume};
 use crate::role::VolumeRole;
 use crate::session::{AcceptorSession, PeerAuth, Step};
-use crate::stream::{FrameStream, StreamError};
+use crate::stream::FrameStream;
 
 /// Frames of one session in the engine at once.
 pub const SLOTS: usize = 64;
@@ -388,13 +388,7 @@ impl ReplicaConn {
                 let current = state.replica.epoch();
                 if header.forwarded {
                     let buf = match header.kind {
-                        Kind::Write => {
-                            let mut buf = buffers
-                                .get(frame.payload.len())
-                                .ok_or("no DMA memory for a write's payload (raise dma.size)")?;
-                            buf.as_bytes_mut().copy_from_slice(frame.payload);
-                            Some(buf)
-                        }
+                        Kind::Write => Some(payload_buf(buffers, frame.payload)?),
                         _ => None,
                     };
                     (forwarded(&header, state), buf)
@@ -422,11 +416,7 @@ impl ReplicaConn {
                         Decision::Submit(io) | Decision::Held(io)
                             if matches!(io.kind, IoKind::Write | IoKind::Resync) =>
                         {
-                            let mut buf = buffers
-                                .get(frame.payload.len())
-                                .ok_or("no DMA memory for a write's payload (raise dma.size)")?;
-                            buf.as_bytes_mut().copy_from_slice(frame.payload);
-                            Some(buf)
+                            Some(payload_buf(buffers, frame.payload)?)
                         }
                         _ => None,
                     };
@@ -719,11 +709,7 @@ impl ReplicaConn {
                 // after the role's, on this reactor): else the old primary's forwarder would
                 // have it reach this copy alone.
                 Work::Forward { request_id, .. } if !serving_primary(state) => {
-                    let reply = state.replica.refusal(
-                        *request_id,
-                        refusal::NOT_PRIMARY,
-                        &state.role.superblock().primary,
-                    );
+                    let reply = not_primary(state, *request_id);
                     if let Some(buf) = request.buf {
                         buffers.put(buf);
                     }
@@ -888,10 +874,7 @@ impl ReplicaConn {
                     if let Some(buf) = pending.buf {
                         buffers.put(buf);
                     }
-                    let primary = state.role.superblock().primary;
-                    let reply = state
-                        .replica
-                        .refusal(request_id, refusal::NOT_PRIMARY, &primary);
+                    let reply = not_primary(state, request_id);
                     self.stream.queue(&reply).map_err(|error| error.to_string())
                 } else {
                     let code = match completion.result {
@@ -1002,19 +985,12 @@ impl Connection for ReplicaConn {
                 Phase::Opening { .. } => served = self.serve_opening(service),
                 Phase::Open { volume, .. } => {
                     let held = &service.volumes[volume];
-                    let result = self
-                        .stream
-                        .fill()
-                        .map_err(|error| match error {
-                            StreamError::Closed => "the primary closed the session".to_string(),
-                            error => error.to_string(),
-                        })
-                        .and_then(|read| {
-                            let taken = self.take_frames(volume, local, buffers)?;
-                            let submitted =
-                                self.submit_ready(index, (volume, held), io, local, buffers)?;
-                            Ok(read > 0 || taken || submitted)
-                        });
+                    let result = self.stream.fill_from("primary").and_then(|read| {
+                        let taken = self.take_frames(volume, local, buffers)?;
+                        let submitted =
+                            self.submit_ready(index, (volume, held), io, local, buffers)?;
+                        Ok(read > 0 || taken || submitted)
+                    });
                     match result {
                         Ok(work) => served.work = work,
                         Err(reason) => self.close_with(reason),
@@ -1159,16 +1135,30 @@ fn serving_primary(state: &VolumeState) -> bool {
             .is_some_and(|status| status.serving() && !status.fenced())
 }
 
+/// The refusal of forwarded request `request_id` by a node that is not the primary: it names
+/// the primary this node knows, for the forwarder to send it there.
+fn not_primary(state: &VolumeState, request_id: u64) -> Vec<u8> {
+    let primary = state.role.superblock().primary;
+    state
+        .replica
+        .refusal(request_id, refusal::NOT_PRIMARY, &primary)
+}
+
+/// A write's payload in a DMA buffer of its own (the frame's bytes are the decoder's, reused
+/// by the next frame).
+fn payload_buf(buffers: &mut BufferCache, payload: &[u8]) -> Result<DmaBuf, String> {
+    let mut buf = buffers
+        .get(payload.len())
+        .ok_or("no DMA memory for a write's payload (raise dma.size)")?;
+    buf.as_bytes_mut().copy_from_slice(payload);
+    Ok(buf)
+}
+
 /// A forwarded client IO: run here if this node serves as the primary at the epoch the
 /// forwarder knows, else refused with the primary's node id.
 fn forwarded(header: &Header, state: &VolumeState) -> Taken {
     if !serving_primary(state) || header.epoch != state.role.epoch() {
-        let primary = state.role.superblock().primary;
-        return Taken::Refused(state.replica.refusal(
-            header.request_id,
-            refusal::NOT_PRIMARY,
-            &primary,
-        ));
+        return Taken::Refused(not_primary(state, header.request_id));
     }
     Taken::Forward(Work::Forward {
         kind: header.kind,

@@ -68,6 +68,15 @@ impl FrameStream {
         self.drained = false;
     }
 
+    /// [`FrameStream::fill`], its error as text: "the `peer` closed the session" when it
+    /// closed between frames.
+    pub fn fill_from(&mut self, peer: &str) -> Result<usize, String> {
+        self.fill().map_err(|error| match error {
+            StreamError::Closed => format!("the {peer} closed the session"),
+            error => error.to_string(),
+        })
+    }
+
     /// Reads what the socket has, up to the budget, into the decoder. Returns the bytes read;
     /// an error when the peer is gone.
     pub fn fill(&mut self) -> Result<usize, StreamError> {
