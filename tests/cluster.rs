@@ -455,11 +455,9 @@ fn a_reparent_moves_the_primary_with_no_client_io_failing() {
     let cluster = Cluster::start(3);
     let mut client = client(&cluster, 0, 31);
     write_for(&mut client, &cluster, Duration::from_millis(300));
-    // Back from b to a (the client's own node becoming the primary again) works too, but a
-    // flush after it can wait for ever (a replica's FlushAck short of its target: see the
-    // issue's notes), so only a to b is checked here.
-    {
-        let (from, to, epoch) = (0usize, 1usize, 2u64);
+    // a to b (the client's node becomes a forwarding replica), then back from b to a (its
+    // own node the primary again).
+    for (from, to, epoch) in [(0usize, 1usize, 2u64), (1, 0, 3)] {
         let (name, to_name) = (["a", "b"][from], ["a", "b"][to]);
         let runner = std::thread::spawn(move || {
             let end = client.run(Duration::from_secs(3));
@@ -509,9 +507,9 @@ fn a_reparent_moves_the_primary_with_no_client_io_failing() {
         assert!(cluster.log(from).contains("reparent done"));
     }
     // A reparent that cannot be: to a node that holds no copy, and from a replica.
-    let (ok, text) = cluster.ctl(1, &["reparent", "vol0", "--to", "z"]);
+    let (ok, text) = cluster.ctl(0, &["reparent", "vol0", "--to", "z"]);
     assert!(!ok && text.contains("holds no copy"), "{text}");
-    let (ok, text) = cluster.ctl(0, &["reparent", "vol0", "--to", "c"]);
+    let (ok, text) = cluster.ctl(1, &["reparent", "vol0", "--to", "c"]);
     assert!(!ok && text.contains("not the primary"), "{text}");
 }
 
@@ -544,13 +542,10 @@ fn a_deposed_primary_gets_no_write_acknowledged() {
         "{end:?}\n{}",
         cluster.logs()
     );
-    let stats = client.summary().stats;
+    // The writes it held fail (refused at the old epoch), unless a majority had them before
+    // the promote (sent before the stop, their acks read after it): those are acknowledged
+    // rightly. Either way every acknowledged write must read back through the new primary.
     println!("{}", client.summary());
-    assert!(
-        stats.writes_failed > 0,
-        "the writes the deposed primary held failed, none acknowledged: {}",
-        client.summary()
-    );
     let log = cluster.log(0);
     assert!(log.contains("another node took the volume over"), "{log}");
     let started = std::time::Instant::now();

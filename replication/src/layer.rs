@@ -230,8 +230,10 @@ enum Sent {
         op: Op,
         sent: u64,
     },
+    /// A flush asking for every write up to `target`.
     Flush {
         sent: u64,
+        target: u64,
     },
     Resync(Chunk),
 }
@@ -849,7 +851,7 @@ impl ReplicationLayer {
             }
             Kind::FlushAck => {
                 let sent = self.peers[index].outstanding.remove(&header.request_id);
-                let Some(Sent::Flush { sent }) = sent else {
+                let Some(Sent::Flush { sent, target }) = sent else {
                     return Err(format!(
                         "a FlushAck for request {} not sent",
                         header.request_id
@@ -859,9 +861,14 @@ impl ReplicationLayer {
                 if let Some(stage) = self.peers[index].stage {
                     ctx.record(Op::Flush, stage, ctx.now().saturating_sub(sent));
                 }
-                let answers = self
-                    .primary
-                    .flush_done(Copy::Replica(index), header.sequence, ok);
+                let mut answers =
+                    self.primary
+                        .flush_done(Copy::Replica(index), header.sequence, ok);
+                if ok && header.sequence < target {
+                    // The replica holds a flush until the writes it covers are applied; less
+                    // means it lacks one of them for good (a write that failed there).
+                    answers.extend(self.primary.flush_fell_short(Copy::Replica(index), target));
+                }
                 self.answer_flushes(ctx, answers);
                 self.publish_peer(index);
                 Ok(())
@@ -1442,7 +1449,7 @@ impl ReplicationLayer {
                 Ok(()) => {
                     self.next_request += 1;
                     peer.outstanding
-                        .insert(request_id, Sent::Flush { sent: now });
+                        .insert(request_id, Sent::Flush { sent: now, target });
                 }
                 Err(error) => failed.push((index, Some(error.to_string()))),
             }

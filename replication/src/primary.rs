@@ -407,39 +407,51 @@ impl PrimaryVolume {
         if ok {
             self.durable[index] = self.durable[index].max(durable_up_to);
         }
-        let majority = self.majority();
-        let copies = 1 + self.remotes as u32;
         let bit = Self::bit(copy);
-        let durable = &self.durable;
-        let mut answers = Vec::new();
+        let durable = self.durable[index];
         let counts = match copy {
             Copy::Local => true,
             Copy::Replica(replica) => self.stale[replica].is_empty(),
         };
-        for (&id, flush) in self.flushes.iter_mut().filter(|(_, flush)| !flush.answered) {
-            if ok && counts && durable[index] >= flush.target {
+        for flush in self.flushes.values_mut().filter(|flush| !flush.answered) {
+            if ok && counts && durable >= flush.target {
                 flush.durable |= bit;
             } else if !ok || !counts {
                 // A replica out of sync lacks writes from before its stream: it can make no
                 // flush durable until it is resynchronised.
                 flush.failed |= bit;
             }
+        }
+        self.decide_flushes()
+    }
+
+    /// A copy answered a flush that asked for every write up to `asked` with less
+    /// (`flush_done` took what it said): it could not make them durable (a write failed there,
+    /// or it lacks one), so every flush up to `asked` it did not make durable failed there.
+    /// Returns the answers now decided.
+    pub fn flush_fell_short(&mut self, copy: Copy, asked: u64) -> Vec<(u64, Answer)> {
+        let bit = Self::bit(copy);
+        for flush in self.flushes.values_mut() {
+            if !flush.answered && flush.target <= asked && flush.durable & bit == 0 {
+                flush.failed |= bit;
+            }
+        }
+        self.decide_flushes()
+    }
+
+    /// Answers the flushes a majority made durable, or can no longer make durable.
+    fn decide_flushes(&mut self) -> Vec<(u64, Answer)> {
+        let majority = self.majority();
+        let copies = 1 + self.remotes as u32;
+        let mut answers = Vec::new();
+        for (&id, flush) in self.flushes.iter_mut().filter(|(_, flush)| !flush.answered) {
+            let sequence = flush.target;
             if flush.durable.count_ones() >= majority {
                 flush.answered = true;
-                answers.push((
-                    id,
-                    Answer::Done {
-                        sequence: flush.target,
-                    },
-                ));
+                answers.push((id, Answer::Done { sequence }));
             } else if copies - flush.failed.count_ones() < majority {
                 flush.answered = true;
-                answers.push((
-                    id,
-                    Answer::Failed {
-                        sequence: flush.target,
-                    },
-                ));
+                answers.push((id, Answer::Failed { sequence }));
             }
         }
         self.flushes.retain(|_, flush| !flush.answered);
@@ -548,6 +560,30 @@ mod tests {
         assert_eq!(
             v.flush_done(Copy::Replica(0), 3, true),
             vec![(id, Answer::Done { sequence: 3 })]
+        );
+    }
+
+    #[test]
+    fn a_flush_ack_short_of_what_it_asked_fails_that_copy_for_the_flush() {
+        let mut v = volume();
+        for lba in 0..3 {
+            let (sequence, _) = v.begin_write(lba * 256, 1, false);
+            v.local_done(sequence, true);
+            v.replica_done(0, sequence, true);
+            v.replica_done(1, sequence, sequence != 3);
+        }
+        let (id, target) = v.begin_flush();
+        assert!(v.flush_done(Copy::Local, target, true).is_empty());
+        // Replica 1 lacks write 3 for good: its answer to the flush says 2.
+        assert!(v.flush_done(Copy::Replica(1), 2, true).is_empty());
+        assert!(
+            v.flush_fell_short(Copy::Replica(1), target).is_empty(),
+            "two copies may still make it durable"
+        );
+        assert_eq!(
+            v.flush_fell_short(Copy::Replica(0), target),
+            vec![(id, Answer::Failed { sequence: 3 })],
+            "no majority left"
         );
     }
 

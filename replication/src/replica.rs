@@ -8,8 +8,9 @@
 //!   superblock with FUA, then calls [`ReplicaVolume::epoch_durable`] for the EpochOk.
 //! - Writes (Write, WriteZeroes, Trim) must come in sequence order; overlapping ones run one
 //!   after the other ([`crate::order`]). Each is acknowledged with its sequence once written.
-//! - A Flush is acknowledged with "durable up to": every write acknowledged before the flush
-//!   was submitted.
+//! - A Flush runs once every write it covers (up to its sequence) is applied, or once no
+//!   write is in flight here; it is acknowledged with "durable up to": every write applied
+//!   when it was submitted (short of its sequence if this copy lacks one).
 //! - A Read answers with the data (a new primary's reconciliation, resync).
 
 use fathom_telemetry::trace::TraceContext;
@@ -206,6 +207,13 @@ impl ReplicaVolume {
         self.epoch
     }
 
+    /// Whether a flush that must cover every write up to `target` may run: they are all
+    /// applied, or no write is in flight here so no more will be (a write that failed, one this
+    /// copy missed): its FlushAck then says how far it got, short of `target`.
+    pub fn flush_ready(&self, target: u64) -> bool {
+        self.applied >= target || !self.writing()
+    }
+
     pub fn applied(&self) -> u64 {
         self.applied
     }
@@ -293,11 +301,9 @@ impl ReplicaVolume {
             trace: header.trace,
         };
         if kind == IoKind::Flush {
-            // It covers what was acknowledged when it is submitted.
-            return Decision::Submit(Io {
-                sequence: self.applied,
-                ..io
-            });
+            // `sequence` is the last write it must cover: the service submits it once
+            // [`ReplicaVolume::flush_ready`], and it covers what is applied then.
+            return Decision::Submit(io);
         }
         if io
             .lba
@@ -688,6 +694,41 @@ mod tests {
     }
 
     #[test]
+    fn a_flush_short_of_a_failed_write_runs_once_nothing_is_in_flight_and_says_so() {
+        let mut v = volume();
+        let Decision::Submit(w1) = decide(&mut v, &write(1, 0, 1, 5)) else {
+            panic!()
+        };
+        let Decision::Submit(w2) = decide(&mut v, &write(2, 1, 1, 5)) else {
+            panic!()
+        };
+        v.completed(&w2, true, &[]);
+        assert!(!v.flush_ready(2), "write 1 is in flight");
+        // Write 1 fails here: write 2 is done but nothing applies it past the gap.
+        v.completed(&w1, false, &[]);
+        assert_eq!(v.applied(), 0);
+        assert!(v.flush_ready(2), "nothing left in flight to wait for");
+        let flush = Io {
+            kind: IoKind::Flush,
+            arrival: 0,
+            request_id: 3,
+            lba: 0,
+            blocks: 0,
+            sequence: v.applied(),
+            fua: false,
+            trace: None,
+        };
+        let (ack, _) = v.completed(&flush, true, &[]);
+        with_frame(&ack, |frame| {
+            assert_eq!(
+                (frame.kind(), frame.header.status, frame.sequence()),
+                (Kind::FlushAck, status::OK, 0),
+                "durable up to 0: short of 2, which the primary counts as failed here"
+            )
+        });
+    }
+
+    #[test]
     fn a_probe_names_each_region_written_with_its_highest_sequence() {
         // 4 MiB in 1 MiB regions.
         let mut v = volume();
@@ -786,7 +827,7 @@ mod tests {
         let Decision::Submit(w2) = decide(&mut v, &write(2, 1, 1, 5)) else {
             panic!()
         };
-        // Flush submitted while write 2 is in flight: it covers write 1 only.
+        // A flush of writes up to 2 arrives while write 2 is in flight: it waits for it.
         let flush = frame_bytes(
             Header {
                 epoch: 5,
@@ -796,16 +837,20 @@ mod tests {
             },
             &[],
         );
-        let Decision::Submit(f) = decide(&mut v, &flush) else {
+        let Decision::Submit(mut f) = decide(&mut v, &flush) else {
             panic!()
         };
-        assert_eq!(f.sequence, 1);
+        assert_eq!(f.sequence, 2);
+        assert!(!v.flush_ready(f.sequence), "write 2 is not applied yet");
         v.completed(&w2, true, &[]);
+        assert!(v.flush_ready(f.sequence));
+        // The service submits it now: it covers what is applied.
+        f.sequence = v.applied();
         let (ack, _) = v.completed(&f, true, &[]);
         with_frame(&ack, |frame| {
-            assert_eq!((frame.kind(), frame.sequence()), (Kind::FlushAck, 1))
+            assert_eq!((frame.kind(), frame.sequence()), (Kind::FlushAck, 2))
         });
-        assert_eq!(v.durable(), 1);
+        assert_eq!(v.durable(), 2);
         let fua = frame_bytes(
             Header {
                 epoch: 5,

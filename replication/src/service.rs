@@ -142,6 +142,7 @@ impl Service for ReplicaService {
             close_reason: None,
             claimed: None,
             stalled: None,
+            waiting: 0,
         }))
     }
 
@@ -198,6 +199,8 @@ enum Stage {
     Ready,
     /// Behind an earlier overlapping write.
     Held,
+    /// A flush waiting for the writes it covers ([`ReplicaVolume::flush_ready`]).
+    Waiting,
     /// In the engine.
     Submitted,
 }
@@ -255,6 +258,8 @@ pub struct ReplicaConn {
     claimed: Option<u64>,
     /// Bytes of a partial frame, and since when no more came.
     stalled: Option<(usize, Instant)>,
+    /// Flushes in [`Stage::Waiting`].
+    waiting: usize,
 }
 
 impl ReplicaConn {
@@ -459,6 +464,12 @@ impl ReplicaConn {
                         "the primary has more than {ORDER_CAPACITY} writes outstanding"
                     ))
                 }
+                Decision::Submit(io)
+                    if io.kind == IoKind::Flush && !state.replica.flush_ready(io.sequence) =>
+                {
+                    self.waiting += 1;
+                    (Work::Io(io), Stage::Waiting)
+                }
                 Decision::Submit(io) => (Work::Io(io), Stage::Ready),
                 Decision::Held(io) => (Work::Io(io), Stage::Held),
                 Decision::PersistEpoch {
@@ -523,6 +534,9 @@ impl ReplicaConn {
         let Some(state) = local.volumes.get_mut(at).and_then(Option::as_mut) else {
             return Err("the volume is not on this reactor".into());
         };
+        if self.waiting > 0 {
+            self.release_flushes(state);
+        }
         while let Some(&slot) = self.ready.front() {
             let pending = self.slots[slot as usize]
                 .as_mut()
@@ -547,7 +561,11 @@ impl ReplicaConn {
                             fua: replica_io.fua,
                             ..IoRequest::write_zeroes(volume.id, offset, len, tag)
                         },
-                        IoKind::Flush => IoRequest::flush(volume.id, tag),
+                        IoKind::Flush => {
+                            // It covers every write applied before it runs.
+                            replica_io.sequence = state.replica.applied();
+                            IoRequest::flush(volume.id, tag)
+                        }
                         IoKind::Read => {
                             let buf = buffers
                                 .get(len as usize)
@@ -759,6 +777,20 @@ impl ReplicaConn {
             }
         }
         Ok(work)
+    }
+
+    /// Flushes whose writes are applied now go to the ready queue.
+    fn release_flushes(&mut self, state: &VolumeState) {
+        for (slot, pending) in self.slots.iter_mut().enumerate() {
+            let Some(pending) = pending else { continue };
+            if let (Stage::Waiting, Work::Io(flush)) = (pending.stage, &pending.work) {
+                if state.replica.flush_ready(flush.sequence) {
+                    pending.stage = Stage::Ready;
+                    self.ready.push_back(slot as u16);
+                    self.waiting -= 1;
+                }
+            }
+        }
     }
 
     /// IO `io` of slot `slot` finished: its reply, and the held writes it lets go.
