@@ -1824,6 +1824,52 @@ mod tests {
         assert_eq!(Kind::from_code(18), None);
     }
 
+    /// The fuzz target's seeds (`fuzz/seeds/decode`, a chunking byte and a stream) hold a
+    /// valid frame of every kind, a forwarded one and a traced one: a fuzzer mutating them
+    /// starts past the CRCs. `FATHOM_WRITE_FUZZ_SEEDS=1` writes them again from the samples.
+    #[test]
+    fn the_fuzz_seeds_are_valid_frames_of_every_kind() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/decode");
+        let mut seeds: Vec<(String, Header, Vec<u8>)> = sample_frames()
+            .into_iter()
+            .map(|(header, payload)| (header.kind.name().to_lowercase(), header, payload))
+            .collect();
+        let (write, payload) = sample_frames().swap_remove(2);
+        seeds.push((
+            "forwarded".into(),
+            Header {
+                forwarded: true,
+                ..write
+            },
+            payload.clone(),
+        ));
+        seeds.push((
+            "traced".into(),
+            Header {
+                trace: Some(trace()),
+                ..write
+            },
+            payload,
+        ));
+        if std::env::var_os("FATHOM_WRITE_FUZZ_SEEDS").is_some() {
+            for (name, header, payload) in &seeds {
+                let mut bytes = vec![0x5a];
+                bytes.extend(frame_bytes(header, payload));
+                std::fs::write(dir.join(name), bytes).unwrap();
+            }
+        }
+        let mut kinds = std::collections::BTreeSet::new();
+        for (name, _, _) in &seeds {
+            let bytes = std::fs::read(dir.join(name))
+                .unwrap_or_else(|error| panic!("seed {name}: {error} (FATHOM_WRITE_FUZZ_SEEDS=1)"));
+            let (decoded, error) = decode_all(&bytes[1..]);
+            assert_eq!(error, None, "seed {name}");
+            assert_eq!(decoded.len(), 1, "seed {name}");
+            kinds.insert(decoded[0].0.kind.code());
+        }
+        assert_eq!(kinds.len(), Kind::ALL.len());
+    }
+
     #[test]
     fn write_frame_layout_matches_the_specification() {
         let header = Header {
