@@ -14,6 +14,7 @@ use common::cluster::{first_difference, Cluster, BLOCK_BYTES};
 use fathom::checker::{Client, ClientOptions, RunEnd};
 use fathom::nbd_client::NbdUri;
 use fathom_replication::proto::{encode, FrameDecoder, Header, Hello, Kind};
+use fathom_telemetry::trace::{reason, region_beside, stamp, Start, TraceReader, TraceRecord};
 
 fn client(cluster: &Cluster, index: usize, seed: u64) -> Client {
     let uri = NbdUri::parse(&cluster.uri(index)).unwrap();
@@ -778,12 +779,28 @@ fn write_stage(report: &serde_json::Value, stage: &str) -> serde_json::Value {
         .clone()
 }
 
+/// Every trace record node `index` holds, and its clock's rate (ticks per second).
+fn trace_records(cluster: &Cluster, index: usize) -> (u64, Vec<TraceRecord>) {
+    let region = region_beside(&cluster.nodes[index].dir.join("stats"));
+    let mut reader = TraceReader::open(&region, Start::Oldest)
+        .unwrap_or_else(|error| panic!("{}: {error}", region.display()));
+    let records = reader.poll().records.into_iter().map(|(_, r)| r).collect();
+    (reader.directory().tsc_hz, records)
+}
+
 /// 2 ms on one replica's device: the primary's `replicate:c` stage shows it, `replicate:b`
 /// does not, and the client's writes are answered by the primary and b without waiting for c.
+/// The primary traces every IO and c its writes slower than 1 ms: c's spans join the
+/// primary's traces (same trace id, the primary's span their parent) and end after the
+/// client had its answer.
 #[test]
 fn a_slow_replica_shows_in_its_replicate_stage_and_does_not_hold_writes_back() {
     let cluster = Cluster::start(3);
     let (ok, text) = cluster.ctl(2, &["inject", "add", "nvme0", "--latency", "2ms"]);
+    assert!(ok, "{text}");
+    let (ok, text) = cluster.ctl(0, &["trace", "set", "vol0", "--rate", "1"]);
+    assert!(ok, "{text}");
+    let (ok, text) = cluster.ctl(2, &["trace", "set", "vol0", "--rate", "0", "--tail", "1ms"]);
     assert!(ok, "{text}");
     let uri = NbdUri::parse(&cluster.uri(0)).unwrap();
     let mut client = Client::connect(
@@ -817,6 +834,54 @@ fn a_slow_replica_shows_in_its_replicate_stage_and_does_not_hold_writes_back() {
         "the client's writes do not wait for c: {total}"
     );
     client.verify_all().unwrap();
+
+    let (hz, primary) = trace_records(&cluster, 0);
+    let (_, replica) = trace_records(&cluster, 2);
+    let writes: std::collections::HashMap<_, _> = primary
+        .iter()
+        .filter(|record| record.op == 1 && record.stamps[stamp::SENT] != 0)
+        .map(|record| (record.trace_id, record))
+        .collect();
+    let joined: Vec<(&TraceRecord, &TraceRecord)> = replica
+        .iter()
+        .filter_map(|span| writes.get(&span.trace_id).map(|&write| (write, span)))
+        .collect();
+    assert!(
+        joined.len() >= 20,
+        "{} of c's {} spans join one of the primary's {} traced writes",
+        joined.len(),
+        replica.len(),
+        writes.len()
+    );
+    // Both nodes stamp with this machine's TSC: raw stamps compare across processes (each
+    // node's unix times rest on its own calibration of the TSC's rate). A write the client
+    // had answered within the injected 2 ms (most: the stats above) must show c's span, which
+    // takes the 2 ms, ending after the answer; slower ones waited on this busy machine.
+    let two_ms = 2 * hz / 1000;
+    let (mut fast, mut after) = (0, 0);
+    for &(write, span) in &joined {
+        assert_eq!(
+            span.parent, write.span_id,
+            "c's span is a child of the write's"
+        );
+        assert!(span.reason & reason::TAIL != 0, "{span:?}");
+        let (received, acked) = (write.stamps[stamp::RECEIVED], write.stamps[stamp::SENT]);
+        let end = span.stamps[stamp::COMPLETED].max(span.stamps[stamp::SEEN]);
+        assert!(
+            span.stamps[stamp::ACCEPTED] > received,
+            "c took the write after the primary's client sent it: {write:?} {span:?}"
+        );
+        if acked - received < two_ms {
+            fast += 1;
+            after += (end > acked) as usize;
+        }
+    }
+    println!(
+        "{} joined traces, {fast} answered within 2 ms: c's span ends after the client's answer in {after}",
+        joined.len()
+    );
+    assert!(fast * 2 >= joined.len(), "most writes do not wait for c");
+    assert_eq!(after, fast, "c's span ends after the client was answered");
 }
 
 /// The primary's /metrics has the replicate stages and each replica's session, sync, lag

@@ -27,6 +27,7 @@
 use fathom_dma::DmaBuf;
 use fathom_drivers::inject::{InjectRule, Injector, OpClass, Rng};
 use fathom_drivers::{IoCommand, Op};
+use fathom_telemetry::trace::{SpanId, TraceContext};
 use fathom_telemetry::Clock;
 
 use crate::volume::IoError;
@@ -394,6 +395,8 @@ pub struct LayerCtx<'a> {
     pub(crate) from_frontend: bool,
     /// The reactor's telemetry, for stages a layer times itself.
     pub(crate) telemetry: Option<&'a mut crate::stats::CoreTelemetry>,
+    /// Per slot (empty without telemetry): what a layered IO carries for its trace.
+    pub(crate) layer_spans: &'a mut [crate::stats::LayerSpans],
     pub(crate) work: &'a mut LayerWork,
     /// Slots free for children (checked before a child is accepted).
     pub(crate) free_slots: usize,
@@ -418,6 +421,28 @@ impl LayerCtx<'_> {
         if let Some(telemetry) = self.telemetry.as_deref_mut() {
             telemetry.record(self.volume, op, stage, ticks, 1);
         }
+    }
+
+    /// The trace context for IO `slot` to carry to another node (a replica, the primary it
+    /// is forwarded to): its trace id and its root span, the parent of the spans there. The
+    /// IO keeps these ids: its own record, if it is traced here, joins the same trace. `None`
+    /// while tracing is off. Not sampled: each node keeps spans by its own rules (head, tail,
+    /// errors), and a reader joins them by trace id.
+    pub fn trace_context(&mut self, slot: u32) -> Option<TraceContext> {
+        let spans = self.layer_spans.get_mut(slot as usize)?;
+        if spans.ids.trace_id.0 == 0 {
+            let (trace_id, span) = self.telemetry.as_deref_mut()?.new_ids()?;
+            spans.ids = crate::stats::TraceIds {
+                trace_id,
+                span,
+                parent: SpanId(0),
+            };
+        }
+        Some(TraceContext {
+            trace_id: spans.ids.trace_id,
+            parent: spans.ids.span,
+            sampled: false,
+        })
     }
 
     /// Clock ticks, read once per loop iteration for the layers.

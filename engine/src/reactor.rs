@@ -33,11 +33,14 @@ use crate::layer::{
     Down, Layer, LayerCtx, LayerName, LayerWork, OwnIo, Up, VolumePath, NO_SLOT, OWN_SLOT,
 };
 use crate::poll::EventFd;
-use crate::stats::{CoreTelemetry, EngineStamps, FrontendTrace, LayerSpans, Series, TracedIo};
+use crate::stats::{
+    CoreTelemetry, EngineStamps, FrontendTrace, LayerSpans, Series, TraceIds, TracedIo,
+};
 use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};
 use fathom_dma::DmaBuf;
 use fathom_drivers::{IoCommand, IoFlags, IoQueue, Op};
 use fathom_nvme::{Completed, DataRange, Status};
+use fathom_telemetry::trace::TraceContext;
 use fathom_telemetry::Clock;
 
 /// Inbound messages taken per loop iteration.
@@ -458,6 +461,35 @@ impl IoContext {
         self.submit_notify(request, Notify::Task(task), None, true, false)
     }
 
+    /// [`IoContext::submit`] for an IO that another node's trace reaches (a replica's write
+    /// from its primary, a client's IO forwarded to the primary): if it is traced here, its
+    /// record joins that trace, its root span a child of `context`'s parent. Only IO that goes
+    /// through its volume's layers keeps the context.
+    pub fn submit_in_trace(
+        &mut self,
+        request: IoRequest,
+        context: Option<TraceContext>,
+    ) -> Result<(), Rejected> {
+        let slot = self.free_slots.last().copied();
+        let layered = self.layered && self.detour.get(request.volume.0 as usize) == Some(&true);
+        self.submit(request)?;
+        if let (Some(context), Some(slot), true) = (context, slot, layered) {
+            let span = self
+                .telemetry
+                .as_deref_mut()
+                .and_then(|telemetry| telemetry.new_ids())
+                .map(|(_, span)| span);
+            if let (Some(span), Some(spans)) = (span, self.layer_spans.get_mut(slot as usize)) {
+                spans.ids = TraceIds {
+                    trace_id: context.trace_id,
+                    span,
+                    parent: context.parent,
+                };
+            }
+        }
+        Ok(())
+    }
+
     /// Inside [`Task::complete`], before submitting anything: the stamps of the IO whose
     /// completion this is (`None` without telemetry), for a front end that traces its
     /// requests ([`IoContext::trace_frontend`]).
@@ -743,6 +775,7 @@ impl IoContext {
             volume: volume as u32,
             from_frontend: false,
             telemetry: self.telemetry.as_deref_mut(),
+            layer_spans: &mut self.layer_spans,
             work: &mut self.work,
             free_slots: self.free_slots.len(),
         }
@@ -998,7 +1031,7 @@ impl IoContext {
             if let Some(span) = self
                 .layer_spans
                 .get_mut(slot as usize)
-                .and_then(|spans| spans.0.get_mut(depth))
+                .and_then(|spans| spans.spans.get_mut(depth))
             {
                 *span = (stack[depth].layer().index() as u8, self.layer_now, 0);
             }
@@ -1041,7 +1074,7 @@ impl IoContext {
             if let Some(span) = self
                 .layer_spans
                 .get_mut(slot as usize)
-                .and_then(|spans| spans.0.get_mut(depth))
+                .and_then(|spans| spans.spans.get_mut(depth))
             {
                 span.2 = self.layer_now;
             }

@@ -30,7 +30,7 @@
 
 use fathom_telemetry::region::{QueueRecorder, SeriesRecorder};
 use fathom_telemetry::trace::{
-    reason, stamp, IdGenerator, RingWriter, SpanId, TraceRecord, MAX_LAYERS,
+    reason, stamp, IdGenerator, RingWriter, SpanId, TraceId, TraceRecord, MAX_LAYERS,
 };
 use fathom_telemetry::Clock;
 use std::sync::Arc;
@@ -455,23 +455,45 @@ pub(crate) struct TracedIo {
     pub layers: Option<LayerSpans>,
 }
 
-/// The layers one IO passed, by depth in its volume's stack: (layer kind as
-/// [`crate::layer::LayerName::index`], entered going down, left going up; 0 where it did
-/// not pass).
+/// What a layered IO carries for its trace: the layers it passed, and the ids it was given
+/// when its trace crossed to another node.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LayerSpans(pub [(u8, u64, u64); MAX_LAYERS]);
+pub struct LayerSpans {
+    /// By depth in its volume's stack: (layer kind as [`crate::layer::LayerName::index`],
+    /// entered going down, left going up; 0 where it did not pass).
+    pub spans: [(u8, u64, u64); MAX_LAYERS],
+    /// Its trace's ids, set before its record is made: by a layer that sent it on to other
+    /// nodes in a trace context ([`crate::LayerCtx::trace_context`]), or by a caller that
+    /// brought one ([`crate::IoContext::submit_in_trace`]). Zero: the record draws its own.
+    pub ids: TraceIds,
+}
+
+/// A traced IO's ids on this node: its trace, its root span, and its caller's span (zero when
+/// the trace starts here).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TraceIds {
+    pub trace_id: TraceId,
+    pub span: SpanId,
+    pub parent: SpanId,
+}
 
 impl LayerSpans {
-    /// The layers it passed, top first, as a trace record holds them.
+    /// The layers it passed, top first, and its ids if it has some, as a trace record holds
+    /// them.
     fn into_record(self, record: &mut TraceRecord) {
         let mut count = 0;
-        for &(kind, begin, end) in &self.0 {
+        for &(kind, begin, end) in &self.spans {
             if begin != 0 {
                 record.layers[count] = (kind, begin, end.max(begin));
                 count += 1;
             }
         }
         record.layer_count = count as u8;
+        if self.ids.trace_id.0 != 0 {
+            record.trace_id = self.ids.trace_id;
+            record.span_id = self.ids.span;
+            record.parent = self.ids.parent;
+        }
     }
 }
 
@@ -583,6 +605,13 @@ impl CoreTelemetry {
             layers.into_record(&mut record);
         }
         tracer.push(&record);
+    }
+
+    /// A new trace id and span id for an IO whose trace goes on to another node; `None`
+    /// while tracing is off.
+    pub(crate) fn new_ids(&mut self) -> Option<(TraceId, SpanId)> {
+        let tracer = self.tracer.as_deref_mut()?;
+        Some((tracer.ids.trace_id(), tracer.ids.span_id()))
     }
 
     /// Whether the head sampler kept the front-end IO whose completion is being delivered

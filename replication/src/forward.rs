@@ -237,6 +237,8 @@ impl ForwardLayer {
                     && kind != Kind::Flush
                     && command.flags.contains(IoFlags::FUA),
                 forwarded: true,
+                // The primary's span of this IO joins its trace.
+                trace: ctx.trace_context(waiting.slot),
                 ..Header::new(kind)
             };
             let payload = match kind {

@@ -1361,6 +1361,8 @@ impl ReplicationLayer {
             lba: command.slba - self.first_lba,
             block_count: command.blocks,
             fua: command.flags.contains(IoFlags::FUA),
+            // The replicas' spans of this write join its trace.
+            trace: ctx.trace_context(slot),
             ..Header::new(kind)
         };
         let payload: &[u8] = match kind {

@@ -20,6 +20,7 @@ use fathom_engine::volume::{IoCompletion, IoError, IoRequest, VolumeId};
 use fathom_engine::EngineStamps;
 use fathom_net::server::{Connection, Served, Service};
 use fathom_net::{BufferCache, Transport};
+use fathom_telemetry::trace::TraceContext;
 
 use crate::meta::{Role, Superblock, BLOCK_BYTES};
 use crate::proto::{refusal, status, Header, Kind, HEADER_LEN};
@@ -215,6 +216,7 @@ enum Work {
         lba: u64,
         blocks: u32,
         fua: bool,
+        trace: Option<TraceContext>,
     },
     /// A new primary's Probe: answered once no write is in flight here.
     Probe {
@@ -735,6 +737,10 @@ impl ReplicaConn {
                     work = true;
                     continue;
                 }
+                // Its span here joins the trace of the primary's (or forwarder's) IO.
+                Work::Io(Io { trace, .. }) | Work::Forward { trace, .. } => {
+                    io.submit_in_trace(request, *trace)
+                }
                 _ => io.submit(request),
             };
             match submitted {
@@ -1019,6 +1025,11 @@ impl Connection for ReplicaConn {
                     let held = &service.volumes[volume];
                     let result = self.stream.fill_from("primary").and_then(|read| {
                         let taken = self.take_frames(volume, local, buffers)?;
+                        if taken {
+                            // The engine's accept stamp of what arrived now (the reactor's last
+                            // may be from before the frames came, as the NBD server's would).
+                            io.stamp();
+                        }
                         let submitted =
                             self.submit_ready(index, (volume, held), io, local, buffers)?;
                         Ok(read > 0 || taken || submitted)
@@ -1198,5 +1209,6 @@ fn forwarded(header: &Header, state: &VolumeState) -> Taken {
         lba: header.lba,
         blocks: header.block_count,
         fua: header.fua,
+        trace: header.trace,
     })
 }
