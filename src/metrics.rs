@@ -174,7 +174,7 @@ pub fn replication_metrics(
 ) -> String {
     use std::fmt::Write as _;
     let mut volumes = String::new();
-    let mut replicas: [(&str, &str, &str, String); 7] = [
+    let mut replicas: [(&str, &str, &str, String); 8] = [
         (
             "fathom_replica_connected",
             "gauge",
@@ -217,6 +217,12 @@ pub fn replication_metrics(
             "1 if this primary learned another node took the volume over.",
             String::new(),
         ),
+        (
+            "fathom_replication_resync_rate_bytes",
+            "gauge",
+            "The resync rate in force on this primary, bytes per second (0: no limit).",
+            String::new(),
+        ),
     ];
     let _ = writeln!(
         volumes,
@@ -247,6 +253,11 @@ pub fn replication_metrics(
             replicas[6].3,
             "fathom_replication_fenced{{node=\"{node}\",volume=\"{volume}\"}} {}",
             status.fenced() as u8
+        );
+        let _ = writeln!(
+            replicas[7].3,
+            "fathom_replication_resync_rate_bytes{{node=\"{node}\",volume=\"{volume}\"}} {}",
+            status.resync_pace()
         );
         for peer in &status.peers {
             let labels = format!(

@@ -101,6 +101,8 @@ impl NodeControl {
                             resynced_bytes: peer.resynced_bytes(),
                         })
                         .collect(),
+                    resync_rate: status.resync_pace(),
+                    resync_client_p99_us: status.resync_client_p99_us(),
                 },
                 None => ReplicationRow {
                     volume: role.volume.clone(),
@@ -111,6 +113,8 @@ impl NodeControl {
                     fenced: false,
                     in_sync: role.in_sync(),
                     peers: Vec::new(),
+                    resync_rate: 0,
+                    resync_client_p99_us: 0,
                 },
             })
             .collect())

@@ -391,6 +391,44 @@ fn a_replica_with_a_new_disk_is_rebuilt_in_full() {
     assert_identical(&cluster, &[0, 1, 2]);
 }
 
+/// With `replication.resync_p99`, a resync's rate follows the client writes' p99: a bound no
+/// write can meet (1 µs) takes it down to its floor of 1 MiB/s while the client writes, and
+/// once the client stops it grows again and the rebuild of the new disk ends.
+#[test]
+fn a_resync_slows_to_keep_the_client_write_p99_bound_and_speeds_up_without_clients() {
+    let mut cluster = Cluster::start_with_replication(3, "resync_p99 = \"1us\"");
+    let mut client = client(&cluster, 0, 26);
+    write_for(&mut client, &cluster, Duration::from_millis(300));
+    cluster.kill(1);
+    std::fs::remove_file(cluster.media(1)).unwrap();
+    cluster.start_node(1);
+    cluster.wait_open(0, Duration::from_secs(30));
+    write_for(&mut client, &cluster, Duration::from_millis(1500));
+    let row = cluster.replication(0);
+    let b = &row["peers"][0];
+    assert_eq!(row["resync_rate"], 1 << 20, "at its floor: {row}");
+    assert!(row["resync_client_p99_us"].as_u64().unwrap() > 1, "{row}");
+    assert!(
+        b["resync_left_bytes"].as_u64().unwrap() > 0 && b["in_sync"] == false,
+        "a 64 MiB rebuild at that pace is not done: {row}"
+    );
+    let (_, table) = cluster.ctl(0, &["replication"]);
+    println!("{table}");
+    assert!(table.contains("at 1MiB/s (client write p99"), "{table}");
+    // No client: the rate grows by a quarter and 4 MiB/s every 100 ms, and the rebuild ends.
+    cluster.wait_peers(0, Duration::from_secs(60), "in sync", |peer| {
+        peer["in_sync"] == true
+    });
+    let row = cluster.replication(0);
+    assert!(
+        row["peers"][0]["resynced_bytes"].as_u64().unwrap() >= common::cluster::VOLUME_BYTES,
+        "{row}"
+    );
+    client.verify_all().unwrap();
+    wait_caught_up(&cluster);
+    assert_identical(&cluster, &[0, 1, 2]);
+}
+
 /// The primary dies in the middle of writes; a replica is promoted with fathom-ctl and the
 /// client reconnects to it: every write it was acknowledged is there (the checker is not told
 /// of any crash: a majority held each write). The old primary comes back as a replica and is
@@ -546,9 +584,17 @@ fn a_deposed_primary_gets_no_write_acknowledged() {
     // The writes it held fail (refused at the old epoch), unless a majority had them before
     // the promote (sent before the stop, their acks read after it): those are acknowledged
     // rightly. Either way every acknowledged write must read back through the new primary.
+    // The promote may outlast the client's run (it waits up to 5 s for the stopped node's
+    // answer): the client's next writes through a then find it deposed.
+    let end = client.run(Duration::from_millis(500)).unwrap();
+    assert!(matches!(end, RunEnd::Elapsed), "{end:?}");
     println!("{}", client.summary());
     let log = cluster.log(0);
-    assert!(log.contains("another node took the volume over"), "{log}");
+    assert!(
+        log.contains("another node took the volume over"),
+        "{}",
+        cluster.logs()
+    );
     let started = std::time::Instant::now();
     while cluster.replication(0)["role"] != "replica" {
         assert!(

@@ -401,6 +401,14 @@ pub struct ReplicationRow {
     pub in_sync: bool,
     /// On the primary: one per replica.
     pub peers: Vec<PeerRow>,
+    /// On the primary: the resync rate in force, bytes per second (0: no limit); with
+    /// `replication.resync_p99` it follows the clients' write p99.
+    #[serde(default)]
+    pub resync_rate: u64,
+    /// On the primary with `replication.resync_p99`: the client write p99 (µs) of the last
+    /// 100 ms window a resync ran in.
+    #[serde(default)]
+    pub resync_client_p99_us: u64,
 }
 
 /// A replica's session, as its primary sees it.

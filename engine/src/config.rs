@@ -122,6 +122,11 @@ pub struct ReplicationConfig {
     /// the background); 0 (the default): as fast as the disks and the network go.
     #[serde(default)]
     pub resync_rate: ByteSize,
+    /// The client write p99 a resync keeps to (`"5ms"`): the resync's rate halves in each
+    /// 100 ms window whose client writes had a higher p99, and grows while they are well
+    /// within it (never above `resync_rate`, if set, nor below 1 MiB/s). Unset: no bound.
+    #[serde(default)]
+    pub resync_p99: Option<DurationValue>,
 }
 
 impl ReplicationConfig {
@@ -140,6 +145,7 @@ impl Default for ReplicationConfig {
             key_file: None,
             region_size: Self::default_region_size(),
             resync_rate: ByteSize(0),
+            resync_p99: None,
         }
     }
 }
@@ -1255,6 +1261,27 @@ impl<'de> Deserialize<'de> for DurationValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every config shipped under configs/ (the cluster's included) parses and validates.
+    #[test]
+    fn the_shipped_configs_are_valid() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut dirs = vec![root];
+        let mut checked = 0;
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|ext| ext == "toml") {
+                    Config::load(&path)
+                        .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 6, "{checked} configs");
+    }
 
     #[test]
     fn the_embedded_default_is_valid() {

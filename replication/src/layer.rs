@@ -33,6 +33,7 @@ use fathom_engine::volume::IoError;
 
 use crate::dial::{open_stream, Dialed, Dialer, Identity};
 use crate::meta::BLOCK_BYTES;
+use crate::pace::ResyncPace;
 use crate::primary::{Answer, Copy, PrimaryVolume};
 use crate::proto::{refusal, status, Header, Kind};
 use crate::resync::{Chunk, Resync};
@@ -78,6 +79,8 @@ pub struct Settings {
     pub pool: DmaPool,
     /// Resync bytes per second to one replica; 0: as fast as it goes.
     pub resync_rate: u64,
+    /// The client write p99 a resync keeps to ([`crate::pace`]); `None`: no bound.
+    pub resync_p99: Option<Duration>,
     /// Per replica: the namespace LBA of its dirty-region bitmap's first 4 KiB block in the
     /// metadata area, and the blocks as stored there at start.
     pub bitmap_lbas: Vec<u64>,
@@ -185,6 +188,10 @@ pub struct VolumeStatus {
     draining: AtomicBool,
     /// Client IO the layer holds in flight (not counting what is paused).
     in_flight: AtomicU64,
+    /// The resync rate in force (bytes per second, 0: no limit), and the client write p99
+    /// (µs) of the last window that decided it ([`crate::pace`]).
+    resync_pace: AtomicU64,
+    resync_client_p99_us: AtomicU64,
     pub peers: Vec<PeerStatus>,
 }
 
@@ -213,6 +220,15 @@ impl VolumeStatus {
             self.in_flight.store(u64::MAX, Ordering::Release);
         }
         self.draining.store(draining, Ordering::Release);
+    }
+    /// The resync rate in force, bytes per second (0: no limit).
+    pub fn resync_pace(&self) -> u64 {
+        self.resync_pace.load(Ordering::Relaxed)
+    }
+    /// The client write p99 (µs) of the last window that decided the resync rate (0: no
+    /// bound, or no window yet).
+    pub fn resync_client_p99_us(&self) -> u64 {
+        self.resync_client_p99_us.load(Ordering::Relaxed)
     }
     /// Client writes and flushes in flight (published every loop while draining; `u64::MAX`
     /// until the first loop after the drain began).
@@ -314,6 +330,8 @@ enum Parent {
         lba: u64,
         blocks: u32,
         local_done: bool,
+        /// When the layer took it (clock ticks): its answer's latency paces resyncs.
+        began: u64,
     },
     Flush {
         id: u64,
@@ -349,7 +367,8 @@ pub struct ReplicationLayer {
     /// A replica refused this epoch as stale: another node is primary now.
     fenced: bool,
     status: Arc<VolumeStatus>,
-    resync_rate: u64,
+    /// How fast resyncs copy now.
+    pace: ResyncPace,
     block_size: u32,
     fresh: bool,
     /// The dirty bitmaps on the device (activity-log semantics: a bit set before the write
@@ -393,6 +412,8 @@ impl ReplicationLayer {
             serving: AtomicBool::new(settings.serving),
             draining: AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
+            resync_pace: AtomicU64::new(settings.resync_rate),
+            resync_client_p99_us: AtomicU64::new(0),
             peers: settings
                 .peers
                 .iter()
@@ -496,7 +517,7 @@ impl ReplicationLayer {
             epoch: settings.epoch,
             first_lba: settings.first_lba,
             status,
-            resync_rate: settings.resync_rate,
+            pace: ResyncPace::new(settings.resync_rate, settings.resync_p99, Instant::now()),
             block_size: settings.block_size,
             fresh: settings.fresh,
             bitmap_lbas: settings.bitmap_lbas,
@@ -542,6 +563,10 @@ impl ReplicationLayer {
                 Answer::Failed { sequence } => (sequence, Err(IoError::NoQuorum { op: Op::Write })),
             };
             if let Some(slot) = self.by_sequence.remove(&sequence) {
+                if let Parent::Write { began, .. } = self.parents[slot as usize] {
+                    let ticks = ctx.now().saturating_sub(began);
+                    self.pace.record(ctx.clock().ticks_to_ns(ticks) / 1000);
+                }
                 self.finish(ctx, slot, result);
             }
         }
@@ -1008,6 +1033,7 @@ impl ReplicationLayer {
             lba,
             blocks: command.blocks,
             local_done: false,
+            began: ctx.now(),
         };
         self.by_sequence.insert(sequence, slot);
         if ctx.issue(slot, *command).is_err() {
@@ -1175,7 +1201,14 @@ impl ReplicationLayer {
     /// allow, and reads of the chunks whose writes in flight are done.
     fn resync(&mut self, ctx: &mut LayerCtx<'_>, index: usize, now: Instant) -> bool {
         let mut work = false;
-        let rate = self.resync_rate as f64;
+        let rate = self.pace.rate(now, !self.by_sequence.is_empty());
+        self.status
+            .resync_pace
+            .store(rate as u64, Ordering::Relaxed);
+        let (p99, _) = self.pace.last_window();
+        self.status
+            .resync_client_p99_us
+            .store(p99, Ordering::Relaxed);
         let block_size = self.block_size as u64;
         let peer = &mut self.peers[index];
         if !matches!(peer.link, Link::Open { .. }) {
@@ -1672,6 +1705,9 @@ impl Layer for ReplicationLayer {
                 }
             }
             work |= self.resync(ctx, index, now);
+        }
+        if (0..self.peers.len()).all(|index| self.primary.in_sync(index)) {
+            self.pace.idle();
         }
         if !self.batch.is_empty() {
             self.issue_batch(ctx);

@@ -28,6 +28,7 @@ pub mod layer;
 pub mod meta;
 pub mod node;
 pub mod order;
+pub mod pace;
 pub mod primary;
 pub mod proto;
 pub mod replica;

@@ -169,6 +169,7 @@ struct Shared {
     client_tls: Option<Arc<rustls::ClientConfig>>,
     region_shift: u32,
     resync_rate: u64,
+    resync_p99: Option<Duration>,
     volumes: Vec<Held>,
     /// This node's replica service, for a promote's session to its own copy.
     own_address: Option<SocketAddr>,
@@ -328,6 +329,7 @@ impl Replication {
             client_tls,
             region_shift,
             resync_rate: replication.resync_rate.0,
+            resync_p99: replication.resync_p99.map(|bound| bound.0),
             own_address: server.addresses().first().copied(),
             volumes,
             stop: AtomicBool::new(false),
@@ -469,6 +471,7 @@ impl Shared {
             slots: self.engine.slots_per_reactor(),
             pool: self.engine.dma().clone(),
             resync_rate: self.resync_rate,
+            resync_p99: self.resync_p99,
             bitmap_lbas,
             bitmaps,
             fresh: superblock.epoch == 0,

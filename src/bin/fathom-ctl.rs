@@ -996,9 +996,18 @@ fn replication_table(rows: &[ReplicationRow]) -> String {
                     0 if peer.resynced_bytes == 0 => "-".into(),
                     0 => format!("done, {} copied", bytes_text(peer.resynced_bytes)),
                     left => format!(
-                        "{} left, {} copied",
+                        "{} left, {} copied{}",
                         bytes_text(left),
-                        bytes_text(peer.resynced_bytes)
+                        bytes_text(peer.resynced_bytes),
+                        match (row.resync_rate, row.resync_client_p99_us) {
+                            (0, _) => String::new(),
+                            (rate, 0) => format!(", at {}/s", bytes_text(rate)),
+                            (rate, p99) => format!(
+                                ", at {}/s (client write p99 {})",
+                                bytes_text(rate),
+                                duration_text(p99 as f64 * 1e3)
+                            ),
+                        }
                     ),
                 },
             ]);

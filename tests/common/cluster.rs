@@ -53,16 +53,21 @@ impl Cluster {
 
     /// As [`Cluster::start`], with `extra` added to each node's config (its own sections).
     pub fn start_with(count: usize, extra: &str) -> Cluster {
-        Self::start_full(count, extra, false)
+        Self::start_full(count, extra, false, "")
+    }
+
+    /// As [`Cluster::start`], with `lines` added to each node's `[replication]` section.
+    pub fn start_with_replication(count: usize, lines: &str) -> Cluster {
+        Self::start_full(count, "", false, lines)
     }
 
     /// As [`Cluster::start`], each node serving /metrics on a port of its own
     /// ([`Cluster::metrics_address`]).
     pub fn start_with_metrics(count: usize) -> Cluster {
-        Self::start_full(count, "", true)
+        Self::start_full(count, "", true, "")
     }
 
-    fn start_full(count: usize, extra: &str, metrics: bool) -> Cluster {
+    fn start_full(count: usize, extra: &str, metrics: bool, replication: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("cluster.key");
         std::fs::write(
@@ -101,7 +106,7 @@ impl Cluster {
                  [telemetry]\nregion = {region:?}\nmetrics = \"{metrics}\"\n\
                  [nbd]\nlisten = [\"127.0.0.1:0\"]\n\
                  [cluster]\nname = \"test\"\n{table}\
-                 [replication]\nlisten = [\"{address}\"]\nkey_file = {key:?}\n\
+                 [replication]\nlisten = [\"{address}\"]\nkey_file = {key:?}\n{replication}\n\
                  [[device]]\nname = \"nvme0\"\ndriver = \"mem\"\nmedia = \"file\"\n\
                  size = \"{DEVICE_BYTES}\"\nblock_size = {BLOCK_BYTES}\n\
                  [[volume]]\nname = \"vol0\"\ndevice = \"nvme0\"\nsize = \"{VOLUME_BYTES}\"\n\
