@@ -7,6 +7,7 @@ pub mod nbd_client;
 pub mod node_control;
 pub mod plot;
 pub mod stat;
+pub mod text;
 pub mod top;
 pub mod trace;
 pub mod workload;

@@ -181,6 +181,40 @@ fn a_dead_replica_does_not_stop_writes_and_is_resynced_when_it_returns() {
         "{row}"
     );
     assert_eq!(peers[0]["in_sync"], true, "{row}");
+    // fathom-stat shows it too, under its report: c down, behind, its dirty bytes.
+    let stat = |json: bool| {
+        let output = Command::new(env!("CARGO_BIN_EXE_fathom-stat"))
+            .arg("--region")
+            .arg(cluster.nodes[0].dir.join("stats"))
+            .arg("--control")
+            .arg(&cluster.nodes[0].dir)
+            .args(if json {
+                &["--json", "0.2", "1"][..]
+            } else {
+                &["0.2", "1"][..]
+            })
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let report: serde_json::Value = serde_json::from_str(stat(true).trim()).unwrap();
+    let c = &report["replication"][0]["peers"][1];
+    assert_eq!(
+        (&c["node"], &c["state"]),
+        (&"c".into(), &"down".into()),
+        "{report}"
+    );
+    assert!(c["dirty_bytes"].as_u64().unwrap() > 0, "{report}");
+    let text = stat(false);
+    println!("{text}");
+    assert!(
+        text.contains("REPLICA")
+            && text
+                .lines()
+                .any(|line| line.trim_start().starts_with("c ") && line.contains("down")),
+        "{text}"
+    );
     wait_caught_up_one(&cluster, "b");
     assert_identical(&cluster, &[0, 1]);
 

@@ -26,3 +26,13 @@ pub const SOCKET_NAME: &str = "control.sock";
 pub fn socket_path(data_dir: &std::path::Path) -> std::path::PathBuf {
     data_dir.join(SOCKET_NAME)
 }
+
+/// What a tool's node argument names: a directory is a data_dir (its socket is
+/// DIR/control.sock); anything else, the socket itself.
+pub fn socket_of(node: &std::path::Path) -> std::path::PathBuf {
+    if node.is_dir() {
+        socket_path(node)
+    } else {
+        node.to_path_buf()
+    }
+}

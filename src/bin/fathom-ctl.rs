@@ -1,12 +1,13 @@
 //! fathom-ctl: the operator's command line for a running node, over its control socket.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::builder::PossibleValuesParser;
 use clap::{ArgGroup, Parser};
+use fathom::text::{bytes_text, duration_text, replication_table, Table};
 use fathom_control::proto::{
     PromoteResult, ReparentResult, ReplicationRow, Request, TraceRow, LAYERS,
 };
@@ -494,15 +495,6 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A directory is a data_dir (its socket is DIR/control.sock); anything else, the socket.
-fn socket_of(node: &Path) -> PathBuf {
-    if node.is_dir() {
-        fathom_control::socket_path(node)
-    } else {
-        node.to_path_buf()
-    }
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
@@ -519,7 +511,7 @@ fn run(args: &Args) -> Result<()> {
         .node
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_NODE));
-    let socket = socket_of(&node);
+    let socket = fathom_control::socket_of(&node);
     let request = request(&args.command);
     let timeout = match &request {
         Request::Run {
@@ -669,76 +661,6 @@ fn print_other(answer: &Value) -> Result<()> {
         other => println!("{}", serde_json::to_string_pretty(other)?),
     }
     Ok(())
-}
-
-/// Columns aligned on their widest cell; numbers right-aligned.
-struct Table {
-    headers: Vec<&'static str>,
-    numeric: Vec<bool>,
-    rows: Vec<Vec<String>>,
-}
-
-impl Table {
-    fn new(columns: &[(&'static str, bool)]) -> Self {
-        Self {
-            headers: columns.iter().map(|(header, _)| *header).collect(),
-            numeric: columns.iter().map(|(_, numeric)| *numeric).collect(),
-            rows: Vec::new(),
-        }
-    }
-
-    fn row(&mut self, cells: Vec<String>) {
-        debug_assert_eq!(cells.len(), self.headers.len());
-        self.rows.push(cells);
-    }
-
-    fn render(&self) -> String {
-        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
-        for row in &self.rows {
-            for (width, cell) in widths.iter_mut().zip(row) {
-                *width = (*width).max(cell.chars().count());
-            }
-        }
-        let line = |cells: Vec<&str>| {
-            let last = cells.len() - 1;
-            let mut text = String::new();
-            for (index, cell) in cells.into_iter().enumerate() {
-                let width = widths[index];
-                if index > 0 {
-                    text.push_str("  ");
-                }
-                if self.numeric[index] {
-                    text.push_str(&format!("{cell:>width$}"));
-                } else if index == last {
-                    text.push_str(cell);
-                } else {
-                    text.push_str(&format!("{cell:<width$}"));
-                }
-            }
-            text.truncate(text.trim_end().len());
-            text.push('\n');
-            text
-        };
-        let mut text = line(self.headers.clone());
-        for row in &self.rows {
-            text.push_str(&line(row.iter().map(String::as_str).collect()));
-        }
-        text
-    }
-}
-
-/// Bytes in binary units: exact ones without decimals (4KiB), others with one (1.5GiB).
-fn bytes_text(bytes: u64) -> String {
-    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
-        if bytes >= 1 << shift {
-            return if bytes.is_multiple_of(1 << shift) {
-                format!("{}{unit}", bytes >> shift)
-            } else {
-                format!("{:.1}{unit}", bytes as f64 / (1u64 << shift) as f64)
-            };
-        }
-    }
-    format!("{bytes}B")
 }
 
 fn list_or_dash(items: &[String]) -> String {
@@ -944,79 +866,6 @@ const THRESHOLD_COLUMNS: [(&str, &str); 4] = [
     ("write_zeroes", "WRITE_ZEROES"),
 ];
 
-/// Each volume's line, then on a primary one line per replica under it.
-fn replication_table(rows: &[ReplicationRow]) -> String {
-    if rows.is_empty() {
-        return "no replicated volumes on this node\n".into();
-    }
-    let mut text = String::new();
-    for row in rows {
-        let mut volume = Table::new(&[
-            ("VOLUME", false),
-            ("ROLE", false),
-            ("EPOCH", true),
-            ("PRIMARY", false),
-            ("SEQUENCE", true),
-        ]);
-        let role = match (row.fenced, row.role.as_str(), row.in_sync) {
-            (true, ..) => format!("{} (fenced: another node took it over)", row.role),
-            (false, "replica", false) => "replica (not in sync)".into(),
-            (false, "primary", false) => "primary (taking its epoch: not serving yet)".into(),
-            _ => row.role.clone(),
-        };
-        volume.row(vec![
-            row.volume.clone(),
-            role,
-            row.epoch.to_string(),
-            row.primary.clone(),
-            row.sequence.to_string(),
-        ]);
-        text.push_str(&volume.render());
-        if row.peers.is_empty() {
-            continue;
-        }
-        let mut peers = Table::new(&[
-            ("  REPLICA", false),
-            ("STATE", false),
-            ("IN_SYNC", false),
-            ("ACKED", true),
-            ("BEHIND", true),
-            ("DIRTY", true),
-            ("RESYNC", false),
-        ]);
-        for peer in &row.peers {
-            peers.row(vec![
-                format!("  {}", peer.node),
-                peer.state.clone(),
-                if peer.in_sync { "yes" } else { "no" }.into(),
-                peer.acknowledged.to_string(),
-                row.sequence.saturating_sub(peer.acknowledged).to_string(),
-                bytes_text(peer.dirty_bytes),
-                match peer.resync_left_bytes {
-                    0 if peer.resynced_bytes == 0 => "-".into(),
-                    0 => format!("done, {} copied", bytes_text(peer.resynced_bytes)),
-                    left => format!(
-                        "{} left, {} copied{}",
-                        bytes_text(left),
-                        bytes_text(peer.resynced_bytes),
-                        match (row.resync_rate, row.resync_client_p99_us) {
-                            (0, _) => String::new(),
-                            (rate, 0) => format!(", at {}/s", bytes_text(rate)),
-                            (rate, p99) => format!(
-                                ", at {}/s (client write p99 {})",
-                                bytes_text(rate),
-                                duration_text(p99 as f64 * 1e3)
-                            ),
-                        }
-                    ),
-                },
-            ]);
-        }
-        text.push_str(&peers.render());
-    }
-    text
-}
-
 fn trace_table(rows: &[TraceRow]) -> String {
     if rows.is_empty() {
         return "no volumes\n".into();
@@ -1145,18 +994,6 @@ fn run_text(run: &RunArgs, result: &RunResult) -> String {
     )
 }
 
-fn duration_text(ns: f64) -> String {
-    if ns >= 1e9 {
-        format!("{:.2} s", ns / 1e9)
-    } else if ns >= 1e6 {
-        format!("{:.2} ms", ns / 1e6)
-    } else if ns >= 1e3 {
-        format!("{:.1} us", ns / 1e3)
-    } else {
-        format!("{ns:.0} ns")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1189,9 +1026,12 @@ mod tests {
     #[test]
     fn a_directory_means_its_control_socket() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(socket_of(dir.path()), dir.path().join("control.sock"));
+        assert_eq!(
+            fathom_control::socket_of(dir.path()),
+            dir.path().join("control.sock")
+        );
         let socket = dir.path().join("other.sock");
-        assert_eq!(socket_of(&socket), socket);
+        assert_eq!(fathom_control::socket_of(&socket), socket);
     }
 
     #[test]

@@ -8,7 +8,10 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use fathom::stat::{render_table, Follower, Observation};
+use fathom::text::replication_table;
 use fathom::trace::command::TraceOptions;
+use fathom_control::proto::{ReplicationRow, Request};
+use fathom_control::ControlClient;
 use fathom_telemetry::region::{Directory, Snapshot};
 use fathom_telemetry::report::delta_histogram;
 use fathom_telemetry::trace::{Start, TraceId};
@@ -62,6 +65,12 @@ struct Args {
     /// Only these stages in the latency table, comma separated (e.g. device,total).
     #[arg(long, value_delimiter = ',')]
     stages: Vec<String>,
+    /// Also show replication under each report: per replicated volume its role and epoch,
+    /// and on the primary per replica its session, sync, lag (writes behind, dirty bytes) and
+    /// resync (left, copied, rate in force), asked of the node's control socket (its
+    /// data_dir, or the socket). JSON: a "replication" array in each object.
+    #[arg(long, value_name = "DIR")]
+    control: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -246,15 +255,29 @@ fn run(args: Args) -> Result<()> {
         Some(file) => Some(HdrLog::create(file)?),
         None => None,
     };
+    let mut control = args.control.as_deref().map(Control::new);
     let sub_interval = every.min(Duration::from_secs(1));
     let mut reported = 0;
     while count.is_none_or(|count| reported < count) {
         match follower.next(every, sub_interval, args.all) {
             Observation::Report { report, samples } => {
+                let replication = control.as_mut().map(Control::replication);
                 if args.json {
-                    println!("{}", serde_json::to_string(&report)?);
+                    let mut object = serde_json::to_value(&report)?;
+                    if let Some(rows) = &replication {
+                        object["replication"] = match rows {
+                            Ok(rows) => serde_json::to_value(rows)?,
+                            Err(error) => serde_json::json!({ "error": error }),
+                        };
+                    }
+                    println!("{object}");
                 } else {
                     println!("{}", render_table(&report, &args.stages));
+                    match &replication {
+                        Some(Ok(rows)) => println!("{}", replication_table(rows)),
+                        Some(Err(error)) => println!("replication: {error}\n"),
+                        None => {}
+                    }
                 }
                 if let (Some(log), Some(reader)) = (hdr_log.as_mut(), follower.reader()) {
                     log.write(reader.directory(), &samples)?;
@@ -270,6 +293,43 @@ fn run(args: Args) -> Result<()> {
     }
     Ok(())
 }
+
+/// The node's control socket, asked for replication at each report; a node that is down or
+/// restarting is asked again next time (the report says why it has no replication).
+struct Control {
+    socket: PathBuf,
+    client: Option<ControlClient>,
+}
+
+impl Control {
+    fn new(node: &std::path::Path) -> Self {
+        Self {
+            socket: fathom_control::socket_of(node),
+            client: None,
+        }
+    }
+
+    fn replication(&mut self) -> Result<Vec<ReplicationRow>, String> {
+        let answer = (|| {
+            let client = match &mut self.client {
+                Some(client) => client,
+                None => self
+                    .client
+                    .insert(ControlClient::connect(&self.socket, CONTROL_TIMEOUT)?),
+            };
+            client.call(&Request::Replication { volume: None })
+        })();
+        let answer = answer.map_err(|error| {
+            self.client = None;
+            format!("{} (`fathom-ctl --node {}`)", error, self.socket.display())
+        })?;
+        serde_json::from_value(answer)
+            .map_err(|error| format!("the node's replication answer is not readable: {error}"))
+    }
+}
+
+/// How long one control request may take before the report goes on without it.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn seconds(value: f64, what: &str) -> Result<Duration> {
     if !(value.is_finite() && (0.01..=86_400.0).contains(&value)) {
