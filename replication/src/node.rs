@@ -797,8 +797,28 @@ impl Shared {
         );
         let regions =
             (held.volume.blocks * held.volume.block_size as u64).div_ceil(1 << self.region_shift);
-        for (index, peer, address) in targets {
-            match Survivor::reach(&opener, index, &peer, address, name, epoch, regions) {
+        // Every copy at once: one that does not answer (stopped, cut off) costs the promote
+        // its timeout once, not once per copy.
+        let targets: Vec<_> = targets.collect();
+        let reached: Vec<_> = std::thread::scope(|scope| {
+            let opener = &opener;
+            let askers: Vec<_> = targets
+                .iter()
+                .map(|(index, peer, address)| {
+                    let (index, address) = (*index, *address);
+                    scope.spawn(move || {
+                        Survivor::reach(opener, index, peer, address, name, epoch, regions)
+                    })
+                })
+                .collect();
+            askers
+                .into_iter()
+                .map(|asker| asker.join().expect("a promote's asker does not panic"))
+                .collect()
+        });
+        for ((index, _, _), reached) in targets.iter().zip(reached) {
+            let index = *index;
+            match reached {
                 Ok(survivor) => survivors.push(survivor),
                 Err(error) => {
                     if index.is_none() {
