@@ -202,6 +202,12 @@ pub enum PollMode {
     Busy,
     /// Poll while there is work; after a short idle spell park until work arrives.
     Adaptive,
+    /// Adaptive, for a core this reactor shares with other busy threads (several nodes on
+    /// one machine): while it spins with nothing to do, or only waits for a device that
+    /// cannot notify (an injected delay), it yields the core between polls (`sched_yield`),
+    /// so that a reactor beside it with work runs first. About a microsecond more to see new
+    /// work when the core is its own.
+    Shared,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1287,7 +1287,7 @@ impl Reactor {
                 idle_since = None;
                 continue;
             }
-            if self.poll == PollMode::Adaptive {
+            if self.poll != PollMode::Busy {
                 let since = *idle_since.get_or_insert_with(Instant::now);
                 if self.io.in_flight() > 0 {
                     // Only waiting for a device: where it can, wait in the kernel rather than
@@ -1307,6 +1307,11 @@ impl Reactor {
                 {
                     self.park();
                     idle_since = None;
+                    continue;
+                }
+                if self.poll == PollMode::Shared {
+                    // Nothing to do here now: whoever else is runnable on this core goes first.
+                    std::thread::yield_now();
                 }
             }
         }

@@ -35,6 +35,8 @@ enum Media {
 enum PollArg {
     Busy,
     Adaptive,
+    /// Adaptive, yielding the core between idle polls (for cores shared with other nodes).
+    Shared,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

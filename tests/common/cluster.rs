@@ -102,7 +102,7 @@ impl Cluster {
             let config = format!(
                 "[node]\nid = \"{id}\"\ndata_dir = {data:?}\n\
                  [dma]\nsize = \"64MiB\"\nhugepages = {hugepages}\n\
-                 [reactor]\ncores = [{core}]\n\
+                 [reactor]\ncores = [{core}]\npoll = \"shared\"\n\
                  [telemetry]\nregion = {region:?}\nmetrics = \"{metrics}\"\n\
                  [nbd]\nlisten = [\"127.0.0.1:0\"]\n\
                  [cluster]\nname = \"test\"\n{table}\

@@ -823,7 +823,8 @@ impl DeviceQueue {
                     unsafe { shared.media.write(offset + at as u64, host, len) }
                 });
                 if status.is_success() && entry.fua() {
-                    flush_status(shared)
+                    // Force Unit Access: this write durable, not everything before it.
+                    flush_status(shared, offset, bytes)
                 } else {
                     status
                 }
@@ -832,7 +833,7 @@ impl DeviceQueue {
                 shared.media.zero(offset, bytes);
                 Status::SUCCESS
             }
-            _ => flush_status(shared),
+            _ => flush_status(shared, 0, shared.media.len()),
         };
         (status, injected.delay_ticks)
     }
@@ -867,8 +868,9 @@ fn runtime_inject(
     }
 }
 
-fn flush_status(shared: &DeviceShared) -> Status {
-    match shared.media.flush() {
+/// Makes `len` bytes at `offset` durable (the whole media for a Flush).
+fn flush_status(shared: &DeviceShared, offset: u64, len: u64) -> Status {
+    match shared.media.flush_range(offset, len) {
         Ok(()) => Status::SUCCESS,
         Err(error) => {
             shared.internal_errors.fetch_add(1, Ordering::Relaxed);
