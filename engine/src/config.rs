@@ -203,10 +203,10 @@ pub enum PollMode {
     /// Poll while there is work; after a short idle spell park until work arrives.
     Adaptive,
     /// Adaptive, for a core this reactor shares with other busy threads (several nodes on
-    /// one machine): while it spins with nothing to do, or only waits for a device that
-    /// cannot notify (an injected delay), it yields the core between polls (`sched_yield`),
-    /// so that a reactor beside it with work runs first. About a microsecond more to see new
-    /// work when the core is its own.
+    /// one machine): after a loop with nothing done (idle, or only waiting: for a device that
+    /// cannot notify, a peer's answer a layer holds IO for, a full queue) it yields the core
+    /// (`sched_yield`), so that a reactor beside it with work runs first. About a
+    /// microsecond more to see new work when the core is its own.
     Shared,
 }
 

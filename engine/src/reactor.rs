@@ -1285,6 +1285,11 @@ impl Reactor {
             }
             if work > 0 || self.backlog.is_some() || self.io.in_layers() > 0 {
                 idle_since = None;
+                if work == 0 && self.poll == PollMode::Shared {
+                    // Only waiting (a layer holds IO for a peer's answer, a device is full):
+                    // whoever else is runnable on this core goes first.
+                    std::thread::yield_now();
+                }
                 continue;
             }
             if self.poll != PollMode::Busy {
