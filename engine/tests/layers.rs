@@ -502,8 +502,8 @@ fn the_total_of_an_io_held_by_a_layer_is_its_own_latency() {
         left: u32,
         buf: Option<fathom_engine::DmaBuf>,
         started: Instant,
-        took: Duration,
-        done: crossbeam_channel::Sender<Duration>,
+        took: Vec<Duration>,
+        done: crossbeam_channel::Sender<Vec<Duration>>,
     }
     impl fathom_engine::Task for Serial {
         fn poll(&mut self, io: &mut fathom_engine::IoContext) -> bool {
@@ -519,10 +519,10 @@ fn the_total_of_an_io_held_by_a_layer_is_its_own_latency() {
             completion: fathom_engine::IoCompletion,
         ) {
             completion.result.unwrap();
-            self.took += self.started.elapsed();
+            self.took.push(self.started.elapsed());
             self.left -= 1;
             if self.left == 0 {
-                let _ = self.done.send(self.took);
+                let _ = self.done.send(std::mem::take(&mut self.took));
             } else {
                 self.started = Instant::now();
                 io.submit(IoRequest::read(VolumeId(0), 0, completion.buf.unwrap(), 0))
@@ -540,23 +540,26 @@ fn the_total_of_an_io_held_by_a_layer_is_its_own_latency() {
                 left: 20,
                 buf: Some(engine.dma().alloc(4096).unwrap()),
                 started: Instant::now(),
-                took: Duration::ZERO,
+                took: Vec::new(),
                 done: tx,
             }),
         )
         .unwrap();
-    let took = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    let mut took = rx.recv_timeout(Duration::from_secs(30)).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     let after = region.snapshot(0);
     let histogram =
         fathom_telemetry::report::delta_histogram(&directory, &before, &after, 0, 0, total);
-    let mean_ms = histogram.mean() * 1e3 / directory.tsc_hz as f64;
-    let own_ms = took.as_secs_f64() * 1e3 / 20.0;
+    // Medians: a reactor descheduled between a completion's stamp and its delivery (a busy
+    // machine) stretches one IO's total, not the claim.
+    let median_ms = histogram.value_at_quantile(0.5) as f64 * 1e3 / directory.tsc_hz as f64;
+    took.sort();
+    let own_ms = took[took.len() / 2].as_secs_f64() * 1e3;
     assert_eq!(histogram.len(), 20);
     assert!(own_ms >= 2.0, "IOs delayed 2 ms took {own_ms:.2} ms");
     assert!(
-        (mean_ms - own_ms).abs() <= 0.1 * own_ms,
-        "telemetry's mean total {mean_ms:.2} ms, the IOs' own {own_ms:.2} ms"
+        (median_ms - own_ms).abs() <= 0.1 * own_ms,
+        "telemetry's median total {median_ms:.2} ms, the IOs' own {own_ms:.2} ms"
     );
     engine.shutdown().unwrap();
 }
