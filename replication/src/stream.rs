@@ -12,6 +12,10 @@ use crate::proto::{encode, Frame, FrameDecoder, Header, ProtoError};
 /// starve the rest of its reactor.
 const READ_BUDGET: usize = 1 << 20;
 
+/// A payload at least this large is written from where it lies, not copied into the queue
+/// first ([`FrameStream::queue_frame`]); smaller frames wait in the queue to go out together.
+const DIRECT_PAYLOAD: usize = 64 << 10;
+
 /// Why a stream ended.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -140,14 +144,39 @@ impl FrameStream {
         Ok(())
     }
 
-    /// Encodes a frame straight into the queue.
+    /// Encodes a frame straight into the queue. A large payload (a resync chunk, a big
+    /// write) with nothing queued before it goes to the socket at once, header and payload in
+    /// one `writev` from where the payload lies (its DMA buffer): no copy into the queue but
+    /// of what the socket did not take.
     pub fn queue_frame(&mut self, header: &Header, payload: &[u8]) -> Result<(), StreamError> {
         let len = crate::proto::HEADER_LEN + payload.len();
         if len > self.room() {
             return Err(StreamError::Congested(self.unsent()));
         }
         self.compact();
-        encode(header, payload, &mut self.out)?;
+        if payload.len() < DIRECT_PAYLOAD || self.unsent() > 0 {
+            encode(header, payload, &mut self.out)?;
+            return Ok(());
+        }
+        let head = header.to_bytes(payload)?;
+        let written = loop {
+            match self
+                .transport
+                .write_vectored(&[io::IoSlice::new(&head), io::IoSlice::new(payload)])
+            {
+                Ok(written) => break written,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break 0,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error.into()),
+            }
+        };
+        // What the socket did not take waits in the queue, as any frame's would.
+        if written < head.len() {
+            self.out.extend_from_slice(&head[written..]);
+            self.out.extend_from_slice(payload);
+        } else {
+            self.out.extend_from_slice(&payload[written - head.len()..]);
+        }
         Ok(())
     }
 
@@ -175,5 +204,65 @@ impl FrameStream {
         self.out.clear();
         self.sent = 0;
         Ok(self.transport.flush()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Kind;
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+
+    /// Frames small and large, some written from where their payload lies while others wait
+    /// in the queue (a reader that has not read yet fills the socket), arrive whole and in
+    /// order.
+    #[test]
+    fn large_payloads_written_in_place_arrive_in_order_with_the_queued_frames() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let writer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut reader, _) = listener.accept().unwrap();
+        writer.set_nonblocking(true).unwrap();
+        let mut stream = FrameStream::new(Transport::plain(writer), 4 << 20, 64 << 20);
+        let sizes = [
+            4096usize,
+            1 << 20,
+            512,
+            256 << 10,
+            2 << 20,
+            64 << 10,
+            8,
+            3 << 20,
+        ];
+        let mut expected = Vec::new();
+        for (at, &size) in sizes.iter().enumerate() {
+            let payload: Vec<u8> = (0..size).map(|i| (i * 7 + at) as u8).collect();
+            let header = Header {
+                epoch: 1,
+                request_id: at as u64 + 1,
+                lba: at as u64,
+                block_count: 1,
+                ..Header::new(Kind::Resync)
+            };
+            stream.queue_frame(&header, &payload).unwrap();
+            encode(&header, &payload, &mut expected).unwrap();
+        }
+        let reading = std::thread::spawn(move || {
+            let mut got = vec![0u8; expected.len()];
+            reader.read_exact(&mut got).unwrap();
+            assert!(
+                got == expected,
+                "the bytes differ from the frames' encoding"
+            );
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !stream.flush().unwrap() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reader never took it all"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        reading.join().unwrap();
     }
 }
