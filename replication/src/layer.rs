@@ -1200,6 +1200,13 @@ impl ReplicationLayer {
     /// Moves replica `index`'s resync on: new chunks as the window, the buffers and the rate
     /// allow, and reads of the chunks whose writes in flight are done.
     fn resync(&mut self, ctx: &mut LayerCtx<'_>, index: usize, now: Instant) -> bool {
+        let peer = &self.peers[index];
+        if !matches!(peer.link, Link::Open { .. })
+            || (self.primary.in_sync(index) && peer.copying.is_empty())
+        {
+            // Nothing to copy to it: no pace to ask for (the layer's loop calls this often).
+            return false;
+        }
         let mut work = false;
         let rate = self.pace.rate(now, !self.by_sequence.is_empty());
         self.status
@@ -1211,9 +1218,6 @@ impl ReplicationLayer {
             .store(p99, Ordering::Relaxed);
         let block_size = self.block_size as u64;
         let peer = &mut self.peers[index];
-        if !matches!(peer.link, Link::Open { .. }) {
-            return false;
-        }
         if rate > 0.0 {
             let elapsed = now.duration_since(peer.filled).as_secs_f64();
             // At most a tenth of a second's worth at once.
@@ -1706,8 +1710,11 @@ impl Layer for ReplicationLayer {
             }
             work |= self.resync(ctx, index, now);
         }
-        if (0..self.peers.len()).all(|index| self.primary.in_sync(index)) {
-            self.pace.idle();
+        if (0..self.peers.len()).all(|index| self.primary.in_sync(index)) && self.pace.idle() {
+            // Shown while no resync runs: the rate the next one starts at.
+            self.status
+                .resync_pace
+                .store(self.pace.rate_in_force() as u64, Ordering::Relaxed);
         }
         if !self.batch.is_empty() {
             self.issue_batch(ctx);

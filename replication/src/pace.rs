@@ -86,10 +86,11 @@ impl ResyncPace {
         }
     }
 
-    /// A client write was answered `us` µs after the layer took it.
+    /// A client write was answered `us` µs after the layer took it. Counted only while a
+    /// resync runs: the window it falls in decides that resync's rate.
     #[inline]
     pub fn record(&mut self, us: u64) {
-        if self.bound_us.is_some() {
+        if self.bound_us.is_some() && !self.idle {
             self.counts[LAYOUT.index_of(us.max(1))] += 1;
             self.samples += 1;
         }
@@ -111,15 +112,22 @@ impl ResyncPace {
         self.rate
     }
 
-    /// No resync is running: the next one starts from the start rate again.
-    pub fn idle(&mut self) {
+    /// No resync is running: the next one starts from the start rate again. True when it
+    /// was running until now.
+    pub fn idle(&mut self) -> bool {
         if self.idle {
-            return;
+            return false;
         }
         self.idle = true;
         self.rate = Self::start(self.cap, self.bound_us);
         self.counts.iter_mut().for_each(|count| *count = 0);
         self.samples = 0;
+        true
+    }
+
+    /// The rate in force (what the next resync starts at, while none runs).
+    pub fn rate_in_force(&self) -> f64 {
+        self.rate
     }
 
     /// The client write p99 of the last window (µs) and its count of writes.
