@@ -120,15 +120,21 @@ impl NodeControl {
             .collect())
     }
 
-    fn promote(&self, volume: &str, force: bool) -> Result<PromoteResult, RemoteError> {
+    /// The replication of `volume`, a volume of this node, for an action that needs it
+    /// (`refused`: why it cannot be without, e.g. "there is nothing to promote").
+    fn replicated(&self, volume: &str, refused: &str) -> Result<&Replication, RemoteError> {
         self.engine.volume_named(volume).map_err(control_error)?;
-        let replication = self.replication.as_ref().ok_or_else(|| {
+        self.replication.as_deref().ok_or_else(|| {
             RemoteError::new(
                 proto::UNSUPPORTED,
-                format!("volume {volume} is not replicated: there is nothing to promote"),
+                format!("volume {volume} is not replicated: {refused}"),
             )
-        })?;
-        let promoted = replication
+        })
+    }
+
+    fn promote(&self, volume: &str, force: bool) -> Result<PromoteResult, RemoteError> {
+        let promoted = self
+            .replicated(volume, "there is nothing to promote")?
             .promote(volume, force)
             .map_err(|error| RemoteError::new(proto::UNSUPPORTED, error.to_string()))?;
         Ok(PromoteResult {
@@ -142,14 +148,8 @@ impl NodeControl {
     }
 
     fn reparent(&self, volume: &str, to: &str) -> Result<ReparentResult, RemoteError> {
-        self.engine.volume_named(volume).map_err(control_error)?;
-        let replication = self.replication.as_ref().ok_or_else(|| {
-            RemoteError::new(
-                proto::UNSUPPORTED,
-                format!("volume {volume} is not replicated: it has no primary to move"),
-            )
-        })?;
-        let done = replication
+        let done = self
+            .replicated(volume, "it has no primary to move")?
             .reparent(volume, to)
             .map_err(|error| RemoteError::new(proto::UNSUPPORTED, error.to_string()))?;
         Ok(ReparentResult {

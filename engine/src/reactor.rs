@@ -477,8 +477,7 @@ impl IoContext {
             let span = self
                 .telemetry
                 .as_deref_mut()
-                .and_then(|telemetry| telemetry.new_ids())
-                .map(|(_, span)| span);
+                .and_then(|telemetry| telemetry.new_span());
             if let (Some(span), Some(spans)) = (span, self.layer_spans.get_mut(slot as usize)) {
                 spans.ids = TraceIds {
                     trace_id: context.trace_id,
@@ -1285,14 +1284,7 @@ impl Reactor {
             }
             if work > 0 || self.backlog.is_some() || self.io.in_layers() > 0 {
                 idle_since = None;
-                if work == 0 && self.poll == PollMode::Shared {
-                    // Only waiting (a layer holds IO for a peer's answer, a device is full):
-                    // whoever else is runnable on this core goes first.
-                    std::thread::yield_now();
-                }
-                continue;
-            }
-            if self.poll != PollMode::Busy {
+            } else if self.poll != PollMode::Busy {
                 let since = *idle_since.get_or_insert_with(Instant::now);
                 if self.io.in_flight() > 0 {
                     // Only waiting for a device: where it can, wait in the kernel rather than
@@ -1314,10 +1306,12 @@ impl Reactor {
                     idle_since = None;
                     continue;
                 }
-                if self.poll == PollMode::Shared {
-                    // Nothing to do here now: whoever else is runnable on this core goes first.
-                    std::thread::yield_now();
-                }
+            }
+            if work == 0 && self.poll == PollMode::Shared {
+                // Nothing done this loop (idle, or only waiting: a layer holds IO for a peer's
+                // answer, a device is busy or full): whoever else is runnable on this core
+                // goes first.
+                std::thread::yield_now();
             }
         }
         self.drain(drain_timeout);

@@ -614,6 +614,11 @@ impl CoreTelemetry {
         Some((tracer.ids.trace_id(), tracer.ids.span_id()))
     }
 
+    /// A new span id for an IO that joins another node's trace; `None` while tracing is off.
+    pub(crate) fn new_span(&mut self) -> Option<SpanId> {
+        Some(self.tracer.as_deref_mut()?.ids.span_id())
+    }
+
     /// Whether the head sampler kept the front-end IO whose completion is being delivered
     /// (and forgets it).
     #[inline]

@@ -585,7 +585,7 @@ impl Shared {
             volume: name.into(),
             primary: held.role.superblock().primary,
         };
-        let status = {
+        let (status, index) = {
             // Checked under the role lock: no promote or demotion crosses the start.
             let _changing = self
                 .changes
@@ -616,7 +616,7 @@ impl Shared {
             }
             held.role.set_handing_over_to(Some(to.to_string()));
             status.set_draining(true);
-            status
+            (status, index)
         };
         let started = Instant::now();
         tracing::warn!(
@@ -660,14 +660,8 @@ impl Shared {
         // (it may still be applying the last ones: asked again until the deadline).
         let epoch = status.epoch();
         let sequence = status.sequence();
-        let address = held
-            .peers
-            .iter()
-            .find(|peer| peer.node == to)
-            .map(|peer| peer.address)
-            .expect("checked above");
         let opener = self.opener(held.max_payload);
-        let mut session = BlockingSession::open(&opener, to, address, name)
+        let mut session = BlockingSession::open(&opener, to, held.peers[index].address, name)
             .map_err(|error| call_off(error.to_string()))?;
         loop {
             let (answer, text) = session
@@ -789,17 +783,18 @@ impl Shared {
             .ok_or_else(|| failed("this node's replica service is not running".into()))?;
         let mut survivors: Vec<Survivor> = Vec::new();
         let mut failures = Vec::new();
-        let targets = std::iter::once((None, self.node.clone(), own)).chain(
-            held.peers
-                .iter()
-                .enumerate()
-                .map(|(index, peer)| (Some(index), peer.node.clone(), peer.address)),
-        );
+        let targets: Vec<_> = std::iter::once((None, self.node.clone(), own))
+            .chain(
+                held.peers
+                    .iter()
+                    .enumerate()
+                    .map(|(index, peer)| (Some(index), peer.node.clone(), peer.address)),
+            )
+            .collect();
         let regions =
             (held.volume.blocks * held.volume.block_size as u64).div_ceil(1 << self.region_shift);
         // Every copy at once: one that does not answer (stopped, cut off) costs the promote
         // its timeout once, not once per copy.
-        let targets: Vec<_> = targets.collect();
         let reached: Vec<_> = std::thread::scope(|scope| {
             let opener = &opener;
             let askers: Vec<_> = targets

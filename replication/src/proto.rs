@@ -1834,7 +1834,11 @@ mod tests {
             .into_iter()
             .map(|(header, payload)| (header.kind.name().to_lowercase(), header, payload))
             .collect();
-        let (write, payload) = sample_frames().swap_remove(2);
+        let (_, write, payload) = seeds
+            .iter()
+            .find(|(_, header, _)| header.kind == Kind::Write)
+            .cloned()
+            .expect("a sample write");
         seeds.push((
             "forwarded".into(),
             Header {

@@ -799,7 +799,6 @@ impl ReplicaConn {
         }
     }
 
-    /// IO `io` of slot `slot` finished: its reply, and the held writes it lets go.
     /// Answers the first ready slot, `slot`, with `reply`, without the engine, and frees it.
     fn answer_ready(&mut self, slot: u16, reply: &[u8]) -> Result<(), String> {
         self.ready.pop_front();
@@ -808,6 +807,7 @@ impl ReplicaConn {
         self.stream.queue(reply).map_err(|error| error.to_string())
     }
 
+    /// IO `io` of slot `slot` finished: its reply, and the held writes it lets go.
     fn finish_io(
         &mut self,
         slot: u16,
@@ -906,29 +906,27 @@ impl ReplicaConn {
                 ..
             } => {
                 self.free.push(slot);
-                if let Err(IoError::NotPrimary { .. }) = completion.result {
+                let code = match completion.result {
+                    Ok(()) => Some(status::OK),
                     // Not run: this node stopped being the primary (a reparent paused it).
                     // The forwarder sends it again, to the primary named.
-                    if let Some(buf) = pending.buf {
-                        buffers.put(buf);
+                    Err(IoError::NotPrimary { .. }) => None,
+                    Err(IoError::OutOfRange { .. }) => Some(status::OUT_OF_RANGE),
+                    Err(_) => Some(status::IO_ERROR),
+                };
+                let reply = match code {
+                    None => not_primary(state, request_id),
+                    Some(code) => {
+                        let data = pending.buf.as_ref().map_or(&[][..], |buf| buf.as_bytes());
+                        state
+                            .replica
+                            .forwarded_reply(kind, request_id, code, lba, blocks, data)
                     }
-                    let reply = not_primary(state, request_id);
-                    self.stream.queue(&reply).map_err(|error| error.to_string())
-                } else {
-                    let code = match completion.result {
-                        Ok(()) => status::OK,
-                        Err(IoError::OutOfRange { .. }) => status::OUT_OF_RANGE,
-                        Err(_) => status::IO_ERROR,
-                    };
-                    let data = pending.buf.as_ref().map_or(&[][..], |buf| buf.as_bytes());
-                    let reply = state
-                        .replica
-                        .forwarded_reply(kind, request_id, code, lba, blocks, data);
-                    if let Some(buf) = pending.buf {
-                        buffers.put(buf);
-                    }
-                    self.stream.queue(&reply).map_err(|error| error.to_string())
+                };
+                if let Some(buf) = pending.buf {
+                    buffers.put(buf);
                 }
+                self.stream.queue(&reply).map_err(|error| error.to_string())
             }
             Work::Io(io) => {
                 self.slots[slot as usize] = Some(pending);

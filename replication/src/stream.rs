@@ -159,17 +159,11 @@ impl FrameStream {
             return Ok(());
         }
         let head = header.to_bytes(payload)?;
-        let written = loop {
-            match self
-                .transport
-                .write_vectored(&[io::IoSlice::new(&head), io::IoSlice::new(payload)])
-            {
-                Ok(written) => break written,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break 0,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => return Err(error.into()),
-            }
-        };
+        let written = write_some(
+            &mut self.transport,
+            &[io::IoSlice::new(&head), io::IoSlice::new(payload)],
+        )?
+        .unwrap_or(0);
         // What the socket did not take waits in the queue, as any frame's would.
         if written < head.len() {
             self.out.extend_from_slice(&head[written..]);
@@ -193,17 +187,34 @@ impl FrameStream {
     /// Writes what the socket takes now. Returns whether everything went.
     pub fn flush(&mut self) -> Result<bool, StreamError> {
         while self.sent < self.out.len() {
-            match self.transport.write(&self.out[self.sent..]) {
-                Ok(0) => return Err(StreamError::Closed),
-                Ok(written) => self.sent += written,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => return Err(error.into()),
+            match write_some(
+                &mut self.transport,
+                &[io::IoSlice::new(&self.out[self.sent..])],
+            )? {
+                Some(written) => self.sent += written,
+                None => return Ok(false),
             }
         }
         self.out.clear();
         self.sent = 0;
         Ok(self.transport.flush()?)
+    }
+}
+
+/// One write of `slices` to the socket: the bytes it took, `None` when it takes none now
+/// (would block); a closed peer or a socket error ends the stream.
+fn write_some(
+    transport: &mut Transport,
+    slices: &[io::IoSlice<'_>],
+) -> Result<Option<usize>, StreamError> {
+    loop {
+        match transport.write_vectored(slices) {
+            Ok(0) => return Err(StreamError::Closed),
+            Ok(written) => return Ok(Some(written)),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error.into()),
+        }
     }
 }
 
