@@ -68,6 +68,8 @@ pub enum Condition {
     ModRevision(String, i64),
     /// The key does not exist.
     Absent(String),
+    /// The key exists.
+    Present(String),
 }
 
 /// What a transaction does when its conditions hold.
@@ -335,6 +337,7 @@ impl Etcd {
                     Compare::mod_revision(key.as_str(), CompareOp::Equal, *revision)
                 }
                 Condition::Absent(key) => Compare::version(key.as_str(), CompareOp::Equal, 0),
+                Condition::Present(key) => Compare::version(key.as_str(), CompareOp::Greater, 0),
             })
             .collect();
         let ops: Vec<TxnOp> = writes

@@ -2,6 +2,7 @@
 //! [`etcd`] a blocking client with deadlines and endpoint failover, [`local`] etcd members on
 //! loopback for tests and laptops.
 
+pub mod agent;
 pub mod etcd;
 pub mod local;
 pub mod schema;

@@ -79,7 +79,7 @@ pub struct Config {
 
 /// `[cluster]`: the nodes replicated volumes are placed on. Every node of a cluster has the
 /// same list.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// Peers of another cluster are refused.
@@ -87,6 +87,32 @@ pub struct ClusterConfig {
     pub name: String,
     #[serde(rename = "node", default)]
     pub nodes: Vec<ClusterNode>,
+    /// The control plane: etcd members (`host:port`). Empty (the default): no control plane;
+    /// a volume's primary is the one its metadata names, moved by `fathom-ctl`.
+    #[serde(default)]
+    pub etcd: Vec<String>,
+    /// This node's etcd lease (whole seconds, at least 1): a primary that cannot renew it
+    /// stops acknowledging IO before it runs out, and once it has, an in-sync replica takes
+    /// the volume over.
+    #[serde(default = "ClusterConfig::default_lease")]
+    pub lease: DurationValue,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            nodes: Vec::new(),
+            etcd: Vec::new(),
+            lease: Self::default_lease(),
+        }
+    }
+}
+
+impl ClusterConfig {
+    fn default_lease() -> DurationValue {
+        DurationValue(std::time::Duration::from_secs(2))
+    }
 }
 
 /// One node of the cluster.
@@ -1036,6 +1062,31 @@ impl Config {
     }
 
     fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let lease = self.cluster.lease.0;
+        if lease.as_secs() == 0 || lease.subsec_nanos() != 0 {
+            return Err(invalid(
+                "cluster.lease",
+                format!("{lease:?}"),
+                "a whole number of seconds, at least 1 (etcd leases count in seconds), e.g. \"2s\"",
+            ));
+        }
+        for (index, endpoint) in self.cluster.etcd.iter().enumerate() {
+            let address = endpoint.strip_prefix("http://").unwrap_or(endpoint);
+            if address.is_empty() || address.contains('/') || !address.contains(':') {
+                return Err(invalid(
+                    format!("cluster.etcd[{index}]"),
+                    format!("{endpoint:?}"),
+                    "an etcd member's client address, host:port, e.g. \"127.0.0.1:2379\"",
+                ));
+            }
+        }
+        if !self.cluster.etcd.is_empty() && self.cluster.name.is_empty() {
+            return Err(invalid(
+                "cluster.name",
+                "\"\"",
+                "a name for the cluster: its keys in etcd live under /fathom/<name>/",
+            ));
+        }
         for (index, node) in self.cluster.nodes.iter().enumerate() {
             let key = |field: &str| format!("cluster.node[{index}].{field}");
             if node.id.is_empty()

@@ -361,6 +361,10 @@ pub struct ReplicationLayer {
     /// Until then, a new primary (a promote, a reparent) holds writes and flushes rather
     /// than fail them while its sessions to a majority open.
     warm_until: Option<Instant>,
+    /// The control plane's lease allowed acknowledging IO at the last poll. While it does not,
+    /// new IO is paused and completed IO waits in `unacknowledged`.
+    lease_ok: bool,
+    unacknowledged: VecDeque<(u32, Result<(), IoError>)>,
     /// Client writes waiting for a resync chunk they overlap to go out, in arrival order.
     blocked: VecDeque<(u32, IoCommand)>,
     next_request: u64,
@@ -503,6 +507,8 @@ impl ReplicationLayer {
             held: 0,
             paused: VecDeque::with_capacity(settings.slots),
             warm_until: Some(Instant::now() + WARM_UP),
+            lease_ok: true,
+            unacknowledged: VecDeque::new(),
             blocked: VecDeque::with_capacity(settings.slots),
             next_request: 1,
             fenced: false,
@@ -605,6 +611,11 @@ impl ReplicationLayer {
     }
 
     fn finish(&mut self, ctx: &mut LayerCtx<'_>, slot: u32, result: Result<(), IoError>) {
+        if !self.lease_ok && result.is_ok() {
+            // No acknowledgement after the lease ran out: another node may be the primary.
+            self.unacknowledged.push_back((slot, result));
+            return;
+        }
         self.parents[slot as usize] = Parent::None;
         self.held -= 1;
         ctx.complete(slot, result);
@@ -1541,7 +1552,7 @@ impl Layer for ReplicationLayer {
     }
 
     fn submit(&mut self, ctx: &mut LayerCtx<'_>, slot: u32, command: &IoCommand) -> Down {
-        if (self.status.draining() || (command.op != Op::Read && self.warming()))
+        if (self.status.draining() || !self.lease_ok || (command.op != Op::Read && self.warming()))
             && (command.op != Op::Read || ctx.from_frontend())
         {
             // A reparent: held for the next primary (or for this one if it fails). Reads
@@ -1690,6 +1701,24 @@ impl Layer for ReplicationLayer {
             }
         }
         let now = Instant::now();
+        let lease_ok = self.role.lease_valid(now);
+        if lease_ok != self.lease_ok {
+            self.lease_ok = lease_ok;
+            work = true;
+            match lease_ok {
+                false => {
+                    tracing::warn!(volume = %self.volume, epoch = self.epoch, "replication: the control-plane lease ran out: IO is held, not acknowledged, until it is renewed or another node takes over")
+                }
+                true => {
+                    tracing::warn!(volume = %self.volume, epoch = self.epoch, held = self.unacknowledged.len() + self.paused.len(), "replication: the lease is renewed: held IO goes on")
+                }
+            }
+            if lease_ok {
+                while let Some((slot, result)) = self.unacknowledged.pop_front() {
+                    self.finish(ctx, slot, result);
+                }
+            }
+        }
         for index in 0..self.peers.len() {
             if matches!(self.peers[index].link, Link::Down) {
                 match self.dial(index, now) {
@@ -1728,8 +1757,9 @@ impl Layer for ReplicationLayer {
             // Warmed up: from now on no clock read per write for it.
             self.warm_until = None;
         }
-        if !self.status.draining() && !self.paused.is_empty() && !self.warming() {
-            // The reparent was called off: what it paused goes on here, in order.
+        if !self.status.draining() && self.lease_ok && !self.paused.is_empty() && !self.warming() {
+            // The reparent was called off, or the lease renewed: what was paused goes on
+            // here, in order.
             work = true;
             while let Some((slot, command, _)) = self.paused.pop_front() {
                 match self.submit(ctx, slot, &command) {
@@ -1767,6 +1797,10 @@ impl Layer for ReplicationLayer {
         }
         for (slot, _) in self.blocked.drain(..) {
             ctx.release(slot);
+        }
+        self.lease_ok = true;
+        while let Some((slot, _)) = self.unacknowledged.pop_front() {
+            self.finish(ctx, slot, Err(IoError::NotPrimary { epoch: self.epoch }));
         }
         let writes: Vec<u32> = self.by_sequence.drain().map(|(_, slot)| slot).collect();
         for slot in writes {

@@ -21,6 +21,7 @@
 //! and the primary's fan-out layer come next and stay thin over these.
 
 pub mod auth;
+pub mod authority;
 pub mod client;
 pub mod dial;
 pub mod forward;

@@ -27,6 +27,7 @@ use fathom_net::server::{self, Server, ServerError};
 use fathom_net::transport::{self, TlsError};
 
 use crate::auth::{AuthError, ClusterKey};
+use crate::authority::{Claim, EpochAuthority};
 use crate::client::{BlockingSession, ClientError, Opener};
 use crate::dial::Identity;
 use crate::forward::{ForwardLayer, ForwardSettings};
@@ -81,6 +82,8 @@ pub enum PromoteError {
         majority: usize,
         failures: String,
     },
+    #[error("volume {volume:?}: the control plane did not grant the next epoch: {why}")]
+    Refused { volume: String, why: String },
     #[error("volume {volume:?}: {what}")]
     Failed { volume: String, what: String },
 }
@@ -176,6 +179,8 @@ struct Shared {
     stop: AtomicBool,
     /// One role change at a time (a promote, the watcher's demotion).
     changes: Mutex<()>,
+    /// Grants epochs when a control plane runs; `None`: this node takes them itself.
+    authority: Option<Arc<dyn EpochAuthority>>,
 }
 
 /// Replication running on this node. Dropping it stops the replica service and the
@@ -188,8 +193,14 @@ pub struct Replication {
 
 impl Replication {
     /// Starts replication for the replicated volumes of `config` this node holds; `None`
-    /// when there are none.
-    pub fn start(engine: &Engine, config: &Config) -> Result<Option<Self>, StartError> {
+    /// when there are none. With an `authority` (a control plane), every copy starts as a
+    /// replica and the control plane decides which becomes the primary ([`Replication::promote_for`]);
+    /// without one, the node its superblock names as the primary claims the next epoch.
+    pub fn start(
+        engine: &Engine,
+        config: &Config,
+        authority: Option<Arc<dyn EpochAuthority>>,
+    ) -> Result<Option<Self>, StartError> {
         let node = config.node.id.as_str();
         let mine: Vec<_> = config
             .volumes
@@ -334,10 +345,17 @@ impl Replication {
             volumes,
             stop: AtomicBool::new(false),
             changes: Mutex::new(()),
+            authority,
         });
         for held in &shared.volumes {
             let name = held.volume.name.clone();
             let superblock = held.role.superblock();
+            if shared.authority.is_some() {
+                // The control plane names the primary: until then, a replica; and no primary
+                // acknowledges IO without the control plane's lease.
+                held.role.set_primary_here(false);
+                held.role.set_lease_until(None);
+            }
             let result = if held.role.primary_here() {
                 // It claims the next epoch on the others, and serves once a majority took it:
                 // whatever an earlier run of it still had in flight is then refused.
@@ -383,9 +401,36 @@ impl Replication {
             .collect()
     }
 
-    /// Makes this node the primary of `volume` (see the module documentation).
+    /// Makes this node the primary of `volume` (see the module documentation): the
+    /// operator's promote, of a dead primary's volume, or `force`d.
     pub fn promote(&self, volume: &str, force: bool) -> Result<Promoted, PromoteError> {
-        self.shared.promote(volume, force)
+        let why = match force {
+            true => Claim::Forced,
+            false => Claim::Failover,
+        };
+        self.shared.promote(volume, why)
+    }
+
+    /// Makes this node the primary of `volume` for `why` (the control plane's agent).
+    pub fn promote_for(&self, volume: &str, why: Claim) -> Result<Promoted, PromoteError> {
+        self.shared.promote(volume, why)
+    }
+
+    /// The control plane says another node is the primary of `volume` at `epoch`: if this
+    /// node serves it, it stops and becomes a replica (its layer is fenced; the watcher
+    /// swaps it).
+    pub fn step_down(&self, volume: &str, epoch: u64) {
+        if let Some(held) = self.shared.volumes.iter().find(|h| h.volume.name == volume) {
+            held.role.raise_epoch(epoch);
+            if held.role.primary_here() {
+                tracing::warn!(
+                    volume,
+                    epoch,
+                    "replication: the control plane names another primary: this node steps down"
+                );
+                held.role.set_primary_here(false);
+            }
+        }
     }
 
     /// Hands `volume`, whose primary this node is, over to replica `to` (see the module
@@ -559,7 +604,7 @@ impl Shared {
         let name = held.volume.name.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("take-over-{name}"))
-            .spawn(move || match shared.promote(&name, false) {
+            .spawn(move || match shared.promote(&name, Claim::Handover) {
                 Ok(promoted) => tracing::warn!(
                     volume = %name,
                     epoch = promoted.epoch,
@@ -737,7 +782,7 @@ impl Shared {
         }
     }
 
-    fn promote(&self, name: &str, force: bool) -> Result<Promoted, PromoteError> {
+    fn promote(&self, name: &str, why: Claim) -> Result<Promoted, PromoteError> {
         let _changing = self
             .changes
             .lock()
@@ -754,12 +799,25 @@ impl Shared {
         if held.role.primary_here() {
             return Err(PromoteError::AlreadyPrimary(name.into()));
         }
-        if !force && !held.role.in_sync() {
+        // With a control plane, its in-sync set is what counts, checked by the authority.
+        if self.authority.is_none() && why != Claim::Forced && !held.role.in_sync() {
             return Err(PromoteError::NotInSync(name.into()));
         }
-        // The next epoch, durable here before anyone is asked: from now on this node's own
-        // replica service refuses the old primary's frames.
-        let epoch = held.role.epoch() + 1;
+        // The next epoch (granted by the control plane first, if one runs), durable here
+        // before anyone is asked: from now on this node's own replica service refuses the
+        // old primary's frames.
+        let (epoch, in_sync) = match &self.authority {
+            Some(authority) => {
+                let grant = authority
+                    .claim(name, held.role.epoch(), why)
+                    .map_err(|why| PromoteError::Refused {
+                        volume: name.into(),
+                        why,
+                    })?;
+                (grant.epoch, Some(grant.in_sync))
+            }
+            None => (held.role.epoch() + 1, None),
+        };
         held.role.raise_epoch(epoch);
         let node = self.node.clone();
         let (superblock, copy) = held.role.next_superblock(|superblock| {
@@ -772,6 +830,7 @@ impl Shared {
         tracing::warn!(
             volume = name,
             epoch,
+            why = why.as_str(),
             "replication: promoting this node to primary"
         );
 
@@ -864,7 +923,14 @@ impl Shared {
         let mut stale = vec![Vec::new(); held.peers.len()];
         let mut behind = Vec::new();
         for (index, peer) in held.peers.iter().enumerate() {
-            let regions: Vec<u64> = match survivors.iter().find(|s| s.index == Some(index)) {
+            let out_of_sync = in_sync
+                .as_ref()
+                .is_some_and(|in_sync| !in_sync.contains(&peer.node));
+            let found = survivors.iter().find(|s| s.index == Some(index));
+            let regions: Vec<u64> = match found {
+                // Out of the authority's in-sync set: what it lacks may predate anything a
+                // survivor remembers. Rebuilt in full.
+                _ if out_of_sync => (0..regions).collect(),
                 Some(survivor) => newest
                     .iter()
                     .filter(|(region, (sequence, _))| {

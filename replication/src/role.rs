@@ -8,7 +8,8 @@
 //! epoch is below it knows another node took the volume over, and fails every IO.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use crate::layer::VolumeStatus;
 use crate::meta::Superblock;
@@ -35,6 +36,15 @@ pub struct VolumeRole {
     /// As a replica: the epoch at which the primary asked this node to take the volume over
     /// (a Handover it accepted), for the control thread to act on; 0 when none.
     handover_asked: AtomicU64,
+    /// As the primary: until when it may acknowledge IO, in nanoseconds after [`lease_base`];
+    /// `u64::MAX` with no control plane (nothing can elect another primary behind its back).
+    lease_until: AtomicU64,
+}
+
+/// The instant lease deadlines count from (the first use in this process).
+fn lease_base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
 }
 
 impl VolumeRole {
@@ -49,7 +59,23 @@ impl VolumeRole {
             primary_status: Mutex::new(None),
             handing_over_to: Mutex::new(None),
             handover_asked: AtomicU64::new(0),
+            lease_until: AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// As the primary: it may acknowledge IO until `until` (its control-plane lease, less a
+    /// margin, so that it stops before another node can be elected); `None`: not at all.
+    pub fn set_lease_until(&self, until: Option<Instant>) {
+        let nanos = until.map_or(0, |until| {
+            until.saturating_duration_since(lease_base()).as_nanos() as u64
+        });
+        self.lease_until.store(nanos, Ordering::Release);
+    }
+
+    /// Whether the primary may acknowledge IO at `now`.
+    pub fn lease_valid(&self, now: Instant) -> bool {
+        let until = self.lease_until.load(Ordering::Acquire);
+        until == u64::MAX || (now.saturating_duration_since(lease_base()).as_nanos() as u64) < until
     }
 
     /// The node this primary is handing the volume over to, in a reparent.

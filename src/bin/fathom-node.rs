@@ -172,9 +172,37 @@ fn run(args: Args) -> Result<()> {
     })?;
     // Replication before the front end: a primary takes its epoch and a replica fences its
     // client IO before any client is served.
-    let replication = fathom_replication::node::Replication::start(&engine, &config)
-        .context("starting replication")?
-        .map(std::sync::Arc::new);
+    // With a control plane (`[cluster] etcd`), etcd grants the epochs and names the primaries.
+    let control_plane = fathom_cluster::agent::Settings::from_config(&config, &engine);
+    let authority = control_plane
+        .as_ref()
+        .map(fathom_cluster::agent::EtcdAuthority::new)
+        .transpose()
+        .context("starting the control plane")?;
+    let replication = fathom_replication::node::Replication::start(
+        &engine,
+        &config,
+        authority.clone().map(|authority| {
+            authority as std::sync::Arc<dyn fathom_replication::authority::EpochAuthority>
+        }),
+    )
+    .context("starting replication")?
+    .map(std::sync::Arc::new);
+    let agent = match (control_plane, authority, &replication) {
+        (Some(settings), Some(authority), Some(replication)) => {
+            tracing::info!(
+                "cluster: control plane on etcd {} (cluster {:?}, lease {} s)",
+                settings.endpoints.join(","),
+                settings.cluster,
+                settings.lease.as_secs()
+            );
+            Some(
+                fathom_cluster::agent::Agent::start(settings, authority, replication.clone())
+                    .context("starting the control plane")?,
+            )
+        }
+        _ => None,
+    };
     let control_path = fathom_control::socket_path(&config.node.data_dir);
     let control = fathom_control::server::ControlServer::start(
         &control_path,
@@ -253,6 +281,9 @@ fn run(args: Args) -> Result<()> {
             tracing::info!("NBD: closed {open} client connections");
         }
     }
+    // Then the control plane: this node's primaries stop acknowledging and its lease ends, so
+    // that other nodes take its volumes over now rather than after the lease's TTL.
+    drop(agent);
     if let Some(replication) = &replication {
         if !replication.stop(Duration::from_secs(5)) {
             tracing::warn!(

@@ -34,6 +34,8 @@ pub struct Cluster {
     pub nodes: Vec<ClusterNode>,
     /// The cluster key every node holds.
     pub key: PathBuf,
+    /// The control plane, when the nodes run on etcd.
+    pub etcd: Option<fathom_cluster::local::LocalEtcd>,
     _dir: tempfile::TempDir,
 }
 
@@ -67,8 +69,37 @@ impl Cluster {
         Self::start_full(count, "", true, "")
     }
 
+    /// As [`Cluster::start`], on a control plane: `members` etcd members on loopback, and each
+    /// node under a lease of `lease_s` seconds. etcd names the first primary (node a, the one
+    /// the config names, which seeds it).
+    pub fn start_with_etcd(count: usize, members: usize, lease_s: u64) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = fathom_cluster::local::LocalEtcd::start(dir.path(), members)
+            .unwrap_or_else(|error| panic!("starting etcd: {error}"));
+        let endpoints = etcd
+            .endpoints()
+            .iter()
+            .map(|endpoint| format!("{endpoint:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let lines = format!("etcd = [{endpoints}]\nlease = \"{lease_s}s\"\n");
+        Self::start_in(dir, count, "", false, "", &lines, Some(etcd))
+    }
+
     fn start_full(count: usize, extra: &str, metrics: bool, replication: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, count, extra, metrics, replication, "", None)
+    }
+
+    fn start_in(
+        dir: tempfile::TempDir,
+        count: usize,
+        extra: &str,
+        metrics: bool,
+        replication: &str,
+        cluster_lines: &str,
+        etcd: Option<fathom_cluster::local::LocalEtcd>,
+    ) -> Cluster {
         let key = dir.path().join("cluster.key");
         std::fs::write(
             &key,
@@ -105,7 +136,7 @@ impl Cluster {
                  [reactor]\ncores = [{core}]\npoll = \"shared\"\n\
                  [telemetry]\nregion = {region:?}\nmetrics = \"{metrics}\"\n\
                  [nbd]\nlisten = [\"127.0.0.1:0\"]\n\
-                 [cluster]\nname = \"test\"\n{table}\
+                 [cluster]\nname = \"test\"\n{cluster_lines}{table}\
                  [replication]\nlisten = [\"{address}\"]\nkey_file = {key:?}\n{replication}\n\
                  [[device]]\nname = \"nvme0\"\ndriver = \"mem\"\nmedia = \"file\"\n\
                  size = \"{DEVICE_BYTES}\"\nblock_size = {BLOCK_BYTES}\n\
@@ -131,6 +162,7 @@ impl Cluster {
         let mut cluster = Cluster {
             nodes,
             key,
+            etcd,
             _dir: dir,
         };
         // Replicas first, so the primary finds them listening.
