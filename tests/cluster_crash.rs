@@ -9,6 +9,9 @@
 //! sync (one failure at a time). At the end, once writes stop and resync is done, the three
 //! copies must be byte for byte the same.
 //!
+//! The second test does the same on a control plane (etcd), where nothing but the nodes moves
+//! the primary: automatic failover.
+//!
 //! `FATHOM_CLUSTER_CRASH_CYCLES` sets the cycles (5 unless set; `tests/cluster-crash-soak`
 //! runs 50 or more), `FATHOM_CLUSTER_CRASH_SEED` the seed (printed).
 
@@ -180,6 +183,174 @@ fn kill_9_of_any_node_loses_no_acknowledged_write() {
     let stats = summary.stats;
     assert_eq!(stats.violations, 0);
     assert_eq!(stats.crashes, 0, "the model was never told of a crash");
+    assert!(
+        stats.writes_acked > 0 && stats.flushes_acked > 0,
+        "{summary}"
+    );
+}
+
+/// Which of `candidates` serves as the primary, if one does.
+fn serving(cluster: &Cluster, candidates: &[usize]) -> Option<usize> {
+    candidates.iter().copied().find(|&index| {
+        let row = cluster.replication(index);
+        row["role"] == "primary" && row["in_sync"] == true
+    })
+}
+
+/// The same crash test on a control plane: etcd (one member on loopback) grants epochs and
+/// holds a 2 s lease per node, and nothing but the nodes themselves moves the primary. The
+/// client stays on one node and reconnects to another only when its own is killed (a node
+/// that is not the primary forwards its IO). The time from each kill of the primary to a
+/// survivor serving is printed, and their distribution at the end.
+#[test]
+fn kill_9_with_automatic_failover_loses_no_acknowledged_write() {
+    let cycles = env_u64("FATHOM_CLUSTER_CRASH_CYCLES").unwrap_or(5);
+    let seed = env_u64("FATHOM_CLUSTER_CRASH_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    });
+    println!("automatic failover crash test: {cycles} cycles, FATHOM_CLUSTER_CRASH_SEED={seed}");
+    let mut cluster = Cluster::start_with_etcd(3, 1, 2);
+    let mut primary = 0;
+    let mut rng = seed | 1;
+    // The client starts on a replica.
+    let mut at = 2;
+    let options = ClientOptions {
+        seed,
+        blocks: 1024,
+        ..ClientOptions::default()
+    };
+    let mut client = Client::connect(&uri(&cluster, at), options).unwrap();
+    let started = Instant::now();
+    let (mut primary_kills, mut replica_kills) = (0, 0);
+    let mut failovers: Vec<Duration> = Vec::new();
+    for cycle in 1..=cycles {
+        let victim = (next(&mut rng) % 3) as usize;
+        let delay = Duration::from_millis(100 + next(&mut rng) % 401);
+        let pid = cluster.pid(victim);
+        let survivors: Vec<usize> = (0..3).filter(|&index| index != victim).collect();
+        let was_primary = victim == primary;
+        let run_for = delay + Duration::from_millis(300);
+        // The killer kills, then (the primary's) watches the survivors until one serves.
+        let (end, failover) = std::thread::scope(|scope| {
+            let cluster = &cluster;
+            let survivors = &survivors;
+            let killer = scope.spawn(move || {
+                std::thread::sleep(delay);
+                // SAFETY: a signal to the test's own child process, not yet waited for.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let killed = Instant::now();
+                if !was_primary {
+                    return None;
+                }
+                loop {
+                    if let Some(index) = serving(cluster, survivors) {
+                        return Some((index, killed.elapsed()));
+                    }
+                    assert!(
+                        killed.elapsed() < Duration::from_secs(30),
+                        "cycle {cycle}: no survivor took the volume over within 30 s\n{}",
+                        cluster.logs()
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+            let end = client.run(run_for).unwrap();
+            (end, killer.join().unwrap())
+        });
+        cluster.reap(victim);
+        let what = match failover {
+            Some((index, took)) => {
+                primary_kills += 1;
+                failovers.push(took);
+                primary = index;
+                format!(
+                    "primary {} killed, {} took over in {} ms",
+                    cluster.nodes[victim].id,
+                    cluster.nodes[index].id,
+                    took.as_millis()
+                )
+            }
+            None => {
+                replica_kills += 1;
+                format!("replica {} killed", cluster.nodes[victim].id)
+            }
+        };
+        if victim == at {
+            // The client's own node died under it: the writes in flight are of unknown
+            // outcome, and it goes on through a survivor.
+            assert!(
+                matches!(end, RunEnd::ConnectionLost(_)),
+                "cycle {cycle}: the client's node was killed but the run ended {end:?}"
+            );
+            at = survivors[(next(&mut rng) % 2) as usize];
+            client
+                .reconnect(&uri(&cluster, at), Duration::from_secs(30))
+                .unwrap();
+        } else {
+            assert!(
+                matches!(end, RunEnd::Elapsed),
+                "cycle {cycle}: the client on {} lost its connection: {end:?}\n{}",
+                cluster.nodes[at].id,
+                cluster.logs()
+            );
+        }
+        cluster.start_node(victim);
+        wait_in_sync(&cluster, primary);
+        let checked = verify(&mut client, &cluster, &format!("cycle {cycle}"));
+        println!(
+            "cycle {cycle}: {what} after {} ms; client on {}; {checked} blocks checked",
+            delay.as_millis(),
+            cluster.nodes[at].id
+        );
+    }
+    let end = client.run(Duration::from_millis(300)).unwrap();
+    assert!(matches!(end, RunEnd::Elapsed), "{end:?}");
+    client.sync().unwrap();
+    verify(&mut client, &cluster, "at the end");
+    wait_in_sync(&cluster, primary);
+    let reference = cluster.volume_data(primary);
+    let mut checksums = Vec::new();
+    for index in 0..3 {
+        let data = cluster.volume_data(index);
+        if let Some(block) = first_difference(&reference, &data) {
+            panic!(
+                "node {} differs from the primary {} at block {block} (byte {})",
+                cluster.nodes[index].id,
+                cluster.nodes[primary].id,
+                block * BLOCK_BYTES
+            );
+        }
+        checksums.push(format!(
+            "{}={:08x}",
+            cluster.nodes[index].id,
+            crc32c::crc32c(&data)
+        ));
+    }
+    failovers.sort();
+    let ms = |d: &Duration| d.as_millis();
+    let distribution = match failovers.len() {
+        0 => "no primary was killed".to_string(),
+        n => format!(
+            "failover (kill -9 of the primary to a survivor serving), {n} times: min {} ms, p50 {} ms, p90 {} ms, max {} ms; all: {:?}",
+            ms(&failovers[0]),
+            ms(&failovers[n / 2]),
+            ms(&failovers[(n * 9 / 10).min(n - 1)]),
+            ms(&failovers[n - 1]),
+            failovers.iter().map(ms).collect::<Vec<_>>()
+        ),
+    };
+    let summary = client.summary();
+    println!(
+        "automatic failover crash test: {cycles} cycles ({primary_kills} primary, {replica_kills} \
+         replica kills) in {:.1} s; copies identical ({}); {summary}\n{distribution}",
+        started.elapsed().as_secs_f64(),
+        checksums.join(" ")
+    );
+    let stats = summary.stats;
+    assert_eq!(stats.violations, 0);
     assert!(
         stats.writes_acked > 0 && stats.flushes_acked > 0,
         "{summary}"
