@@ -727,6 +727,25 @@ impl Handler for NodeControl {
             }
             Request::Replication { volume } => json(self.replication(volume.as_deref())?),
             Request::Promote { volume, force } => json(self.promote(&volume, force)?),
+            Request::Partition { state } => {
+                use fathom_net::fault::{set_partition, Partition};
+                let (partition, what) = match state.as_str() {
+                    "on" => (Partition::All, "cut off from its peers and etcd"),
+                    "etcd" => (Partition::Etcd, "cut off from etcd (its peers are reached)"),
+                    "off" => (Partition::Off, "reconnected to its peers and etcd"),
+                    other => {
+                        return Err(RemoteError::new(
+                            proto::BAD_REQUEST,
+                            format!("partition state {other:?}: use \"on\", \"etcd\" or \"off\""),
+                        ))
+                    }
+                };
+                if partition != fathom_net::fault::partition() {
+                    tracing::warn!("partition switch {state}: this node is {what}");
+                }
+                set_partition(partition);
+                json(serde_json::json!({ "partition": state }))
+            }
             Request::Reparent { volume, to } => json(self.reparent(&volume, &to)?),
         }
     }

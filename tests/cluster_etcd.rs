@@ -2,16 +2,22 @@
 //! loopback grants epochs by compare-and-swap and holds each node's lease. When the primary
 //! is killed, an in-sync replica takes the volume over by itself once the lease is gone,
 //! with no acknowledged write lost; the old primary returns as a replica and is caught up.
+//! A primary cut off (the node's partition switch) acknowledges nothing once its lease may
+//! have run out, and rejoins as a replica when healed; etcd losing a member, or stopping
+//! altogether, loses nothing.
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{first_difference, Cluster, BLOCK_BYTES};
 use fathom::checker::{Client, ClientOptions};
-use fathom::nbd_client::NbdUri;
+use fathom::nbd_client::{Connection, NbdUri, Pipeline};
 use fathom_cluster::etcd::{Etcd, Timeouts};
 use fathom_cluster::schema::{Prefix, VolumeState};
+use fathom_frontend::nbd::proto::Command;
 
 fn client(cluster: &Cluster, index: usize, seed: u64) -> Client {
     let uri = NbdUri::parse(&cluster.uri(index)).unwrap();
@@ -133,4 +139,319 @@ fn a_killed_primary_fails_over_by_itself_and_loses_no_acknowledged_write() {
             );
         }
     }
+}
+
+/// A client's answer: when it came, and whether it acknowledged the write.
+#[derive(Debug, Clone, Copy)]
+struct Answer {
+    at: Instant,
+    ok: bool,
+}
+
+/// A QD 1 writer on `uri` until `stop`: every write's answer, in order. A connection that
+/// fails ends it.
+fn writer(uri: NbdUri, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<Answer>> {
+    std::thread::spawn(move || {
+        let connection = Connection::open(&uri).unwrap();
+        let mut pipeline = Pipeline::new(connection, 1, 4096, true).unwrap();
+        pipeline.set_stall_timeout(Duration::from_secs(60));
+        let mut answers = Vec::new();
+        let mut next = 0u64;
+        while !stop.load(Ordering::Acquire) {
+            pipeline
+                .submit(Command::Write, (next % 1024) * 4096, 4096, |data| {
+                    data.fill(next as u8)
+                })
+                .unwrap();
+            if pipeline.flush().is_err() {
+                return answers;
+            }
+            loop {
+                match pipeline.next_completion() {
+                    Ok(Some(done)) => {
+                        answers.push(Answer {
+                            at: done.completed,
+                            ok: done.error == 0,
+                        });
+                        break;
+                    }
+                    Ok(None) => {
+                        if pipeline.wait(Duration::from_millis(50)).is_err() {
+                            return answers;
+                        }
+                    }
+                    Err(_) => return answers,
+                }
+            }
+            next += 1;
+        }
+        answers
+    })
+}
+
+/// The log line of node `index` that contains `text`, and the UTC time at its start.
+fn logged_at(cluster: &Cluster, index: usize, text: &str) -> Option<String> {
+    cluster
+        .log(index)
+        .lines()
+        .find(|line| line.contains(text))
+        .and_then(|line| line.split_whitespace().next().map(str::to_string))
+}
+
+/// Cut the primary off from etcd only: it still reaches its replicas, so its writes still
+/// find a majority, and only its lease stops it. It must stop acknowledging before its lease
+/// can run out in etcd; the others elect a new primary after it ran out, whose claim reaches
+/// the old primary and makes it a replica; its client, still connected to it, goes on
+/// through it.
+#[test]
+fn a_primary_cut_off_from_etcd_stops_acknowledging_before_another_is_elected() {
+    let cluster = Cluster::start_with_etcd(3, 1, 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = writer(NbdUri::parse(&cluster.uri(0)).unwrap(), stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, text) = cluster.ctl(0, &["partition", "etcd"]);
+    assert!(ok, "{text}");
+    let cut = Instant::now();
+    let elected = loop {
+        if let Some(index) = serving(&cluster, &[1, 2]) {
+            break index;
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(15),
+            "no new primary within 15 s\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let elected_after = cut.elapsed();
+    // The old primary learns of the new epoch from the claim and forwards from then on.
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Release);
+    let answers = writes.join().unwrap();
+    let (ok, text) = cluster.ctl(0, &["partition", "off"]);
+    assert!(ok, "{text}");
+
+    // Acknowledged within the lease, then nothing until the new primary served.
+    let lease = Duration::from_secs(2);
+    let before_cut = answers.iter().filter(|a| a.at < cut && a.ok).count();
+    let gap: Vec<&Answer> = answers
+        .iter()
+        .filter(|a| a.at >= cut + lease && a.at < cut + elected_after && a.ok)
+        .collect();
+    let last_within = answers
+        .iter()
+        .filter(|a| a.at >= cut && a.at < cut + lease && a.ok)
+        .map(|a| a.at - cut)
+        .max();
+    let after = answers
+        .iter()
+        .filter(|a| a.at >= cut + elected_after && a.ok)
+        .count();
+    println!(
+        "cut off from etcd: {before_cut} writes acknowledged before; the last within the lease {last_within:?} after the cut; none from 2 s until {} took over {elected_after:?} after the cut; {after} acknowledged after, through it",
+        cluster.nodes[elected].id
+    );
+    assert!(before_cut > 0, "the writer never wrote");
+    assert!(
+        gap.is_empty(),
+        "{} writes acknowledged after the lease ran out",
+        gap.len()
+    );
+    // Its last keep-alive before the cut was at most a quarter of the lease before it.
+    assert!(
+        elected_after >= lease * 3 / 4,
+        "elected {elected_after:?} after the cut, before the lease could run out"
+    );
+    assert!(
+        after > 0,
+        "the client did not go on through the old primary\n{}",
+        cluster.logs()
+    );
+    // In the logs: the old primary held IO before the new one was granted its epoch.
+    let held = logged_at(&cluster, 0, "lease ran out").expect("a logged that it held IO");
+    let granted = logged_at(&cluster, elected, "etcd granted this node the next epoch")
+        .expect("the new primary logged its grant");
+    assert!(
+        held < granted,
+        "a held IO at {held}, the new primary was granted at {granted}"
+    );
+}
+
+/// Cut the primary off from etcd and from its replicas: its writes fail (no majority) and,
+/// once its lease has run out, wait unanswered; the others elect a new primary. Healed, the
+/// old primary learns it was replaced, becomes a replica, is caught up, and its client's
+/// waiting writes go to the new primary.
+#[test]
+fn a_partitioned_primary_is_replaced_and_rejoins_as_a_replica_when_healed() {
+    let cluster = Cluster::start_with_etcd(3, 1, 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = writer(NbdUri::parse(&cluster.uri(0)).unwrap(), stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, text) = cluster.ctl(0, &["partition", "on"]);
+    assert!(ok, "{text}");
+    let cut = Instant::now();
+    let elected = loop {
+        if let Some(index) = serving(&cluster, &[1, 2]) {
+            break index;
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(15),
+            "no new primary within 15 s\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    println!(
+        "partitioned: {} took over {:?} after the cut",
+        cluster.nodes[elected].id,
+        cut.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, text) = cluster.ctl(0, &["partition", "off"]);
+    assert!(ok, "{text}");
+    let healed = Instant::now();
+    let deadline = healed + Duration::from_secs(30);
+    loop {
+        let state = etcd_state(&cluster);
+        let a = cluster.replication(0);
+        if state.in_sync.len() == 3 && a["role"] == "replica" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a did not rejoin as an in-sync replica: {state:?} {a}\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "healed: a is an in-sync replica {:?} after",
+        healed.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Release);
+    let answers = writes.join().unwrap();
+    let lease = Duration::from_secs(2);
+    let in_gap = answers
+        .iter()
+        .filter(|a| a.ok && a.at >= cut + lease && a.at < healed)
+        .count();
+    let after = answers.iter().filter(|a| a.ok && a.at >= healed).count();
+    println!(
+        "{} answers: {} acknowledged before the cut, {in_gap} from the lease's end to the heal, {after} after",
+        answers.len(),
+        answers.iter().filter(|a| a.ok && a.at < cut).count()
+    );
+    assert_eq!(
+        in_gap, 0,
+        "writes acknowledged by a cut-off primary after its lease"
+    );
+    assert!(
+        after > 0,
+        "the client did not go on after the heal\n{}",
+        cluster.logs()
+    );
+    let sequence = cluster.replication(elected)["sequence"].as_u64().unwrap();
+    cluster.wait_peers(elected, Duration::from_secs(60), "caught up", |peer| {
+        peer["in_sync"] == true && peer["acknowledged"].as_u64() >= Some(sequence)
+    });
+    let reference = cluster.volume_data(elected);
+    for index in 0..3 {
+        assert_eq!(
+            first_difference(&reference, &cluster.volume_data(index)),
+            None,
+            "node {} differs",
+            cluster.nodes[index].id
+        );
+    }
+}
+
+/// etcd's own failures under a client's writes. One member of three killed (the one every
+/// node talks to first) and started again goes unnoticed by the volume: no write fails, no
+/// failover.
+#[test]
+fn etcd_losing_one_member_of_three_under_writes_goes_unnoticed() {
+    let mut cluster = Cluster::start_with_etcd(3, 3, 2);
+    let epoch = etcd_state(&cluster).epoch;
+    let mut client = client(&cluster, 2, 77);
+    client.run(Duration::from_millis(300)).unwrap();
+    let killer = {
+        let etcd = cluster.etcd.take().unwrap();
+        std::thread::spawn(move || {
+            let mut etcd = etcd;
+            std::thread::sleep(Duration::from_millis(300));
+            etcd.kill(0);
+            std::thread::sleep(Duration::from_millis(1500));
+            etcd.restart(0).unwrap();
+            etcd
+        })
+    };
+    let end = client.run(Duration::from_secs(3)).unwrap();
+    cluster.etcd = Some(killer.join().unwrap());
+    client.sync().unwrap();
+    let stats = client.summary().stats;
+    println!("one etcd member killed and restarted: {}", client.summary());
+    assert!(matches!(end, fathom::checker::RunEnd::Elapsed), "{end:?}");
+    assert_eq!(
+        (stats.writes_failed, stats.flushes_failed),
+        (0, 0),
+        "{}",
+        client.summary()
+    );
+    assert_eq!(
+        etcd_state(&cluster).epoch,
+        epoch,
+        "no failover for a lost etcd member"
+    );
+    client.verify_all().unwrap();
+}
+
+/// etcd stopped altogether for longer than the lease: the primary holds IO unanswered once
+/// its lease may have run out, nobody can be elected, and when etcd is back (it extends the
+/// leases it had) the primary goes on where it stopped, with no write failed.
+#[test]
+fn etcd_stopped_longer_than_the_lease_holds_io_and_loses_nothing() {
+    let mut cluster = Cluster::start_with_etcd(3, 1, 2);
+    let epoch = etcd_state(&cluster).epoch;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = writer(NbdUri::parse(&cluster.uri(0)).unwrap(), stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.etcd.as_mut().unwrap().kill(0);
+    let down = Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    cluster.etcd.as_mut().unwrap().restart(0).unwrap();
+    let back = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Release);
+    let answers = writes.join().unwrap();
+    let lease = Duration::from_secs(2);
+    let acked = |from: Instant, to: Instant| {
+        answers
+            .iter()
+            .filter(|a| a.ok && a.at >= from && a.at < to)
+            .count()
+    };
+    let (before, during, after) = (
+        acked(down - Duration::from_secs(10), down),
+        acked(down + lease, back),
+        acked(back, Instant::now()),
+    );
+    let failed = answers.iter().filter(|a| !a.ok).count();
+    println!(
+        "etcd down {:?}: {before} writes acknowledged before, {during} from the lease's end until etcd was back, {after} after; {failed} failed",
+        back - down
+    );
+    assert!(before > 0);
+    assert_eq!(during, 0, "acknowledged with no lease");
+    assert!(after > 0, "the primary did not go on\n{}", cluster.logs());
+    assert_eq!(failed, 0, "writes failed\n{}", cluster.logs());
+    let state = etcd_state(&cluster);
+    assert_eq!(
+        (state.epoch, state.primary.as_str()),
+        (epoch, "a"),
+        "{state:?}"
+    );
+    let log = cluster.log(0);
+    assert!(log.contains("lease ran out"), "{log}");
+    assert!(log.contains("held IO goes on"), "{log}");
 }

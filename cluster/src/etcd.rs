@@ -205,6 +205,25 @@ impl Etcd {
         self.at = (self.at + 1) % self.endpoints.len();
     }
 
+    /// While the node's partition switch is on, etcd is out of reach: every stream is
+    /// dropped and every operation fails at once.
+    fn cut_off(&mut self, what: &str) -> Result<(), EtcdError> {
+        if !fathom_net::fault::etcd_cut() {
+            return Ok(());
+        }
+        self.client = None;
+        self.keeper = None;
+        if let Some(watching) = &mut self.watching {
+            watching.stream = None;
+        }
+        Err(EtcdError::Unreachable {
+            what: what.into(),
+            endpoints: self.endpoint_list(),
+            deadline: Duration::ZERO,
+            last: fathom_net::fault::partition_error().to_string(),
+        })
+    }
+
     /// A client on the endpoint in use, connected and checked (it knows a leader) within
     /// `limit`.
     fn connected(&mut self, limit: Duration) -> Result<Client, String> {
@@ -240,6 +259,7 @@ impl Etcd {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
+        self.cut_off(what)?;
         let started = Instant::now();
         let deadline = started + self.timeouts.deadline;
         let mut last = String::from("not tried");
@@ -372,6 +392,7 @@ impl Etcd {
     /// Keeps lease `id` alive once: its remaining TTL, or `None` when etcd no longer has it
     /// (it expired). The stream is rebuilt on the next endpoint when it fails.
     pub fn keep_alive(&mut self, id: i64) -> Result<Option<Duration>, EtcdError> {
+        self.cut_off("a keep-alive")?;
         let started = Instant::now();
         let deadline = started + self.timeouts.deadline;
         let mut last = String::from("not tried");
@@ -458,6 +479,10 @@ impl Etcd {
     /// that did not answer a progress request within the attempt timeout, is rebuilt from
     /// the next revision not yet seen, on the next endpoint.
     pub fn next_events(&mut self, wait: Duration) -> Result<Vec<Change>, EtcdError> {
+        if let Err(error) = self.cut_off("a watch") {
+            std::thread::sleep(wait);
+            return Err(error);
+        }
         let until = Instant::now() + wait;
         let attempt = self.timeouts.attempt;
         let Some(watching) = &self.watching else {

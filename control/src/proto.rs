@@ -64,6 +64,7 @@ pub const COMMANDS: &[&str] = &[
     "replication",
     "promote",
     "reparent",
+    "partition",
 ];
 
 /// The layers of a volume's IO path, top to bottom. A volume has `frontend`, `engine` and
@@ -246,6 +247,11 @@ pub enum Request {
     /// and this node becomes a replica that forwards its clients' IO (paused IO included) to
     /// it. Answer: [`ReparentResult`].
     Reparent { volume: String, to: String },
+    /// The partition switch, for tests and drills: `"on"` cuts this node off from its peers
+    /// (replication sessions both ways) and from etcd, as a network partition would, `"etcd"`
+    /// from etcd only, `"off"` heals it; its NBD clients stay connected. Answer:
+    /// `{"partition": state}`.
+    Partition { state: String },
 }
 
 impl Request {
@@ -267,6 +273,7 @@ impl Request {
             Request::Replication { .. } => "replication",
             Request::Promote { .. } => "promote",
             Request::Reparent { .. } => "reparent",
+            Request::Partition { .. } => "partition",
         }
     }
 
@@ -725,6 +732,7 @@ const SCHEMA: &[(&str, &[Field])] = &[
         "reparent",
         &[required("volume", Kind::Text), required("to", Kind::Text)],
     ),
+    ("partition", &[required("state", Kind::Text)]),
 ];
 
 /// How a JSON value is described in an error: its type and, when short, the value.
@@ -1062,6 +1070,10 @@ mod tests {
             Request::Reparent {
                 volume: "vol0".into(),
                 to: "b".into(),
+            },
+            Request::Partition { state: "on".into() },
+            Request::Partition {
+                state: "off".into(),
             },
         ]
     }

@@ -53,6 +53,9 @@ impl BlockingSession {
             address,
             what,
         };
+        if fathom_net::fault::partitioned() {
+            return Err(fail(fathom_net::fault::partition_error().to_string()));
+        }
         let stream = TcpStream::connect_timeout(&address, opener.timeout)
             .map_err(|error| fail(format!("cannot connect: {error}")))?;
         stream
@@ -152,6 +155,13 @@ impl BlockingSession {
         header: Header,
         payload: &[u8],
     ) -> Result<(Header, Vec<u8>), ClientError> {
+        if fathom_net::fault::partitioned() {
+            return Err(ClientError {
+                node: self.node.clone(),
+                address: self.address,
+                what: fathom_net::fault::partition_error().to_string(),
+            });
+        }
         let request_id = self.next_request;
         self.next_request += 1;
         let mut bytes = Vec::with_capacity(crate::proto::HEADER_LEN + payload.len());

@@ -125,6 +125,9 @@ pub fn open_stream(
     volume: &str,
     max_unsent: usize,
 ) -> Result<(FrameStream, ConnectorSession), String> {
+    if fathom_net::fault::partitioned() {
+        return Err(fathom_net::fault::partition_error().to_string());
+    }
     socket
         .set_nonblocking(true)
         .and_then(|()| socket.set_nodelay(true))

@@ -84,6 +84,9 @@ impl FrameStream {
     /// Reads what the socket has, up to the budget, into the decoder. Returns the bytes read;
     /// an error when the peer is gone.
     pub fn fill(&mut self) -> Result<usize, StreamError> {
+        if fathom_net::fault::partitioned() {
+            return Err(fathom_net::fault::partition_error().into());
+        }
         let mut total = 0;
         while !self.drained && total < READ_BUDGET {
             let spare = self.decoder.spare();
@@ -207,6 +210,9 @@ fn write_some(
     transport: &mut Transport,
     slices: &[io::IoSlice<'_>],
 ) -> Result<Option<usize>, StreamError> {
+    if fathom_net::fault::partitioned() {
+        return Err(fathom_net::fault::partition_error().into());
+    }
     loop {
         match transport.write_vectored(slices) {
             Ok(0) => return Err(StreamError::Closed),

@@ -145,6 +145,19 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// The partition switch, for tests and failure drills: `on` cuts this node off from its
+    /// peers (every replication session, both ways) and from etcd, as a network partition
+    /// would, while its NBD clients stay connected; `etcd` cuts it off from etcd only; `off`
+    /// heals it. On a control plane, a
+    /// primary cut off stops acknowledging IO before its lease can run out, and the others
+    /// elect a new primary once it has; healed, it rejoins as a replica.
+    ///
+    ///   fathom-ctl --node /tmp/fathom-cluster/a partition on
+    #[command(verbatim_doc_comment)]
+    Partition {
+        #[arg(value_parser = ["on", "etcd", "off"])]
+        state: String,
+    },
     /// Moves a volume's primary to another node, with no client IO failing: run on the
     /// primary. New IO pauses, the writes in flight are answered, the new primary (an
     /// in-sync replica) checks it holds every one, takes the next epoch on a majority and
@@ -488,6 +501,9 @@ fn request(command: &Command) -> Request {
             volume: volume.clone(),
             to: to.clone(),
         },
+        Command::Partition { state } => Request::Partition {
+            state: state.clone(),
+        },
     }
 }
 
@@ -619,6 +635,16 @@ fn print_answer(command: &Command, request: &Request, answer: Value) -> Result<(
         Command::Replication { .. } => {
             let rows: Vec<ReplicationRow> = parse(answer, what)?;
             print!("{}", replication_table(&rows));
+        }
+        Command::Partition { .. } => {
+            println!(
+                "{}",
+                match answer["partition"].as_str().unwrap_or("") {
+                    "on" => "partitioned: this node is cut off from its peers and etcd (its NBD clients stay)",
+                    "etcd" => "partitioned from etcd: this node reaches its peers, not etcd",
+                    _ => "not partitioned: this node reaches its peers and etcd",
+                }
+            );
         }
         Command::Promote { .. } => {
             let result: PromoteResult = parse(answer, what)?;
