@@ -76,47 +76,9 @@ impl NodeControl {
             .as_ref()
             .map(|replication| replication.roles())
             .unwrap_or_default();
-        Ok(roles
-            .iter()
-            .filter(|role| volume.is_none_or(|name| name == role.volume))
-            .map(|role| match role.primary_status() {
-                Some(status) => ReplicationRow {
-                    volume: status.volume.clone(),
-                    role: "primary".into(),
-                    epoch: status.epoch(),
-                    primary: node.clone(),
-                    sequence: status.sequence(),
-                    fenced: status.fenced(),
-                    in_sync: status.serving(),
-                    peers: status
-                        .peers
-                        .iter()
-                        .map(|peer| PeerRow {
-                            node: peer.node.clone(),
-                            state: peer.state().as_str().into(),
-                            in_sync: peer.in_sync(),
-                            acknowledged: peer.acknowledged(),
-                            dirty_bytes: peer.dirty_regions() * status.region_bytes,
-                            resync_left_bytes: peer.stale_regions() * status.region_bytes,
-                            resynced_bytes: peer.resynced_bytes(),
-                        })
-                        .collect(),
-                    resync_rate: status.resync_pace(),
-                    resync_client_p99_us: status.resync_client_p99_us(),
-                },
-                None => ReplicationRow {
-                    volume: role.volume.clone(),
-                    role: "replica".into(),
-                    epoch: role.epoch(),
-                    primary: role.superblock().primary,
-                    sequence: role.applied(),
-                    fenced: false,
-                    in_sync: role.in_sync(),
-                    peers: Vec::new(),
-                    resync_rate: 0,
-                    resync_client_p99_us: 0,
-                },
-            })
+        Ok(replication_rows(node, &roles)
+            .into_iter()
+            .filter(|row| volume.is_none_or(|name| name == row.volume))
             .collect())
     }
 
@@ -785,4 +747,53 @@ fn control_error(error: ControlError) -> RemoteError {
         ControlError::Stopped => proto::INTERNAL,
     };
     RemoteError::new(code, error.to_string())
+}
+
+/// Each replicated volume's row as node `node` sees it (`fathom-ctl replication`): the
+/// primary's with its replicas, a replica's with what it applied.
+pub fn replication_rows(
+    node: &str,
+    roles: &[std::sync::Arc<fathom_replication::role::VolumeRole>],
+) -> Vec<ReplicationRow> {
+    roles
+        .iter()
+        .map(|role| match role.primary_status() {
+            Some(status) => ReplicationRow {
+                volume: status.volume.clone(),
+                role: "primary".into(),
+                epoch: status.epoch(),
+                primary: node.to_string(),
+                sequence: status.sequence(),
+                fenced: status.fenced(),
+                in_sync: status.serving(),
+                peers: status
+                    .peers
+                    .iter()
+                    .map(|peer| PeerRow {
+                        node: peer.node.clone(),
+                        state: peer.state().as_str().into(),
+                        in_sync: peer.in_sync(),
+                        acknowledged: peer.acknowledged(),
+                        dirty_bytes: peer.dirty_regions() * status.region_bytes,
+                        resync_left_bytes: peer.stale_regions() * status.region_bytes,
+                        resynced_bytes: peer.resynced_bytes(),
+                    })
+                    .collect(),
+                resync_rate: status.resync_pace(),
+                resync_client_p99_us: status.resync_client_p99_us(),
+            },
+            None => ReplicationRow {
+                volume: role.volume.clone(),
+                role: "replica".into(),
+                epoch: role.epoch(),
+                primary: role.superblock().primary,
+                sequence: role.applied(),
+                fenced: false,
+                in_sync: role.in_sync(),
+                peers: Vec::new(),
+                resync_rate: 0,
+                resync_client_p99_us: 0,
+            },
+        })
+        .collect()
 }

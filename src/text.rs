@@ -158,3 +158,109 @@ pub fn replication_table(rows: &[ReplicationRow]) -> String {
     }
     text
 }
+
+/// `fathom-ctl cluster status`: the nodes with their leases, then each volume with its
+/// placement, primary, epoch and in-sync copies, and its primary's view of its replicas.
+pub fn cluster_status_text(report: &fathom_cluster::report::ClusterReport) -> String {
+    let mut text = format!(
+        "cluster {} (etcd {}, revision {})\n\n",
+        report.cluster, report.endpoint, report.revision
+    );
+    let mut nodes = Table::new(&[
+        ("NODE", false),
+        ("LEASE", false),
+        ("REPLICATION", false),
+        ("NBD", false),
+        ("PID", true),
+    ]);
+    for node in &report.nodes {
+        nodes.row(vec![
+            node.record.id.clone(),
+            match node.lease_left_s {
+                Some(left) => format!("{left}s of {}s", node.record.lease_ms / 1000),
+                None => "?".into(),
+            },
+            node.record.replication.clone(),
+            node.record.nbd.clone().unwrap_or_else(|| "-".into()),
+            node.record.pid.to_string(),
+        ]);
+    }
+    match report.nodes.is_empty() {
+        true => text.push_str("no node is registered (none runs, or none reaches etcd)\n"),
+        false => text.push_str(&nodes.render()),
+    }
+    text.push('\n');
+    text.push_str(&volume_list_text(report));
+    for volume in &report.volumes {
+        let Some(view) = &volume.primary_view else {
+            continue;
+        };
+        if let Ok(row) = serde_json::from_value::<ReplicationRow>(view.clone()) {
+            text.push('\n');
+            text.push_str(&replication_table(&[row]));
+        }
+    }
+    for refused in &report.refused {
+        text.push_str(&format!("\nrefused under the prefix: {refused}\n"));
+    }
+    text
+}
+
+/// `fathom-ctl volume list`: one line per volume.
+pub fn volume_list_text(report: &fathom_cluster::report::ClusterReport) -> String {
+    if report.volumes.is_empty() {
+        return format!("no volumes in cluster {}\n", report.cluster);
+    }
+    let mut table = Table::new(&[
+        ("VOLUME", false),
+        ("SIZE", true),
+        ("REPLICAS", false),
+        ("PRIMARY", false),
+        ("EPOCH", true),
+        ("IN_SYNC", false),
+        ("STATE", false),
+    ]);
+    for volume in &report.volumes {
+        let (size, replicas) = match &volume.spec {
+            Some(spec) => (bytes_text(spec.size), spec.replicas.join(",")),
+            None => ("?".into(), "?".into()),
+        };
+        let (primary, epoch, in_sync) = match &volume.state {
+            Some(state) => (
+                state.primary.clone(),
+                state.epoch.to_string(),
+                state.in_sync.join(","),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        let serving = volume
+            .primary_view
+            .as_ref()
+            .is_some_and(|view| view["in_sync"] == true && view["fenced"] == false);
+        let state = match (&volume.state, volume.primary_alive, serving) {
+            _ if volume.refused.is_some() => {
+                "no valid state in etcd (refused below): nodes keep the last valid one".to_string()
+            }
+            (None, ..) => "no state yet (no node that holds it has started)".to_string(),
+            (Some(_), false, _) => "primary's lease gone: failing over".into(),
+            (Some(_), true, false) => "primary taking its epoch".into(),
+            (Some(state), true, true) => {
+                let copies = volume.spec.as_ref().map_or(0, |spec| spec.replicas.len());
+                match copies.saturating_sub(state.in_sync.len()) {
+                    0 => "serving".into(),
+                    behind => format!("serving, {behind} copy(ies) out of sync"),
+                }
+            }
+        };
+        table.row(vec![
+            volume.name.clone(),
+            size,
+            replicas,
+            primary,
+            epoch,
+            in_sync,
+            state,
+        ]);
+    }
+    table.render()
+}

@@ -349,8 +349,6 @@ fn kill_9_with_automatic_failover_loses_no_acknowledged_write() {
         started.elapsed().as_secs_f64(),
         checksums.join(" ")
     );
-        println!("{}", cluster.logs());
-    }
     let stats = summary.stats;
     assert_eq!(stats.violations, 0);
     assert!(

@@ -107,10 +107,10 @@ fn a_killed_primary_fails_over_by_itself_and_loses_no_acknowledged_write() {
     // a returns as a replica of the new primary, is rebuilt, and rejoins the in-sync set.
     cluster.start_node(0);
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let state = loop {
         let state = etcd_state(&cluster);
         if state.in_sync.len() == 3 {
-            break;
+            break state;
         }
         assert!(
             Instant::now() < deadline,
@@ -118,9 +118,56 @@ fn a_killed_primary_fails_over_by_itself_and_loses_no_acknowledged_write() {
             cluster.logs()
         );
         std::thread::sleep(Duration::from_millis(100));
-    }
+    };
     let a = cluster.replication(0);
     assert_eq!(a["role"], "replica", "{a}");
+    // The operator's view, from etcd: every node with its lease, the volume's primary and
+    // epoch, all three in sync, and the primary's view of its replicas.
+    std::thread::sleep(Duration::from_millis(1200));
+    let (ok, text) = cluster.ctl_etcd(&["cluster", "status"]);
+    println!("{text}");
+    assert!(ok, "{text}");
+    let primary_id = &cluster.nodes[new_primary].id;
+    let line = text
+        .lines()
+        .find(|line| line.starts_with("vol0") && line.contains("64MiB"))
+        .unwrap_or_else(|| panic!("no line for vol0: {text}"));
+    let cells: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        &cells[..6],
+        &[
+            "vol0",
+            "64MiB",
+            "a,b,c",
+            primary_id.as_str(),
+            &state.epoch.to_string(),
+            "a,b,c"
+        ],
+        "{text}"
+    );
+    assert!(line.ends_with("serving"), "{text}");
+    for node in ["a", "b", "c"] {
+        assert!(
+            text.lines()
+                .any(|line| line.starts_with(node) && line.contains("s of 2s")),
+            "{text}"
+        );
+    }
+    let (ok, json) = cluster.ctl_etcd(&["--json", "volume", "list"]);
+    assert!(ok, "{json}");
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        report["volumes"][0]["state"]["primary"],
+        primary_id.as_str(),
+        "{report}"
+    );
+    assert_eq!(
+        report["volumes"][0]["primary_view"]["peers"]
+            .as_array()
+            .map(Vec::len),
+        Some(2),
+        "{report}"
+    );
     client.sync().unwrap();
     client.verify_all().unwrap();
     let sequence = cluster.replication(new_primary)["sequence"]
@@ -454,4 +501,50 @@ fn etcd_stopped_longer_than_the_lease_holds_io_and_loses_nothing() {
     let log = cluster.log(0);
     assert!(log.contains("lease ran out"), "{log}");
     assert!(log.contains("held IO goes on"), "{log}");
+}
+
+/// Values under the cluster's prefix that Fathom did not write (garbage in a volume's state,
+/// a stray key, a record of a newer layout) are refused with the reason in the log and in
+/// `cluster status`; the nodes keep what they knew and serve on. A valid value put back is
+/// taken again. Impossible requests to fathom-ctl get a clear error.
+#[test]
+fn bad_values_in_etcd_are_refused_and_logged_and_the_volume_serves_on() {
+    let cluster = Cluster::start_with_etcd(3, 1, 2);
+    let endpoints = cluster.etcd.as_ref().unwrap().endpoints();
+    let mut etcd = Etcd::new(&endpoints, Timeouts::default()).unwrap();
+    let prefix = Prefix::new("test").unwrap();
+    let good = etcd.get(&prefix.state("vol0")).unwrap().unwrap().value;
+    etcd.put(&prefix.state("vol0"), b"{not json", None).unwrap();
+    etcd.put("/fathom/test/stray", b"x", None).unwrap();
+    etcd.put(&prefix.node("z"), br#"{"v":9,"id":"z"}"#, None)
+        .unwrap();
+    let mut client = client(&cluster, 1, 88);
+    client.run(Duration::from_millis(500)).unwrap();
+    client.sync().unwrap();
+    assert_eq!(
+        client.summary().stats.writes_failed,
+        0,
+        "{}",
+        client.summary()
+    );
+    let logs = cluster.logs();
+    assert!(logs.contains("refusing a value in etcd"), "{logs}");
+    assert!(logs.contains("layout version 9"), "{logs}");
+    assert!(logs.contains("ignoring a key under the prefix"), "{logs}");
+    let (ok, text) = cluster.ctl_etcd(&["cluster", "status"]);
+    println!("{text}");
+    assert!(ok, "{text}");
+    assert!(text.contains("refused under the prefix"), "{text}");
+    assert!(text.contains("no valid state in etcd"), "{text}");
+    assert!(text.contains("/fathom/test/stray"), "{text}");
+    // Put back, the state is followed again: the in-sync set is written back by the primary.
+    etcd.put(&prefix.state("vol0"), &good, None).unwrap();
+    client.run(Duration::from_millis(300)).unwrap();
+    client.verify_all().unwrap();
+    assert_eq!(etcd_state(&cluster).primary, "a");
+    // fathom-ctl without what it needs, or with what cannot be.
+    let (ok, text) = cluster.ctl(0, &["cluster", "status"]);
+    assert!(!ok && text.contains("--etcd"), "{text}");
+    let (ok, text) = cluster.ctl(0, &["partition", "sideways"]);
+    assert!(!ok && text.contains("possible values"), "{text}");
 }

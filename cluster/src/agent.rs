@@ -31,7 +31,7 @@ use fathom_replication::role::VolumeRole;
 
 use crate::etcd::{Change, Condition, Etcd, EtcdError, Kv, Timeouts, Write};
 use crate::schema::{
-    Key, NodeRecord, Prefix, SchemaError, VolumeSpec, VolumeState, SCHEMA_VERSION,
+    Key, NodeRecord, NodeStatus, Prefix, SchemaError, VolumeSpec, VolumeState, SCHEMA_VERSION,
 };
 
 /// How often the agent looks at its volumes when nothing changes.
@@ -288,6 +288,7 @@ impl View {
                 Key::State(volume) => {
                     self.states.remove(&volume);
                 }
+                Key::Status(_) => {}
             }
             return;
         };
@@ -317,6 +318,8 @@ impl View {
                     Err(error) => refused(error),
                 }
             }
+            // Other nodes' status is for operators.
+            Key::Status(_) => {}
         }
     }
 
@@ -331,6 +334,12 @@ impl View {
         view
     }
 }
+
+/// What the node serves, as JSON rows, for its status key (`fathom-ctl cluster status`).
+pub type StatusSource = Box<dyn Fn() -> serde_json::Value + Send>;
+
+/// How often a node's status key is brought up to date while it changes.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
 
 /// The control plane running on this node; dropping it stops it and ends the lease (the
 /// node's volumes fail over at once instead of after the lease's TTL).
@@ -355,6 +364,9 @@ struct Runner {
     gone_at: HashMap<String, Instant>,
     /// When an error was last logged, per kind, so that a long outage does not flood the log.
     logged: HashMap<&'static str, Instant>,
+    status: Option<StatusSource>,
+    /// The status last published, and when.
+    published: Option<(serde_json::Value, Instant)>,
 }
 
 impl Agent {
@@ -363,6 +375,7 @@ impl Agent {
         settings: Settings,
         authority: Arc<EtcdAuthority>,
         replication: Arc<Replication>,
+        status: Option<StatusSource>,
     ) -> Result<Self, AgentError> {
         let prefix = Prefix::new(&settings.cluster)?;
         let etcd = Etcd::new(&settings.endpoints, Timeouts::default())?;
@@ -379,6 +392,8 @@ impl Agent {
             retry_at: HashMap::new(),
             gone_at: HashMap::new(),
             logged: HashMap::new(),
+            status,
+            published: None,
         };
         let thread = {
             let stop = stop.clone();
@@ -442,6 +457,42 @@ impl Runner {
             for role in self.replication.roles() {
                 self.act(&role);
             }
+            self.publish_status();
+        }
+    }
+
+    /// Puts this node's status under its lease when it changed, at most once a second.
+    fn publish_status(&mut self) {
+        let Some(source) = &self.status else { return };
+        let due = self
+            .published
+            .as_ref()
+            .is_none_or(|(_, at)| at.elapsed() >= STATUS_EVERY);
+        if !due {
+            return;
+        }
+        let rows = source();
+        if self
+            .published
+            .as_ref()
+            .is_some_and(|(last, _)| *last == rows)
+        {
+            self.published = Some((rows, Instant::now()));
+            return;
+        }
+        let Some(lease) = self.lease().id else { return };
+        let record = NodeStatus {
+            v: SCHEMA_VERSION,
+            node: self.settings.node.clone(),
+            replication: rows.clone(),
+        };
+        let key = self.prefix.status(&self.settings.node);
+        match self.etcd.put(&key, &record.encode(), Some(lease)) {
+            Ok(_) => self.published = Some((rows, Instant::now())),
+            Err(error) => self.log_error(
+                "status",
+                format!("cannot publish this node's status: {error}"),
+            ),
         }
     }
 
@@ -461,8 +512,10 @@ impl Runner {
                         lease.valid_until = Some(sent + ttl - margin);
                         drop(lease);
                         self.next_keep_alive = sent + ttl / 4;
-                        // What happened while unregistered is read afresh.
+                        // What happened while unregistered is read afresh, and the status
+                        // put again under the new lease.
                         self.watching = false;
+                        self.published = None;
                         tracing::info!(node = %self.settings.node, lease = format!("{id:x}"), ttl_s = ttl.as_secs(), "cluster: registered in etcd");
                     }
                     Err(error) => {

@@ -455,6 +455,14 @@ impl Etcd {
         })
     }
 
+    /// What is left of lease `id`, or `None` when etcd no longer has it.
+    pub fn time_to_live(&mut self, id: i64) -> Result<Option<Duration>, EtcdError> {
+        self.call("a lease's time to live", |mut client| async move {
+            let response = client.lease_time_to_live(id, None).await?;
+            Ok((response.ttl() > 0).then(|| Duration::from_secs(response.ttl() as u64)))
+        })
+    }
+
     /// Ends lease `id` (its keys go with it).
     pub fn revoke(&mut self, id: i64) -> Result<(), EtcdError> {
         self.keeper = None;

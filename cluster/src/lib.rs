@@ -5,4 +5,5 @@
 pub mod agent;
 pub mod etcd;
 pub mod local;
+pub mod report;
 pub mod schema;

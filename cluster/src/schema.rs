@@ -7,6 +7,7 @@
 //! /fathom/<cluster>/nodes/<node>             NodeRecord    put under the node's lease
 //! /fathom/<cluster>/volumes/<volume>/spec    VolumeSpec    size and placement, set at create
 //! /fathom/<cluster>/volumes/<volume>/state   VolumeState   epoch, primary, in-sync copies
+//! /fathom/<cluster>/status/<node>            NodeStatus    what the node serves, under its lease
 //! ```
 //!
 //! Every record is a JSON object with `"v": 1`. A node is alive while its key exists: the key
@@ -29,7 +30,7 @@ pub const MAX_REPLICAS: usize = 7;
 pub enum SchemaError {
     #[error("key {key:?} is not under the cluster prefix {prefix:?}")]
     Foreign { key: String, prefix: String },
-    #[error("key {0:?} is not one Fathom writes (nodes/<node>, volumes/<volume>/spec or /state)")]
+    #[error("key {0:?} is not one Fathom writes (nodes/<node>, volumes/<volume>/spec or /state, status/<node>)")]
     UnknownKey(String),
     #[error("{what} {name:?}: {why}")]
     BadName {
@@ -80,6 +81,10 @@ impl Prefix {
         format!("{}volumes/{volume}/state", self.0)
     }
 
+    pub fn status(&self, node: &str) -> String {
+        format!("{}status/{node}", self.0)
+    }
+
     /// What `key` names.
     pub fn parse(&self, key: &[u8]) -> Result<Key, SchemaError> {
         let text = String::from_utf8_lossy(key);
@@ -104,6 +109,10 @@ impl Prefix {
                 check_name("volume name", volume)?;
                 Ok(Key::State(volume.to_string()))
             }
+            ["status", node] => {
+                check_name("node id", node)?;
+                Ok(Key::Status(node.to_string()))
+            }
             _ => Err(unknown()),
         }
     }
@@ -115,6 +124,7 @@ pub enum Key {
     Node(String),
     Spec(String),
     State(String),
+    Status(String),
 }
 
 /// Node ids, volume and cluster names: 1 to 47 of `A-Z a-z 0-9 . _ -`, not starting with a
@@ -183,6 +193,36 @@ pub struct VolumeState {
     /// The copies that lack no acknowledged write (the primary among them): only these may
     /// become primary.
     pub in_sync: Vec<String>,
+}
+
+/// What a node serves, as it last published it (every second while it changes): its
+/// replication rows, as `fathom-ctl replication --json` prints them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeStatus {
+    pub v: u32,
+    pub node: String,
+    pub replication: serde_json::Value,
+}
+
+impl NodeStatus {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a record serialises")
+    }
+
+    pub fn decode(key: &str, node: &str, bytes: &[u8]) -> Result<Self, SchemaError> {
+        let status: Self = decode(key, bytes)?;
+        if status.node != node {
+            return Err(inconsistent(
+                key,
+                format!("it names node {:?}, the key node {node:?}", status.node),
+            ));
+        }
+        if !status.replication.is_array() {
+            return Err(inconsistent(key, "replication is not a list".into()));
+        }
+        Ok(status)
+    }
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, SchemaError> {
@@ -491,6 +531,7 @@ mod tests {
                     Key::Node(n) => prefix().node(n),
                     Key::Spec(v) => prefix().spec(v),
                     Key::State(v) => prefix().state(v),
+                    Key::Status(n) => prefix().status(n),
                 };
                 prop_assert_eq!(back, key);
             }

@@ -69,6 +69,19 @@ struct Args {
     /// Prints the node's answer as JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// The control plane's etcd members, for `cluster` and `volume` (host:port, comma
+    /// separated; or FATHOM_ETCD).
+    #[arg(
+        long,
+        global = true,
+        value_name = "ENDPOINTS",
+        env = "FATHOM_ETCD",
+        value_delimiter = ','
+    )]
+    etcd: Vec<String>,
+    /// The cluster's name in etcd, its [cluster] name (or FATHOM_CLUSTER).
+    #[arg(long, global = true, value_name = "NAME", env = "FATHOM_CLUSTER")]
+    cluster: Option<String>,
     /// Seconds to wait for an answer (a run waits its runtime and ramp on top of this).
     #[arg(long, global = true, value_name = "SECS", default_value = "10", value_parser = parse_timeout)]
     timeout: Duration,
@@ -144,6 +157,22 @@ enum Command {
         /// Promote a copy that is not known to be in sync.
         #[arg(long)]
         force: bool,
+    },
+    /// The cluster as its control plane (etcd) holds it; needs --etcd and --cluster.
+    ///
+    ///   fathom-ctl --etcd 127.0.0.1:2379 --cluster fathom-loopback cluster status
+    #[command(verbatim_doc_comment)]
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+    /// The cluster's volumes, from its control plane (etcd); needs --etcd and --cluster.
+    ///
+    ///   fathom-ctl --etcd 127.0.0.1:2379 --cluster fathom-loopback volume list
+    #[command(verbatim_doc_comment)]
+    Volume {
+        #[command(subcommand)]
+        action: VolumeAction,
     },
     /// The partition switch, for tests and failure drills: `on` cuts this node off from its
     /// peers (every replication session, both ways) and from etcd, as a network partition
@@ -504,7 +533,48 @@ fn request(command: &Command) -> Request {
         Command::Partition { state } => Request::Partition {
             state: state.clone(),
         },
+        Command::Cluster { .. } | Command::Volume { .. } => {
+            unreachable!("answered from etcd, not by a node")
+        }
     }
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ClusterAction {
+    /// Nodes (and what is left of their leases), volumes (placement, primary, epoch, in-sync
+    /// copies) and each primary's view of its replicas (sessions, resync).
+    Status,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum VolumeAction {
+    /// One line per volume: size, copies, primary, epoch, in-sync copies, state.
+    List,
+}
+
+/// `cluster` and `volume`: straight to etcd, no node needed.
+fn run_control_plane(args: &Args) -> Result<()> {
+    if args.etcd.is_empty() {
+        anyhow::bail!("this command reads the control plane: give its etcd members with --etcd host:port[,host:port...] (or FATHOM_ETCD)");
+    }
+    let cluster = args.cluster.as_deref().context(
+        "give the cluster's name with --cluster NAME (or FATHOM_CLUSTER): its [cluster] name in the nodes' configs",
+    )?;
+    let timeouts = fathom_cluster::etcd::Timeouts {
+        attempt: Duration::from_millis(500).min(args.timeout),
+        deadline: args.timeout,
+    };
+    let mut etcd = fathom_cluster::etcd::Etcd::new(&args.etcd, timeouts)?;
+    let report = fathom_cluster::report::read(&mut etcd, cluster)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    match &args.command {
+        Command::Cluster { .. } => print!("{}", fathom::text::cluster_status_text(&report)),
+        _ => print!("{}", fathom::text::volume_list_text(&report)),
+    }
+    Ok(())
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -523,6 +593,12 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<()> {
+    if matches!(
+        args.command,
+        Command::Cluster { .. } | Command::Volume { .. }
+    ) {
+        return run_control_plane(args);
+    }
     let node = args
         .node
         .clone()
@@ -635,6 +711,9 @@ fn print_answer(command: &Command, request: &Request, answer: Value) -> Result<(
         Command::Replication { .. } => {
             let rows: Vec<ReplicationRow> = parse(answer, what)?;
             print!("{}", replication_table(&rows));
+        }
+        Command::Cluster { .. } | Command::Volume { .. } => {
+            unreachable!("answered from etcd, not by a node")
         }
         Command::Partition { .. } => {
             println!(

@@ -197,8 +197,20 @@ fn run(args: Args) -> Result<()> {
                 settings.lease.as_secs()
             );
             Some(
-                fathom_cluster::agent::Agent::start(settings, authority, replication.clone())
-                    .context("starting the control plane")?,
+                fathom_cluster::agent::Agent::start(
+                    settings,
+                    authority,
+                    replication.clone(),
+                    Some({
+                        let (node, replication) = (config.node.id.clone(), replication.clone());
+                        Box::new(move || {
+                            let rows =
+                                fathom::node_control::replication_rows(&node, &replication.roles());
+                            serde_json::to_value(rows).unwrap_or_default()
+                        })
+                    }),
+                )
+                .context("starting the control plane")?,
             )
         }
         _ => None,

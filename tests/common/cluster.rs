@@ -256,6 +256,23 @@ impl Cluster {
         (output.status.success(), text)
     }
 
+    /// `fathom-ctl --etcd ... --cluster test ARGS` against the control plane: its exit
+    /// success and output.
+    pub fn ctl_etcd(&self, args: &[&str]) -> (bool, String) {
+        let endpoints = self.etcd.as_ref().expect("on etcd").endpoints().join(",");
+        let output = Command::new(CTL)
+            .args(["--etcd", &endpoints, "--cluster", "test"])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
+    }
+
     /// `fathom-ctl --json replication` on node `index`: its one volume's row.
     pub fn replication(&self, index: usize) -> Value {
         let (ok, text) = self.ctl(index, &["--json", "replication"]);
