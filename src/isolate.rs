@@ -512,6 +512,9 @@ fn run_load(
         // wake-up is paid in the node's reply (an IPI, ~5 us on some VMs), and only when IOs
         // take long enough for the client to sleep, so it would be counted in a slow layer.
         spin: true,
+        // A lost connection ends the run: the measurement is of one node.
+        reconnect: Vec::new(),
+        reconnect_timeout: Duration::ZERO,
     };
     let result = nbd_client::run_job(connection, &job, start, &AtomicU64::new(0))?;
     Ok(Load {

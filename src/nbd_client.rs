@@ -1235,6 +1235,11 @@ pub struct JobSpec {
     /// client's wake-up in its reply (an inter-processor interrupt, several microseconds on
     /// some virtual machines, that would otherwise count in the server's own latency).
     pub spin: bool,
+    /// Where to connect again when the connection is lost (a node killed, a failover): tried
+    /// in turn for up to `reconnect_timeout`. Empty: a lost connection ends the job with
+    /// its error.
+    pub reconnect: Vec<NbdUri>,
+    pub reconnect_timeout: Duration,
 }
 
 /// IOs of one operation over the measured interval.
@@ -1268,6 +1273,14 @@ pub struct JobResult {
     pub errors: u64,
     /// The first error reply, described.
     pub first_error: Option<String>,
+    /// Connections lost and opened again ([`JobSpec::reconnect`]).
+    pub reconnects: u64,
+    /// IOs in flight when a connection was lost: their outcome is unknown.
+    pub lost_ios: u64,
+    /// Time from each loss to the next connection open, summed.
+    pub outage_ns: u64,
+    /// The first loss, described.
+    pub first_loss: Option<String>,
     /// Wall time of the measured interval.
     pub elapsed_ns: u64,
     /// CPU time (user and system) the job's thread used over the measured interval.
@@ -1304,6 +1317,10 @@ pub fn run_job(
         bytes: 0,
         errors: 0,
         first_error: None,
+        reconnects: 0,
+        lost_ios: 0,
+        outage_ns: 0,
+        first_loss: None,
         elapsed_ns: 0,
         cpu_ns: 0,
         read: OpResult::new(),
@@ -1329,57 +1346,126 @@ pub fn run_job(
         issue(&mut pipeline, &mut access);
     }
     // The closed loop: every completion within the run brings the next IO.
+    let mut target = 0;
     loop {
         let mut progressed = false;
-        while let Some(done) = pipeline.next_completion()? {
-            progressed = true;
-            completions += 1;
-            account(
-                &mut result,
-                &done,
-                done.completed >= ramp_end && done.completed < end,
-            );
-            if done.completed < end {
-                issue(&mut pipeline, &mut access);
+        let turn = (|| -> Result<bool, NbdClientError> {
+            while let Some(done) = pipeline.next_completion()? {
+                progressed = true;
+                completions += 1;
+                account(
+                    &mut result,
+                    &done,
+                    done.completed >= ramp_end && done.completed < end,
+                );
+                if done.completed < end {
+                    issue(&mut pipeline, &mut access);
+                }
             }
-        }
-        progress.store(completions, Ordering::Relaxed);
-        pipeline.flush()?;
-        let now = Instant::now();
-        if cpu_started.is_none() && now >= ramp_end {
-            cpu_started = Some(thread_cpu_ns());
-        }
-        if now >= end {
-            result.cpu_ns = thread_cpu_ns().saturating_sub(cpu_started.unwrap_or(0));
-            break;
-        }
-        if !progressed {
-            let next = if now < ramp_end { ramp_end } else { end };
-            pipeline.wait(if spec.spin {
-                Duration::ZERO
-            } else {
-                next - now
-            })?;
+            progress.store(completions, Ordering::Relaxed);
+            pipeline.flush()?;
+            let now = Instant::now();
+            if cpu_started.is_none() && now >= ramp_end {
+                cpu_started = Some(thread_cpu_ns());
+            }
+            if now >= end {
+                result.cpu_ns = thread_cpu_ns().saturating_sub(cpu_started.unwrap_or(0));
+                return Ok(true);
+            }
+            if !progressed {
+                let next = if now < ramp_end { ramp_end } else { end };
+                pipeline.wait(if spec.spin {
+                    Duration::ZERO
+                } else {
+                    next - now
+                })?;
+            }
+            Ok(false)
+        })();
+        match turn {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(error) if spec.reconnect.is_empty() || Instant::now() >= end => return Err(error),
+            Err(error) => {
+                pipeline = reconnect(spec, &mut target, &mut result, &pipeline, error)?;
+                while pipeline.can_submit() {
+                    issue(&mut pipeline, &mut access);
+                }
+            }
         }
     }
     // Completions are counted when they fall inside [ramp_end, end): that is the interval.
     result.elapsed_ns = spec.runtime.as_nanos() as u64;
-    // Drain: what is still in flight completes unmeasured (errors are still counted).
-    while pipeline.in_flight() > 0 {
-        let mut progressed = false;
-        while let Some(done) = pipeline.next_completion()? {
-            progressed = true;
-            account(&mut result, &done, false);
+    // Drain: what is still in flight completes unmeasured (errors are still counted). A
+    // connection lost now, with reconnects on, leaves its IOs' outcome unknown.
+    let drained = (|| -> Result<(), NbdClientError> {
+        while pipeline.in_flight() > 0 {
+            let mut progressed = false;
+            while let Some(done) = pipeline.next_completion()? {
+                progressed = true;
+                account(&mut result, &done, false);
+            }
+            pipeline.flush()?;
+            if !progressed && pipeline.in_flight() > 0 {
+                pipeline.wait(WAIT_SLICE)?;
+            }
         }
-        pipeline.flush()?;
-        if !progressed && pipeline.in_flight() > 0 {
-            pipeline.wait(WAIT_SLICE)?;
+        Ok(())
+    })();
+    if let Err(error) = drained {
+        if spec.reconnect.is_empty() {
+            return Err(error);
         }
+        result.lost_ios += pipeline.in_flight() as u64;
+        result.first_loss.get_or_insert_with(|| error.to_string());
+        result.ios = result.read.ios + result.write.ios;
+        result.bytes = result.read.bytes + result.write.bytes;
+        return Ok(result);
     }
     pipeline.disconnect();
     result.ios = result.read.ios + result.write.ios;
     result.bytes = result.read.bytes + result.write.bytes;
     Ok(result)
+}
+
+/// The connection of `pipeline` was lost with `error`: counts it and its IOs in flight, and
+/// connects again to the job's reconnect targets in turn (from `target` on) until one opens
+/// or the reconnect timeout passes.
+fn reconnect(
+    spec: &JobSpec,
+    target: &mut usize,
+    result: &mut JobResult,
+    pipeline: &Pipeline,
+    error: NbdClientError,
+) -> Result<Pipeline, NbdClientError> {
+    let lost_at = Instant::now();
+    result.reconnects += 1;
+    result.lost_ios += pipeline.in_flight() as u64;
+    result.first_loss.get_or_insert_with(|| error.to_string());
+    let deadline = lost_at + spec.reconnect_timeout;
+    loop {
+        let uri = &spec.reconnect[*target % spec.reconnect.len()];
+        let failed = match Connection::open(uri) {
+            Ok(connection) => {
+                let pipeline = Pipeline::new(
+                    connection,
+                    spec.iodepth,
+                    spec.block_size,
+                    spec.pattern.writes(),
+                )?;
+                result.outage_ns += lost_at.elapsed().as_nanos() as u64;
+                return Ok(pipeline);
+            }
+            Err(failed) => failed,
+        };
+        *target += 1;
+        if Instant::now() >= deadline {
+            return Err(failed);
+        }
+        if *target % spec.reconnect.len() == 0 {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 /// Counts one completion: an error always, a success when it is `measured`.

@@ -548,3 +548,51 @@ fn bad_values_in_etcd_are_refused_and_logged_and_the_volume_serves_on() {
     let (ok, text) = cluster.ctl(0, &["partition", "sideways"]);
     assert!(!ok && text.contains("possible values"), "{text}");
 }
+
+/// fathom-bench given every node's URI goes on through a kill -9 of the node it writes to
+/// (the primary): its jobs connect again to the next node, which forwards to the new primary,
+/// and the run reports the loss, the IOs of unknown outcome and the outage.
+#[test]
+fn fathom_bench_goes_on_through_a_failover_and_reports_it() {
+    let mut cluster = Cluster::start_with_etcd(3, 1, 2);
+    let uris = (0..3)
+        .map(|index| cluster.uri(index))
+        .collect::<Vec<_>>()
+        .join(",");
+    let bench = std::process::Command::new(env!("CARGO_BIN_EXE_fathom-bench"))
+        .args([
+            "--nbd",
+            &uris,
+            "--rw",
+            "randwrite",
+            "--bs",
+            "4k",
+            "--iodepth",
+            "8",
+        ])
+        .args(["--runtime", "6", "--size", "16MiB", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    cluster.kill(0);
+    let output = bench.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{stderr}\n{}",
+        cluster.logs()
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    println!(
+        "fathom-bench through a failover: {} IOs, {} errors, {} reconnects, {} IOs lost, outage {} ms",
+        report["ios"], report["errors"], report["reconnects"], report["lost_ios"],
+        report["outage_ns"].as_u64().unwrap_or(0) / 1_000_000
+    );
+    assert_eq!(report["reconnects"], 1, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert!(report["ios"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["lost_ios"].as_u64().unwrap() <= 8, "{report}");
+}

@@ -87,9 +87,16 @@ enum Mode {
 #[command(version, verbatim_doc_comment)]
 struct Args {
     /// Drive a running node through NBD instead of an in-process engine:
-    /// `nbd://HOST[:PORT]/EXPORT` (port 10809 unless given; no TLS).
-    #[arg(long, value_name = "URI")]
+    /// `nbd://HOST[:PORT]/EXPORT` (port 10809 unless given; no TLS). Several, comma
+    /// separated (nodes of one cluster, each serving the volume): the first is used, and a
+    /// job whose connection is lost connects again to the next in turn.
+    #[arg(long, value_name = "URI[,URI...]")]
     nbd: Option<String>,
+    /// With --nbd: how long a job tries to connect again after losing its connection (a
+    /// node killed, a failover), in seconds; the IOs in flight then are counted as of
+    /// unknown outcome and the outage is reported. 0: a lost connection ends the run.
+    #[arg(long, value_name = "SECS", default_value = "30")]
+    reconnect_timeout: f64,
     #[arg(long, value_enum, default_value = "mem")]
     driver: Driver,
     /// Media of the mem driver: null (nothing stored, nothing copied), ram, or file.
@@ -866,7 +873,17 @@ mod nbd_mode {
         if jobs == 0 || jobs > MAX_JOBS {
             bail!("--numjobs {jobs}: from 1 to {MAX_JOBS} jobs, each with its own connection");
         }
-        let uri = NbdUri::parse(uri_text)?;
+        let uris = uri_text
+            .split(',')
+            .map(|text| NbdUri::parse(text.trim()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !(args.reconnect_timeout >= 0.0 && args.reconnect_timeout.is_finite()) {
+            bail!(
+                "--reconnect-timeout {}: seconds, 0 or more",
+                args.reconnect_timeout
+            );
+        }
+        let uri = uris[0].clone();
         let first = Connection::open(&uri)?;
         let export = first.export().clone();
         eprintln!(
@@ -924,13 +941,13 @@ mod nbd_mode {
         if args.verify {
             verify(args, &uri, connections, block_size, size)
         } else {
-            bench(args, &uri, &export, connections, block_size, size)
+            bench(args, &uris, &export, connections, block_size, size)
         }
     }
 
     fn bench(
         args: &Args,
-        uri: &NbdUri,
+        uris: &[NbdUri],
         export: &Export,
         connections: Vec<Connection>,
         block_size: u32,
@@ -954,6 +971,12 @@ mod nbd_mode {
                 seed: job as u64 + 1,
                 read_percent: args.rwmixread,
                 spin: args.hipri,
+                // The same node first (it may come back), then the others in turn.
+                reconnect: match args.reconnect_timeout > 0.0 {
+                    true => uris.to_vec(),
+                    false => Vec::new(),
+                },
+                reconnect_timeout: Duration::from_secs_f64(args.reconnect_timeout),
             };
             let (start, counter, tx) = (start.clone(), counters[job].clone(), tx.clone());
             std::thread::Builder::new()
@@ -966,8 +989,9 @@ mod nbd_mode {
         }
         drop(tx);
         let progress = Progress::new(args, Some(0));
-        let deadline =
-            Instant::now() + Duration::from_secs_f64(args.ramp_time + args.runtime) + FINISH_GRACE;
+        let deadline = Instant::now()
+            + Duration::from_secs_f64(args.ramp_time + args.runtime + args.reconnect_timeout)
+            + FINISH_GRACE;
         let mut results: Vec<JobResult> = Vec::with_capacity(jobs);
         while results.len() < jobs {
             match rx.recv_timeout(Duration::from_millis(200)) {
@@ -992,7 +1016,7 @@ mod nbd_mode {
         }
         progress.finish();
         results.sort_by_key(|result| result.job);
-        report(args, uri, export, size, &results)
+        report(args, &uris[0], export, size, &results)
     }
 
     /// One op's IOs, bytes and merged latencies over every job.
@@ -1023,6 +1047,9 @@ mod nbd_mode {
         let ios: u64 = results.iter().map(|result| result.ios).sum();
         let bytes: u64 = results.iter().map(|result| result.bytes).sum();
         let errors: u64 = results.iter().map(|result| result.errors).sum();
+        let reconnects: u64 = results.iter().map(|result| result.reconnects).sum();
+        let lost_ios: u64 = results.iter().map(|result| result.lost_ios).sum();
+        let outage_ns: u64 = results.iter().map(|result| result.outage_ns).sum();
         let cpu_ns: u64 = results.iter().map(|result| result.cpu_ns).sum();
         let elapsed_s = results
             .iter()
@@ -1078,6 +1105,7 @@ mod nbd_mode {
                 "size": size, "rwmixread": args.rwmixread,
                 "runtime_s": elapsed_s,
                 "ios": ios, "errors": errors,
+                "reconnects": reconnects, "lost_ios": lost_ios, "outage_ns": outage_ns,
                 "iops": iops, "iops_per_job": iops_per_job, "bw_bytes": bytes as f64 / elapsed_s,
                 "ns_per_io_wall": wall_ns_per_io, "cpu_ns_per_io": cpu_ns_per_io,
                 "lat_ns": lat_json(&overall),
@@ -1137,6 +1165,16 @@ mod nbd_mode {
                         Some(error) => format!(", {} errors, first: {error}", result.errors),
                         None => String::new(),
                     }
+                );
+            }
+            if reconnects > 0 {
+                println!(
+                    "  connection lost {reconnects} time(s) and opened again: {lost_ios} IOs in flight then (outcome unknown), {} without a connection; first loss: {}",
+                    duration(outage_ns as f64),
+                    results
+                        .iter()
+                        .find_map(|result| result.first_loss.as_deref())
+                        .unwrap_or("-")
                 );
             }
         }
