@@ -1462,7 +1462,7 @@ fn reconnect(
         if Instant::now() >= deadline {
             return Err(failed);
         }
-        if *target % spec.reconnect.len() == 0 {
+        if (*target).is_multiple_of(spec.reconnect.len()) {
             std::thread::sleep(Duration::from_millis(100));
         }
     }

@@ -596,3 +596,34 @@ fn fathom_bench_goes_on_through_a_failover_and_reports_it() {
     assert!(report["ios"].as_u64().unwrap() > 0, "{report}");
     assert!(report["lost_ios"].as_u64().unwrap() <= 8, "{report}");
 }
+
+/// A reparent on a control plane: the new primary's epoch is granted by etcd (a handover),
+/// and etcd names it from then on; the client, on the old primary, goes on through it.
+#[test]
+fn a_reparent_on_etcd_moves_the_primary_there_too() {
+    let cluster = Cluster::start_with_etcd(3, 1, 2);
+    let epoch = etcd_state(&cluster).epoch;
+    let mut client = client(&cluster, 0, 99);
+    client.run(Duration::from_millis(300)).unwrap();
+    let (ok, text) = cluster.ctl(0, &["reparent", "vol0", "--to", "b"]);
+    println!("{text}");
+    assert!(ok, "{text}\n{}", cluster.logs());
+    client.run(Duration::from_millis(300)).unwrap();
+    client.sync().unwrap();
+    client.verify_all().unwrap();
+    let stats = client.summary().stats;
+    assert_eq!(
+        (stats.writes_failed, stats.flushes_failed),
+        (0, 0),
+        "{}",
+        client.summary()
+    );
+    let state = etcd_state(&cluster);
+    assert_eq!(state.primary, "b", "{state:?}");
+    assert_eq!(state.epoch, epoch + 1, "{state:?}");
+    assert!(
+        cluster.log(1).contains("why=\"handover\""),
+        "{}",
+        cluster.log(1)
+    );
+}

@@ -647,7 +647,10 @@ impl Runner {
             return;
         }
         if role.primary_here() {
-            self.replication.step_down(name, state.epoch);
+            // A reparent hands the volume over by itself (this node drains, then follows).
+            if role.handing_over_to().is_none() {
+                self.replication.step_down(name, state.epoch);
+            }
             return;
         }
         let primary_gone = match self.view.nodes.contains_key(&state.primary) {

@@ -418,10 +418,10 @@ impl Replication {
 
     /// The control plane says another node is the primary of `volume` at `epoch`: if this
     /// node serves it, it stops and becomes a replica (its layer is fenced; the watcher
-    /// swaps it).
+    /// swaps it). The epoch known here is not raised: the new primary's claim of it must
+    /// still be taken by this copy's replica service.
     pub fn step_down(&self, volume: &str, epoch: u64) {
         if let Some(held) = self.shared.volumes.iter().find(|h| h.volume.name == volume) {
-            held.role.raise_epoch(epoch);
             if held.role.primary_here() {
                 tracing::warn!(
                     volume,
