@@ -133,5 +133,9 @@ fn operations_and_watches_go_on_when_a_member_dies_or_hangs() {
     while seen.len() < expected.len() && Instant::now() < until {
         drain(&mut watcher, &mut seen);
     }
-    assert_eq!(seen, expected, "the watch saw every put once, in order");
+    // A put tried again on another member after no answer may have been applied by the
+    // first as well when it came back (etcd retries are at least once): the watch then shows
+    // the same put twice in a row.
+    seen.dedup();
+    assert_eq!(seen, expected, "the watch saw every put, in order");
 }

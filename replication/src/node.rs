@@ -134,6 +134,11 @@ pub struct Reparented {
     pub paused: Duration,
 }
 
+/// How long a promote waits for a copy to connect and answer its claim.
+const PROMOTE_ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Once a majority answered a promote, how long the other copies still have.
+const PROMOTE_GRACE: Duration = Duration::from_millis(200);
+
 /// How long a reparent waits for the primary's writes in flight to be answered and for the
 /// new primary to take the volume over, each.
 const REPARENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -836,7 +841,6 @@ impl Shared {
 
         // Claim it on every copy reachable (this one through its own service), and ask each
         // which regions it wrote last.
-        let opener = self.opener(held.max_payload);
         let own = self
             .own_address
             .ok_or_else(|| failed("this node's replica service is not running".into()))?;
@@ -852,26 +856,57 @@ impl Shared {
             .collect();
         let regions =
             (held.volume.blocks * held.volume.block_size as u64).div_ceil(1 << self.region_shift);
-        // Every copy at once: one that does not answer (stopped, cut off) costs the promote
-        // its timeout once, not once per copy.
-        let reached: Vec<_> = std::thread::scope(|scope| {
-            let opener = &opener;
-            let askers: Vec<_> = targets
-                .iter()
-                .map(|(index, peer, address)| {
-                    let (index, address) = (*index, *address);
-                    scope.spawn(move || {
-                        Survivor::reach(opener, index, peer, address, name, epoch, regions)
-                    })
-                })
-                .collect();
-            askers
-                .into_iter()
-                .map(|asker| asker.join().expect("a promote's asker does not panic"))
-                .collect()
-        });
-        for ((index, _, _), reached) in targets.iter().zip(reached) {
-            let index = *index;
+        // Every copy at once, each on a thread of its own. Once a majority (this copy among
+        // them) took the epoch, the others get a short grace and are left behind: a copy that
+        // accepts and does not answer (stopped, cut off) does not hold the promote for its
+        // whole timeout. A majority holds every acknowledged write.
+        let copies = 1 + held.peers.len();
+        let majority = copies / 2 + 1;
+        let (tx, rx) = crossbeam_channel::bounded(targets.len());
+        for (at, (index, peer, address)) in targets.iter().enumerate() {
+            let (index, peer, address, tx) = (*index, peer.clone(), *address, tx.clone());
+            let (node, cluster, auth, tls) = (
+                self.node.clone(),
+                self.cluster.clone(),
+                self.auth.clone(),
+                self.client_tls.clone(),
+            );
+            let (max_payload, volume) = (held.max_payload, name.to_string());
+            let spawned = std::thread::Builder::new()
+                .name(format!("promote-{peer}"))
+                .spawn(move || {
+                    let opener = Opener {
+                        node: &node,
+                        cluster: &cluster,
+                        auth: &auth,
+                        tls,
+                        max_payload,
+                        timeout: PROMOTE_ASK_TIMEOUT,
+                    };
+                    let reached =
+                        Survivor::reach(&opener, index, &peer, address, &volume, epoch, regions);
+                    let _ = tx.send((at, reached));
+                });
+            if let Err(error) = spawned {
+                return Err(failed(format!("cannot ask the copies: {error}")));
+            }
+        }
+        drop(tx);
+        let started = Instant::now();
+        let mut majority_at: Option<Instant> = None;
+        let mut answered = 0;
+        let mut heard = vec![false; targets.len()];
+        while answered < targets.len() {
+            let limit = match majority_at {
+                Some(at) => at + PROMOTE_GRACE,
+                None => started + PROMOTE_ASK_TIMEOUT + Duration::from_secs(1),
+            };
+            let Ok((at, reached)) = rx.recv_deadline(limit) else {
+                break;
+            };
+            answered += 1;
+            heard[at] = true;
+            let index = targets[at].0;
             match reached {
                 Ok(survivor) => survivors.push(survivor),
                 Err(error) => {
@@ -882,9 +917,19 @@ impl Shared {
                     failures.push(error.to_string());
                 }
             }
+            let own = survivors.iter().any(|survivor| survivor.index.is_none());
+            if majority_at.is_none() && own && survivors.len() >= majority {
+                majority_at = Some(Instant::now());
+            }
         }
-        let copies = 1 + held.peers.len();
-        let majority = copies / 2 + 1;
+        for ((_, peer, _), heard) in targets.iter().zip(&heard) {
+            if !heard {
+                tracing::warn!(volume = name, node = %peer, "replication: promote: no answer within the grace after a majority; going on without it (it is caught up later)");
+                failures.push(format!("node {peer}: no answer yet"));
+            }
+        }
+        // This copy first, as the reconciliation below expects.
+        survivors.sort_by_key(|survivor| survivor.index.is_some());
         if survivors.len() < majority {
             return Err(PromoteError::NoMajority {
                 volume: name.into(),
