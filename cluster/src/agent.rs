@@ -340,6 +340,9 @@ pub type StatusSource = Box<dyn Fn() -> serde_json::Value + Send>;
 
 /// How often a node's status key is brought up to date while it changes.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// And while it does not: a put retried on another member may be applied late by the first
+/// (etcd retries are at least once), leaving an older status in place.
+const STATUS_REFRESH: Duration = Duration::from_secs(10);
 
 /// The control plane running on this node; dropping it stops it and ends the lease (the
 /// node's volumes fail over at once instead of after the lease's TTL).

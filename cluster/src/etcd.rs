@@ -9,7 +9,8 @@
 //!   A member is checked with `Status` when connected to (it must know a leader), and left
 //!   for the next on any transport error, "no leader" or timeout.
 //! - **Deadlines**: each try gets at most `attempt` (default 500 ms), each operation at most
-//!   `deadline` (default 1.5 s) over all its tries.
+//!   `deadline` (default 3 s, room for the survivors of a dead leader to elect another)
+//!   over all its tries.
 //! - **Lease keep-alive**: one stream, rebuilt on the next endpoint when it fails.
 //! - **Watch**: [`Etcd::watch`] from a revision; [`Etcd::next_events`] rebuilds the stream
 //!   from the last revision seen when it breaks or stops answering progress requests, and
@@ -97,7 +98,7 @@ impl Default for Timeouts {
     fn default() -> Self {
         Self {
             attempt: Duration::from_millis(500),
-            deadline: Duration::from_millis(1500),
+            deadline: Duration::from_secs(3),
         }
     }
 }
