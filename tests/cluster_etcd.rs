@@ -43,6 +43,26 @@ fn etcd_state(cluster: &Cluster) -> VolumeState {
     VolumeState::decode(&key, None, &kv.value).unwrap()
 }
 
+/// Waits until one of `candidates` serves as the primary: it, and an instant before which
+/// none did (the start of the last look that found none), for windows that must not count
+/// what the new primary acknowledged.
+fn wait_elected(cluster: &Cluster, candidates: &[usize], since: Instant) -> (usize, Instant) {
+    let mut none_before = since;
+    loop {
+        let looked = Instant::now();
+        if let Some(index) = serving(cluster, candidates) {
+            return (index, none_before);
+        }
+        none_before = looked;
+        assert!(
+            since.elapsed() < Duration::from_secs(15),
+            "no new primary within 15 s\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Which of `candidates` serves as the primary, if one does.
 fn serving(cluster: &Cluster, candidates: &[usize]) -> Option<usize> {
     candidates.iter().copied().find(|&index| {
@@ -240,6 +260,44 @@ fn writer(uri: NbdUri, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<Ans
     })
 }
 
+/// The wall clock (the nodes' log times) and this test's monotonic clock, read together.
+struct Anchor {
+    wall: std::time::SystemTime,
+    instant: Instant,
+}
+
+impl Anchor {
+    fn now() -> Self {
+        Self {
+            wall: std::time::SystemTime::now(),
+            instant: Instant::now(),
+        }
+    }
+
+    /// The instant of a log time (`2026-12-07T16:27:43.544521Z`, UTC).
+    fn instant_of(&self, stamp: &str) -> Instant {
+        let number = |range: std::ops::Range<usize>| -> i64 { stamp[range].parse().unwrap() };
+        let (year, month, day) = (number(0..4), number(5..7), number(8..10));
+        // Days from the civil date (Howard Hinnant's algorithm).
+        let y = if month <= 2 { year - 1 } else { year };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        let days = era * 146097 + doe - 719468;
+        let seconds = days * 86400 + number(11..13) * 3600 + number(14..16) * 60 + number(17..19);
+        let fraction = &stamp[20..stamp.len() - 1];
+        let nanos = format!("{fraction:0<9}")[..9].parse::<u64>().unwrap();
+        let wall = std::time::UNIX_EPOCH
+            + Duration::from_secs(seconds as u64)
+            + Duration::from_nanos(nanos);
+        match wall.duration_since(self.wall) {
+            Ok(after) => self.instant + after,
+            Err(before) => self.instant - before.duration(),
+        }
+    }
+}
+
 /// The log line of node `index` that contains `text`, and the UTC time at its start.
 fn logged_at(cluster: &Cluster, index: usize, text: &str) -> Option<String> {
     cluster
@@ -256,6 +314,7 @@ fn logged_at(cluster: &Cluster, index: usize, text: &str) -> Option<String> {
 /// through it.
 #[test]
 fn a_primary_cut_off_from_etcd_stops_acknowledging_before_another_is_elected() {
+    let anchor = Anchor::now();
     let cluster = Cluster::start_with_etcd(3, 1, 2);
     let stop = Arc::new(AtomicBool::new(false));
     let writes = writer(NbdUri::parse(&cluster.uri(0)).unwrap(), stop.clone());
@@ -263,18 +322,8 @@ fn a_primary_cut_off_from_etcd_stops_acknowledging_before_another_is_elected() {
     let (ok, text) = cluster.ctl(0, &["partition", "etcd"]);
     assert!(ok, "{text}");
     let cut = Instant::now();
-    let elected = loop {
-        if let Some(index) = serving(&cluster, &[1, 2]) {
-            break index;
-        }
-        assert!(
-            cut.elapsed() < Duration::from_secs(15),
-            "no new primary within 15 s\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let elected_after = cut.elapsed();
+    let (elected, none_before) = wait_elected(&cluster, &[1, 2], cut);
+    let elected_after = none_before - cut;
     // The old primary learns of the new epoch from the claim and forwards from then on.
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Release);
@@ -282,31 +331,42 @@ fn a_primary_cut_off_from_etcd_stops_acknowledging_before_another_is_elected() {
     let (ok, text) = cluster.ctl(0, &["partition", "off"]);
     assert!(ok, "{text}");
 
-    // Acknowledged within the lease, then nothing until the new primary served.
+    // When a stopped acknowledging (its log) and when the new primary was granted its epoch
+    // (its log), on this test's clock.
     let lease = Duration::from_secs(2);
+    let held = logged_at(&cluster, 0, "lease ran out").expect("a logged that it held IO");
+    let granted = logged_at(&cluster, elected, "etcd granted this node the next epoch")
+        .expect("the new primary logged its grant");
+    let (held_at, granted_at) = (anchor.instant_of(&held), anchor.instant_of(&granted));
     let before_cut = answers.iter().filter(|a| a.at < cut && a.ok).count();
-    let gap: Vec<&Answer> = answers
+    // A write sent once a had stopped, answered before anyone else served: a's own.
+    let gap = answers
         .iter()
-        .filter(|a| a.sent >= cut + lease && a.at < cut + elected_after && a.ok)
-        .collect();
-    let last_within = answers
-        .iter()
-        .filter(|a| a.at >= cut && a.at < cut + lease && a.ok)
-        .map(|a| a.at - cut)
-        .max();
+        .filter(|a| a.ok && a.sent >= held_at && a.at < none_before)
+        .count();
     let after = answers
         .iter()
-        .filter(|a| a.at >= cut + elected_after && a.ok)
+        .filter(|a| a.ok && a.at >= none_before)
         .count();
     println!(
-        "cut off from etcd: {before_cut} writes acknowledged before; the last within the lease {last_within:?} after the cut; none from 2 s until {} took over {elected_after:?} after the cut; {after} acknowledged after, through it",
-        cluster.nodes[elected].id
+        "cut off from etcd: {before_cut} writes acknowledged before; a stopped acknowledging {:?} after the cut; {} was granted the next epoch {:?} after it, and serves; {gap} acknowledged between; {after} acknowledged after, through it",
+        held_at.saturating_duration_since(cut),
+        cluster.nodes[elected].id,
+        granted_at.saturating_duration_since(cut),
     );
     assert!(before_cut > 0, "the writer never wrote");
     assert!(
-        gap.is_empty(),
-        "{} writes acknowledged after the lease ran out",
-        gap.len()
+        held_at < granted_at,
+        "a held IO at {held}, the new primary was granted at {granted}"
+    );
+    assert!(
+        held_at <= cut + lease,
+        "a stopped acknowledging {:?} after the cut, beyond its lease",
+        held_at - cut
+    );
+    assert_eq!(
+        gap, 0,
+        "writes acknowledged by a after it stopped, before the new primary"
     );
     // Its last keep-alive before the cut was at most a quarter of the lease before it.
     assert!(
@@ -317,14 +377,6 @@ fn a_primary_cut_off_from_etcd_stops_acknowledging_before_another_is_elected() {
         after > 0,
         "the client did not go on through the old primary\n{}",
         cluster.logs()
-    );
-    // In the logs: the old primary held IO before the new one was granted its epoch.
-    let held = logged_at(&cluster, 0, "lease ran out").expect("a logged that it held IO");
-    let granted = logged_at(&cluster, elected, "etcd granted this node the next epoch")
-        .expect("the new primary logged its grant");
-    assert!(
-        held < granted,
-        "a held IO at {held}, the new primary was granted at {granted}"
     );
 }
 
@@ -341,26 +393,17 @@ fn a_partitioned_primary_is_replaced_and_rejoins_as_a_replica_when_healed() {
     let (ok, text) = cluster.ctl(0, &["partition", "on"]);
     assert!(ok, "{text}");
     let cut = Instant::now();
-    let elected = loop {
-        if let Some(index) = serving(&cluster, &[1, 2]) {
-            break index;
-        }
-        assert!(
-            cut.elapsed() < Duration::from_secs(15),
-            "no new primary within 15 s\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let (elected, _) = wait_elected(&cluster, &[1, 2], cut);
     println!(
         "partitioned: {} took over {:?} after the cut",
         cluster.nodes[elected].id,
         cut.elapsed()
     );
     std::thread::sleep(Duration::from_millis(500));
+    // Healed from when it is asked: what the node acknowledges once healed is rightful.
+    let healed = Instant::now();
     let (ok, text) = cluster.ctl(0, &["partition", "off"]);
     assert!(ok, "{text}");
-    let healed = Instant::now();
     let deadline = healed + Duration::from_secs(30);
     loop {
         let state = etcd_state(&cluster);
@@ -470,8 +513,10 @@ fn etcd_stopped_longer_than_the_lease_holds_io_and_loses_nothing() {
     cluster.etcd.as_mut().unwrap().kill(0);
     let down = Instant::now();
     std::thread::sleep(Duration::from_secs(4));
-    cluster.etcd.as_mut().unwrap().restart(0).unwrap();
+    // The node may renew its lease as soon as etcd serves, before the restart below returns:
+    // the window without a lease ends when etcd is started again.
     let back = Instant::now();
+    cluster.etcd.as_mut().unwrap().restart(0).unwrap();
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Release);
     let answers = writes.join().unwrap();

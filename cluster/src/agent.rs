@@ -475,12 +475,11 @@ impl Runner {
             return;
         }
         let rows = source();
-        if self
+        let unchanged = self
             .published
             .as_ref()
-            .is_some_and(|(last, _)| *last == rows)
-        {
-            self.published = Some((rows, Instant::now()));
+            .is_some_and(|(last, at)| *last == rows && at.elapsed() < STATUS_REFRESH);
+        if unchanged {
             return;
         }
         let Some(lease) = self.lease().id else { return };

@@ -5,10 +5,11 @@
 //! the primary's is ever written by a client.
 //!
 //! IO from inside the node (the replica service's, a layer's own) passes. A forwarded IO the
-//! primary refuses because it is not the primary any more is sent again to the one it names;
-//! one that waited [`FORWARD_TIMEOUT`] for a primary fails, and one in flight when the
-//! session breaks fails too (it may or may not have been written: the client sees an
-//! error, as with a device that fails).
+//! primary refuses because it is not the primary any more is sent again to the one it names.
+//! One in flight when the session breaks (the primary died) is sent again, in order, to the
+//! next primary: it may have been written already, and writing it again is what a slow
+//! answer to it would have been, since its client has no answer yet (reads and flushes are
+//! idempotent). One that waited [`FORWARD_TIMEOUT`] since it arrived fails.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -113,8 +114,8 @@ impl ForwardLayer {
         self.hint.clone().or(known)
     }
 
-    /// Drops the session; what it had in flight fails (it may have been written).
-    fn close(&mut self, ctx: &mut LayerCtx<'_>, reason: &str) {
+    /// Drops the session; what it had in flight goes first to the next primary.
+    fn close(&mut self, _ctx: &mut LayerCtx<'_>, reason: &str) {
         if let Link::Opening { stream, .. } | Link::Open { stream } = &self.link {
             let _ = self.epoll.delete(stream.transport().stream.as_fd());
         }
@@ -128,14 +129,10 @@ impl ForwardLayer {
         self.link = Link::Down;
         self.target = None;
         self.dialer.failed(Instant::now());
-        for (_, waiting) in self.outstanding.drain() {
-            ctx.complete(
-                waiting.slot,
-                Err(IoError::Forwarded {
-                    op: waiting.command.op,
-                    status: status::IO_ERROR,
-                }),
-            );
+        let mut again: Vec<(u64, Waiting)> = self.outstanding.drain().collect();
+        again.sort_unstable_by_key(|(request_id, _)| std::cmp::Reverse(*request_id));
+        for (_, waiting) in again {
+            self.waiting.push_front(waiting);
         }
     }
 
