@@ -16,20 +16,6 @@ use fathom::nbd_client::NbdUri;
 use fathom_replication::proto::{encode, FrameDecoder, Header, Hello, Kind};
 use fathom_telemetry::trace::{reason, region_beside, stamp, Start, TraceReader, TraceRecord};
 
-fn client(cluster: &Cluster, index: usize, seed: u64) -> Client {
-    let uri = NbdUri::parse(&cluster.uri(index)).unwrap();
-    Client::connect(
-        &uri,
-        ClientOptions {
-            seed,
-            // 4 MiB of the volume, so blocks are overwritten many times.
-            blocks: 1024,
-            ..ClientOptions::default()
-        },
-    )
-    .unwrap()
-}
-
 /// Runs the checker's random writes (FUA, flushes) on the primary for `duration`; every one
 /// must be acknowledged (failures before it, counted in the client's totals, are not its).
 fn write_for(client: &mut Client, cluster: &Cluster, duration: Duration) {
@@ -90,7 +76,7 @@ fn assert_identical(cluster: &Cluster, nodes: &[usize]) {
 #[test]
 fn writes_through_the_primary_are_on_every_replica_byte_for_byte() {
     let cluster = Cluster::start(3);
-    let mut client = client(&cluster, 0, 21);
+    let mut client = cluster.checker(0, 21);
     write_for(&mut client, &cluster, Duration::from_secs(2));
     client.verify_all().unwrap();
     let summary = client.summary();
@@ -165,7 +151,7 @@ fn writes_through_the_primary_are_on_every_replica_byte_for_byte() {
 #[test]
 fn a_dead_replica_does_not_stop_writes_and_is_resynced_when_it_returns() {
     let mut cluster = Cluster::start(3);
-    let mut client = client(&cluster, 0, 22);
+    let mut client = cluster.checker(0, 22);
     write_for(&mut client, &cluster, Duration::from_millis(500));
     cluster.kill(2);
     // Two copies of three are a majority: writes and flushes go on.
@@ -282,7 +268,7 @@ fn hello(node: &str, cluster: &str, auth: &[u8]) -> Vec<u8> {
 #[test]
 fn the_replica_service_refuses_garbage_and_strangers_while_writes_go_on() {
     let cluster = Cluster::start(3);
-    let mut client = client(&cluster, 0, 23);
+    let mut client = cluster.checker(0, 23);
     let replica = cluster.nodes[1].replication;
     let connect = || {
         let stream = TcpStream::connect(replica).unwrap();
@@ -361,7 +347,7 @@ fn the_replica_service_refuses_garbage_and_strangers_while_writes_go_on() {
 #[test]
 fn a_primary_that_crashes_remembers_what_a_replica_missed() {
     let mut cluster = Cluster::start(3);
-    let mut client = client(&cluster, 0, 24);
+    let mut client = cluster.checker(0, 24);
     write_for(&mut client, &cluster, Duration::from_millis(300));
     cluster.kill(2);
     write_for(&mut client, &cluster, Duration::from_millis(500));
@@ -405,7 +391,7 @@ fn a_primary_that_crashes_remembers_what_a_replica_missed() {
 #[test]
 fn a_replica_with_a_new_disk_is_rebuilt_in_full() {
     let mut cluster = Cluster::start(3);
-    let mut client = client(&cluster, 0, 25);
+    let mut client = cluster.checker(0, 25);
     write_for(&mut client, &cluster, Duration::from_millis(500));
     cluster.kill(1);
     std::fs::remove_file(cluster.media(1)).unwrap();
@@ -431,7 +417,7 @@ fn a_replica_with_a_new_disk_is_rebuilt_in_full() {
 #[test]
 fn a_resync_slows_to_keep_the_client_write_p99_bound_and_speeds_up_without_clients() {
     let mut cluster = Cluster::start_with_replication(3, "resync_p99 = \"1us\"");
-    let mut client = client(&cluster, 0, 26);
+    let mut client = cluster.checker(0, 26);
     write_for(&mut client, &cluster, Duration::from_millis(300));
     cluster.kill(1);
     std::fs::remove_file(cluster.media(1)).unwrap();
@@ -470,7 +456,7 @@ fn a_resync_slows_to_keep_the_client_write_p99_bound_and_speeds_up_without_clien
 #[test]
 fn a_replica_promoted_after_the_primary_dies_has_every_acknowledged_write() {
     let mut cluster = Cluster::start(3);
-    let mut client = client(&cluster, 0, 26);
+    let mut client = cluster.checker(0, 26);
     write_for(&mut client, &cluster, Duration::from_millis(500));
     // b was told it is in sync: it may be promoted.
     let b = cluster.replication(1);
@@ -526,7 +512,7 @@ fn a_replica_promoted_after_the_primary_dies_has_every_acknowledged_write() {
 #[test]
 fn a_reparent_moves_the_primary_with_no_client_io_failing() {
     let cluster = Cluster::start(3);
-    let mut client = client(&cluster, 0, 31);
+    let mut client = cluster.checker(0, 31);
     write_for(&mut client, &cluster, Duration::from_millis(300));
     // a to b (the client's node becomes a forwarding replica), then back from b to a (its
     // own node the primary again).
@@ -594,7 +580,7 @@ fn a_reparent_moves_the_primary_with_no_client_io_failing() {
 #[test]
 fn a_deposed_primary_gets_no_write_acknowledged() {
     let cluster = Cluster::start(3);
-    let mut client = client(&cluster, 0, 27);
+    let mut client = cluster.checker(0, 27);
     write_for(&mut client, &cluster, Duration::from_millis(300));
     let pid = cluster.pid(0);
     let runner = std::thread::spawn(move || {
@@ -664,7 +650,7 @@ fn a_deposed_primary_gets_no_write_acknowledged() {
 #[test]
 fn a_promoted_replica_that_lagged_takes_the_newer_regions_from_the_other() {
     let mut cluster = Cluster::start(3);
-    let mut client = client(&cluster, 0, 28);
+    let mut client = cluster.checker(0, 28);
     write_for(&mut client, &cluster, Duration::from_millis(200));
     let (ok, text) = cluster.ctl(2, &["inject", "add", "nvme0", "--stall"]);
     assert!(ok, "{text}");
@@ -738,7 +724,7 @@ fn open_session(cluster: &Cluster, index: usize, as_node: &str) -> TcpStream {
 #[test]
 fn a_live_session_that_sends_wrong_epochs_garbage_or_half_a_frame_is_refused() {
     let cluster = Cluster::start(3);
-    let mut client = client(&cluster, 0, 29);
+    let mut client = cluster.checker(0, 29);
     write_for(&mut client, &cluster, Duration::from_millis(200));
     let epoch = cluster.replication(1)["epoch"].as_u64().unwrap();
 
@@ -973,7 +959,7 @@ fn a_slow_replica_shows_in_its_replicate_stage_and_does_not_hold_writes_back() {
 #[test]
 fn metrics_show_each_replica_and_pass_promtool() {
     let cluster = Cluster::start_with_metrics(3);
-    let mut client = client(&cluster, 0, 31);
+    let mut client = cluster.checker(0, 31);
     write_for(&mut client, &cluster, Duration::from_millis(300));
     wait_caught_up(&cluster);
     let scrape = |index: usize| {

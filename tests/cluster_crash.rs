@@ -19,8 +19,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::{first_difference, Cluster, BLOCK_BYTES};
-use fathom::checker::{CheckerError, Client, ClientOptions, RunEnd};
+use common::cluster::Cluster;
+use fathom::checker::{CheckerError, Client, RunEnd};
 use fathom::nbd_client::NbdUri;
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -70,25 +70,35 @@ fn wait_in_sync(cluster: &Cluster, primary: usize) {
     });
 }
 
-#[test]
-fn kill_9_of_any_node_loses_no_acknowledged_write() {
-    let cycles = env_u64("FATHOM_CLUSTER_CRASH_CYCLES").unwrap_or(5);
-    let seed = env_u64("FATHOM_CLUSTER_CRASH_SEED").unwrap_or_else(|| {
+/// The end of a crash test: a last run, every acknowledged write read back, and once the
+/// replicas are caught up, the copies byte for byte the same; their checksums.
+fn finish(client: &mut Client, cluster: &Cluster, primary: usize) -> Vec<String> {
+    let end = client.run(Duration::from_millis(300)).unwrap();
+    assert!(matches!(end, RunEnd::Elapsed), "{end:?}");
+    client.sync().unwrap();
+    verify(client, cluster, "at the end");
+    wait_in_sync(cluster, primary);
+    cluster.assert_copies_identical(primary)
+}
+
+/// The cycles' seed: `FATHOM_CLUSTER_CRASH_SEED`, or the time.
+fn seed() -> u64 {
+    env_u64("FATHOM_CLUSTER_CRASH_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos() as u64
-    });
+    })
+}
+
+#[test]
+fn kill_9_of_any_node_loses_no_acknowledged_write() {
+    let cycles = env_u64("FATHOM_CLUSTER_CRASH_CYCLES").unwrap_or(5);
+    let seed = seed();
     println!("cluster crash test: {cycles} cycles, FATHOM_CLUSTER_CRASH_SEED={seed}");
     let mut cluster = Cluster::start(3);
     let mut primary = 0;
-    let options = ClientOptions {
-        seed,
-        // 4 MiB of the 64 MiB volume: blocks are overwritten many times.
-        blocks: 1024,
-        ..ClientOptions::default()
-    };
-    let mut client = Client::connect(&uri(&cluster, primary), options).unwrap();
+    let mut client = cluster.checker(primary, seed);
     let mut rng = seed | 1;
     let started = Instant::now();
     let (mut primary_kills, mut replica_kills) = (0, 0);
@@ -149,30 +159,7 @@ fn kill_9_of_any_node_loses_no_acknowledged_write() {
             delay.as_millis()
         );
     }
-    let end = client.run(Duration::from_millis(300)).unwrap();
-    assert!(matches!(end, RunEnd::Elapsed), "{end:?}");
-    client.sync().unwrap();
-    verify(&mut client, &cluster, "at the end");
-    wait_in_sync(&cluster, primary);
-    // The copies are the same, byte for byte.
-    let reference = cluster.volume_data(primary);
-    let mut checksums = Vec::new();
-    for index in 0..3 {
-        let data = cluster.volume_data(index);
-        if let Some(block) = first_difference(&reference, &data) {
-            panic!(
-                "node {} differs from the primary {} at block {block} (byte {})",
-                cluster.nodes[index].id,
-                cluster.nodes[primary].id,
-                block * BLOCK_BYTES
-            );
-        }
-        checksums.push(format!(
-            "{}={:08x}",
-            cluster.nodes[index].id,
-            crc32c::crc32c(&data)
-        ));
-    }
+    let checksums = finish(&mut client, &cluster, primary);
     let summary = client.summary();
     println!(
         "cluster crash test: {cycles} cycles ({primary_kills} primary, {replica_kills} replica \
@@ -205,24 +192,14 @@ fn serving(cluster: &Cluster, candidates: &[usize]) -> Option<usize> {
 #[test]
 fn kill_9_with_automatic_failover_loses_no_acknowledged_write() {
     let cycles = env_u64("FATHOM_CLUSTER_CRASH_CYCLES").unwrap_or(5);
-    let seed = env_u64("FATHOM_CLUSTER_CRASH_SEED").unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-    });
+    let seed = seed();
     println!("automatic failover crash test: {cycles} cycles, FATHOM_CLUSTER_CRASH_SEED={seed}");
     let mut cluster = Cluster::start_with_etcd(3, 1, 2);
     let mut primary = 0;
     let mut rng = seed | 1;
     // The client starts on a replica.
     let mut at = 2;
-    let options = ClientOptions {
-        seed,
-        blocks: 1024,
-        ..ClientOptions::default()
-    };
-    let mut client = Client::connect(&uri(&cluster, at), options).unwrap();
+    let mut client = cluster.checker(at, seed);
     let started = Instant::now();
     let (mut primary_kills, mut replica_kills) = (0, 0);
     let mut failovers: Vec<Duration> = Vec::new();
@@ -306,29 +283,7 @@ fn kill_9_with_automatic_failover_loses_no_acknowledged_write() {
             cluster.nodes[at].id
         );
     }
-    let end = client.run(Duration::from_millis(300)).unwrap();
-    assert!(matches!(end, RunEnd::Elapsed), "{end:?}");
-    client.sync().unwrap();
-    verify(&mut client, &cluster, "at the end");
-    wait_in_sync(&cluster, primary);
-    let reference = cluster.volume_data(primary);
-    let mut checksums = Vec::new();
-    for index in 0..3 {
-        let data = cluster.volume_data(index);
-        if let Some(block) = first_difference(&reference, &data) {
-            panic!(
-                "node {} differs from the primary {} at block {block} (byte {})",
-                cluster.nodes[index].id,
-                cluster.nodes[primary].id,
-                block * BLOCK_BYTES
-            );
-        }
-        checksums.push(format!(
-            "{}={:08x}",
-            cluster.nodes[index].id,
-            crc32c::crc32c(&data)
-        ));
-    }
+    let checksums = finish(&mut client, &cluster, primary);
     failovers.sort();
     let ms = |d: &Duration| d.as_millis();
     let distribution = match failovers.len() {

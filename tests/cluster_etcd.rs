@@ -12,25 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{first_difference, Cluster, BLOCK_BYTES};
-use fathom::checker::{Client, ClientOptions};
+use common::cluster::Cluster;
 use fathom::nbd_client::{Connection, NbdUri, Pipeline};
 use fathom_cluster::etcd::{Etcd, Timeouts};
 use fathom_cluster::schema::{Prefix, VolumeState};
 use fathom_frontend::nbd::proto::Command;
-
-fn client(cluster: &Cluster, index: usize, seed: u64) -> Client {
-    let uri = NbdUri::parse(&cluster.uri(index)).unwrap();
-    Client::connect(
-        &uri,
-        ClientOptions {
-            seed,
-            blocks: 1024,
-            ..ClientOptions::default()
-        },
-    )
-    .unwrap()
-}
 
 fn etcd_state(cluster: &Cluster) -> VolumeState {
     let endpoints = cluster.etcd.as_ref().unwrap().endpoints();
@@ -78,7 +64,7 @@ fn a_killed_primary_fails_over_by_itself_and_loses_no_acknowledged_write() {
     assert_eq!(state.primary, "a", "{state:?}");
     let first_epoch = state.epoch;
     // The client is on c, a replica: c forwards to whoever is the primary.
-    let mut client = client(&cluster, 2, 51);
+    let mut client = cluster.checker(2, 51);
     client.run(Duration::from_millis(500)).unwrap();
     client.sync().unwrap();
     let before = client.summary().stats;
@@ -196,16 +182,7 @@ fn a_killed_primary_fails_over_by_itself_and_loses_no_acknowledged_write() {
     cluster.wait_peers(new_primary, Duration::from_secs(60), "caught up", |peer| {
         peer["in_sync"] == true && peer["acknowledged"].as_u64() >= Some(sequence)
     });
-    let reference = cluster.volume_data(new_primary);
-    for index in 0..3 {
-        if let Some(block) = first_difference(&reference, &cluster.volume_data(index)) {
-            panic!(
-                "node {} differs from the primary first at block {block} (byte {})",
-                cluster.nodes[index].id,
-                block * BLOCK_BYTES
-            );
-        }
-    }
+    cluster.assert_copies_identical(new_primary);
 }
 
 /// A client's answer: when its write was sent, when the answer came, and whether it
@@ -449,15 +426,7 @@ fn a_partitioned_primary_is_replaced_and_rejoins_as_a_replica_when_healed() {
     cluster.wait_peers(elected, Duration::from_secs(60), "caught up", |peer| {
         peer["in_sync"] == true && peer["acknowledged"].as_u64() >= Some(sequence)
     });
-    let reference = cluster.volume_data(elected);
-    for index in 0..3 {
-        assert_eq!(
-            first_difference(&reference, &cluster.volume_data(index)),
-            None,
-            "node {} differs",
-            cluster.nodes[index].id
-        );
-    }
+    cluster.assert_copies_identical(elected);
 }
 
 /// etcd's own failures under a client's writes. One member of three killed (the one every
@@ -467,7 +436,7 @@ fn a_partitioned_primary_is_replaced_and_rejoins_as_a_replica_when_healed() {
 fn etcd_losing_one_member_of_three_under_writes_goes_unnoticed() {
     let mut cluster = Cluster::start_with_etcd(3, 3, 2);
     let epoch = etcd_state(&cluster).epoch;
-    let mut client = client(&cluster, 2, 77);
+    let mut client = cluster.checker(2, 77);
     client.run(Duration::from_millis(300)).unwrap();
     let killer = {
         let etcd = cluster.etcd.take().unwrap();
@@ -567,7 +536,7 @@ fn bad_values_in_etcd_are_refused_and_logged_and_the_volume_serves_on() {
     etcd.put("/fathom/test/stray", b"x", None).unwrap();
     etcd.put(&prefix.node("z"), br#"{"v":9,"id":"z"}"#, None)
         .unwrap();
-    let mut client = client(&cluster, 1, 88);
+    let mut client = cluster.checker(1, 88);
     client.run(Duration::from_millis(500)).unwrap();
     client.sync().unwrap();
     assert_eq!(
@@ -652,7 +621,7 @@ fn fathom_bench_goes_on_through_a_failover_and_reports_it() {
 fn a_reparent_on_etcd_moves_the_primary_there_too() {
     let cluster = Cluster::start_with_etcd(3, 1, 2);
     let epoch = etcd_state(&cluster).epoch;
-    let mut client = client(&cluster, 0, 99);
+    let mut client = cluster.checker(0, 99);
     client.run(Duration::from_millis(300)).unwrap();
     let (ok, text) = cluster.ctl(0, &["reparent", "vol0", "--to", "b"]);
     println!("{text}");

@@ -46,9 +46,13 @@ pub struct LocalEtcd {
     token: String,
 }
 
-fn free_port() -> Result<u16, LocalError> {
+/// A free loopback port, held (by its listener) until the caller lets it go: the ports of
+/// one cluster are all taken before any is let go, so none is handed out twice.
+fn free_port(held: &mut Vec<TcpListener>) -> Result<u16, LocalError> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(LocalError::Port)?;
-    Ok(listener.local_addr().map_err(LocalError::Port)?.port())
+    let port = listener.local_addr().map_err(LocalError::Port)?.port();
+    held.push(listener);
+    Ok(port)
 }
 
 impl LocalEtcd {
@@ -56,17 +60,19 @@ impl LocalEtcd {
     pub fn start(dir: &Path, members: usize) -> Result<Self, LocalError> {
         let program = std::env::var("FATHOM_ETCD").unwrap_or_else(|_| "etcd".into());
         let mut all = Vec::new();
+        let mut held = Vec::new();
         for index in 0..members {
             all.push(Member {
                 name: format!("m{index}"),
-                client_port: free_port()?,
-                peer_port: free_port()?,
+                client_port: free_port(&mut held)?,
+                peer_port: free_port(&mut held)?,
                 data: dir.join(format!("etcd-m{index}")),
                 log: dir.join(format!("etcd-m{index}.log")),
                 child: None,
             });
         }
-        let token = format!("fathom-{}-{}", std::process::id(), free_port()?);
+        let token = format!("fathom-{}-{}", std::process::id(), free_port(&mut held)?);
+        drop(held);
         let mut local = Self {
             program,
             members: all,

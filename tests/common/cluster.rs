@@ -39,12 +39,13 @@ pub struct Cluster {
     _dir: tempfile::TempDir,
 }
 
-/// A port nobody listens on now (taken from the system, then let go).
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+/// Ports nobody listens on now, `count` different ones (all taken from the system before
+/// any is let go, so that none is handed out twice).
+fn free_ports(count: usize) -> Vec<SocketAddr> {
+    let held: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter().map(|l| l.local_addr().unwrap()).collect()
 }
 
 impl Cluster {
@@ -111,7 +112,7 @@ impl Cluster {
         let ids: Vec<String> = (0..count)
             .map(|index| ((b'a' + index as u8) as char).to_string())
             .collect();
-        let addresses: Vec<SocketAddr> = ids.iter().map(|_| free_port()).collect();
+        let addresses = free_ports(ids.len());
         let table: String = ids
             .iter()
             .zip(&addresses)
@@ -242,35 +243,62 @@ impl Cluster {
 
     /// `fathom-ctl --node DIR ARGS` against node `index`: its exit success and output.
     pub fn ctl(&self, index: usize, args: &[&str]) -> (bool, String) {
-        let output = Command::new(CTL)
-            .arg("--node")
-            .arg(&self.nodes[index].dir)
-            .args(args)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        (output.status.success(), text)
+        run_ctl(
+            Command::new(CTL)
+                .arg("--node")
+                .arg(&self.nodes[index].dir)
+                .args(args),
+        )
+    }
+
+    /// A checker client on node `index`'s NBD export, writing the first 4 MiB of the volume
+    /// (blocks are overwritten many times).
+    pub fn checker(&self, index: usize, seed: u64) -> fathom::checker::Client {
+        let uri = fathom::nbd_client::NbdUri::parse(&self.uri(index)).unwrap();
+        fathom::checker::Client::connect(
+            &uri,
+            fathom::checker::ClientOptions {
+                seed,
+                blocks: 1024,
+                ..fathom::checker::ClientOptions::default()
+            },
+        )
+        .unwrap()
+    }
+
+    /// Panics unless every node's copy of the volume is node `reference`'s, byte for byte;
+    /// each copy's checksum.
+    pub fn assert_copies_identical(&self, reference: usize) -> Vec<String> {
+        let expected = self.volume_data(reference);
+        let mut checksums = Vec::new();
+        for index in 0..self.nodes.len() {
+            let data = self.volume_data(index);
+            if let Some(block) = first_difference(&expected, &data) {
+                panic!(
+                    "node {} differs from node {} first at block {block} (byte {})",
+                    self.nodes[index].id,
+                    self.nodes[reference].id,
+                    block * BLOCK_BYTES
+                );
+            }
+            checksums.push(format!(
+                "{}={:08x}",
+                self.nodes[index].id,
+                crc32c::crc32c(&data)
+            ));
+        }
+        checksums
     }
 
     /// `fathom-ctl --etcd ... --cluster test ARGS` against the control plane: its exit
     /// success and output.
     pub fn ctl_etcd(&self, args: &[&str]) -> (bool, String) {
         let endpoints = self.etcd.as_ref().expect("on etcd").endpoints().join(",");
-        let output = Command::new(CTL)
-            .args(["--etcd", &endpoints, "--cluster", "test"])
-            .args(args)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        (output.status.success(), text)
+        run_ctl(
+            Command::new(CTL)
+                .args(["--etcd", &endpoints, "--cluster", "test"])
+                .args(args),
+        )
     }
 
     /// `fathom-ctl --json replication` on node `index`: its one volume's row.
@@ -349,6 +377,17 @@ impl Cluster {
     pub fn volume_data(&self, index: usize) -> Vec<u8> {
         read_prefix(&self.media(index), VOLUME_BYTES)
     }
+}
+
+/// `fathom-ctl` as `command` runs it: its exit success and output.
+fn run_ctl(command: &mut Command) -> (bool, String) {
+    let output = command.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
 }
 
 fn read_prefix(path: &Path, bytes: u64) -> Vec<u8> {
