@@ -194,6 +194,11 @@ fn kill_9_with_automatic_failover_loses_no_acknowledged_write() {
     let cycles = env_u64("FATHOM_CLUSTER_CRASH_CYCLES").unwrap_or(5);
     let seed = seed();
     println!("automatic failover crash test: {cycles} cycles, FATHOM_CLUSTER_CRASH_SEED={seed}");
+    let primary_only = match std::env::var("FATHOM_CLUSTER_CRASH_VICTIM").as_deref() {
+        Ok("primary") => true,
+        Ok("any") | Err(_) => false,
+        Ok(other) => panic!("FATHOM_CLUSTER_CRASH_VICTIM={other:?}: \"primary\" or \"any\""),
+    };
     let mut cluster = Cluster::start_with_etcd(3, 1, 2);
     let mut primary = 0;
     let mut rng = seed | 1;
@@ -204,7 +209,12 @@ fn kill_9_with_automatic_failover_loses_no_acknowledged_write() {
     let (mut primary_kills, mut replica_kills) = (0, 0);
     let mut failovers: Vec<Duration> = Vec::new();
     for cycle in 1..=cycles {
-        let victim = (next(&mut rng) % 3) as usize;
+        let draw = (next(&mut rng) % 3) as usize;
+        // FATHOM_CLUSTER_CRASH_VICTIM=primary kills the primary every cycle (bench/failover).
+        let victim = match primary_only {
+            true => primary,
+            false => draw,
+        };
         let delay = Duration::from_millis(100 + next(&mut rng) % 401);
         let pid = cluster.pid(victim);
         let survivors: Vec<usize> = (0..3).filter(|&index| index != victim).collect();
