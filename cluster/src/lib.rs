@@ -5,5 +5,6 @@
 pub mod agent;
 pub mod etcd;
 pub mod local;
+pub mod placement;
 pub mod report;
 pub mod schema;
