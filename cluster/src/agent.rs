@@ -2,12 +2,13 @@
 //! lease, follows the cluster's keys with a watch, and acts on them for the volumes this node
 //! holds; and the [`EtcdAuthority`] through which replication takes epochs.
 //!
-//! Each loop (every 100 ms, or at once when the watch sees a change):
-//! - **Lease.** Kept alive every quarter of its TTL. The node may acknowledge IO as a primary
-//!   until the send time of its last answered keep-alive plus the TTL, less a margin: etcd
-//!   counts the lease from when it received that keep-alive, later, so the node stops first.
-//!   A lease etcd no longer has is granted again and the node's key put anew.
-//! - **Volumes.** For each replicated volume of this node:
+//! - **Lease** (a thread of its own, so that nothing the agent does delays it). Kept alive
+//!   every quarter of its TTL. The node may acknowledge IO as a primary until the send time
+//!   of its last answered keep-alive plus the TTL, less a margin: etcd counts the lease from
+//!   when it received that keep-alive, later, so the node stops first. A lease etcd no longer
+//!   has is granted again and the node's key put anew.
+//! - **Volumes** (the agent's thread, every 100 ms or at once when the watch sees a change).
+//!   For each replicated volume of this node:
 //!   - no state in etcd: it is seeded (create-only) from this node's copy and the config;
 //!   - etcd names this node the primary and it does not serve: it takes the next epoch
 //!     (`Claim::Restart`) and serves once a majority of copies took it;
@@ -113,6 +114,9 @@ pub enum AgentError {
 struct LeaseState {
     id: Option<i64>,
     valid_until: Option<Instant>,
+    /// One more at each registration (a new lease): what was read under the old one is
+    /// read afresh.
+    registrations: u64,
 }
 
 /// Epochs taken in etcd by compare-and-swap on the volume's state.
@@ -348,7 +352,22 @@ const STATUS_REFRESH: Duration = Duration::from_secs(10);
 /// node's volumes fail over at once instead of after the lease's TTL).
 pub struct Agent {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    /// Follows the cluster and acts on it.
+    runner: Option<JoinHandle<()>>,
+    /// Keeps the lease alive on a thread of its own, so that a long promote or a slow etcd
+    /// call of the runner never delays a keep-alive.
+    keeper: Option<JoinHandle<()>>,
+}
+
+/// The node's registration and lease, kept on their own thread.
+struct Keeper {
+    settings: Settings,
+    prefix: Prefix,
+    etcd: Etcd,
+    authority: Arc<EtcdAuthority>,
+    replication: Arc<Replication>,
+    next_keep_alive: Instant,
+    logged: HashMap<&'static str, Instant>,
 }
 
 struct Runner {
@@ -359,7 +378,8 @@ struct Runner {
     replication: Arc<Replication>,
     view: View,
     watching: bool,
-    next_keep_alive: Instant,
+    /// The registration the view was read under.
+    registration: u64,
     retry_at: HashMap<String, Instant>,
     /// Nodes named as primaries whose key is missing, and from when they count as gone: at
     /// once when this node saw the key deleted (its lease expired or was revoked), one TTL
@@ -381,24 +401,44 @@ impl Agent {
         status: Option<StatusSource>,
     ) -> Result<Self, AgentError> {
         let prefix = Prefix::new(&settings.cluster)?;
-        let etcd = Etcd::new(&settings.endpoints, Timeouts::default())?;
         let stop = Arc::new(AtomicBool::new(false));
+        let mut keeper = Keeper {
+            settings: settings.clone(),
+            prefix: prefix.clone(),
+            etcd: Etcd::new(&settings.endpoints, Timeouts::default())?,
+            authority: authority.clone(),
+            replication: replication.clone(),
+            next_keep_alive: Instant::now(),
+            logged: HashMap::new(),
+        };
         let mut runner = Runner {
+            etcd: Etcd::new(&settings.endpoints, Timeouts::default())?,
             settings,
             prefix,
-            etcd,
             authority,
             replication,
             view: View::default(),
             watching: false,
-            next_keep_alive: Instant::now(),
+            registration: 0,
             retry_at: HashMap::new(),
             gone_at: HashMap::new(),
             logged: HashMap::new(),
             status,
             published: None,
         };
-        let thread = {
+        let keeper = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("cluster-lease".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Acquire) {
+                        keeper.step();
+                    }
+                    keeper.leave();
+                })
+                .map_err(AgentError::Thread)?
+        };
+        let runner = {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("cluster-agent".into())
@@ -406,13 +446,13 @@ impl Agent {
                     while !stop.load(Ordering::Acquire) {
                         runner.step();
                     }
-                    runner.leave();
                 })
                 .map_err(AgentError::Thread)?
         };
         Ok(Self {
             stop,
-            thread: Some(thread),
+            runner: Some(runner),
+            keeper: Some(keeper),
         })
     }
 }
@@ -420,23 +460,155 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        if let Some(thread) = self.thread.take() {
+        // The runner first, so that nothing is claimed while the lease ends.
+        for thread in [self.runner.take(), self.keeper.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = thread.join();
+        }
+    }
+}
+
+/// Logs `message` unless the same kind was logged in the last 5 s, so that a long outage
+/// does not flood the log.
+fn log_error(logged: &mut HashMap<&'static str, Instant>, kind: &'static str, message: String) {
+    let now = Instant::now();
+    let due = logged
+        .get(kind)
+        .is_none_or(|last| now.duration_since(*last) >= Duration::from_secs(5));
+    if due {
+        logged.insert(kind, now);
+        tracing::error!("cluster: {message}");
+    }
+}
+
+impl Keeper {
+    fn lease(&self) -> std::sync::MutexGuard<'_, LeaseState> {
+        self.authority
+            .lease
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps the lease, tells the volumes until when they may acknowledge IO, and sleeps until
+    /// the next keep-alive (a tick at most).
+    fn step(&mut self) {
+        self.keep_lease();
+        let until = self
+            .lease()
+            .valid_until
+            .filter(|until| Instant::now() < *until);
+        for role in self.replication.roles() {
+            role.set_lease_until(until);
+        }
+        let wait = TICK.min(
+            self.next_keep_alive
+                .saturating_duration_since(Instant::now()),
+        );
+        std::thread::sleep(wait);
+    }
+
+    /// Registers the node, or keeps its lease alive when due.
+    fn keep_lease(&mut self) {
+        let now = Instant::now();
+        let id = self.lease().id;
+        let ttl = self.settings.lease;
+        let margin = (ttl / 8).max(Duration::from_millis(100));
+        match id {
+            None => {
+                let sent = Instant::now();
+                match self.register() {
+                    Ok(id) => {
+                        let mut lease = self.lease();
+                        lease.id = Some(id);
+                        lease.valid_until = Some(sent + ttl - margin);
+                        lease.registrations += 1;
+                        drop(lease);
+                        self.next_keep_alive = sent + ttl / 4;
+                        tracing::info!(node = %self.settings.node, lease = format!("{id:x}"), ttl_s = ttl.as_secs(), "cluster: registered in etcd");
+                    }
+                    Err(error) => {
+                        log_error(
+                            &mut self.logged,
+                            "register",
+                            format!("cannot register this node in etcd: {error}; retrying"),
+                        );
+                        std::thread::sleep(TICK);
+                    }
+                }
+            }
+            Some(id) if now >= self.next_keep_alive => {
+                let sent = Instant::now();
+                match self.etcd.keep_alive(id) {
+                    Ok(Some(granted)) => {
+                        let was_valid = self.lease().valid_until.is_some_and(|until| sent < until);
+                        self.lease().valid_until = Some(sent + granted.min(ttl) - margin);
+                        self.next_keep_alive = sent + ttl / 4;
+                        if !was_valid {
+                            tracing::warn!(
+                                "cluster: the lease is renewed: this node acknowledges IO again"
+                            );
+                        }
+                    }
+                    Ok(None) => {
+                        tracing::error!(lease = format!("{id:x}"), "cluster: etcd let this node's lease expire: it acknowledges no IO as a primary, and registers again (another node may have taken its volumes over)");
+                        let mut lease = self.lease();
+                        lease.id = None;
+                        lease.valid_until = None;
+                    }
+                    Err(error) => {
+                        let until = self.lease().valid_until;
+                        let left =
+                            until.map(|until| until.saturating_duration_since(Instant::now()));
+                        log_error(&mut self.logged, "keep-alive", format!("cannot keep the lease alive: {error}; this node stops acknowledging IO as a primary in {left:?} unless it can"));
+                        self.next_keep_alive = Instant::now() + TICK;
+                    }
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn register(&mut self) -> Result<i64, EtcdError> {
+        let id = self.etcd.grant(self.settings.lease)?;
+        let record = NodeRecord {
+            v: SCHEMA_VERSION,
+            id: self.settings.node.clone(),
+            replication: self.settings.replication.clone(),
+            nbd: self.settings.nbd.clone(),
+            pid: std::process::id(),
+            lease_ms: self.settings.lease.as_millis() as u64,
+        };
+        self.etcd.put(
+            &self.prefix.node(&self.settings.node),
+            &record.encode(),
+            Some(id),
+        )?;
+        Ok(id)
+    }
+
+    /// A clean stop: the lease ends now, so that another node takes this node's volumes over
+    /// without waiting for its TTL.
+    fn leave(&mut self) {
+        for role in self.replication.roles() {
+            role.set_lease_until(None);
+        }
+        let id = self.lease().id.take();
+        if let Some(id) = id {
+            match self.etcd.revoke(id) {
+                Ok(()) => tracing::info!("cluster: left etcd (lease revoked)"),
+                Err(error) => tracing::warn!(
+                    "cluster: could not revoke the lease ({error}); it expires by itself"
+                ),
+            }
         }
     }
 }
 
 impl Runner {
     fn log_error(&mut self, kind: &'static str, message: String) {
-        let now = Instant::now();
-        let due = self
-            .logged
-            .get(kind)
-            .is_none_or(|last| now.duration_since(*last) >= Duration::from_secs(5));
-        if due {
-            self.logged.insert(kind, now);
-            tracing::error!("cluster: {message}");
-        }
+        log_error(&mut self.logged, kind, message);
     }
 
     fn lease(&self) -> std::sync::MutexGuard<'_, LeaseState> {
@@ -447,13 +619,19 @@ impl Runner {
     }
 
     fn step(&mut self) {
-        self.keep_lease();
-        let until = self
-            .lease()
-            .valid_until
-            .filter(|until| Instant::now() < *until);
-        for role in self.replication.roles() {
-            role.set_lease_until(until);
+        let (until, registration) = {
+            let lease = self.lease();
+            (
+                lease.valid_until.filter(|until| Instant::now() < *until),
+                lease.registrations,
+            )
+        };
+        if registration != self.registration {
+            // Registered anew: what happened meanwhile is read afresh, and the status put
+            // again under the new lease.
+            self.registration = registration;
+            self.watching = false;
+            self.published = None;
         }
         self.follow();
         if until.is_some() && self.watching {
@@ -498,85 +676,6 @@ impl Runner {
         }
     }
 
-    /// Registers the node, or keeps its lease alive when due.
-    fn keep_lease(&mut self) {
-        let now = Instant::now();
-        let id = self.lease().id;
-        let ttl = self.settings.lease;
-        let margin = (ttl / 8).max(Duration::from_millis(100));
-        match id {
-            None => {
-                let sent = Instant::now();
-                match self.register() {
-                    Ok(id) => {
-                        let mut lease = self.lease();
-                        lease.id = Some(id);
-                        lease.valid_until = Some(sent + ttl - margin);
-                        drop(lease);
-                        self.next_keep_alive = sent + ttl / 4;
-                        // What happened while unregistered is read afresh, and the status
-                        // put again under the new lease.
-                        self.watching = false;
-                        self.published = None;
-                        tracing::info!(node = %self.settings.node, lease = format!("{id:x}"), ttl_s = ttl.as_secs(), "cluster: registered in etcd");
-                    }
-                    Err(error) => {
-                        self.log_error(
-                            "register",
-                            format!("cannot register this node in etcd: {error}; retrying"),
-                        );
-                        std::thread::sleep(TICK);
-                    }
-                }
-            }
-            Some(id) if now >= self.next_keep_alive => {
-                let sent = Instant::now();
-                match self.etcd.keep_alive(id) {
-                    Ok(Some(granted)) => {
-                        let was_valid = self.lease().valid_until.is_some_and(|until| sent < until);
-                        self.lease().valid_until = Some(sent + granted.min(ttl) - margin);
-                        self.next_keep_alive = sent + ttl / 4;
-                        if !was_valid {
-                            tracing::warn!(
-                                "cluster: the lease is renewed: this node acknowledges IO again"
-                            );
-                        }
-                    }
-                    Ok(None) => {
-                        tracing::error!(lease = format!("{id:x}"), "cluster: etcd let this node's lease expire: it acknowledges no IO as a primary, and registers again (another node may have taken its volumes over)");
-                        *self.lease() = LeaseState::default();
-                    }
-                    Err(error) => {
-                        let until = self.lease().valid_until;
-                        let left =
-                            until.map(|until| until.saturating_duration_since(Instant::now()));
-                        self.log_error("keep-alive", format!("cannot keep the lease alive: {error}; this node stops acknowledging IO as a primary in {left:?} unless it can"));
-                        self.next_keep_alive = Instant::now() + TICK;
-                    }
-                }
-            }
-            Some(_) => {}
-        }
-    }
-
-    fn register(&mut self) -> Result<i64, EtcdError> {
-        let id = self.etcd.grant(self.settings.lease)?;
-        let record = NodeRecord {
-            v: SCHEMA_VERSION,
-            id: self.settings.node.clone(),
-            replication: self.settings.replication.clone(),
-            nbd: self.settings.nbd.clone(),
-            pid: std::process::id(),
-            lease_ms: self.settings.lease.as_millis() as u64,
-        };
-        self.etcd.put(
-            &self.prefix.node(&self.settings.node),
-            &record.encode(),
-            Some(id),
-        )?;
-        Ok(id)
-    }
-
     /// Reads the cluster's keys (afresh when not watching) and waits up to a tick for changes.
     fn follow(&mut self) {
         if !self.watching {
@@ -593,11 +692,7 @@ impl Runner {
                 }
             }
         }
-        let wait = TICK.min(
-            self.next_keep_alive
-                .saturating_duration_since(Instant::now()),
-        );
-        match self.etcd.next_events(wait) {
+        match self.etcd.next_events(TICK) {
             Ok(changes) => {
                 for change in &changes {
                     self.view.apply(&self.prefix, change);
@@ -807,23 +902,6 @@ impl Runner {
                     "seed",
                     format!("volume {name}: cannot seed its state in etcd: {error}"),
                 );
-            }
-        }
-    }
-
-    /// A clean stop: the lease ends now, so that another node takes this node's volumes over
-    /// without waiting for its TTL.
-    fn leave(&mut self) {
-        for role in self.replication.roles() {
-            role.set_lease_until(None);
-        }
-        let id = self.lease().id.take();
-        if let Some(id) = id {
-            match self.etcd.revoke(id) {
-                Ok(()) => tracing::info!("cluster: left etcd (lease revoked)"),
-                Err(error) => tracing::warn!(
-                    "cluster: could not revoke the lease ({error}); it expires by itself"
-                ),
             }
         }
     }
