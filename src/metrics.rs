@@ -174,7 +174,7 @@ pub fn replication_metrics(
 ) -> String {
     use std::fmt::Write as _;
     let mut volumes = String::new();
-    let mut replicas: [(&str, &str, &str, String); 8] = [
+    let mut replicas: [(&str, &str, &str, String); 9] = [
         (
             "fathom_replica_connected",
             "gauge",
@@ -223,6 +223,12 @@ pub fn replication_metrics(
             "The resync rate in force on this primary, bytes per second (0: no limit).",
             String::new(),
         ),
+        (
+            "fathom_replication_lease_left_seconds",
+            "gauge",
+            "On a control plane: how much longer this primary may acknowledge IO without renewing its etcd lease (0: it holds IO).",
+            String::new(),
+        ),
     ];
     let _ = writeln!(
         volumes,
@@ -259,6 +265,13 @@ pub fn replication_metrics(
             "fathom_replication_resync_rate_bytes{{node=\"{node}\",volume=\"{volume}\"}} {}",
             status.resync_pace()
         );
+        if let Some(left) = role.lease_left(std::time::Instant::now()) {
+            let _ = writeln!(
+                replicas[8].3,
+                "fathom_replication_lease_left_seconds{{node=\"{node}\",volume=\"{volume}\"}} {:.3}",
+                left.as_secs_f64()
+            );
+        }
         for peer in &status.peers {
             let labels = format!(
                 "node=\"{node}\",volume=\"{volume}\",replica=\"{}\"",

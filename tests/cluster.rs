@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::cluster::{first_difference, Cluster, BLOCK_BYTES};
+use common::cluster::{first_difference, promtool_check, Cluster, BLOCK_BYTES};
 use fathom::checker::{Client, ClientOptions, RunEnd};
 use fathom::nbd_client::NbdUri;
 use fathom_replication::proto::{encode, FrameDecoder, Header, Hello, Kind};
@@ -962,19 +962,7 @@ fn metrics_show_each_replica_and_pass_promtool() {
     let mut client = cluster.checker(0, 31);
     write_for(&mut client, &cluster, Duration::from_millis(300));
     wait_caught_up(&cluster);
-    let scrape = |index: usize| {
-        let mut stream = TcpStream::connect(cluster.metrics_address(index)).unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_string())
-            .unwrap()
-    };
-    let body = scrape(0);
+    let body = cluster.scrape(0);
     for expected in [
         "stage=\"replicate:b\"",
         "stage=\"replicate:c\"",
@@ -986,27 +974,8 @@ fn metrics_show_each_replica_and_pass_promtool() {
     ] {
         assert!(body.contains(expected), "no {expected} in:\n{body}");
     }
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus; scripts/test installs it)");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let output = promtool.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let replica = scrape(1);
+    promtool_check(&body);
+    let replica = cluster.scrape(1);
     assert!(
         replica.contains("fathom_replication_primary{node=\"b\",volume=\"vol0\"} 0"),
         "{replica}"

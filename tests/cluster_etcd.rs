@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::Cluster;
+use common::cluster::{promtool_check, Cluster};
 use fathom::nbd_client::{Connection, NbdUri, Pipeline};
 use fathom_cluster::etcd::{Etcd, Timeouts};
 use fathom_cluster::schema::{Prefix, VolumeState};
@@ -479,9 +479,24 @@ fn etcd_stopped_longer_than_the_lease_holds_io_and_loses_nothing() {
     let stop = Arc::new(AtomicBool::new(false));
     let writes = writer(NbdUri::parse(&cluster.uri(0)).unwrap(), stop.clone());
     std::thread::sleep(Duration::from_millis(500));
+    // /metrics says how long the primary may still acknowledge, and that it holds IO once
+    // its lease ran out.
+    let lease_left = |body: &str| -> f64 {
+        let line = body
+            .lines()
+            .find(|line| line.starts_with("fathom_replication_lease_left_seconds{node=\"a\""))
+            .unwrap_or_else(|| panic!("no lease metric in:\n{body}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let body = cluster.scrape(0);
+    promtool_check(&body);
+    let before = lease_left(&body);
+    assert!(before > 0.5 && before <= 2.0, "{before}");
     cluster.etcd.as_mut().unwrap().kill(0);
     let down = Instant::now();
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(lease_left(&cluster.scrape(0)), 0.0);
+    std::thread::sleep(Duration::from_millis(1500));
     // The node may renew its lease as soon as etcd serves, before the restart below returns:
     // the window without a lease ends when etcd is started again.
     let back = Instant::now();

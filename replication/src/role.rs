@@ -72,6 +72,16 @@ impl VolumeRole {
         self.lease_until.store(nanos, Ordering::Release);
     }
 
+    /// How much longer the primary may acknowledge IO after `now`: `None` with no control
+    /// plane, zero once the lease ran out.
+    pub fn lease_left(&self, now: Instant) -> Option<std::time::Duration> {
+        let until = self.lease_until.load(Ordering::Acquire);
+        (until != u64::MAX).then(|| {
+            let now = now.saturating_duration_since(lease_base()).as_nanos() as u64;
+            std::time::Duration::from_nanos(until.saturating_sub(now))
+        })
+    }
+
     /// Whether the primary may acknowledge IO at `now`.
     pub fn lease_valid(&self, now: Instant) -> bool {
         let until = self.lease_until.load(Ordering::Acquire);

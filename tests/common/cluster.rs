@@ -84,7 +84,7 @@ impl Cluster {
             .collect::<Vec<_>>()
             .join(", ");
         let lines = format!("etcd = [{endpoints}]\nlease = \"{lease_s}s\"\n");
-        Self::start_in(dir, count, "", false, "", &lines, Some(etcd))
+        Self::start_in(dir, count, "", true, "", &lines, Some(etcd))
     }
 
     fn start_full(count: usize, extra: &str, metrics: bool, replication: &str) -> Cluster {
@@ -368,6 +368,21 @@ impl Cluster {
         line.split('/').next().unwrap().parse().unwrap()
     }
 
+    /// Node `index`'s /metrics body.
+    pub fn scrape(&self, index: usize) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.metrics_address(index)).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap()
+    }
+
     /// Node `index`'s media file.
     pub fn media(&self, index: usize) -> PathBuf {
         self.nodes[index].dir.join("nvme0.img")
@@ -377,6 +392,31 @@ impl Cluster {
     pub fn volume_data(&self, index: usize) -> Vec<u8> {
         read_prefix(&self.media(index), VOLUME_BYTES)
     }
+}
+
+/// Panics unless promtool takes `body` as metrics text.
+pub fn promtool_check(body: &str) {
+    use std::io::Write;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; scripts/test installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let output = promtool.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// `fathom-ctl` as `command` runs it: its exit success and output.
