@@ -246,10 +246,33 @@ pub fn volume_list_text(report: &fathom_cluster::report::ClusterReport) -> Strin
             (Some(_), true, false) => "primary taking its epoch".into(),
             (Some(state), true, true) => {
                 let copies = volume.spec.as_ref().map_or(0, |spec| spec.replicas.len());
-                match copies.saturating_sub(state.in_sync.len()) {
-                    0 => "serving".into(),
+                let mut text = match copies.saturating_sub(state.in_sync.len()) {
+                    0 => "serving".to_string(),
                     behind => format!("serving, {behind} copy(ies) out of sync"),
+                };
+                // What the primary said of its resyncs.
+                let peers = volume.primary_view.as_ref().map(|view| &view["peers"]);
+                for peer in peers
+                    .and_then(|peers| peers.as_array())
+                    .into_iter()
+                    .flatten()
+                {
+                    let left = peer["resync_left_bytes"].as_u64().unwrap_or(0);
+                    let state = peer["state"].as_str().unwrap_or("?");
+                    let node = peer["node"].as_str().unwrap_or("?");
+                    match (state, left) {
+                        ("open", 0) => {}
+                        ("open", left) => {
+                            text.push_str(&format!("; {node} resync {} left", bytes_text(left)))
+                        }
+                        (state, 0) => text.push_str(&format!("; {node} {state}")),
+                        (state, left) => text.push_str(&format!(
+                            "; {node} {state}, resync {} left",
+                            bytes_text(left)
+                        )),
+                    }
                 }
+                text
             }
         };
         table.row(vec![

@@ -390,6 +390,8 @@ struct Runner {
     status: Option<StatusSource>,
     /// The status last published, and when.
     published: Option<(serde_json::Value, Instant)>,
+    /// When the status was last compared with what was published.
+    status_checked: Instant,
 }
 
 impl Agent {
@@ -425,6 +427,7 @@ impl Agent {
             logged: HashMap::new(),
             status,
             published: None,
+            status_checked: Instant::now(),
         };
         let keeper = {
             let stop = stop.clone();
@@ -645,13 +648,10 @@ impl Runner {
     /// Puts this node's status under its lease when it changed, at most once a second.
     fn publish_status(&mut self) {
         let Some(source) = &self.status else { return };
-        let due = self
-            .published
-            .as_ref()
-            .is_none_or(|(_, at)| at.elapsed() >= STATUS_EVERY);
-        if !due {
+        if self.published.is_some() && self.status_checked.elapsed() < STATUS_EVERY {
             return;
         }
+        self.status_checked = Instant::now();
         let rows = source();
         let unchanged = self
             .published
