@@ -55,6 +55,13 @@ const DEFAULT_NODE: &str = "/var/lib/fathom";
 ///   fathom-ctl trace set --tail p99.9                   # every volume: its slowest 0.1%
 ///   fathom-ctl replication                              # replicas: sessions, sync, lag
 ///   fathom-ctl promote vol0                             # this replica becomes the primary
+///   fathom-ctl reparent vol0 --to b                     # move the primary, no IO failing
+///
+/// On a control plane (etcd), straight from etcd, no node needed:
+///
+///   fathom-ctl --etcd 127.0.0.1:2379 --cluster fathom-loopback cluster status
+///   fathom-ctl --etcd 127.0.0.1:2379 --cluster fathom-loopback volume list --json
+///   fathom-ctl partition etcd                           # drill: cut this node off from etcd
 ///
 /// The socket is owner-only: run as the user that runs fathom-node. --json prints the node's
 /// answer as JSON instead of a table. Exit status: 0 done, 1 the node (or the connection)
