@@ -10,7 +10,8 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::cluster::{first_difference, promtool_check, Cluster, BLOCK_BYTES};
+use common::cluster::{first_difference, Cluster, BLOCK_BYTES};
+use common::promtool_check;
 use fathom::checker::{Client, ClientOptions, RunEnd};
 use fathom::nbd_client::NbdUri;
 use fathom_replication::proto::{encode, FrameDecoder, Header, Hello, Kind};

@@ -176,14 +176,6 @@ fn kill_9_of_any_node_loses_no_acknowledged_write() {
     );
 }
 
-/// Which of `candidates` serves as the primary, if one does.
-fn serving(cluster: &Cluster, candidates: &[usize]) -> Option<usize> {
-    candidates.iter().copied().find(|&index| {
-        let row = cluster.replication(index);
-        row["role"] == "primary" && row["in_sync"] == true
-    })
-}
-
 /// The same crash test on a control plane: etcd (one member on loopback) grants epochs and
 /// holds a 2 s lease per node, and nothing but the nodes themselves moves the primary. The
 /// client stays on one node and reconnects to another only when its own is killed (a node
@@ -233,7 +225,7 @@ fn kill_9_with_automatic_failover_loses_no_acknowledged_write() {
                     return None;
                 }
                 loop {
-                    if let Some(index) = serving(cluster, survivors) {
+                    if let Some(index) = cluster.serving(survivors) {
                         return Some((index, killed.elapsed()));
                     }
                     assert!(

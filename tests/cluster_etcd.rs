@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{promtool_check, Cluster};
+use common::cluster::Cluster;
+use common::promtool_check;
 use fathom::nbd_client::{Connection, NbdUri, Pipeline};
 use fathom_cluster::etcd::{Etcd, Timeouts};
 use fathom_cluster::schema::{Prefix, VolumeState};
@@ -36,7 +37,7 @@ fn wait_elected(cluster: &Cluster, candidates: &[usize], since: Instant) -> (usi
     let mut none_before = since;
     loop {
         let looked = Instant::now();
-        if let Some(index) = serving(cluster, candidates) {
+        if let Some(index) = cluster.serving(candidates) {
             return (index, none_before);
         }
         none_before = looked;
@@ -47,14 +48,6 @@ fn wait_elected(cluster: &Cluster, candidates: &[usize], since: Instant) -> (usi
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// Which of `candidates` serves as the primary, if one does.
-fn serving(cluster: &Cluster, candidates: &[usize]) -> Option<usize> {
-    candidates.iter().copied().find(|&index| {
-        let row = cluster.replication(index);
-        row["role"] == "primary" && row["in_sync"] == true
-    })
 }
 
 #[test]
@@ -75,7 +68,7 @@ fn a_killed_primary_fails_over_by_itself_and_loses_no_acknowledged_write() {
     let killed = Instant::now();
     cluster.reap(0);
     let new_primary = loop {
-        if let Some(index) = serving(&cluster, &[1, 2]) {
+        if let Some(index) = cluster.serving(&[1, 2]) {
             break index;
         }
         assert!(

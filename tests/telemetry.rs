@@ -2,6 +2,8 @@
 //! percentiles, in its HdrHistogram log and on the Prometheus endpoint; the reader refuses a
 //! region it does not understand and follows a node across a restart.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -372,26 +374,7 @@ fn the_metrics_endpoint_passes_promtool() {
     );
     assert_eq!(value(&format!("{prefix}\"+Inf\"}}")), count);
 
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus; scripts/test installs it)");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let output = promtool.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    common::promtool_check(body);
     drop(server);
     engine.shutdown().unwrap();
 }

@@ -108,7 +108,7 @@ pub enum AgentError {
     Thread(std::io::Error),
 }
 
-/// The node's lease as the agent last renewed it, shared with the authority (a node whose
+/// The node's lease as its keeper last renewed it, kept by the authority (a node whose
 /// lease ran out claims nothing).
 #[derive(Debug, Default)]
 struct LeaseState {
@@ -119,12 +119,19 @@ struct LeaseState {
     registrations: u64,
 }
 
+impl LeaseState {
+    /// Until when the node may act on its lease, if it still may now.
+    fn valid_now(&self) -> Option<Instant> {
+        self.valid_until.filter(|until| Instant::now() < *until)
+    }
+}
+
 /// Epochs taken in etcd by compare-and-swap on the volume's state.
 pub struct EtcdAuthority {
     prefix: Prefix,
     node: String,
     etcd: Mutex<Etcd>,
-    lease: Arc<Mutex<LeaseState>>,
+    lease: Mutex<LeaseState>,
 }
 
 impl EtcdAuthority {
@@ -133,21 +140,19 @@ impl EtcdAuthority {
             prefix: Prefix::new(&settings.cluster)?,
             node: settings.node.clone(),
             etcd: Mutex::new(Etcd::new(&settings.endpoints, Timeouts::default())?),
-            lease: Arc::new(Mutex::new(LeaseState::default())),
+            lease: Mutex::new(LeaseState::default()),
         }))
     }
 
-    fn lease_valid(&self) -> bool {
-        let lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
-        lease
-            .valid_until
-            .is_some_and(|until| Instant::now() < until)
+    /// The node's lease, as its keeper last renewed it.
+    fn lease(&self) -> std::sync::MutexGuard<'_, LeaseState> {
+        self.lease.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl EpochAuthority for EtcdAuthority {
     fn claim(&self, volume: &str, known: u64, why: Claim) -> Result<Grant, String> {
-        if !self.lease_valid() {
+        if self.lease().valid_now().is_none() {
             return Err("this node holds no live etcd lease: it claims nothing until it has one (is etcd reachable?)".into());
         }
         let me = self.node.as_str();
@@ -487,21 +492,11 @@ fn log_error(logged: &mut HashMap<&'static str, Instant>, kind: &'static str, me
 }
 
 impl Keeper {
-    fn lease(&self) -> std::sync::MutexGuard<'_, LeaseState> {
-        self.authority
-            .lease
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Keeps the lease, tells the volumes until when they may acknowledge IO, and sleeps until
     /// the next keep-alive (a tick at most).
     fn step(&mut self) {
         self.keep_lease();
-        let until = self
-            .lease()
-            .valid_until
-            .filter(|until| Instant::now() < *until);
+        let until = self.authority.lease().valid_now();
         for role in self.replication.roles() {
             role.set_lease_until(until);
         }
@@ -515,7 +510,7 @@ impl Keeper {
     /// Registers the node, or keeps its lease alive when due.
     fn keep_lease(&mut self) {
         let now = Instant::now();
-        let id = self.lease().id;
+        let id = self.authority.lease().id;
         let ttl = self.settings.lease;
         let margin = (ttl / 8).max(Duration::from_millis(100));
         match id {
@@ -523,7 +518,7 @@ impl Keeper {
                 let sent = Instant::now();
                 match self.register() {
                     Ok(id) => {
-                        let mut lease = self.lease();
+                        let mut lease = self.authority.lease();
                         lease.id = Some(id);
                         lease.valid_until = Some(sent + ttl - margin);
                         lease.registrations += 1;
@@ -545,8 +540,12 @@ impl Keeper {
                 let sent = Instant::now();
                 match self.etcd.keep_alive(id) {
                     Ok(Some(granted)) => {
-                        let was_valid = self.lease().valid_until.is_some_and(|until| sent < until);
-                        self.lease().valid_until = Some(sent + granted.min(ttl) - margin);
+                        let was_valid = {
+                            let mut lease = self.authority.lease();
+                            let was_valid = lease.valid_until.is_some_and(|until| sent < until);
+                            lease.valid_until = Some(sent + granted.min(ttl) - margin);
+                            was_valid
+                        };
                         self.next_keep_alive = sent + ttl / 4;
                         if !was_valid {
                             tracing::warn!(
@@ -556,12 +555,12 @@ impl Keeper {
                     }
                     Ok(None) => {
                         tracing::error!(lease = format!("{id:x}"), "cluster: etcd let this node's lease expire: it acknowledges no IO as a primary, and registers again (another node may have taken its volumes over)");
-                        let mut lease = self.lease();
+                        let mut lease = self.authority.lease();
                         lease.id = None;
                         lease.valid_until = None;
                     }
                     Err(error) => {
-                        let until = self.lease().valid_until;
+                        let until = self.authority.lease().valid_until;
                         let left =
                             until.map(|until| until.saturating_duration_since(Instant::now()));
                         log_error(&mut self.logged, "keep-alive", format!("cannot keep the lease alive: {error}; this node stops acknowledging IO as a primary in {left:?} unless it can"));
@@ -597,7 +596,7 @@ impl Keeper {
         for role in self.replication.roles() {
             role.set_lease_until(None);
         }
-        let id = self.lease().id.take();
+        let id = self.authority.lease().id.take();
         if let Some(id) = id {
             match self.etcd.revoke(id) {
                 Ok(()) => tracing::info!("cluster: left etcd (lease revoked)"),
@@ -614,20 +613,10 @@ impl Runner {
         log_error(&mut self.logged, kind, message);
     }
 
-    fn lease(&self) -> std::sync::MutexGuard<'_, LeaseState> {
-        self.authority
-            .lease
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-    }
-
     fn step(&mut self) {
         let (until, registration) = {
-            let lease = self.lease();
-            (
-                lease.valid_until.filter(|until| Instant::now() < *until),
-                lease.registrations,
-            )
+            let lease = self.authority.lease();
+            (lease.valid_now(), lease.registrations)
         };
         if registration != self.registration {
             // Registered anew: what happened meanwhile is read afresh, and the status put
@@ -660,7 +649,9 @@ impl Runner {
         if unchanged {
             return;
         }
-        let Some(lease) = self.lease().id else { return };
+        let Some(lease) = self.authority.lease().id else {
+            return;
+        };
         let record = NodeStatus {
             v: SCHEMA_VERSION,
             node: self.settings.node.clone(),

@@ -282,7 +282,8 @@ impl Etcd {
                     self.next_endpoint(&why);
                     // A moment before the same members are tried again.
                     std::thread::sleep(
-                        Duration::from_millis(20).min(deadline - Instant::now().min(deadline)),
+                        Duration::from_millis(20)
+                            .min(deadline.saturating_duration_since(Instant::now())),
                     );
                     continue;
                 }
@@ -291,7 +292,7 @@ impl Etcd {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(error)) if worth_another(&error) => {
                     last = format!("{}: {error}", self.endpoints[self.at]);
-                    self.next_endpoint(&last.clone());
+                    self.next_endpoint(&last);
                 }
                 Ok(Err(error)) => {
                     return Err(EtcdError::Refused {
@@ -301,7 +302,7 @@ impl Etcd {
                 }
                 Err(_) => {
                     last = format!("{}: no answer within {limit:?}", self.endpoints[self.at]);
-                    self.next_endpoint(&last.clone());
+                    self.next_endpoint(&last);
                 }
             }
         }
@@ -413,12 +414,12 @@ impl Etcd {
                     Ok(Ok((keeper, stream))) => self.keeper = Some((id, keeper, stream)),
                     Ok(Err(error)) => {
                         last = error.to_string();
-                        self.next_endpoint(&last.clone());
+                        self.next_endpoint(&last);
                         continue;
                     }
                     Err(_) => {
                         last = format!("no keep-alive stream within {limit:?}");
-                        self.next_endpoint(&last.clone());
+                        self.next_endpoint(&last);
                         continue;
                     }
                 }
@@ -436,15 +437,15 @@ impl Etcd {
                 }
                 Ok(Ok(None)) => {
                     last = "the keep-alive stream ended".into();
-                    self.next_endpoint(&last.clone());
+                    self.next_endpoint(&last);
                 }
                 Ok(Err(error)) => {
                     last = error.to_string();
-                    self.next_endpoint(&last.clone());
+                    self.next_endpoint(&last);
                 }
                 Err(_) => {
                     last = format!("no keep-alive answer within {limit:?}");
-                    self.next_endpoint(&last.clone());
+                    self.next_endpoint(&last);
                 }
             }
         }

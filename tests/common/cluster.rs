@@ -320,7 +320,7 @@ impl Cluster {
         let started = Instant::now();
         loop {
             let row = self.replication(index);
-            if row["role"] == "primary" && row["in_sync"] == true {
+            if serves(&row) {
                 return;
             }
             assert!(
@@ -331,6 +331,14 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Which of `candidates` serves as the primary, if one does.
+    pub fn serving(&self, candidates: &[usize]) -> Option<usize> {
+        candidates
+            .iter()
+            .copied()
+            .find(|&index| serves(&self.replication(index)))
     }
 
     /// Waits until every replica of primary `index` passes `check`.
@@ -394,29 +402,10 @@ impl Cluster {
     }
 }
 
-/// Panics unless promtool takes `body` as metrics text.
-pub fn promtool_check(body: &str) {
-    use std::io::Write;
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus; scripts/test installs it)");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let output = promtool.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+/// A node's `fathom-ctl replication` row says it is the primary and serves (a majority took
+/// its epoch).
+fn serves(row: &Value) -> bool {
+    row["role"] == "primary" && row["in_sync"] == true
 }
 
 /// `fathom-ctl` as `command` runs it: its exit success and output.
