@@ -134,8 +134,9 @@ pub struct Reparented {
     pub paused: Duration,
 }
 
-/// How long a promote waits for a copy to connect and answer its claim.
-const PROMOTE_ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a blocking session (a promote's claim, a reparent's handover) waits for a copy to
+/// connect and answer.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(5);
 /// Once a majority answered a promote, how long the other copies still have.
 const PROMOTE_GRACE: Duration = Duration::from_millis(200);
 
@@ -783,7 +784,7 @@ impl Shared {
             auth: &self.auth,
             tls: self.client_tls.clone(),
             max_payload,
-            timeout: Duration::from_secs(5),
+            timeout: SESSION_TIMEOUT,
         }
     }
 
@@ -881,7 +882,7 @@ impl Shared {
                         auth: &auth,
                         tls,
                         max_payload,
-                        timeout: PROMOTE_ASK_TIMEOUT,
+                        timeout: SESSION_TIMEOUT,
                     };
                     let reached =
                         Survivor::reach(&opener, index, &peer, address, &volume, epoch, regions);
@@ -899,7 +900,7 @@ impl Shared {
         while answered < targets.len() {
             let limit = match majority_at {
                 Some(at) => at + PROMOTE_GRACE,
-                None => started + PROMOTE_ASK_TIMEOUT + Duration::from_secs(1),
+                None => started + SESSION_TIMEOUT + Duration::from_secs(1),
             };
             let Ok((at, reached)) = rx.recv_deadline(limit) else {
                 break;
