@@ -850,8 +850,10 @@ fn create_region(
                 core_index: volume.reactor as u32,
                 block_size: volume.block_size,
                 size_bytes: volume.size_bytes(),
+                generation: 0,
             })
             .collect(),
+        spare_volumes: 0,
         ops: OP_NAMES.iter().map(|name| name.to_string()).collect(),
         stages: stage::NAMES
             .iter()

@@ -15,3 +15,4 @@ mod shm;
 pub mod trace;
 
 pub use clock::{Clock, ClockError, ClockSource};
+pub use shm::SlotError;

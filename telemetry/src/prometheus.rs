@@ -10,11 +10,12 @@
 //!   utilisation, as iostat's %util;
 //! - `fathom_node_start_time_seconds` gauge.
 //!
-//! Only series that have seen IO are written, so an idle node's page stays small.
+//! Only series that have seen IO are written, so an idle node's page stays small; only the
+//! volumes in use (a volume the node deleted is gone from the next page).
 
 use std::fmt::Write;
 
-use crate::region::{Directory, Snapshot, VolumeCounters};
+use crate::region::{Directory, Snapshot, VolumeCounters, VolumeEntry};
 
 /// Bucket bounds of `fathom_io_stage_seconds`, in seconds.
 pub const BUCKETS_SECONDS: [f64; 22] = [
@@ -34,7 +35,9 @@ fn escape(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Renders `snapshot` of the region described by `directory`.
+/// Renders `snapshot` of the region described by `directory`: the live volumes whose slots
+/// the snapshot read at the generation the directory knows (a slot that changed in between
+/// is left for the next scrape rather than shown under the wrong name).
 pub fn render(directory: &Directory, snapshot: &Snapshot) -> String {
     let mut out = String::new();
     let node = escape(&directory.node_id);
@@ -44,10 +47,14 @@ pub fn render(directory: &Directory, snapshot: &Snapshot) -> String {
         let counters = snapshot.volume(volume, op);
         counters.ios + counters.errors > 0
     };
+    let volumes: Vec<(usize, &VolumeEntry)> = directory
+        .live_volumes()
+        .filter(|(index, volume)| snapshot.volume_generation(*index) == volume.generation)
+        .collect();
 
     out += "# HELP fathom_io_stage_seconds Time IOs spent in each stage of the data path.\n";
     out += "# TYPE fathom_io_stage_seconds histogram\n";
-    for (volume_index, volume) in directory.volumes.iter().enumerate() {
+    for &(volume_index, volume) in &volumes {
         for (op_index, op) in directory.ops.iter().enumerate() {
             if !active(volume_index, op_index) {
                 continue;
@@ -114,7 +121,7 @@ pub fn render(directory: &Directory, snapshot: &Snapshot) -> String {
     ];
     for (name, help, value) in volume_metrics {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for (volume_index, volume) in directory.volumes.iter().enumerate() {
+        for &(volume_index, volume) in &volumes {
             for (op_index, op) in directory.ops.iter().enumerate() {
                 if !active(volume_index, op_index) {
                     continue;

@@ -7,13 +7,14 @@
 //! ```text
 //! 0      header (4096 bytes): magic "FATHOMST", layout version, sizes, TSC Hz, clock source,
 //!        writer pid, start time, heartbeat (count, ticks, unix ns), state, node id,
-//!        histogram parameters, directory counts and offsets
-//! ...    directory: cores (u32 each), volumes (64 bytes: name, core index, block size, size),
-//!        ops (16-byte names), stages (16-byte names), queues (64 bytes: device, core index)
-//! ...    histograms, one per (volume, op, stage): the log-linear counters of
+//!        histogram parameters, directory counts and offsets, directory generation
+//! ...    directory: cores (u32 each), volume slots (72 bytes: generation, name, core index,
+//!        block size, size), ops (16-byte names), stages (16-byte names), queues (64 bytes:
+//!        device, core index)
+//! ...    histograms, one per (volume slot, op, stage): the log-linear counters of
 //!        [`crate::hdr::Layout`] (count, mean and max are derived from them, as HdrHistogram
 //!        does, so recording is one increment)
-//! ...    volume counters, per (volume, op): IOs, bytes, errors
+//! ...    volume counters, per (volume slot, op): IOs, bytes, errors
 //! ...    queue counters, per queue: busy ticks, busy-since ticks (0 when idle), submitted,
 //!        completed
 //! ```
@@ -24,23 +25,43 @@
 //! two snapshots. The region is created under a temporary name and renamed into place when
 //! complete, so a reader never sees a half-written header; a node that restarts replaces the
 //! file, and a reader notices the new start time.
+//!
+//! **Volume slots.** The region has room for a fixed number of volumes, set at creation (the
+//! volumes the node starts with and spare slots). The node fills, changes and clears a slot
+//! while it runs ([`StatsRegion::set_volume`]); an unused slot has an empty name. Each slot
+//! starts with a generation word that is a seqlock: odd while the node rewrites the slot
+//! (and zeroes its counters, when a volume moves in), the next even value once it is done,
+//! so a reader never takes a half-written entry. Every change also bumps the header's
+//! directory generation, so a reader notices one with a single load
+//! ([`RegionReader::refresh`]); a snapshot carries each slot's generation, so a reader that
+//! takes deltas can tell a slot that now holds another volume from one that kept its own.
 
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::clock::{Clock, ClockSource};
 use crate::hdr::Layout;
 use crate::shm::{
-    create_temporary, map_file, name_at, publish, put_name, u32_at, u64_at, unix_ns, Mapping,
+    check_slot_name, create_temporary, map_file, name_at, publish, put_name, u32_at, u64_at,
+    unix_ns, words_of, Mapping, SlotError,
 };
 
 pub const MAGIC: [u8; 8] = *b"FATHOMST";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const HEADER_BYTES: usize = 4096;
 const NAME_BYTES: usize = 48;
-const VOLUME_ENTRY_BYTES: usize = 64;
+/// A volume slot: its generation (u64 at 0), then its entry: name (48 bytes at 8), core
+/// index (u32 at 56), block size (u32 at 60), size in bytes (u64 at 64).
+const VOLUME_ENTRY_BYTES: usize = 72;
+/// The words of a slot's entry, after its generation.
+const VOLUME_ENTRY_WORDS: usize = 8;
+/// The generation of the volumes a region is created with (an unused slot starts at 0).
+const FIRST_GENERATION: u64 = 2;
+/// How many times a snapshot tries to read a slot the node is rewriting before it reports
+/// the slot empty (the next snapshot sees the slot's new generation).
+const SNAPSHOT_ATTEMPTS: u32 = 16;
 const QUEUE_ENTRY_BYTES: usize = 64;
 const LABEL_BYTES: usize = 16;
 /// Words before a histogram's counters (none: recording is a single increment).
@@ -78,6 +99,8 @@ mod field {
     pub const STAGES: usize = 172;
     pub const QUEUES: usize = 176;
     pub const OFFSETS: usize = 184; // 8 x u64
+    /// Bumped after every change of a volume slot.
+    pub const DIRECTORY_GENERATION: usize = 248;
 }
 
 /// The node's state as the region reports it.
@@ -107,7 +130,8 @@ pub enum RegionError {
     TooLarge { what: &'static str, value: usize },
 }
 
-/// What a region describes: written once by the node, read by every reader.
+/// What a region describes: written by the node at creation (its volume slots also while it
+/// runs), read by every reader.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Directory {
     pub node_id: String,
@@ -116,6 +140,8 @@ pub struct Directory {
     pub writer_pid: u32,
     pub start_unix_ns: u64,
     pub cores: Vec<u32>,
+    /// By slot, unused slots included (with an empty name): iterate with
+    /// [`Directory::live_volumes`].
     pub volumes: Vec<VolumeEntry>,
     pub ops: Vec<String>,
     pub stages: Vec<String>,
@@ -123,13 +149,74 @@ pub struct Directory {
     pub histogram: Layout,
 }
 
+impl Directory {
+    /// The slots that hold a volume: (slot index, entry).
+    pub fn live_volumes(&self) -> impl Iterator<Item = (usize, &VolumeEntry)> + '_ {
+        self.volumes
+            .iter()
+            .enumerate()
+            .filter(|(_, volume)| volume.is_live())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeEntry {
+    /// Empty for an unused slot.
     pub name: String,
     /// Index into [`Directory::cores`].
     pub core_index: u32,
     pub block_size: u32,
     pub size_bytes: u64,
+    /// The slot's generation when this entry was read: it changes whenever the slot is set
+    /// or cleared. The region assigns it; what a writer passes in is ignored.
+    pub generation: u64,
+}
+
+impl VolumeEntry {
+    /// Whether the slot holds a volume.
+    pub fn is_live(&self) -> bool {
+        !self.name.is_empty()
+    }
+
+    fn unused(generation: u64) -> Self {
+        VolumeEntry {
+            name: String::new(),
+            core_index: 0,
+            block_size: 0,
+            size_bytes: 0,
+            generation,
+        }
+    }
+
+    /// The entry's words in its slot, after the generation.
+    fn encode(&self) -> [u64; VOLUME_ENTRY_WORDS] {
+        let mut bytes = [0u8; VOLUME_ENTRY_WORDS * 8];
+        put_name(&mut bytes[..NAME_BYTES], &self.name);
+        bytes[48..52].copy_from_slice(&self.core_index.to_le_bytes());
+        bytes[52..56].copy_from_slice(&self.block_size.to_le_bytes());
+        bytes[56..64].copy_from_slice(&self.size_bytes.to_le_bytes());
+        let mut words = [0u64; VOLUME_ENTRY_WORDS];
+        for (word, value) in words.iter_mut().zip(words_of(&bytes)) {
+            *word = value;
+        }
+        words
+    }
+
+    /// The entry a slot of `generation` holds in `words` (an odd generation: a slot caught
+    /// while the node rewrote it, taken as unused).
+    fn decode(generation: u64, words: &[u64; VOLUME_ENTRY_WORDS]) -> Self {
+        if generation & 1 == 1 {
+            return VolumeEntry::unused(generation);
+        }
+        let bytes: Vec<u8> = words.iter().flat_map(|word| word.to_le_bytes()).collect();
+        VolumeEntry {
+            name: name_at(&bytes[..NAME_BYTES]),
+            core_index: u32_at(&bytes, 48),
+            block_size: u32_at(&bytes, 52),
+            size_bytes: u64_at(&bytes, 56),
+            generation,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,7 +300,10 @@ impl Offsets {
 pub struct RegionSpec {
     pub node_id: String,
     pub cores: Vec<u32>,
+    /// The volumes the node starts with, in slots 0.. (their generations are ignored).
     pub volumes: Vec<VolumeEntry>,
+    /// Unused volume slots after `volumes`, for volumes created while the node runs.
+    pub spare_volumes: usize,
     pub ops: Vec<String>,
     pub stages: Vec<String>,
     pub queues: Vec<QueueEntry>,
@@ -224,9 +314,13 @@ pub struct StatsRegion {
     map: Arc<Mapping>,
     offsets: Offsets,
     layout: Layout,
-    volumes: usize,
+    /// Volume slots.
+    slots: usize,
+    cores: usize,
     ops: usize,
     stages: usize,
+    /// Held while a slot changes: one writer of the slots and the directory generation.
+    slot_lock: Mutex<()>,
     path: PathBuf,
 }
 
@@ -243,9 +337,17 @@ impl StatsRegion {
             SIGNIFICANT_FIGURES,
         )
         .expect("valid layout");
+        let slots =
+            spec.volumes
+                .len()
+                .checked_add(spec.spare_volumes)
+                .ok_or(RegionError::TooLarge {
+                    what: "volumes",
+                    value: usize::MAX,
+                })?;
         for (what, count) in [
             ("cores", spec.cores.len()),
-            ("volumes", spec.volumes.len()),
+            ("volumes", slots),
             ("queues", spec.queues.len()),
         ] {
             if count > MAX_ENTRIES as usize {
@@ -259,7 +361,7 @@ impl StatsRegion {
         }
         let offsets = Offsets::compute(
             spec.cores.len(),
-            spec.volumes.len(),
+            slots,
             spec.ops.len(),
             spec.stages.len(),
             spec.queues.len(),
@@ -321,7 +423,7 @@ impl StatsRegion {
         );
         for (at, count) in [
             (field::CORES, spec.cores.len()),
-            (field::VOLUMES, spec.volumes.len()),
+            (field::VOLUMES, slots),
             (field::OPS, spec.ops.len()),
             (field::STAGES, spec.stages.len()),
             (field::QUEUES, spec.queues.len()),
@@ -342,13 +444,18 @@ impl StatsRegion {
             .flat_map(|core| core.to_le_bytes())
             .collect();
         map.write(offsets.cores, &cores);
+        // Spare slots stay zero: unused, generation 0.
         for (index, volume) in spec.volumes.iter().enumerate() {
-            let mut entry = [0u8; VOLUME_ENTRY_BYTES];
-            put_name(&mut entry[..NAME_BYTES], &volume.name);
-            entry[48..52].copy_from_slice(&volume.core_index.to_le_bytes());
-            entry[52..56].copy_from_slice(&volume.block_size.to_le_bytes());
-            entry[56..64].copy_from_slice(&volume.size_bytes.to_le_bytes());
-            map.write(offsets.volumes + index * VOLUME_ENTRY_BYTES, &entry);
+            let generation = if volume.is_live() {
+                FIRST_GENERATION
+            } else {
+                0
+            };
+            let slot: Vec<u8> = std::iter::once(generation)
+                .chain(volume.encode())
+                .flat_map(|word| word.to_le_bytes())
+                .collect();
+            map.write(offsets.volumes + index * VOLUME_ENTRY_BYTES, &slot);
         }
         for (base, labels) in [(offsets.ops, &spec.ops), (offsets.stages, &spec.stages)] {
             for (index, label) in labels.iter().enumerate() {
@@ -367,9 +474,11 @@ impl StatsRegion {
             map: Arc::new(map),
             offsets,
             layout,
-            volumes: spec.volumes.len(),
+            slots,
+            cores: spec.cores.len(),
             ops: spec.ops.len(),
             stages: spec.stages.len(),
+            slot_lock: Mutex::new(()),
             path: path.into(),
         };
         region
@@ -388,16 +497,87 @@ impl StatsRegion {
         self.layout
     }
 
-    /// The recorder for the histograms and counters of `op` on volume `volume`. Exactly one
-    /// thread (the volume's reactor) may record through it.
+    /// How many volume slots the region has (used or not).
+    pub fn volume_capacity(&self) -> usize {
+        self.slots
+    }
+
+    /// Puts `entry` in slot `index` (`None`: marks the slot unused). A new volume starts
+    /// from zero: the slot's counters and histograms (every op and stage) are zeroed before
+    /// its entry is published with a new generation. Readers never see a half-written entry
+    /// and notice the change at their next [`RegionReader::refresh`]. `entry.generation`
+    /// is ignored.
+    ///
+    /// The caller makes sure nothing records into the slot meanwhile (no
+    /// [`SeriesRecorder`] of it is in use until this returns).
+    pub fn set_volume(&self, index: usize, entry: Option<&VolumeEntry>) -> Result<(), SlotError> {
+        if index >= self.slots {
+            return Err(SlotError::OutOfRange {
+                index,
+                capacity: self.slots,
+            });
+        }
+        let content = match entry {
+            Some(entry) => {
+                check_slot_name(&entry.name, NAME_BYTES)?;
+                if entry.core_index as usize >= self.cores {
+                    return Err(SlotError::NoSuchCore {
+                        name: entry.name.clone(),
+                        core_index: entry.core_index,
+                        cores: self.cores,
+                    });
+                }
+                entry.encode()
+            }
+            None => [0; VOLUME_ENTRY_WORDS],
+        };
+        let _one_writer = self
+            .slot_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.map.write_slot(
+            self.offsets.volumes + index * VOLUME_ENTRY_BYTES,
+            &content,
+            || {
+                if entry.is_some() {
+                    self.zero_slot(index);
+                }
+            },
+        );
+        // After the slot's even generation, so a reader that sees this one reads the slot
+        // as it is now.
+        self.map
+            .word(field::DIRECTORY_GENERATION)
+            .fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    /// Zeroes the histograms and counters of every op of slot `index`.
+    fn zero_slot(&self, index: usize) {
+        let histogram_words = HIST_HEADER_WORDS + self.layout.counts_len();
+        let series = index * self.ops;
+        let histograms = self.offsets.histograms + series * self.stages * histogram_words * 8;
+        let counters = self.offsets.volume_counters + series * VOLUME_COUNTER_WORDS * 8;
+        for (start, words) in [
+            (histograms, self.ops * self.stages * histogram_words),
+            (counters, self.ops * VOLUME_COUNTER_WORDS),
+        ] {
+            for word in 0..words {
+                self.map.word(start + 8 * word).store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The recorder for the histograms and counters of `op` on the volume in slot `volume`.
+    /// Exactly one thread (the volume's reactor) may record through it.
     ///
     /// # Panics
-    /// If the region has no such volume or op.
+    /// If the region has no such slot or op.
     pub fn series_recorder(&self, volume: usize, op: usize) -> SeriesRecorder {
         assert!(
-            volume < self.volumes && op < self.ops,
-            "volume {volume} op {op}: the region has {} volumes and {} ops",
-            self.volumes,
+            volume < self.slots && op < self.ops,
+            "volume {volume} op {op}: the region has {} volume slots and {} ops",
+            self.slots,
             self.ops
         );
         let histogram_words = HIST_HEADER_WORDS + self.layout.counts_len();
@@ -531,6 +711,9 @@ pub struct RegionReader {
     map: Mapping,
     offsets: Offsets,
     directory: Directory,
+    /// The header's directory generation the volume slots were last read at; `None` when
+    /// a slot was being rewritten then, so that the next refresh reads them again.
+    volumes_read_at: Option<u64>,
     path: PathBuf,
 }
 
@@ -548,6 +731,8 @@ pub struct Snapshot {
     pub volume_counters: Vec<u64>,
     /// Per queue: busy ticks, busy since, submitted, completed.
     pub queue_counters: Vec<u64>,
+    /// Per volume slot: its generation when its counters were read.
+    generations: Vec<u64>,
     /// The directory's shape, to index the flat arrays above (see the accessors).
     ops: usize,
     stages: usize,
@@ -573,6 +758,15 @@ pub struct QueueCounters {
 }
 
 impl Snapshot {
+    /// The generation of volume slot `volume` when its counters were read: when two
+    /// snapshots give different ones, the slot was set or cleared in between, and the
+    /// later snapshot's counters are a new series (they started from zero), not a
+    /// continuation of the earlier one's. Odd while the node was rewriting the slot (its
+    /// counters then read as zero).
+    pub fn volume_generation(&self, volume: usize) -> u64 {
+        self.generations[volume]
+    }
+
     /// The counters of the (volume, op, stage) histogram.
     pub fn histogram(&self, volume: usize, op: usize, stage: usize) -> &[u64] {
         let start = ((volume * self.ops + op) * self.stages + stage)
@@ -643,19 +837,51 @@ impl RegionReader {
         let map = map_file(&file, len, false).map_err(|e| io("map", e))?;
         let header = map.copy(0, HEADER_BYTES);
         let (offsets, counts) = check_header(&header, len).map_err(|error| error.at(path))?;
-        let directory_bytes = map.copy(0, offsets.histograms);
-        let directory = parse_directory(&header, &directory_bytes, &offsets, counts)
+        // The parts written once at creation are copied; the volume slots, which the node
+        // rewrites while it runs, are read word by word under their seqlocks.
+        let mut directory_bytes = map.copy(0, offsets.volumes);
+        directory_bytes.resize(offsets.ops, 0);
+        directory_bytes.extend(map.copy(offsets.ops, offsets.histograms - offsets.ops));
+        let generation = map
+            .word(field::DIRECTORY_GENERATION)
+            .load(Ordering::Acquire);
+        let (volumes, stable) = read_volume_slots(&map, &offsets, counts[1]);
+        let directory = parse_directory(&header, &directory_bytes, &offsets, counts, volumes)
             .map_err(|error| error.at(path))?;
         Ok(Self {
             map,
             offsets,
             directory,
+            volumes_read_at: stable.then_some(generation),
             path: path.into(),
         })
     }
 
+    /// What the region described at the last [`RegionReader::refresh`] (or at open).
     pub fn directory(&self) -> &Directory {
         &self.directory
+    }
+
+    /// Reads the volume slots again if the node changed any since they were last read (one
+    /// load when it did not); true if the directory changed. A damaged slot (a live volume
+    /// naming a core the region does not have) is an error, and the directory stays as it
+    /// was.
+    pub fn refresh(&mut self) -> Result<bool, RegionError> {
+        let generation = self
+            .map
+            .word(field::DIRECTORY_GENERATION)
+            .load(Ordering::Acquire);
+        if self.volumes_read_at == Some(generation) {
+            return Ok(false);
+        }
+        let (volumes, stable) =
+            read_volume_slots(&self.map, &self.offsets, self.directory.volumes.len());
+        check_volumes(&volumes, self.directory.cores.len())
+            .map_err(|error| error.at(&self.path))?;
+        self.volumes_read_at = stable.then_some(generation);
+        let changed = volumes != self.directory.volumes;
+        self.directory.volumes = volumes;
+        Ok(changed)
     }
 
     pub fn path(&self) -> &Path {
@@ -663,45 +889,88 @@ impl RegionReader {
     }
 
     /// A consistent-enough copy of every counter (each word is read atomically; the region
-    /// keeps changing while it is read, which only matters at the last few IOs).
+    /// keeps changing while it is read, which only matters at the last few IOs). A volume
+    /// slot's counters are read under its seqlock, with its generation: a slot the node
+    /// rewrote meanwhile reads as zero.
     pub fn snapshot(&self, clock_ticks: u64) -> Snapshot {
-        let words = |from: usize, to: usize, into: &mut Vec<u64>| {
+        let words = |from: usize, count: usize, into: &mut Vec<u64>| {
             into.extend(
-                (from..to)
-                    .step_by(8)
-                    .map(|at| self.map.word(at).load(Ordering::Relaxed)),
+                (0..count).map(|word| self.map.word(from + 8 * word).load(Ordering::Relaxed)),
             );
         };
-        let mut volume_counters = Vec::new();
-        words(
-            self.offsets.volume_counters,
-            self.offsets.volume_counters + self.volume_counter_bytes(),
-            &mut volume_counters,
-        );
-        // Histograms of ops that never saw an IO are all zeros: skip reading them, so a
-        // reader polling often touches only the lines the node actually writes.
         let directory = &self.directory;
+        let (slots, ops) = (directory.volumes.len(), directory.ops.len());
         let per_op =
             directory.stages.len() * (HIST_HEADER_WORDS + directory.histogram.counts_len());
-        let mut histograms = Vec::with_capacity(self.histogram_bytes() / 8);
-        for volume in 0..directory.volumes.len() {
-            for op in 0..directory.ops.len() {
-                let counters = &volume_counters
-                    [(volume * directory.ops.len() + op) * VOLUME_COUNTER_WORDS..]
-                    [..VOLUME_COUNTER_WORDS];
-                let start =
-                    self.offsets.histograms + (volume * directory.ops.len() + op) * per_op * 8;
-                if counters[0] + counters[2] > 0 {
-                    words(start, start + per_op * 8, &mut histograms);
-                } else {
-                    histograms.resize(histograms.len() + per_op, 0);
+        let counter_words = ops * VOLUME_COUNTER_WORDS;
+        let mut volume_counters = Vec::with_capacity(slots * counter_words);
+        let mut histograms = Vec::with_capacity(slots * ops * per_op);
+        let mut generations = Vec::with_capacity(slots);
+        for volume in 0..slots {
+            let generation = self
+                .map
+                .word(self.offsets.volumes + volume * VOLUME_ENTRY_BYTES);
+            let (counters_at, histograms_at) = (volume_counters.len(), histograms.len());
+            let mut read = Err(0);
+            for _ in 0..SNAPSHOT_ATTEMPTS {
+                let before = generation.load(Ordering::Acquire);
+                if before & 1 == 1 {
+                    read = Err(before);
+                    std::hint::spin_loop();
+                    continue;
+                }
+                let entry = &directory.volumes[volume];
+                if !entry.is_live() && entry.generation == before {
+                    // Still the unused slot the directory knows: nothing to read.
+                    volume_counters.resize(counters_at + counter_words, 0);
+                    histograms.resize(histograms_at + ops * per_op, 0);
+                    read = Ok(before);
+                    break;
+                }
+                words(
+                    self.offsets.volume_counters + volume * counter_words * 8,
+                    counter_words,
+                    &mut volume_counters,
+                );
+                for op in 0..ops {
+                    let counters = &volume_counters[counters_at + op * VOLUME_COUNTER_WORDS..]
+                        [..VOLUME_COUNTER_WORDS];
+                    // Histograms of ops that never saw an IO are all zeros: skip reading
+                    // them, so a reader polling often touches only the lines the node
+                    // actually writes.
+                    if counters[0] + counters[2] > 0 {
+                        let start = self.offsets.histograms + (volume * ops + op) * per_op * 8;
+                        words(start, per_op, &mut histograms);
+                    } else {
+                        histograms.resize(histograms.len() + per_op, 0);
+                    }
+                }
+                // The counter loads complete before the generation is read again.
+                fence(Ordering::Acquire);
+                let after = generation.load(Ordering::Relaxed);
+                if after == before {
+                    read = Ok(before);
+                    break;
+                }
+                read = Err(after);
+                volume_counters.truncate(counters_at);
+                histograms.truncate(histograms_at);
+            }
+            match read {
+                Ok(generation) => generations.push(generation),
+                Err(generation) => {
+                    // The node kept rewriting the slot: report it empty, under the
+                    // generation seen, so the next snapshot starts a new series.
+                    volume_counters.resize(counters_at + counter_words, 0);
+                    histograms.resize(histograms_at + ops * per_op, 0);
+                    generations.push(generation);
                 }
             }
         }
         let mut queue_counters = Vec::new();
         words(
             self.offsets.queue_counters,
-            self.offsets.queue_counters + directory.queues.len() * QUEUE_COUNTER_WORDS * 8,
+            directory.queues.len() * QUEUE_COUNTER_WORDS,
             &mut queue_counters,
         );
         Snapshot {
@@ -715,23 +984,44 @@ impl RegionReader {
             histograms,
             volume_counters,
             queue_counters,
-            ops: directory.ops.len(),
+            generations,
+            ops,
             stages: directory.stages.len(),
             counts_len: directory.histogram.counts_len(),
         }
     }
+}
 
-    fn histogram_bytes(&self) -> usize {
-        let d = &self.directory;
-        d.volumes.len()
-            * d.ops.len()
-            * d.stages.len()
-            * (HIST_HEADER_WORDS + d.histogram.counts_len())
-            * 8
-    }
+/// Reads `count` volume slots under their seqlocks; false with them when a slot was being
+/// rewritten at every attempt (it is then given as unused, and should be read again).
+fn read_volume_slots(map: &Mapping, offsets: &Offsets, count: usize) -> (Vec<VolumeEntry>, bool) {
+    let mut stable = true;
+    let volumes = (0..count)
+        .map(|index| {
+            let mut words = [0u64; VOLUME_ENTRY_WORDS];
+            match map.read_slot(offsets.volumes + index * VOLUME_ENTRY_BYTES, &mut words) {
+                Ok(generation) => VolumeEntry::decode(generation, &words),
+                Err(generation) => {
+                    stable = false;
+                    VolumeEntry::unused(generation)
+                }
+            }
+        })
+        .collect();
+    (volumes, stable)
+}
 
-    fn volume_counter_bytes(&self) -> usize {
-        self.directory.volumes.len() * self.directory.ops.len() * VOLUME_COUNTER_WORDS * 8
+/// Checks what the volume slots say against the rest of the directory.
+fn check_volumes(volumes: &[VolumeEntry], cores: usize) -> Result<(), HeaderError> {
+    match volumes
+        .iter()
+        .find(|volume| volume.is_live() && volume.core_index as usize >= cores)
+    {
+        Some(volume) => Err(HeaderError::Corrupt(format!(
+            "volume {:?} names core index {} of {cores}",
+            volume.name, volume.core_index
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -845,39 +1135,22 @@ fn check_header(header: &[u8], file_len: usize) -> Result<(Offsets, Counts), Hea
     Ok((offsets, counts))
 }
 
+/// The directory in `header` and `bytes` (the region's first `offsets.histograms` bytes; its
+/// volume slots are not read from there but given, already read, in `volume_entries`).
 fn parse_directory(
     header: &[u8],
     bytes: &[u8],
     offsets: &Offsets,
     counts: Counts,
+    volume_entries: Vec<VolumeEntry>,
 ) -> Result<Directory, HeaderError> {
-    let [cores, volumes, ops, stages, queues] = counts;
+    let [cores, _, ops, stages, queues] = counts;
     let figures = u32_at(header, field::HIST_FIGURES) as u8;
     let histogram = Layout::new(u64_at(header, field::HIST_HIGHEST), figures).expect("checked");
     let core_ids: Vec<u32> = (0..cores)
         .map(|index| u32_at(bytes, offsets.cores + 4 * index))
         .collect();
-    let volume_entries: Vec<VolumeEntry> = (0..volumes)
-        .map(|index| {
-            let entry =
-                &bytes[offsets.volumes + index * VOLUME_ENTRY_BYTES..][..VOLUME_ENTRY_BYTES];
-            VolumeEntry {
-                name: name_at(&entry[..NAME_BYTES]),
-                core_index: u32_at(entry, 48),
-                block_size: u32_at(entry, 52),
-                size_bytes: u64_at(entry, 56),
-            }
-        })
-        .collect();
-    if let Some(volume) = volume_entries
-        .iter()
-        .find(|volume| volume.core_index as usize >= cores)
-    {
-        return Err(HeaderError::Corrupt(format!(
-            "volume {:?} names core index {} of {cores}",
-            volume.name, volume.core_index
-        )));
-    }
+    check_volumes(&volume_entries, cores)?;
     let labels = |base: usize, count: usize| {
         (0..count)
             .map(|index| name_at(&bytes[base + index * LABEL_BYTES..][..LABEL_BYTES]))
@@ -932,7 +1205,19 @@ pub fn parse(bytes: &[u8]) -> Result<Directory, RegionError> {
     }
     let (offsets, counts) =
         check_header(&bytes[..HEADER_BYTES], bytes.len()).map_err(|error| error.at(path))?;
-    parse_directory(&bytes[..HEADER_BYTES], bytes, &offsets, counts).map_err(|error| error.at(path))
+    // No writer here: a slot with an odd generation was caught half-written, and is unused.
+    let volumes = (0..counts[1])
+        .map(|index| {
+            let slot = &bytes[offsets.volumes + index * VOLUME_ENTRY_BYTES..][..VOLUME_ENTRY_BYTES];
+            let mut words = [0u64; VOLUME_ENTRY_WORDS];
+            for (word, value) in words.iter_mut().zip(words_of(&slot[8..])) {
+                *word = value;
+            }
+            VolumeEntry::decode(u64_at(slot, 0), &words)
+        })
+        .collect();
+    parse_directory(&bytes[..HEADER_BYTES], bytes, &offsets, counts, volumes)
+        .map_err(|error| error.at(path))
 }
 
 #[cfg(test)]
@@ -950,14 +1235,17 @@ mod tests {
                     core_index: 0,
                     block_size: 512,
                     size_bytes: 1 << 30,
+                    generation: 0,
                 },
                 VolumeEntry {
                     name: "vol1".into(),
                     core_index: 1,
                     block_size: 4096,
                     size_bytes: 1 << 20,
+                    generation: 0,
                 },
             ],
+            spare_volumes: 0,
             ops: vec!["read".into(), "write".into(), "flush".into()],
             stages: vec!["queue".into(), "device".into(), "total".into()],
             queues: vec![
@@ -989,7 +1277,17 @@ mod tests {
         let reader = RegionReader::open(&path).unwrap();
         let directory = reader.directory();
         assert_eq!(directory.node_id, "n1");
-        assert_eq!(directory.volumes, spec().volumes);
+        let without_generation = |volumes: &[VolumeEntry]| {
+            volumes
+                .iter()
+                .map(|volume| VolumeEntry {
+                    generation: 0,
+                    ..volume.clone()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(without_generation(&directory.volumes), spec().volumes);
+        assert!(directory.volumes.iter().all(|volume| volume.generation > 0));
         assert_eq!(directory.stages, spec().stages);
         assert_eq!(directory.writer_pid, std::process::id());
         let snapshot = reader.snapshot(0);
@@ -1036,14 +1334,16 @@ mod tests {
             "{error}"
         );
 
-        let mut bytes = good.clone();
-        bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
-        std::fs::write(&path, &bytes).unwrap();
-        let error = RegionReader::open(&path).err().unwrap().to_string();
-        assert!(
-            error.contains("version 7") && error.contains("reads version 1"),
-            "{error}"
-        );
+        for old in [1u32, 7] {
+            let mut bytes = good.clone();
+            bytes[8..12].copy_from_slice(&old.to_le_bytes());
+            std::fs::write(&path, &bytes).unwrap();
+            let error = RegionReader::open(&path).err().unwrap().to_string();
+            assert!(
+                error.contains(&format!("version {old};")) && error.contains("reads version 2"),
+                "{error}"
+            );
+        }
 
         std::fs::write(&path, &good[..100]).unwrap();
         let error = RegionReader::open(&path).err().unwrap().to_string();
@@ -1052,6 +1352,233 @@ mod tests {
         std::fs::write(&path, &good[..good.len() - 64]).unwrap();
         let error = RegionReader::open(&path).err().unwrap().to_string();
         assert!(error.contains("damaged"), "{error}");
+    }
+
+    fn volume(name: &str, core_index: u32) -> VolumeEntry {
+        VolumeEntry {
+            name: name.into(),
+            core_index,
+            block_size: 4096,
+            size_bytes: 1 << 24,
+            generation: 0,
+        }
+    }
+
+    fn live_names(reader: &RegionReader) -> Vec<(usize, String)> {
+        reader
+            .directory()
+            .live_volumes()
+            .map(|(index, volume)| (index, volume.name.clone()))
+            .collect()
+    }
+
+    fn all_zero(snapshot: &Snapshot, slot: usize, directory: &Directory) -> bool {
+        (0..directory.ops.len()).all(|op| {
+            snapshot.volume(slot, op) == VolumeCounters::default()
+                && (0..directory.stages.len())
+                    .all(|stage| snapshot.histogram(slot, op, stage).iter().all(|&c| c == 0))
+        })
+    }
+
+    #[test]
+    fn a_reader_follows_volumes_set_cleared_and_replaced_while_the_node_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fathom-n1");
+        let spec = RegionSpec {
+            spare_volumes: 2,
+            ..spec()
+        };
+        let region = StatsRegion::create(&path, &spec, &Clock::monotonic()).unwrap();
+        assert_eq!(region.volume_capacity(), 4);
+        let mut reader = RegionReader::open(&path).unwrap();
+        assert_eq!(reader.directory().volumes.len(), 4);
+        assert_eq!(
+            live_names(&reader),
+            [(0, "vol0".to_string()), (1, "vol1".to_string())]
+        );
+        // Whatever a spare slot holds (here: counts recorded into it anyway) is gone once a
+        // volume moves in.
+        let leftover = region.series_recorder(2, 0);
+        leftover.record(1, 1_000, 5);
+        leftover.publish_counts(5, 5 * 4096, 1);
+        assert!(!reader.refresh().unwrap(), "nothing changed yet");
+
+        region.set_volume(2, Some(&volume("new", 1))).unwrap();
+        assert!(reader.refresh().unwrap());
+        assert!(!reader.refresh().unwrap(), "a change is seen once");
+        assert_eq!(
+            live_names(&reader),
+            [
+                (0, "vol0".to_string()),
+                (1, "vol1".to_string()),
+                (2, "new".to_string())
+            ]
+        );
+        let entry = reader.directory().volumes[2].clone();
+        assert_eq!((entry.core_index, entry.block_size), (1, 4096));
+        let empty = reader.snapshot(0);
+        assert!(
+            all_zero(&empty, 2, reader.directory()),
+            "a new volume starts at zero"
+        );
+        assert_eq!(empty.volume_generation(2), entry.generation);
+
+        let recorder = region.series_recorder(2, 1);
+        recorder.record(2, 300_000, 7);
+        recorder.publish_counts(7, 7 * 4096, 0);
+        let recorded = reader.snapshot(0);
+        assert_eq!(recorded.volume(2, 1).ios, 7);
+        assert_eq!(recorded.histogram(2, 1, 2).iter().sum::<u64>(), 7);
+        let report = crate::report::interval(reader.directory(), &[empty, recorded.clone()], false);
+        let rows: Vec<(&str, &str, u64)> = report
+            .volumes
+            .iter()
+            .map(|row| (row.volume.as_str(), row.op.as_str(), row.ios))
+            .collect();
+        assert_eq!(rows, [("new", "write", 7)]);
+
+        region.set_volume(2, None).unwrap();
+        assert!(reader.refresh().unwrap());
+        assert_eq!(
+            live_names(&reader),
+            [(0, "vol0".to_string()), (1, "vol1".to_string())]
+        );
+        let report = crate::report::interval(
+            reader.directory(),
+            &[recorded.clone(), reader.snapshot(0)],
+            true,
+        );
+        assert!(
+            report.volumes.iter().all(|row| row.volume != "new"),
+            "{report:?}"
+        );
+
+        region.set_volume(2, Some(&volume("again", 0))).unwrap();
+        assert!(reader.refresh().unwrap());
+        let reused = reader.directory().volumes[2].clone();
+        assert_eq!(reused.name, "again");
+        assert_ne!(reused.generation, entry.generation);
+        let fresh = reader.snapshot(0);
+        assert!(
+            all_zero(&fresh, 2, reader.directory()),
+            "the old volume's counts are gone"
+        );
+        // Fewer IOs than the slot's previous volume had: a delta across the change is the
+        // new volume's count, not a difference with the old one's.
+        let recorder = region.series_recorder(2, 1);
+        recorder.record(2, 300_000, 3);
+        recorder.publish_counts(3, 3 * 4096, 0);
+        let report =
+            crate::report::interval(reader.directory(), &[recorded, reader.snapshot(0)], false);
+        let rows: Vec<(&str, u64, u64)> = report
+            .volumes
+            .iter()
+            .map(|row| (row.volume.as_str(), row.ios, row.stages[2].count))
+            .collect();
+        assert_eq!(rows, [("again", 3, 3)]);
+
+        assert_eq!(
+            region.set_volume(4, Some(&volume("x", 0))),
+            Err(SlotError::OutOfRange {
+                index: 4,
+                capacity: 4
+            })
+        );
+        assert!(matches!(
+            region.set_volume(3, Some(&volume(&"x".repeat(49), 0))),
+            Err(SlotError::NameTooLong { max_bytes: 48, .. })
+        ));
+        assert!(matches!(
+            region.set_volume(3, Some(&volume("x", 2))),
+            Err(SlotError::NoSuchCore { core_index: 2, .. })
+        ));
+        assert_eq!(
+            region.set_volume(3, Some(&volume("", 0))),
+            Err(SlotError::EmptyName)
+        );
+        assert!(
+            !reader.refresh().unwrap(),
+            "a refused change changes nothing"
+        );
+    }
+
+    #[test]
+    fn a_reader_never_sees_a_torn_volume_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fathom-n1");
+        // One op and one stage: the writer's zeroing stays small, so it flips often.
+        let spec = RegionSpec {
+            volumes: Vec::new(),
+            spare_volumes: 1,
+            ops: vec!["read".into()],
+            stages: vec!["total".into()],
+            ..spec()
+        };
+        let region = Arc::new(StatsRegion::create(&path, &spec, &Clock::monotonic()).unwrap());
+        // Every field derives from n: an entry mixing two writes would not match its name.
+        let entry = |n: u64| VolumeEntry {
+            name: format!("volume-{n}"),
+            core_index: (n % 2) as u32,
+            block_size: 512 << (n % 4),
+            size_bytes: n.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            generation: 0,
+        };
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (region, stop) = (region.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) && n < 10_000_000 {
+                    let volume = entry(n);
+                    region
+                        .set_volume(0, n.is_multiple_of(2).then_some(&volume))
+                        .unwrap();
+                    n += 1;
+                }
+            })
+        };
+        while region
+            .map
+            .word(field::DIRECTORY_GENERATION)
+            .load(Ordering::Acquire)
+            == 0
+        {
+            std::thread::yield_now();
+        }
+        let mut reader = RegionReader::open(&path).unwrap();
+        let mut generations = std::collections::BTreeSet::new();
+        // 10k refreshes, and more (within a bound) until the slot was seen to change.
+        for refresh in 0..1_000_000 {
+            if refresh >= 10_000 && generations.len() > 1 {
+                break;
+            }
+            if !reader.refresh().unwrap() {
+                // Nothing new: a refresh is one load, let the writer get on.
+                std::thread::yield_now();
+            }
+            let got = &reader.directory().volumes[0];
+            // A slot the writer stayed in through every attempt is given as unused (with
+            // its odd generation), never half-read.
+            if got.is_live() {
+                assert_eq!(got.generation & 1, 0, "a slot in writing is never taken");
+                let n: u64 = got.name["volume-".len()..].parse().unwrap();
+                assert_eq!(
+                    *got,
+                    VolumeEntry {
+                        generation: got.generation,
+                        ..entry(n)
+                    },
+                    "torn entry"
+                );
+            }
+            generations.insert(got.generation);
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        assert!(
+            generations.len() > 1,
+            "the reader saw the slot change: {generations:?}"
+        );
     }
 
     proptest! {

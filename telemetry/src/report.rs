@@ -5,6 +5,10 @@
 //! recorded with the counter's delta), so percentiles, mean and max follow HdrHistogram's
 //! definitions; values are converted from clock ticks to nanoseconds with the region's clock
 //! frequency.
+//!
+//! Deltas are taken per volume slot; when a slot's generation differs between the two
+//! snapshots it was set or cleared in between, and the later snapshot's counters are a new
+//! series: its delta is its whole value.
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -61,7 +65,23 @@ pub struct IntervalReport {
     pub queues: Vec<QueueReport>,
 }
 
-/// The histogram of one (volume, op, stage) between two snapshots, in ticks.
+/// The counters of `op` on volume slot `volume` between two snapshots (all of `to`'s when
+/// the slot holds another volume than at `from`).
+pub fn volume_delta(from: &Snapshot, to: &Snapshot, volume: usize, op: usize) -> VolumeCounters {
+    let after = to.volume(volume, op);
+    if from.volume_generation(volume) != to.volume_generation(volume) {
+        return after;
+    }
+    let before = from.volume(volume, op);
+    VolumeCounters {
+        ios: after.ios.saturating_sub(before.ios),
+        bytes: after.bytes.saturating_sub(before.bytes),
+        errors: after.errors.saturating_sub(before.errors),
+    }
+}
+
+/// The histogram of one (volume slot, op, stage) between two snapshots, in ticks (all of
+/// `to`'s when the slot holds another volume than at `from`).
 pub fn delta_histogram(
     directory: &Directory,
     from: &Snapshot,
@@ -74,12 +94,15 @@ pub fn delta_histogram(
     let mut histogram =
         Histogram::<u64>::new_with_bounds(1, layout.highest(), layout.significant_figures())
             .expect("the region's layout is valid for hdrhistogram");
-    let (after, before) = (
-        to.histogram(volume, op, stage),
-        from.histogram(volume, op, stage),
-    );
-    for (index, (&after, &before)) in after.iter().zip(before).enumerate() {
-        let delta = after.saturating_sub(before);
+    let after = to.histogram(volume, op, stage);
+    let new_series = from.volume_generation(volume) != to.volume_generation(volume);
+    let before = from.histogram(volume, op, stage);
+    for (index, &after) in after.iter().enumerate() {
+        let delta = if new_series {
+            after
+        } else {
+            after.saturating_sub(before[index])
+        };
         if delta > 0 {
             // Within the layout's range by construction; record_n only fails beyond it.
             let _ = histogram.record_n(layout.value_at(index), delta);
@@ -107,7 +130,8 @@ impl StageReport {
     }
 }
 
-/// One stage's histogram between two snapshots, merged over `volumes` and `ops` (in ticks).
+/// One stage's histogram between two snapshots, merged over volume slots `volumes` and `ops`
+/// (in ticks).
 pub fn merged_histogram(
     directory: &Directory,
     from: &Snapshot,
@@ -130,26 +154,22 @@ pub fn merged_histogram(
 }
 
 /// The report for the interval from `samples[0]` to the last sample; the samples in between
-/// give the peak rates. Rows with no IO are left out unless `all`.
+/// give the peak rates. Rows with no IO are left out unless `all`. Only the directory's
+/// live volumes are reported, each only if the last sample read its slot at the generation
+/// the directory knows (else the slot changed since, and the next report has it).
 pub fn interval(directory: &Directory, samples: &[Snapshot], all: bool) -> IntervalReport {
     let first = &samples[0];
     let last = &samples[samples.len() - 1];
     let ticks_to_s = |ticks: u64| ticks as f64 / directory.tsc_hz as f64;
     let seconds = ticks_to_s(last.taken_ticks.saturating_sub(first.taken_ticks)).max(1e-9);
     let mut volumes = Vec::new();
-    for (volume_index, volume) in directory.volumes.iter().enumerate() {
+    for (volume_index, volume) in directory.live_volumes() {
+        if last.volume_generation(volume_index) != volume.generation {
+            continue;
+        }
         for (op_index, op) in directory.ops.iter().enumerate() {
-            let delta = |from: &Snapshot, to: &Snapshot| {
-                let (from, to) = (
-                    from.volume(volume_index, op_index),
-                    to.volume(volume_index, op_index),
-                );
-                VolumeCounters {
-                    ios: to.ios.saturating_sub(from.ios),
-                    bytes: to.bytes.saturating_sub(from.bytes),
-                    errors: to.errors.saturating_sub(from.errors),
-                }
-            };
+            let delta =
+                |from: &Snapshot, to: &Snapshot| volume_delta(from, to, volume_index, op_index);
             let VolumeCounters { ios, bytes, errors } = delta(first, last);
             if ios + errors == 0 && !all {
                 continue;

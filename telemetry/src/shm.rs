@@ -5,7 +5,7 @@ use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
 /// A shared mapping of a region file.
 pub(crate) struct Mapping {
@@ -13,8 +13,9 @@ pub(crate) struct Mapping {
     pub(crate) len: usize,
 }
 
-// SAFETY: the mapping is only accessed through atomics (counters) or byte copies of parts that
-// are immutable once published (header constants, directory); the pointer itself is shared.
+// SAFETY: the mapping is only accessed through atomics (counters, volume slots) or byte copies
+// of parts that are immutable once published (header constants, directory labels); the pointer
+// itself is shared.
 unsafe impl Send for Mapping {}
 // SAFETY: as above.
 unsafe impl Sync for Mapping {}
@@ -72,6 +73,103 @@ impl Mapping {
             )
         };
     }
+}
+
+/// How many times a reader tries to read a slot that is being rewritten before it gives up
+/// on it for now (a writer that died half-way must not make a reader spin forever).
+pub(crate) const SLOT_READ_ATTEMPTS: u32 = 1000;
+/// Attempts that only spin; later ones yield the CPU, as the writer may have been preempted
+/// in the slot (a slot is rewritten in microseconds, its counters zeroed included).
+const SLOT_READ_SPINS: u32 = 64;
+
+impl Mapping {
+    /// Rewrites the slot whose generation word is at `at` and whose content is the `content`
+    /// words after it, as a seqlock: the generation is odd while the slot is written and
+    /// the next even value once it is complete. `meanwhile` runs while the generation is
+    /// odd (to clear what belongs to the slot). Returns the new generation.
+    ///
+    /// The caller is the slot's only writer (it holds the region's slot lock).
+    pub(crate) fn write_slot(&self, at: usize, content: &[u64], meanwhile: impl FnOnce()) -> u64 {
+        let generation = self.word(at);
+        let writing = generation.load(Ordering::Relaxed) | 1;
+        generation.store(writing, Ordering::Relaxed);
+        // The odd generation is visible before anything of the slot changes.
+        fence(Ordering::Release);
+        meanwhile();
+        for (index, &word) in content.iter().enumerate() {
+            self.word(at + 8 * (index + 1))
+                .store(word, Ordering::Relaxed);
+        }
+        // Everything written above is visible before the even generation.
+        generation.store(writing + 1, Ordering::Release);
+        writing + 1
+    }
+
+    /// Reads the slot whose generation word is at `at` into `content`, retrying while a
+    /// writer is in it: `Ok(generation)` for a complete copy, `Err(generation last seen)`
+    /// when every attempt met a writer.
+    pub(crate) fn read_slot(&self, at: usize, content: &mut [u64]) -> Result<u64, u64> {
+        let generation = self.word(at);
+        let mut seen = 0;
+        for attempt in 0..SLOT_READ_ATTEMPTS {
+            if attempt >= SLOT_READ_SPINS {
+                std::thread::yield_now();
+            }
+            let before = generation.load(Ordering::Acquire);
+            seen = before;
+            if before & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            for (index, word) in content.iter_mut().enumerate() {
+                *word = self.word(at + 8 * (index + 1)).load(Ordering::Relaxed);
+            }
+            // The content loads complete before the generation is read again.
+            fence(Ordering::Acquire);
+            if generation.load(Ordering::Relaxed) == before {
+                return Ok(before);
+            }
+        }
+        Err(seen)
+    }
+}
+
+/// Why a region refused to change one of its volume slots.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SlotError {
+    #[error("volume slot {index} is out of range: the region has {capacity} slots (raise the spare volumes it is created with)")]
+    OutOfRange { index: usize, capacity: usize },
+    #[error("volume name {name:?} is {} bytes; a slot holds at most {max_bytes}", name.len())]
+    NameTooLong { name: String, max_bytes: usize },
+    #[error("a volume needs a name: an empty name marks an unused slot (clear a slot with None)")]
+    EmptyName,
+    #[error("volume {name:?} names core index {core_index}, but the region has {cores} cores")]
+    NoSuchCore {
+        name: String,
+        core_index: u32,
+        cores: usize,
+    },
+}
+
+/// Checks a name for a volume slot of `max_bytes`.
+pub(crate) fn check_slot_name(name: &str, max_bytes: usize) -> Result<(), SlotError> {
+    if name.is_empty() {
+        return Err(SlotError::EmptyName);
+    }
+    if name.len() > max_bytes {
+        return Err(SlotError::NameTooLong {
+            name: name.into(),
+            max_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// `bytes` (a multiple of 8 long) as little-endian words, for a slot's content.
+pub(crate) fn words_of(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    bytes
+        .chunks_exact(8)
+        .map(|word| u64::from_le_bytes(word.try_into().expect("8 bytes")))
 }
 
 pub(crate) fn map_file(
@@ -161,4 +259,59 @@ pub(crate) fn name_at(bytes: &[u8]) -> String {
         .position(|&byte| byte == 0)
         .unwrap_or(bytes.len());
     String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    /// The seqlock alone, with a writer that does nothing but rewrite one slot: a reader
+    /// reading it in a loop gets whole contents or nothing, never a mix of two writes.
+    #[test]
+    fn a_slot_is_read_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, map) = create_temporary(&dir.path().join("slot"), 4096).unwrap();
+        let map = Arc::new(map);
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (map, stop) = (map.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 1u64;
+                while !stop.load(Ordering::Relaxed) && n < 100_000_000 {
+                    let content: Vec<u64> = (0..8).map(|word| n * 8 + word).collect();
+                    map.write_slot(64, &content, || {});
+                    n += 1;
+                }
+            })
+        };
+        while map.word(64).load(Ordering::Acquire) == 0 {
+            std::thread::yield_now();
+        }
+        let (mut whole, mut generations) = (0, std::collections::BTreeSet::new());
+        // 10k reads, and more (within a bound) until the writer was seen to move on.
+        for read in 0..1_000_000 {
+            if read >= 10_000 && generations.len() > 1 {
+                break;
+            }
+            let mut content = [0u64; 8];
+            if let Ok(generation) = map.read_slot(64, &mut content) {
+                let n = content[0] / 8;
+                let expected: Vec<u64> = (0..8).map(|word| n * 8 + word).collect();
+                assert!(
+                    content[0] == 0 || content[..] == expected[..],
+                    "torn: {content:?}"
+                );
+                whole += 1;
+                generations.insert(generation);
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        assert!(
+            whole > 0 && generations.len() > 1,
+            "{whole} {generations:?}"
+        );
+    }
 }
