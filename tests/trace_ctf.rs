@@ -55,6 +55,7 @@ fn spec() -> TraceSpec {
             2
         ],
         layers: vec!["cache".into(), "crypt".into()],
+        spare_volumes: 0,
     }
 }
 

@@ -34,6 +34,7 @@ fn spec() -> TraceSpec {
             2
         ],
         layers: vec!["cache".into(), "replica".into()],
+        spare_volumes: 0,
     }
 }
 

@@ -895,6 +895,7 @@ fn create_trace_region(
                 block_size: volume.block_size,
             })
             .collect(),
+        spare_volumes: 0,
         layers: LayerName::ALL
             .iter()
             .map(|layer| layer.as_str().to_string())

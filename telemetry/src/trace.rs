@@ -17,28 +17,39 @@
 //! is not `2n + 2` before and after it was copied is lost too (overwritten while it was
 //! read). The reader counts both and never shows a torn record.
 //!
+//! **Volume slots.** The region names a fixed number of volumes, set at creation (the
+//! volumes the node starts with and spare slots); a record's volume is a slot index. The node
+//! fills, changes and clears slots while it runs ([`TraceRegion::set_volume`]); an unused
+//! slot has an empty name. Each slot starts with a generation word that is a seqlock (odd
+//! while the slot is rewritten), and every change bumps the header's directory generation,
+//! so a reader notices it with one load ([`TraceReader::refresh`]). Records carry no
+//! generation: a record read after its volume's slot was given to another volume is named
+//! after the new one.
+//!
 //! Layout (little-endian, offsets in bytes; readers recompute and check every offset):
 //!
 //! ```text
 //! 0      header (4096 bytes): magic "FATHOMTR", layout version, sizes, record size, ring count
 //!        and capacity, TSC Hz, an epoch (TSC ticks and unix ns read together), writer pid,
-//!        start time, node id, volume and layer counts, offsets
+//!        start time, node id, volume slot and layer counts, offsets, directory generation
 //! ...    ring headers, 64 bytes each: core id, head
-//! ...    volume names (48 bytes each), layer names (16 bytes each)
+//! ...    volume slots (72 bytes each: generation, name, first LBA, block size), layer names
+//!        (16 bytes each)
 //! ...    records, 256 bytes each, ring after ring
 //! ```
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::clock::Clock;
 use crate::shm::{
-    create_temporary, map_file, name_at, publish, put_name, u32_at, u64_at, unix_ns, Mapping,
+    check_slot_name, create_temporary, map_file, name_at, publish, put_name, u32_at, u64_at,
+    unix_ns, words_of, Mapping, SlotError,
 };
 
 pub const MAGIC: [u8; 8] = *b"FATHOMTR";
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 pub const HEADER_BYTES: usize = 4096;
 /// One record: a sequence word and 31 words of content.
 pub const RECORD_WORDS: usize = 32;
@@ -46,10 +57,14 @@ pub const RECORD_BYTES: usize = RECORD_WORDS * 8;
 /// Layers of a volume's stack a record has room for (deeper ones are not recorded).
 pub const MAX_LAYERS: usize = 7;
 const RING_HEADER_BYTES: usize = 64;
-/// A volume's entry: its name (48 bytes), first LBA on its device (u64 at 48) and block size
-/// (u32 at 56).
-const VOLUME_ENTRY_BYTES: usize = 64;
+/// A volume slot: its generation (u64 at 0), then its entry: name (48 bytes at 8), first LBA
+/// on its device (u64 at 56) and block size (u32 at 64).
+const VOLUME_ENTRY_BYTES: usize = 72;
+/// The words of a slot's entry, after its generation.
+const VOLUME_ENTRY_WORDS: usize = 8;
 const VOLUME_NAME_BYTES: usize = 48;
+/// The generation of the volumes a region is created with (an unused slot starts at 0).
+const FIRST_GENERATION: u64 = 2;
 const LAYER_NAME_BYTES: usize = 16;
 /// Limits a reader accepts, so a corrupt header cannot make it allocate without bound.
 const MAX_RINGS: u32 = 1024;
@@ -75,6 +90,8 @@ mod field {
     pub const START_UNIX_NS: usize = 72;
     pub const NODE_ID: usize = 80; // 64 bytes
     pub const OFFSETS: usize = 144; // 4 x u64: rings, volumes, layers, records
+    /// Bumped after every change of a volume slot.
+    pub const DIRECTORY_GENERATION: usize = 176;
 }
 
 /// Stamps a record carries, by index into [`TraceRecord::stamps`]; 0 is "not passed".
@@ -465,9 +482,12 @@ pub struct TraceSpec {
     pub cores: Vec<u32>,
     /// Records per ring (a power of two).
     pub capacity: u32,
+    /// The volumes the node starts with, in slots 0..
     pub volumes: Vec<String>,
     /// Where each volume lies on its device (by volume; missing ones are unknown).
     pub geometry: Vec<VolumeGeometry>,
+    /// Unused volume slots after `volumes`, for volumes created while the node runs.
+    pub spare_volumes: usize,
     /// Names of layer kinds, indexed by [`TraceRecord::layers`]' first field.
     pub layers: Vec<String>,
 }
@@ -493,7 +513,8 @@ impl VolumeGeometry {
     }
 }
 
-/// What a trace region describes: written once by the node, read by every reader.
+/// What a trace region describes: written by the node at creation (its volume slots also
+/// while it runs), read by every reader.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TraceDirectory {
     pub node_id: String,
@@ -506,13 +527,33 @@ pub struct TraceDirectory {
     pub start_unix_ns: u64,
     pub cores: Vec<u32>,
     pub capacity: u32,
+    /// By volume slot, unused slots included (with an empty name): see
+    /// [`TraceDirectory::volume_name`] and [`TraceDirectory::live_volumes`].
     pub volumes: Vec<String>,
-    /// By volume, as [`TraceSpec::geometry`].
+    /// By volume slot, as [`TraceSpec::geometry`] (unknown for an unused slot).
     pub geometry: Vec<VolumeGeometry>,
     pub layers: Vec<String>,
 }
 
 impl TraceDirectory {
+    /// The name of the volume in slot `index`: `None` for an unused slot or one the region
+    /// does not have.
+    pub fn volume_name(&self, index: usize) -> Option<&str> {
+        self.volumes
+            .get(index)
+            .map(String::as_str)
+            .filter(|name| !name.is_empty())
+    }
+
+    /// The slots that hold a volume: (slot index, name).
+    pub fn live_volumes(&self) -> impl Iterator<Item = (usize, &str)> + '_ {
+        self.volumes
+            .iter()
+            .enumerate()
+            .filter(|(_, name)| !name.is_empty())
+            .map(|(index, name)| (index, name.as_str()))
+    }
+
     /// The device LBA a record's IO started at: `None` when its offset was not kept or its
     /// volume's geometry is not known.
     pub fn lba(&self, record: &TraceRecord) -> Option<u64> {
@@ -567,7 +608,63 @@ pub struct TraceRegion {
     offsets: Offsets,
     rings: usize,
     capacity: u32,
+    /// Volume slots.
+    slots: usize,
+    /// Held while a slot changes: one writer of the slots and the directory generation.
+    slot_lock: Mutex<()>,
     path: PathBuf,
+}
+
+/// A volume slot's entry words (after its generation).
+fn encode_volume(name: &str, geometry: VolumeGeometry) -> [u64; VOLUME_ENTRY_WORDS] {
+    let mut bytes = [0u8; VOLUME_ENTRY_WORDS * 8];
+    put_name(&mut bytes[..VOLUME_NAME_BYTES], name);
+    bytes[48..56].copy_from_slice(&geometry.first_lba.to_le_bytes());
+    bytes[56..60].copy_from_slice(&geometry.block_size.to_le_bytes());
+    let mut words = [0u64; VOLUME_ENTRY_WORDS];
+    for (word, value) in words.iter_mut().zip(words_of(&bytes)) {
+        *word = value;
+    }
+    words
+}
+
+/// The name and geometry a slot of `generation` holds in `words` (an odd generation: a slot
+/// caught while the node rewrote it, taken as unused).
+fn decode_volume(generation: u64, words: &[u64; VOLUME_ENTRY_WORDS]) -> (String, VolumeGeometry) {
+    if generation & 1 == 1 {
+        return (String::new(), VolumeGeometry::default());
+    }
+    let bytes: Vec<u8> = words.iter().flat_map(|word| word.to_le_bytes()).collect();
+    (
+        name_at(&bytes[..VOLUME_NAME_BYTES]),
+        VolumeGeometry {
+            first_lba: u64_at(&bytes, 48),
+            block_size: u32_at(&bytes, 56),
+        },
+    )
+}
+
+/// Reads `count` volume slots at `at` under their seqlocks; false with them when a slot was
+/// being rewritten at every attempt (it is then given as unused, and should be read again).
+fn read_volume_slots(
+    map: &Mapping,
+    at: usize,
+    count: usize,
+) -> (Vec<String>, Vec<VolumeGeometry>, bool) {
+    let mut stable = true;
+    let (names, geometry) = (0..count)
+        .map(|index| {
+            let mut words = [0u64; VOLUME_ENTRY_WORDS];
+            match map.read_slot(at + index * VOLUME_ENTRY_BYTES, &mut words) {
+                Ok(generation) => decode_volume(generation, &words),
+                Err(_) => {
+                    stable = false;
+                    (String::new(), VolumeGeometry::default())
+                }
+            }
+        })
+        .unzip();
+    (names, geometry, stable)
 }
 
 impl TraceRegion {
@@ -589,18 +686,18 @@ impl TraceRegion {
                 "one ring per core, 1 to 1024",
             ));
         }
-        if spec.volumes.len() > MAX_VOLUMES as usize || spec.layers.len() > MAX_LAYER_NAMES as usize
-        {
+        let slots = spec.volumes.len().saturating_add(spec.spare_volumes);
+        if slots > MAX_VOLUMES as usize || spec.layers.len() > MAX_LAYER_NAMES as usize {
             return Err(range(
-                "volumes or layer names",
-                spec.volumes.len().max(spec.layers.len()) as u64,
-                "at most 65536 volumes and 255 layer names",
+                "volume slots or layer names",
+                slots.max(spec.layers.len()) as u64,
+                "at most 65536 volumes (spares included) and 255 layer names",
             ));
         }
         let offsets = Offsets::compute(
             spec.cores.len(),
             spec.capacity as usize,
-            spec.volumes.len(),
+            slots,
             spec.layers.len(),
         )
         .ok_or_else(|| {
@@ -644,11 +741,7 @@ impl TraceRegion {
             &(spec.cores.len() as u32).to_le_bytes(),
         );
         put(&mut header, field::CAPACITY, &spec.capacity.to_le_bytes());
-        put(
-            &mut header,
-            field::VOLUMES,
-            &(spec.volumes.len() as u32).to_le_bytes(),
-        );
+        put(&mut header, field::VOLUMES, &(slots as u32).to_le_bytes());
         put(
             &mut header,
             field::LAYERS,
@@ -690,13 +783,15 @@ impl TraceRegion {
                 &core.to_le_bytes(),
             );
         }
+        // Spare slots stay zero: unused, generation 0.
         for (index, name) in spec.volumes.iter().enumerate() {
-            let mut entry = [0u8; VOLUME_ENTRY_BYTES];
-            put_name(&mut entry[..VOLUME_NAME_BYTES], name);
+            let generation = if name.is_empty() { 0 } else { FIRST_GENERATION };
             let geometry = spec.geometry.get(index).copied().unwrap_or_default();
-            entry[48..56].copy_from_slice(&geometry.first_lba.to_le_bytes());
-            entry[56..60].copy_from_slice(&geometry.block_size.to_le_bytes());
-            map.write(offsets.volumes + index * VOLUME_ENTRY_BYTES, &entry);
+            let slot: Vec<u8> = std::iter::once(generation)
+                .chain(encode_volume(name, geometry))
+                .flat_map(|word| word.to_le_bytes())
+                .collect();
+            map.write(offsets.volumes + index * VOLUME_ENTRY_BYTES, &slot);
         }
         for (index, name) in spec.layers.iter().enumerate() {
             let mut entry = [0u8; LAYER_NAME_BYTES];
@@ -709,12 +804,57 @@ impl TraceRegion {
             offsets,
             rings: spec.cores.len(),
             capacity: spec.capacity,
+            slots,
+            slot_lock: Mutex::new(()),
             path: path.into(),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How many volume slots the region has (used or not).
+    pub fn volume_capacity(&self) -> usize {
+        self.slots
+    }
+
+    /// Names the volume in slot `index` and where it lies (`None`: marks the slot unused).
+    /// Readers never see a half-written entry and notice the change at their next
+    /// [`TraceReader::refresh`].
+    pub fn set_volume(
+        &self,
+        index: usize,
+        volume: Option<(&str, VolumeGeometry)>,
+    ) -> Result<(), SlotError> {
+        if index >= self.slots {
+            return Err(SlotError::OutOfRange {
+                index,
+                capacity: self.slots,
+            });
+        }
+        let content = match volume {
+            Some((name, geometry)) => {
+                check_slot_name(name, VOLUME_NAME_BYTES)?;
+                encode_volume(name, geometry)
+            }
+            None => [0; VOLUME_ENTRY_WORDS],
+        };
+        let _one_writer = self
+            .slot_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.map.write_slot(
+            self.offsets.volumes + index * VOLUME_ENTRY_BYTES,
+            &content,
+            || {},
+        );
+        // After the slot's even generation, so a reader that sees this one reads the slot
+        // as it is now.
+        self.map
+            .word(field::DIRECTORY_GENERATION)
+            .fetch_add(1, Ordering::Release);
+        Ok(())
     }
 
     /// The writer of ring `ring`. Exactly one thread (that core's reactor) may write through
@@ -798,6 +938,9 @@ pub struct TraceReader {
     map: Mapping,
     offsets: Offsets,
     directory: TraceDirectory,
+    /// The header's directory generation the volume slots were last read at; `None` when
+    /// a slot was being rewritten then, so that the next refresh reads them again.
+    volumes_read_at: Option<u64>,
     /// The next record number each ring's reader wants.
     next: Vec<u64>,
     path: PathBuf,
@@ -822,12 +965,27 @@ impl TraceReader {
         }
         let map = map_file(&file, len, false).map_err(|e| io("map", e))?;
         let header = map.copy(0, HEADER_BYTES);
-        let (offsets, directory) = parse(path, &header, len, |offset, len| map.copy(offset, len))?;
+        let generation = map
+            .word(field::DIRECTORY_GENERATION)
+            .load(Ordering::Acquire);
+        let mut stable = true;
+        let (offsets, directory) = parse(
+            path,
+            &header,
+            len,
+            |offset, len| map.copy(offset, len),
+            |at, count| {
+                let (names, geometry, all) = read_volume_slots(&map, at, count);
+                stable = all;
+                (names, geometry)
+            },
+        )?;
         let mut reader = TraceReader {
             next: vec![0; directory.cores.len()],
             map,
             offsets,
             directory,
+            volumes_read_at: stable.then_some(generation),
             path: path.into(),
         };
         if start == Start::Now {
@@ -838,8 +996,31 @@ impl TraceReader {
         Ok(reader)
     }
 
+    /// What the region described at the last [`TraceReader::refresh`] (or at open).
     pub fn directory(&self) -> &TraceDirectory {
         &self.directory
+    }
+
+    /// Reads the volume slots (names and geometry) again if the node changed any since they
+    /// were last read (one load when it did not); true if the directory changed.
+    pub fn refresh(&mut self) -> bool {
+        let generation = self
+            .map
+            .word(field::DIRECTORY_GENERATION)
+            .load(Ordering::Acquire);
+        if self.volumes_read_at == Some(generation) {
+            return false;
+        }
+        let (names, geometry, stable) = read_volume_slots(
+            &self.map,
+            self.offsets.volumes,
+            self.directory.volumes.len(),
+        );
+        self.volumes_read_at = stable.then_some(generation);
+        let changed = names != self.directory.volumes || geometry != self.directory.geometry;
+        self.directory.volumes = names;
+        self.directory.geometry = geometry;
+        changed
     }
 
     pub fn path(&self) -> &Path {
@@ -921,12 +1102,14 @@ fn corrupt(path: &Path, what: String) -> RingError {
 }
 
 /// Checks a region's header against the file's length and reads its directory through `read`
-/// (offset, length). Every count is bounded before anything is allocated.
+/// (offset, length), its volume slots through `read_volumes` (offset, count). Every count is
+/// bounded before anything is allocated.
 fn parse(
     path: &Path,
     header: &[u8],
     file_len: usize,
     read: impl Fn(usize, usize) -> Vec<u8>,
+    read_volumes: impl FnOnce(usize, usize) -> (Vec<String>, Vec<VolumeGeometry>),
 ) -> Result<(Offsets, TraceDirectory), RingError> {
     if header[..8] != MAGIC {
         return Err(RingError::BadMagic {
@@ -1008,18 +1191,7 @@ fn parse(
         .chunks(RING_HEADER_BYTES)
         .map(|entry| u32_at(entry, 0))
         .collect();
-    let volume_entries = read(offsets.volumes, volumes as usize * VOLUME_ENTRY_BYTES);
-    let volume_names = volume_entries
-        .chunks(VOLUME_ENTRY_BYTES)
-        .map(|entry| name_at(&entry[..VOLUME_NAME_BYTES]))
-        .collect();
-    let geometry = volume_entries
-        .chunks(VOLUME_ENTRY_BYTES)
-        .map(|entry| VolumeGeometry {
-            first_lba: u64_at(entry, 48),
-            block_size: u32_at(entry, 56),
-        })
-        .collect();
+    let (volume_names, geometry) = read_volumes(offsets.volumes, volumes as usize);
     let layer_names = read(offsets.layers, layers as usize * LAYER_NAME_BYTES)
         .chunks(LAYER_NAME_BYTES)
         .map(name_at)
@@ -1064,6 +1236,7 @@ mod tests {
                 },
             ],
             layers: vec!["frontend".into(), "engine".into(), "queue".into()],
+            spare_volumes: 0,
         }
     }
 
@@ -1162,6 +1335,90 @@ mod tests {
         let got: Vec<_> = batch.records.iter().map(|(ring, r)| (*ring, *r)).collect();
         assert_eq!(got, (0..5).map(|n| (1, record(n))).collect::<Vec<_>>());
         assert!(reader.poll().records.is_empty(), "each record is read once");
+    }
+
+    #[test]
+    fn a_reader_follows_volumes_set_cleared_and_replaced_while_the_node_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trace");
+        let spec = TraceSpec {
+            spare_volumes: 2,
+            ..spec(8)
+        };
+        let region = TraceRegion::create(&path, &spec, &Clock::monotonic()).unwrap();
+        assert_eq!(region.volume_capacity(), 4);
+        let mut reader = TraceReader::open(&path, Start::Oldest).unwrap();
+        let live = |reader: &TraceReader| -> Vec<(usize, String)> {
+            reader
+                .directory()
+                .live_volumes()
+                .map(|(index, name)| (index, name.to_string()))
+                .collect()
+        };
+        assert_eq!(live(&reader), [(0, "vol0".into()), (1, "vol1".into())]);
+        assert_eq!(reader.directory().volume_name(2), None);
+        assert!(!reader.refresh(), "nothing changed yet");
+
+        let geometry = VolumeGeometry {
+            first_lba: 1 << 30,
+            block_size: 4096,
+        };
+        region.set_volume(2, Some(("new", geometry))).unwrap();
+        assert!(reader.refresh());
+        assert!(!reader.refresh(), "a change is seen once");
+        assert_eq!(
+            live(&reader),
+            [(0, "vol0".into()), (1, "vol1".into()), (2, "new".into())]
+        );
+        // A record of the new volume is read back and placed on its device.
+        let mut writer = region.writer(0);
+        let io = TraceRecord {
+            volume: 2,
+            offset: 5 * 4096,
+            ..record(1)
+        };
+        writer.push(&io);
+        let batch = reader.poll();
+        assert_eq!(batch.records, [(0, io)]);
+        let directory = reader.directory();
+        assert_eq!(directory.volume_name(io.volume as usize), Some("new"));
+        assert_eq!(directory.lba(&io), Some((1 << 30) + 5));
+
+        region.set_volume(2, None).unwrap();
+        assert!(reader.refresh());
+        assert_eq!(live(&reader), [(0, "vol0".into()), (1, "vol1".into())]);
+        assert_eq!(reader.directory().volume_name(2), None);
+        assert_eq!(
+            reader.directory().lba(&io),
+            None,
+            "an unused slot has no geometry"
+        );
+
+        let other = VolumeGeometry {
+            first_lba: 7,
+            block_size: 512,
+        };
+        region.set_volume(2, Some(("again", other))).unwrap();
+        assert!(reader.refresh());
+        assert_eq!(reader.directory().volume_name(2), Some("again"));
+        assert_eq!(reader.directory().geometry[2], other);
+
+        assert_eq!(
+            region.set_volume(4, Some(("x", other))),
+            Err(SlotError::OutOfRange {
+                index: 4,
+                capacity: 4
+            })
+        );
+        assert!(matches!(
+            region.set_volume(3, Some((&"x".repeat(49), other))),
+            Err(SlotError::NameTooLong { max_bytes: 48, .. })
+        ));
+        assert_eq!(
+            region.set_volume(3, Some(("", other))),
+            Err(SlotError::EmptyName)
+        );
+        assert!(!reader.refresh(), "a refused change changes nothing");
     }
 
     #[test]
