@@ -241,9 +241,9 @@ pub fn isolate(target: &Target, spec: &IsolateSpec, progress: &dyn Fn(&str)) -> 
         }
         let index = region
             .directory()
-            .volumes
-            .iter()
-            .position(|entry| &entry.name == name)
+            .live_volumes()
+            .find(|(_, entry)| &entry.name == name)
+            .map(|(index, _)| index)
             .ok_or_else(|| anyhow!("volume {name} is not in the stats region {region_path}"))?;
         indices.push(index);
     }

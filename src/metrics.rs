@@ -2,7 +2,9 @@
 //! same reader `fathom-stat` uses) in the text exposition format.
 //!
 //! One thread, one connection at a time, requests bounded in size and time: a scrape every
-//! few seconds needs no more, and nothing here touches the data path.
+//! few seconds needs no more, and nothing here touches the data path. Each scrape opens the
+//! region afresh, so it names the volumes the node has at that moment (created or deleted
+//! while it runs) and follows a node that restarted.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -297,4 +299,81 @@ pub fn replication_metrics(
         }
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fathom_telemetry::region::{RegionSpec, StatsRegion, VolumeEntry};
+
+    fn scrape(server: &MetricsServer) -> String {
+        let mut stream = TcpStream::connect(server.address()).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        body.to_string()
+    }
+
+    /// The value of `series` in a scrape, if it is there.
+    fn value<'a>(body: &'a str, series: &str) -> Option<&'a str> {
+        body.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+    }
+
+    #[test]
+    fn a_volume_created_while_the_node_runs_is_scraped_and_a_deleted_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats");
+        let volume = |name: &str| VolumeEntry {
+            name: name.into(),
+            core_index: 0,
+            block_size: 4096,
+            size_bytes: 1 << 30,
+            generation: 0,
+        };
+        let spec = RegionSpec {
+            node_id: "n1".into(),
+            cores: vec![0],
+            volumes: vec![volume("vol0")],
+            spare_volumes: 1,
+            ops: vec!["read".into(), "write".into()],
+            stages: vec!["device".into(), "total".into()],
+            queues: Vec::new(),
+        };
+        let region = StatsRegion::create(&path, &spec, &Clock::monotonic()).unwrap();
+        let reads = |slot: usize, ios: u64| {
+            let recorder = region.series_recorder(slot, 0);
+            recorder.record(1, 50_000, ios);
+            recorder.publish_counts(ios, ios * 4096, 0);
+        };
+        let ios = |volume: &str| {
+            format!("fathom_volume_ios_total{{node=\"n1\",volume=\"{volume}\",op=\"read\"}}")
+        };
+        let total = |volume: &str| {
+            format!(
+                "fathom_io_stage_seconds_count{{node=\"n1\",volume=\"{volume}\",op=\"read\",stage=\"total\"}}"
+            )
+        };
+        reads(0, 10);
+        let server = MetricsServer::start("127.0.0.1:0".parse().unwrap(), path).unwrap();
+        let body = scrape(&server);
+        assert_eq!(value(&body, &ios("vol0")), Some("10"), "{body}");
+        assert!(!body.contains("volume=\"late\""), "{body}");
+
+        region.set_volume(1, Some(&volume("late"))).unwrap();
+        reads(1, 3);
+        let body = scrape(&server);
+        assert_eq!(value(&body, &ios("late")), Some("3"), "{body}");
+        assert_eq!(value(&body, &total("late")), Some("3"), "{body}");
+        assert_eq!(value(&body, &ios("vol0")), Some("10"), "{body}");
+
+        region.set_volume(1, None).unwrap();
+        let body = scrape(&server);
+        assert!(!body.contains("volume=\"late\""), "{body}");
+        assert_eq!(value(&body, &ios("vol0")), Some("10"), "{body}");
+    }
 }

@@ -1,5 +1,6 @@
 //! The live stats reader behind `fathom-stat`: follows a node's shared-memory region across
-//! intervals, node stops and restarts, and turns snapshots into reports.
+//! intervals, node stops and restarts, volumes created and deleted while it runs, and turns
+//! snapshots into reports.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -93,12 +94,17 @@ impl Follower {
             .map(|(reader, clock, _)| reader.snapshot(clock.now()))
     }
 
-    /// Reports the interval the samples span, unless the node changed meanwhile.
+    /// Reports the interval the samples span, unless the node changed meanwhile. The report
+    /// names the volumes the node has now: one created during the interval appears (counted
+    /// from its creation), one deleted is gone.
     pub fn finish(&mut self, samples: Vec<Snapshot>, all: bool) -> Observation {
         if let Some(note) = self.check_writer() {
             return Observation::Note(note);
         }
-        let (reader, _, _) = self.reader.as_ref().expect("a reader when samples exist");
+        let (reader, _, _) = self.reader.as_mut().expect("a reader when samples exist");
+        if let Err(error) = reader.refresh() {
+            return Observation::Note(format!("cannot read {}: {error}", self.path.display()));
+        }
         let report = interval(reader.directory(), &samples, all);
         self.baseline = samples.last().cloned();
         Observation::Report { report, samples }
@@ -320,4 +326,73 @@ fn chrono_free_time() -> String {
         seconds / 60 % 60,
         seconds % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fathom_telemetry::region::{RegionSpec, StatsRegion, VolumeEntry};
+
+    fn volume(name: &str) -> VolumeEntry {
+        VolumeEntry {
+            name: name.into(),
+            core_index: 0,
+            block_size: 4096,
+            size_bytes: 1 << 30,
+            generation: 0,
+        }
+    }
+
+    /// The next interval's (volume, op, IOs) rows.
+    fn rows(
+        follower: &mut Follower,
+        during: impl FnOnce(),
+        all: bool,
+    ) -> Vec<(String, String, u64)> {
+        let mut samples = follower.begin().unwrap();
+        during();
+        samples.push(follower.sample().unwrap());
+        match follower.finish(samples, all) {
+            Observation::Report { report, .. } => report
+                .volumes
+                .into_iter()
+                .map(|row| (row.volume, row.op, row.ios))
+                .collect(),
+            Observation::Note(note) => panic!("{note}"),
+        }
+    }
+
+    #[test]
+    fn the_live_view_shows_a_volume_created_and_drops_one_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats");
+        let spec = RegionSpec {
+            node_id: "n1".into(),
+            cores: vec![0],
+            volumes: vec![volume("vol0")],
+            spare_volumes: 1,
+            ops: vec!["read".into()],
+            stages: vec!["total".into()],
+            queues: Vec::new(),
+        };
+        let region = StatsRegion::create(&path, &spec, &Clock::monotonic()).unwrap();
+        let mut follower = Follower::new(&path).unwrap();
+        let created = rows(
+            &mut follower,
+            || {
+                region.set_volume(1, Some(&volume("late"))).unwrap();
+                let recorder = region.series_recorder(1, 0);
+                recorder.record(0, 40_000, 5);
+                recorder.publish_counts(5, 5 * 4096, 0);
+            },
+            false,
+        );
+        assert_eq!(created, [("late".into(), "read".into(), 5)]);
+        let deleted = rows(&mut follower, || region.set_volume(1, None).unwrap(), true);
+        assert_eq!(
+            deleted,
+            [("vol0".into(), "read".into(), 0)],
+            "idle rows shown, of live volumes only"
+        );
+    }
 }

@@ -12,7 +12,7 @@ use fathom::workload::{
 use fathom_engine::config::{ByteSize, Config};
 use fathom_engine::Engine;
 use fathom_telemetry::region::{RegionReader, Snapshot, VolumeCounters};
-use fathom_telemetry::report::{merged_histogram, StageReport};
+use fathom_telemetry::report::{merged_histogram, volume_delta, StageReport};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Driver {
@@ -509,8 +509,9 @@ fn completed_ios(region: &RegionReader) -> u64 {
     let directory = region.directory();
     let snapshot = region.snapshot(0);
     let ops = directory.ops.len();
-    (0..directory.volumes.len())
-        .flat_map(|volume| (0..ops).map(move |op| (volume, op)))
+    directory
+        .live_volumes()
+        .flat_map(|(volume, _)| (0..ops).map(move |op| (volume, op)))
         .map(|(volume, op)| {
             let counters = snapshot.volume(volume, op);
             counters.ios + counters.errors
@@ -531,14 +532,12 @@ struct OpStats {
 
 fn interval_stats(region: &RegionReader, from: &Snapshot, to: &Snapshot) -> Vec<OpStats> {
     let directory = region.directory();
-    let volumes: Vec<usize> = (0..directory.volumes.len()).collect();
+    let volumes: Vec<usize> = directory.live_volumes().map(|(index, _)| index).collect();
     // One of a volume's counters (IOs, bytes, errors), summed over the volumes, over the interval.
     let counter = |op: usize, field: fn(VolumeCounters) -> u64| -> u64 {
         volumes
             .iter()
-            .map(|&volume| {
-                field(to.volume(volume, op)).saturating_sub(field(from.volume(volume, op)))
-            })
+            .map(|&volume| field(volume_delta(from, to, volume, op)))
             .sum()
     };
     let histograms = |ops: &[usize]| -> Vec<(String, hdrhistogram::Histogram<u64>)> {

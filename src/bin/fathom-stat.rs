@@ -243,7 +243,7 @@ fn run(args: Args) -> Result<()> {
                 "fathom-stat: node {} (pid {}), {} volumes on cores {:?}, clock {:?} {:.3} GHz, region {}",
                 directory.node_id,
                 directory.writer_pid,
-                directory.volumes.len(),
+                directory.live_volumes().count(),
                 directory.cores,
                 directory.clock_source,
                 directory.tsc_hz as f64 / 1e9,
@@ -376,7 +376,11 @@ impl HdrLog {
         let mut writer =
             IntervalLogWriterBuilder::new().begin_log_with(&mut self.file, &mut self.serializer)?;
         let to_ns = 1e9 / directory.tsc_hz as f64;
-        for (volume_index, volume) in directory.volumes.iter().enumerate() {
+        // The volumes the report named: live, and in their slots when the last sample was read.
+        for (volume_index, volume) in directory
+            .live_volumes()
+            .filter(|(index, volume)| last.volume_generation(*index) == volume.generation)
+        {
             for (op_index, op) in directory.ops.iter().enumerate() {
                 for (stage_index, stage) in directory.stages.iter().enumerate() {
                     let ticks = delta_histogram(
