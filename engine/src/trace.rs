@@ -159,6 +159,9 @@ pub(crate) struct P999Tracker {
     reader: RegionReader,
     /// Per series: the `total` histogram's counts at its last update.
     baselines: Vec<Vec<u64>>,
+    /// Per volume slot: its generation when its baselines were taken (a slot given to
+    /// another volume starts from zero).
+    generations: Vec<u64>,
     last: std::time::Instant,
 }
 
@@ -172,10 +175,11 @@ impl P999Tracker {
         path: &std::path::Path,
     ) -> Result<Self, fathom_telemetry::region::RegionError> {
         let reader = RegionReader::open(path)?;
-        let series = reader.directory().volumes.len() * OP_NAMES.len();
+        let slots = reader.directory().volumes.len();
         Ok(Self {
             reader,
-            baselines: vec![Vec::new(); series],
+            baselines: vec![Vec::new(); slots * OP_NAMES.len()],
+            generations: vec![0; slots],
             last: std::time::Instant::now(),
         })
     }
@@ -194,6 +198,10 @@ impl P999Tracker {
         {
             return;
         }
+        if let Err(error) = self.reader.refresh() {
+            tracing::warn!("p99.9 thresholds: cannot read the stats region: {error}");
+            return;
+        }
         let directory = self.reader.directory();
         let Some(total) = directory.stages.iter().position(|stage| stage == "total") else {
             return;
@@ -201,13 +209,20 @@ impl P999Tracker {
         let layout = directory.histogram;
         let snapshot = self.reader.snapshot(0);
         for (volume, volume_sampling) in sampling.iter().enumerate() {
-            if volume_sampling.tail != TailThreshold::P999 || volume >= directory.volumes.len() {
+            let live = directory
+                .volumes
+                .get(volume)
+                .is_some_and(|entry| entry.is_live());
+            if volume_sampling.tail != TailThreshold::P999 || !live {
                 continue;
             }
+            let generation = snapshot.volume_generation(volume);
+            let new_volume = self.generations[volume] != generation;
+            self.generations[volume] = generation;
             for op in 0..OP_NAMES.len() {
                 let counts = snapshot.histogram(volume, op, total);
                 let baseline = &mut self.baselines[volume * OP_NAMES.len() + op];
-                if baseline.len() != counts.len() {
+                if baseline.len() != counts.len() || new_volume {
                     baseline.clear();
                     baseline.resize(counts.len(), 0);
                 }
