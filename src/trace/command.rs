@@ -117,6 +117,7 @@ impl Exports {
         records: &[(usize, TraceRecord)],
     ) -> Result<()> {
         if let Some((writer, dir)) = self.ctf.as_mut() {
+            writer.follow(directory);
             for (ring, record) in records {
                 writer
                     .write(*ring, record)
@@ -353,7 +354,7 @@ fn note_node(directory: &TraceDirectory, path: &Path) {
         directory.writer_pid,
         directory.cores.len(),
         directory.capacity,
-        directory.volumes.len(),
+        directory.live_volumes().count(),
         path.display()
     );
 }

@@ -190,6 +190,15 @@ impl CtfWriter {
         self.uuid
     }
 
+    /// Takes the volume names and geometry of `directory` (the same node's, after volumes
+    /// were created or deleted) for the records written from now on.
+    pub fn follow(&mut self, directory: &TraceDirectory) {
+        if self.volumes != directory.volumes || self.geometry != directory.geometry {
+            self.volumes.clone_from(&directory.volumes);
+            self.geometry.clone_from(&directory.geometry);
+        }
+    }
+
     /// Appends one traced IO to its ring's stream. After an error the stream's file may end
     /// in part of a packet, which babeltrace2 refuses: start a new trace.
     pub fn write(&mut self, ring: usize, record: &TraceRecord) -> Result<(), CtfError> {

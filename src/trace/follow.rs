@@ -1,7 +1,8 @@
 //! Follows a node's trace region as `fathom-stat` follows its stats region: it waits for a
 //! node that is not there yet, and notices a restart (the region replaced: another writer
 //! named in its header) and a node that stopped or died, then goes on with whatever node
-//! comes next.
+//! comes next. It follows the node's volumes too: each poll first reads the region's volume
+//! names again if the node created or deleted one.
 
 use std::path::{Path, PathBuf};
 
@@ -90,6 +91,9 @@ impl TraceFollower {
                 )),
             };
         }
+        // Before the records: a volume created since the last poll is named in the records
+        // it already has in the rings.
+        reader.refresh();
         let batch = reader.poll();
         if !batch.records.is_empty() || batch.lost > 0 || batch.damaged > 0 {
             self.noted = None;
@@ -130,5 +134,50 @@ impl TraceFollower {
         }
         self.noted = Some(text.clone());
         TraceEvent::Note(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fathom_telemetry::trace::{TraceRecord, TraceRegion, TraceSpec, VolumeGeometry};
+    use fathom_telemetry::Clock;
+
+    #[test]
+    fn records_of_a_volume_created_while_following_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trace");
+        let spec = TraceSpec {
+            node_id: "n1".into(),
+            cores: vec![0],
+            capacity: 8,
+            volumes: vec!["vol0".into()],
+            geometry: Vec::new(),
+            spare_volumes: 1,
+            layers: Vec::new(),
+        };
+        let region = TraceRegion::create(&path, &spec, &Clock::monotonic()).unwrap();
+        let mut follower = TraceFollower::new(&path, Start::Oldest).unwrap();
+        assert!(matches!(follower.poll(), TraceEvent::Idle));
+        let geometry = VolumeGeometry {
+            first_lba: 100,
+            block_size: 512,
+        };
+        region.set_volume(1, Some(("late", geometry))).unwrap();
+        let record = TraceRecord {
+            volume: 1,
+            offset: 1024,
+            ..TraceRecord::default()
+        };
+        region.writer(0).push(&record);
+        let TraceEvent::Batch(batch, directory) = follower.poll() else {
+            panic!("a batch with the record");
+        };
+        assert_eq!(batch.records, [(0, record)]);
+        assert_eq!(directory.volume_name(1), Some("late"));
+        assert_eq!(directory.lba(&record), Some(102));
+        region.set_volume(1, None).unwrap();
+        assert!(matches!(follower.poll(), TraceEvent::Idle));
+        assert_eq!(follower.directory().unwrap().volume_name(1), None);
     }
 }

@@ -189,10 +189,8 @@ pub fn export_request(directory: &TraceDirectory, records: &[(usize, TraceRecord
 
 fn resource_attributes(directory: &TraceDirectory, volume: u32) -> Vec<Value> {
     let volume_name = directory
-        .volumes
-        .get(volume as usize)
-        .cloned()
-        .unwrap_or_else(|| format!("?{volume}"));
+        .volume_name(volume as usize)
+        .map_or_else(|| format!("?{volume}"), str::to_string);
     let mut attributes = vec![
         string_attribute("service.name", SERVICE_NAME),
         string_attribute("fathom.node", &directory.node_id),

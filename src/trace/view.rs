@@ -17,13 +17,11 @@ pub fn op_name(record: &TraceRecord) -> String {
         .map_or_else(|| format!("op{}", record.op), |name| name.to_string())
 }
 
-/// A record's volume's name (`?7` for an index outside the directory).
+/// A record's volume's name (`?7` for a slot the directory does not have or has no volume in).
 pub fn volume_name(directory: &TraceDirectory, record: &TraceRecord) -> String {
     directory
-        .volumes
-        .get(record.volume as usize)
-        .cloned()
-        .unwrap_or_else(|| format!("?{}", record.volume))
+        .volume_name(record.volume as usize)
+        .map_or_else(|| format!("?{}", record.volume), str::to_string)
 }
 
 /// The bits of a record's reason ([`reason`]) as words, comma-separated: `head`, `tail`,
