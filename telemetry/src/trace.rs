@@ -964,7 +964,10 @@ impl TraceReader {
             ));
         }
         let map = map_file(&file, len, false).map_err(|e| io("map", e))?;
-        let header = map.copy(0, HEADER_BYTES);
+        // The header is copied up to its one word that changes, the directory generation
+        // (read atomically below); nothing follows it.
+        let mut header = map.copy(0, field::DIRECTORY_GENERATION);
+        header.resize(HEADER_BYTES, 0);
         let generation = map
             .word(field::DIRECTORY_GENERATION)
             .load(Ordering::Acquire);
