@@ -285,12 +285,7 @@ impl NodeControl {
         let device = self.engine.devices().any(|info| info.name == target);
         let volume = self.engine.volume(target).is_some();
         if !device && !volume {
-            let volumes: Vec<&str> = self
-                .engine
-                .volumes()
-                .iter()
-                .map(|v| v.name.as_str())
-                .collect();
+            let volumes: Vec<String> = self.engine.volumes().into_iter().map(|v| v.name).collect();
             let devices: Vec<String> = self.engine.devices().map(|d| d.name.clone()).collect();
             return Err(RemoteError::new(
                 proto::UNKNOWN_VOLUME,
@@ -570,13 +565,13 @@ impl NodeControl {
     }
 
     /// The volumes a trace command is about: the one named, or every volume.
-    fn trace_volumes(&self, volume: Option<&str>) -> Result<Vec<&Volume>, RemoteError> {
+    fn trace_volumes(&self, volume: Option<&str>) -> Result<Vec<Volume>, RemoteError> {
         match volume {
             Some(name) => Ok(vec![self
                 .engine
                 .volume_named(name)
                 .map_err(control_error)?]),
-            None => Ok(self.engine.volumes().iter().collect()),
+            None => Ok(self.engine.volumes()),
         }
     }
 
@@ -605,7 +600,7 @@ impl NodeControl {
         let sampling = settings.sampling();
         Ok(volumes
             .into_iter()
-            .map(|volume| Self::trace_row(settings, volume, sampling[volume.id.0 as usize]))
+            .map(|volume| Self::trace_row(settings, &volume, sampling[volume.id.0 as usize]))
             .collect())
     }
 
@@ -642,7 +637,7 @@ impl NodeControl {
                 changed.tail = tail;
             }
             settings.set(index, *changed);
-            rows.push(Self::trace_row(settings, volume, *changed));
+            rows.push(Self::trace_row(settings, &volume, *changed));
         }
         Ok(rows)
     }
@@ -743,7 +738,10 @@ fn control_error(error: ControlError) -> RemoteError {
         ControlError::UnknownDevice { .. } => proto::UNKNOWN_DEVICE,
         ControlError::Unsupported { .. } => proto::UNSUPPORTED,
         ControlError::BadRule { .. } => proto::BAD_RULE,
-        ControlError::Timeout(_) => proto::BUSY,
+        ControlError::Timeout(_) | ControlError::VolumeBusy { .. } => proto::BUSY,
+        ControlError::VolumeExists { .. }
+        | ControlError::NoVolumeSlot { .. }
+        | ControlError::BadVolume { .. } => proto::UNSUPPORTED,
         ControlError::Stopped => proto::INTERNAL,
     };
     RemoteError::new(code, error.to_string())

@@ -172,6 +172,8 @@ pub fn cluster_status_text(report: &fathom_cluster::report::ClusterReport) -> St
         ("REPLICATION", false),
         ("NBD", false),
         ("PID", true),
+        ("POOL_FREE", true),
+        ("LARGEST", true),
     ]);
     for node in &report.nodes {
         nodes.row(vec![
@@ -183,6 +185,10 @@ pub fn cluster_status_text(report: &fathom_cluster::report::ClusterReport) -> St
             node.record.replication.clone(),
             node.record.nbd.clone().unwrap_or_else(|| "-".into()),
             node.record.pid.to_string(),
+            node.pool
+                .map_or("-".into(), |pool| bytes_text(pool.free_bytes)),
+            node.pool
+                .map_or("-".into(), |pool| bytes_text(pool.largest_bytes)),
         ]);
     }
     match report.nodes.is_empty() {

@@ -31,8 +31,10 @@ use fathom_replication::node::Replication;
 use fathom_replication::role::VolumeRole;
 
 use crate::etcd::{Change, Condition, Etcd, EtcdError, Kv, Timeouts, Write};
+use crate::provision::{Desired, Frontends, PoolSettings, ProvisionError, Provisioner, Wanted};
 use crate::schema::{
-    Key, NodeRecord, NodeStatus, Prefix, SchemaError, VolumeSpec, VolumeState, SCHEMA_VERSION,
+    Key, NodeRecord, NodeStatus, Prefix, SchemaError, Tombstone, VolumeSpec, VolumeState,
+    SCHEMA_VERSION,
 };
 
 /// How often the agent looks at its volumes when nothing changes.
@@ -52,12 +54,14 @@ pub struct Settings {
     /// This node's replicated volumes as its config describes them, to seed etcd with when
     /// it has no record of them yet.
     pub volumes: Vec<VolumeSpec>,
+    /// `[cluster.pool]`: where volumes made through etcd go on this node.
+    pub pool: Option<PoolSettings>,
 }
 
 impl Settings {
     /// The control plane `config` asks for (`[cluster] etcd`), for this node's replicated
-    /// volumes as `engine` made them; `None` when it names no etcd or the node holds no
-    /// replicated volume.
+    /// volumes as `engine` made them; `None` when it names no etcd, or the node holds no
+    /// replicated volume and has no pool to make them in.
     pub fn from_config(
         config: &fathom_engine::config::Config,
         engine: &fathom_engine::engine::Engine,
@@ -79,10 +83,17 @@ impl Settings {
                     size: made.blocks * made.block_size as u64,
                     block_size: made.block_size,
                     replicas: volume.replicas.clone(),
+                    incarnation: 0,
                 })
             })
             .collect();
-        if volumes.is_empty() {
+        let pool = config.cluster.pool.as_ref().map(|pool| PoolSettings {
+            device: pool.device.clone(),
+            data_dir: config.node.data_dir.clone(),
+            region_size: config.replication.region_size.0,
+            volumes: pool.volumes,
+        });
+        if volumes.is_empty() && pool.is_none() {
             return None;
         }
         Some(Self {
@@ -93,6 +104,7 @@ impl Settings {
             replication: entry.replication.clone(),
             nbd: entry.nbd.clone(),
             volumes,
+            pool,
         })
     }
 }
@@ -106,6 +118,8 @@ pub enum AgentError {
     Etcd(#[from] EtcdError),
     #[error("cannot start the control-plane thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Provision(#[from] ProvisionError),
 }
 
 /// The node's lease as its keeper last renewed it, kept by the authority (a node whose
@@ -267,7 +281,9 @@ impl EpochAuthority for EtcdAuthority {
 #[derive(Debug, Default)]
 struct View {
     nodes: BTreeMap<String, NodeRecord>,
-    specs: BTreeMap<String, VolumeSpec>,
+    /// The volumes' specs, and what the provisioner needs besides: which were deleted
+    /// (tombstones) and whose spec is there but refused.
+    desired: Desired,
     /// With the state key's revision, for compare-and-swap.
     states: BTreeMap<String, (VolumeState, i64)>,
 }
@@ -292,7 +308,11 @@ impl View {
                     self.nodes.remove(&node);
                 }
                 Key::Spec(volume) => {
-                    self.specs.remove(&volume);
+                    self.desired.specs.remove(&volume);
+                    self.desired.refused.remove(&volume);
+                }
+                Key::Deleted(volume) => {
+                    self.desired.tombstones.remove(&volume);
                 }
                 Key::State(volume) => {
                     self.states.remove(&volume);
@@ -315,12 +335,24 @@ impl View {
             },
             Key::Spec(volume) => match VolumeSpec::decode(&text, &volume, &kv.value) {
                 Ok(spec) => {
-                    self.specs.insert(volume, spec);
+                    self.desired.refused.remove(&volume);
+                    self.desired.specs.insert(volume, spec);
+                }
+                Err(error) => {
+                    self.desired.refused.insert(volume);
+                    refused(error)
+                }
+            },
+            Key::Deleted(volume) => match Tombstone::decode(&text, &volume, &kv.value) {
+                Ok(tombstone) => {
+                    self.desired
+                        .tombstones
+                        .insert(volume, tombstone.incarnation);
                 }
                 Err(error) => refused(error),
             },
             Key::State(volume) => {
-                match VolumeState::decode(&text, self.specs.get(&volume), &kv.value) {
+                match VolumeState::decode(&text, self.desired.specs.get(&volume), &kv.value) {
                     Ok(state) => {
                         self.states.insert(volume, (state, kv.mod_revision));
                     }
@@ -362,6 +394,8 @@ pub struct Agent {
     /// Keeps the lease alive on a thread of its own, so that a long promote or a slow etcd
     /// call of the runner never delays a keep-alive.
     keeper: Option<JoinHandle<()>>,
+    /// Makes and deletes the pool's volumes (with a pool).
+    provisioner: Option<JoinHandle<()>>,
 }
 
 /// The node's registration and lease, kept on their own thread.
@@ -397,18 +431,35 @@ struct Runner {
     published: Option<(serde_json::Value, Instant)>,
     /// When the status was last compared with what was published.
     status_checked: Instant,
+    /// The provisioner's: the specs it is to follow, and the pool's room (with a pool).
+    wanted: Option<Arc<Wanted>>,
 }
 
 impl Agent {
     /// Starts the control plane of this node, for `replication` started with `authority`.
+    /// With a pool, the pool's volumes serve again (before this returns) and `frontends`
+    /// hears of volumes that come and go.
     pub fn start(
         settings: Settings,
         authority: Arc<EtcdAuthority>,
         replication: Arc<Replication>,
         status: Option<StatusSource>,
+        engine: &fathom_engine::engine::Engine,
+        frontends: Option<Arc<dyn Frontends>>,
     ) -> Result<Self, AgentError> {
         let prefix = Prefix::new(&settings.cluster)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let provisioner = match &settings.pool {
+            Some(pool) => Some(Provisioner::open(
+                &settings.node,
+                pool,
+                engine,
+                replication.clone(),
+                frontends,
+            )?),
+            None => None,
+        };
+        let wanted = provisioner.as_ref().map(Provisioner::wanted);
         let mut keeper = Keeper {
             settings: settings.clone(),
             prefix: prefix.clone(),
@@ -433,7 +484,11 @@ impl Agent {
             status,
             published: None,
             status_checked: Instant::now(),
+            wanted,
         };
+        let provisioner = provisioner
+            .map(|provisioner| provisioner.spawn(stop.clone()))
+            .transpose()?;
         let keeper = {
             let stop = stop.clone();
             std::thread::Builder::new()
@@ -461,6 +516,7 @@ impl Agent {
             stop,
             runner: Some(runner),
             keeper: Some(keeper),
+            provisioner,
         })
     }
 }
@@ -469,9 +525,13 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         // The runner first, so that nothing is claimed while the lease ends.
-        for thread in [self.runner.take(), self.keeper.take()]
-            .into_iter()
-            .flatten()
+        for thread in [
+            self.runner.take(),
+            self.keeper.take(),
+            self.provisioner.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             let _ = thread.join();
         }
@@ -626,6 +686,9 @@ impl Runner {
             self.published = None;
         }
         self.follow();
+        if let (Some(wanted), true) = (&self.wanted, self.watching) {
+            wanted.set(&self.view.desired);
+        }
         if until.is_some() && self.watching {
             for role in self.replication.roles() {
                 self.act(&role);
@@ -641,7 +704,10 @@ impl Runner {
             return;
         }
         self.status_checked = Instant::now();
-        let rows = source();
+        let rows = serde_json::json!({
+            "replication": source(),
+            "pool": self.wanted.as_ref().and_then(|wanted| wanted.room()),
+        });
         let unchanged = self
             .published
             .as_ref()
@@ -655,7 +721,8 @@ impl Runner {
         let record = NodeStatus {
             v: SCHEMA_VERSION,
             node: self.settings.node.clone(),
-            replication: rows.clone(),
+            replication: rows["replication"].clone(),
+            pool: serde_json::from_value(rows["pool"].clone()).unwrap_or(None),
         };
         let key = self.prefix.status(&self.settings.node);
         match self.etcd.put(&key, &record.encode(), Some(lease)) {
@@ -872,13 +939,13 @@ impl Runner {
             value: state.encode(),
             lease: None,
         }];
-        if !self.view.specs.contains_key(name) {
+        if !self.view.desired.specs.contains_key(name) {
             writes.push(Write::Put {
                 key: spec_key,
                 value: spec.encode(),
                 lease: None,
             });
-        } else if self.view.specs.get(name) != Some(&spec) {
+        } else if self.view.desired.specs.get(name) != Some(&spec) {
             tracing::warn!(volume = name, "cluster: this node's config and etcd describe the volume differently; etcd's spec stands");
         }
         match self.etcd.txn(&[Condition::Absent(state_key)], &writes) {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::etcd::{Etcd, EtcdError};
-use crate::schema::{Key, NodeRecord, NodeStatus, Prefix, VolumeSpec, VolumeState};
+use crate::schema::{Key, NodeRecord, NodeStatus, Prefix, Tombstone, VolumeSpec, VolumeState};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeReport {
@@ -17,6 +17,8 @@ pub struct NodeReport {
     pub record: NodeRecord,
     /// Seconds left of its lease (`None`: etcd did not say).
     pub lease_left_s: Option<u64>,
+    /// Its pool's free space, as it last published it (`None`: no pool).
+    pub pool: Option<crate::pool::Room>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -82,6 +84,8 @@ pub fn read(etcd: &mut Etcd, cluster: &str) -> Result<ClusterReport, EtcdError> 
             Key::Status(node) => NodeStatus::decode(&key, &node, &kv.value).map(|status| {
                 statuses.insert(node, status);
             }),
+            // A deleted volume's tombstone: for the nodes, not listed.
+            Key::Deleted(volume) => Tombstone::decode(&key, &volume, &kv.value).map(|_| ()),
         };
         if let Err(error) = result {
             if let Some(volume) = volume {
@@ -104,6 +108,7 @@ pub fn read(etcd: &mut Etcd, cluster: &str) -> Result<ClusterReport, EtcdError> 
         node_reports.push(NodeReport {
             record: record.clone(),
             lease_left_s: left,
+            pool: statuses.get(id).and_then(|status: &NodeStatus| status.pool),
         });
     }
     let names: std::collections::BTreeSet<&String> = specs

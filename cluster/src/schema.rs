@@ -81,6 +81,10 @@ impl Prefix {
         format!("{}volumes/{volume}/state", self.0)
     }
 
+    pub fn deleted(&self, volume: &str) -> String {
+        format!("{}volumes/{volume}/deleted", self.0)
+    }
+
     pub fn status(&self, node: &str) -> String {
         format!("{}status/{node}", self.0)
     }
@@ -109,6 +113,10 @@ impl Prefix {
                 check_name("volume name", volume)?;
                 Ok(Key::State(volume.to_string()))
             }
+            ["volumes", volume, "deleted"] => {
+                check_name("volume name", volume)?;
+                Ok(Key::Deleted(volume.to_string()))
+            }
             ["status", node] => {
                 check_name("node id", node)?;
                 Ok(Key::Status(node.to_string()))
@@ -124,6 +132,8 @@ pub enum Key {
     Node(String),
     Spec(String),
     State(String),
+    /// A volume deleted through the control plane: its nodes drop their copies.
+    Deleted(String),
     Status(String),
 }
 
@@ -180,6 +190,40 @@ pub struct VolumeSpec {
     pub block_size: u32,
     /// The nodes that hold a copy, each once.
     pub replicas: Vec<String>,
+    /// Which volume of this name (`fathom-ctl volume create` draws a new one each time; 0: a
+    /// volume of the nodes' config files): a copy of another incarnation is not this
+    /// volume's, and is dropped, never joined to it.
+    #[serde(default)]
+    pub incarnation: u64,
+}
+
+/// What `volume delete` leaves under `volumes/<v>/deleted`: the incarnation deleted, whose
+/// copies the nodes drop (a node down then drops its copy when it comes back). A node drops
+/// a pool volume only on this, or on a spec of another incarnation: a spec missing or
+/// unreadable deletes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tombstone {
+    pub v: u32,
+    pub name: String,
+    pub incarnation: u64,
+}
+
+impl Tombstone {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a record serialises")
+    }
+
+    pub fn decode(key: &str, name: &str, bytes: &[u8]) -> Result<Self, SchemaError> {
+        let tombstone: Self = decode(key, bytes)?;
+        if tombstone.name != name {
+            return Err(inconsistent(
+                key,
+                format!("it names volume {:?}, the key {name:?}", tombstone.name),
+            ));
+        }
+        Ok(tombstone)
+    }
 }
 
 /// Who serves a volume: changed only by compare-and-swap.
@@ -203,6 +247,9 @@ pub struct NodeStatus {
     pub v: u32,
     pub node: String,
     pub replication: serde_json::Value,
+    /// The free space of its pool (`[cluster.pool]`), where volumes are placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<crate::pool::Room>,
 }
 
 impl NodeStatus {
@@ -387,6 +434,7 @@ mod tests {
             size: 1 << 20,
             block_size: 512,
             replicas: vec!["a".into(), "b".into(), "c".into()],
+            incarnation: 7,
         }
     }
 
@@ -531,6 +579,7 @@ mod tests {
                     Key::Node(n) => prefix().node(n),
                     Key::Spec(v) => prefix().spec(v),
                     Key::State(v) => prefix().state(v),
+                    Key::Deleted(v) => prefix().deleted(v),
                     Key::Status(n) => prefix().status(n),
                 };
                 prop_assert_eq!(back, key);

@@ -96,6 +96,30 @@ pub struct ClusterConfig {
     /// the volume over.
     #[serde(default = "ClusterConfig::default_lease")]
     pub lease: DurationValue,
+    /// `[cluster.pool]`: where volumes made through the control plane (`fathom-ctl volume
+    /// create`) live on this node. None: this node holds only its configured volumes.
+    pub pool: Option<PoolConfig>,
+}
+
+/// `[cluster.pool]`: the device space this node gives to volumes the control plane creates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// The device whose namespace 1, less the ranges of `[[volume]]`s, holds them.
+    pub device: String,
+    /// How many such volumes this node can hold at once (each takes a slot of the stats
+    /// region, with its histograms, whether used or not).
+    #[serde(default = "PoolConfig::default_volumes")]
+    pub volumes: usize,
+}
+
+impl PoolConfig {
+    fn default_volumes() -> usize {
+        16
+    }
+
+    /// At most this many pool volumes per node.
+    pub const MAX_VOLUMES: usize = 256;
 }
 
 impl Default for ClusterConfig {
@@ -105,6 +129,7 @@ impl Default for ClusterConfig {
             nodes: Vec::new(),
             etcd: Vec::new(),
             lease: Self::default_lease(),
+            pool: None,
         }
     }
 }
@@ -655,10 +680,16 @@ impl VolumeConfig {
         if self.replicas.is_empty() {
             return 0;
         }
-        let regions = self.size.0.div_ceil(region_size.max(1));
-        let bitmap_blocks = regions.div_ceil(METADATA_BLOCK_BYTES * 8);
-        (2 + MAX_REPLICAS as u64 * bitmap_blocks) * METADATA_BLOCK_BYTES
+        metadata_bytes(self.size.0, region_size)
     }
+}
+
+/// Bytes of metadata a replicated volume of `size` bytes keeps after its data (see
+/// [`VolumeConfig::metadata_bytes`]).
+pub fn metadata_bytes(size: u64, region_size: u64) -> u64 {
+    let regions = size.div_ceil(region_size.max(1));
+    let bitmap_blocks = regions.div_ceil(METADATA_BLOCK_BYTES * 8);
+    (2 + MAX_REPLICAS as u64 * bitmap_blocks) * METADATA_BLOCK_BYTES
 }
 
 /// `[volume.trace]`: a volume's sampling, where it differs from `[telemetry.trace]`.
@@ -1054,11 +1085,19 @@ impl Config {
             .collect()
     }
 
-    /// Whether any volume is replicated.
+    /// Whether any volume is replicated (or can be: a pool's volumes are made by the control
+    /// plane, replicated over the cluster's nodes).
     pub fn replicated(&self) -> bool {
-        self.volumes
-            .iter()
-            .any(|volume| !volume.replicas.is_empty())
+        self.cluster.pool.is_some()
+            || self
+                .volumes
+                .iter()
+                .any(|volume| !volume.replicas.is_empty())
+    }
+
+    /// Volume slots the engine keeps free for volumes made while it runs (the pool's).
+    pub fn spare_volumes(&self) -> usize {
+        self.cluster.pool.as_ref().map_or(0, |pool| pool.volumes)
     }
 
     fn validate_cluster(&self) -> Result<(), ConfigError> {
@@ -1086,6 +1125,30 @@ impl Config {
                 "\"\"",
                 "a name for the cluster: its keys in etcd live under /fathom/<name>/",
             ));
+        }
+        if let Some(pool) = &self.cluster.pool {
+            if self.cluster.etcd.is_empty() {
+                return Err(invalid(
+                    "cluster.pool",
+                    format!("{{ device = {:?} }}", pool.device),
+                    "a control plane to make its volumes: set cluster.etcd, or remove [cluster.pool]",
+                ));
+            }
+            if !self.devices.iter().any(|device| device.name == pool.device) {
+                let names: Vec<_> = self.devices.iter().map(|d| d.name.as_str()).collect();
+                return Err(invalid(
+                    "cluster.pool.device",
+                    format!("{:?}", pool.device),
+                    format!("one of the configured devices {names:?}"),
+                ));
+            }
+            if !(1..=PoolConfig::MAX_VOLUMES).contains(&pool.volumes) {
+                return Err(invalid(
+                    "cluster.pool.volumes",
+                    pool.volumes,
+                    format!("1 to {}", PoolConfig::MAX_VOLUMES),
+                ));
+            }
         }
         for (index, node) in self.cluster.nodes.iter().enumerate() {
             let key = |field: &str| format!("cluster.node[{index}].{field}");

@@ -7,13 +7,13 @@
 //! without the hop.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fathom_telemetry::Clock;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::config::DriverKind;
 use crate::config::{ClockChoice, Config, MediaKind};
@@ -39,6 +39,25 @@ const HEARTBEAT_PERIOD: Duration = Duration::from_millis(100);
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown waits for in-flight IO and for the final flush.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// [`EngineInner::owners`] of a free volume slot.
+const NO_OWNER: u32 = u32::MAX;
+/// The longest volume name: what the stats and trace regions keep of a name.
+pub const MAX_VOLUME_NAME: usize = 47;
+
+/// A volume to make while the engine runs ([`Engine::create_volume`]): a range of namespace 1
+/// of `device` that no other volume uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewVolume {
+    pub name: String,
+    pub device: String,
+    /// Byte offset of its first block in the namespace.
+    pub offset: u64,
+    /// Bytes of data clients see.
+    pub size: u64,
+    /// Bytes of replication metadata right after the data (see
+    /// [`VolumeConfig::metadata_bytes`](crate::config::VolumeConfig::metadata_bytes)).
+    pub meta_bytes: u64,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -82,11 +101,22 @@ struct EngineInner {
     stubs: Vec<Arc<dyn Driver>>,
     /// Per device, its run-time injection rules: [device, media].
     device_rules: Mutex<Vec<[Vec<InjectRule>; 2]>>,
-    volumes: Arc<[Volume]>,
+    /// The volume table, by [`VolumeId`]: the configured volumes, then slots for volumes
+    /// made while the engine runs ([`Engine::create_volume`]); `None`: a free slot.
+    volumes: RwLock<Vec<Option<Volume>>>,
+    /// By volume id, the index of the owning reactor (`NO_OWNER`: a free slot): what
+    /// [`Engine::submit`] reads, without a lock.
+    owners: Box<[AtomicU32]>,
+    /// One volume created or removed at a time.
+    table_changes: Mutex<()>,
+    /// Where the search for a free slot starts (counted from the first spare).
+    next_slot: Mutex<usize>,
     reactors: Vec<ReactorHandle>,
     joins: Mutex<Vec<JoinHandle<()>>>,
     stopped: AtomicBool,
     region: Option<Arc<StatsRegion>>,
+    /// The trace region (its volume names follow the volume table).
+    trace_region: Option<Arc<TraceRegion>>,
     heartbeat: Mutex<Option<JoinHandle<()>>>,
     heartbeat_stop: Arc<AtomicBool>,
     /// Which IOs are traced (with a trace region).
@@ -96,6 +126,8 @@ struct EngineInner {
     layers: Mutex<Vec<VolumeLayers>>,
     /// IO slots per reactor: what a layer that holds IOs must have room for.
     slots_per_reactor: usize,
+    /// Volumes of the configuration: the first slots of the table, never removed.
+    configured: usize,
 }
 
 /// A running engine. Cheap to clone; every clone submits to the same reactors.
@@ -160,18 +192,24 @@ impl Engine {
             .iter()
             .map(|device| open_stub(device.info(), &pool, clock, reactor_count))
             .collect::<Result<Vec<_>, _>>()?;
-        let volumes: Arc<[Volume]> = build_volumes(config, &devices)?.into();
+        let configured = build_volumes(config, &devices)?;
         let region = if config.telemetry.enabled {
             Some(Arc::new(create_region(
-                config, &devices, &stubs, &volumes, &clock,
+                config,
+                &devices,
+                &stubs,
+                &configured,
+                &clock,
             )?))
         } else {
             None
         };
         let trace_region = match config.telemetry.enabled && config.telemetry.trace.enabled {
-            true => Some(Arc::new(create_trace_region(config, &volumes, &clock)?)),
+            true => Some(Arc::new(create_trace_region(config, &configured, &clock)?)),
             false => None,
         };
+        let mut volumes: Vec<Option<Volume>> = configured.into_iter().map(Some).collect();
+        volumes.resize(volumes.len() + config.spare_volumes(), None);
         let trace_settings = trace_region
             .as_ref()
             .map(|_| Arc::new(TraceSettings::new(config, clock)));
@@ -229,10 +267,9 @@ impl Engine {
                             .enumerate()
                             .flat_map(|(id, volume)| {
                                 let region = &region;
-                                (0..OP_NAMES.len()).map(move |op| {
-                                    (volume.reactor == index)
-                                        .then(|| region.series_recorder(id, op))
-                                })
+                                let mine = volume.as_ref().is_some_and(|v| v.reactor == index);
+                                (0..OP_NAMES.len())
+                                    .map(move |op| mine.then(|| region.series_recorder(id, op)))
                             })
                             .collect();
                         let queue_recorders = (0..devices.len())
@@ -277,6 +314,16 @@ impl Engine {
         }
         let volumes_count = volumes.len();
         let devices_count = devices.len();
+        let owners = volumes
+            .iter()
+            .map(|volume| {
+                AtomicU32::new(
+                    volume
+                        .as_ref()
+                        .map_or(NO_OWNER, |volume| volume.reactor as u32),
+                )
+            })
+            .collect();
         let heartbeat_stop = Arc::new(AtomicBool::new(false));
         let heartbeat = match &region {
             Some(region) => {
@@ -315,16 +362,21 @@ impl Engine {
                 devices,
                 stubs,
                 device_rules: Mutex::new(vec![Default::default(); devices_count]),
-                volumes,
+                volumes: RwLock::new(volumes),
+                owners,
+                table_changes: Mutex::new(()),
+                next_slot: Mutex::new(0),
                 reactors,
                 joins: Mutex::new(joins),
                 stopped: AtomicBool::new(false),
                 region,
+                trace_region,
                 heartbeat: Mutex::new(heartbeat),
                 heartbeat_stop,
                 trace_settings,
                 layers: Mutex::new(vec![VolumeLayers::default(); volumes_count]),
                 slots_per_reactor: config.devices.len() * (config.reactor.queue_depth as usize + 1),
+                configured: config.volumes.len(),
             }),
         };
         for (core, ready_rx) in ready {
@@ -339,12 +391,12 @@ impl Engine {
                 }
             }
         }
-        for (volume, settings) in config.volumes.iter().zip(engine.volumes()) {
+        for volume in &config.volumes {
             if volume.stub.is_empty() {
                 continue;
             }
             engine
-                .change_layers(&settings.name, |layers| {
+                .change_layers(&volume.name, |layers| {
                     for &layer in &volume.stub {
                         layers.get_mut(layer).stub = true;
                     }
@@ -385,12 +437,30 @@ impl Engine {
         self.inner.devices.iter().map(|device| device.info())
     }
 
-    pub fn volumes(&self) -> &[Volume] {
-        &self.inner.volumes
+    /// The volumes, by id (a copy: volumes come and go while the engine runs).
+    pub fn volumes(&self) -> Vec<Volume> {
+        self.inner
+            .volumes
+            .read()
+            .iter()
+            .flatten()
+            .cloned()
+            .collect()
     }
 
-    pub fn volume(&self, name: &str) -> Option<&Volume> {
-        self.inner.volumes.iter().find(|volume| volume.name == name)
+    pub fn volume(&self, name: &str) -> Option<Volume> {
+        self.inner
+            .volumes
+            .read()
+            .iter()
+            .flatten()
+            .find(|volume| volume.name == name)
+            .cloned()
+    }
+
+    /// Volume slots: the configured volumes and the spares for volumes made at run time.
+    pub fn volume_slots(&self) -> usize {
+        self.inner.owners.len()
     }
 
     /// The cores reactors run on, in reactor order.
@@ -405,7 +475,12 @@ impl Engine {
     /// Queues `request` on the reactor that owns its volume. The completion goes to `notify`.
     /// A full inbound ring or a stopped engine hands the request back.
     pub fn submit(&self, request: IoRequest, notify: Notify) -> Result<(), Rejected> {
-        let Some(volume) = self.inner.volumes.get(request.volume.0 as usize) else {
+        let owner = self
+            .inner
+            .owners
+            .get(request.volume.0 as usize)
+            .map_or(NO_OWNER, |owner| owner.load(Ordering::Acquire));
+        if owner == NO_OWNER {
             let error = IoError::UnknownVolume(request.volume.0);
             return Err(Rejected {
                 request,
@@ -420,7 +495,7 @@ impl Engine {
                 error: IoError::Stopped,
             });
         }
-        let reactor = &self.inner.reactors[volume.reactor];
+        let reactor = &self.inner.reactors[owner as usize];
         let accepted = if self.inner.region.is_some() {
             self.inner.clock.now()
         } else {
@@ -466,7 +541,8 @@ impl Engine {
     /// start; see [`Volume::metadata_command`]): for start-up and tools, not the IO path.
     pub fn metadata_io(&self, request: IoRequest) -> IoCompletion {
         let tag = request.tag;
-        let Some(volume) = self.inner.volumes.get(request.volume.0 as usize) else {
+        let volume = self.volume_by_id(request.volume);
+        let Some(volume) = volume else {
             return IoCompletion {
                 tag,
                 result: Err(IoError::UnknownVolume(request.volume.0)),
@@ -528,7 +604,7 @@ impl Engine {
         volume: &str,
         change: impl FnOnce(&mut VolumeLayers) -> Result<(), ControlError>,
     ) -> Result<VolumeLayers, ControlError> {
-        let volume = self.volume_named(volume)?.clone();
+        let volume = self.volume_named(volume)?;
         let mut all = self.inner.layers.lock();
         let mut settings = all[volume.id.0 as usize].clone();
         change(&mut settings)?;
@@ -679,47 +755,274 @@ impl Engine {
         layers: Vec<Box<dyn Layer>>,
         path: VolumePath,
     ) -> Result<(), ControlError> {
-        let (done, applied) = crossbeam_channel::bounded(1);
-        let reactor = &self.inner.reactors[volume.reactor];
-        if self.inner.stopped.load(Ordering::Acquire) {
-            return Err(ControlError::Stopped);
-        }
-        let mut message = Message::Control(VolumeControl::SetLayers {
+        self.control(volume.reactor, |done| VolumeControl::SetLayers {
             volume: volume.id,
             layers,
             path,
             done,
-        });
-        let deadline = std::time::Instant::now() + CONTROL_TIMEOUT;
-        loop {
-            match reactor.shared.inbound.push(message) {
-                Ok(()) => break,
-                Err(back) if std::time::Instant::now() < deadline => {
-                    message = back;
-                    std::thread::sleep(Duration::from_micros(100));
-                }
-                Err(_) => return Err(ControlError::Timeout(volume.core)),
-            }
-        }
-        reactor.shared.wake();
-        applied
-            .recv_timeout(CONTROL_TIMEOUT)
-            .map_err(|_| ControlError::Timeout(volume.core))
+        })
     }
 
     /// The volume called `name`, or an error that lists the volumes there are.
-    pub fn volume_named(&self, name: &str) -> Result<&Volume, ControlError> {
+    pub fn volume_named(&self, name: &str) -> Result<Volume, ControlError> {
         self.volume(name)
             .ok_or_else(|| ControlError::UnknownVolume {
                 name: name.to_string(),
                 known: self
-                    .inner
-                    .volumes
+                    .volumes()
                     .iter()
                     .map(|volume| volume.name.clone())
                     .collect::<Vec<_>>()
                     .join(", "),
             })
+    }
+
+    fn volume_by_id(&self, id: VolumeId) -> Option<Volume> {
+        self.inner.volumes.read().get(id.0 as usize)?.clone()
+    }
+
+    /// Makes a volume while the engine runs, in a free slot, on the reactor with the fewest
+    /// volumes; it takes IO once this returns. Refused: a name in use or not a plain name
+    /// (letters, digits, `.`, `-`, `_`; at most [`MAX_VOLUME_NAME`] bytes), a range that is
+    /// not block aligned, does not fit the namespace or overlaps another volume, or no free
+    /// slot. The range's old contents are the caller's to clear.
+    pub fn create_volume(&self, new: &NewVolume) -> Result<Volume, ControlError> {
+        let _one = self.inner.table_changes.lock();
+        if self.inner.stopped.load(Ordering::Acquire) {
+            return Err(ControlError::Stopped);
+        }
+        let bad = |what: String| ControlError::BadVolume {
+            what: format!("volume {:?}: {what}", new.name),
+        };
+        if new.name.is_empty()
+            || new.name.len() > MAX_VOLUME_NAME
+            || !new
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        {
+            return Err(bad(format!(
+                "a volume name is 1 to {MAX_VOLUME_NAME} letters, digits, '.', '-' or '_'"
+            )));
+        }
+        if self.volume(&new.name).is_some() {
+            return Err(ControlError::VolumeExists {
+                name: new.name.clone(),
+            });
+        }
+        let live = self.volumes();
+        // The next free slot after the last one taken, round the table: a slot just freed
+        // is the last to serve again.
+        let slot = {
+            let table = self.inner.volumes.read();
+            let spares = table.len() - self.inner.configured;
+            let mut next = self.inner.next_slot.lock();
+            let found = (0..spares)
+                .map(|step| self.inner.configured + (*next + step) % spares.max(1))
+                .find(|&id| table[id].is_none())
+                .ok_or(ControlError::NoVolumeSlot { slots: spares })?;
+            *next = (found - self.inner.configured + 1) % spares;
+            found
+        };
+        let device = self
+            .inner
+            .devices
+            .iter()
+            .position(|device| device.info().name == new.device)
+            .ok_or_else(|| ControlError::UnknownDevice {
+                name: new.device.clone(),
+                known: self
+                    .devices()
+                    .map(|info| info.name.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        let info = self.inner.devices[device].info();
+        let namespace = info
+            .namespaces
+            .iter()
+            .find(|namespace| namespace.nsid == 1)
+            .ok_or_else(|| bad(format!("device {} has no namespace 1", info.name)))?;
+        let block = namespace.block_size as u64;
+        if new.size == 0
+            || !new.size.is_multiple_of(block)
+            || !new.offset.is_multiple_of(block)
+            || !new.meta_bytes.is_multiple_of(block)
+        {
+            return Err(bad(format!(
+                "offset {}, size {} and metadata {} must be multiples of {}'s {block}-byte blocks (size not 0)",
+                new.offset, new.size, new.meta_bytes, info.name
+            )));
+        }
+        let first_lba = new.offset / block;
+        let (blocks, meta_blocks) = (new.size / block, new.meta_bytes / block);
+        let end = first_lba
+            .checked_add(blocks)
+            .and_then(|end| end.checked_add(meta_blocks))
+            .filter(|&end| end <= namespace.blocks)
+            .ok_or_else(|| {
+                bad(format!(
+                    "blocks {first_lba}.. ({blocks} of data, {meta_blocks} of metadata) do not fit namespace 1 of {} ({} blocks)",
+                    info.name, namespace.blocks
+                ))
+            })?;
+        if let Some(other) = live.iter().find(|other| {
+            other.device == device
+                && other.nsid == 1
+                && first_lba < other.first_lba + other.blocks + other.meta_blocks
+                && other.first_lba < end
+        }) {
+            return Err(bad(format!(
+                "blocks {first_lba}..{end} of {} overlap volume {:?} (blocks {}..{})",
+                info.name,
+                other.name,
+                other.first_lba,
+                other.first_lba + other.blocks + other.meta_blocks
+            )));
+        }
+        let reactor = (0..self.inner.reactors.len())
+            .min_by_key(|&reactor| live.iter().filter(|v| v.reactor == reactor).count())
+            .expect("an engine has a reactor");
+        let volume = Volume {
+            id: VolumeId(slot as u32),
+            name: new.name.clone(),
+            device,
+            device_name: info.name.clone(),
+            nsid: 1,
+            first_lba,
+            blocks,
+            block_size: namespace.block_size,
+            block_shift: namespace.block_size.trailing_zeros(),
+            reactor,
+            core: self.inner.reactors[reactor].core,
+            max_transfer_bytes: info.max_transfer_bytes,
+            meta_blocks,
+        };
+        // The slot's telemetry starts from zero under the new name (no reactor records into
+        // it: its last volume's reactor let go of its recorders when that volume closed).
+        if let Some(region) = &self.inner.region {
+            region
+                .set_volume(
+                    slot,
+                    Some(&VolumeEntry {
+                        name: volume.name.clone(),
+                        core_index: reactor as u32,
+                        block_size: volume.block_size,
+                        size_bytes: volume.size_bytes(),
+                        generation: 0,
+                    }),
+                )
+                .map_err(|error| bad(format!("its stats slot: {error}")))?;
+        }
+        if let Some(traces) = &self.inner.trace_region {
+            let geometry = VolumeGeometry {
+                first_lba,
+                block_size: volume.block_size,
+            };
+            traces
+                .set_volume(slot, Some((&volume.name, geometry)))
+                .map_err(|error| bad(format!("its trace slot: {error}")))?;
+        }
+        let recorders = self.inner.region.as_ref().map(|region| {
+            (0..OP_NAMES.len())
+                .map(|op| region.series_recorder(slot, op))
+                .collect()
+        });
+        self.control(reactor, |done| VolumeControl::Open {
+            volume: Box::new(volume.clone()),
+            recorders,
+            done,
+        })?;
+        if let Some(settings) = &self.inner.trace_settings {
+            settings.reset(slot);
+        }
+        self.inner.layers.lock()[slot] = VolumeLayers::default();
+        self.inner.volumes.write()[slot] = Some(volume.clone());
+        self.inner.owners[slot].store(reactor as u32, Ordering::Release);
+        Ok(volume)
+    }
+
+    /// Removes a volume made with [`Engine::create_volume`]: IO submitted from now on is
+    /// refused as for an unknown volume, and this returns once the owning reactor has
+    /// nothing of it in flight (or fails with [`ControlError::VolumeBusy`] after 5 s: retry).
+    /// Its front ends and layers' users should have let go of it first. Its data stays on the
+    /// device.
+    pub fn remove_volume(&self, name: &str) -> Result<(), ControlError> {
+        let _one = self.inner.table_changes.lock();
+        let volume = self.volume_named(name)?;
+        let slot = volume.id.0 as usize;
+        if slot < self.inner.configured {
+            return Err(ControlError::BadVolume {
+                what: format!(
+                    "volume {name:?} is in the node's configuration file: remove its [[volume]] there and restart the node"
+                ),
+            });
+        }
+        self.inner.owners[slot].store(NO_OWNER, Ordering::Release);
+        // Its layers let go of what they hold (injection's stalls included), which then fails
+        // at the one layer left, as does anything still coming down.
+        self.install_layers(
+            &volume,
+            vec![Box::new(crate::layer::Closed {
+                volume: volume.id.0,
+            })],
+        )?;
+        let deadline = std::time::Instant::now() + CONTROL_TIMEOUT;
+        loop {
+            let in_flight = self.control(volume.reactor, |done| VolumeControl::Close {
+                volume: volume.id,
+                done,
+            })?;
+            if in_flight == 0 {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(ControlError::VolumeBusy {
+                    volume: name.into(),
+                    in_flight,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.inner.volumes.write()[slot] = None;
+        self.inner.layers.lock()[slot] = VolumeLayers::default();
+        if let Some(region) = &self.inner.region {
+            let _ = region.set_volume(slot, None);
+        }
+        if let Some(traces) = &self.inner.trace_region {
+            let _ = traces.set_volume(slot, None);
+        }
+        Ok(())
+    }
+
+    /// Hands reactor `reactor` the control message `make` builds around a completion
+    /// channel, and waits until the reactor has applied it.
+    fn control<T>(
+        &self,
+        reactor: usize,
+        make: impl FnOnce(crossbeam_channel::Sender<T>) -> VolumeControl,
+    ) -> Result<T, ControlError> {
+        let (done, applied) = crossbeam_channel::bounded(1);
+        let handle = &self.inner.reactors[reactor];
+        if self.inner.stopped.load(Ordering::Acquire) {
+            return Err(ControlError::Stopped);
+        }
+        let mut message = Message::Control(make(done));
+        let deadline = std::time::Instant::now() + CONTROL_TIMEOUT;
+        loop {
+            match handle.shared.inbound.push(message) {
+                Ok(()) => break,
+                Err(back) if std::time::Instant::now() < deadline => {
+                    message = back;
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                Err(_) => return Err(ControlError::Timeout(handle.core)),
+            }
+        }
+        handle.shared.wake();
+        applied
+            .recv_timeout(CONTROL_TIMEOUT)
+            .map_err(|_| ControlError::Timeout(handle.core))
     }
 
     /// Runs `task` on reactor `reactor` (an index into [`Engine::cores`]).
@@ -749,8 +1052,9 @@ impl Engine {
 
     /// Flushes every volume and waits for all of them.
     pub fn flush_all(&self) -> Result<(), EngineError> {
-        let (tx, rx) = crossbeam_channel::bounded(self.inner.volumes.len().max(1));
-        for volume in self.inner.volumes.iter() {
+        let volumes = self.volumes();
+        let (tx, rx) = crossbeam_channel::bounded(volumes.len().max(1));
+        for volume in &volumes {
             if let Err(rejected) = self.submit(
                 IoRequest::flush(volume.id, volume.id.0 as u64),
                 Notify::Channel(tx.clone()),
@@ -761,7 +1065,7 @@ impl Engine {
                 });
             }
         }
-        for _ in 0..self.inner.volumes.len() {
+        for _ in 0..volumes.len() {
             let completion = rx
                 .recv_timeout(DRAIN_TIMEOUT)
                 .map_err(|_| EngineError::Flush {
@@ -772,7 +1076,9 @@ impl Engine {
                     },
                 })?;
             if let Err(error) = completion.result {
-                let volume = self.inner.volumes[completion.tag as usize].name.clone();
+                let volume = self
+                    .volume_by_id(VolumeId(completion.tag as u32))
+                    .map_or_else(|| format!("#{}", completion.tag), |volume| volume.name);
                 return Err(EngineError::Flush { volume, error });
             }
         }
@@ -853,7 +1159,7 @@ fn create_region(
                 generation: 0,
             })
             .collect(),
-        spare_volumes: 0,
+        spare_volumes: config.spare_volumes(),
         ops: OP_NAMES.iter().map(|name| name.to_string()).collect(),
         stages: stage::NAMES
             .iter()
@@ -895,7 +1201,7 @@ fn create_trace_region(
                 block_size: volume.block_size,
             })
             .collect(),
-        spare_volumes: 0,
+        spare_volumes: config.spare_volumes(),
         layers: LayerName::ALL
             .iter()
             .map(|layer| layer.as_str().to_string())

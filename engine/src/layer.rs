@@ -118,6 +118,14 @@ pub enum ControlError {
     },
     #[error("the reactor on core {0} did not apply the change within 5 s; it may be stuck")]
     Timeout(usize),
+    #[error("a volume {name:?} exists already; pick another name, or delete it first")]
+    VolumeExists { name: String },
+    #[error("all {slots} volume slots are in use; delete a volume first, or raise [cluster.pool] volumes (restart)")]
+    NoVolumeSlot { slots: usize },
+    #[error("{what}")]
+    BadVolume { what: String },
+    #[error("volume {volume:?} still has {in_flight} IOs in flight after 5 s; stop its clients and retry")]
+    VolumeBusy { volume: String, in_flight: usize },
     #[error("the engine is shutting down")]
     Stopped,
 }
@@ -542,6 +550,31 @@ impl Layer for Stub {
     #[inline]
     fn submit(&mut self, _ctx: &mut LayerCtx<'_>, _slot: u32, _command: &IoCommand) -> Down {
         Down::Complete(Ok(()))
+    }
+}
+
+/// What stands in a volume's stack while it is removed ([`Engine::remove_volume`](crate::Engine::remove_volume)):
+/// in the place of the volume's own persistent layer (replication), which lets go of what it
+/// holds as when it is replaced; every IO that reaches it fails as for an unknown volume.
+pub(crate) struct Closed {
+    pub volume: u32,
+}
+
+impl Layer for Closed {
+    fn layer(&self) -> LayerName {
+        LayerName::Replication
+    }
+    fn kind(&self) -> &'static str {
+        "closed"
+    }
+    fn describe(&self) -> String {
+        "closed: the volume is being removed".into()
+    }
+    fn submit(&mut self, _ctx: &mut LayerCtx<'_>, _slot: u32, _command: &IoCommand) -> Down {
+        Down::Complete(Err(IoError::UnknownVolume(self.volume)))
+    }
+    fn persistent(&self) -> bool {
+        true
     }
 }
 

@@ -23,9 +23,10 @@ pub mod trace;
 pub mod volume;
 
 pub use config::Config;
-pub use engine::{Engine, EngineError};
+pub use engine::{Engine, EngineError, NewVolume, MAX_VOLUME_NAME};
 pub use fathom_dma::{DmaBuf, DmaPool, PageKind};
 pub use fathom_drivers::Op;
+pub use layer::ControlError;
 pub use reactor::{IoContext, Rejected, Task};
 pub use stats::{EngineStamps, FrontendTrace};
 pub use volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};

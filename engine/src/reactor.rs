@@ -40,6 +40,7 @@ use crate::volume::{IoCompletion, IoError, IoRequest, Notify, Volume, VolumeId};
 use fathom_dma::DmaBuf;
 use fathom_drivers::{IoCommand, IoFlags, IoQueue, Op};
 use fathom_nvme::{Completed, DataRange, Status};
+use fathom_telemetry::region::SeriesRecorder;
 use fathom_telemetry::trace::TraceContext;
 use fathom_telemetry::Clock;
 
@@ -167,6 +168,19 @@ pub enum VolumeControl {
         path: VolumePath,
         done: crossbeam_channel::Sender<()>,
     },
+    /// A volume made while the engine runs takes its (free) slot, with its telemetry series'
+    /// recorders (one per op), and takes IO from now on.
+    Open {
+        volume: Box<Volume>,
+        recorders: Option<Vec<SeriesRecorder>>,
+        done: crossbeam_channel::Sender<()>,
+    },
+    /// The volume takes no more IO; its layers let go of what they hold. Answers how many of
+    /// its IOs are still in flight (sent again until none are).
+    Close {
+        volume: VolumeId,
+        done: crossbeam_channel::Sender<usize>,
+    },
 }
 
 /// What other threads share with one reactor.
@@ -239,7 +253,8 @@ pub(crate) struct Link {
 pub struct IoContext {
     reactor: usize,
     core: usize,
-    volumes: Arc<[Volume]>,
+    /// By volume id (the engine's table as this reactor knows it; `None`: a free slot).
+    volumes: Vec<Option<Volume>>,
     /// One queue per device, indexed like the engine's device table, then one per device
     /// stub (device `d`'s at `devices + d`).
     queues: Vec<Box<dyn IoQueue>>,
@@ -308,7 +323,7 @@ impl IoContext {
     pub(crate) fn new(
         reactor: usize,
         core: usize,
-        volumes: Arc<[Volume]>,
+        volumes: Vec<Option<Volume>>,
         queues: Vec<Box<dyn IoQueue>>,
         devices: usize,
         telemetry: Option<Box<CoreTelemetry>>,
@@ -362,7 +377,7 @@ impl IoContext {
             .collect();
         let routes = volumes
             .iter()
-            .map(|volume| (volume.device, IoFlags::NONE))
+            .map(|volume| (volume.as_ref().map_or(0, |v| v.device), IoFlags::NONE))
             .collect();
         Self {
             reactor,
@@ -412,10 +427,6 @@ impl IoContext {
     /// The CPU core this reactor runs on.
     pub fn core(&self) -> usize {
         self.core
-    }
-
-    pub fn volumes(&self) -> &[Volume] {
-        &self.volumes
     }
 
     /// IOs in flight on this reactor.
@@ -558,7 +569,7 @@ impl IoContext {
         frontend: bool,
         metadata: bool,
     ) -> Result<(), Rejected> {
-        let Some(volume) = self.volumes.get(request.volume.0 as usize) else {
+        let Some(Some(volume)) = self.volumes.get(request.volume.0 as usize) else {
             let error = IoError::UnknownVolume(request.volume.0);
             return Err(Rejected {
                 request,
@@ -792,12 +803,77 @@ impl IoContext {
                 self.set_layers(volume, layers, path);
                 let _ = done.send(());
             }
+            VolumeControl::Open {
+                volume,
+                recorders,
+                done,
+            } => {
+                let index = volume.id.0 as usize;
+                if index < self.volumes.len() {
+                    if let Some(telemetry) = self.telemetry.as_deref_mut() {
+                        telemetry.set_volume(index, recorders);
+                    }
+                    self.routes[index] = (volume.device, IoFlags::NONE);
+                    self.volumes[index] = Some(*volume);
+                    // A new stack: nothing of a volume that had the slot before stays.
+                    self.stacks[index].clear();
+                    self.set_layers(VolumeId(index as u32), Vec::new(), VolumePath::default());
+                }
+                let _ = done.send(());
+            }
+            VolumeControl::Close { volume, done } => {
+                let index = volume.0 as usize;
+                let in_flight = self.in_flight_of(volume);
+                if in_flight == 0 {
+                    if let Some(Some(_)) = self.volumes.get(index) {
+                        // Nothing of it is anywhere: its layers go, with nothing to let go of.
+                        let now = self.clock.now();
+                        let mut stack = std::mem::take(&mut self.stacks[index]);
+                        for (depth, layer) in stack.iter_mut().enumerate() {
+                            layer.drain(&mut self.layer_ctx(now, index, depth as u8));
+                        }
+                        self.set_layers(volume, Vec::new(), VolumePath::default());
+                        if let Some(telemetry) = self.telemetry.as_deref_mut() {
+                            telemetry.set_volume(index, None);
+                        }
+                    }
+                }
+                // No more IO of it is taken (IO of tasks on this reactor included).
+                if let Some(entry) = self.volumes.get_mut(index) {
+                    if in_flight == 0 {
+                        *entry = None;
+                    }
+                }
+                let _ = done.send(in_flight);
+            }
         }
+    }
+
+    /// IOs of `volume` in flight: busy slots whose layered link or telemetry series names it.
+    /// (An IO on the layerless path of a reactor without telemetry names no volume: a volume
+    /// to be closed has layers, as every replicated volume does.)
+    fn in_flight_of(&self, volume: VolumeId) -> usize {
+        let mut free = vec![false; self.slots.len()];
+        for &slot in &self.free_slots {
+            free[slot as usize] = true;
+        }
+        (0..self.slots.len())
+            .filter(|&slot| {
+                !free[slot]
+                    && (self.links[slot].volume == volume.0
+                        || (self.telemetry.is_some()
+                            && self.slots[slot].series.volume() == volume.0))
+            })
+            .count()
     }
 
     /// Replaces a volume's layers; what the old ones held restarts at the new stack's top.
     fn set_layers(&mut self, volume: VolumeId, layers: Vec<Box<dyn Layer>>, path: VolumePath) {
         let index = volume.0 as usize;
+        // A slot with no volume (removed while the change was on its way) takes no layers.
+        if !matches!(self.volumes.get(index), Some(Some(_))) {
+            return;
+        }
         let Some(stack) = self.stacks.get_mut(index) else {
             return;
         };
@@ -853,7 +929,9 @@ impl IoContext {
                 }
             }
         }
-        let device = self.volumes[index].device;
+        let device = self.volumes[index]
+            .as_ref()
+            .map_or(0, |volume| volume.device);
         let queue = match path.device_stub {
             true if self.devices + device < self.queues.len() => self.devices + device,
             _ => device,
@@ -961,7 +1039,7 @@ impl IoContext {
             self.stacks[volume] = stack;
             return;
         };
-        let nsid = self.volumes[volume as usize].nsid;
+        let nsid = self.volumes[volume as usize].as_ref().map_or(0, |v| v.nsid);
         let command = IoCommand {
             op,
             nsid,

@@ -91,6 +91,11 @@ impl Series {
     fn frontend(self) -> bool {
         self.0 & Self::FRONTEND != 0
     }
+
+    /// The volume id.
+    pub fn volume(self) -> u32 {
+        self.index() as u32 / OP_NAMES.len() as u32
+    }
 }
 
 /// What identifies a run: IOs with equal keys have equal stage durations.
@@ -532,6 +537,33 @@ impl CoreTelemetry {
             trace_countdown: u32::MAX,
             tail_ticks: u64::MAX,
             tracer: None,
+        }
+    }
+
+    /// Volume `volume` now records through `recorders` (one per op; `None`: it is not this
+    /// reactor's, or gone). What was recorded under its id so far is published first, and
+    /// its totals start again from zero, as the region's new series does.
+    pub fn set_volume(&mut self, volume: usize, recorders: Option<Vec<SeriesRecorder>>) {
+        self.end_run(self.now);
+        self.stamp();
+        self.record_ended();
+        self.publish();
+        let ops = OP_NAMES.len();
+        let mut recorders = recorders.map(Vec::into_iter);
+        for op in 0..ops {
+            let series = volume * ops + op;
+            if series >= self.series.len() {
+                return;
+            }
+            self.series[series] = recorders.as_mut().and_then(Iterator::next);
+            self.series_totals[series] = SeriesTotals::default();
+            self.queue_zeros[series] = 0;
+            if let Some(tracer) = self.tracer.as_deref_mut() {
+                tracer.owned[series] = self.series[series].is_some();
+            }
+        }
+        if self.tracer.is_some() {
+            self.refresh_tracer();
         }
     }
 

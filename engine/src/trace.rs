@@ -38,6 +38,8 @@ pub struct TraceSettings {
     /// Per series: the tail threshold in ticks ([`NO_THRESHOLD`]: none, or not known yet).
     thresholds: Box<[AtomicU64]>,
     clock: Clock,
+    /// `[telemetry.trace]`'s sampling: what a volume made at run time starts with.
+    defaults: VolumeSampling,
 }
 
 /// What a reactor copies out of [`TraceSettings`] when they change.
@@ -50,13 +52,20 @@ pub(crate) struct SamplingTable {
 
 impl TraceSettings {
     pub(crate) fn new(config: &Config, clock: Clock) -> Self {
+        // The configured volumes' own, then the defaults for the slots of volumes made at
+        // run time.
+        let defaults = VolumeSampling {
+            rate: config.telemetry.trace.rate,
+            tail: config.telemetry.trace.tail,
+        };
         let sampling: Vec<VolumeSampling> = config
             .volumes
             .iter()
             .map(|volume| VolumeSampling {
-                rate: volume.trace.rate.unwrap_or(config.telemetry.trace.rate),
-                tail: volume.trace.tail.unwrap_or(config.telemetry.trace.tail),
+                rate: volume.trace.rate.unwrap_or(defaults.rate),
+                tail: volume.trace.tail.unwrap_or(defaults.tail),
             })
+            .chain(std::iter::repeat_n(defaults, config.spare_volumes()))
             .collect();
         let series = sampling.len() * OP_NAMES.len();
         let settings = Self {
@@ -65,6 +74,7 @@ impl TraceSettings {
             rates: (0..series).map(|_| AtomicU32::new(0)).collect(),
             thresholds: (0..series).map(|_| AtomicU64::new(NO_THRESHOLD)).collect(),
             clock,
+            defaults,
         };
         for (volume, &sampling) in sampling.iter().enumerate() {
             settings.apply(volume, sampling, false);
@@ -95,6 +105,17 @@ impl TraceSettings {
         all[volume] = sampling;
         self.apply(volume, sampling, keep_learned);
         self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Volume slot `volume` holds a new volume: `[telemetry.trace]`'s sampling, nothing
+    /// learned.
+    pub(crate) fn reset(&self, volume: usize) {
+        let mut all = self.sampling.lock();
+        if let Some(sampling) = all.get_mut(volume) {
+            *sampling = self.defaults;
+            self.apply(volume, self.defaults, false);
+            self.generation.fetch_add(1, Ordering::Release);
+        }
     }
 
     fn apply(&self, volume: usize, sampling: VolumeSampling, keep_learned: bool) {

@@ -566,3 +566,103 @@ fn completions_reach_callbacks_too() {
     }
     engine.shutdown().unwrap();
 }
+
+/// Volumes made and removed while the engine runs ([`Engine::create_volume`]): they take IO
+/// at once, refuse what cannot be, and a removed one takes no more IO; its slot serves the
+/// next.
+#[test]
+fn volumes_come_and_go_while_the_engine_runs() {
+    use fathom_engine::{ControlError, NewVolume};
+    let body = format!(
+        "{FOUR_VOLUMES}\n[[device]]\nname = \"pool0\"\ndriver = \"mem\"\nmedia = \"ram\"\n\
+         mode = \"inline\"\nsize = \"8MiB\"\n\
+         [cluster]\nname = \"t\"\netcd = [\"127.0.0.1:9\"]\n\
+         [cluster.pool]\ndevice = \"pool0\"\nvolumes = 2\n\
+         [[cluster.node]]\nid = \"test\"\nreplication = \"127.0.0.1:9\"\n\
+         [replication]\nlisten = [\"127.0.0.1:9\"]\nkey_file = \"unused.key\"\n"
+    );
+    let test = node(&two_cores(), &body);
+    let engine = Engine::start(&test.config).unwrap();
+    let new = |name: &str, offset: u64, size: u64| NewVolume {
+        name: name.into(),
+        device: "pool0".into(),
+        offset,
+        size,
+        meta_bytes: 8192,
+    };
+    let n1 = engine.create_volume(&new("n1", 0, 2 << 20)).unwrap();
+    let data = pattern(7, 64 << 10);
+    let write = |id, seed| {
+        let data = pattern(seed, 64 << 10);
+        let mut buf = engine.dma().alloc(data.len()).unwrap();
+        buf.write_at(0, &data);
+        engine.io(IoRequest::write(id, 4096, buf, 0)).result
+    };
+    let read = |id| {
+        let done = engine.io(IoRequest::read(
+            id,
+            4096,
+            engine.dma().alloc(64 << 10).unwrap(),
+            0,
+        ));
+        done.result.map(|()| done.buf.unwrap().to_vec())
+    };
+    write(n1.id, 7).unwrap();
+    assert!(
+        read(n1.id).unwrap() == data,
+        "a new volume reads back what was written"
+    );
+    assert_eq!(engine.volume("n1").unwrap().size_bytes(), 2 << 20);
+    // What cannot be is refused, with the reason.
+    let refused = |new: NewVolume| engine.create_volume(&new).unwrap_err();
+    assert!(matches!(
+        refused(new("n1", 4 << 20, 1 << 20)),
+        ControlError::VolumeExists { .. }
+    ));
+    let overlap = refused(new("n2", 1 << 20, 1 << 20)).to_string();
+    assert!(overlap.contains("overlap volume \"n1\""), "{overlap}");
+    let misaligned = refused(new("n2", 4 << 20, 1000)).to_string();
+    assert!(misaligned.contains("multiples"), "{misaligned}");
+    let too_far = refused(new("n2", 7 << 20, 2 << 20)).to_string();
+    assert!(too_far.contains("do not fit"), "{too_far}");
+    let name = refused(new("no/slash", 4 << 20, 1 << 20)).to_string();
+    assert!(name.contains("a volume name is"), "{name}");
+    let n2 = engine.create_volume(&new("n2", 4 << 20, 1 << 20)).unwrap();
+    assert!(matches!(
+        refused(new("n3", 6 << 20, 1 << 20)),
+        ControlError::NoVolumeSlot { slots: 2 }
+    ));
+    // Configured volumes stay; a removed one takes no more IO, and its slot serves another.
+    assert!(matches!(
+        engine.remove_volume("a").unwrap_err(),
+        ControlError::BadVolume { .. }
+    ));
+    engine.remove_volume("n1").unwrap();
+    assert!(engine.volume("n1").is_none());
+    assert!(matches!(read(n1.id), Err(IoError::UnknownVolume(_))));
+    let n3 = engine.create_volume(&new("n3", 0, 1 << 20)).unwrap();
+    assert_eq!(n3.id, n1.id, "the free slot is taken again");
+    write(n3.id, 9).unwrap();
+    assert!(read(n3.id).unwrap() == pattern(9, 64 << 10));
+    write(n2.id, 11).unwrap();
+    assert!(read(n2.id).unwrap() == pattern(11, 64 << 10));
+    let names: Vec<String> = engine.volumes().into_iter().map(|v| v.name).collect();
+    assert_eq!(names, ["a", "b", "c", "d", "n3", "n2"]);
+    // The stats region names what is there now, n3 in n1's old slot, counted from zero.
+    let mut reader =
+        fathom_telemetry::region::RegionReader::open(&test.config.region_path()).unwrap();
+    reader.refresh().unwrap();
+    let live: Vec<(usize, String)> = reader
+        .directory()
+        .live_volumes()
+        .map(|(index, entry)| (index, entry.name.clone()))
+        .collect();
+    assert_eq!(live[4..], [(4, "n3".to_string()), (5, "n2".to_string())]);
+    engine.remove_volume("n2").unwrap();
+    reader.refresh().unwrap();
+    assert!(reader
+        .directory()
+        .live_volumes()
+        .all(|(_, entry)| entry.name != "n2"));
+    engine.shutdown().unwrap();
+}

@@ -36,7 +36,7 @@ use crate::meta::{MetaError, Role, Superblock, BLOCK_BYTES};
 use crate::proto::{probe_entries, refusal, status, Header, Kind, MAX_PAYLOAD_LIMIT_BYTES};
 use crate::replica::PROBE_PAIRS_PER_REPLY;
 use crate::role::VolumeRole;
-use crate::service::{HeldVolume, ReplicaService, SLOTS};
+use crate::service::{HeldTable, HeldVolume, ReplicaService, SLOTS};
 use crate::session::PeerAuth;
 
 /// Why replication could not start.
@@ -161,6 +161,8 @@ pub struct Promoted {
 /// One volume this node holds a copy of.
 struct Held {
     volume: Volume,
+    /// The name its sessions open (the volume's, and its incarnation if it has one).
+    wire: String,
     /// The other nodes that hold copies, in the volume's replica order.
     peers: Vec<PeerAddress>,
     /// Each peer's place in the volume's replica list (its bitmap's place).
@@ -179,11 +181,16 @@ struct Shared {
     region_shift: u32,
     resync_rate: u64,
     resync_p99: Option<Duration>,
-    volumes: Vec<Held>,
+    /// The cluster's nodes and their replica services (`[[cluster.node]]`).
+    nodes: Vec<PeerAddress>,
+    volumes: parking_lot::RwLock<Vec<Arc<Held>>>,
+    /// What the replica service holds, by engine volume id.
+    table: HeldTable,
     /// This node's replica service, for a promote's session to its own copy.
     own_address: Option<SocketAddr>,
     stop: AtomicBool,
-    /// One role change at a time (a promote, the watcher's demotion).
+    /// One role change at a time (a promote, the watcher's demotion, a volume added or
+    /// removed).
     changes: Mutex<()>,
     /// Grants epochs when a control plane runs; `None`: this node takes them itself.
     authority: Option<Arc<dyn EpochAuthority>>,
@@ -197,23 +204,48 @@ pub struct Replication {
     watcher: Option<JoinHandle<()>>,
 }
 
+/// A copy of a replicated volume this node holds ([`Replication::add_volume`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopySpec {
+    /// The engine volume that holds it (data, then metadata).
+    pub volume: String,
+    /// The nodes that hold copies, this one among them, in the volume's replica order.
+    pub replicas: Vec<String>,
+    /// The primary of its first epoch.
+    pub first_primary: String,
+    /// Which volume of this name (the control plane's; 0 for a volume of the config files):
+    /// its sessions carry it, so that a copy of an earlier volume of the same name never
+    /// joins this one.
+    pub incarnation: u64,
+}
+
 impl Replication {
     /// Starts replication for the replicated volumes of `config` this node holds; `None`
-    /// when there are none. With an `authority` (a control plane), every copy starts as a
-    /// replica and the control plane decides which becomes the primary ([`Replication::promote_for`]);
-    /// without one, the node its superblock names as the primary claims the next epoch.
+    /// when there are none and none can come (no `[cluster.pool]`). With an `authority` (a
+    /// control plane), every copy starts as a replica and the control plane decides which
+    /// becomes the primary ([`Replication::promote_for`]); without one, the node its
+    /// superblock names as the primary claims the next epoch.
     pub fn start(
         engine: &Engine,
         config: &Config,
         authority: Option<Arc<dyn EpochAuthority>>,
     ) -> Result<Option<Self>, StartError> {
         let node = config.node.id.as_str();
-        let mine: Vec<_> = config
+        let mine: Vec<CopySpec> = config
             .volumes
             .iter()
             .filter(|volume| volume.replicas.iter().any(|replica| replica == node))
+            .map(|volume| CopySpec {
+                volume: volume.name.clone(),
+                replicas: volume.replicas.clone(),
+                first_primary: volume
+                    .primary
+                    .clone()
+                    .unwrap_or_else(|| volume.replicas[0].clone()),
+                incarnation: 0,
+            })
             .collect();
-        if mine.is_empty() {
+        if mine.is_empty() && config.cluster.pool.is_none() {
             return Ok(None);
         }
         let replication = &config.replication;
@@ -232,82 +264,14 @@ impl Replication {
             ),
             _ => (None, None),
         };
-        let region_shift = replication.region_size.0.trailing_zeros();
-        let mut volumes = Vec::new();
-        let mut max_payload = 0u32;
-        for volume_config in mine {
-            let name = volume_config.name.as_str();
-            let volume_error = |what: String| StartError::Volume {
-                volume: name.into(),
-                what,
-            };
-            let volume = engine
-                .volume(name)
-                .ok_or_else(|| volume_error("not among the engine's volumes".into()))?
-                .clone();
-            let payload = volume
-                .max_transfer_bytes
-                .min(MAX_PAYLOAD_LIMIT_BYTES as usize - BLOCK_BYTES)
-                as u32;
-            max_payload = max_payload.max(payload);
-            let first_primary = volume_config
-                .primary
-                .clone()
-                .unwrap_or_else(|| volume_config.replicas[0].clone());
-            let (superblock, copy) = read_superblock(engine, &volume, |uuid| Superblock {
-                generation: 0,
-                uuid,
-                volume: name.into(),
-                epoch: 0,
-                role: Role::None,
-                region_shift: region_shift as u8,
-                applied: 0,
-                durable: 0,
-                primary: first_primary.clone(),
-                in_sync: volume_config.replicas.clone(),
-            })?;
-            if superblock.volume != name {
-                return Err(volume_error(format!(
-                    "its metadata belongs to volume {:?}: the device range holds another volume's copy",
-                    superblock.volume
-                )));
-            }
-            let mut peers = Vec::new();
-            let mut slots = Vec::new();
-            for (slot, replica) in volume_config.replicas.iter().enumerate() {
-                if replica == node {
-                    continue;
-                }
-                let entry = config
-                    .cluster
-                    .nodes
-                    .iter()
-                    .find(|entry| &entry.id == replica)
-                    .expect("validated: replicas are cluster nodes");
-                peers.push(PeerAddress {
-                    node: replica.clone(),
-                    address: entry
-                        .replication
-                        .parse()
-                        .expect("validated: replication addresses parse"),
-                });
-                slots.push(slot);
-            }
-            // Each replica's dirty bitmap lies in the metadata area at its place in the
-            // volume's replica list, whoever is primary.
-            let bitmap_blocks = (volume.meta_blocks * volume.block_size as u64)
-                .saturating_sub(2 * BLOCK_BYTES as u64)
-                / (BLOCK_BYTES as u64 * MAX_REPLICAS as u64);
-            let primary_here = superblock.primary == node;
-            volumes.push(Held {
-                volume,
-                peers,
-                slots,
-                role: Arc::new(VolumeRole::new(name, superblock, copy, primary_here)),
-                max_payload: payload,
-                bitmap_blocks,
-            });
-        }
+        // Frames carry at most the largest transfer of any device (any volume's).
+        let max_payload = engine
+            .devices()
+            .map(|device| max_payload(device.max_transfer_bytes))
+            .max()
+            .unwrap_or(BLOCK_BYTES as u32);
+        let table: HeldTable =
+            Arc::new(parking_lot::RwLock::new(vec![None; engine.volume_slots()]));
         let listeners =
             server::listen::<ReplicaService>(&replication.listen, "replication.listen")?;
         let service = ReplicaService::new(
@@ -316,18 +280,7 @@ impl Replication {
             auth.clone(),
             server_tls,
             max_payload,
-            volumes
-                .iter()
-                .map(|held| HeldVolume {
-                    name: held.volume.name.clone(),
-                    id: held.volume.id,
-                    reactor: held.volume.reactor,
-                    block_size: held.volume.block_size,
-                    blocks: held.volume.blocks,
-                    region_shift,
-                    role: held.role.clone(),
-                })
-                .collect(),
+            table.clone(),
         );
         let limits = server::Limits {
             max_connections: 64,
@@ -344,42 +297,30 @@ impl Replication {
             cluster: config.cluster.name.clone(),
             auth,
             client_tls,
-            region_shift,
+            region_shift: replication.region_size.0.trailing_zeros(),
             resync_rate: replication.resync_rate.0,
             resync_p99: replication.resync_p99.map(|bound| bound.0),
+            nodes: config
+                .cluster
+                .nodes
+                .iter()
+                .map(|entry| PeerAddress {
+                    node: entry.id.clone(),
+                    address: entry
+                        .replication
+                        .parse()
+                        .expect("validated: replication addresses parse"),
+                })
+                .collect(),
             own_address: server.addresses().first().copied(),
-            volumes,
+            volumes: parking_lot::RwLock::new(Vec::new()),
+            table,
             stop: AtomicBool::new(false),
             changes: Mutex::new(()),
             authority,
         });
-        for held in &shared.volumes {
-            let name = held.volume.name.clone();
-            let superblock = held.role.superblock();
-            if shared.authority.is_some() {
-                // The control plane names the primary: until then, a replica; and no primary
-                // acknowledges IO without the control plane's lease.
-                held.role.set_primary_here(false);
-                held.role.set_lease_until(None);
-            }
-            let result = if held.role.primary_here() {
-                // It claims the next epoch on the others, and serves once a majority took it:
-                // whatever an earlier run of it still had in flight is then refused.
-                shared.install_primary(held, superblock.epoch + 1, false, Vec::new(), 0, true)
-            } else {
-                shared.install_replica(held)
-            };
-            result.map_err(|error| StartError::Volume {
-                volume: name.clone(),
-                what: error,
-            })?;
-            tracing::info!(
-                volume = %name,
-                epoch = superblock.epoch,
-                primary = %superblock.primary,
-                "replication: this node is {}",
-                if held.role.primary_here() { "its primary" } else { "a replica" }
-            );
+        for copy in &mine {
+            shared.add(copy)?;
         }
         let watcher = {
             let shared = shared.clone();
@@ -398,10 +339,24 @@ impl Replication {
         }))
     }
 
+    /// Starts serving a copy of a volume made while the node runs (its engine volume exists,
+    /// its metadata area is new or holds this volume's): as a replica with a control plane,
+    /// else as its superblock says. Refused for a volume held already, or a replica list
+    /// that does not name this node or names nodes not in the cluster.
+    pub fn add_volume(&self, copy: &CopySpec) -> Result<(), StartError> {
+        self.shared.add(copy)
+    }
+
+    /// Stops serving `volume`'s copy here: its sessions close and its layer is taken out
+    /// (the engine volume stays, for the caller to remove). False when not held here.
+    pub fn remove_volume(&self, volume: &str) -> bool {
+        self.shared.remove(volume)
+    }
+
     /// Each replicated volume this node holds, live.
     pub fn roles(&self) -> Vec<Arc<VolumeRole>> {
         self.shared
-            .volumes
+            .all()
             .iter()
             .map(|held| held.role.clone())
             .collect()
@@ -427,7 +382,7 @@ impl Replication {
     /// swaps it). The epoch known here is not raised: the new primary's claim of it must
     /// still be taken by this copy's replica service.
     pub fn step_down(&self, volume: &str, epoch: u64) {
-        if let Some(held) = self.shared.volumes.iter().find(|h| h.volume.name == volume) {
+        if let Some(held) = self.shared.held(volume) {
             if held.role.primary_here() {
                 tracing::warn!(
                     volume,
@@ -471,7 +426,181 @@ impl Drop for Replication {
     }
 }
 
+/// The largest write payload a frame carries for a volume whose device moves at most
+/// `transfer` bytes per command.
+fn max_payload(transfer: usize) -> u32 {
+    transfer.min(MAX_PAYLOAD_LIMIT_BYTES as usize - BLOCK_BYTES) as u32
+}
+
 impl Shared {
+    /// The copy of `name` held here.
+    fn held(&self, name: &str) -> Option<Arc<Held>> {
+        self.volumes
+            .read()
+            .iter()
+            .find(|held| held.volume.name == name)
+            .cloned()
+    }
+
+    /// Every copy held here.
+    fn all(&self) -> Vec<Arc<Held>> {
+        self.volumes.read().clone()
+    }
+
+    /// Holds `copy`: reads (or formats) its superblock, lets the replica service serve it,
+    /// and installs its layer.
+    fn add(&self, copy: &CopySpec) -> Result<(), StartError> {
+        let name = copy.volume.as_str();
+        let volume_error = |what: String| StartError::Volume {
+            volume: name.into(),
+            what,
+        };
+        let _changing = self
+            .changes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self.held(name).is_some() {
+            return Err(volume_error("this node holds a copy already".into()));
+        }
+        if !copy.replicas.contains(&self.node) {
+            return Err(volume_error(format!(
+                "its replicas {:?} do not name this node ({})",
+                copy.replicas, self.node
+            )));
+        }
+        let volume = self
+            .engine
+            .volume(name)
+            .ok_or_else(|| volume_error("not among the engine's volumes".into()))?;
+        let payload = max_payload(volume.max_transfer_bytes);
+        let (superblock, at) = read_superblock(&self.engine, &volume, |uuid| Superblock {
+            generation: 0,
+            uuid,
+            volume: name.into(),
+            epoch: 0,
+            role: Role::None,
+            region_shift: self.region_shift as u8,
+            applied: 0,
+            durable: 0,
+            primary: copy.first_primary.clone(),
+            in_sync: copy.replicas.clone(),
+        })?;
+        if superblock.volume != name {
+            return Err(volume_error(format!(
+                "its metadata belongs to volume {:?}: the device range holds another volume's copy",
+                superblock.volume
+            )));
+        }
+        let mut peers = Vec::new();
+        let mut slots = Vec::new();
+        for (slot, replica) in copy.replicas.iter().enumerate() {
+            if *replica == self.node {
+                continue;
+            }
+            let peer = self
+                .nodes
+                .iter()
+                .find(|entry| entry.node == *replica)
+                .ok_or_else(|| {
+                    volume_error(format!(
+                        "replica {replica:?} is not a node of the cluster ([[cluster.node]])"
+                    ))
+                })?;
+            peers.push(peer.clone());
+            slots.push(slot);
+        }
+        // Each replica's dirty bitmap lies in the metadata area at its place in the
+        // volume's replica list, whoever is primary.
+        let bitmap_blocks = (volume.meta_blocks * volume.block_size as u64)
+            .saturating_sub(2 * BLOCK_BYTES as u64)
+            / (BLOCK_BYTES as u64 * MAX_REPLICAS as u64);
+        let primary_here = superblock.primary == self.node;
+        let held = Arc::new(Held {
+            wire: match copy.incarnation {
+                0 => name.to_string(),
+                incarnation => format!("{name}~{incarnation:016x}"),
+            },
+            peers,
+            slots,
+            role: Arc::new(VolumeRole::new(name, superblock.clone(), at, primary_here)),
+            max_payload: payload,
+            bitmap_blocks,
+            volume,
+        });
+        let id = held.volume.id.0 as usize;
+        {
+            let mut table = self.table.write();
+            if id >= table.len() {
+                table.resize(id + 1, None);
+            }
+            table[id] = Some(Arc::new(HeldVolume {
+                name: held.wire.clone(),
+                id: held.volume.id,
+                reactor: held.volume.reactor,
+                block_size: held.volume.block_size,
+                blocks: held.volume.blocks,
+                region_shift: self.region_shift,
+                role: held.role.clone(),
+            }));
+        }
+        self.volumes.write().push(held.clone());
+        if self.authority.is_some() {
+            // The control plane names the primary: until then, a replica; and no primary
+            // acknowledges IO without the control plane's lease.
+            held.role.set_primary_here(false);
+            held.role.set_lease_until(None);
+        }
+        let result = if held.role.primary_here() {
+            // It claims the next epoch on the others, and serves once a majority took it:
+            // whatever an earlier run of it still had in flight is then refused.
+            self.install_primary(&held, superblock.epoch + 1, false, Vec::new(), 0, true)
+        } else {
+            self.install_replica(&held)
+        };
+        if let Err(error) = result {
+            self.forget(name);
+            return Err(volume_error(error));
+        }
+        tracing::info!(
+            volume = %name,
+            epoch = superblock.epoch,
+            primary = %superblock.primary,
+            "replication: this node is {}",
+            if held.role.primary_here() { "its primary" } else { "a replica" }
+        );
+        Ok(())
+    }
+
+    /// Lets go of `name`'s copy: its sessions close, its IO fails from here on.
+    fn remove(&self, name: &str) -> bool {
+        let _changing = self
+            .changes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(held) = self.forget(name) else {
+            return false;
+        };
+        held.role.set_removed();
+        held.role.set_primary_here(false);
+        held.role.set_primary_status(None);
+        held.role.set_lease_until(None);
+        tracing::info!(volume = %name, "replication: this node no longer holds a copy");
+        true
+    }
+
+    /// Takes `name` out of the lists; its copy, if there was one.
+    fn forget(&self, name: &str) -> Option<Arc<Held>> {
+        let held = {
+            let mut volumes = self.volumes.write();
+            let at = volumes.iter().position(|held| held.volume.name == name)?;
+            volumes.remove(at)
+        };
+        if let Some(entry) = self.table.write().get_mut(held.volume.id.0 as usize) {
+            *entry = None;
+        }
+        Some(held)
+    }
+
     /// Makes this node `held`'s primary at `epoch`: its replication layer in the volume's
     /// stack. `serving`: the epoch is durable on a majority already (a promote).
     fn install_primary(
@@ -510,7 +639,7 @@ impl Shared {
             cluster: self.cluster.clone(),
             auth: self.auth.clone(),
             tls: self.client_tls.clone(),
-            volume: volume.name.clone(),
+            volume: held.wire.clone(),
             epoch,
             first_lba: volume.first_lba,
             blocks: volume.blocks,
@@ -556,7 +685,7 @@ impl Shared {
                 tls: self.client_tls.clone(),
                 max_payload: held.max_payload,
             },
-            volume: held.volume.name.clone(),
+            volume: held.wire.clone(),
             role: held.role.clone(),
             nodes: held.peers.clone(),
             first_lba: held.volume.first_lba,
@@ -573,7 +702,7 @@ impl Shared {
     fn watch(self: &Arc<Self>) {
         while !self.stop.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(50));
-            for held in &self.volumes {
+            for held in &self.all() {
                 if let Some(epoch) = held.role.take_handover() {
                     self.take_over(held, epoch);
                 }
@@ -588,6 +717,13 @@ impl Shared {
                     .changes
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
+                // Removed meanwhile: nothing of it is to be installed.
+                let listed = self
+                    .held(&held.volume.name)
+                    .is_some_and(|now| Arc::ptr_eq(&now, held));
+                if !listed {
+                    continue;
+                }
                 tracing::warn!(
                     volume = %held.volume.name,
                     epoch = held.role.epoch(),
@@ -628,9 +764,7 @@ impl Shared {
 
     fn reparent(&self, name: &str, to: &str) -> Result<Reparented, ReparentError> {
         let held = self
-            .volumes
-            .iter()
-            .find(|held| held.volume.name == name)
+            .held(name)
             .ok_or_else(|| ReparentError::Unknown(name.into()))?;
         let not_primary = || ReparentError::NotPrimary {
             volume: name.into(),
@@ -712,7 +846,7 @@ impl Shared {
         let epoch = status.epoch();
         let sequence = status.sequence();
         let opener = self.opener(held.max_payload);
-        let mut session = BlockingSession::open(&opener, to, held.peers[index].address, name)
+        let mut session = BlockingSession::open(&opener, to, held.peers[index].address, &held.wire)
             .map_err(|error| call_off(error.to_string()))?;
         loop {
             let (answer, text) = session
@@ -794,9 +928,7 @@ impl Shared {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let held = self
-            .volumes
-            .iter()
-            .find(|held| held.volume.name == name)
+            .held(name)
             .ok_or_else(|| PromoteError::Unknown(name.into()))?;
         let failed = |what: String| PromoteError::Failed {
             volume: name.into(),
@@ -872,7 +1004,7 @@ impl Shared {
                 self.auth.clone(),
                 self.client_tls.clone(),
             );
-            let (max_payload, volume) = (held.max_payload, name.to_string());
+            let (max_payload, volume) = (held.max_payload, held.wire.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("promote-{peer}"))
                 .spawn(move || {
@@ -959,7 +1091,7 @@ impl Shared {
                 continue;
             }
             bytes_copied += self
-                .copy_region(held, &mut survivors, source, region)
+                .copy_region(&held, &mut survivors, source, region)
                 .map_err(failed)?;
             regions_copied += 1;
         }
@@ -992,7 +1124,7 @@ impl Shared {
         let sequence = survivors.iter().map(|s| s.taken).max().unwrap_or(0);
         let names = survivors.iter().map(|s| s.node.clone()).collect();
         drop(survivors);
-        self.install_primary(held, epoch, true, stale, sequence, false)
+        self.install_primary(&held, epoch, true, stale, sequence, false)
             .map_err(failed)?;
         tracing::warn!(
             volume = name,

@@ -39,6 +39,8 @@ pub struct VolumeRole {
     /// As the primary: until when it may acknowledge IO, in nanoseconds after [`lease_base`];
     /// `u64::MAX` with no control plane (nothing can elect another primary behind its back).
     lease_until: AtomicU64,
+    /// The volume is being deleted from this node: its sessions close, nothing serves it.
+    removed: AtomicBool,
 }
 
 /// The instant lease deadlines count from (the first use in this process).
@@ -54,6 +56,7 @@ impl VolumeRole {
             epoch: AtomicU64::new(superblock.epoch),
             primary_here: AtomicBool::new(primary_here),
             in_sync: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
             applied: AtomicU64::new(superblock.applied),
             superblock: Mutex::new((superblock, copy)),
             primary_status: Mutex::new(None),
@@ -154,6 +157,15 @@ impl VolumeRole {
 
     pub fn set_primary_here(&self, primary: bool) {
         self.primary_here.store(primary, Ordering::Release);
+    }
+
+    /// Whether the volume is being deleted from this node.
+    pub fn removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    pub fn set_removed(&self) {
+        self.removed.store(true, Ordering::Release);
     }
 
     pub fn in_sync(&self) -> bool {

@@ -51,6 +51,10 @@ pub struct HeldVolume {
     pub role: Arc<VolumeRole>,
 }
 
+/// The volumes a node holds copies of, by engine volume id (`None`: not one of them). Changed
+/// when a volume comes or goes; read when a session opens.
+pub type HeldTable = Arc<parking_lot::RwLock<Vec<Option<Arc<HeldVolume>>>>>;
+
 /// What the replica service of a node is.
 pub struct ReplicaService {
     node: String,
@@ -59,7 +63,7 @@ pub struct ReplicaService {
     /// Mutual TLS: sessions start with a TLS handshake that requires the peer's certificate.
     tls: Option<Arc<rustls::ServerConfig>>,
     max_payload: u32,
-    volumes: Vec<HeldVolume>,
+    volumes: HeldTable,
 }
 
 impl ReplicaService {
@@ -71,7 +75,7 @@ impl ReplicaService {
         auth: PeerAuth,
         tls: Option<Arc<rustls::ServerConfig>>,
         max_payload: u32,
-        volumes: Vec<HeldVolume>,
+        volumes: HeldTable,
     ) -> Self {
         Self {
             node: node.into(),
@@ -81,6 +85,15 @@ impl ReplicaService {
             max_payload,
             volumes,
         }
+    }
+
+    fn held(&self, name: &str) -> Option<Arc<HeldVolume>> {
+        self.volumes
+            .read()
+            .iter()
+            .flatten()
+            .find(|held| held.name == name)
+            .cloned()
     }
 
     /// Bytes a session may hold for its peer: every slot's reply at its largest.
@@ -108,9 +121,45 @@ impl VolumeState {
     }
 }
 
-/// The replica states of the volumes one reactor owns, by index in the service's list.
+/// The replica states of the volumes one reactor owns, by engine volume id.
 pub struct ReplicaLocal {
     volumes: Vec<Option<VolumeState>>,
+}
+
+impl ReplicaLocal {
+    /// The state of `held` here, made when its first session arrives (and again when the
+    /// slot holds another volume than last time).
+    fn ensure(&mut self, held: &HeldVolume) {
+        let at = held.id.0 as usize;
+        if at >= self.volumes.len() {
+            self.volumes.resize_with(at + 1, || None);
+        }
+        let current = self.volumes[at]
+            .as_ref()
+            .is_some_and(|state| Arc::ptr_eq(&state.role, &held.role));
+        if current {
+            return;
+        }
+        let superblock = held.role.superblock();
+        let mut replica = ReplicaVolume::new(
+            0,
+            superblock.epoch,
+            held.block_size,
+            held.blocks,
+            superblock.applied,
+            ORDER_CAPACITY,
+        );
+        replica.track_regions(held.region_shift);
+        // No primary ever claimed this copy: it holds nothing yet.
+        if superblock.epoch == 0 {
+            replica.mark_new_copy();
+        }
+        self.volumes[at] = Some(VolumeState {
+            replica,
+            persisting: false,
+            role: held.role.clone(),
+        });
+    }
 }
 
 impl Service for ReplicaService {
@@ -144,38 +193,14 @@ impl Service for ReplicaService {
             claimed: None,
             stalled: None,
             waiting: 0,
+            held: None,
         }))
     }
 
-    fn local(&self, reactor: usize) -> ReplicaLocal {
+    fn local(&self, _reactor: usize) -> ReplicaLocal {
+        // Each volume's state is made on its reactor when its first session arrives there.
         ReplicaLocal {
-            volumes: self
-                .volumes
-                .iter()
-                .map(|held| {
-                    (held.reactor == reactor).then(|| {
-                        let superblock = held.role.superblock();
-                        let mut replica = ReplicaVolume::new(
-                            0,
-                            superblock.epoch,
-                            held.block_size,
-                            held.blocks,
-                            superblock.applied,
-                            ORDER_CAPACITY,
-                        );
-                        replica.track_regions(held.region_shift);
-                        // No primary ever claimed this copy: it holds nothing yet.
-                        if superblock.epoch == 0 {
-                            replica.mark_new_copy();
-                        }
-                        VolumeState {
-                            replica,
-                            persisting: false,
-                            role: held.role.clone(),
-                        }
-                    })
-                })
-                .collect(),
+            volumes: (0..self.volumes.read().len()).map(|_| None).collect(),
         }
     }
 }
@@ -188,7 +213,7 @@ enum Phase {
     Open {
         /// The peer's node id.
         peer: String,
-        /// The volume (index in the service's list).
+        /// The volume (its engine id); [`ReplicaConn::held`] is its copy here.
         volume: usize,
     },
 }
@@ -249,6 +274,8 @@ pub struct ReplicaConn {
     stream: FrameStream,
     peer: SocketAddr,
     phase: Phase,
+    /// The volume of an open session.
+    held: Option<Arc<HeldVolume>>,
     slots: Vec<Option<Pending>>,
     free: Vec<u16>,
     /// Slots to submit, in arrival order.
@@ -323,9 +350,7 @@ impl ReplicaConn {
                 self.close_with(format!("while opening: {error}"));
                 return served;
             }
-            Some(Ok(frame)) => session.on_frame(&frame, |name| {
-                service.volumes.iter().any(|held| held.name == name)
-            }),
+            Some(Ok(frame)) => session.on_frame(&frame, |name| service.held(name).is_some()),
         };
         served.work = true;
         let (bytes, opened) = match step {
@@ -351,17 +376,17 @@ impl ReplicaConn {
                 ));
                 return served;
             };
-            let volume = service
-                .volumes
-                .iter()
-                .position(|held| &held.name == name)
-                .expect("the session checked that this node holds it");
+            let Some(held) = service.held(name) else {
+                self.close_with(format!("volume {name} is no longer held here"));
+                return served;
+            };
             tracing::info!(peer = %self.peer, node = %opened.peer, volume = %name, "replication session open");
+            served.hand_off = Some(held.reactor);
             self.phase = Phase::Open {
                 peer: opened.peer,
-                volume,
+                volume: held.id.0 as usize,
             };
-            served.hand_off = Some(service.volumes[volume].reactor);
+            self.held = Some(held);
         }
         served
     }
@@ -1020,8 +1045,17 @@ impl Connection for ReplicaConn {
             match self.phase {
                 Phase::Opening { .. } => served = self.serve_opening(service),
                 Phase::Open { volume, .. } => {
-                    let held = &service.volumes[volume];
+                    // Taken out while it is used, and put back: no reference count moves per
+                    // poll.
+                    let held = self.held.take().expect("an open session has its volume");
+                    if !held.role.removed() {
+                        local.ensure(&held);
+                    }
                     let result = self.stream.fill_from("primary").and_then(|read| {
+                        if held.role.removed() {
+                            return Err(format!("volume {} was deleted here", held.name));
+                        }
+                        let held = &*held;
                         let taken = self.take_frames(volume, local, buffers)?;
                         if taken {
                             // The engine's accept stamp of what arrived now (the reactor's last
@@ -1032,6 +1066,7 @@ impl Connection for ReplicaConn {
                             self.submit_ready(index, (volume, held), io, local, buffers)?;
                         Ok(read > 0 || taken || submitted)
                     });
+                    self.held = Some(held);
                     match result {
                         Ok(work) => served.work = work,
                         Err(reason) => self.close_with(reason),
@@ -1050,7 +1085,17 @@ impl Connection for ReplicaConn {
             // Frames taken but not in the engine fail here; what is in the engine comes back
             // first.
             if let Phase::Open { volume, .. } = self.phase {
-                if let Some(state) = local.volumes.get_mut(volume).and_then(Option::as_mut) {
+                // Its own volume's state only (not a volume made since in the same slot).
+                let state = local
+                    .volumes
+                    .get_mut(volume)
+                    .and_then(Option::as_mut)
+                    .filter(|state| {
+                        self.held
+                            .as_ref()
+                            .is_some_and(|held| Arc::ptr_eq(&held.role, &state.role))
+                    });
+                if let Some(state) = state {
                     while let Some(slot) = self.ready.pop_front() {
                         if let Some(pending) = self.slots[slot as usize].take() {
                             self.free.push(slot);

@@ -61,6 +61,8 @@ const DEFAULT_NODE: &str = "/var/lib/fathom";
 ///
 ///   fathom-ctl --etcd 127.0.0.1:2379 --cluster fathom-loopback cluster status
 ///   fathom-ctl --etcd 127.0.0.1:2379 --cluster fathom-loopback volume list --json
+///   fathom-ctl --etcd 127.0.0.1:2379 --cluster fathom-loopback volume create vol1 --size 1GiB
+///   fathom-ctl --etcd 127.0.0.1:2379 --cluster fathom-loopback volume delete vol1
 ///   fathom-ctl partition etcd                           # drill: cut this node off from etcd
 ///
 /// The socket is owner-only: run as the user that runs fathom-node. --json prints the node's
@@ -557,6 +559,34 @@ enum ClusterAction {
 enum VolumeAction {
     /// One line per volume: size, copies, primary, epoch, in-sync copies, state.
     List,
+    /// Makes a volume: places its copies on distinct live nodes with room in their pools
+    /// ([cluster.pool]), the emptiest first, and writes it to etcd; each of those nodes then
+    /// clears a range of its pool for it and serves it (NBD export NAME on every node).
+    /// Refused, with the reason, when it cannot be placed (fewer live nodes with pools than
+    /// copies, no room, a size not a multiple of the block) or the name is taken.
+    ///
+    ///   fathom-ctl --etcd 127.0.0.1:2379 --cluster fathom-loopback volume create vol1 --size 1GiB
+    #[command(verbatim_doc_comment)]
+    Create {
+        name: String,
+        /// Bytes clients see: 512MiB, 1GiB, ... (a multiple of the block size).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Copies, each on its own node (3 survives the loss of any one node).
+        #[arg(long, default_value = "3")]
+        replicas: usize,
+        /// The block size of the pools to use [default: the one most live pools have].
+        #[arg(long)]
+        block_size: Option<u32>,
+    },
+    /// Deletes a volume: it goes from etcd at once, and each node that holds a copy stops
+    /// serving it (its NBD clients are disconnected) and gives its range back to its pool.
+    /// Nodes that are down drop theirs when they come back. The data stays on the devices
+    /// until the range is taken again (cleared then): do not count on getting it back.
+    ///
+    ///   fathom-ctl --etcd 127.0.0.1:2379 --cluster fathom-loopback volume delete vol1
+    #[command(verbatim_doc_comment)]
+    Delete { name: String },
 }
 
 /// `cluster` and `volume`: straight to etcd, no node needed.
@@ -573,6 +603,52 @@ fn run_control_plane(args: &Args) -> Result<()> {
     };
     let mut etcd = fathom_cluster::etcd::Etcd::new(&args.etcd, timeouts)?;
     let report = fathom_cluster::report::read(&mut etcd, cluster)?;
+    if let Command::Volume { action } = &args.command {
+        match action {
+            VolumeAction::List => {}
+            VolumeAction::Create {
+                name,
+                size,
+                replicas,
+                block_size,
+            } => {
+                let created = fathom_cluster::admin::create(
+                    &mut etcd,
+                    &report,
+                    name,
+                    *size,
+                    *replicas,
+                    *block_size,
+                )?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&created)?);
+                } else {
+                    println!(
+                        "volume {} created: {} in {}-byte blocks, copies on {} (primary {}); the nodes make and serve it within seconds (`volume list`)",
+                        created.spec.name,
+                        fathom::text::bytes_text(created.spec.size),
+                        created.spec.block_size,
+                        created.spec.replicas.join(", "),
+                        created.state.primary
+                    );
+                }
+                return Ok(());
+            }
+            VolumeAction::Delete { name } => {
+                let spec = fathom_cluster::admin::delete(&mut etcd, &report, name)?;
+                if args.json {
+                    println!("{}", serde_json::json!({ "deleted": spec }));
+                } else {
+                    println!(
+                        "volume {} deleted; its copies on {} go as those nodes see it",
+                        spec.name,
+                        spec.replicas.join(", ")
+                    );
+                }
+                return Ok(());
+            }
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());

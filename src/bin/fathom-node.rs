@@ -188,33 +188,6 @@ fn run(args: Args) -> Result<()> {
     )
     .context("starting replication")?
     .map(std::sync::Arc::new);
-    let agent = match (control_plane, authority, &replication) {
-        (Some(settings), Some(authority), Some(replication)) => {
-            tracing::info!(
-                "cluster: control plane on etcd {} (cluster {:?}, lease {} s)",
-                settings.endpoints.join(","),
-                settings.cluster,
-                settings.lease.as_secs()
-            );
-            Some(
-                fathom_cluster::agent::Agent::start(
-                    settings,
-                    authority,
-                    replication.clone(),
-                    Some({
-                        let (node, replication) = (config.node.id.clone(), replication.clone());
-                        Box::new(move || {
-                            let rows =
-                                fathom::node_control::replication_rows(&node, &replication.roles());
-                            serde_json::to_value(rows).unwrap_or_default()
-                        })
-                    }),
-                )
-                .context("starting the control plane")?,
-            )
-        }
-        _ => None,
-    };
     let control_path = fathom_control::socket_path(&config.node.data_dir);
     let control = fathom_control::server::ControlServer::start(
         &control_path,
@@ -247,6 +220,8 @@ fn run(args: Args) -> Result<()> {
     } else {
         None
     };
+    // The front end before the control plane: volumes the control plane makes or deletes
+    // are exported or withdrawn as they come and go.
     let nbd = if config.nbd.listen.is_empty() {
         tracing::info!("NBD: not serving (nbd.listen = [])");
         None
@@ -271,7 +246,39 @@ fn run(args: Args) -> Result<()> {
                 .collect();
             tracing::info!("NBD: serving {} on {address}", exports.join(" "));
         }
-        Some(server)
+        Some(std::sync::Arc::new(server))
+    };
+    let agent = match (control_plane, authority, &replication) {
+        (Some(settings), Some(authority), Some(replication)) => {
+            tracing::info!(
+                "cluster: control plane on etcd {} (cluster {:?}, lease {} s)",
+                settings.endpoints.join(","),
+                settings.cluster,
+                settings.lease.as_secs()
+            );
+            Some(
+                fathom_cluster::agent::Agent::start(
+                    settings,
+                    authority,
+                    replication.clone(),
+                    Some({
+                        let (node, replication) = (config.node.id.clone(), replication.clone());
+                        Box::new(move || {
+                            let rows =
+                                fathom::node_control::replication_rows(&node, &replication.roles());
+                            serde_json::to_value(rows).unwrap_or_default()
+                        })
+                    }),
+                    &engine,
+                    nbd.clone().map(|server| {
+                        std::sync::Arc::new(NbdExports(server))
+                            as std::sync::Arc<dyn fathom_cluster::provision::Frontends>
+                    }),
+                )
+                .context("starting the control plane")?,
+            )
+        }
+        _ => None,
     };
     tracing::info!("node {} ready; SIGINT or SIGTERM stops it", config.node.id);
 
@@ -310,6 +317,27 @@ fn run(args: Args) -> Result<()> {
         config.node.id
     );
     Ok(())
+}
+
+/// The NBD server told of volumes the control plane makes and deletes.
+struct NbdExports(std::sync::Arc<NbdServer>);
+
+impl fathom_cluster::provision::Frontends for NbdExports {
+    fn added(&self, volume: &fathom_engine::Volume) {
+        match self.0.add_export(volume) {
+            Ok(()) => tracing::info!(
+                "NBD: serving volume {} (made through the control plane)",
+                volume.name
+            ),
+            Err(error) => tracing::error!("NBD: cannot serve volume {}: {error:#}", volume.name),
+        }
+    }
+
+    fn removing(&self, name: &str) {
+        if !self.0.remove_export(name, Duration::from_secs(5)) {
+            tracing::warn!("NBD: clients of volume {name} still had IO in flight after 5 s; deleting it anyway");
+        }
+    }
 }
 
 fn log_layout(engine: &Engine, config: &Config) {

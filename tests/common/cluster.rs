@@ -87,6 +87,21 @@ impl Cluster {
         Self::start_in(dir, count, "", true, "", &lines, Some(etcd))
     }
 
+    /// As [`Cluster::start_with_etcd`] (one etcd member, a 2 s lease), each node with a pool
+    /// of `pool_bytes` on a device of its own (`pool0`) for volumes made through etcd.
+    pub fn start_with_pool(count: usize, pool_bytes: u64) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = fathom_cluster::local::LocalEtcd::start(dir.path(), 1)
+            .unwrap_or_else(|error| panic!("starting etcd: {error}"));
+        let lines = format!("etcd = [{:?}]\nlease = \"2s\"\n", etcd.endpoints()[0]);
+        let extra = format!(
+            "[cluster.pool]\ndevice = \"pool0\"\nvolumes = 4\n\
+             [[device]]\nname = \"pool0\"\ndriver = \"mem\"\nmedia = \"file\"\n\
+             size = \"{pool_bytes}\"\nblock_size = {BLOCK_BYTES}\n"
+        );
+        Self::start_in(dir, count, &extra, true, "", &lines, Some(etcd))
+    }
+
     fn start_full(count: usize, extra: &str, metrics: bool, replication: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         Self::start_in(dir, count, extra, metrics, replication, "", None)
@@ -220,8 +235,13 @@ impl Cluster {
     }
 
     pub fn uri(&self, index: usize) -> String {
+        self.uri_of(index, "vol0")
+    }
+
+    /// Node `index`'s NBD export of `volume`.
+    pub fn uri_of(&self, index: usize, volume: &str) -> String {
         format!(
-            "nbd://{}/vol0",
+            "nbd://{}/{volume}",
             self.nodes[index].nbd.expect("the node runs")
         )
     }

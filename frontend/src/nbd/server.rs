@@ -19,7 +19,8 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use super::handshake::{ExportInfo, Handshake, HandshakeConfig, HandshakeError, State};
@@ -33,11 +34,12 @@ use fathom_engine::config::NbdConfig;
 use fathom_engine::engine::Engine;
 use fathom_engine::reactor::{IoContext, Rejected};
 use fathom_engine::stats::stage;
-use fathom_engine::volume::{IoCompletion, IoError, IoRequest, VolumeId};
+use fathom_engine::volume::{IoCompletion, IoError, IoRequest, Volume, VolumeId};
 use fathom_engine::{EngineStamps, FrontendTrace};
 use fathom_net::server::{self, Connection, Served, Server, ServerError, Service};
 use fathom_net::transport::{self, TlsError, Transport};
 use fathom_net::BufferCache;
+use parking_lot::RwLock;
 
 /// Bytes of socket data a connection buffers for parsing (request headers and small payloads;
 /// larger payloads are read straight into their DMA buffer).
@@ -77,11 +79,43 @@ struct Export {
     /// Largest WRITE_ZEROES one engine command carries; longer ones are split.
     max_zeroes: u64,
     info: ExportInfo,
+    /// The volume is going away: its connections close.
+    gone: AtomicBool,
+}
+
+impl Export {
+    fn of(volume: &Volume) -> Self {
+        let max_block = (volume.max_transfer_bytes as u64).min(MAX_BLOCK as u64) as u32;
+        Export {
+            volume: volume.id,
+            reactor: volume.reactor,
+            max_zeroes: 65536 * volume.block_size as u64,
+            info: ExportInfo {
+                name: volume.name.clone(),
+                description: format!(
+                    "Fathom volume {} on device {}",
+                    volume.name, volume.device_name
+                ),
+                size_bytes: volume.size_bytes(),
+                transmission_flags: transmission_flag::HAS_FLAGS
+                    | transmission_flag::SEND_FLUSH
+                    | transmission_flag::SEND_FUA
+                    | transmission_flag::SEND_TRIM
+                    | transmission_flag::SEND_WRITE_ZEROES
+                    | transmission_flag::CAN_MULTI_CONN,
+                min_block_bytes: volume.block_size,
+                preferred_block_bytes: 4096.max(volume.block_size),
+                max_block_bytes: max_block,
+            },
+            gone: AtomicBool::new(false),
+        }
+    }
 }
 
 /// What every NBD connection shares: the exports, TLS and the handshake's settings.
 struct NbdService {
-    exports: Vec<Export>,
+    /// The exports offered to a new connection (each connection keeps the one it chose).
+    exports: RwLock<Vec<Arc<Export>>>,
     max_in_flight: usize,
     /// TLS for clients that ask for it (and, when required, the only way in).
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -97,13 +131,12 @@ impl Service for NbdService {
     fn local(&self, _reactor: usize) {}
 
     fn accept(&self, stream: TcpStream, peer: SocketAddr) -> Option<Box<Conn>> {
-        let exports = self
-            .exports
-            .iter()
-            .map(|export| export.info.clone())
-            .collect();
-        match Handshake::new(exports, self.handshake) {
-            Ok(handshake) => Some(Box::new(Conn::new(stream, peer, handshake))),
+        let exports = self.exports.read();
+        let infos = exports.iter().map(|export| export.info.clone()).collect();
+        let offered = exports.iter().map(Arc::downgrade).collect();
+        drop(exports);
+        match Handshake::new(infos, self.handshake) {
+            Ok(handshake) => Some(Box::new(Conn::new(stream, peer, handshake, offered))),
             Err(error) => {
                 // Checked when the server started: cannot happen.
                 tracing::error!(%peer, "NBD: {error}");
@@ -122,34 +155,10 @@ impl NbdServer {
     /// Serves every volume of `engine` as an export of the same name on `config.listen`.
     pub fn start(engine: &Engine, config: &NbdConfig) -> Result<Self, NbdError> {
         let listeners = server::listen::<NbdService>(&config.listen, "nbd.listen")?;
-        let exports: Vec<Export> = engine
+        let exports: Vec<Arc<Export>> = engine
             .volumes()
             .iter()
-            .map(|volume| {
-                let max_block = (volume.max_transfer_bytes as u64).min(MAX_BLOCK as u64) as u32;
-                Export {
-                    volume: volume.id,
-                    reactor: volume.reactor,
-                    max_zeroes: 65536 * volume.block_size as u64,
-                    info: ExportInfo {
-                        name: volume.name.clone(),
-                        description: format!(
-                            "Fathom volume {} on device {}",
-                            volume.name, volume.device_name
-                        ),
-                        size_bytes: volume.size_bytes(),
-                        transmission_flags: transmission_flag::HAS_FLAGS
-                            | transmission_flag::SEND_FLUSH
-                            | transmission_flag::SEND_FUA
-                            | transmission_flag::SEND_TRIM
-                            | transmission_flag::SEND_WRITE_ZEROES
-                            | transmission_flag::CAN_MULTI_CONN,
-                        min_block_bytes: volume.block_size,
-                        preferred_block_bytes: 4096.max(volume.block_size),
-                        max_block_bytes: max_block,
-                    },
-                }
-            })
+            .map(|volume| Arc::new(Export::of(volume)))
             .collect();
         // Every export is checked once here, so that a connection's handshake cannot fail on
         // the server's own description.
@@ -165,7 +174,7 @@ impl NbdServer {
         };
         Handshake::new(infos, handshake).map_err(NbdError::Exports)?;
         let service = NbdService {
-            exports,
+            exports: RwLock::new(exports),
             max_in_flight: config.max_in_flight,
             tls,
             handshake,
@@ -178,6 +187,45 @@ impl NbdServer {
         Ok(Self {
             server: Server::start(engine, listeners, service, limits)?,
         })
+    }
+
+    /// Serves `volume` (made while the node runs) to connections from now on.
+    pub fn add_export(&self, volume: &Volume) -> Result<(), NbdError> {
+        let export = Arc::new(Export::of(volume));
+        let mut exports = self.server.service().exports.write();
+        let infos: Vec<ExportInfo> = exports
+            .iter()
+            .filter(|other| other.info.name != volume.name)
+            .chain(std::iter::once(&export))
+            .map(|export| export.info.clone())
+            .collect();
+        Handshake::new(infos, self.server.service().handshake).map_err(NbdError::Exports)?;
+        exports.retain(|other| other.info.name != volume.name);
+        exports.push(export);
+        Ok(())
+    }
+
+    /// Stops serving export `name`: new connections no longer see it, and its connections
+    /// close. True once none is left (at once if there was no such export), false if some
+    /// still had IO in the engine after `timeout`.
+    pub fn remove_export(&self, name: &str, timeout: Duration) -> bool {
+        let export = {
+            let mut exports = self.server.service().exports.write();
+            let Some(at) = exports.iter().position(|export| export.info.name == name) else {
+                return true;
+            };
+            exports.remove(at)
+        };
+        export.gone.store(true, Ordering::Release);
+        let deadline = Instant::now() + timeout;
+        // Each connection that chose it holds it until it is gone.
+        while Arc::strong_count(&export) > 1 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
     }
 
     /// The addresses it listens on (with the ports the system chose for port 0).
@@ -202,14 +250,14 @@ enum Phase {
     Handshake {
         handshake: Box<Handshake>,
         deadline: Instant,
+        /// The exports the handshake offers, in its order (weak: a volume deleted meanwhile
+        /// is not held up by a handshake).
+        offered: Vec<Weak<Export>>,
     },
-    Serving {
-        export: usize,
-    },
+    /// Serving [`Conn::export`].
+    Serving,
     /// Closing once its IO in flight has come back.
-    Closing {
-        export: Option<usize>,
-    },
+    Closing,
 }
 
 /// What the bytes at the front of the receive buffer belong to.
@@ -324,16 +372,24 @@ struct Conn {
     /// The client sent NBD_CMD_DISC: nothing more is read; close once replies are out.
     disconnecting: bool,
     close_reason: Option<String>,
+    /// The export it serves, once the handshake chose one.
+    export: Option<Arc<Export>>,
 }
 
 impl Conn {
-    fn new(stream: TcpStream, peer: SocketAddr, handshake: Handshake) -> Self {
+    fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        handshake: Handshake,
+        offered: Vec<Weak<Export>>,
+    ) -> Self {
         Self {
             transport: Transport::plain(stream),
             peer,
             phase: Phase::Handshake {
                 handshake: Box::new(handshake),
                 deadline: Instant::now() + HANDSHAKE_TIMEOUT,
+                offered,
             },
             structured: false,
             limits: Limits::with_defaults(0),
@@ -351,20 +407,18 @@ impl Conn {
             in_engine: 0,
             disconnecting: false,
             close_reason: None,
+            export: None,
         }
     }
 
-    fn export_name<'a>(&self, shared: &'a NbdService) -> &'a str {
-        let export = match self.phase {
-            Phase::Serving { export } => Some(export),
-            Phase::Closing { export } => export,
-            Phase::Handshake { .. } => None,
-        };
-        export.map_or("-", |export| shared.exports[export].info.name.as_str())
+    fn export_name(&self) -> &str {
+        self.export
+            .as_ref()
+            .map_or("-", |export| export.info.name.as_str())
     }
 
     fn closing(&self) -> bool {
-        matches!(self.phase, Phase::Closing { .. })
+        matches!(self.phase, Phase::Closing)
     }
 
     /// Stops serving: nothing more is read or written; the connection goes once the engine
@@ -373,11 +427,7 @@ impl Conn {
         if self.closing() {
             return;
         }
-        let export = match self.phase {
-            Phase::Serving { export } => Some(export),
-            _ => None,
-        };
-        self.phase = Phase::Closing { export };
+        self.phase = Phase::Closing;
         self.close_reason = Some(reason.into());
         let _ = self.transport.stream.shutdown(std::net::Shutdown::Both);
     }
@@ -391,7 +441,7 @@ impl Conn {
     ) -> Served {
         match &mut self.phase {
             Phase::Handshake { .. } => self.serve_handshake(shared),
-            Phase::Closing { .. } => {
+            Phase::Closing => {
                 // Drop what was queued: the client will not read it.
                 while let Some(slot) = self.replies.pop_front() {
                     self.release(slot, buffers);
@@ -405,8 +455,42 @@ impl Conn {
                     hand_off: None,
                 }
             }
-            Phase::Serving { export } => {
-                let export = &shared.exports[*export];
+            Phase::Serving => {
+                // Taken out while it is used, and put back: no reference count moves per poll.
+                let export = self
+                    .export
+                    .take()
+                    .expect("a serving connection has its export");
+                if export.gone.load(Ordering::Acquire) {
+                    self.export = Some(export);
+                    self.close(format!("volume {} was deleted", self.export_name()));
+                    return Served {
+                        work: true,
+                        remove: false,
+                        hand_off: None,
+                    };
+                }
+                let work = self.serve_export(index, io, &export, buffers);
+                self.export = Some(export);
+                Served {
+                    work,
+                    remove: false,
+                    hand_off: None,
+                }
+            }
+        }
+    }
+
+    /// One poll of a serving connection: submit, receive, reply.
+    fn serve_export(
+        &mut self,
+        index: u32,
+        io: &mut IoContext,
+        export: &Export,
+        buffers: &mut BufferCache,
+    ) -> bool {
+        {
+            {
                 let mut work = self.submit(index, io, export);
                 if self.readable && !self.disconnecting && self.to_submit.is_empty() {
                     work |= self.receive(index, io, export, buffers);
@@ -427,11 +511,7 @@ impl Conn {
                 {
                     self.close("the client disconnected (NBD_CMD_DISC)");
                 }
-                Served {
-                    work,
-                    remove: false,
-                    hand_off: None,
-                }
+                work
             }
         }
     }
@@ -440,6 +520,7 @@ impl Conn {
         let Phase::Handshake {
             handshake,
             deadline,
+            ..
         } = &mut self.phase
         else {
             unreachable!("called in the handshake phase");
@@ -548,23 +629,33 @@ impl Conn {
             }
             State::Done(negotiated) => {
                 let negotiated = *negotiated;
-                let export = negotiated.export_index;
+                let Phase::Handshake { offered, .. } = &self.phase else {
+                    unreachable!("in the handshake phase");
+                };
+                let Some(export) = offered[negotiated.export_index]
+                    .upgrade()
+                    .filter(|export| !export.gone.load(Ordering::Acquire))
+                else {
+                    self.close("the volume was deleted during the handshake");
+                    return served;
+                };
                 self.structured = negotiated.structured_replies;
                 self.limits = negotiated.limits;
-                self.phase = Phase::Serving { export };
                 self.slots = (0..shared.max_in_flight).map(|_| Slot::empty()).collect();
                 self.free_slots = (0..shared.max_in_flight as u16).rev().collect();
                 self.to_submit = VecDeque::with_capacity(shared.max_in_flight);
                 self.replies = VecDeque::with_capacity(shared.max_in_flight);
                 tracing::info!(
                     peer = %self.peer,
-                    export = shared.exports[export].info.name,
+                    export = export.info.name,
                     structured_replies = self.structured,
                     tls = self.transport.is_tls(),
                     "NBD client connected"
                 );
                 served.work = true;
-                served.hand_off = Some(shared.exports[export].reactor);
+                served.hand_off = Some(export.reactor);
+                self.export = Some(export);
+                self.phase = Phase::Serving;
             }
         }
         served
@@ -1130,8 +1221,8 @@ impl Connection for Conn {
         Conn::close(self, reason);
     }
 
-    fn removed(self: Box<Self>, service: &NbdService, buffers: &mut BufferCache) {
-        let export = self.export_name(service);
+    fn removed(self: Box<Self>, _service: &NbdService, buffers: &mut BufferCache) {
+        let export = self.export_name();
         match &self.close_reason {
             Some(reason) => {
                 tracing::info!(peer = %self.peer, export, "NBD connection closed: {reason}")
