@@ -153,6 +153,15 @@ fn volumes_are_made_served_everywhere_and_deleted_through_the_control_plane() {
         0,
     );
     assert!(fresh.iter().all(|&b| b == 0), "a new volume reads zeroes");
+    // Its first primary waited for every copy to be made: they joined in sync, nothing was
+    // copied to make them so.
+    let logs = cluster.logs();
+    assert!(
+        !logs
+            .lines()
+            .any(|line| line.contains("rebuilding it in full") && line.contains("vol1")),
+        "{logs}"
+    );
     let (ok, text) = cluster.ctl_etcd(&["volume", "list"]);
     assert!(
         ok && text.contains("vol1") && text.contains("vol0"),

@@ -39,6 +39,9 @@ use crate::schema::{
 
 /// How often the agent looks at its volumes when nothing changes.
 const TICK: Duration = Duration::from_millis(100);
+/// How long a new volume's first primary waits for the other copies to be made before it
+/// serves without them.
+const FIRST_CLAIM_WAIT: Duration = Duration::from_secs(10);
 /// After a claim that failed, the next try of the same volume waits this long.
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -286,6 +289,8 @@ struct View {
     desired: Desired,
     /// With the state key's revision, for compare-and-swap.
     states: BTreeMap<String, (VolumeState, i64)>,
+    /// The volumes each live node holds a copy of, from its status.
+    holding: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
 impl View {
@@ -317,7 +322,9 @@ impl View {
                 Key::State(volume) => {
                     self.states.remove(&volume);
                 }
-                Key::Status(_) => {}
+                Key::Status(node) => {
+                    self.holding.remove(&node);
+                }
             }
             return;
         };
@@ -359,8 +366,21 @@ impl View {
                     Err(error) => refused(error),
                 }
             }
-            // Other nodes' status is for operators.
-            Key::Status(_) => {}
+            // Which volumes each node holds, as its status says (for a new volume's first
+            // claim); the rest of a status is for operators.
+            Key::Status(node) => match NodeStatus::decode(&text, &node, &kv.value) {
+                Ok(status) => {
+                    let volumes = status
+                        .replication
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|row| row["volume"].as_str().map(str::to_string))
+                        .collect();
+                    self.holding.insert(node, volumes);
+                }
+                Err(error) => refused(error),
+            },
         }
     }
 
@@ -433,6 +453,9 @@ struct Runner {
     status_checked: Instant,
     /// The provisioner's: the specs it is to follow, and the pool's room (with a pool).
     wanted: Option<Arc<Wanted>>,
+    /// New volumes (epoch 0) this node is to claim first, and since when it waits for their
+    /// copies to be made.
+    first_claim: HashMap<String, Instant>,
 }
 
 impl Agent {
@@ -485,6 +508,7 @@ impl Agent {
             published: None,
             status_checked: Instant::now(),
             wanted,
+            first_claim: HashMap::new(),
         };
         let provisioner = provisioner
             .map(|provisioner| provisioner.spawn(stop.clone()))
@@ -783,7 +807,7 @@ impl Runner {
         };
         if state.primary == me {
             if !role.primary_here() {
-                if self.due(name) {
+                if self.due(name) && self.copies_made(name, &state) {
                     self.claim(name, Claim::Restart);
                 }
             } else if let Some(status) = role.primary_status() {
@@ -826,6 +850,45 @@ impl Runner {
             tracing::warn!(volume = name, primary = %state.primary, epoch = state.epoch, "cluster: the primary's lease is gone: this in-sync copy takes the volume over");
             self.claim(name, Claim::Failover);
         }
+    }
+
+    /// Whether a new volume's first primary may claim it: once every copy the spec names has
+    /// been made (its node's status lists it), or after [`FIRST_CLAIM_WAIT`]. A copy made
+    /// after the claim is rebuilt in full, zeroes and all; made before, it joins in sync.
+    fn copies_made(&mut self, name: &str, state: &VolumeState) -> bool {
+        if state.epoch != 0 {
+            self.first_claim.remove(name);
+            return true;
+        }
+        let Some(spec) = self.view.desired.specs.get(name) else {
+            return true;
+        };
+        let missing: Vec<&String> = spec
+            .replicas
+            .iter()
+            .filter(|node| **node != self.settings.node)
+            .filter(|node| {
+                !self
+                    .view
+                    .holding
+                    .get(*node)
+                    .is_some_and(|volumes| volumes.contains(name))
+            })
+            .collect();
+        if missing.is_empty() {
+            self.first_claim.remove(name);
+            return true;
+        }
+        let since = *self
+            .first_claim
+            .entry(name.to_string())
+            .or_insert_with(Instant::now);
+        if since.elapsed() < FIRST_CLAIM_WAIT {
+            return false;
+        }
+        tracing::warn!(volume = name, ?missing, "cluster: the volume's first claim waited {} s for copies that are not made yet; it serves without them (they are rebuilt in full when made)", FIRST_CLAIM_WAIT.as_secs());
+        self.first_claim.remove(name);
+        true
     }
 
     fn claim(&mut self, name: &str, why: Claim) {
