@@ -88,6 +88,30 @@ fn io(cluster: &Cluster, uri: &str, command: Command, offset: u64, len: u32, fil
     }
 }
 
+/// Reads `len` bytes at `offset` of `volume` through node `index`.
+fn read(cluster: &Cluster, index: usize, volume: &str, offset: u64, len: u32) -> Vec<u8> {
+    io(
+        cluster,
+        &cluster.uri_of(index, volume),
+        Command::Read,
+        offset,
+        len,
+        0,
+    )
+}
+
+/// Writes `len` bytes of `fill` at `offset` of `volume` through node `index`.
+fn write(cluster: &Cluster, index: usize, volume: &str, offset: u64, len: u32, fill: u8) {
+    io(
+        cluster,
+        &cluster.uri_of(index, volume),
+        Command::Write,
+        offset,
+        len,
+        fill,
+    );
+}
+
 fn pool_record(cluster: &Cluster, index: usize) -> Value {
     let text = std::fs::read_to_string(cluster.nodes[index].dir.join("pool.json"))
         .unwrap_or_else(|_| "{\"volumes\":{}}".into());
@@ -124,34 +148,13 @@ fn volumes_are_made_served_everywhere_and_deleted_through_the_control_plane() {
     );
     wait_all(&cluster, "serve vol1", |v| v.iter().any(|n| n == "vol1"));
     // Written through one node, read back through another: one volume, three copies.
-    io(
-        &cluster,
-        &cluster.uri_of(1, "vol1"),
-        Command::Write,
-        4 * MIB,
-        65536,
-        0xa7,
-    );
-    let data = io(
-        &cluster,
-        &cluster.uri_of(2, "vol1"),
-        Command::Read,
-        4 * MIB,
-        65536,
-        0,
-    );
+    write(&cluster, 1, "vol1", 4 * MIB, 65536, 0xa7);
+    let data = read(&cluster, 2, "vol1", 4 * MIB, 65536);
     assert!(
         data.iter().all(|&b| b == 0xa7),
         "vol1 reads back what was written"
     );
-    let fresh = io(
-        &cluster,
-        &cluster.uri_of(0, "vol1"),
-        Command::Read,
-        8 * MIB,
-        4096,
-        0,
-    );
+    let fresh = read(&cluster, 0, "vol1", 8 * MIB, 4096);
     assert!(fresh.iter().all(|&b| b == 0), "a new volume reads zeroes");
     // Its first primary waited for every copy to be made: they joined in sync, nothing was
     // copied to make them so.
@@ -241,26 +244,12 @@ fn volumes_are_made_served_everywhere_and_deleted_through_the_control_plane() {
 
     // A node restarted serves its pool's volume again, and its copy catches up.
     cluster.kill(2);
-    io(
-        &cluster,
-        &cluster.uri_of(0, "vol1"),
-        Command::Write,
-        5 * MIB,
-        65536,
-        0x3c,
-    );
+    write(&cluster, 0, "vol1", 5 * MIB, 65536, 0x3c);
     cluster.start_node(2);
     wait_all(&cluster, "serve vol1 again", |v| {
         v.iter().any(|n| n == "vol1")
     });
-    let data = io(
-        &cluster,
-        &cluster.uri_of(2, "vol1"),
-        Command::Read,
-        5 * MIB,
-        65536,
-        0,
-    );
+    let data = read(&cluster, 2, "vol1", 5 * MIB, 65536);
     assert!(data.iter().all(|&b| b == 0x3c));
 
     // Deleted: gone from every node and its pool; its range serves the next volume,
@@ -296,21 +285,12 @@ fn volumes_are_made_served_everywhere_and_deleted_through_the_control_plane() {
     assert!(ok, "{text}");
     wait_all(&cluster, "serve vol2", |v| v.iter().any(|n| n == "vol2"));
     for index in 0..3 {
-        let data = io(
-            &cluster,
-            &cluster.uri_of(index, "vol2"),
-            Command::Read,
-            4 * MIB,
-            65536,
-            0,
-        );
+        let data = read(&cluster, index, "vol2", 4 * MIB, 65536);
         assert!(
             data.iter().all(|&b| b == 0),
             "node {index}: vol2 shows nothing of vol1"
         );
     }
-    let (_, status) = cluster.ctl_etcd(&["cluster", "status"]);
-    println!("{status}");
     // Deleted and made again while a node is down: back, that node drops its copy of the
     // old volume (another incarnation), whatever the name says.
     cluster.kill(2);
@@ -356,6 +336,6 @@ fn volumes_are_made_served_everywhere_and_deleted_through_the_control_plane() {
     });
     assert!(served(&cluster, 0).contains(&"vol2".to_string()));
     // The configured volume served on throughout.
-    let data = io(&cluster, &cluster.uri(1), Command::Read, 0, 4096, 0);
+    let data = read(&cluster, 1, "vol0", 0, 4096);
     assert_eq!(data.len(), 4096);
 }

@@ -683,24 +683,28 @@ impl Engine {
         Ok(rules)
     }
 
-    fn device_layer(
-        &self,
-        device: &str,
-        layer: LayerName,
-    ) -> Result<(usize, InjectAt), ControlError> {
-        let index = self
-            .inner
+    /// The index of device `name`, or an error that lists the devices there are.
+    fn device_index(&self, name: &str) -> Result<usize, ControlError> {
+        self.inner
             .devices
             .iter()
-            .position(|driver| driver.info().name == device)
+            .position(|driver| driver.info().name == name)
             .ok_or_else(|| ControlError::UnknownDevice {
-                name: device.to_string(),
+                name: name.to_string(),
                 known: self
                     .devices()
                     .map(|info| info.name.clone())
                     .collect::<Vec<_>>()
                     .join(", "),
-            })?;
+            })
+    }
+
+    fn device_layer(
+        &self,
+        device: &str,
+        layer: LayerName,
+    ) -> Result<(usize, InjectAt), ControlError> {
+        let index = self.device_index(device)?;
         let at = match layer {
             LayerName::Device => InjectAt::Device,
             LayerName::Media => InjectAt::Media,
@@ -824,19 +828,7 @@ impl Engine {
             *next = (found - self.inner.configured + 1) % spares;
             found
         };
-        let device = self
-            .inner
-            .devices
-            .iter()
-            .position(|device| device.info().name == new.device)
-            .ok_or_else(|| ControlError::UnknownDevice {
-                name: new.device.clone(),
-                known: self
-                    .devices()
-                    .map(|info| info.name.clone())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })?;
+        let device = self.device_index(&new.device)?;
         let info = self.inner.devices[device].info();
         let namespace = info
             .namespaces

@@ -489,31 +489,27 @@ impl Conn {
         export: &Export,
         buffers: &mut BufferCache,
     ) -> bool {
-        {
-            {
-                let mut work = self.submit(index, io, export);
-                if self.readable && !self.disconnecting && self.to_submit.is_empty() {
-                    work |= self.receive(index, io, export, buffers);
-                }
-                if !self.replies.is_empty() && self.writable {
-                    work |= self.send_replies(io, export, buffers);
-                } else if self.writable && self.transport.is_tls() {
-                    // Replies rustls took but the socket did not yet.
-                    match self.transport.flush() {
-                        Ok(done) => self.writable = done,
-                        Err(error) => self.close(format!("writing to the socket failed: {error}")),
-                    }
-                }
-                if self.disconnecting
-                    && self.in_engine == 0
-                    && self.replies.is_empty()
-                    && self.to_submit.is_empty()
-                {
-                    self.close("the client disconnected (NBD_CMD_DISC)");
-                }
-                work
+        let mut work = self.submit(index, io, export);
+        if self.readable && !self.disconnecting && self.to_submit.is_empty() {
+            work |= self.receive(index, io, export, buffers);
+        }
+        if !self.replies.is_empty() && self.writable {
+            work |= self.send_replies(io, export, buffers);
+        } else if self.writable && self.transport.is_tls() {
+            // Replies rustls took but the socket did not yet.
+            match self.transport.flush() {
+                Ok(done) => self.writable = done,
+                Err(error) => self.close(format!("writing to the socket failed: {error}")),
             }
         }
+        if self.disconnecting
+            && self.in_engine == 0
+            && self.replies.is_empty()
+            && self.to_submit.is_empty()
+        {
+            self.close("the client disconnected (NBD_CMD_DISC)");
+        }
+        work
     }
 
     fn serve_handshake(&mut self, shared: &NbdService) -> Served {
