@@ -555,7 +555,8 @@ impl Layer for Stub {
 
 /// What stands in a volume's stack while it is removed ([`Engine::remove_volume`](crate::Engine::remove_volume)):
 /// in the place of the volume's own persistent layer (replication), which lets go of what it
-/// holds as when it is replaced; every IO that reaches it fails as for an unknown volume.
+/// holds as when it is replaced; a client's IO that reaches it fails as for an unknown volume,
+/// and the rest (the replaced layer's children, the node's own IO) goes on to the device.
 pub(crate) struct Closed {
     pub volume: u32,
 }
@@ -570,8 +571,14 @@ impl Layer for Closed {
     fn describe(&self) -> String {
         "closed: the volume is being removed".into()
     }
-    fn submit(&mut self, _ctx: &mut LayerCtx<'_>, _slot: u32, _command: &IoCommand) -> Down {
-        Down::Complete(Err(IoError::UnknownVolume(self.volume)))
+    fn submit(&mut self, ctx: &mut LayerCtx<'_>, _slot: u32, _command: &IoCommand) -> Down {
+        match ctx.from_frontend() {
+            true => Down::Complete(Err(IoError::UnknownVolume(self.volume))),
+            // What the replaced layer issued (its children go on from the top of the new
+            // stack) and the node's own IO: to the device, so that it completes where it
+            // is awaited. The volume's range is still its own until the slot is free.
+            false => Down::Pass,
+        }
     }
     fn persistent(&self) -> bool {
         true

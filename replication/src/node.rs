@@ -580,10 +580,10 @@ impl Shared {
         let Some(held) = self.forget(name) else {
             return false;
         };
+        // Its layer stays until the engine takes the volume out: it is not deposed (no
+        // demotion, no "lease ran out"), only no longer this node's.
         held.role.set_removed();
-        held.role.set_primary_here(false);
         held.role.set_primary_status(None);
-        held.role.set_lease_until(None);
         tracing::info!(volume = %name, "replication: this node no longer holds a copy");
         true
     }

@@ -578,6 +578,10 @@ enum VolumeAction {
         /// The block size of the pools to use [default: the one most live pools have].
         #[arg(long)]
         block_size: Option<u32>,
+        /// Returns once its primary serves it (every copy made and cleared), or fails after
+        /// --timeout.
+        #[arg(long)]
+        wait: bool,
     },
     /// Deletes a volume: it goes from etcd at once, and each node that holds a copy stops
     /// serving it (its NBD clients are disconnected) and gives its range back to its pool.
@@ -611,6 +615,7 @@ fn run_control_plane(args: &Args) -> Result<()> {
                 size,
                 replicas,
                 block_size,
+                wait,
             } => {
                 let created = fathom_cluster::admin::create(
                     &mut etcd,
@@ -620,8 +625,27 @@ fn run_control_plane(args: &Args) -> Result<()> {
                     *replicas,
                     *block_size,
                 )?;
+                let serving = match wait {
+                    true => Some(wait_serving(&mut etcd, cluster, name, args.timeout)?),
+                    false => None,
+                };
                 if args.json {
-                    println!("{}", serde_json::to_string_pretty(&created)?);
+                    let mut value = serde_json::to_value(&created)?;
+                    if let Some((epoch, took)) = serving {
+                        value["serving"] =
+                            serde_json::json!({ "epoch": epoch, "after_ms": millis(took) });
+                    }
+                    println!("{}", serde_json::to_string_pretty(&value)?);
+                } else if let Some((epoch, took)) = serving {
+                    println!(
+                        "volume {} created and served: {} in {}-byte blocks, copies on {}, primary {} at epoch {epoch} after {:.1} s",
+                        created.spec.name,
+                        fathom::text::bytes_text(created.spec.size),
+                        created.spec.block_size,
+                        created.spec.replicas.join(", "),
+                        created.state.primary,
+                        took.as_secs_f64()
+                    );
                 } else {
                     println!(
                         "volume {} created: {} in {}-byte blocks, copies on {} (primary {}); the nodes make and serve it within seconds (`volume list`)",
@@ -658,6 +682,32 @@ fn run_control_plane(args: &Args) -> Result<()> {
         _ => print!("{}", fathom::text::volume_list_text(&report)),
     }
     Ok(())
+}
+
+/// Waits until volume `name`'s primary has taken its first epoch and holds a live lease:
+/// the epoch, and how long it took.
+fn wait_serving(
+    etcd: &mut fathom_cluster::etcd::Etcd,
+    cluster: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<(u64, Duration)> {
+    let started = std::time::Instant::now();
+    loop {
+        let report = fathom_cluster::report::read(etcd, cluster)?;
+        let volume = report.volumes.iter().find(|volume| volume.name == name);
+        if let Some((Some(state), true)) = volume.map(|v| (v.state.as_ref(), v.primary_alive)) {
+            if state.epoch >= 1 {
+                return Ok((state.epoch, started.elapsed()));
+            }
+        }
+        if started.elapsed() >= timeout {
+            anyhow::bail!(
+                "volume {name} is created, and its primary did not serve it within {timeout:?}: see `cluster status` and the nodes' logs (a large volume takes a while to clear; --timeout waits longer)"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn millis(duration: Duration) -> u64 {
