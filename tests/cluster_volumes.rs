@@ -300,23 +300,34 @@ fn volumes_are_made_served_everywhere_and_deleted_through_the_control_plane() {
     cluster.kill(2);
     let (ok, text) = cluster.ctl_etcd(&["volume", "delete", "vol2"]);
     assert!(ok, "{text}");
+    // Placement counts node c live until etcd lets its lease go (2 s after the kill).
     let started = Instant::now();
-    let text = loop {
-        // Until etcd lets node c's lease go, placement counts it live.
-        let (ok, text) = cluster.ctl_etcd(&[
-            "volume",
-            "create",
-            "vol2",
-            "--size",
-            "8MiB",
-            "--replicas",
-            "2",
-        ]);
-        if ok || started.elapsed() > Duration::from_secs(10) {
-            break text;
+    loop {
+        let (ok, text) = cluster.ctl_etcd(&["--json", "cluster", "status"]);
+        assert!(ok, "{text}");
+        let report: Value = serde_json::from_str(&text).unwrap();
+        let live: Vec<&str> = report["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|node| node["id"].as_str())
+            .collect();
+        if !live.contains(&"c") {
+            break;
         }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+        assert!(started.elapsed() < Duration::from_secs(10), "{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ok, text) = cluster.ctl_etcd(&[
+        "volume",
+        "create",
+        "vol2",
+        "--size",
+        "8MiB",
+        "--replicas",
+        "2",
+    ]);
+    assert!(ok, "{text}");
     assert!(
         text.contains("copies on a, b") || text.contains("copies on b, a"),
         "{text}"
