@@ -1,0 +1,517 @@
+//! The detector of one volume on one node: a [`Window`] a second, a [`Verdict`] each.
+//!
+//! **Signs.** A window is first checked against the fail-safes (an IO older than
+//! [`Settings::stuck_op`], a smoke write slower than [`Settings::smoke_limit`] or failed):
+//! either makes it sick at once. Then, on a primary with replicas, the **peer ratio**: the
+//! local write latency over the replicas' latency for the same writes, against the ratio
+//! learned while healthy. Load is matched by construction (the same writes), so a ratio far
+//! above its baseline is the local device's doing. Then the **self-model** ([`LoadModel`]):
+//! latency above the model at a throughput the volume carried before is sick; at a higher one,
+//! busy. A window with nothing against it is fine.
+//!
+//! **States with hysteresis.** healthy -> suspect at the first sick window; suspect ->
+//! degraded after [`Settings::degrade_after`] sick windows in a row (a fail-safe degrades at
+//! once); suspect -> healthy at a window that is not sick; degraded -> recovering after
+//! [`Settings::recover_after`] windows that are not sick; recovering -> degraded at a sick
+//! one, -> healthy after [`Settings::healthy_after`] more. Busy is not sick: load never
+//! degrades a volume. The model and the ratio baseline learn only from fine windows of a
+//! healthy volume.
+//!
+//! Every verdict carries its reasons, with the values and the window they come from.
+
+use serde::Serialize;
+
+use crate::model::{Load, LoadModel};
+
+/// How the detector judges; the defaults detect a 20x step in 3 s and a 3x step in a few
+/// more, and leave load alone.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Settings {
+    /// Sick windows in a row that degrade a suspect volume.
+    pub degrade_after: u32,
+    /// Windows that are not sick, in a row, before a degraded volume is recovering.
+    pub recover_after: u32,
+    /// And then before it is healthy again.
+    pub healthy_after: u32,
+    /// The peer ratio, over its healthy baseline, above which the local device is sick.
+    pub peer_factor: f64,
+    /// The self-model's bound lies at least this fraction above the fitted latency.
+    pub model_margin: f64,
+    /// Healthy windows the self-model keeps.
+    pub model_windows: usize,
+    /// Fail-safe: an IO in flight longer than this (ns).
+    pub stuck_op_ns: u64,
+    /// Fail-safe: a smoke write slower than this (ns).
+    pub smoke_limit_ns: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            degrade_after: 3,
+            recover_after: 3,
+            healthy_after: 10,
+            peer_factor: 2.0,
+            model_margin: 0.5,
+            model_windows: 600,
+            stuck_op_ns: 5_000_000_000,
+            smoke_limit_ns: 1_000_000_000,
+        }
+    }
+}
+
+/// One second of one volume, from the node's own telemetry.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Window {
+    /// Its end, in seconds (any monotonic count: it names the window in explanations).
+    pub second: u64,
+    /// Completions per second (reads and writes).
+    pub iops: f64,
+    /// The clients' p99 latency (ns) over the window, reads and writes; `None` with no IO.
+    pub p99_ns: Option<f64>,
+    /// On a primary: its own copy's write p99 (the device stage) and each replica's for the
+    /// same writes (its `replicate` stage), ns; empty elsewhere.
+    pub local_write_p99_ns: Option<f64>,
+    pub replica_write_p99_ns: Vec<f64>,
+    /// The oldest IO still in flight at the window's end (ns; 0: none).
+    pub oldest_op_ns: u64,
+    /// The window's smoke write: its latency (ns), or `None` if none was due.
+    pub smoke_ns: Option<u64>,
+    /// The smoke write failed or read back wrong.
+    pub smoke_failed: bool,
+}
+
+/// A volume's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Healthy,
+    Suspect,
+    Degraded,
+    Recovering,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Suspect => "suspect",
+            Health::Degraded => "degraded",
+            Health::Recovering => "recovering",
+        }
+    }
+}
+
+/// What one window says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sign {
+    Fine,
+    /// Slow because of load: never held against the volume.
+    Busy,
+    Sick,
+    /// A fail-safe: degrades at once.
+    Stuck,
+}
+
+/// The verdict on one window: the state after it, the window's sign, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Verdict {
+    pub second: u64,
+    pub health: Health,
+    /// The state changed with this window.
+    pub changed: bool,
+    pub sign: Sign,
+    /// The signals and values behind the sign (empty when fine and nothing was notable).
+    pub reasons: Vec<String>,
+}
+
+/// The detector of one volume.
+#[derive(Debug, Clone)]
+pub struct Detector {
+    settings: Settings,
+    health: Health,
+    /// Sick windows in a row (while suspect), windows that are not sick in a row (while
+    /// degraded or recovering).
+    streak: u32,
+    model: LoadModel,
+    /// The peer ratio learned while healthy (an average over fine windows).
+    ratio_baseline: Option<f64>,
+    ratio_windows: u32,
+}
+
+/// Windows the ratio baseline averages over before it is used.
+const RATIO_MIN_WINDOWS: u32 = 10;
+
+impl Detector {
+    pub fn new(settings: Settings) -> Self {
+        Self {
+            model: LoadModel::new(settings.model_windows, settings.model_margin),
+            settings,
+            health: Health::Healthy,
+            streak: 0,
+            ratio_baseline: None,
+            ratio_windows: 0,
+        }
+    }
+
+    pub fn health(&self) -> Health {
+        self.health
+    }
+
+    pub fn model(&self) -> &LoadModel {
+        &self.model
+    }
+
+    /// The peer ratio it counts as healthy, once learned.
+    pub fn ratio_baseline(&self) -> Option<f64> {
+        self.ratio_baseline
+            .filter(|_| self.ratio_windows >= RATIO_MIN_WINDOWS)
+    }
+
+    /// Judges one window and moves the state.
+    pub fn observe(&mut self, window: &Window) -> Verdict {
+        let (sign, reasons) = self.sign(window);
+        let before = self.health;
+        let s = &self.settings;
+        self.health = match (self.health, sign) {
+            (_, Sign::Stuck) => Health::Degraded,
+            (Health::Healthy, Sign::Sick) => Health::Suspect,
+            (Health::Healthy, _) => Health::Healthy,
+            (Health::Suspect, Sign::Sick) if self.streak + 1 >= s.degrade_after => Health::Degraded,
+            (Health::Suspect, Sign::Sick) => Health::Suspect,
+            (Health::Suspect, _) => Health::Healthy,
+            (Health::Degraded, Sign::Sick) => Health::Degraded,
+            (Health::Degraded, _) if self.streak + 1 >= s.recover_after => Health::Recovering,
+            (Health::Degraded, _) => Health::Degraded,
+            (Health::Recovering, Sign::Sick) => Health::Degraded,
+            (Health::Recovering, _) if self.streak + 1 >= s.healthy_after => Health::Healthy,
+            (Health::Recovering, _) => Health::Recovering,
+        };
+        let counts = match self.health {
+            Health::Suspect => sign == Sign::Sick,
+            Health::Degraded | Health::Recovering => !matches!(sign, Sign::Sick | Sign::Stuck),
+            Health::Healthy => false,
+        };
+        self.streak = match (self.health == before, counts) {
+            (true, true) => self.streak + 1,
+            (false, true) => 1,
+            (_, false) => 0,
+        };
+        if self.health == Health::Healthy && before == Health::Healthy && sign == Sign::Fine {
+            self.learn(window);
+        }
+        Verdict {
+            second: window.second,
+            health: self.health,
+            changed: self.health != before,
+            sign,
+            reasons,
+        }
+    }
+
+    fn learn(&mut self, window: &Window) {
+        if let Some(p99) = window.p99_ns {
+            self.model.learn(window.iops, p99);
+        }
+        if let Some(ratio) = peer_ratio(window) {
+            self.ratio_windows += 1;
+            let weight = 1.0 / self.ratio_windows.min(100) as f64;
+            let baseline = self.ratio_baseline.unwrap_or(ratio);
+            self.ratio_baseline = Some(baseline + (ratio - baseline) * weight);
+        }
+    }
+
+    /// The window's sign and the reasons for it.
+    fn sign(&self, window: &Window) -> (Sign, Vec<String>) {
+        let s = &self.settings;
+        let at = window.second;
+        let mut stuck = Vec::new();
+        if window.oldest_op_ns > s.stuck_op_ns {
+            stuck.push(format!(
+                "an IO in flight for {} at second {at} (fail-safe: {})",
+                ms(window.oldest_op_ns as f64),
+                ms(s.stuck_op_ns as f64)
+            ));
+        }
+        if window.smoke_failed {
+            stuck.push(format!(
+                "the smoke write failed or read back wrong at second {at}"
+            ));
+        } else if let Some(smoke) = window.smoke_ns.filter(|&ns| ns > s.smoke_limit_ns) {
+            stuck.push(format!(
+                "the smoke write took {} at second {at} (fail-safe: {})",
+                ms(smoke as f64),
+                ms(s.smoke_limit_ns as f64)
+            ));
+        }
+        if !stuck.is_empty() {
+            return (Sign::Stuck, stuck);
+        }
+        let mut reasons = Vec::new();
+        let mut sick = false;
+        if let (Some(ratio), Some(baseline)) = (peer_ratio(window), self.ratio_baseline()) {
+            if ratio > s.peer_factor * baseline {
+                sick = true;
+                reasons.push(format!(
+                    "peer ratio {ratio:.2} at second {at} is {:.1}x its healthy {baseline:.2} (limit {:.1}x): own write p99 {}, the replicas' for the same writes {}",
+                    ratio / baseline,
+                    s.peer_factor,
+                    ms(window.local_write_p99_ns.unwrap_or(0.0)),
+                    window
+                        .replica_write_p99_ns
+                        .iter()
+                        .map(|&ns| ms(ns))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+        let mut busy = false;
+        if let Some(p99) = window.p99_ns {
+            match self.model.judge(window.iops, p99) {
+                Load::Sick { bound_ns, max_iops } => {
+                    sick = true;
+                    reasons.push(format!(
+                        "p99 {} at {:.0} IO/s at second {at} is above the healthy model's {} for that load (it carried up to {max_iops:.0} IO/s)",
+                        ms(p99),
+                        window.iops,
+                        ms(bound_ns)
+                    ));
+                }
+                Load::Busy { bound_ns, max_iops } => {
+                    busy = true;
+                    reasons.push(format!(
+                        "p99 {} above the model's {} at {:.0} IO/s at second {at}, beyond the {max_iops:.0} IO/s it was learned at: load, not sickness",
+                        ms(p99),
+                        ms(bound_ns),
+                        window.iops
+                    ));
+                }
+                Load::Normal | Load::Unknown => {}
+            }
+        }
+        let sign = match (sick, busy) {
+            (true, _) => Sign::Sick,
+            (false, true) => Sign::Busy,
+            (false, false) => Sign::Fine,
+        };
+        (sign, reasons)
+    }
+}
+
+/// The window's own write latency over the median of its replicas' for the same writes.
+pub fn peer_ratio(window: &Window) -> Option<f64> {
+    let local = window.local_write_p99_ns.filter(|&ns| ns > 0.0)?;
+    let mut replicas: Vec<f64> = window
+        .replica_write_p99_ns
+        .iter()
+        .copied()
+        .filter(|ns| ns.is_finite() && *ns > 0.0)
+        .collect();
+    if replicas.is_empty() {
+        return None;
+    }
+    replicas.sort_by(f64::total_cmp);
+    let median = replicas[replicas.len() / 2];
+    Some(local / median)
+}
+
+/// `ns` as milliseconds, for reasons.
+fn ms(ns: f64) -> String {
+    format!("{:.3} ms", ns / 1e6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A primary at `iops` whose device writes in `local_us` and whose replicas answer in
+    /// `replica_us`; the clients see the slower of the two (a majority write).
+    fn window(second: u64, iops: f64, local_us: f64, replica_us: f64) -> Window {
+        let client = local_us.max(replica_us) + 20.0;
+        Window {
+            second,
+            iops,
+            p99_ns: Some(client * 1000.0),
+            local_write_p99_ns: Some(local_us * 1000.0),
+            replica_write_p99_ns: vec![replica_us * 1000.0, replica_us * 1010.0],
+            ..Window::default()
+        }
+    }
+
+    /// A detector that learned 60 healthy seconds between 1000 and 5000 IO/s.
+    fn learned() -> (Detector, u64) {
+        let mut detector = Detector::new(Settings::default());
+        for second in 0..60 {
+            let iops = 1000.0 + (second % 5) as f64 * 1000.0;
+            let verdict = detector.observe(&window(second, iops, 40.0 + iops / 1000.0, 90.0));
+            assert_eq!(verdict.health, Health::Healthy);
+        }
+        (detector, 60)
+    }
+
+    /// Seconds from `from` until the detector says degraded, feeding `make(second)`.
+    fn seconds_to_degraded(
+        detector: &mut Detector,
+        from: u64,
+        make: impl Fn(u64) -> Window,
+    ) -> Option<u64> {
+        (from..from + 60).find_map(|second| {
+            (detector.observe(&make(second)).health == Health::Degraded)
+                .then_some(second - from + 1)
+        })
+    }
+
+    #[test]
+    fn a_20x_step_on_the_primary_degrades_it_in_3_s_and_says_why() {
+        let (mut detector, from) = learned();
+        let took = seconds_to_degraded(&mut detector, from, |s| window(s, 3000.0, 860.0, 90.0));
+        assert_eq!(took, Some(3));
+        let verdict = detector.observe(&window(from + 3, 3000.0, 860.0, 90.0));
+        assert!(
+            verdict.reasons.iter().any(|r| r.contains("peer ratio")),
+            "{verdict:?}"
+        );
+    }
+
+    #[test]
+    fn a_3x_step_degrades_it_too() {
+        let (mut detector, from) = learned();
+        let took = seconds_to_degraded(&mut detector, from, |s| window(s, 3000.0, 129.0, 90.0));
+        assert!(took.is_some_and(|t| t <= 30), "{took:?}");
+    }
+
+    #[test]
+    fn load_is_not_sickness() {
+        let (mut detector, from) = learned();
+        // Twice the load ever seen, everything slower alike (queueing): busy, not degraded.
+        for second in from..from + 120 {
+            let verdict = detector.observe(&window(second, 10_000.0, 400.0, 800.0));
+            assert_ne!(verdict.health, Health::Degraded, "{verdict:?}");
+            assert_ne!(verdict.sign, Sign::Sick, "{verdict:?}");
+        }
+    }
+
+    #[test]
+    fn a_node_wide_slowdown_does_not_trip_the_peer_ratio() {
+        let (mut detector, from) = learned();
+        // Own device and replicas all 5x slower: the ratio holds; the self-model sees it.
+        let verdict = detector.observe(&window(from, 3000.0, 215.0, 450.0));
+        assert!(
+            !verdict.reasons.iter().any(|r| r.contains("peer ratio")),
+            "{verdict:?}"
+        );
+    }
+
+    #[test]
+    fn fail_safes_degrade_at_once() {
+        for stuck in [
+            Window {
+                oldest_op_ns: 6_000_000_000,
+                ..Window::default()
+            },
+            Window {
+                smoke_ns: Some(1_500_000_000),
+                ..Window::default()
+            },
+            Window {
+                smoke_failed: true,
+                ..Window::default()
+            },
+        ] {
+            let mut detector = Detector::new(Settings::default());
+            let verdict = detector.observe(&stuck);
+            assert_eq!(verdict.health, Health::Degraded);
+            assert_eq!(verdict.sign, Sign::Stuck);
+            assert!(
+                verdict.changed && !verdict.reasons.is_empty(),
+                "{verdict:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn recovery_takes_its_time_and_a_relapse_degrades_again() {
+        let (mut detector, mut second) = learned();
+        while detector
+            .observe(&window(second, 3000.0, 860.0, 90.0))
+            .health
+            != Health::Degraded
+        {
+            second += 1;
+        }
+        let mut states = Vec::new();
+        for _ in 0..20 {
+            second += 1;
+            states.push(detector.observe(&window(second, 3000.0, 43.0, 90.0)).health);
+        }
+        assert_eq!(states[..2], [Health::Degraded, Health::Degraded]);
+        assert_eq!(states[2], Health::Recovering);
+        assert_eq!(states[12], Health::Healthy);
+        // Recovering, then sick again: straight back to degraded.
+        let (mut detector, mut second) = learned();
+        while detector
+            .observe(&window(second, 3000.0, 860.0, 90.0))
+            .health
+            != Health::Degraded
+        {
+            second += 1;
+        }
+        for _ in 0..3 {
+            second += 1;
+            detector.observe(&window(second, 3000.0, 43.0, 90.0));
+        }
+        assert_eq!(detector.health(), Health::Recovering);
+        let verdict = detector.observe(&window(second + 1, 3000.0, 860.0, 90.0));
+        assert_eq!((verdict.health, verdict.changed), (Health::Degraded, true));
+    }
+
+    #[test]
+    fn a_sick_volume_does_not_teach_its_models() {
+        let (mut detector, from) = learned();
+        let baseline = detector.ratio_baseline().unwrap();
+        let learned = detector.model().len();
+        for second in from..from + 30 {
+            detector.observe(&window(second, 3000.0, 860.0, 90.0));
+        }
+        assert_eq!(detector.ratio_baseline(), Some(baseline));
+        assert_eq!(detector.model().len(), learned);
+    }
+
+    proptest! {
+        /// Whatever the windows, the states move only along the machine's edges and never
+        /// panic; busy windows alone never degrade a volume.
+        #[test]
+        fn states_follow_the_machine(windows in proptest::collection::vec(
+            (1.0f64..20_000.0, 1.0f64..5_000.0, 1.0f64..5_000.0, 0u64..8_000_000_000, proptest::option::of(0u64..2_000_000_000), any::<bool>()),
+            1..200,
+        )) {
+            let mut detector = Detector::new(Settings::default());
+            let mut before = Health::Healthy;
+            for (second, (iops, local, replica, oldest, smoke, failed)) in windows.into_iter().enumerate() {
+                let mut w = window(second as u64, iops, local, replica);
+                w.oldest_op_ns = oldest;
+                w.smoke_ns = smoke;
+                w.smoke_failed = failed;
+                let verdict = detector.observe(&w);
+                let allowed = match (before, verdict.health) {
+                    (a, b) if a == b => true,
+                    (_, Health::Degraded) => matches!(verdict.sign, Sign::Sick | Sign::Stuck),
+                    (Health::Healthy, Health::Suspect) => verdict.sign == Sign::Sick,
+                    (Health::Suspect, Health::Healthy) => verdict.sign != Sign::Sick,
+                    (Health::Degraded, Health::Recovering) => true,
+                    (Health::Recovering, Health::Healthy) => true,
+                    _ => false,
+                };
+                prop_assert!(allowed, "{before:?} -> {verdict:?}");
+                prop_assert_eq!(verdict.changed, before != verdict.health);
+                if verdict.sign != Sign::Fine {
+                    prop_assert!(!verdict.reasons.is_empty(), "{verdict:?}");
+                }
+                before = verdict.health;
+            }
+        }
+    }
+}
