@@ -253,8 +253,10 @@ pub(crate) struct Link {
 pub struct IoContext {
     reactor: usize,
     core: usize,
-    /// By volume id (the engine's table as this reactor knows it; `None`: a free slot).
-    volumes: Vec<Option<Volume>>,
+    /// By volume id, the engine's table as this reactor knows it; a free slot holds a
+    /// [`Volume::vacant`] one, owned by no reactor, so that the submit path checks nothing
+    /// more than it did when volumes never changed.
+    volumes: Box<[Volume]>,
     /// One queue per device, indexed like the engine's device table, then one per device
     /// stub (device `d`'s at `devices + d`).
     queues: Vec<Box<dyn IoQueue>>,
@@ -377,12 +379,21 @@ impl IoContext {
             .collect();
         let routes = volumes
             .iter()
-            .map(|volume| (volume.as_ref().map_or(0, |v| v.device), IoFlags::NONE))
+            .map(|volume| {
+                (
+                    volume.as_ref().map_or(0, |volume| volume.device),
+                    IoFlags::NONE,
+                )
+            })
             .collect();
         Self {
             reactor,
             core,
-            volumes,
+            volumes: volumes
+                .into_iter()
+                .enumerate()
+                .map(|(id, volume)| volume.unwrap_or_else(|| Volume::vacant(VolumeId(id as u32))))
+                .collect(),
             dirty: 0,
             queues,
             devices,
@@ -569,7 +580,7 @@ impl IoContext {
         frontend: bool,
         metadata: bool,
     ) -> Result<(), Rejected> {
-        let Some(Some(volume)) = self.volumes.get(request.volume.0 as usize) else {
+        let Some(volume) = self.volumes.get(request.volume.0 as usize) else {
             let error = IoError::UnknownVolume(request.volume.0);
             return Err(Rejected {
                 request,
@@ -578,9 +589,12 @@ impl IoContext {
             });
         };
         if volume.reactor != self.reactor {
-            let error = IoError::WrongCore {
-                volume: volume.id.0,
-                core: volume.core,
+            let error = match volume.is_vacant() {
+                true => IoError::UnknownVolume(request.volume.0),
+                false => IoError::WrongCore {
+                    volume: volume.id.0,
+                    core: volume.core,
+                },
             };
             return Err(Rejected {
                 request,
@@ -814,7 +828,7 @@ impl IoContext {
                         telemetry.set_volume(index, recorders);
                     }
                     self.routes[index] = (volume.device, IoFlags::NONE);
-                    self.volumes[index] = Some(*volume);
+                    self.volumes[index] = *volume;
                     // A new stack: nothing of a volume that had the slot before stays.
                     self.stacks[index].clear();
                     self.set_layers(VolumeId(index as u32), Vec::new(), VolumePath::default());
@@ -824,24 +838,22 @@ impl IoContext {
             VolumeControl::Close { volume, done } => {
                 let index = volume.0 as usize;
                 let in_flight = self.in_flight_of(volume);
-                if in_flight == 0 {
-                    if let Some(Some(_)) = self.volumes.get(index) {
-                        // Nothing of it is anywhere: its layers go, with nothing to let go of.
-                        let now = self.clock.now();
-                        let mut stack = std::mem::take(&mut self.stacks[index]);
-                        for (depth, layer) in stack.iter_mut().enumerate() {
-                            layer.drain(&mut self.layer_ctx(now, index, depth as u8));
-                        }
-                        self.set_layers(volume, Vec::new(), VolumePath::default());
-                        if let Some(telemetry) = self.telemetry.as_deref_mut() {
-                            telemetry.set_volume(index, None);
-                        }
+                if in_flight == 0 && self.volumes.get(index).is_some_and(|v| !v.is_vacant()) {
+                    // Nothing of it is anywhere: its layers go, with nothing to let go of.
+                    let now = self.clock.now();
+                    let mut stack = std::mem::take(&mut self.stacks[index]);
+                    for (depth, layer) in stack.iter_mut().enumerate() {
+                        layer.drain(&mut self.layer_ctx(now, index, depth as u8));
+                    }
+                    self.set_layers(volume, Vec::new(), VolumePath::default());
+                    if let Some(telemetry) = self.telemetry.as_deref_mut() {
+                        telemetry.set_volume(index, None);
                     }
                 }
                 // No more IO of it is taken (IO of tasks on this reactor included).
                 if let Some(entry) = self.volumes.get_mut(index) {
                     if in_flight == 0 {
-                        *entry = None;
+                        *entry = Volume::vacant(volume);
                     }
                 }
                 let _ = done.send(in_flight);
@@ -871,7 +883,7 @@ impl IoContext {
     fn set_layers(&mut self, volume: VolumeId, layers: Vec<Box<dyn Layer>>, path: VolumePath) {
         let index = volume.0 as usize;
         // A slot with no volume (removed while the change was on its way) takes no layers.
-        if !matches!(self.volumes.get(index), Some(Some(_))) {
+        if self.volumes.get(index).is_none_or(|v| v.is_vacant()) {
             return;
         }
         let Some(stack) = self.stacks.get_mut(index) else {
@@ -929,9 +941,7 @@ impl IoContext {
                 }
             }
         }
-        let device = self.volumes[index]
-            .as_ref()
-            .map_or(0, |volume| volume.device);
+        let device = self.volumes[index].device;
         let queue = match path.device_stub {
             true if self.devices + device < self.queues.len() => self.devices + device,
             _ => device,
@@ -1039,7 +1049,7 @@ impl IoContext {
             self.stacks[volume] = stack;
             return;
         };
-        let nsid = self.volumes[volume as usize].as_ref().map_or(0, |v| v.nsid);
+        let nsid = self.volumes[volume as usize].nsid;
         let command = IoCommand {
             op,
             nsid,

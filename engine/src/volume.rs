@@ -40,6 +40,35 @@ pub struct Volume {
     pub meta_blocks: u64,
 }
 
+/// [`Volume::reactor`] of a vacant slot: no reactor's.
+const VACANT: usize = usize::MAX;
+
+impl Volume {
+    /// What a reactor holds in a free slot of the volume table: a volume of no blocks that
+    /// no reactor owns, so that IO to it is refused as for an unknown volume.
+    pub fn vacant(id: VolumeId) -> Self {
+        Self {
+            id,
+            name: String::new(),
+            device: 0,
+            device_name: String::new(),
+            nsid: 0,
+            first_lba: 0,
+            blocks: 0,
+            block_size: 512,
+            block_shift: 9,
+            reactor: VACANT,
+            core: VACANT,
+            max_transfer_bytes: 0,
+            meta_blocks: 0,
+        }
+    }
+
+    pub fn is_vacant(&self) -> bool {
+        self.reactor == VACANT
+    }
+}
+
 /// Why an IO failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IoError {
