@@ -4,6 +4,8 @@
 //! - [`model`]: the volume's latency against its throughput, learned while it is healthy
 //!   (after Perseus, FAST '23): latency above the model at a throughput below what it has
 //!   done before is sickness; at or above it, load.
+//! - [`canary`]: a canary's verdict per interval, each stage's p99 against the baseline and
+//!   noise band learned while green, stored across restarts.
 //! - [`detector`]: per window a sign (fine, busy, sick, and why) from the peer ratio, the
 //!   model and the fail-safes; states with hysteresis (healthy, suspect, degraded,
 //!   recovering); every verdict with the values it was made on.
@@ -11,5 +13,6 @@
 //! Nothing here reads a clock or a socket: the node feeds windows in, tests feed made-up
 //! ones, and the same windows give the same verdicts.
 
+pub mod canary;
 pub mod detector;
 pub mod model;
