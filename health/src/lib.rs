@@ -6,6 +6,8 @@
 //!   done before is sickness; at or above it, load.
 //! - [`canary`]: a canary's verdict per interval, each stage's p99 against the baseline and
 //!   noise band learned while green, stored across restarts.
+//! - [`drift`]: the clients' IO shape (sizes, mix, depth) against its recent past, so that a
+//!   slower client is named a regression (the canary is red), drift, or load.
 //! - [`detector`]: per window a sign (fine, busy, sick, and why) from the peer ratio, the
 //!   model and the fail-safes; states with hysteresis (healthy, suspect, degraded,
 //!   recovering); every verdict with the values it was made on.
@@ -15,4 +17,5 @@
 
 pub mod canary;
 pub mod detector;
+pub mod drift;
 pub mod model;
