@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 /// A shared mapping of a region file.
 pub(crate) struct Mapping {
@@ -103,6 +104,24 @@ impl Mapping {
         // Everything written above is visible before the even generation.
         generation.store(writing + 1, Ordering::Release);
         writing + 1
+    }
+
+    /// Changes one volume slot of a region: under the region's `lock` (one change at a
+    /// time), rewrites the slot at `at` ([`Mapping::write_slot`]), then bumps the directory
+    /// generation word at `directory_generation`, after the slot's even generation, so that
+    /// a reader that sees the new directory generation reads the slot as it is now.
+    pub(crate) fn publish_slot(
+        &self,
+        lock: &Mutex<()>,
+        at: usize,
+        content: &[u64],
+        directory_generation: usize,
+        meanwhile: impl FnOnce(),
+    ) {
+        let _one_writer = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        self.write_slot(at, content, meanwhile);
+        self.word(directory_generation)
+            .fetch_add(1, Ordering::Release);
     }
 
     /// Reads the slot whose generation word is at `at` into `content`, retrying while a

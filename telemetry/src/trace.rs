@@ -40,7 +40,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use crate::clock::Clock;
 use crate::shm::{
@@ -840,20 +840,13 @@ impl TraceRegion {
             }
             None => [0; VOLUME_ENTRY_WORDS],
         };
-        let _one_writer = self
-            .slot_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        self.map.write_slot(
+        self.map.publish_slot(
+            &self.slot_lock,
             self.offsets.volumes + index * VOLUME_ENTRY_BYTES,
             &content,
+            field::DIRECTORY_GENERATION,
             || {},
         );
-        // After the slot's even generation, so a reader that sees this one reads the slot
-        // as it is now.
-        self.map
-            .word(field::DIRECTORY_GENERATION)
-            .fetch_add(1, Ordering::Release);
         Ok(())
     }
 
