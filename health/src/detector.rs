@@ -432,16 +432,17 @@ mod tests {
         }
     }
 
+    /// A learned detector taken to degraded by a 20x step, and the second it got there.
+    fn degraded_at_20x() -> (Detector, u64) {
+        let (mut detector, from) = learned();
+        let took = seconds_to_degraded(&mut detector, from, |s| window(s, 3000.0, 860.0, 90.0))
+            .expect("a 20x step degrades");
+        (detector, from + took - 1)
+    }
+
     #[test]
     fn recovery_takes_its_time_and_a_relapse_degrades_again() {
-        let (mut detector, mut second) = learned();
-        while detector
-            .observe(&window(second, 3000.0, 860.0, 90.0))
-            .health
-            != Health::Degraded
-        {
-            second += 1;
-        }
+        let (mut detector, mut second) = degraded_at_20x();
         let mut states = Vec::new();
         for _ in 0..20 {
             second += 1;
@@ -451,14 +452,7 @@ mod tests {
         assert_eq!(states[2], Health::Recovering);
         assert_eq!(states[12], Health::Healthy);
         // Recovering, then sick again: straight back to degraded.
-        let (mut detector, mut second) = learned();
-        while detector
-            .observe(&window(second, 3000.0, 860.0, 90.0))
-            .health
-            != Health::Degraded
-        {
-            second += 1;
-        }
+        let (mut detector, mut second) = degraded_at_20x();
         for _ in 0..3 {
             second += 1;
             detector.observe(&window(second, 3000.0, 43.0, 90.0));

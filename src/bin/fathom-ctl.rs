@@ -636,25 +636,25 @@ fn run_control_plane(args: &Args) -> Result<()> {
                             serde_json::json!({ "epoch": epoch, "after_ms": millis(took) });
                     }
                     println!("{}", serde_json::to_string_pretty(&value)?);
-                } else if let Some((epoch, took)) = serving {
-                    println!(
-                        "volume {} created and served: {} in {}-byte blocks, copies on {}, primary {} at epoch {epoch} after {:.1} s",
-                        created.spec.name,
-                        fathom::text::bytes_text(created.spec.size),
-                        created.spec.block_size,
-                        created.spec.replicas.join(", "),
-                        created.state.primary,
-                        took.as_secs_f64()
-                    );
                 } else {
-                    println!(
-                        "volume {} created: {} in {}-byte blocks, copies on {} (primary {}); the nodes make and serve it within seconds (`volume list`)",
-                        created.spec.name,
-                        fathom::text::bytes_text(created.spec.size),
-                        created.spec.block_size,
-                        created.spec.replicas.join(", "),
-                        created.state.primary
+                    let (spec, primary) = (&created.spec, &created.state.primary);
+                    let what = format!(
+                        "{} in {}-byte blocks, copies on {}",
+                        fathom::text::bytes_text(spec.size),
+                        spec.block_size,
+                        spec.replicas.join(", ")
                     );
+                    match serving {
+                        Some((epoch, took)) => println!(
+                            "volume {} created and served: {what}, primary {primary} at epoch {epoch} after {:.1} s",
+                            spec.name,
+                            took.as_secs_f64()
+                        ),
+                        None => println!(
+                            "volume {} created: {what} (primary {primary}); the nodes make and serve it within seconds (`volume list`)",
+                            spec.name
+                        ),
+                    }
                 }
                 return Ok(());
             }
