@@ -1,6 +1,7 @@
 //! Shared code of Fathom's programs: `fathom-node`, `fathom-bench`, `fathom-ctl`.
 
 pub mod checker;
+pub mod health;
 pub mod isolate;
 pub mod metrics;
 pub mod nbd_client;

@@ -301,6 +301,80 @@ pub fn replication_metrics(
     text
 }
 
+/// The health monitor's view as metrics: each volume's state (one series per state, 1 for
+/// the current one, as kube-state-metrics does), the detector's peer ratio, smoke write and
+/// oldest op, the canaries per stage and drift, and whether the node is slow as a whole.
+pub fn health_metrics(health: &crate::health::monitor::NodeHealth) -> String {
+    use std::fmt::Write as _;
+    const STATES: [&str; 4] = ["healthy", "suspect", "degraded", "recovering"];
+    let node = &health.node;
+    let mut families: Vec<(&str, &str, &str, String)> = vec![
+        ("fathom_volume_health", "gauge", "1 for the volume's health state (healthy, suspect, degraded, recovering), 0 for the others.", String::new()),
+        ("fathom_volume_health_peer_ratio", "gauge", "On a primary: its own write p99 over its replicas' median for the same writes, last second.", String::new()),
+        ("fathom_volume_health_peer_ratio_baseline", "gauge", "The peer ratio learned while healthy.", String::new()),
+        ("fathom_volume_health_smoke_seconds", "gauge", "The last smoke write's time, write to read-back.", String::new()),
+        ("fathom_volume_health_oldest_op_seconds", "gauge", "A lower bound of the age of the oldest IO in flight on the volume's device queue (or of its smoke write).", String::new()),
+        ("fathom_volume_health_degradations", "gauge", "Times the volume was degraded within the last hour.", String::new()),
+        ("fathom_volume_health_replace", "gauge", "1 once the volume degraded so often that its device should be replaced.", String::new()),
+        ("fathom_volume_drift", "gauge", "1 while the clients' IO shape differs from its recent past (drift, not a regression).", String::new()),
+        ("fathom_canary_red", "gauge", "1 while the volume's canary is red: a stage's p99 over its baseline beyond the noise band.", String::new()),
+        ("fathom_canary_failures_total", "counter", "Canary rounds that failed (an IO error, or data read back wrong).", String::new()),
+        ("fathom_canary_stage_p99_seconds", "gauge", "The canary's p99 per stage over its last interval.", String::new()),
+        ("fathom_canary_stage_baseline_seconds", "gauge", "The canary's learned baseline p99 per stage.", String::new()),
+    ];
+    let mut put = |family: usize, labels: &str, value: f64| {
+        let (name, _, _, lines) = &mut families[family];
+        let _ = writeln!(lines, "{name}{{{labels}}} {value}");
+    };
+    for volume in &health.volumes {
+        let labels = format!("node=\"{node}\",volume=\"{}\"", volume.volume);
+        for state in STATES {
+            put(
+                0,
+                &format!("{labels},state=\"{state}\""),
+                (volume.health == state) as u8 as f64,
+            );
+        }
+        let inputs = &volume.inputs;
+        if let Some(ratio) = inputs.peer_ratio {
+            put(1, &labels, ratio);
+        }
+        if let Some(baseline) = inputs.peer_ratio_baseline {
+            put(2, &labels, baseline);
+        }
+        if let Some(smoke) = inputs.smoke_ms {
+            put(3, &labels, smoke / 1e3);
+        }
+        put(4, &labels, inputs.oldest_op_ms / 1e3);
+        put(5, &labels, volume.degradations as f64);
+        put(6, &labels, volume.replace as u8 as f64);
+        put(7, &labels, !volume.drift.is_empty() as u8 as f64);
+        if let Some(canary) = &volume.canary {
+            put(8, &labels, canary.red as u8 as f64);
+            put(9, &labels, canary.failures as f64);
+            for stage in &canary.stages {
+                let labels = format!("{labels},stage=\"{}\"", stage.stage);
+                put(10, &labels, stage.p99_us / 1e6);
+                if let Some(baseline) = stage.baseline_us {
+                    put(11, &labels, baseline / 1e6);
+                }
+            }
+        }
+    }
+    let mut text = format!(
+        "# HELP fathom_node_fault 1 while every volume of the node with IO is slow alike (a node fault, or node-wide load).\n\
+         # TYPE fathom_node_fault gauge\n\
+         fathom_node_fault{{node=\"{node}\"}} {}\n",
+        health.node_fault.is_some() as u8
+    );
+    for (name, kind, help, lines) in &families {
+        if !lines.is_empty() {
+            let _ = write!(text, "# HELP {name} {help}\n# TYPE {name} {kind}\n{lines}");
+        }
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,6 +47,8 @@ pub struct NodeControl {
     trace_changes: StdMutex<()>,
     /// Replication, when this node holds copies of replicated volumes.
     replication: Option<std::sync::Arc<Replication>>,
+    /// The health monitor, when health runs.
+    health: Option<std::sync::Arc<crate::health::monitor::MonitorShared>>,
 }
 
 impl NodeControl {
@@ -57,7 +59,26 @@ impl NodeControl {
             runs: AtomicUsize::new(0),
             trace_changes: StdMutex::new(()),
             replication: None,
+            health: None,
         }
+    }
+
+    /// Answers `health` and `health_advise` from the health monitor.
+    pub fn with_health(
+        mut self,
+        health: Option<std::sync::Arc<crate::health::monitor::MonitorShared>>,
+    ) -> Self {
+        self.health = health;
+        self
+    }
+
+    fn health(&self) -> Result<&crate::health::monitor::MonitorShared, RemoteError> {
+        self.health.as_deref().ok_or_else(|| {
+            RemoteError::new(
+                proto::BAD_REQUEST,
+                "health does not run on this node: it needs [telemetry] enabled (and [health] enabled, the default)",
+            )
+        })
     }
 
     /// Answers `replication` and `promote` through `replication`.
@@ -704,6 +725,24 @@ impl Handler for NodeControl {
                 json(serde_json::json!({ "partition": state }))
             }
             Request::Reparent { volume, to } => json(self.reparent(&volume, &to)?),
+            Request::Health { volume } => {
+                let mut status = self.health()?.status.lock().clone();
+                if let Some(name) = volume {
+                    self.engine.volume_named(&name).map_err(control_error)?;
+                    status.volumes.retain(|health| health.volume == name);
+                }
+                json(status)
+            }
+            Request::HealthAdvise { volume, advise } => {
+                let health = self.health()?;
+                self.engine.volume_named(&volume).map_err(control_error)?;
+                health.set_advise(&volume, advise);
+                tracing::info!(
+                    "health: volume {volume}'s actions are {} from now on",
+                    if advise { "advise-only" } else { "taken" }
+                );
+                json(serde_json::json!({ "volume": volume, "advise": advise }))
+            }
         }
     }
 }

@@ -293,3 +293,100 @@ pub fn volume_list_text(report: &fathom_cluster::report::ClusterReport) -> Strin
     }
     table.render()
 }
+
+/// `fathom-ctl health`: one line per volume (state, sign, the detector's main inputs, the
+/// canary, drift), then why, under each volume that is not plainly fine.
+pub fn health_text(health: &crate::health::monitor::NodeHealth) -> String {
+    let mut text = String::new();
+    if let Some(fault) = &health.node_fault {
+        text.push_str(&format!("NODE FAULT: {fault}\n\n"));
+    }
+    if health.volumes.is_empty() {
+        text.push_str("no volumes judged yet (the first verdict comes after two seconds)\n");
+        return text;
+    }
+    let mut table = Table::new(&[
+        ("VOLUME", false),
+        ("ROLE", false),
+        ("HEALTH", false),
+        ("SIGN", false),
+        ("SINCE", true),
+        ("IOPS", true),
+        ("P99", true),
+        ("PEER-RATIO", true),
+        ("IDLE%", true),
+        ("SMOKE", true),
+        ("CANARY", false),
+        ("CAUSE", false),
+        ("ACTIONS", false),
+    ]);
+    let us = |value: Option<f64>| value.map_or("-".into(), |us| duration_text(us * 1e3));
+    for volume in &health.volumes {
+        let inputs = &volume.inputs;
+        let ratio = match (inputs.peer_ratio, inputs.peer_ratio_baseline) {
+            (Some(ratio), Some(baseline)) => format!("{ratio:.2}/{baseline:.2}"),
+            (Some(ratio), None) => format!("{ratio:.2}/?"),
+            _ => "-".into(),
+        };
+        let canary = match &volume.canary {
+            None => "-".into(),
+            Some(canary) if canary.red => "RED".into(),
+            Some(canary) if !canary.learning.is_empty() => "learning".into(),
+            Some(_) => "green".into(),
+        };
+        let mut health_cell = volume.health.clone();
+        if volume.replace {
+            health_cell.push_str(" (replace)");
+        }
+        table.row(vec![
+            volume.volume.clone(),
+            volume.role.clone(),
+            health_cell,
+            volume.sign.clone(),
+            format!("{}s", health.second.saturating_sub(volume.since)),
+            format!("{:.0}", inputs.read_iops + inputs.write_iops),
+            us(inputs.p99_us),
+            ratio,
+            inputs
+                .device_idle_pct
+                .map_or("-".into(), |idle| format!("{idle:.0}")),
+            inputs
+                .smoke_ms
+                .map_or("-".into(), |ms| duration_text(ms * 1e6)),
+            canary,
+            if volume.cause.is_empty() {
+                "-".into()
+            } else {
+                volume.cause.clone()
+            },
+            if volume.advise_only {
+                "advise".into()
+            } else {
+                "act".into()
+            },
+        ]);
+    }
+    text.push_str(&table.render());
+    for volume in &health.volumes {
+        let mut lines: Vec<String> = volume.reasons.clone();
+        if let Some(canary) = &volume.canary {
+            lines.extend(
+                canary
+                    .reasons
+                    .iter()
+                    .map(|reason| format!("canary: {reason}")),
+            );
+        }
+        lines.extend(volume.drift.iter().map(|reason| format!("drift: {reason}")));
+        if let Some(action) = &volume.last_action {
+            lines.push(format!("action: {action}"));
+        }
+        if !lines.is_empty() {
+            text.push_str(&format!("\n{}:\n", volume.volume));
+            for line in lines {
+                text.push_str(&format!("  {line}\n"));
+            }
+        }
+    }
+    text
+}

@@ -65,6 +65,8 @@ pub const COMMANDS: &[&str] = &[
     "promote",
     "reparent",
     "partition",
+    "health",
+    "health_advise",
 ];
 
 /// The layers of a volume's IO path, top to bottom. A volume has `frontend`, `engine` and
@@ -252,6 +254,16 @@ pub enum Request {
     /// from etcd only, `"off"` heals it; its NBD clients stay connected. Answer:
     /// `{"partition": state}`.
     Partition { state: String },
+    /// Each volume's health (or one volume's): its state and why, the detector's inputs of
+    /// the last second, its canary and the clients' drift. Answer: the node's health status
+    /// (`fathom::health::monitor::NodeHealth`).
+    Health {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        volume: Option<String>,
+    },
+    /// Makes `volume`'s health actions advise-only (`advise`: log what would be done, do
+    /// nothing) or lets them act again. Answer: `{"volume": name, "advise": advise}`.
+    HealthAdvise { volume: String, advise: bool },
 }
 
 impl Request {
@@ -274,6 +286,8 @@ impl Request {
             Request::Promote { .. } => "promote",
             Request::Reparent { .. } => "reparent",
             Request::Partition { .. } => "partition",
+            Request::Health { .. } => "health",
+            Request::HealthAdvise { .. } => "health_advise",
         }
     }
 
@@ -733,6 +747,14 @@ const SCHEMA: &[(&str, &[Field])] = &[
         &[required("volume", Kind::Text), required("to", Kind::Text)],
     ),
     ("partition", &[required("state", Kind::Text)]),
+    ("health", &[optional("volume", Kind::Text)]),
+    (
+        "health_advise",
+        &[
+            required("volume", Kind::Text),
+            required("advise", Kind::Bool),
+        ],
+    ),
 ];
 
 /// How a JSON value is described in an error: its type and, when short, the value.
@@ -1072,6 +1094,14 @@ mod tests {
                 to: "b".into(),
             },
             Request::Partition { state: "on".into() },
+            Request::Health { volume: None },
+            Request::Health {
+                volume: Some("vol0".into()),
+            },
+            Request::HealthAdvise {
+                volume: "vol0".into(),
+                advise: true,
+            },
             Request::Partition {
                 state: "off".into(),
             },

@@ -75,6 +75,72 @@ pub struct Config {
     /// This node's replica service and the peers' authentication (`[replication]`).
     #[serde(default)]
     pub replication: ReplicationConfig,
+    /// Volume health: probes, canaries, the detector and its actions (`[health]`).
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// `[health]`: every volume's health, judged each second from the node's own telemetry
+/// (so it needs `[telemetry] enabled`), with probes in each replicated volume's health area.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Default: on when telemetry is.
+    pub enabled: Option<bool>,
+    /// A canary round (a 4 KiB write, then a read of it back) starts every period; `"0s"`:
+    /// no canary.
+    #[serde(default = "HealthConfig::default_canary_period")]
+    pub canary_period: DurationValue,
+    /// The canaries' verdict interval: each stage's p99 over it against its baseline.
+    #[serde(default = "HealthConfig::default_canary_interval")]
+    pub canary_interval: DurationValue,
+    /// A smoke write (4 KiB, read back and compared) every period; `"0s"`: none.
+    #[serde(default = "HealthConfig::default_smoke_period")]
+    pub smoke_period: DurationValue,
+    /// What the detector's verdicts do: `"act"` (hedge, reparent, stop waiting on a
+    /// degraded replica) or `"advise"` (log what it would do, and do nothing).
+    #[serde(default)]
+    pub actions: HealthActions,
+    /// Volumes whose actions are advise-only whatever `actions` says.
+    #[serde(default)]
+    pub advise: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthActions {
+    #[default]
+    Act,
+    Advise,
+}
+
+impl HealthConfig {
+    /// Whether health runs: as configured, else when telemetry does.
+    pub fn enabled(&self, telemetry: bool) -> bool {
+        self.enabled.unwrap_or(telemetry)
+    }
+    fn default_canary_period() -> DurationValue {
+        DurationValue(Duration::from_millis(10))
+    }
+    fn default_canary_interval() -> DurationValue {
+        DurationValue(Duration::from_secs(5))
+    }
+    fn default_smoke_period() -> DurationValue {
+        DurationValue(Duration::from_secs(1))
+    }
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: None,
+            canary_period: Self::default_canary_period(),
+            canary_interval: Self::default_canary_interval(),
+            smoke_period: Self::default_smoke_period(),
+            actions: HealthActions::Act,
+            advise: Vec::new(),
+        }
+    }
 }
 
 /// `[cluster]`: the nodes replicated volumes are placed on. Every node of a cluster has the
@@ -201,10 +267,13 @@ impl Default for ReplicationConfig {
     }
 }
 
-/// Metadata blocks (4 KiB) a replicated volume keeps after its data: two superblocks, and a
-/// dirty-region bitmap for each of up to 7 replicas.
+/// Metadata blocks (4 KiB) a replicated volume keeps after its data: two superblocks, a
+/// dirty-region bitmap for each of up to 7 replicas, then the health area.
 pub const METADATA_BLOCK_BYTES: u64 = 4096;
 pub const MAX_REPLICAS: usize = 7;
+/// The health area, the last bytes of a replicated volume's metadata: the node's health
+/// probes (the smoke write, the canaries) write and read there, never in the clients' data.
+pub const HEALTH_BYTES: u64 = 256 * 1024;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -674,8 +743,8 @@ pub struct VolumeConfig {
 
 impl VolumeConfig {
     /// Bytes of crash-safe metadata a replicated volume keeps right after its data: two
-    /// superblocks and one dirty-region bitmap per possible replica (a bit per
-    /// `region_size` bytes). 0 for a volume that is not replicated.
+    /// superblocks, one dirty-region bitmap per possible replica (a bit per `region_size`
+    /// bytes) and the health area ([`HEALTH_BYTES`]). 0 for a volume that is not replicated.
     pub fn metadata_bytes(&self, region_size: u64) -> u64 {
         if self.replicas.is_empty() {
             return 0;
@@ -689,7 +758,7 @@ impl VolumeConfig {
 pub fn metadata_bytes(size: u64, region_size: u64) -> u64 {
     let regions = size.div_ceil(region_size.max(1));
     let bitmap_blocks = regions.div_ceil(METADATA_BLOCK_BYTES * 8);
-    (2 + MAX_REPLICAS as u64 * bitmap_blocks) * METADATA_BLOCK_BYTES
+    (2 + MAX_REPLICAS as u64 * bitmap_blocks) * METADATA_BLOCK_BYTES + HEALTH_BYTES
 }
 
 /// `[volume.trace]`: a volume's sampling, where it differs from `[telemetry.trace]`.
@@ -729,6 +798,48 @@ impl Config {
     }
 
     /// Checks everything the types cannot.
+    fn validate_health(&self) -> Result<(), ConfigError> {
+        let health = &self.health;
+        let canary = health.canary_period.0;
+        if !canary.is_zero()
+            && !(Duration::from_millis(1)..=Duration::from_secs(10)).contains(&canary)
+        {
+            return Err(invalid(
+                "health.canary_period",
+                format!("{canary:?}"),
+                "from 1ms to 10s (a canary round every period), or \"0s\" for no canary",
+            ));
+        }
+        let interval = health.canary_interval.0;
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&interval)
+            || (!canary.is_zero() && interval < canary * 10)
+        {
+            return Err(invalid(
+                "health.canary_interval",
+                format!("{interval:?}"),
+                "from 1s to 600s, and at least 10 canary periods (a p99 needs rounds)",
+            ));
+        }
+        let smoke = health.smoke_period.0;
+        if !smoke.is_zero()
+            && !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&smoke)
+        {
+            return Err(invalid(
+                "health.smoke_period",
+                format!("{smoke:?}"),
+                "from 100ms to 60s, or \"0s\" for no smoke write",
+            ));
+        }
+        if health.enabled == Some(true) && !self.telemetry.enabled {
+            return Err(invalid(
+                "health.enabled",
+                "true",
+                "health is judged from telemetry: set [telemetry] enabled = true, or [health] enabled = false",
+            ));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node.id.is_empty()
             || !self
@@ -756,6 +867,7 @@ impl Config {
                 "an IP address and port such as \"127.0.0.1:9480\", or \"\" for no endpoint",
             ));
         }
+        self.validate_health()?;
         let trace = &self.telemetry.trace;
         if !trace.ring.is_power_of_two() || trace.ring > 1 << 20 {
             return Err(invalid(
@@ -1475,7 +1587,10 @@ mod tests {
         let v = &config.volumes[0];
         assert_eq!(v.replicas, ["n1", "n2", "n3"]);
         // 32 regions of 1 MiB: two superblocks and one bitmap block for each of 7 replicas.
-        assert_eq!(v.metadata_bytes(config.replication.region_size.0), 9 * 4096);
+        assert_eq!(
+            v.metadata_bytes(config.replication.region_size.0),
+            9 * 4096 + HEALTH_BYTES
+        );
         // Data and metadata must fit the device.
         let full = volume.replace("32MiB", "64MiB");
         let error = cluster(&format!("{REPLICATION}{full}"))

@@ -140,6 +140,20 @@ pub trait Task: Send {
     }
 }
 
+/// Who submitted an IO, which says where it goes and how it is timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// A task or the engine: through the volume's layers.
+    Client,
+    /// A front end, which records the IO's `total` itself.
+    Frontend,
+    /// Replication, in the volume's metadata area: straight to the device.
+    Metadata,
+    /// A health probe, in the volume's health area: straight to the device, in the volume's
+    /// probe series.
+    Probe,
+}
+
 /// A request refused at submission, handed back with the reason.
 #[derive(Debug)]
 pub struct Rejected {
@@ -451,7 +465,7 @@ impl IoContext {
     #[inline]
     pub fn submit(&mut self, request: IoRequest) -> Result<(), Rejected> {
         let task = self.current_task;
-        self.submit_notify(request, Notify::Task(task), None, false, false)
+        self.submit_notify(request, Notify::Task(task), None, Origin::Client)
     }
 
     /// As [`IoContext::submit`], for an IO that has waited since `since` (clock ticks) to be
@@ -465,14 +479,22 @@ impl IoContext {
             telemetry.stamp();
             since
         });
-        self.submit_notify(request, Notify::Task(task), since, false, false)
+        self.submit_notify(request, Notify::Task(task), since, Origin::Client)
     }
 
     /// As [`IoContext::submit`], for the volume's replication metadata area
     /// ([`Volume::metadata_command`]): straight to the device, past every layer.
     pub fn submit_metadata(&mut self, request: IoRequest) -> Result<(), Rejected> {
         let task = self.current_task;
-        self.submit_notify(request, Notify::Task(task), None, false, true)
+        self.submit_notify(request, Notify::Task(task), None, Origin::Metadata)
+    }
+
+    /// As [`IoContext::submit`], for a health probe (the smoke write, a canary) in the volume's
+    /// health area ([`Volume::health_command`]): straight to the device, past every layer,
+    /// timed in the volume's probe series ([`crate::stats::PROBE_READ`], `PROBE_WRITE`).
+    pub fn submit_probe(&mut self, request: IoRequest) -> Result<(), Rejected> {
+        let task = self.current_task;
+        self.submit_notify(request, Notify::Task(task), None, Origin::Probe)
     }
 
     /// As [`IoContext::submit`], from a front end that times the IO from its socket to its
@@ -480,7 +502,7 @@ impl IoContext {
     #[inline]
     pub fn submit_frontend(&mut self, request: IoRequest) -> Result<(), Rejected> {
         let task = self.current_task;
-        self.submit_notify(request, Notify::Task(task), None, true, false)
+        self.submit_notify(request, Notify::Task(task), None, Origin::Frontend)
     }
 
     /// [`IoContext::submit`] for an IO that another node's trace reaches (a replica's write
@@ -577,8 +599,7 @@ impl IoContext {
         request: IoRequest,
         notify: Notify,
         accepted: Option<u64>,
-        frontend: bool,
-        metadata: bool,
+        origin: Origin,
     ) -> Result<(), Rejected> {
         let Some(volume) = self.volumes.get(request.volume.0 as usize) else {
             let error = IoError::UnknownVolume(request.volume.0);
@@ -602,9 +623,10 @@ impl IoContext {
                 error,
             });
         }
-        let command = match match metadata {
-            false => volume.command(&request),
-            true => volume.metadata_command(&request),
+        let command = match match origin {
+            Origin::Client | Origin::Frontend => volume.command(&request),
+            Origin::Metadata => volume.metadata_command(&request),
+            Origin::Probe => volume.health_command(&request),
         } {
             Ok(command) => command,
             Err(error) => {
@@ -625,8 +647,10 @@ impl IoContext {
         let device = volume.device;
         // One check for the layerless, uncontended path: anything else is behind it, out of
         // line, so that the fast path keeps the command in the one place the queue reads it.
-        // Metadata IO goes straight to the device: it is no client's and passes no layer.
-        if self.slow != 0 && !metadata {
+        // Metadata and probe IO go straight to the device: they are no client's and pass no
+        // layer.
+        let direct = matches!(origin, Origin::Metadata | Origin::Probe);
+        if self.slow != 0 && !direct {
             if self.waiting & (1 << device) != 0 {
                 if let Notify::Task(task) = notify {
                     if !self.take_turn(device, task) {
@@ -640,6 +664,7 @@ impl IoContext {
                 }
             }
             if self.layered && self.detour[request.volume.0 as usize] {
+                let frontend = origin == Origin::Frontend;
                 self.submit_detour(slot_index, &command, request, notify, accepted, frontend);
                 return Ok(());
             }
@@ -661,7 +686,10 @@ impl IoContext {
             slot.submitted = telemetry.now;
             slot.accepted = accepted.unwrap_or(telemetry.now);
             self.unrung[device].push(slot_index);
-            slot.series = Series::new(request.volume.0, request.op, frontend);
+            slot.series = match origin {
+                Origin::Probe => Series::probe(request.volume.0, request.op),
+                _ => Series::new(request.volume.0, request.op, origin == Origin::Frontend),
+            };
             slot.bytes = request.len;
             self.offsets[slot_index as usize] = request.offset;
         }
@@ -1484,7 +1512,10 @@ impl Reactor {
 
     fn submit_or_backlog(&mut self, request: IoRequest, notify: Notify, accepted: u64) -> bool {
         let stamp = (self.io.telemetry.is_some()).then_some(accepted);
-        match self.io.submit_notify(request, notify, stamp, false, false) {
+        match self
+            .io
+            .submit_notify(request, notify, stamp, Origin::Client)
+        {
             Ok(()) => true,
             Err(Rejected {
                 request,

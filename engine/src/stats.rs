@@ -53,8 +53,21 @@ pub mod stage {
     ];
 }
 
-/// Operation names, indexed by [`op_index`].
-pub const OP_NAMES: [&str; 4] = ["read", "write", "flush", "write_zeroes"];
+/// Operation names, indexed by [`op_index`], then the health probes' own series (the smoke
+/// write and the canaries, in the volume's health area): their IOs never mix with the
+/// clients'.
+pub const OP_NAMES: [&str; 6] = [
+    "read",
+    "write",
+    "flush",
+    "write_zeroes",
+    "probe_read",
+    "probe_write",
+];
+
+/// Index in [`OP_NAMES`] of the health probes' reads, then their writes.
+pub const PROBE_READ: usize = 4;
+pub const PROBE_WRITE: usize = 5;
 
 #[inline(always)]
 pub fn op_index(op: Op) -> u8 {
@@ -79,6 +92,16 @@ impl Series {
     pub fn new(volume: u32, op: Op, frontend: bool) -> Self {
         let index = volume * OP_NAMES.len() as u32 + op_index(op) as u32;
         Self(index | if frontend { Self::FRONTEND } else { 0 })
+    }
+
+    /// A health probe's IO of `op` on `volume` ([`PROBE_READ`], [`PROBE_WRITE`]; its other
+    /// ops count as writes).
+    pub fn probe(volume: u32, op: Op) -> Self {
+        let op = match op {
+            Op::Read => PROBE_READ,
+            _ => PROBE_WRITE,
+        };
+        Self(volume * OP_NAMES.len() as u32 + op as u32)
     }
 
     /// Where the series' recorder and totals are.

@@ -228,6 +228,25 @@ impl Volume {
         )
     }
 
+    /// As [`Volume::command`], for the volume's health area, the end of its metadata area
+    /// ([`crate::config::HEALTH_BYTES`]): `request`'s offset counts from the area's start. A
+    /// volume without metadata has no health area: every request is out of its range.
+    pub fn health_command(&self, request: &IoRequest) -> Result<IoCommand, IoError> {
+        let (first_lba, size) = self.health_area();
+        self.command_in(request, first_lba, size)
+    }
+
+    /// The health area: its first namespace LBA and its size in bytes (0 without metadata).
+    pub fn health_area(&self) -> (u64, u64) {
+        let meta_bytes = self.meta_blocks << self.block_shift;
+        let size = match meta_bytes >= crate::config::HEALTH_BYTES {
+            true => crate::config::HEALTH_BYTES,
+            false => 0,
+        };
+        let end = self.first_lba + self.blocks + self.meta_blocks;
+        (end - (size >> self.block_shift), size)
+    }
+
     /// The command for `request` in the `size` bytes from namespace LBA `first_lba`.
     #[inline(always)]
     fn command_in(

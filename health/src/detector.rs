@@ -171,7 +171,14 @@ impl Detector {
 
     /// Judges one window and moves the state.
     pub fn observe(&mut self, window: &Window) -> Verdict {
-        let (sign, reasons) = self.sign(window);
+        let (sign, reasons) = self.judge(window);
+        self.apply(window, sign, reasons)
+    }
+
+    /// Moves the state on `window`'s sign as [`Detector::judge`] gave it, or as the caller
+    /// changed it from what it knows beyond this volume (a node whose every volume is slow
+    /// alike: load or a node fault, held against no single volume).
+    pub fn apply(&mut self, window: &Window, sign: Sign, reasons: Vec<String>) -> Verdict {
         let before = self.health;
         let s = &self.settings;
         self.health = match (self.health, sign) {
@@ -222,8 +229,8 @@ impl Detector {
         }
     }
 
-    /// The window's sign and the reasons for it.
-    fn sign(&self, window: &Window) -> (Sign, Vec<String>) {
+    /// The window's sign and the reasons for it; the state does not move.
+    pub fn judge(&self, window: &Window) -> (Sign, Vec<String>) {
         let s = &self.settings;
         let at = window.second;
         let mut stuck = Vec::new();

@@ -8,6 +8,7 @@
 //!   noise band learned while green, stored across restarts.
 //! - [`drift`]: the clients' IO shape (sizes, mix, depth) against its recent past, so that a
 //!   slower client is named a regression (the canary is red), drift, or load.
+//! - [`signals`]: a volume's window read from two snapshots of the node's stats region.
 //! - [`detector`]: per window a sign (fine, busy, sick, and why) from the peer ratio, the
 //!   model and the fail-safes; states with hysteresis (healthy, suspect, degraded,
 //!   recovering); every verdict with the values it was made on.
@@ -19,3 +20,4 @@ pub mod canary;
 pub mod detector;
 pub mod drift;
 pub mod model;
+pub mod signals;

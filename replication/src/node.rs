@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use fathom_engine::config::{Config, MAX_REPLICAS};
+use fathom_engine::config::{Config, HEALTH_BYTES, MAX_REPLICAS};
 use fathom_engine::engine::Engine;
 use fathom_engine::layer::ControlError;
 use fathom_engine::volume::{IoRequest, Volume};
@@ -512,7 +512,7 @@ impl Shared {
         // Each replica's dirty bitmap lies in the metadata area at its place in the
         // volume's replica list, whoever is primary.
         let bitmap_blocks = (volume.meta_blocks * volume.block_size as u64)
-            .saturating_sub(2 * BLOCK_BYTES as u64)
+            .saturating_sub(2 * BLOCK_BYTES as u64 + HEALTH_BYTES)
             / (BLOCK_BYTES as u64 * MAX_REPLICAS as u64);
         let primary_here = superblock.primary == self.node;
         let held = Arc::new(Held {

@@ -167,6 +167,29 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Each volume's health as the node judges it every second: its state (healthy,
+    /// suspect, degraded, recovering) and the last second's sign (fine, busy: slow from load,
+    /// sick, stuck), the detector's inputs (IOPS, p99, the primary's write p99 over its
+    /// replicas' for the same writes against its healthy ratio, the device's idle time, the
+    /// smoke write), the canary (green, RED, learning its baseline) and what a slower client
+    /// latency is (regression: the canary is red; drift: the clients' IO shape changed;
+    /// load), then why, in full. --json gives every input. Every change is also in the
+    /// node's event log, DATA_DIR/health-events.jsonl (JSON lines).
+    ///
+    /// --advise on makes VOLUME's actions (reparent of a degraded primary) advise-only: the
+    /// node logs what it would do and does nothing; --advise off lets it act again.
+    ///
+    ///   fathom-ctl --node /tmp/fathom-cluster/a health
+    ///   fathom-ctl --node /tmp/fathom-cluster/a health vol0 --json
+    ///   fathom-ctl --node /tmp/fathom-cluster/a health vol0 --advise on
+    #[command(verbatim_doc_comment)]
+    Health {
+        /// Only this volume.
+        volume: Option<String>,
+        /// Makes VOLUME's actions advise-only (on) or lets them act (off).
+        #[arg(long, value_parser = ["on", "off"], requires = "volume")]
+        advise: Option<String>,
+    },
     /// The cluster as its control plane (etcd) holds it; needs --etcd and --cluster.
     ///
     ///   fathom-ctl --etcd 127.0.0.1:2379 --cluster fathom-loopback cluster status
@@ -531,6 +554,16 @@ fn request(command: &Command) -> Request {
         Command::Replication { volume } => Request::Replication {
             volume: volume.clone(),
         },
+        Command::Health {
+            volume: Some(volume),
+            advise: Some(advise),
+        } => Request::HealthAdvise {
+            volume: volume.clone(),
+            advise: advise == "on",
+        },
+        Command::Health { volume, .. } => Request::Health {
+            volume: volume.clone(),
+        },
         Command::Promote { volume, force } => Request::Promote {
             volume: volume.clone(),
             force: *force,
@@ -844,6 +877,21 @@ fn print_answer(command: &Command, request: &Request, answer: Value) -> Result<(
         Command::Replication { .. } => {
             let rows: Vec<ReplicationRow> = parse(answer, what)?;
             print!("{}", replication_table(&rows));
+        }
+        Command::Health {
+            advise: Some(_),
+            volume,
+        } => println!(
+            "volume {}: health actions are {}",
+            volume.as_deref().unwrap_or(""),
+            match answer["advise"].as_bool() {
+                Some(true) => "advise-only (logged, not taken)",
+                _ => "taken",
+            }
+        ),
+        Command::Health { .. } => {
+            let health: fathom::health::monitor::NodeHealth = parse(answer, what)?;
+            print!("{}", fathom::text::health_text(&health));
         }
         Command::Cluster { .. } | Command::Volume { .. } => {
             unreachable!("answered from etcd, not by a node")

@@ -188,12 +188,28 @@ fn run(args: Args) -> Result<()> {
     )
     .context("starting replication")?
     .map(std::sync::Arc::new);
+    let health = match config.health.enabled(config.telemetry.enabled) {
+        true => Some(
+            fathom::health::monitor::HealthMonitor::start(
+                engine.clone(),
+                replication.clone(),
+                &config.health,
+                &config.node.id,
+                config.region_path(),
+                config.node.data_dir.clone(),
+            )
+            .context("starting volume health")?,
+        ),
+        false => None,
+    };
+    let health_shared = health.as_ref().map(|health| health.shared());
     let control_path = fathom_control::socket_path(&config.node.data_dir);
     let control = fathom_control::server::ControlServer::start(
         &control_path,
         std::sync::Arc::new(
             fathom::node_control::NodeControl::new(engine.clone())
-                .with_replication(replication.clone()),
+                .with_replication(replication.clone())
+                .with_health(health_shared.clone()),
         ),
     )
     .with_context(|| format!("serving the control socket {}", control_path.display()))?;
@@ -204,12 +220,25 @@ fn run(args: Args) -> Result<()> {
     );
     let _metrics = if config.telemetry.enabled && !config.telemetry.metrics.is_empty() {
         let listen = config.telemetry.metrics.parse().expect("validated");
-        let extra: Option<fathom::metrics::ExtraMetrics> = replication.clone().map(|replication| {
-            let node = config.node.id.clone();
-            std::sync::Arc::new(move || {
-                fathom::metrics::replication_metrics(&node, &replication.roles())
-            }) as fathom::metrics::ExtraMetrics
-        });
+        let (node, replication, health) = (
+            config.node.id.clone(),
+            replication.clone(),
+            health_shared.clone(),
+        );
+        let extra: Option<fathom::metrics::ExtraMetrics> =
+            (replication.is_some() || health.is_some()).then(|| {
+                std::sync::Arc::new(move || {
+                    let mut text = replication
+                        .as_ref()
+                        .map_or_else(String::new, |replication| {
+                            fathom::metrics::replication_metrics(&node, &replication.roles())
+                        });
+                    if let Some(health) = &health {
+                        text += &fathom::metrics::health_metrics(&health.status.lock());
+                    }
+                    text
+                }) as fathom::metrics::ExtraMetrics
+            });
         let server =
             fathom::metrics::MetricsServer::start_with(listen, config.region_path(), extra)
                 .with_context(|| {
@@ -303,6 +332,7 @@ fn run(args: Args) -> Result<()> {
     // Then the control plane: this node's primaries stop acknowledging and its lease ends, so
     // that other nodes take its volumes over now rather than after the lease's TTL.
     drop(agent);
+    drop(health);
     if let Some(replication) = &replication {
         if !replication.stop(Duration::from_secs(5)) {
             tracing::warn!(
