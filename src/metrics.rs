@@ -319,8 +319,8 @@ pub fn health_metrics(health: &crate::health::monitor::NodeHealth) -> String {
         ("fathom_volume_drift", "gauge", "1 while the clients' IO shape differs from its recent past (drift, not a regression).", String::new()),
         ("fathom_canary_red", "gauge", "1 while the volume's canary is red: a stage's p99 over its baseline beyond the noise band.", String::new()),
         ("fathom_canary_failures_total", "counter", "Canary rounds that failed (an IO error, or data read back wrong).", String::new()),
-        ("fathom_canary_stage_p99_seconds", "gauge", "The canary's p99 per stage over its last interval.", String::new()),
-        ("fathom_canary_stage_baseline_seconds", "gauge", "The canary's learned baseline p99 per stage.", String::new()),
+        ("fathom_canary_stage_seconds", "gauge", "The canary's p50 and p99 (quantile) per stage over its last interval.", String::new()),
+        ("fathom_canary_stage_baseline_seconds", "gauge", "The canary's learned baseline per stage and quantile.", String::new()),
     ];
     let mut put = |family: usize, labels: &str, value: f64| {
         let (name, _, _, lines) = &mut families[family];
@@ -353,10 +353,17 @@ pub fn health_metrics(health: &crate::health::monitor::NodeHealth) -> String {
             put(8, &labels, canary.red as u8 as f64);
             put(9, &labels, canary.failures as f64);
             for stage in &canary.stages {
-                let labels = format!("{labels},stage=\"{}\"", stage.stage);
-                put(10, &labels, stage.p99_us / 1e6);
-                if let Some(baseline) = stage.baseline_us {
-                    put(11, &labels, baseline / 1e6);
+                let at = [
+                    ("0.5", stage.p50_us, stage.baseline_p50_us),
+                    ("0.99", stage.p99_us, stage.baseline_p99_us),
+                ];
+                for (quantile, value, baseline) in at {
+                    let labels =
+                        format!("{labels},stage=\"{}\",quantile=\"{quantile}\"", stage.stage);
+                    put(10, &labels, value / 1e6);
+                    if let Some(baseline) = baseline {
+                        put(11, &labels, baseline / 1e6);
+                    }
                 }
             }
         }

@@ -20,7 +20,7 @@ use fathom_control::proto::{
 use fathom_control::server::Handler;
 use fathom_engine::config::{InjectRule, TailThreshold};
 use fathom_engine::layer::{ControlError, LayerName};
-use fathom_engine::stats::OP_NAMES;
+use fathom_engine::stats::{CLIENT_OPS, OP_NAMES};
 use fathom_engine::trace::{TraceSettings, VolumeSampling};
 use fathom_engine::{Engine, Volume};
 use fathom_replication::node::Replication;
@@ -602,7 +602,7 @@ impl NodeControl {
             volume: volume.name.clone(),
             rate: sampling.rate,
             tail: tail_text(sampling.tail),
-            thresholds_ns: OP_NAMES
+            thresholds_ns: OP_NAMES[..CLIENT_OPS]
                 .iter()
                 .enumerate()
                 .map(|(op, name)| {

@@ -1,7 +1,9 @@
 //! `fathom-stat top`: a live full-screen view of a node, in the spirit of `spdk_top`.
 //!
 //! One row per volume and op with rates, per-second peaks and the percentiles of one stage
-//! (cycle with `s`), then each device queue's busy time. Keys: `q`/Esc quit, `s` next stage,
+//! (cycle with `s`), then each device queue's busy time, then each volume's health (state,
+//! sign, peer ratio, smoke write, canary, cause and the first reason) when the node judges
+//! it. Keys: `q`/Esc quit, `s` next stage,
 //! `a` show idle rows too.
 
 use std::path::Path;
@@ -15,11 +17,14 @@ use ratatui::text::Line;
 use ratatui::widgets::{Block, Borders, Paragraph, Row, Table};
 use ratatui::Frame;
 
+use crate::health::monitor::{read_status, NodeHealth};
 use crate::stat::{duration, quantity, Follower, Observation};
 use fathom_telemetry::report::IntervalReport;
 
 struct View {
     report: Option<IntervalReport>,
+    /// The node's health status, or why there is none to show.
+    health: Result<Option<NodeHealth>, String>,
     note: String,
     stage: usize,
     all: bool,
@@ -32,6 +37,7 @@ pub fn run(path: &Path, every: Duration) -> Result<()> {
     let result = (|| -> Result<()> {
         let mut view = View {
             report: None,
+            health: Ok(None),
             note: format!("reading {}", path.display()),
             stage: 4,
             all: false,
@@ -74,6 +80,7 @@ pub fn run(path: &Path, every: Duration) -> Result<()> {
             match observation {
                 Observation::Report { report, .. } => {
                     view.report = Some(report);
+                    view.health = read_status(path);
                     view.note.clear();
                 }
                 Observation::Note(note) if !note.is_empty() => view.note = note,
@@ -86,9 +93,10 @@ pub fn run(path: &Path, every: Duration) -> Result<()> {
 }
 
 fn draw(frame: &mut Frame, view: &View, path: &Path) {
-    let [title, volumes, queues, help] = Layout::vertical([
+    let [title, volumes, queues, health, help] = Layout::vertical([
         Constraint::Length(2),
         Constraint::Fill(2),
+        Constraint::Fill(1),
         Constraint::Fill(1),
         Constraint::Length(1),
     ])
@@ -187,8 +195,92 @@ fn draw(frame: &mut Frame, view: &View, path: &Path) {
         ),
         queues,
     );
+    draw_health(frame, &view.health, health);
     frame.render_widget(
         Paragraph::new("q quit   s next stage   a show idle rows"),
         help,
+    );
+}
+
+fn draw_health(
+    frame: &mut Frame,
+    health: &Result<Option<NodeHealth>, String>,
+    area: ratatui::layout::Rect,
+) {
+    let block = |title: String| Block::default().borders(Borders::TOP).title(title);
+    let status = match health {
+        Ok(Some(status)) => status,
+        Ok(None) => {
+            frame.render_widget(
+                Paragraph::new("no health status: the node runs without health")
+                    .block(block(" health ".into())),
+                area,
+            );
+            return;
+        }
+        Err(error) => {
+            frame.render_widget(
+                Paragraph::new(error.clone()).block(block(" health ".into())),
+                area,
+            );
+            return;
+        }
+    };
+    let title = match &status.node_fault {
+        Some(fault) => format!(" health  NODE FAULT: {fault} "),
+        None => " health ".into(),
+    };
+    let header = Row::new([
+        "volume",
+        "role",
+        "health",
+        "sign",
+        "peer ratio",
+        "smoke",
+        "canary",
+        "cause",
+        "why",
+    ])
+    .style(Style::default().add_modifier(Modifier::BOLD));
+    let rows = status.volumes.iter().map(|volume| {
+        let inputs = &volume.inputs;
+        let ratio = match (inputs.peer_ratio, inputs.peer_ratio_baseline) {
+            (Some(ratio), Some(baseline)) => format!("{ratio:.2}/{baseline:.2}"),
+            _ => "-".into(),
+        };
+        let canary = match &volume.canary {
+            None => "-",
+            Some(canary) if canary.red => "RED",
+            Some(canary) if !canary.learning.is_empty() => "learning",
+            Some(_) => "green",
+        };
+        let why = volume
+            .reasons
+            .first()
+            .or_else(|| {
+                volume
+                    .canary
+                    .as_ref()
+                    .and_then(|canary| canary.reasons.first())
+            })
+            .or_else(|| volume.drift.first())
+            .cloned()
+            .unwrap_or_default();
+        Row::new(vec![
+            volume.volume.clone(),
+            volume.role.clone(),
+            volume.health.clone(),
+            volume.sign.clone(),
+            ratio,
+            inputs.smoke_ms.map_or("-".into(), |ms| duration(ms * 1e6)),
+            canary.into(),
+            volume.cause.clone(),
+            why,
+        ])
+    });
+    let widths = [12, 8, 11, 6, 11, 9, 9, 11, 80].map(Constraint::Length);
+    frame.render_widget(
+        Table::new(rows, widths).header(header).block(block(title)),
+        area,
     );
 }

@@ -375,7 +375,11 @@ impl Engine {
                 heartbeat_stop,
                 trace_settings,
                 layers: Mutex::new(vec![VolumeLayers::default(); volumes_count]),
-                slots_per_reactor: config.devices.len() * (config.reactor.queue_depth as usize + 1),
+                // A reactor has a queue on every device and on its stub: slots for both (an
+                // IO stubbed at its device layer holds a slot as any other).
+                slots_per_reactor: 2
+                    * config.devices.len()
+                    * (config.reactor.queue_depth as usize + 1),
                 configured: config.volumes.len(),
             }),
         };

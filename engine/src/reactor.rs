@@ -664,6 +664,17 @@ impl IoContext {
                 }
             }
             if self.layered && self.detour[request.volume.0 as usize] {
+                // A layered IO may need slots for its children (replication's local write,
+                // its bitmap writes) before it can complete: clients' IO takes at most half of
+                // the slots, so that children always find one.
+                if self.free_slots.len() < self.slots.len() / 2 {
+                    self.free_slots.push(slot_index);
+                    return Err(Rejected {
+                        request,
+                        notify,
+                        error: IoError::Busy,
+                    });
+                }
                 let frontend = origin == Origin::Frontend;
                 self.submit_detour(slot_index, &command, request, notify, accepted, frontend);
                 return Ok(());

@@ -65,6 +65,9 @@ pub const OP_NAMES: [&str; 6] = [
     "probe_write",
 ];
 
+/// The clients' ops: the first of [`OP_NAMES`].
+pub const CLIENT_OPS: usize = 4;
+
 /// Index in [`OP_NAMES`] of the health probes' reads, then their writes.
 pub const PROBE_READ: usize = 4;
 pub const PROBE_WRITE: usize = 5;

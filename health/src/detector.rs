@@ -73,6 +73,9 @@ pub struct Window {
     /// same writes (its `replicate` stage), ns; empty elsewhere.
     pub local_write_p99_ns: Option<f64>,
     pub replica_write_p99_ns: Vec<f64>,
+    /// The clients' IOs in flight on average over the window (Little's law: completions per
+    /// second times their mean latency).
+    pub depth: f64,
     /// The oldest IO still in flight at the window's end (ns; 0: none).
     pub oldest_op_ns: u64,
     /// The window's smoke write: its latency (ns), or `None` if none was due.
@@ -138,7 +141,12 @@ pub struct Detector {
     /// The peer ratio learned while healthy (an average over fine windows).
     ratio_baseline: Option<f64>,
     ratio_windows: u32,
+    /// The clients' queue depth in the healthy windows learned (the last `model_windows`).
+    depths: std::collections::VecDeque<f64>,
 }
+
+/// A learned peer ratio moves only with windows at most this many times it.
+const LEARN_BAND: f64 = 1.5;
 
 /// Windows the ratio baseline averages over before it is used.
 const RATIO_MIN_WINDOWS: u32 = 10;
@@ -152,6 +160,7 @@ impl Detector {
             streak: 0,
             ratio_baseline: None,
             ratio_windows: 0,
+            depths: std::collections::VecDeque::new(),
         }
     }
 
@@ -161,6 +170,16 @@ impl Detector {
 
     pub fn model(&self) -> &LoadModel {
         &self.model
+    }
+
+    /// The clients' usual queue depth while healthy (the median of the windows learned).
+    pub fn typical_depth(&self) -> Option<f64> {
+        if self.depths.is_empty() {
+            return None;
+        }
+        let mut depths: Vec<f64> = self.depths.iter().copied().collect();
+        depths.sort_by(f64::total_cmp);
+        Some(depths[depths.len() / 2])
     }
 
     /// The peer ratio it counts as healthy, once learned.
@@ -221,7 +240,22 @@ impl Detector {
         if let Some(p99) = window.p99_ns {
             self.model.learn(window.iops, p99);
         }
+        if window.depth.is_finite() && window.depth > 0.0 {
+            if self.depths.len() == self.settings.model_windows.max(1) {
+                self.depths.pop_front();
+            }
+            self.depths.push_back(window.depth);
+        }
         if let Some(ratio) = peer_ratio(window) {
+            // Once learned, a ratio well above the baseline teaches nothing, though it is
+            // under the limit: a device slowing by steps each below it would otherwise
+            // carry the baseline up with it.
+            if self
+                .ratio_baseline()
+                .is_some_and(|baseline| ratio > LEARN_BAND * baseline)
+            {
+                return;
+            }
             self.ratio_windows += 1;
             let weight = 1.0 / self.ratio_windows.min(100) as f64;
             let baseline = self.ratio_baseline.unwrap_or(ratio);
@@ -257,8 +291,29 @@ impl Detector {
         }
         let mut reasons = Vec::new();
         let mut sick = false;
+        let mut busy = false;
+        let learned_iops = self.model.max_iops().unwrap_or(f64::INFINITY);
+        let queueing = self.queueing(window);
+        if let Some(why) = &queueing {
+            reasons.push(why.clone());
+        }
         if let (Some(ratio), Some(baseline)) = (peer_ratio(window), self.ratio_baseline()) {
-            if ratio > s.peer_factor * baseline {
+            if ratio > s.peer_factor * baseline && queueing.is_some() {
+                busy = true;
+                reasons.push(format!(
+                    "peer ratio {ratio:.2} at second {at} is {:.1}x its healthy {baseline:.2}: the clients' queue, not the device",
+                    ratio / baseline
+                ));
+            } else if ratio > s.peer_factor * baseline && window.iops > learned_iops {
+                // More load than it ever carried healthy: the primary's own work (its clients,
+                // its fan-out) slows what it times of its device; load, not its device.
+                busy = true;
+                reasons.push(format!(
+                    "peer ratio {ratio:.2} at second {at} is {:.1}x its healthy {baseline:.2}, at {:.0} IO/s, beyond the {learned_iops:.0} IO/s it was learned at: load, not sickness",
+                    ratio / baseline,
+                    window.iops
+                ));
+            } else if ratio > s.peer_factor * baseline {
                 sick = true;
                 reasons.push(format!(
                     "peer ratio {ratio:.2} at second {at} is {:.1}x its healthy {baseline:.2} (limit {:.1}x): own write p99 {}, the replicas' for the same writes {}",
@@ -274,9 +329,17 @@ impl Detector {
                 ));
             }
         }
-        let mut busy = false;
         if let Some(p99) = window.p99_ns {
             match self.model.judge(window.iops, p99) {
+                Load::Sick { bound_ns, .. } if queueing.is_some() => {
+                    busy = true;
+                    reasons.push(format!(
+                        "p99 {} at {:.0} IO/s at second {at} is above the healthy model's {}: the clients' queue, not the device",
+                        ms(p99),
+                        window.iops,
+                        ms(bound_ns)
+                    ));
+                }
                 Load::Sick { bound_ns, max_iops } => {
                     sick = true;
                     reasons.push(format!(
@@ -306,6 +369,29 @@ impl Detector {
         (sign, reasons)
     }
 }
+
+impl Detector {
+    /// Why the window's latency is the clients' queue (`None` if it is not). By Little's
+    /// law latency is depth over throughput, so against the healthy windows it grew by the
+    /// depth's factor times the throughput's loss: when far more IO is in flight than usual,
+    /// and that factor is the larger, the IO waits its turn (load); when the throughput
+    /// fell more (a device carrying less with the clients' queue as it was), it is not.
+    fn queueing(&self, window: &Window) -> Option<String> {
+        let max_iops = self.model.max_iops()?;
+        let usual = self.typical_depth()?;
+        let deeper = window.depth / usual;
+        let slower = max_iops / window.iops.max(f64::MIN_POSITIVE);
+        (deeper > QUEUE_FACTOR && deeper > slower).then(|| {
+            format!(
+                "{:.0} IOs in flight at second {}, {deeper:.1}x the usual healthy {usual:.1}, at {:.0} IO/s ({slower:.1}x below the {max_iops:.0} it carried): queueing",
+                window.depth, window.second, window.iops
+            )
+        })
+    }
+}
+
+/// A client queue this many times deeper than the usual healthy one may be queueing.
+const QUEUE_FACTOR: f64 = 2.0;
 
 /// The window's own write latency over the median of its replicas' for the same writes.
 pub fn peer_ratio(window: &Window) -> Option<f64> {
@@ -402,6 +488,58 @@ mod tests {
     }
 
     #[test]
+    fn a_primary_slowed_by_more_load_than_ever_is_busy_though_its_ratio_rises() {
+        let (mut detector, from) = learned();
+        // Twice the load: the primary's own work (clients, fan-out) slows what it times of
+        // its device more than the replicas' answers.
+        for second in from..from + 60 {
+            let verdict = detector.observe(&window(second, 10_000.0, 400.0, 150.0));
+            assert_eq!(verdict.sign, Sign::Busy, "{verdict:?}");
+            assert_eq!(verdict.health, Health::Healthy, "{verdict:?}");
+        }
+        // The same ratio at a load it carried before: its device.
+        let took = seconds_to_degraded(&mut detector, from + 60, |s| {
+            window(s, 3000.0, 400.0, 150.0)
+        });
+        assert_eq!(took, Some(3));
+    }
+
+    #[test]
+    fn more_clients_queueing_on_a_saturated_primary_is_busy_and_a_sick_device_is_not() {
+        let with_depth = |mut window: Window| {
+            window.depth = window.iops * window.p99_ns.unwrap() / 1e9;
+            window
+        };
+        let mut detector = Detector::new(Settings::default());
+        for second in 0..60 {
+            let iops = 1000.0 + (second % 5) as f64 * 1000.0;
+            detector.observe(&with_depth(window(
+                second,
+                iops,
+                40.0 + iops / 1000.0,
+                90.0,
+            )));
+        }
+        // Ten times the IO in flight at 80% of the most it carried: every IO waits its turn
+        // at the primary, its own device stage the longest.
+        for second in 60..120 {
+            let mut w = window(second, 4000.0, 2000.0, 900.0);
+            w.depth = 40.0;
+            let verdict = detector.observe(&w);
+            assert_eq!(verdict.sign, Sign::Busy, "{verdict:?}");
+            assert!(
+                verdict.reasons.iter().any(|r| r.contains("queueing")),
+                "{verdict:?}"
+            );
+        }
+        // The clients' queue as before, the throughput collapsed: the device.
+        let took = seconds_to_degraded(&mut detector, 120, |s| {
+            with_depth(window(s, 300.0, 2000.0, 90.0))
+        });
+        assert_eq!(took, Some(3));
+    }
+
+    #[test]
     fn a_node_wide_slowdown_does_not_trip_the_peer_ratio() {
         let (mut detector, from) = learned();
         // Own device and replicas all 5x slower: the ratio holds; the self-model sees it.
@@ -479,6 +617,23 @@ mod tests {
         }
         assert_eq!(detector.ratio_baseline(), Some(baseline));
         assert_eq!(detector.model().len(), learned);
+    }
+
+    #[test]
+    fn a_ratio_creeping_up_under_the_limit_is_not_learned_and_a_step_then_degrades() {
+        let (mut detector, from) = learned();
+        let baseline = detector.ratio_baseline().unwrap();
+        // 1.8x for a minute: under the 2x limit, above the learning band.
+        for second in from..from + 60 {
+            let verdict = detector.observe(&window(second, 3000.0, 43.0 * 1.8, 90.0));
+            assert_eq!(verdict.health, Health::Healthy, "{verdict:?}");
+        }
+        let drifted = detector.ratio_baseline().unwrap();
+        assert!(drifted < baseline * 1.05, "{baseline} -> {drifted}");
+        let took = seconds_to_degraded(&mut detector, from + 60, |s| {
+            window(s, 3000.0, 43.0 * 2.5, 90.0)
+        });
+        assert_eq!(took, Some(3));
     }
 
     proptest! {

@@ -81,6 +81,12 @@ impl LoadModel {
         self.points.is_empty()
     }
 
+    /// The highest throughput among the healthy windows learned (`None` before the first),
+    /// counted before the model has enough of them to judge latency.
+    pub fn max_iops(&self) -> Option<f64> {
+        self.points.iter().map(|point| point.0).reduce(f64::max)
+    }
+
     /// Learns a healthy window: `iops` completions per second at `latency_ns`. Windows with
     /// no IO, or values that are not finite, teach nothing.
     pub fn learn(&mut self, iops: f64, latency_ns: f64) {

@@ -39,6 +39,7 @@ pub struct ProbeStage {
     /// `probe_write device`, `probe_read total`, ...
     pub name: String,
     pub count: u64,
+    pub p50_ns: f64,
     pub p99_ns: f64,
 }
 
@@ -164,6 +165,7 @@ pub fn volume_signals(
                     probes.push(ProbeStage {
                         name: format!("{probe_op} {probe_stage}"),
                         count: histogram.len(),
+                        p50_ns: ns(histogram.value_at_quantile(0.5)),
                         p99_ns: ns(histogram.value_at_quantile(0.99)),
                     });
                 }

@@ -1635,7 +1635,10 @@ mod tests {
     #[test]
     fn trace_table_shows_rates_and_thresholds_in_force() {
         let op_names: Vec<&str> = THRESHOLD_COLUMNS.iter().map(|(op, _)| *op).collect();
-        assert_eq!(op_names, fathom_engine::stats::OP_NAMES);
+        assert_eq!(
+            op_names,
+            fathom_engine::stats::OP_NAMES[..fathom_engine::stats::CLIENT_OPS]
+        );
         let thresholds = |values: [Option<u64>; 4]| {
             op_names
                 .iter()

@@ -71,6 +71,11 @@ struct Args {
     /// data_dir, or the socket). JSON: a "replication" array in each object.
     #[arg(long, value_name = "DIR")]
     control: Option<PathBuf>,
+    /// Also show each volume's health under each report: state, sign, the detector's inputs,
+    /// canary, cause and why, from the status the node writes beside its region every
+    /// second (REGION.health.json). JSON: a "health" object in each object.
+    #[arg(long)]
+    health: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -262,6 +267,9 @@ fn run(args: Args) -> Result<()> {
         match follower.next(every, sub_interval, args.all) {
             Observation::Report { report, samples } => {
                 let replication = control.as_mut().map(Control::replication);
+                let health = args
+                    .health
+                    .then(|| fathom::health::monitor::read_status(&path));
                 if args.json {
                     let mut object = serde_json::to_value(&report)?;
                     if let Some(rows) = &replication {
@@ -270,12 +278,32 @@ fn run(args: Args) -> Result<()> {
                             Err(error) => serde_json::json!({ "error": error }),
                         };
                     }
+                    match &health {
+                        Some(Ok(Some(status))) => object["health"] = serde_json::to_value(status)?,
+                        Some(Ok(None)) => {
+                            object["health"] = serde_json::json!({ "error": "no health status: the node runs without health ([health] enabled = false, or no telemetry)" })
+                        }
+                        Some(Err(error)) => {
+                            object["health"] = serde_json::json!({ "error": error })
+                        }
+                        None => {}
+                    }
                     println!("{object}");
                 } else {
                     println!("{}", render_table(&report, &args.stages));
                     match &replication {
                         Some(Ok(rows)) => println!("{}", replication_table(rows)),
                         Some(Err(error)) => println!("replication: {error}\n"),
+                        None => {}
+                    }
+                    match &health {
+                        Some(Ok(Some(status))) => {
+                            println!("{}", fathom::text::health_text(status))
+                        }
+                        Some(Ok(None)) => println!(
+                            "health: no status beside the region: the node runs without health\n"
+                        ),
+                        Some(Err(error)) => println!("health: {error}\n"),
                         None => {}
                     }
                 }

@@ -100,8 +100,11 @@ pub struct Inputs {
     pub replicas: Vec<(String, f64)>,
     pub peer_ratio: Option<f64>,
     pub peer_ratio_baseline: Option<f64>,
-    /// The self-model: healthy windows learned, and the most IO/s among them.
+    /// The self-model: healthy windows learned, the most IO/s among them, and the clients'
+    /// usual queue depth then.
     pub model_points: usize,
+    pub model_max_iops: Option<f64>,
+    pub typical_depth: Option<f64>,
     pub oldest_op_ms: f64,
     pub smoke_ms: Option<f64>,
     pub smoke_rounds: u64,
@@ -117,16 +120,57 @@ pub struct CanaryStatus {
     pub learning: Vec<String>,
     pub rounds: u64,
     pub failures: u64,
-    /// Per stage: name, p99 (µs) in the interval, baseline and noise band (µs) once learned.
+    /// Per stage: name, p50 and p99 (µs) in the interval, each one's baseline and noise band
+    /// (µs) once learned.
     pub stages: Vec<CanaryStage>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CanaryStage {
     pub stage: String,
+    pub p50_us: f64,
     pub p99_us: f64,
-    pub baseline_us: Option<f64>,
-    pub band_us: Option<f64>,
+    pub baseline_p50_us: Option<f64>,
+    pub band_p50_us: Option<f64>,
+    pub baseline_p99_us: Option<f64>,
+    pub band_p99_us: Option<f64>,
+}
+
+/// The status file beside a stats region: the node rewrites it every second (atomically, by
+/// rename), for readers of the region (`fathom-stat --health`, `top`).
+pub fn status_path(region: &std::path::Path) -> PathBuf {
+    let mut path = region.as_os_str().to_owned();
+    path.push(".health.json");
+    PathBuf::from(path)
+}
+
+/// Statuses older than this are a stopped node's (or a stuck monitor's).
+pub const STALE_AFTER: Duration = Duration::from_secs(5);
+
+/// The health status beside `region`: `Ok(None)` when there is none (a node without health,
+/// or not started); an error, saying what, when it cannot be read or is stale.
+pub fn read_status(region: &std::path::Path) -> Result<Option<NodeHealth>, String> {
+    let path = status_path(region);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(format!("{}: {error}", path.display())),
+    };
+    let status: NodeHealth = serde_json::from_slice(&bytes).map_err(|error| {
+        format!(
+            "{} is not a health status ({error}); is the node's version this one's?",
+            path.display()
+        )
+    })?;
+    let age = Duration::from_millis(unix_ms().saturating_sub(status.unix_ms));
+    if age > STALE_AFTER {
+        return Err(format!(
+            "{} was last written {:.0} s ago: the node (or its health monitor) is not running",
+            path.display(),
+            age.as_secs_f64()
+        ));
+    }
+    Ok(Some(status))
 }
 
 /// What the monitor shares with the control channel and `/metrics`.
@@ -185,7 +229,7 @@ impl HealthMonitor {
             ),
             stop: AtomicBool::new(false),
         });
-        let status_file = PathBuf::from(format!("{}.health.json", region.display()));
+        let status_file = status_path(&region);
         let mut monitor = Monitor {
             engine,
             replication,
@@ -607,12 +651,22 @@ impl Monitor {
             let failures = probes.canary_failures.load(Ordering::Relaxed);
             let failed = failures > tracked.canary_failures;
             tracked.canary_failures = failures;
-            let p99s: Vec<(&str, f64)> = signals
+            // Each stage is judged at its median and at its p99: the median moves with a
+            // regression of every IO, and is steady on a busy machine; the p99 moves with a
+            // regression of the slowest, and its own noise band widens with the machine's.
+            let keys: Vec<(String, f64)> = signals
                 .probes
                 .iter()
-                .map(|stage| (stage.name.as_str(), stage.p99_ns))
+                .flat_map(|stage| {
+                    [
+                        (format!("{} p50", stage.name), stage.p50_ns),
+                        (format!("{} p99", stage.name), stage.p99_ns),
+                    ]
+                })
                 .collect();
-            let mut verdict = tracked.canary.judge(interval, &p99s);
+            let values: Vec<(&str, f64)> =
+                keys.iter().map(|(key, ns)| (key.as_str(), *ns)).collect();
+            let mut verdict = tracked.canary.judge(interval, &values);
             if failed {
                 verdict.red = true;
                 verdict.reasons.push(format!(
@@ -633,12 +687,16 @@ impl Monitor {
                 .probes
                 .iter()
                 .map(|stage| {
-                    let band = tracked.canary.band(&stage.name);
+                    let band = |at: &str| tracked.canary.band(&format!("{} {at}", stage.name));
+                    let (p50, p99) = (band("p50"), band("p99"));
                     CanaryStage {
                         stage: stage.name.clone(),
+                        p50_us: stage.p50_ns / 1e3,
                         p99_us: stage.p99_ns / 1e3,
-                        baseline_us: band.map(|(baseline, _)| baseline / 1e3),
-                        band_us: band.map(|(_, noise)| noise / 1e3),
+                        baseline_p50_us: p50.map(|(baseline, _)| baseline / 1e3),
+                        band_p50_us: p50.map(|(_, noise)| noise / 1e3),
+                        baseline_p99_us: p99.map(|(baseline, _)| baseline / 1e3),
+                        band_p99_us: p99.map(|(_, noise)| noise / 1e3),
                     }
                 })
                 .collect();
@@ -888,6 +946,7 @@ fn window_of(
         second,
         iops: signals.iops(),
         p99_ns: signals.p99_ns,
+        depth: signals.depth,
         local_write_p99_ns: signals.local_write_p99_ns.filter(|_| replicated),
         replica_write_p99_ns: match replicated {
             true => signals
@@ -942,6 +1001,8 @@ fn update_status(
         peer_ratio: detector::peer_ratio(window),
         peer_ratio_baseline: tracked.detector.ratio_baseline(),
         model_points: tracked.detector.model().len(),
+        model_max_iops: tracked.detector.model().max_iops(),
+        typical_depth: tracked.detector.typical_depth(),
         oldest_op_ms: window.oldest_op_ns as f64 / 1e6,
         smoke_ms: window.smoke_ns.map(|ns| ns as f64 / 1e6),
         smoke_rounds: tracked.smoke_rounds,

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod health;
 pub mod otlp;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,142 @@
+//! Volume health on real nodes: three fathom-node processes on a control plane (etcd), their
+//! devices given a flash-like latency, a client writing through the primary and remembering
+//! every acknowledged write (`fathom::checker`).
+//!
+//! - A 20x step of the primary's device latency (run-time injection): the primary's volume
+//!   is degraded within 5 s, reparented to an in-sync replica through the control plane
+//!   within 1 s of the verdict, no client IO fails and every acknowledged write reads back.
+//! - The same volume under load heavy enough to saturate the devices (latency rising by
+//!   queueing alone) stays healthy: load is not sickness.
+//! - A canary: a +30% step at its device stage turns it red within one interval, naming the
+//!   stage; unchanged it stays green.
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+use common::health::{
+    events, finish, fio, fio_done, flash_like, health, inject, load, unix_ms, verdicts, wait_for,
+    wait_learned,
+};
+
+#[test]
+fn a_20x_slower_primary_is_degraded_within_5_s_and_reparented_with_no_client_io_failing() {
+    let cluster = Cluster::start_with_etcd(3, 1, 2);
+    flash_like(&cluster, &["nvme0"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = load(&cluster, 0, 7, stop.clone());
+    wait_learned(&cluster, 0, "vol0");
+
+    // The 20x step: 1 ms more 19 ms.
+    inject(&cluster, 0, "nvme0", &["--latency", "19ms"]);
+    let injected = unix_ms();
+    let degraded = wait_for(Duration::from_secs(15), "a degraded verdict", || {
+        events(&cluster, 0)
+            .into_iter()
+            .find(|event| event["event"] == "state" && event["to"] == "degraded")
+    });
+    let detection = Duration::from_millis(degraded["unix_ms"].as_u64().unwrap() - injected);
+    println!("degraded after {detection:?}: {degraded}");
+    let reparented = wait_for(Duration::from_secs(15), "the reparent", || {
+        events(&cluster, 0).into_iter().find(|event| {
+            event["event"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("reparent"))
+        })
+    });
+    println!("{reparented}");
+    assert_eq!(
+        reparented["event"],
+        "reparented",
+        "{reparented}\n{}",
+        cluster.logs()
+    );
+    let elapsed_ms = reparented["elapsed_ms"].as_f64().unwrap();
+    assert!(
+        detection < Duration::from_secs(5),
+        "degraded {detection:?} after the step"
+    );
+    assert!(elapsed_ms < 1000.0, "the reparent took {elapsed_ms} ms");
+    let reasons = degraded["reasons"].to_string();
+    assert!(
+        reasons.contains("peer ratio"),
+        "the verdict says why: {reasons}"
+    );
+
+    // The control plane moved the primary; the client, still on a, goes on through it.
+    let to = reparented["to"].as_str().unwrap().to_string();
+    let new = cluster.nodes.iter().position(|node| node.id == to).unwrap();
+    cluster.wait_serving(new, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(1));
+    finish(&stop, vec![client]);
+    let old = health(&cluster, 0);
+    assert_eq!(old["role"], "replica", "{old}");
+}
+
+#[test]
+fn saturating_load_is_busy_not_degraded() {
+    let cluster = Cluster::start_with_etcd(3, 1, 2);
+    flash_like(&cluster, &["nvme0"]);
+    // Learned at one client's load, then fio on top, with more IO in flight than the
+    // devices' queues take: the IO waits its turn, latency rises by queueing alone, and no
+    // device is slower than before.
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = load(&cluster, 0, 11, stop.clone());
+    wait_learned(&cluster, 0, "vol0");
+    let output = cluster.nodes[0].dir.join("fio.json");
+    let fio = fio(&cluster.uri(0), "randrw", 4, 128, 15, &output);
+    let iops = fio_done(&cluster, fio, &output);
+    println!("fio: {iops:.0} IO/s");
+    finish(&stop, vec![client]);
+    let changes = verdicts(&cluster);
+    assert!(
+        changes.is_empty(),
+        "load alone changed the volume's state: {changes:#?}"
+    );
+}
+
+#[test]
+fn a_30_percent_slower_device_turns_the_canary_red_within_one_interval_naming_the_stage() {
+    let cluster = Cluster::start_with(
+        3,
+        "[health]\ncanary_period = \"10ms\"\ncanary_interval = \"1s\"\n",
+    );
+    flash_like(&cluster, &["nvme0"]);
+    // Green once every stage has its baseline.
+    let canary = wait_for(Duration::from_secs(40), "the canary's baseline", || {
+        let canary = health(&cluster, 1)["canary"].clone();
+        (canary["learning"].as_array().is_some_and(Vec::is_empty)
+            && canary["interval"].as_u64() > Some(12))
+        .then_some(canary)
+    });
+    assert_eq!(canary["red"], false, "an unchanged node is green: {canary}");
+    let baseline_us = canary["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|stage| stage["stage"] == "probe_write device")
+        .and_then(|stage| stage["baseline_p50_us"].as_f64())
+        .expect("the device stage has a baseline");
+    let step = format!("{}us", (baseline_us * 0.3).ceil() as u64);
+    println!("canary baseline {baseline_us:.1} us; adding {step}");
+    let interval = canary["interval"].as_u64().unwrap();
+    inject(&cluster, 1, "nvme0", &["--latency", &step]);
+    let injected = Instant::now();
+    let red = wait_for(Duration::from_secs(10), "a red canary", || {
+        let canary = health(&cluster, 1)["canary"].clone();
+        (canary["red"] == true).then_some(canary)
+    });
+    println!("red after {:?}: {red}", injected.elapsed());
+    let reasons = red["reasons"].to_string();
+    assert!(
+        reasons.contains("device"),
+        "the verdict names the stage: {reasons}"
+    );
+    assert!(
+        red["interval"].as_u64().unwrap() <= interval + 2,
+        "red in the first whole interval after the step (the step came in interval {interval}): {red}"
+    );
+}
