@@ -319,8 +319,8 @@ pub fn health_metrics(health: &crate::health::monitor::NodeHealth) -> String {
         ("fathom_volume_drift", "gauge", "1 while the clients' IO shape differs from its recent past (drift, not a regression).", String::new()),
         ("fathom_canary_red", "gauge", "1 while the volume's canary is red: a stage's p99 over its baseline beyond the noise band.", String::new()),
         ("fathom_canary_failures_total", "counter", "Canary rounds that failed (an IO error, or data read back wrong).", String::new()),
-        ("fathom_canary_stage_seconds", "gauge", "The canary's p50 and p99 (quantile) per stage over its last interval.", String::new()),
-        ("fathom_canary_stage_baseline_seconds", "gauge", "The canary's learned baseline per stage and quantile.", String::new()),
+        ("fathom_canary_stage_seconds", "gauge", "The canary's p50, p90 and p99 (quantile) per stage over its last interval.", String::new()),
+        ("fathom_canary_stage_baseline_seconds", "gauge", "The canary's learned baseline per stage and quantile (p50 and p90, the ones judged).", String::new()),
     ];
     let mut put = |family: usize, labels: &str, value: f64| {
         let (name, _, _, lines) = &mut families[family];
@@ -355,7 +355,8 @@ pub fn health_metrics(health: &crate::health::monitor::NodeHealth) -> String {
             for stage in &canary.stages {
                 let at = [
                     ("0.5", stage.p50_us, stage.baseline_p50_us),
-                    ("0.99", stage.p99_us, stage.baseline_p99_us),
+                    ("0.9", stage.p90_us, stage.baseline_p90_us),
+                    ("0.99", stage.p99_us, None),
                 ];
                 for (quantile, value, baseline) in at {
                     let labels =

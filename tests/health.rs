@@ -74,6 +74,16 @@ fn a_20x_slower_primary_is_degraded_within_5_s_and_reparented_with_no_client_io_
     finish(&stop, vec![client]);
     let old = health(&cluster, 0);
     assert_eq!(old["role"], "replica", "{old}");
+    // The operator's view: the table, then why.
+    let (ok, table) = cluster.ctl(0, &["health"]);
+    assert!(ok, "{table}");
+    println!("{table}");
+    assert!(
+        table.starts_with("VOLUME  ROLE")
+            && table.contains("vol0    replica")
+            && table.contains("action: reparent to"),
+        "{table}"
+    );
 }
 
 #[test]
@@ -134,6 +144,25 @@ fn a_30_percent_slower_device_turns_the_canary_red_within_one_interval_naming_th
     assert!(
         reasons.contains("device"),
         "the verdict names the stage: {reasons}"
+    );
+    // fathom-stat shows it from the status beside the region, as /metrics does.
+    let region = cluster.nodes[1].dir.join("stats");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fathom-stat"))
+        .args([
+            "--region",
+            &region.display().to_string(),
+            "--health",
+            "--json",
+            "1",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let line: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(line["health"]["volumes"][0]["volume"], "vol0", "{line}");
+    assert!(
+        line["health"]["volumes"][0]["canary"]["stages"].is_array(),
+        "{line}"
     );
     assert!(
         red["interval"].as_u64().unwrap() <= interval + 2,

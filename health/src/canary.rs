@@ -1,5 +1,6 @@
-//! A canary's verdict per interval: each stage's p99 against the baseline the canary learned
-//! while the node was healthy (sans-IO; the node runs the canary's IO and feeds the p99s).
+//! A canary's verdict per interval: each stage's latency against the baseline the canary
+//! learned while the node was healthy (sans-IO; the node runs the canary's IO and feeds a
+//! value per key, such as `probe_write device p50` and `probe_write device p99`).
 //!
 //! The baseline of a stage is the median of its p99 over the last [`Baseline::capacity`]
 //! green intervals, and its noise band is the median absolute deviation of those (MAD,
@@ -38,7 +39,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             intervals: 120,
-            min_regression: 0.2,
+            min_regression: 0.25,
         }
     }
 }
@@ -72,8 +73,21 @@ impl std::error::Error for BaselineError {}
 pub struct Baseline {
     pub v: u32,
     pub settings: Settings,
-    /// Per stage, its p99 (ns) in the last green intervals, oldest first.
+    /// Per stage, its latency (ns) in the last green intervals, oldest first.
     pub stages: BTreeMap<String, VecDeque<f64>>,
+    /// Stages over their limit in the last interval judged, and which interval that was.
+    #[serde(skip)]
+    over: BTreeMap<String, u64>,
+}
+
+/// One interval's latency of one key (a stage and percentile), for
+/// [`Baseline::judge_readings`].
+#[derive(Debug, Clone, Copy)]
+pub struct Reading<'a> {
+    pub key: &'a str,
+    pub ns: f64,
+    /// Red only when over the limit two intervals in a row.
+    pub persistent: bool,
 }
 
 impl Baseline {
@@ -85,6 +99,7 @@ impl Baseline {
                 ..settings
             },
             stages: BTreeMap::new(),
+            over: BTreeMap::new(),
         }
     }
 
@@ -103,44 +118,72 @@ impl Baseline {
         Some((median, NOISE_MADS * mad))
     }
 
-    /// Judges interval `interval`, whose stages had these p99s (ns), and learns from it if it
-    /// is green.
-    pub fn judge(&mut self, interval: u64, p99s: &[(&str, f64)]) -> CanaryVerdict {
+    /// Judges interval `interval`, whose stages had these latencies (ns), and learns from it
+    /// if it is green.
+    pub fn judge(&mut self, interval: u64, values: &[(&str, f64)]) -> CanaryVerdict {
+        let readings: Vec<Reading> = values
+            .iter()
+            .map(|&(key, ns)| Reading {
+                key,
+                ns,
+                persistent: false,
+            })
+            .collect();
+        self.judge_readings(interval, &readings)
+    }
+
+    /// As [`Baseline::judge`], where a reading marked `persistent` (a tail percentile: one
+    /// slow interval of it is the machine's noise) is red only when it is over its limit in
+    /// two intervals in a row. A reading over its limit, red or not, teaches nothing.
+    pub fn judge_readings(&mut self, interval: u64, readings: &[Reading]) -> CanaryVerdict {
         let mut reasons = Vec::new();
         let mut learning = Vec::new();
-        for &(stage, p99) in p99s {
-            if !is_latency(p99) {
+        let mut over = Vec::new();
+        for reading in readings {
+            let (stage, ns) = (reading.key, reading.ns);
+            if !is_latency(ns) {
                 continue;
             }
             match self.band(stage) {
                 None => learning.push(stage.to_string()),
                 Some((baseline, noise)) => {
                     let limit = baseline + noise.max(self.settings.min_regression * baseline);
-                    if p99 > limit {
-                        reasons.push(format!(
-                            "stage {stage}: p99 {:.1} µs in interval {interval} is {:+.0}% over its baseline {:.1} µs (noise band ±{:.1} µs, limit {:.1} µs)",
-                            p99 / 1e3,
-                            (p99 / baseline - 1.0) * 100.0,
-                            baseline / 1e3,
-                            noise / 1e3,
-                            limit / 1e3
-                        ));
+                    if ns <= limit {
+                        continue;
                     }
+                    over.push(stage.to_string());
+                    let again = self.over.get(stage) == Some(&interval.wrapping_sub(1));
+                    if reading.persistent && !again {
+                        continue;
+                    }
+                    reasons.push(format!(
+                        "stage {stage}: {:.1} µs in interval {interval} is {:+.0}% over its baseline {:.1} µs (noise band ±{:.1} µs, limit {:.1} µs){}",
+                        ns / 1e3,
+                        (ns / baseline - 1.0) * 100.0,
+                        baseline / 1e3,
+                        noise / 1e3,
+                        limit / 1e3,
+                        if reading.persistent { ", the second interval in a row" } else { "" }
+                    ));
                 }
             }
+        }
+        self.over.retain(|_, _| false);
+        for stage in &over {
+            self.over.insert(stage.clone(), interval);
         }
         let red = !reasons.is_empty();
         if !red {
             let capacity = self.capacity();
-            for &(stage, p99) in p99s {
-                if !is_latency(p99) {
+            for reading in readings {
+                if !is_latency(reading.ns) || over.iter().any(|stage| stage == reading.key) {
                     continue;
                 }
-                let values = self.stages.entry(stage.to_string()).or_default();
+                let values = self.stages.entry(reading.key.to_string()).or_default();
                 if values.len() == capacity {
                     values.pop_front();
                 }
-                values.push_back(p99);
+                values.push_back(reading.ns);
             }
         }
         CanaryVerdict {
@@ -220,6 +263,29 @@ mod tests {
             assert!(!verdict.red, "{verdict:?}");
         }
         baseline
+    }
+
+    #[test]
+    fn a_tail_is_red_only_when_slow_two_intervals_in_a_row_and_one_slow_interval_is_not_learned() {
+        let mut baseline = learned(60);
+        let tail = |ns| Reading {
+            key: "device",
+            ns,
+            persistent: true,
+        };
+        let before = baseline.band("device");
+        // One slow interval: noise, not red, not learned.
+        assert!(!baseline.judge_readings(60, &[tail(200_000.0)]).red);
+        assert_eq!(baseline.band("device"), before);
+        assert!(!baseline.judge_readings(61, &[tail(81_000.0)]).red);
+        // Two in a row: red, and the reason says so.
+        assert!(!baseline.judge_readings(62, &[tail(200_000.0)]).red);
+        let verdict = baseline.judge_readings(63, &[tail(200_000.0)]);
+        assert!(verdict.red, "{verdict:?}");
+        assert!(
+            verdict.reasons[0].contains("second interval in a row"),
+            "{verdict:?}"
+        );
     }
 
     #[test]

@@ -139,9 +139,10 @@ impl DriftTracker {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Cause {
-    /// The canary is red: the node itself regressed.
+    /// The canary is red and the clients send what they sent: the node itself regressed.
     Regression,
-    /// The canary is green and the clients' shape changed.
+    /// The clients' shape changed. The canary shares the node with them: if it is red too,
+    /// the new work explains it first.
     Drift,
     /// Green and the same shape: more of the same load (the detector judges it).
     Load,
@@ -151,8 +152,8 @@ pub enum Cause {
 /// tracker's.
 pub fn classify(canary_red: bool, drift: Option<&Drift>) -> Cause {
     match (canary_red, drift) {
-        (true, _) => Cause::Regression,
-        (false, Some(_)) => Cause::Drift,
+        (_, Some(_)) => Cause::Drift,
+        (true, None) => Cause::Regression,
         (false, None) => Cause::Load,
     }
 }
@@ -237,7 +238,7 @@ mod tests {
         let drift = Drift {
             reasons: vec!["x".into()],
         };
-        assert_eq!(classify(true, Some(&drift)), Cause::Regression);
+        assert_eq!(classify(true, Some(&drift)), Cause::Drift);
         assert_eq!(classify(true, None), Cause::Regression);
         assert_eq!(classify(false, Some(&drift)), Cause::Drift);
         assert_eq!(classify(false, None), Cause::Load);

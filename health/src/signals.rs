@@ -40,6 +40,7 @@ pub struct ProbeStage {
     pub name: String,
     pub count: u64,
     pub p50_ns: f64,
+    pub p90_ns: f64,
     pub p99_ns: f64,
 }
 
@@ -166,6 +167,7 @@ pub fn volume_signals(
                         name: format!("{probe_op} {probe_stage}"),
                         count: histogram.len(),
                         p50_ns: ns(histogram.value_at_quantile(0.5)),
+                        p90_ns: ns(histogram.value_at_quantile(0.9)),
                         p99_ns: ns(histogram.value_at_quantile(0.99)),
                     });
                 }

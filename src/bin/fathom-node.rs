@@ -220,10 +220,11 @@ fn run(args: Args) -> Result<()> {
     );
     let _metrics = if config.telemetry.enabled && !config.telemetry.metrics.is_empty() {
         let listen = config.telemetry.metrics.parse().expect("validated");
-        let (node, replication, health) = (
+        let (node, replication, health, served) = (
             config.node.id.clone(),
             replication.clone(),
             health_shared.clone(),
+            engine.clone(),
         );
         let extra: Option<fathom::metrics::ExtraMetrics> =
             (replication.is_some() || health.is_some()).then(|| {
@@ -234,7 +235,13 @@ fn run(args: Args) -> Result<()> {
                             fathom::metrics::replication_metrics(&node, &replication.roles())
                         });
                     if let Some(health) = &health {
-                        text += &fathom::metrics::health_metrics(&health.status.lock());
+                        // The status is up to a second old: a volume deleted since is gone.
+                        let mut status = health.status.lock().clone();
+                        let live = served.volumes();
+                        status
+                            .volumes
+                            .retain(|volume| live.iter().any(|live| live.name == volume.volume));
+                        text += &fathom::metrics::health_metrics(&status);
                     }
                     text
                 }) as fathom::metrics::ExtraMetrics

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fathom_engine::config::{HealthActions, HealthConfig};
 use fathom_engine::{Engine, Volume};
-use fathom_health::canary::{self, Baseline};
+use fathom_health::canary::{self, Baseline, Reading};
 use fathom_health::detector::{self, Detector, Health, Sign, Window};
 use fathom_health::drift::{classify, Cause, DriftTracker};
 use fathom_health::signals::{queue_idle_pct, volume_signals, OldestOp, VolumeSignals};
@@ -120,8 +120,8 @@ pub struct CanaryStatus {
     pub learning: Vec<String>,
     pub rounds: u64,
     pub failures: u64,
-    /// Per stage: name, p50 and p99 (µs) in the interval, each one's baseline and noise band
-    /// (µs) once learned.
+    /// Per stage: name, p50, p90 and p99 (µs) in the interval, and the p50's and p90's baseline
+    /// and noise band (µs) once learned.
     pub stages: Vec<CanaryStage>,
 }
 
@@ -129,11 +129,13 @@ pub struct CanaryStatus {
 pub struct CanaryStage {
     pub stage: String,
     pub p50_us: f64,
+    pub p90_us: f64,
+    /// Shown, not judged.
     pub p99_us: f64,
     pub baseline_p50_us: Option<f64>,
     pub band_p50_us: Option<f64>,
-    pub baseline_p99_us: Option<f64>,
-    pub band_p99_us: Option<f64>,
+    pub baseline_p90_us: Option<f64>,
+    pub band_p90_us: Option<f64>,
 }
 
 /// The status file beside a stats region: the node rewrites it every second (atomically, by
@@ -435,9 +437,15 @@ impl Monitor {
                 role,
             ));
         }
-        // Every volume with IO slow alike is the node's fault, held against none of them.
+        // Every volume with IO slow alike is the node's fault, held against none of them: each
+        // sick now, or suspect (sick a moment ago: one window's noise does not split them).
         let with_io: Vec<_> = judged.iter().filter(|judged| judged.1.iops > 0.0).collect();
-        let node_wide = with_io.len() >= 2 && with_io.iter().all(|judged| judged.3 == Sign::Sick);
+        let slow = |name: &String, sign: Sign| {
+            sign == Sign::Sick || self.volumes[name].detector.health() == Health::Suspect
+        };
+        let node_wide = with_io.len() >= 2
+            && with_io.iter().all(|judged| slow(&judged.0, judged.3))
+            && with_io.iter().any(|judged| judged.3 == Sign::Sick);
         let fault = node_wide.then(|| {
             format!(
                 "every volume with IO is slow alike ({}): a node fault or node-wide load, held against no single volume",
@@ -651,22 +659,30 @@ impl Monitor {
             let failures = probes.canary_failures.load(Ordering::Relaxed);
             let failed = failures > tracked.canary_failures;
             tracked.canary_failures = failures;
-            // Each stage is judged at its median and at its p99: the median moves with a
-            // regression of every IO, and is steady on a busy machine; the p99 moves with a
-            // regression of the slowest, and its own noise band widens with the machine's.
+            // Each stage is judged at its median, which a regression of every IO moves at
+            // once, and at its p90, which a regression of the slowest tenth moves (red when
+            // it holds two intervals: one slow interval of a tail is the machine's noise).
+            // Not at its p99: a canary interval's hundreds of rounds put it among the few
+            // slowest, where a host's scheduling hiccups alone move it twofold.
             let keys: Vec<(String, f64)> = signals
                 .probes
                 .iter()
                 .flat_map(|stage| {
                     [
                         (format!("{} p50", stage.name), stage.p50_ns),
-                        (format!("{} p99", stage.name), stage.p99_ns),
+                        (format!("{} p90", stage.name), stage.p90_ns),
                     ]
                 })
                 .collect();
-            let values: Vec<(&str, f64)> =
-                keys.iter().map(|(key, ns)| (key.as_str(), *ns)).collect();
-            let mut verdict = tracked.canary.judge(interval, &values);
+            let readings: Vec<Reading> = keys
+                .iter()
+                .map(|(key, ns)| Reading {
+                    key,
+                    ns: *ns,
+                    persistent: key.ends_with(" p90"),
+                })
+                .collect();
+            let mut verdict = tracked.canary.judge_readings(interval, &readings);
             if failed {
                 verdict.red = true;
                 verdict.reasons.push(format!(
@@ -688,15 +704,16 @@ impl Monitor {
                 .iter()
                 .map(|stage| {
                     let band = |at: &str| tracked.canary.band(&format!("{} {at}", stage.name));
-                    let (p50, p99) = (band("p50"), band("p99"));
+                    let (p50, p90) = (band("p50"), band("p90"));
                     CanaryStage {
                         stage: stage.name.clone(),
                         p50_us: stage.p50_ns / 1e3,
+                        p90_us: stage.p90_ns / 1e3,
                         p99_us: stage.p99_ns / 1e3,
                         baseline_p50_us: p50.map(|(baseline, _)| baseline / 1e3),
                         band_p50_us: p50.map(|(_, noise)| noise / 1e3),
-                        baseline_p99_us: p99.map(|(baseline, _)| baseline / 1e3),
-                        band_p99_us: p99.map(|(_, noise)| noise / 1e3),
+                        baseline_p90_us: p90.map(|(baseline, _)| baseline / 1e3),
+                        band_p90_us: p90.map(|(_, noise)| noise / 1e3),
                     }
                 })
                 .collect();

@@ -121,14 +121,23 @@ pub fn finish(stop: &AtomicBool, clients: Vec<std::thread::JoinHandle<fathom::ch
 /// Waits until node `index`'s detector of `volume` learned what healthy looks like: the
 /// peer ratio (on a primary) and the self-model.
 pub fn wait_learned(cluster: &Cluster, index: usize, volume: &str) {
-    wait_for(Duration::from_secs(60), "the detector learning", || {
+    let started = Instant::now();
+    loop {
         let status = health_of(cluster, index, volume);
         let inputs = &status["inputs"];
-        (status["health"] == "healthy"
+        if status["health"] == "healthy"
             && (status["role"] != "primary" || inputs["peer_ratio_baseline"].is_number())
-            && inputs["model_points"].as_u64().unwrap_or(0) >= 10)
-            .then_some(())
-    });
+            && inputs["model_points"].as_u64().unwrap_or(0) >= 10
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "node {}'s detector of {volume} did not learn within 60 s: {status:#}",
+            cluster.nodes[index].id
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Now, in ms since the epoch: events carry their time so.
@@ -175,16 +184,29 @@ pub fn fio(
 
 /// Waits for a [`fio`] run and panics unless it ended with no IO error (with `cluster`'s
 /// logs); its IOPS.
-pub fn fio_done(
+pub fn fio_done(cluster: &Cluster, child: std::process::Child, output: &std::path::Path) -> f64 {
+    fio_end(cluster, child, output, false)
+}
+
+/// As [`fio_done`], for a run stopped now (SIGINT: fio reports what it did, and exits 128).
+pub fn fio_stop(cluster: &Cluster, child: std::process::Child, output: &std::path::Path) -> f64 {
+    // SAFETY: a signal to the test's own child process, waited for below.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    fio_end(cluster, child, output, true)
+}
+
+fn fio_end(
     cluster: &Cluster,
     mut child: std::process::Child,
     output: &std::path::Path,
+    interrupted: bool,
 ) -> f64 {
     let status = child.wait().unwrap();
     let text = std::fs::read_to_string(output).unwrap_or_default();
     let head: String = text.lines().take(5).collect::<Vec<_>>().join("\n");
+    let expected = status.success() || (interrupted && status.code() == Some(128));
     assert!(
-        status.success(),
+        expected,
         "fio failed ({status}): {head}\n{}",
         cluster.logs()
     );
