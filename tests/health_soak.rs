@@ -3,6 +3,8 @@
 //! as load. Short in CI; `bench/health-soak` runs them at full length (10 minutes each) and
 //! the detection benchmark:
 //!
+//! - no false positive under load that saturates the devices (more IO in flight than their
+//!   queues take: latency rises by queueing alone);
 //! - no false positive while a replica is resynchronised again and again (it is killed and
 //!   comes back, under writes);
 //! - no false positive in a node-wide slowdown: both volumes whose primary is node a slowed
@@ -63,6 +65,25 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[test]
+fn no_false_positive_under_load_that_saturates_the_devices() {
+    let _serial = serial();
+    let cluster = Cluster::start_with_etcd(3, 1, 2);
+    flash_like(&cluster, &["nvme0"]);
+    // Learned at one client's load, then fio on top, with more IO in flight than the
+    // devices' queues take: the IO waits its turn, latency rises by queueing alone, and no
+    // device is slower than before.
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = load(&cluster, 0, 11, stop.clone());
+    wait_learned(&cluster, 0, "vol0");
+    let output = cluster.nodes[0].dir.join("fio.json");
+    let fio = fio(&cluster.uri(0), "randrw", 4, 128, soak_seconds(), &output);
+    let iops = fio_done(&cluster, fio, &output);
+    println!("saturating fio: {iops:.0} IO/s for {} s", soak_seconds());
+    finish(&stop, vec![client]);
+    no_false_positive(&cluster, "load that saturates the devices");
 }
 
 #[test]

@@ -38,6 +38,9 @@ use super::probe::{ProbeSettings, ProbeShared, ProbeTask};
 pub const WINDOW: Duration = Duration::from_secs(1);
 /// A volume is not reparented again by the monitor within this time of its last reparent.
 pub const REPARENT_COOLDOWN: Duration = Duration::from_secs(60);
+/// A volume whose peer ratio is this many times its healthy one is slowed, for the node-wide
+/// rule, though under the detector's limit.
+pub const NODE_WIDE_ELEVATION: f64 = 1.5;
 /// Degradations within [`REPLACE_SPAN`] that flag a volume for replacement.
 pub const REPLACE_AFTER: usize = 3;
 pub const REPLACE_SPAN: Duration = Duration::from_secs(3600);
@@ -437,14 +440,22 @@ impl Monitor {
                 role,
             ));
         }
-        // Every volume with IO slow alike is the node's fault, held against none of them: each
-        // sick now, or suspect (sick a moment ago: one window's noise does not split them).
+        // Every volume with IO slowed alike is the node's fault, held against none of them:
+        // each sick now, suspect (sick a moment ago), or its peer ratio well up though under
+        // the limit (the same slowdown lands on either side of it from one volume to the
+        // next).
         let with_io: Vec<_> = judged.iter().filter(|judged| judged.1.iops > 0.0).collect();
-        let slow = |name: &String, sign: Sign| {
-            sign == Sign::Sick || self.volumes[name].detector.health() == Health::Suspect
+        let slowed = |name: &String, sign: Sign, window: &Window| {
+            let detector = &self.volumes[name].detector;
+            let elevated = detector::peer_ratio(window)
+                .zip(detector.ratio_baseline())
+                .is_some_and(|(ratio, baseline)| ratio >= NODE_WIDE_ELEVATION * baseline);
+            sign == Sign::Sick || detector.health() == Health::Suspect || elevated
         };
         let node_wide = with_io.len() >= 2
-            && with_io.iter().all(|judged| slow(&judged.0, judged.3))
+            && with_io
+                .iter()
+                .all(|judged| slowed(&judged.0, judged.3, &judged.1))
             && with_io.iter().any(|judged| judged.3 == Sign::Sick);
         let fault = node_wide.then(|| {
             format!(
