@@ -164,6 +164,16 @@ impl Detector {
         }
     }
 
+    /// Forgets what it learned (the self-model, the peer ratio, the usual queue depth) and
+    /// learns again from the next healthy windows, its state kept: for a volume whose work
+    /// changed in kind (this node became its primary, or a replica).
+    pub fn relearn(&mut self) {
+        self.model = LoadModel::new(self.settings.model_windows, self.settings.model_margin);
+        self.ratio_baseline = None;
+        self.ratio_windows = 0;
+        self.depths.clear();
+    }
+
     pub fn health(&self) -> Health {
         self.health
     }
@@ -537,6 +547,19 @@ mod tests {
             with_depth(window(s, 300.0, 2000.0, 90.0))
         });
         assert_eq!(took, Some(3));
+    }
+
+    #[test]
+    fn relearning_forgets_the_models_and_keeps_the_state() {
+        let (mut detector, from) = degraded_at_20x();
+        detector.relearn();
+        assert_eq!(detector.health(), Health::Degraded);
+        assert_eq!(detector.ratio_baseline(), None);
+        assert_eq!(detector.model().len(), 0);
+        assert_eq!(detector.typical_depth(), None);
+        // Nothing learned judges nothing: a slow window is not sick.
+        let verdict = detector.observe(&window(from, 3000.0, 860.0, 90.0));
+        assert_ne!(verdict.sign, Sign::Sick, "{verdict:?}");
     }
 
     #[test]

@@ -416,6 +416,17 @@ impl Monitor {
             let role = roles.get(&entry.name);
             let primary = role.is_some_and(|role| role.primary_here());
             let tracked = self.volumes.get_mut(&entry.name).expect("tracked above");
+            let role = match role {
+                Some(_) if primary => "primary",
+                Some(_) => "replica",
+                None => "local",
+            };
+            // A new role is other work (a primary times its clients and replicas, a replica
+            // the primary's writes, and its clients' IO forwarded): what was learned in the
+            // old one does not hold. The state is kept; what it learned starts again.
+            if !tracked.status.role.is_empty() && tracked.status.role != role {
+                tracked.detector.relearn();
+            }
             let window = window_of(
                 self.second,
                 &signals,
@@ -425,11 +436,6 @@ impl Monitor {
                 self.engine.clock(),
             );
             let (sign, reasons) = tracked.detector.judge(&window);
-            let role = match role {
-                Some(_) if primary => "primary",
-                Some(_) => "replica",
-                None => "local",
-            };
             judged.push((
                 entry.name.clone(),
                 window,
