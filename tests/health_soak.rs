@@ -8,7 +8,7 @@
 //! - no false positive while a replica is resynchronised again and again (it is killed and
 //!   comes back, under writes);
 //! - no false positive in a node-wide slowdown: both volumes whose primary is node a slowed
-//!   alike (a node fault, reported as one), no volume degraded or moved;
+//!   alike, tenfold (a node fault, reported as one), no volume degraded or moved;
 //! - an unchanged node's canaries stay green, and a change of the clients' IO shape is
 //!   reported as drift, not as a regression;
 //! - (benchmark, `--ignored`) detection and reparent times over many injections of one fault
@@ -154,9 +154,10 @@ fn a_node_wide_slowdown_is_a_node_fault_and_no_volume_is_degraded() {
     );
     wait_learned(&cluster, 0, "vol0");
     wait_learned(&cluster, 0, "vol1");
-    // Everything of node a three times slower: both devices alike.
+    // Everything of node a ten times slower: both devices alike (slow enough that each
+    // volume alone would be sick).
     for device in ["nvme0", "nvme1"] {
-        inject(&cluster, 0, device, &["--latency", "2ms"]);
+        inject(&cluster, 0, device, &["--latency", "9ms"]);
     }
     std::thread::sleep(Duration::from_secs(soak_seconds()));
     let faults: Vec<Value> = events(&cluster, 0)

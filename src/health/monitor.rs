@@ -40,7 +40,7 @@ pub const WINDOW: Duration = Duration::from_secs(1);
 pub const REPARENT_COOLDOWN: Duration = Duration::from_secs(60);
 /// A volume whose peer ratio is this many times its healthy one is slowed, for the node-wide
 /// rule, though under the detector's limit.
-pub const NODE_WIDE_ELEVATION: f64 = 1.5;
+pub const NODE_WIDE_ELEVATION: f64 = 1.3;
 /// Degradations within [`REPLACE_SPAN`] that flag a volume for replacement.
 pub const REPLACE_AFTER: usize = 3;
 pub const REPLACE_SPAN: Duration = Duration::from_secs(3600);
@@ -458,11 +458,15 @@ impl Monitor {
                 .is_some_and(|(ratio, baseline)| ratio >= NODE_WIDE_ELEVATION * baseline);
             sign == Sign::Sick || detector.health() == Health::Suspect || elevated
         };
+        let any_sick = with_io.iter().any(|judged| judged.3 == Sign::Sick);
+        // Once seen, a node fault holds while any volume is still sick: the volumes' own
+        // noise must not hand a second of it to one of them.
         let node_wide = with_io.len() >= 2
-            && with_io
-                .iter()
-                .all(|judged| slowed(&judged.0, judged.3, &judged.1))
-            && with_io.iter().any(|judged| judged.3 == Sign::Sick);
+            && any_sick
+            && (self.node_fault.is_some()
+                || with_io
+                    .iter()
+                    .all(|judged| slowed(&judged.0, judged.3, &judged.1)));
         let fault = node_wide.then(|| {
             format!(
                 "every volume with IO is slow alike ({}): a node fault or node-wide load, held against no single volume",
