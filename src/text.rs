@@ -323,17 +323,7 @@ pub fn health_text(health: &crate::health::monitor::NodeHealth) -> String {
     let us = |value: Option<f64>| value.map_or("-".into(), |us| duration_text(us * 1e3));
     for volume in &health.volumes {
         let inputs = &volume.inputs;
-        let ratio = match (inputs.peer_ratio, inputs.peer_ratio_baseline) {
-            (Some(ratio), Some(baseline)) => format!("{ratio:.2}/{baseline:.2}"),
-            (Some(ratio), None) => format!("{ratio:.2}/?"),
-            _ => "-".into(),
-        };
-        let canary = match &volume.canary {
-            None => "-".into(),
-            Some(canary) if canary.red => "RED".into(),
-            Some(canary) if !canary.learning.is_empty() => "learning".into(),
-            Some(_) => "green".into(),
-        };
+        let (ratio, canary) = (peer_ratio_text(inputs), canary_text(volume).to_string());
         let mut health_cell = volume.health.clone();
         if volume.replace {
             health_cell.push_str(" (replace)");
@@ -389,4 +379,24 @@ pub fn health_text(health: &crate::health::monitor::NodeHealth) -> String {
         }
     }
     text
+}
+
+/// A volume's peer ratio over its healthy one (`0.95/0.88`; `?` while it learns, `-` with
+/// none), as `fathom-ctl health` and `top` show it.
+pub fn peer_ratio_text(inputs: &crate::health::monitor::Inputs) -> String {
+    match (inputs.peer_ratio, inputs.peer_ratio_baseline) {
+        (Some(ratio), Some(baseline)) => format!("{ratio:.2}/{baseline:.2}"),
+        (Some(ratio), None) => format!("{ratio:.2}/?"),
+        _ => "-".into(),
+    }
+}
+
+/// A volume's canary in a word: RED, learning, green, or `-` without one.
+pub fn canary_text(volume: &crate::health::monitor::VolumeHealth) -> &'static str {
+    match &volume.canary {
+        None => "-",
+        Some(canary) if canary.red => "RED",
+        Some(canary) if !canary.learning.is_empty() => "learning",
+        Some(_) => "green",
+    }
 }

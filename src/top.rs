@@ -19,6 +19,7 @@ use ratatui::Frame;
 
 use crate::health::monitor::{read_status, NodeHealth};
 use crate::stat::{duration, quantity, Follower, Observation};
+use crate::text::{canary_text, peer_ratio_text};
 use fathom_telemetry::report::IntervalReport;
 
 struct View {
@@ -244,16 +245,7 @@ fn draw_health(
     .style(Style::default().add_modifier(Modifier::BOLD));
     let rows = status.volumes.iter().map(|volume| {
         let inputs = &volume.inputs;
-        let ratio = match (inputs.peer_ratio, inputs.peer_ratio_baseline) {
-            (Some(ratio), Some(baseline)) => format!("{ratio:.2}/{baseline:.2}"),
-            _ => "-".into(),
-        };
-        let canary = match &volume.canary {
-            None => "-",
-            Some(canary) if canary.red => "RED",
-            Some(canary) if !canary.learning.is_empty() => "learning",
-            Some(_) => "green",
-        };
+        let (ratio, canary) = (peer_ratio_text(inputs), canary_text(volume));
         let why = volume
             .reasons
             .first()

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
 use common::health::{
-    events, finish, fio, fio_done, fio_stop, flash_like, health, health_of, inject, load, unix_ms,
-    verdicts, wait_for, wait_learned,
+    events, finish, fio, fio_done, fio_sized, fio_stop, flash_like, health, health_of, inject,
+    load, unix_ms, verdicts, wait_for, wait_learned,
 };
 use serde_json::Value;
 
@@ -218,25 +218,7 @@ fn unchanged_canaries_stay_green_and_a_new_client_shape_is_drift_not_regression(
     // Then reads of 64 KiB at depth 1: drift, whatever the canary says.
     let changed = unix_ms();
     let output = cluster.nodes[0].dir.join("fio-read.json");
-    let reads = std::process::Command::new("fio")
-        .args([
-            "--name=reads",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randread",
-            "--bs=64k",
-            "--offset=16M",
-            "--size=32M",
-            "--iodepth=1",
-            "--time_based=1",
-            "--runtime=15",
-            "--output-format=json",
-            &format!("--output={}", output.display()),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let reads = fio_sized(&uri, "randread", "64k", 1, 1, 15, &output);
     let drift = wait_for(Duration::from_secs(20), "a drift event", || {
         events(&cluster, 0).into_iter().find(|event| {
             event["event"] == "drift"

@@ -387,6 +387,19 @@ impl Monitor {
         snapshot: &Snapshot,
     ) {
         let now_ns = (snapshot.taken_ticks as f64 * 1e9 / directory.tsc_hz.max(1) as f64) as u64;
+        // Each device queue once per window (volumes on one device and core share it): a
+        // lower bound of its oldest command's age, and its idle time.
+        let queues: Vec<(u64, f64)> = (0..directory.queues.len())
+            .map(|queue| {
+                let counters = snapshot.queue(queue);
+                let oldest = self.queues.entry(queue).or_default().observe(
+                    now_ns,
+                    counters.submitted,
+                    counters.completed,
+                );
+                (oldest, queue_idle_pct(previous, snapshot, queue))
+            })
+            .collect();
         let mut judged = Vec::new();
         for (slot, entry) in directory.live_volumes() {
             let Some(volume) = volumes.get(&entry.name) else {
@@ -404,15 +417,8 @@ impl Monitor {
                     && directory.cores.get(queue.core_index as usize).copied()
                         == Some(volume.core as u32)
             });
-            let oldest_queue = queue.map_or(0, |queue| {
-                let counters = snapshot.queue(queue);
-                self.queues.entry(queue).or_default().observe(
-                    now_ns,
-                    counters.submitted,
-                    counters.completed,
-                )
-            });
-            let idle = queue.map(|queue| queue_idle_pct(previous, snapshot, queue));
+            let oldest_queue = queue.map_or(0, |queue| queues[queue].0);
+            let idle = queue.map(|queue| queues[queue].1);
             let role = roles.get(&entry.name);
             let primary = role.is_some_and(|role| role.primary_here());
             let tracked = self.volumes.get_mut(&entry.name).expect("tracked above");

@@ -159,13 +159,26 @@ pub fn fio(
     seconds: u64,
     output: &std::path::Path,
 ) -> std::process::Child {
+    fio_sized(uri, rw, "4k", jobs, iodepth, seconds, output)
+}
+
+/// As [`fio`], with IOs of `bs` (as fio writes sizes: `64k`).
+pub fn fio_sized(
+    uri: &str,
+    rw: &str,
+    bs: &str,
+    jobs: u32,
+    iodepth: u32,
+    seconds: u64,
+    output: &std::path::Path,
+) -> std::process::Child {
     std::process::Command::new("fio")
         .args([
             "--name=load",
             "--ioengine=nbd",
             &format!("--uri={uri}"),
             &format!("--rw={rw}"),
-            "--bs=4k",
+            &format!("--bs={bs}"),
             "--offset=16M",
             "--size=32M",
             &format!("--numjobs={jobs}"),
