@@ -310,7 +310,7 @@ pub fn health_metrics(health: &crate::health::monitor::NodeHealth) -> String {
     let node = &health.node;
     let mut families: Vec<(&str, &str, &str, String)> = vec![
         ("fathom_volume_health", "gauge", "1 for the volume's health state (healthy, suspect, degraded, recovering), 0 for the others.", String::new()),
-        ("fathom_volume_health_peer_ratio", "gauge", "On a primary: its own write p99 over its replicas' median for the same writes, last second.", String::new()),
+        ("fathom_volume_health_peer_ratio", "gauge", "On a primary: its own write latency over its replicas' median for the same writes, at p50 and p99 (quantile), last second.", String::new()),
         ("fathom_volume_health_peer_ratio_baseline", "gauge", "The peer ratio learned while healthy.", String::new()),
         ("fathom_volume_health_smoke_seconds", "gauge", "The last smoke write's time, write to read-back.", String::new()),
         ("fathom_volume_health_oldest_op_seconds", "gauge", "A lower bound of the age of the oldest IO in flight on the volume's device queue (or of its smoke write).", String::new()),
@@ -336,11 +336,14 @@ pub fn health_metrics(health: &crate::health::monitor::NodeHealth) -> String {
             );
         }
         let inputs = &volume.inputs;
-        if let Some(ratio) = inputs.peer_ratio {
-            put(1, &labels, ratio);
-        }
-        if let Some(baseline) = inputs.peer_ratio_baseline {
-            put(2, &labels, baseline);
+        for peer in &inputs.peer_ratios {
+            let labels = format!("{labels},quantile=\"{}\"", peer.quantile.fraction());
+            if let Some(ratio) = peer.ratio {
+                put(1, &labels, ratio);
+            }
+            if let Some(baseline) = peer.baseline {
+                put(2, &labels, baseline);
+            }
         }
         if let Some(smoke) = inputs.smoke_ms {
             put(3, &labels, smoke / 1e3);

@@ -313,7 +313,7 @@ pub fn health_text(health: &crate::health::monitor::NodeHealth) -> String {
         ("SINCE", true),
         ("IOPS", true),
         ("P99", true),
-        ("PEER-RATIO", true),
+        ("PEER p50 p99", true),
         ("IDLE%", true),
         ("SMOKE", true),
         ("CANARY", false),
@@ -371,6 +371,13 @@ pub fn health_text(health: &crate::health::monitor::NodeHealth) -> String {
         if let Some(action) = &volume.last_action {
             lines.push(format!("action: {action}"));
         }
+        let inputs = &volume.inputs;
+        if let Some(after) = inputs.hedge_after_us {
+            lines.push(format!(
+                "action: hedging reads to in-sync replicas after {after:.0} µs: {} asked of a replica, {} answered by it first",
+                inputs.hedged_reads, inputs.hedge_wins
+            ));
+        }
         if !lines.is_empty() {
             text.push_str(&format!("\n{}:\n", volume.volume));
             for line in lines {
@@ -381,13 +388,21 @@ pub fn health_text(health: &crate::health::monitor::NodeHealth) -> String {
     text
 }
 
-/// A volume's peer ratio over its healthy one (`0.95/0.88`; `?` while it learns, `-` with
-/// none), as `fathom-ctl health` and `top` show it.
+/// A volume's peer ratios at p50 and p99, each over its healthy one (`0.95/0.88 1.20/1.10`;
+/// `?` while it learns, `-` with none), as `fathom-ctl health` and `top` show them.
 pub fn peer_ratio_text(inputs: &crate::health::monitor::Inputs) -> String {
-    match (inputs.peer_ratio, inputs.peer_ratio_baseline) {
-        (Some(ratio), Some(baseline)) => format!("{ratio:.2}/{baseline:.2}"),
-        (Some(ratio), None) => format!("{ratio:.2}/?"),
-        _ => "-".into(),
+    let cells: Vec<String> = inputs
+        .peer_ratios
+        .iter()
+        .map(|peer| match (peer.ratio, peer.baseline) {
+            (Some(ratio), Some(baseline)) => format!("{ratio:.2}/{baseline:.2}"),
+            (Some(ratio), None) => format!("{ratio:.2}/?"),
+            _ => "-".into(),
+        })
+        .collect();
+    match cells.is_empty() {
+        true => "-".into(),
+        false => cells.join(" "),
     }
 }
 

@@ -236,7 +236,7 @@ fn draw_health(
         "role",
         "health",
         "sign",
-        "peer ratio",
+        "peer p50 p99",
         "smoke",
         "canary",
         "cause",
@@ -270,7 +270,7 @@ fn draw_health(
             why,
         ])
     });
-    let widths = [12, 8, 11, 6, 11, 9, 9, 11, 80].map(Constraint::Length);
+    let widths = [12, 8, 11, 6, 19, 9, 9, 11, 80].map(Constraint::Length);
     frame.render_widget(
         Table::new(rows, widths).header(header).block(block(title)),
         area,

@@ -6,6 +6,9 @@
 //!   is degraded within 5 s, reparented to an in-sync replica through the control plane
 //!   within 1 s of the verdict, no client IO fails and every acknowledged write reads back.
 //! - An advise-only volume is degraded and told what would be done, and stays put.
+//! - A slow primary that cannot be reparented (its other replica is down) hedges its reads to
+//!   its in-sync replica: the clients' read p99 falls under the slow device's latency, and
+//!   every read matches what was acknowledged.
 //! - A canary: a +30% step at its device stage turns it red within one interval, naming the
 //!   stage; unchanged it stays green.
 
@@ -17,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
 use common::health::{
-    events, finish, flash_like, health, inject, load, unix_ms, wait_for, wait_learned,
+    events, finish, fio, fio_stop, flash_like, health, inject, load, unix_ms, wait_for,
+    wait_learned,
 };
 
 #[test]
@@ -112,6 +116,68 @@ fn an_advise_only_volume_is_degraded_and_told_what_would_be_done_but_not_moved()
     assert_eq!(status["role"], "primary", "nothing moved: {status}");
     assert_eq!(status["health"], "degraded", "{status}");
     finish(&stop, vec![client]);
+}
+
+#[test]
+fn a_slow_primary_that_cannot_be_reparented_hedges_its_reads_to_its_replica() {
+    let mut cluster = Cluster::start_with_etcd(3, 1, 2);
+    flash_like(&cluster, &["nvme0"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = load(&cluster, 0, 11, stop.clone());
+    let output = cluster.nodes[0].dir.join("fio.json");
+    let reads = fio(&cluster.uri(0), "randread", 1, 8, 3600, &output);
+    wait_learned(&cluster, 0, "vol0");
+    // c is gone: a reparent would leave fewer than two healthy copies, so a stays primary.
+    cluster.kill(2);
+    std::thread::sleep(Duration::from_secs(2));
+    inject(&cluster, 0, "nvme0", &["--latency", "19ms"]);
+    let hedging = wait_for(Duration::from_secs(15), "hedged reads", || {
+        events(&cluster, 0)
+            .into_iter()
+            .find(|event| event["event"] == "hedge" && event["active"] == true)
+    });
+    println!("{hedging}");
+    let refused = wait_for(Duration::from_secs(15), "the reparent refused", || {
+        events(&cluster, 0)
+            .into_iter()
+            .find(|event| event["event"] == "action" && event["taken"] == false)
+    });
+    assert!(
+        refused["reasons"].to_string().contains("fewer than two"),
+        "{refused}"
+    );
+    // The clients' reads are answered by b once a's copy is late: their p99 falls well
+    // under the 20 ms a's device takes now.
+    std::thread::sleep(Duration::from_secs(3));
+    let status = wait_for(
+        Duration::from_secs(20),
+        "reads answered by the replica",
+        || {
+            let status = health(&cluster, 0);
+            let inputs = &status["inputs"];
+            println!(
+                "{} {} reads p99 {} hedged {} replica first {}",
+                status["health"],
+                status["role"],
+                inputs["read_p99_us"],
+                inputs["hedged_reads"],
+                inputs["hedge_wins"]
+            );
+            (inputs["hedge_wins"].as_u64() > Some(50)
+                && inputs["read_p99_us"]
+                    .as_f64()
+                    .is_some_and(|p99| p99 < 10_000.0))
+            .then_some(status)
+        },
+    );
+    println!("{:#}", status["inputs"]);
+    assert_eq!(status["role"], "primary", "{status}");
+    assert_ne!(status["health"], "healthy", "{status}");
+    // No read failed; every acknowledged write reads back (through the hedges too).
+    fio_stop(&cluster, reads, &output);
+    finish(&stop, vec![client]);
+    let (ok, text) = cluster.ctl(0, &["health", "vol0"]);
+    assert!(ok && text.contains("hedging reads"), "{text}");
 }
 
 #[test]

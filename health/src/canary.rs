@@ -2,12 +2,12 @@
 //! learned while the node was healthy (sans-IO; the node runs the canary's IO and feeds a
 //! value per key, such as `probe_write device p50` and `probe_write device p99`).
 //!
-//! The baseline of a stage is the median of its p99 over the last [`Baseline::capacity`]
+//! The baseline of a key is the median of its value over the last [`Baseline::capacity`]
 //! green intervals, and its noise band is the median absolute deviation of those (MAD,
 //! robust to the odd slow interval) times [`NOISE_MADS`]. An interval is **red** when some
-//! stage's p99 is above the baseline by more than both the noise band and
-//! [`Settings::min_regression`] (a fraction): the verdict names the stage, its p99, the
-//! baseline and the band. Red intervals teach the baseline nothing. The baseline is kept in
+//! key's value is above the baseline by more than the noise band, than
+//! [`Settings::min_regression`] (a fraction) and than [`MIN_REGRESSION_NS`]: the verdict
+//! names the stage, its value, the baseline and the band. Red intervals teach the baseline nothing. The baseline is kept in
 //! JSON across restarts ([`Baseline::to_json`], [`Baseline::from_json`], which refuses what
 //! does not hold together).
 
@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 
 /// Deviations (MADs) above the median that are still noise.
 pub const NOISE_MADS: f64 = 5.0;
+/// A rise smaller than this (ns) is never red: below a few µs, timer reads and cache misses
+/// move a stage by more than a third (a page-cache read of 0.1 µs reads 0.14 µs).
+pub const MIN_REGRESSION_NS: f64 = 2_000.0;
 /// Green intervals a stage needs before it is judged.
 pub const MIN_INTERVALS: usize = 10;
 /// Above this (about 11 days, in ns) a value is not a latency.
@@ -147,7 +150,10 @@ impl Baseline {
             match self.band(stage) {
                 None => learning.push(stage.to_string()),
                 Some((baseline, noise)) => {
-                    let limit = baseline + noise.max(self.settings.min_regression * baseline);
+                    let limit = baseline
+                        + noise
+                            .max(self.settings.min_regression * baseline)
+                            .max(MIN_REGRESSION_NS);
                     if ns <= limit {
                         continue;
                     }
@@ -311,6 +317,17 @@ mod tests {
         let before = baseline.band("device");
         assert!(baseline.judge(660, &[("device", 500_000.0)]).red);
         assert_eq!(baseline.band("device"), before);
+    }
+
+    #[test]
+    fn a_rise_of_a_fraction_of_a_microsecond_is_never_red() {
+        let mut baseline = Baseline::new(Settings::default());
+        for interval in 0..60 {
+            baseline.judge(interval, &[("cached", 100.0 + (interval % 3) as f64)]);
+        }
+        // +40%, far beyond the band of a steady 0.1 µs, and still only 40 ns.
+        assert!(!baseline.judge(60, &[("cached", 140.0)]).red);
+        assert!(baseline.judge(61, &[("cached", 2_500.0)]).red);
     }
 
     #[test]

@@ -4,14 +4,17 @@
 //! [`Settings::stuck_op`], a smoke write slower than [`Settings::smoke_limit`] or failed):
 //! either makes it sick at once. Then, on a primary with replicas, the **peer ratio**: the
 //! local write latency over the replicas' latency for the same writes, against the ratio
-//! learned while healthy. Load is matched by construction (the same writes), so a ratio far
-//! above its baseline is the local device's doing. Then the **self-model** ([`LoadModel`]):
+//! learned while healthy, at the median and at p99 ([`Quantile`]). Load is matched by
+//! construction (the same writes), so a ratio far above its baseline is the local device's
+//! doing. Then the **self-model** ([`LoadModel`]):
 //! latency above the model at a throughput the volume carried before is sick; at a higher one,
 //! busy. A window with nothing against it is fine.
 //!
 //! **States with hysteresis.** healthy -> suspect at the first sick window; suspect ->
 //! degraded after [`Settings::degrade_after`] sick windows in a row (a fail-safe degrades at
-//! once); suspect -> healthy at a window that is not sick; degraded -> recovering after
+//! once; so do [`Settings::intermittent`] sick windows among the last
+//! [`Settings::intermittent_of`], a device slow now and then); suspect -> healthy at a window
+//! that is not sick; degraded -> recovering after
 //! [`Settings::recover_after`] windows that are not sick; recovering -> degraded at a sick
 //! one, -> healthy after [`Settings::healthy_after`] more. Busy is not sick: load never
 //! degrades a volume. The model and the ratio baseline learn only from fine windows of a
@@ -19,7 +22,7 @@
 //!
 //! Every verdict carries its reasons, with the values and the window they come from.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{Load, LoadModel};
 
@@ -29,6 +32,10 @@ use crate::model::{Load, LoadModel};
 pub struct Settings {
     /// Sick windows in a row that degrade a suspect volume.
     pub degrade_after: u32,
+    /// Sick windows among the last `intermittent_of` that degrade a volume, though never
+    /// `degrade_after` of them in a row.
+    pub intermittent: u32,
+    pub intermittent_of: u32,
     /// Windows that are not sick, in a row, before a degraded volume is recovering.
     pub recover_after: u32,
     /// And then before it is healthy again.
@@ -49,6 +56,8 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             degrade_after: 3,
+            intermittent: 5,
+            intermittent_of: 10,
             recover_after: 3,
             healthy_after: 10,
             peer_factor: 2.0,
@@ -69,10 +78,10 @@ pub struct Window {
     pub iops: f64,
     /// The clients' p99 latency (ns) over the window, reads and writes; `None` with no IO.
     pub p99_ns: Option<f64>,
-    /// On a primary: its own copy's write p99 (the device stage) and each replica's for the
-    /// same writes (its `replicate` stage), ns; empty elsewhere.
-    pub local_write_p99_ns: Option<f64>,
-    pub replica_write_p99_ns: Vec<f64>,
+    /// On a primary: its own copy's writes (the device stage) and each replica's answers to
+    /// the same writes (its `replicate` stage); empty elsewhere.
+    pub local_write: Option<Latency>,
+    pub replica_writes: Vec<Latency>,
     /// The clients' IOs in flight on average over the window (Little's law: completions per
     /// second times their mean latency).
     pub depth: f64,
@@ -82,6 +91,49 @@ pub struct Window {
     pub smoke_ns: Option<u64>,
     /// The smoke write failed or read back wrong.
     pub smoke_failed: bool,
+}
+
+/// A set of IOs' latency: the median and the tail (ns).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Latency {
+    pub p50_ns: f64,
+    pub p99_ns: f64,
+}
+
+/// Where the peer ratio is taken. The median sees a device slowed for every write (a 3x
+/// step) through the noise a busy CPU puts in the tail; the tail sees a device slow now and
+/// then (spikes) that leaves the median alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantile {
+    P50,
+    P99,
+}
+
+impl Quantile {
+    pub const ALL: [Quantile; 2] = [Quantile::P50, Quantile::P99];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Quantile::P50 => "p50",
+            Quantile::P99 => "p99",
+        }
+    }
+
+    /// As a fraction, as Prometheus labels quantiles.
+    pub fn fraction(self) -> f64 {
+        match self {
+            Quantile::P50 => 0.5,
+            Quantile::P99 => 0.99,
+        }
+    }
+
+    pub fn of(self, latency: &Latency) -> f64 {
+        match self {
+            Quantile::P50 => latency.p50_ns,
+            Quantile::P99 => latency.p99_ns,
+        }
+    }
 }
 
 /// A volume's state.
@@ -138,11 +190,42 @@ pub struct Detector {
     /// degraded or recovering).
     streak: u32,
     model: LoadModel,
-    /// The peer ratio learned while healthy (an average over fine windows).
-    ratio_baseline: Option<f64>,
-    ratio_windows: u32,
+    /// The peer ratio learned while healthy, per [`Quantile`].
+    ratios: [RatioBaseline; 2],
+    /// The last windows' sickness, a bit each, the newest lowest.
+    recent: u32,
     /// The clients' queue depth in the healthy windows learned (the last `model_windows`).
     depths: std::collections::VecDeque<f64>,
+}
+
+/// A peer ratio learned while healthy: an average over fine windows.
+#[derive(Debug, Clone, Copy, Default)]
+struct RatioBaseline {
+    value: Option<f64>,
+    windows: u32,
+}
+
+impl RatioBaseline {
+    /// The ratio counted as healthy, once enough windows are learned.
+    fn get(&self) -> Option<f64> {
+        self.value.filter(|_| self.windows >= RATIO_MIN_WINDOWS)
+    }
+
+    fn learn(&mut self, ratio: f64) {
+        // Once learned, a ratio well above the baseline teaches nothing, though it is under
+        // the limit: a device slowing by steps each below it would otherwise carry the
+        // baseline up with it.
+        if self
+            .get()
+            .is_some_and(|baseline| ratio > LEARN_BAND * baseline)
+        {
+            return;
+        }
+        self.windows += 1;
+        let weight = 1.0 / self.windows.min(100) as f64;
+        let baseline = self.value.unwrap_or(ratio);
+        self.value = Some(baseline + (ratio - baseline) * weight);
+    }
 }
 
 /// A learned peer ratio moves only with windows at most this many times it.
@@ -158,8 +241,8 @@ impl Detector {
             settings,
             health: Health::Healthy,
             streak: 0,
-            ratio_baseline: None,
-            ratio_windows: 0,
+            ratios: Default::default(),
+            recent: 0,
             depths: std::collections::VecDeque::new(),
         }
     }
@@ -169,8 +252,7 @@ impl Detector {
     /// changed in kind (this node became its primary, or a replica).
     pub fn relearn(&mut self) {
         self.model = LoadModel::new(self.settings.model_windows, self.settings.model_margin);
-        self.ratio_baseline = None;
-        self.ratio_windows = 0;
+        self.ratios = Default::default();
         self.depths.clear();
     }
 
@@ -192,10 +274,14 @@ impl Detector {
         Some(depths[depths.len() / 2])
     }
 
-    /// The peer ratio it counts as healthy, once learned.
-    pub fn ratio_baseline(&self) -> Option<f64> {
-        self.ratio_baseline
-            .filter(|_| self.ratio_windows >= RATIO_MIN_WINDOWS)
+    /// The peer ratio at `quantile` it counts as healthy, once learned.
+    pub fn ratio_baseline(&self, quantile: Quantile) -> Option<f64> {
+        self.ratios[quantile as usize].get()
+    }
+
+    /// Sick windows among the last [`Settings::intermittent_of`].
+    pub fn recent_sick(&self) -> u32 {
+        (self.recent & ((1u32 << self.settings.intermittent_of.min(31)) - 1)).count_ones()
     }
 
     /// Judges one window and moves the state.
@@ -209,9 +295,14 @@ impl Detector {
     /// alike: load or a node fault, held against no single volume).
     pub fn apply(&mut self, window: &Window, sign: Sign, reasons: Vec<String>) -> Verdict {
         let before = self.health;
+        self.recent = (self.recent << 1) | (sign == Sign::Sick) as u32;
+        // Sick now and then, again and again (a device that stalls every few seconds):
+        // degraded though never for `degrade_after` windows in a row.
+        let intermittent = sign == Sign::Sick && self.recent_sick() >= self.settings.intermittent;
         let s = &self.settings;
         self.health = match (self.health, sign) {
             (_, Sign::Stuck) => Health::Degraded,
+            (Health::Healthy | Health::Suspect, Sign::Sick) if intermittent => Health::Degraded,
             (Health::Healthy, Sign::Sick) => Health::Suspect,
             (Health::Healthy, _) => Health::Healthy,
             (Health::Suspect, Sign::Sick) if self.streak + 1 >= s.degrade_after => Health::Degraded,
@@ -256,20 +347,10 @@ impl Detector {
             }
             self.depths.push_back(window.depth);
         }
-        if let Some(ratio) = peer_ratio(window) {
-            // Once learned, a ratio well above the baseline teaches nothing, though it is
-            // under the limit: a device slowing by steps each below it would otherwise
-            // carry the baseline up with it.
-            if self
-                .ratio_baseline()
-                .is_some_and(|baseline| ratio > LEARN_BAND * baseline)
-            {
-                return;
+        for quantile in Quantile::ALL {
+            if let Some(ratio) = peer_ratio(window, quantile) {
+                self.ratios[quantile as usize].learn(ratio);
             }
-            self.ratio_windows += 1;
-            let weight = 1.0 / self.ratio_windows.min(100) as f64;
-            let baseline = self.ratio_baseline.unwrap_or(ratio);
-            self.ratio_baseline = Some(baseline + (ratio - baseline) * weight);
         }
     }
 
@@ -307,33 +388,40 @@ impl Detector {
         if let Some(why) = &queueing {
             reasons.push(why.clone());
         }
-        if let (Some(ratio), Some(baseline)) = (peer_ratio(window), self.ratio_baseline()) {
-            if ratio > s.peer_factor * baseline && queueing.is_some() {
+        for quantile in Quantile::ALL {
+            let q = quantile.as_str();
+            let (Some(ratio), Some(baseline)) =
+                (peer_ratio(window, quantile), self.ratio_baseline(quantile))
+            else {
+                continue;
+            };
+            if ratio <= s.peer_factor * baseline {
+                continue;
+            }
+            let factor = ratio / baseline;
+            if queueing.is_some() {
                 busy = true;
                 reasons.push(format!(
-                    "peer ratio {ratio:.2} at second {at} is {:.1}x its healthy {baseline:.2}: the clients' queue, not the device",
-                    ratio / baseline
+                    "peer ratio at {q} {ratio:.2} at second {at} is {factor:.1}x its healthy {baseline:.2}: the clients' queue, not the device"
                 ));
-            } else if ratio > s.peer_factor * baseline && window.iops > learned_iops {
+            } else if window.iops > learned_iops {
                 // More load than it ever carried healthy: the primary's own work (its clients,
                 // its fan-out) slows what it times of its device; load, not its device.
                 busy = true;
                 reasons.push(format!(
-                    "peer ratio {ratio:.2} at second {at} is {:.1}x its healthy {baseline:.2}, at {:.0} IO/s, beyond the {learned_iops:.0} IO/s it was learned at: load, not sickness",
-                    ratio / baseline,
+                    "peer ratio at {q} {ratio:.2} at second {at} is {factor:.1}x its healthy {baseline:.2}, at {:.0} IO/s, beyond the {learned_iops:.0} IO/s it was learned at: load, not sickness",
                     window.iops
                 ));
-            } else if ratio > s.peer_factor * baseline {
+            } else {
                 sick = true;
                 reasons.push(format!(
-                    "peer ratio {ratio:.2} at second {at} is {:.1}x its healthy {baseline:.2} (limit {:.1}x): own write p99 {}, the replicas' for the same writes {}",
-                    ratio / baseline,
+                    "peer ratio at {q} {ratio:.2} at second {at} is {factor:.1}x its healthy {baseline:.2} (limit {:.1}x): own write {q} {}, the replicas' for the same writes {}",
                     s.peer_factor,
-                    ms(window.local_write_p99_ns.unwrap_or(0.0)),
+                    ms(window.local_write.map_or(0.0, |local| quantile.of(&local))),
                     window
-                        .replica_write_p99_ns
+                        .replica_writes
                         .iter()
-                        .map(|&ns| ms(ns))
+                        .map(|replica| ms(quantile.of(replica)))
                         .collect::<Vec<_>>()
                         .join(", ")
                 ));
@@ -403,13 +491,17 @@ impl Detector {
 /// A client queue this many times deeper than the usual healthy one may be queueing.
 const QUEUE_FACTOR: f64 = 2.0;
 
-/// The window's own write latency over the median of its replicas' for the same writes.
-pub fn peer_ratio(window: &Window) -> Option<f64> {
-    let local = window.local_write_p99_ns.filter(|&ns| ns > 0.0)?;
+/// The window's own write latency at `quantile` over the median of its replicas' for the
+/// same writes.
+pub fn peer_ratio(window: &Window, quantile: Quantile) -> Option<f64> {
+    let local = window
+        .local_write
+        .map(|local| quantile.of(&local))
+        .filter(|&ns| ns.is_finite() && ns > 0.0)?;
     let mut replicas: Vec<f64> = window
-        .replica_write_p99_ns
+        .replica_writes
         .iter()
-        .copied()
+        .map(|replica| quantile.of(replica))
         .filter(|ns| ns.is_finite() && *ns > 0.0)
         .collect();
     if replicas.is_empty() {
@@ -438,9 +530,17 @@ mod tests {
             second,
             iops,
             p99_ns: Some(client * 1000.0),
-            local_write_p99_ns: Some(local_us * 1000.0),
-            replica_write_p99_ns: vec![replica_us * 1000.0, replica_us * 1010.0],
+            local_write: Some(latency(local_us)),
+            replica_writes: vec![latency(replica_us), latency(replica_us * 1.01)],
             ..Window::default()
+        }
+    }
+
+    /// Writes whose p99 is `p99_us`, their median half of it.
+    fn latency(p99_us: f64) -> Latency {
+        Latency {
+            p50_ns: p99_us * 500.0,
+            p99_ns: p99_us * 1000.0,
         }
     }
 
@@ -484,6 +584,69 @@ mod tests {
         let (mut detector, from) = learned();
         let took = seconds_to_degraded(&mut detector, from, |s| window(s, 3000.0, 129.0, 90.0));
         assert!(took.is_some_and(|t| t <= 30), "{took:?}");
+    }
+
+    /// A primary on a busy CPU: every write's tail is the scheduler's (4-6 ms, here and on
+    /// the replicas alike), its median the device's (`local_p50_us`; the replicas' 1.3 ms).
+    fn noisy(second: u64, local_p50_us: f64) -> Window {
+        let jitter = [0.0, 900.0, 300.0, 1500.0, 600.0][second as usize % 5];
+        let replica = |us: f64| Latency {
+            p50_ns: 1300e3,
+            p99_ns: (us + jitter) * 1e3,
+        };
+        Window {
+            second,
+            iops: 4000.0,
+            p99_ns: Some((5000.0 + local_p50_us + jitter) * 1e3),
+            local_write: Some(Latency {
+                p50_ns: local_p50_us * 1e3,
+                p99_ns: (4000.0 + local_p50_us + jitter) * 1e3,
+            }),
+            replica_writes: vec![replica(5000.0), replica(4500.0)],
+            ..Window::default()
+        }
+    }
+
+    #[test]
+    fn a_3x_step_lost_in_the_tails_noise_shows_in_the_median() {
+        let mut detector = Detector::new(Settings::default());
+        for second in 0..60 {
+            let verdict = detector.observe(&noisy(second, 1100.0));
+            assert_eq!(verdict.health, Health::Healthy, "{verdict:?}");
+        }
+        // Every write 2 ms slower: the tail ratio moves by under 1.5x, the median's by 2.8x.
+        let took = seconds_to_degraded(&mut detector, 60, |s| noisy(s, 3100.0));
+        assert_eq!(took, Some(3));
+        let verdict = detector.observe(&noisy(63, 3100.0));
+        assert!(
+            verdict
+                .reasons
+                .iter()
+                .any(|r| r.contains("peer ratio at p50")),
+            "{verdict:?}"
+        );
+        assert!(
+            !verdict.reasons.iter().any(|r| r.contains("at p99")),
+            "{verdict:?}"
+        );
+    }
+
+    #[test]
+    fn spikes_every_other_second_degrade_though_never_three_in_a_row() {
+        let (mut detector, from) = learned();
+        let spiky = |s: u64| match s % 2 {
+            0 => window(s, 3000.0, 860.0, 90.0),
+            _ => window(s, 3000.0, 43.0, 90.0),
+        };
+        let took = seconds_to_degraded(&mut detector, from, spiky);
+        assert!(took.is_some_and(|t| t <= 10), "{took:?}");
+        // One sick window in five is noise: never degraded.
+        let (mut detector, from) = learned();
+        let rare = |s: u64| match s % 5 {
+            0 => window(s, 3000.0, 860.0, 90.0),
+            _ => window(s, 3000.0, 43.0, 90.0),
+        };
+        assert_eq!(seconds_to_degraded(&mut detector, from, rare), None);
     }
 
     #[test]
@@ -554,7 +717,8 @@ mod tests {
         let (mut detector, from) = degraded_at_20x();
         detector.relearn();
         assert_eq!(detector.health(), Health::Degraded);
-        assert_eq!(detector.ratio_baseline(), None);
+        assert_eq!(detector.ratio_baseline(Quantile::P50), None);
+        assert_eq!(detector.ratio_baseline(Quantile::P99), None);
         assert_eq!(detector.model().len(), 0);
         assert_eq!(detector.typical_depth(), None);
         // Nothing learned judges nothing: a slow window is not sick.
@@ -633,25 +797,25 @@ mod tests {
     #[test]
     fn a_sick_volume_does_not_teach_its_models() {
         let (mut detector, from) = learned();
-        let baseline = detector.ratio_baseline().unwrap();
+        let baseline = detector.ratio_baseline(Quantile::P99).unwrap();
         let learned = detector.model().len();
         for second in from..from + 30 {
             detector.observe(&window(second, 3000.0, 860.0, 90.0));
         }
-        assert_eq!(detector.ratio_baseline(), Some(baseline));
+        assert_eq!(detector.ratio_baseline(Quantile::P99), Some(baseline));
         assert_eq!(detector.model().len(), learned);
     }
 
     #[test]
     fn a_ratio_creeping_up_under_the_limit_is_not_learned_and_a_step_then_degrades() {
         let (mut detector, from) = learned();
-        let baseline = detector.ratio_baseline().unwrap();
+        let baseline = detector.ratio_baseline(Quantile::P99).unwrap();
         // 1.8x for a minute: under the 2x limit, above the learning band.
         for second in from..from + 60 {
             let verdict = detector.observe(&window(second, 3000.0, 43.0 * 1.8, 90.0));
             assert_eq!(verdict.health, Health::Healthy, "{verdict:?}");
         }
-        let drifted = detector.ratio_baseline().unwrap();
+        let drifted = detector.ratio_baseline(Quantile::P99).unwrap();
         assert!(drifted < baseline * 1.05, "{baseline} -> {drifted}");
         let took = seconds_to_degraded(&mut detector, from + 60, |s| {
             window(s, 3000.0, 43.0 * 2.5, 90.0)

@@ -148,13 +148,15 @@ pub enum Cause {
     Load,
 }
 
-/// What a slower client latency in an interval is, given the canary's verdict and the drift
-/// tracker's.
-pub fn classify(canary_red: bool, drift: Option<&Drift>) -> Cause {
-    match (canary_red, drift) {
-        (_, Some(_)) => Cause::Drift,
-        (true, None) => Cause::Regression,
-        (false, None) => Cause::Load,
+/// What a slower client latency in an interval is, given the canary's verdict, the drift
+/// tracker's, and whether the volume's detector holds its device sick (suspect, degraded or
+/// recovering): new work explains a red canary only on a device not otherwise found slow.
+pub fn classify(canary_red: bool, drift: Option<&Drift>, device_sick: bool) -> Cause {
+    match (canary_red, drift, device_sick) {
+        (true, _, true) => Cause::Regression,
+        (_, Some(_), _) => Cause::Drift,
+        (true, None, _) => Cause::Regression,
+        (false, None, _) => Cause::Load,
     }
 }
 
@@ -238,10 +240,14 @@ mod tests {
         let drift = Drift {
             reasons: vec!["x".into()],
         };
-        assert_eq!(classify(true, Some(&drift)), Cause::Drift);
-        assert_eq!(classify(true, None), Cause::Regression);
-        assert_eq!(classify(false, Some(&drift)), Cause::Drift);
-        assert_eq!(classify(false, None), Cause::Load);
+        assert_eq!(classify(true, Some(&drift), false), Cause::Drift);
+        assert_eq!(classify(true, None, false), Cause::Regression);
+        assert_eq!(classify(false, Some(&drift), false), Cause::Drift);
+        assert_eq!(classify(false, None, false), Cause::Load);
+        // A device the detector found slow: its red canary is a regression, whatever the
+        // clients send now.
+        assert_eq!(classify(true, Some(&drift), true), Cause::Regression);
+        assert_eq!(classify(false, Some(&drift), true), Cause::Drift);
     }
 
     proptest! {

@@ -7,7 +7,8 @@
 //! of three standard deviations of its residuals and a relative margin. A window above the
 //! bound is judged by its throughput against the highest the model has seen healthy:
 //!
-//! - at or above (a tenth below it, at most): **busy**, latency from queueing under load the
+//! - at or above (a tenth below it, at most; the highest is the 95th percentile of the
+//!   windows' throughput): **busy**, latency from queueing under load the
 //!   volume has not carried before;
 //! - below: **sick**, slower at a load it carried well.
 //!
@@ -81,10 +82,12 @@ impl LoadModel {
         self.points.is_empty()
     }
 
-    /// The highest throughput among the healthy windows learned (`None` before the first),
-    /// counted before the model has enough of them to judge latency.
+    /// The highest throughput the healthy windows learned carried (`None` before the first),
+    /// counted before the model has enough of them to judge latency: their 95th percentile,
+    /// so that one odd window (a burst into a cache before the device's latency told) does
+    /// not move it.
     pub fn max_iops(&self) -> Option<f64> {
-        self.points.iter().map(|point| point.0).reduce(f64::max)
+        (!self.points.is_empty()).then(|| high_iops(&self.points))
     }
 
     /// Learns a healthy window: `iops` completions per second at `latency_ns`. Windows with
@@ -123,6 +126,13 @@ impl LoadModel {
     }
 }
 
+/// The 95th percentile of the points' throughput.
+fn high_iops(points: &VecDeque<(f64, f64)>) -> f64 {
+    let mut iops: Vec<f64> = points.iter().map(|point| point.0).collect();
+    iops.sort_by(f64::total_cmp);
+    iops[(iops.len() - 1) * 95 / 100]
+}
+
 /// Least squares over `points`, centred for stability; `None` below [`MIN_POINTS`].
 fn fit(points: &VecDeque<(f64, f64)>) -> Option<Fit> {
     if points.len() < MIN_POINTS {
@@ -146,7 +156,7 @@ fn fit(points: &VecDeque<(f64, f64)>) -> Option<Fit> {
         .map(|p| (p.1 - (intercept + slope * p.0)).powi(2))
         .sum();
     let sigma = (residuals / n).sqrt();
-    let max_iops = points.iter().map(|p| p.0).fold(0.0, f64::max);
+    let max_iops = high_iops(points);
     Some(Fit {
         intercept,
         slope,
@@ -198,6 +208,19 @@ mod tests {
             model.judge(12_000.0, 390_000.0),
             Load::Busy { .. }
         ));
+    }
+
+    #[test]
+    fn one_odd_burst_does_not_raise_the_throughput_carried() {
+        let mut model = learned();
+        model.learn(60_000.0, 100_000.0);
+        assert!(
+            model.max_iops().is_some_and(|iops| iops < 6000.0),
+            "{:?}",
+            model.max_iops()
+        );
+        // So 3x the latency at 4000 IO/s is still slower at a load it carried: sick.
+        assert!(matches!(model.judge(4000.0, 450_000.0), Load::Sick { .. }));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use fathom_telemetry::report::{delta_histogram, merged_histogram, volume_delta};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::detector::Latency;
 use crate::drift::{bucket, Shape, SIZE_BUCKETS};
 
 /// The clients' ops, by name in the region.
@@ -29,8 +30,8 @@ pub struct ReplicaSignal {
     pub node: String,
     /// Writes it answered in the window.
     pub writes: u64,
-    /// Their p99 (ns): sent to answered.
-    pub write_p99_ns: f64,
+    /// Their latency: sent to answered.
+    pub write: Latency,
 }
 
 /// One probe series' stage over the window.
@@ -60,9 +61,11 @@ pub struct VolumeSignals {
     /// The clients' p99 (ns) of their `total` stage: reads, writes, and both.
     pub read_p99_ns: Option<f64>,
     pub write_p99_ns: Option<f64>,
+    /// The clients' read p95 (ns): a hedged read goes to a replica once it is this late.
+    pub read_p95_ns: Option<f64>,
     pub p99_ns: Option<f64>,
-    /// The clients' writes on this node's own device (their `device` stage), p99 ns.
-    pub local_write_p99_ns: Option<f64>,
+    /// The clients' writes on this node's own device (their `device` stage).
+    pub local_write: Option<Latency>,
     /// On a primary, each replica that answered writes in the window.
     pub replicas: Vec<ReplicaSignal>,
     /// Client IOs in flight on average (completions per second times their mean latency,
@@ -105,6 +108,12 @@ pub fn volume_signals(
     let p99 = |histogram: &Histogram<u64>| {
         (!histogram.is_empty()).then(|| ns(histogram.value_at_quantile(0.99)))
     };
+    let latency = |histogram: &Histogram<u64>| {
+        (!histogram.is_empty()).then(|| Latency {
+            p50_ns: ns(histogram.value_at_quantile(0.5)),
+            p99_ns: ns(histogram.value_at_quantile(0.99)),
+        })
+    };
     let (read, write) = (op("read"), op("write"));
     let counters = |op: Option<usize>| op.map(|op| volume_delta(from, to, slot, op));
     let (reads, writes) = (
@@ -132,10 +141,10 @@ pub fn volume_signals(
         .filter_map(|(index, name)| Some((index, name.strip_prefix(REPLICATE)?)))
         .filter_map(|(index, node)| {
             let histogram = delta_histogram(directory, from, to, slot, write?, index);
-            (!histogram.is_empty()).then(|| ReplicaSignal {
+            Some(ReplicaSignal {
                 node: node.to_string(),
                 writes: histogram.len(),
-                write_p99_ns: ns(histogram.value_at_quantile(0.99)),
+                write: latency(&histogram)?,
             })
         })
         .collect();
@@ -184,9 +193,13 @@ pub fn volume_signals(
         write_bytes_per_s: writes.bytes as f64 / seconds,
         errors,
         read_p99_ns: read_total.as_ref().and_then(p99),
+        read_p95_ns: read_total
+            .as_ref()
+            .filter(|histogram| !histogram.is_empty())
+            .map(|histogram| ns(histogram.value_at_quantile(0.95))),
         write_p99_ns: write_total.as_ref().and_then(p99),
         p99_ns: both_total.as_ref().and_then(p99),
-        local_write_p99_ns: local_write.as_ref().and_then(p99),
+        local_write: local_write.as_ref().and_then(latency),
         replicas,
         depth: shape.depth,
         probes,

@@ -1,7 +1,10 @@
 //! The replication layer on a volume's primary: an engine [`Layer`] that sends every write,
 //! write-zeroes and flush to the local device (a child IO) and to every replica (a frame on
 //! the session to that node) in parallel, and completes the client's IO when
-//! [`PrimaryVolume`] says a majority of copies has it. Reads pass on to the local device.
+//! [`PrimaryVolume`] says a majority of copies has it. Reads pass on to the local device;
+//! while the health monitor has them hedged ([`VolumeStatus::set_hedge`], a primary found
+//! slow), a read is read into a bounce buffer here and, once late, asked of an in-sync
+//! replica holding every write to its blocks: the first good answer is the client's.
 //!
 //! The layer owns its sessions, one per replica: non-blocking sockets in an epoll set the
 //! reactor sleeps on ([`Layer::wake_fd`]), polled every loop iteration. A session opens with
@@ -107,6 +110,11 @@ const BITMAP_TAG: u64 = 1 << 63;
 /// Own IO tag of the superblock write that makes a new epoch durable here.
 const SUPERBLOCK_TAG: u64 = 1 << 61;
 const RESYNC_TAG: u64 = 1 << 62;
+/// Own IO tag of a hedged read's local half (the hedge's id below it).
+const HEDGE_TAG: u64 = 1 << 60;
+
+/// Hedged reads in flight at most; beyond, reads pass to the local copy alone.
+const MAX_HEDGED: usize = 64;
 
 /// Resync chunks read or sent and not yet answered, per replica.
 const RESYNC_WINDOW: usize = 8;
@@ -192,6 +200,12 @@ pub struct VolumeStatus {
     /// (µs) of the last window that decided it ([`crate::pace`]).
     resync_pace: AtomicU64,
     resync_client_p99_us: AtomicU64,
+    /// Reads are hedged to an in-sync replica when the local copy has not answered within
+    /// this (ns); `u64::MAX`: not hedged. Set by the health monitor for a suspect primary.
+    hedge_after_ns: AtomicU64,
+    /// Reads asked of a replica too, and those the replica answered first.
+    hedges: AtomicU64,
+    hedge_wins: AtomicU64,
     pub peers: Vec<PeerStatus>,
 }
 
@@ -235,16 +249,45 @@ impl VolumeStatus {
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Acquire)
     }
+    /// Hedges reads (`Some`: a read the local copy has not answered within that time is
+    /// asked of an in-sync replica too, and the first answer is the client's) or stops.
+    pub fn set_hedge(&self, after: Option<Duration>) {
+        let ns = after.map_or(u64::MAX, |after| {
+            after.as_nanos().min(u64::MAX as u128 - 1) as u64
+        });
+        self.hedge_after_ns.store(ns, Ordering::Relaxed);
+    }
+    /// When reads are hedged, after how long.
+    pub fn hedge_after(&self) -> Option<Duration> {
+        match self.hedge_after_ns.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
+    }
+    /// Reads asked of a replica too, and of those the ones it answered first.
+    pub fn hedged_reads(&self) -> (u64, u64) {
+        (
+            self.hedges.load(Ordering::Relaxed),
+            self.hedge_wins.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// What was sent to a replica and waits for its answer.
 #[derive(Debug, Clone, Copy)]
 enum Sent {
-    /// A write of `op` (write or write-zeroes), sent at `sent` (clock ticks).
+    /// A write of `op` (write or write-zeroes) of volume blocks `lba..lba + blocks`, sent at
+    /// `sent` (clock ticks).
     Write {
         sequence: u64,
         op: Op,
         sent: u64,
+        lba: u64,
+        blocks: u32,
+    },
+    /// Hedged read `hedge` ([`Hedge`]).
+    Read {
+        hedge: u64,
     },
     /// A flush asking for every write up to `target`.
     Flush {
@@ -339,6 +382,27 @@ enum Parent {
     },
 }
 
+/// A client read asked of the local copy (into a bounce buffer, so that the client's buffer
+/// is free the moment either copy answers) and, once it is late, of an in-sync replica: the
+/// first good answer is the client's, the other is dropped when it comes.
+#[derive(Debug)]
+struct Hedge {
+    /// The client's read, until it is answered.
+    slot: Option<u32>,
+    /// Namespace LBA and blocks.
+    slba: u64,
+    blocks: u32,
+    /// When the layer took it (clock ticks).
+    began: u64,
+    /// The local read is out (its buffer comes back to `own_done`).
+    local_out: bool,
+    /// The local read failed, and how.
+    local_error: Option<IoError>,
+    /// The replica asked: its index and request id.
+    replica: Option<(usize, u64)>,
+    replica_failed: bool,
+}
+
 /// How long a new primary holds writes while its sessions to the replicas open.
 const WARM_UP: Duration = Duration::from_secs(3);
 
@@ -400,6 +464,10 @@ pub struct ReplicationLayer {
     claimed: u64,
     node_id: String,
     meta_lba: u64,
+    /// Hedged reads by id, while either half is out.
+    hedges: HashMap<u64, Hedge>,
+    next_hedge: u64,
+    late_hedges: Vec<u64>,
 }
 
 /// How often the layer publishes its replicas' lag for the control channel and telemetry.
@@ -418,6 +486,9 @@ impl ReplicationLayer {
             in_flight: AtomicU64::new(0),
             resync_pace: AtomicU64::new(settings.resync_rate),
             resync_client_p99_us: AtomicU64::new(0),
+            hedge_after_ns: AtomicU64::new(u64::MAX),
+            hedges: AtomicU64::new(0),
+            hedge_wins: AtomicU64::new(0),
             peers: settings
                 .peers
                 .iter()
@@ -542,6 +613,9 @@ impl ReplicationLayer {
             claimed: 0,
             node_id,
             meta_lba: settings.meta_lba,
+            hedges: HashMap::with_capacity(MAX_HEDGED),
+            next_hedge: 0,
+            late_hedges: Vec::with_capacity(MAX_HEDGED),
         };
         // What the bitmaps say each replica lacks shows from the start.
         for index in 0..layer.peers.len() {
@@ -636,7 +710,19 @@ impl ReplicationLayer {
         );
         peer.link = Link::Down;
         peer.dialer.failed(Instant::now());
+        let reads: Vec<u64> = peer
+            .outstanding
+            .values()
+            .filter_map(|sent| match sent {
+                Sent::Read { hedge } => Some(*hedge),
+                _ => None,
+            })
+            .collect();
         peer.outstanding.clear();
+        for hedge in reads {
+            self.hedge_replica_done(ctx, hedge, false);
+        }
+        let peer = &mut self.peers[index];
         peer.resync.reset();
         for copying in &mut peer.copying {
             copying.abandoned = true;
@@ -745,7 +831,8 @@ impl ReplicationLayer {
         }
         loop {
             // What the next frame says, taken out of it before the stream is used again.
-            let received = match &mut self.peers[index].link {
+            let peer = &mut self.peers[index];
+            let received = match &mut peer.link {
                 Link::Down => break,
                 Link::Opening {
                     stream, session, ..
@@ -763,6 +850,31 @@ impl ReplicationLayer {
                     match stream.next_frame() {
                         None => break,
                         Some(Err(error)) => return Err(error.to_string()),
+                        Some(Ok(frame)) if frame.header.kind == Kind::ReadReply => {
+                            // A hedged read's answer: its data goes to the client's buffer
+                            // here, from the stream's own.
+                            let Some(Sent::Read { hedge }) =
+                                peer.outstanding.remove(&frame.header.request_id)
+                            else {
+                                return Err(format!(
+                                    "a ReadReply for request {} not sent",
+                                    frame.header.request_id
+                                ));
+                            };
+                            let ok = frame.header.status == status::OK
+                                && self.hedges.get(&hedge).is_some_and(|read| {
+                                    read.slot.is_some_and(|slot| {
+                                        fill_read(
+                                            ctx,
+                                            slot,
+                                            frame.payload,
+                                            self.block_size,
+                                            read.blocks,
+                                        )
+                                    })
+                                });
+                            Received::Hedge(hedge, ok)
+                        }
                         Some(Ok(frame)) => {
                             Received::Frame(frame.header, frame.refusal_text().map(str::to_string))
                         }
@@ -773,6 +885,7 @@ impl ReplicationLayer {
             match received {
                 Received::Opened(bytes) => self.claim(index, &bytes, now)?,
                 Received::Frame(header, text) => self.on_answer(ctx, index, header, text)?,
+                Received::Hedge(hedge, ok) => self.hedge_replica_done(ctx, hedge, ok),
             }
         }
         if let Some(stream) = self.peers[index].stream() {
@@ -862,7 +975,10 @@ impl ReplicationLayer {
                     self.chunk_answered(index, chunk, header.status == status::OK);
                     return Ok(());
                 }
-                let Some(Sent::Write { sequence, op, sent }) = sent else {
+                let Some(Sent::Write {
+                    sequence, op, sent, ..
+                }) = sent
+                else {
                     return Err(format!("an Ack for request {} not sent", header.request_id));
                 };
                 if let Some(stage) = self.peers[index].stage {
@@ -1391,6 +1507,228 @@ impl ReplicationLayer {
 
     /// Sends write `sequence` (`command`, with `payload`) to every replica whose stream is
     /// open; a replica that cannot take it has it failed (its dirty bits stay).
+    /// Takes client read `slot` as a hedged one when reads are hedged and a replica could
+    /// answer it: the local copy reads it into a bounce buffer now, a replica is asked once
+    /// it is late ([`ReplicationLayer::send_late_hedges`]). False: it passes to the local
+    /// copy alone.
+    fn start_hedge(&mut self, ctx: &mut LayerCtx<'_>, slot: u32, command: &IoCommand) -> bool {
+        if self.status.hedge_after_ns.load(Ordering::Relaxed) == u64::MAX
+            || self.hedges.len() >= MAX_HEDGED
+            || !(0..self.peers.len()).any(|index| {
+                matches!(self.peers[index].link, Link::Open { .. }) && self.primary.in_sync(index)
+            })
+        {
+            return false;
+        }
+        let bytes = command.blocks as usize * self.block_size as usize;
+        let Ok(buf) = self.pool.alloc(bytes) else {
+            return false;
+        };
+        let id = self.next_hedge;
+        let io = OwnIo {
+            op: Op::Read,
+            slba: command.slba,
+            blocks: command.blocks,
+            fua: false,
+            tag: HEDGE_TAG | id,
+            buf: Some(buf),
+        };
+        if ctx.issue_own(io).is_err() {
+            return false;
+        }
+        self.next_hedge = (id + 1) & (HEDGE_TAG - 1);
+        self.held += 1;
+        self.hedges.insert(
+            id,
+            Hedge {
+                slot: Some(slot),
+                slba: command.slba,
+                blocks: command.blocks,
+                began: ctx.now(),
+                local_out: true,
+                local_error: None,
+                replica: None,
+                replica_failed: false,
+            },
+        );
+        true
+    }
+
+    /// Asks a replica for the hedged reads the local copy has not answered in time (or
+    /// failed); true if any went out.
+    fn send_late_hedges(&mut self, ctx: &mut LayerCtx<'_>) -> bool {
+        let after_ns = self.status.hedge_after_ns.load(Ordering::Relaxed);
+        let after = match after_ns {
+            u64::MAX => u64::MAX,
+            ns => ctx.clock().duration_to_ticks(Duration::from_nanos(ns)),
+        };
+        let now = ctx.now();
+        // A list kept for this, so that a poll allocates nothing.
+        let mut late = std::mem::take(&mut self.late_hedges);
+        late.extend(
+            self.hedges
+                .iter()
+                .filter(|(_, hedge)| {
+                    hedge.slot.is_some()
+                        && hedge.replica.is_none()
+                        && !hedge.replica_failed
+                        && (hedge.local_error.is_some() || now.saturating_sub(hedge.began) >= after)
+                })
+                .map(|(&id, _)| id),
+        );
+        let mut sent = false;
+        for &id in &late {
+            sent |= self.ask_replica(ctx, id);
+        }
+        late.clear();
+        self.late_hedges = late;
+        sent
+    }
+
+    /// Sends hedged read `id` to the in-sync replica with the least outstanding that holds
+    /// every write to its blocks it was sent (none of them unanswered: an acknowledged write
+    /// is on it, and one in flight may show or not, as on the local copy); true if sent.
+    /// With none such, it waits for the local copy (failing if that failed).
+    fn ask_replica(&mut self, ctx: &mut LayerCtx<'_>, id: u64) -> bool {
+        let Some(hedge) = self.hedges.get(&id) else {
+            return false;
+        };
+        let (lba, blocks) = (hedge.slba - self.first_lba, hedge.blocks);
+        let overlaps = |sent: &Sent| match *sent {
+            Sent::Write {
+                lba: at, blocks: n, ..
+            } => at < lba + blocks as u64 && lba < at + n as u64,
+            Sent::Resync(chunk) => {
+                chunk.lba < lba + blocks as u64 && lba < chunk.lba + chunk.blocks as u64
+            }
+            _ => false,
+        };
+        let target = (0..self.peers.len())
+            .filter(|&index| {
+                let peer = &self.peers[index];
+                matches!(peer.link, Link::Open { .. })
+                    && self.primary.in_sync(index)
+                    && !peer.copying_overlaps(lba, blocks)
+                    && !peer.outstanding.values().any(overlaps)
+            })
+            .min_by_key(|&index| self.peers[index].outstanding.len());
+        let request_id = self.next_request;
+        let header = Header {
+            epoch: self.epoch,
+            lba,
+            block_count: blocks,
+            request_id,
+            ..Header::new(Kind::Read)
+        };
+        let queued = target.map(|index| match &mut self.peers[index].link {
+            Link::Open { stream } => stream
+                .queue_frame(&header, &[])
+                .map_err(|error| (index, error.to_string())),
+            _ => Err((index, "not open".into())),
+        });
+        match queued {
+            Some(Ok(())) => {
+                let index = target.expect("queued to it");
+                self.next_request += 1;
+                self.peers[index]
+                    .outstanding
+                    .insert(request_id, Sent::Read { hedge: id });
+                if let Some(hedge) = self.hedges.get_mut(&id) {
+                    hedge.replica = Some((index, request_id));
+                }
+                self.status.hedges.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Some(Err((index, reason))) => {
+                self.hedge_replica_done(ctx, id, false);
+                self.lose(ctx, index, &reason);
+                false
+            }
+            None => {
+                // No replica can answer it: the local copy's answer is the only one.
+                self.hedge_replica_done(ctx, id, false);
+                false
+            }
+        }
+    }
+
+    /// Hedged read `id`'s local half came back, with its bounce buffer.
+    fn hedge_local_done(
+        &mut self,
+        ctx: &mut LayerCtx<'_>,
+        id: u64,
+        result: Result<(), IoError>,
+        buf: Option<DmaBuf>,
+    ) {
+        let block_size = self.block_size;
+        let Some(hedge) = self.hedges.get_mut(&id) else {
+            return;
+        };
+        hedge.local_out = false;
+        if let Some(slot) = hedge.slot {
+            let filled = result.is_ok()
+                && buf.as_ref().is_some_and(|buf| {
+                    let bytes = hedge.blocks as usize * block_size as usize;
+                    fill_read(
+                        ctx,
+                        slot,
+                        &buf.as_bytes()[..bytes.min(buf.len())],
+                        block_size,
+                        hedge.blocks,
+                    )
+                });
+            if filled {
+                hedge.slot = None;
+                self.finish(ctx, slot, Ok(()));
+            } else {
+                let error = result
+                    .err()
+                    .unwrap_or(IoError::MissingBuffer { op: Op::Read });
+                hedge.local_error = Some(error.clone());
+                if hedge.replica_failed {
+                    hedge.slot = None;
+                    self.finish(ctx, slot, Err(error));
+                } else if hedge.replica.is_none() {
+                    // Failed here before it was late: the replica is asked now.
+                    self.ask_replica(ctx, id);
+                }
+            }
+        }
+        self.forget_hedge(id);
+    }
+
+    /// Hedged read `id`'s replica half answered (`ok`: its data is in the client's buffer),
+    /// failed, or could not be asked.
+    fn hedge_replica_done(&mut self, ctx: &mut LayerCtx<'_>, id: u64, ok: bool) {
+        let Some(hedge) = self.hedges.get_mut(&id) else {
+            return;
+        };
+        hedge.replica = None;
+        if let Some(slot) = hedge.slot {
+            if ok {
+                hedge.slot = None;
+                self.status.hedge_wins.fetch_add(1, Ordering::Relaxed);
+                self.finish(ctx, slot, Ok(()));
+            } else {
+                hedge.replica_failed = true;
+                if let Some(error) = hedge.local_error.clone() {
+                    hedge.slot = None;
+                    self.finish(ctx, slot, Err(error));
+                }
+            }
+        }
+        self.forget_hedge(id);
+    }
+
+    /// Drops hedged read `id` once it is answered and neither half is out.
+    fn forget_hedge(&mut self, id: u64) {
+        if self.hedges.get(&id).is_some_and(|hedge| {
+            hedge.slot.is_none() && !hedge.local_out && hedge.replica.is_none()
+        }) {
+            self.hedges.remove(&id);
+        }
+    }
+
     fn send_write(
         &mut self,
         ctx: &mut LayerCtx<'_>,
@@ -1417,7 +1755,7 @@ impl ReplicationLayer {
             Kind::Write => ctx.data(slot).unwrap_or(&[]),
             _ => &[],
         };
-        let (now, op) = (ctx.now(), command.op);
+        let (now, op, lba, blocks) = (ctx.now(), command.op, header.lba, command.blocks);
         // Replicas that did not get it (not connected), and the first whose session broke:
         // kept in a mask, so a write allocates nothing here.
         let mut missing = 0u64;
@@ -1443,6 +1781,8 @@ impl ReplicationLayer {
                             sequence,
                             op,
                             sent: now,
+                            lba,
+                            blocks,
                         },
                     );
                 }
@@ -1521,6 +1861,21 @@ enum Received {
     /// The session opened; the bytes (a proof) go back.
     Opened(Vec<u8>),
     Frame(Header, Option<String>),
+    /// A hedged read's answer, and whether its data is in the client's buffer now.
+    Hedge(u64, bool),
+}
+
+/// Copies a read's `data` into the buffer of read `slot` (`blocks` of `block_size`); false
+/// when it is not that long or the buffer is not the layer's to fill.
+fn fill_read(ctx: &mut LayerCtx<'_>, slot: u32, data: &[u8], block_size: u32, blocks: u32) -> bool {
+    let bytes = blocks as usize * block_size as usize;
+    match ctx.read_buffer(slot) {
+        Some(buf) if data.len() == bytes && buf.len() >= bytes => {
+            buf[..bytes].copy_from_slice(data);
+            true
+        }
+        _ => false,
+    }
 }
 
 impl Layer for ReplicationLayer {
@@ -1576,7 +1931,10 @@ impl Layer for ReplicationLayer {
             return Down::Complete(Err(IoError::NoQuorum { op: command.op }));
         }
         match command.op {
-            Op::Read => Down::Pass,
+            Op::Read => match self.start_hedge(ctx, slot, command) {
+                true => Down::Hold,
+                false => Down::Pass,
+            },
             Op::Write | Op::WriteZeroes => {
                 self.held += 1;
                 let lba = command.slba - self.first_lba;
@@ -1659,6 +2017,7 @@ impl Layer for ReplicationLayer {
         self.held
             + self.paused.len()
             + self.batch_in_flight
+            + self.hedges.len()
             + self
                 .peers
                 .iter()
@@ -1675,6 +2034,8 @@ impl Layer for ReplicationLayer {
     ) {
         if tag == SUPERBLOCK_TAG {
             self.epoch_written(result, buf);
+        } else if tag & HEDGE_TAG != 0 && tag & (BITMAP_TAG | RESYNC_TAG) == 0 {
+            self.hedge_local_done(ctx, tag & !HEDGE_TAG, result, buf);
         } else if tag & BITMAP_TAG != 0 {
             self.bitmap_written(ctx, result, buf);
         } else {
@@ -1748,6 +2109,9 @@ impl Layer for ReplicationLayer {
         if !self.batch.is_empty() {
             self.issue_batch(ctx);
         }
+        if !self.hedges.is_empty() {
+            work |= self.send_late_hedges(ctx);
+        }
         self.establish(ctx);
         if self.status.draining() {
             self.status
@@ -1808,6 +2172,15 @@ impl Layer for ReplicationLayer {
         }
         let flushes: Vec<u32> = self.by_flush.drain().map(|(_, slot)| slot).collect();
         for slot in flushes {
+            self.finish(ctx, slot, Err(IoError::NotPrimary { epoch: self.epoch }));
+        }
+        // Hedged reads not answered yet (a drain waits for them; a role change may not).
+        let reads: Vec<u32> = self
+            .hedges
+            .values_mut()
+            .filter_map(|hedge| hedge.slot.take())
+            .collect();
+        for slot in reads {
             self.finish(ctx, slot, Err(IoError::NotPrimary { epoch: self.epoch }));
         }
     }

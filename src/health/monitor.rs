@@ -8,6 +8,8 @@
 //! `DATA_DIR/health-events.jsonl`.
 //!
 //! Actions, unless the volume is advise-only:
+//! - a primary that is not healthy hedges its reads to its in-sync replicas after its healthy
+//!   read p95 (the replication layer's hedged reads, `VolumeStatus::set_hedge`);
 //! - a degraded primary is reparented to its fastest in-sync replica, never when that would
 //!   leave fewer than two healthy copies, never twice at once for one volume, and not again
 //!   within [`REPARENT_COOLDOWN`];
@@ -24,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fathom_engine::config::{HealthActions, HealthConfig};
 use fathom_engine::{Engine, Volume};
 use fathom_health::canary::{self, Baseline, Reading};
-use fathom_health::detector::{self, Detector, Health, Sign, Window};
+use fathom_health::detector::{self, Detector, Health, Latency, Quantile, Sign, Window};
 use fathom_health::drift::{classify, Cause, DriftTracker};
 use fathom_health::signals::{queue_idle_pct, volume_signals, OldestOp, VolumeSignals};
 use fathom_replication::node::Replication;
@@ -44,6 +46,10 @@ pub const NODE_WIDE_ELEVATION: f64 = 1.3;
 /// Degradations within [`REPLACE_SPAN`] that flag a volume for replacement.
 pub const REPLACE_AFTER: usize = 3;
 pub const REPLACE_SPAN: Duration = Duration::from_secs(3600);
+/// A hedged read's delay before the healthy read p95 is learned (ns).
+const HEDGE_AFTER_UNLEARNED_NS: f64 = 2e6;
+/// Canary intervals the clients' usual shape follows, for drift.
+const DRIFT_SPAN: u32 = 60;
 
 /// What the node's health looks like now (the status file, `fathom-ctl health`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -98,11 +104,11 @@ pub struct Inputs {
     pub errors: u64,
     /// The device queue's idle time, percent.
     pub device_idle_pct: Option<f64>,
-    pub local_write_p99_us: Option<f64>,
-    /// Per replica (on a primary): node and its write p99 for the same writes.
-    pub replicas: Vec<(String, f64)>,
-    pub peer_ratio: Option<f64>,
-    pub peer_ratio_baseline: Option<f64>,
+    /// On a primary: its own device's writes, and each replica's answers to the same writes.
+    pub local_write: Option<LatencyUs>,
+    pub replicas: Vec<ReplicaInput>,
+    /// On a primary: the peer ratio at p50 and at p99, with the ratio learned healthy.
+    pub peer_ratios: Vec<PeerRatio>,
     /// The self-model: healthy windows learned, the most IO/s among them, and the clients'
     /// usual queue depth then.
     pub model_points: usize,
@@ -112,6 +118,44 @@ pub struct Inputs {
     pub smoke_ms: Option<f64>,
     pub smoke_rounds: u64,
     pub smoke_failures: u64,
+    /// On a primary hedging its reads: after how long a read is asked of a replica too,
+    /// reads asked so (since it became primary) and those the replica answered first.
+    pub hedge_after_us: Option<f64>,
+    pub hedged_reads: u64,
+    pub hedge_wins: u64,
+}
+
+/// A set of writes' latency, µs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyUs {
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+impl From<Latency> for LatencyUs {
+    fn from(latency: Latency) -> Self {
+        Self {
+            p50_us: latency.p50_ns / 1e3,
+            p99_us: latency.p99_ns / 1e3,
+        }
+    }
+}
+
+/// One replica's answers to the primary's writes over the window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaInput {
+    pub node: String,
+    pub writes: u64,
+    #[serde(flatten)]
+    pub latency: LatencyUs,
+}
+
+/// The peer ratio at one quantile: now, and as learned healthy (`None` while it learns).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerRatio {
+    pub quantile: Quantile,
+    pub ratio: Option<f64>,
+    pub baseline: Option<f64>,
 }
 
 /// A volume's canary over its last interval.
@@ -293,6 +337,8 @@ struct Tracked {
     status: VolumeHealth,
     degradations: VecDeque<Instant>,
     last_reparent: Option<Instant>,
+    /// The clients' read p95 while healthy (ns), a slow average: when hedged reads go out.
+    read_p95_ns: Option<f64>,
 }
 
 struct Monitor {
@@ -432,6 +478,7 @@ impl Monitor {
             // old one does not hold. The state is kept; what it learned starts again.
             if !tracked.status.role.is_empty() && tracked.status.role != role {
                 tracked.detector.relearn();
+                tracked.drift = DriftTracker::new(DRIFT_SPAN);
             }
             let window = window_of(
                 self.second,
@@ -459,9 +506,11 @@ impl Monitor {
         let with_io: Vec<_> = judged.iter().filter(|judged| judged.1.iops > 0.0).collect();
         let slowed = |name: &String, sign: Sign, window: &Window| {
             let detector = &self.volumes[name].detector;
-            let elevated = detector::peer_ratio(window)
-                .zip(detector.ratio_baseline())
-                .is_some_and(|(ratio, baseline)| ratio >= NODE_WIDE_ELEVATION * baseline);
+            let elevated = Quantile::ALL.iter().any(|&quantile| {
+                detector::peer_ratio(window, quantile)
+                    .zip(detector.ratio_baseline(quantile))
+                    .is_some_and(|(ratio, baseline)| ratio >= NODE_WIDE_ELEVATION * baseline)
+            });
             sign == Sign::Sick || detector.health() == Health::Suspect || elevated
         };
         let any_sick = with_io.iter().any(|judged| judged.3 == Sign::Sick);
@@ -507,6 +556,12 @@ impl Monitor {
             let tracked = self.volumes.get_mut(&name).expect("tracked");
             let verdict = tracked.detector.apply(&window, sign, reasons);
             let before = tracked.status.health.clone();
+            if verdict.health == Health::Healthy && verdict.sign == Sign::Fine {
+                if let Some(p95) = signals.read_p95_ns {
+                    let learned = tracked.read_p95_ns.unwrap_or(p95);
+                    tracked.read_p95_ns = Some(learned + (p95 - learned) * 0.05);
+                }
+            }
             update_status(
                 tracked, &name, role, &verdict, &window, &signals, idle, advise,
             );
@@ -549,6 +604,9 @@ impl Monitor {
                     self.reparent(&name, advise);
                 }
             }
+            if role == "primary" {
+                self.hedge(&name, verdict.health != Health::Healthy && !advise);
+            }
             self.canary_interval(&name, snapshot, directory);
             statuses.push(self.volumes[&name].status.clone());
         }
@@ -590,7 +648,7 @@ impl Monitor {
             canary_failures: 0,
             interval_start: None,
             interval: 0,
-            drift: DriftTracker::new(60),
+            drift: DriftTracker::new(DRIFT_SPAN),
             status: VolumeHealth {
                 volume: volume.name.clone(),
                 health: Health::Healthy.as_str().into(),
@@ -598,7 +656,49 @@ impl Monitor {
             },
             degradations: VecDeque::new(),
             last_reparent: None,
+            read_p95_ns: None,
         }
+    }
+
+    /// Hedges a primary's reads to its in-sync replicas (`on`), after the read p95 it had
+    /// healthy, or stops; an event when that changes. The counts show in its inputs.
+    fn hedge(&mut self, name: &str, on: bool) {
+        let Some(status) = self.replication.as_ref().and_then(|replication| {
+            replication
+                .roles()
+                .into_iter()
+                .find(|role| role.volume == name)
+                .and_then(|role| role.primary_status())
+        }) else {
+            return;
+        };
+        let tracked = self.volumes.get_mut(name).expect("tracked");
+        let after = on.then(|| {
+            Duration::from_nanos(tracked.read_p95_ns.unwrap_or(HEDGE_AFTER_UNLEARNED_NS) as u64)
+        });
+        let (reads, first) = status.hedged_reads();
+        tracked.status.inputs.hedge_after_us = after.map(|after| after.as_secs_f64() * 1e6);
+        tracked.status.inputs.hedged_reads = reads;
+        tracked.status.inputs.hedge_wins = first;
+        if status.hedge_after() == after {
+            return;
+        }
+        status.set_hedge(after);
+        self.event(serde_json::json!({
+            "event": "hedge",
+            "volume": name,
+            "active": after.is_some(),
+            "reasons": [match after {
+                Some(after) => format!(
+                    "the primary is {}: a read not answered by its own copy within {:.0} µs (its healthy read p95) is asked of an in-sync replica too",
+                    self.volumes[name].status.health,
+                    after.as_secs_f64() * 1e6
+                ),
+                None => "the primary is healthy again (or advise-only): reads are its own copy's".into(),
+            }],
+            "hedged_reads": reads,
+            "replica_first": first,
+        }));
     }
 
     fn start_probes(&self, volume: &Volume) -> Option<Arc<ProbeShared>> {
@@ -769,7 +869,11 @@ impl Monitor {
             .as_ref()
             .is_some_and(|canary| canary.red);
         let drift = tracked.drift.observe(&signals.shape);
-        let cause = classify(red, drift.as_ref());
+        let cause = classify(
+            red,
+            drift.as_ref(),
+            tracked.detector.health() != Health::Healthy,
+        );
         let reasons = drift.map(|drift| drift.reasons).unwrap_or_default();
         if reasons.is_empty() != tracked.status.drift.is_empty() {
             events.push(serde_json::json!({
@@ -827,15 +931,16 @@ impl Monitor {
             })
             .unwrap_or_default();
         // A replica counts as a healthy copy while its session is open and it is in sync
-        // (it has every write); the fastest of them for the same writes is the target.
+        // (it has every write); the fastest of them for the same writes (at the median: the
+        // tail is the CPU's as much as the device's) is the target.
         let healthy: Vec<(String, f64)> = in_sync
             .iter()
             .map(|node| {
-                let p99 = replicas
+                let p50 = replicas
                     .iter()
-                    .find(|(replica, _)| replica == node)
-                    .map_or(f64::INFINITY, |(_, p99)| *p99);
-                (node.clone(), p99)
+                    .find(|replica| &replica.node == node)
+                    .map_or(f64::INFINITY, |replica| replica.latency.p50_us);
+                (node.clone(), p50)
             })
             .collect();
         let target = healthy
@@ -991,12 +1096,12 @@ fn window_of(
         iops: signals.iops(),
         p99_ns: signals.p99_ns,
         depth: signals.depth,
-        local_write_p99_ns: signals.local_write_p99_ns.filter(|_| replicated),
-        replica_write_p99_ns: match replicated {
+        local_write: signals.local_write.filter(|_| replicated),
+        replica_writes: match replicated {
             true => signals
                 .replicas
                 .iter()
-                .map(|replica| replica.write_p99_ns)
+                .map(|replica| replica.write)
                 .collect(),
             false => Vec::new(),
         },
@@ -1036,14 +1141,30 @@ fn update_status(
         depth: signals.depth,
         errors: signals.errors,
         device_idle_pct: idle,
-        local_write_p99_us: window.local_write_p99_ns.map(us),
+        local_write: window.local_write.map(LatencyUs::from),
         replicas: signals
             .replicas
             .iter()
-            .map(|replica| (replica.node.clone(), us(replica.write_p99_ns)))
+            .map(|replica| ReplicaInput {
+                node: replica.node.clone(),
+                writes: replica.writes,
+                latency: replica.write.into(),
+            })
             .collect(),
-        peer_ratio: detector::peer_ratio(window),
-        peer_ratio_baseline: tracked.detector.ratio_baseline(),
+        // On a primary with replicas: learned, or learning from this window's writes.
+        peer_ratios: match window.local_write.is_some()
+            || tracked.detector.ratio_baseline(Quantile::P50).is_some()
+        {
+            false => Vec::new(),
+            true => Quantile::ALL
+                .iter()
+                .map(|&quantile| PeerRatio {
+                    quantile,
+                    ratio: detector::peer_ratio(window, quantile),
+                    baseline: tracked.detector.ratio_baseline(quantile),
+                })
+                .collect(),
+        },
         model_points: tracked.detector.model().len(),
         model_max_iops: tracked.detector.model().max_iops(),
         typical_depth: tracked.detector.typical_depth(),
@@ -1051,6 +1172,10 @@ fn update_status(
         smoke_ms: window.smoke_ns.map(|ns| ns as f64 / 1e6),
         smoke_rounds: tracked.smoke_rounds,
         smoke_failures: tracked.smoke_failures,
+        // A primary's: filled in by `hedge`.
+        hedge_after_us: None,
+        hedged_reads: 0,
+        hedge_wins: 0,
     };
 }
 

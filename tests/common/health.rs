@@ -121,21 +121,37 @@ pub fn finish(stop: &AtomicBool, clients: Vec<std::thread::JoinHandle<fathom::ch
 /// Waits until node `index`'s detector of `volume` learned what healthy looks like: the
 /// peer ratio (on a primary) and the self-model.
 pub fn wait_learned(cluster: &Cluster, index: usize, volume: &str) {
+    if let Err(status) = learned_within(cluster, index, volume, Duration::from_secs(60)) {
+        panic!(
+            "node {}'s detector of {volume} did not learn within 60 s: {status:#}",
+            cluster.nodes[index].id
+        );
+    }
+}
+
+/// As [`wait_learned`] for at most `timeout`; the last status if it did not.
+pub fn learned_within(
+    cluster: &Cluster,
+    index: usize,
+    volume: &str,
+    timeout: Duration,
+) -> Result<(), Value> {
     let started = Instant::now();
     loop {
         let status = health_of(cluster, index, volume);
         let inputs = &status["inputs"];
         if status["health"] == "healthy"
-            && (status["role"] != "primary" || inputs["peer_ratio_baseline"].is_number())
+            && (status["role"] != "primary"
+                || inputs["peer_ratios"]
+                    .as_array()
+                    .is_some_and(|peers| peers.iter().all(|peer| peer["baseline"].is_number())))
             && inputs["model_points"].as_u64().unwrap_or(0) >= 10
         {
-            return;
+            return Ok(());
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "node {}'s detector of {volume} did not learn within 60 s: {status:#}",
-            cluster.nodes[index].id
-        );
+        if started.elapsed() >= timeout {
+            return Err(status);
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
