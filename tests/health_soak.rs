@@ -326,7 +326,21 @@ fn detection_and_reparent_times_over_many_injections() {
         let line = match &degraded {
             None => {
                 missed += 1;
-                format!("not degraded within {timeout:?}")
+                // What the detector saw at the end: its sign, why, and its inputs.
+                let status = health_of(&cluster, at, "vol0");
+                let inputs = &status["inputs"];
+                format!(
+                    "not degraded within {timeout:?}: {} {} {}; peer ratios {}; {:.0} IO/s (carried {}), depth {:.1} (typical {})",
+                    status["health"],
+                    status["sign"],
+                    status["reasons"],
+                    inputs["peer_ratios"],
+                    inputs["read_iops"].as_f64().unwrap_or(0.0)
+                        + inputs["write_iops"].as_f64().unwrap_or(0.0),
+                    inputs["model_max_iops"],
+                    inputs["depth"].as_f64().unwrap_or(0.0),
+                    inputs["typical_depth"],
+                )
             }
             Some(event) => {
                 let took = event["unix_ms"].as_u64().unwrap() - injected;

@@ -87,6 +87,8 @@ pub struct Window {
     pub depth: f64,
     /// The oldest IO still in flight at the window's end (ns; 0: none).
     pub oldest_op_ns: u64,
+    /// On a primary: a replica is being resynchronised (the peer ratio is not learned).
+    pub resyncing: bool,
     /// The window's smoke write: its latency (ns), or `None` if none was due.
     pub smoke_ns: Option<u64>,
     /// The smoke write failed or read back wrong.
@@ -347,7 +349,9 @@ impl Detector {
             }
             self.depths.push_back(window.depth);
         }
-        for quantile in Quantile::ALL {
+        // A resync loads the primary's device with its reads and a replica's with its
+        // writes: a ratio then is neither device's healthy one.
+        for quantile in Quantile::ALL.into_iter().filter(|_| !window.resyncing) {
             if let Some(ratio) = peer_ratio(window, quantile) {
                 self.ratios[quantile as usize].learn(ratio);
             }
@@ -804,6 +808,20 @@ mod tests {
         }
         assert_eq!(detector.ratio_baseline(Quantile::P99), Some(baseline));
         assert_eq!(detector.model().len(), learned);
+    }
+
+    #[test]
+    fn a_ratio_seen_during_a_resync_is_not_learned() {
+        let mut detector = Detector::new(Settings::default());
+        for second in 0..60 {
+            // The primary's device reads for the resync: its writes 2.5x slower meanwhile.
+            let mut w = window(second, 3000.0, 43.0 * 2.5, 90.0);
+            w.resyncing = true;
+            detector.observe(&w);
+        }
+        assert_eq!(detector.ratio_baseline(Quantile::P50), None);
+        let (learned, _) = learned();
+        assert!(learned.ratio_baseline(Quantile::P50).is_some());
     }
 
     #[test]

@@ -115,6 +115,8 @@ const HEDGE_TAG: u64 = 1 << 60;
 
 /// Hedged reads in flight at most; beyond, reads pass to the local copy alone.
 const MAX_HEDGED: usize = 64;
+/// Hedged reads whose local half is out at most; beyond, they go to a replica alone.
+const MAX_LOCAL_HEDGED: usize = 8;
 
 /// Resync chunks read or sent and not yet answered, per replica.
 const RESYNC_WINDOW: usize = 8;
@@ -468,6 +470,8 @@ pub struct ReplicationLayer {
     hedges: HashMap<u64, Hedge>,
     next_hedge: u64,
     late_hedges: Vec<u64>,
+    /// Hedged reads whose local half is out.
+    local_hedged: usize,
 }
 
 /// How often the layer publishes its replicas' lag for the control channel and telemetry.
@@ -616,6 +620,7 @@ impl ReplicationLayer {
             hedges: HashMap::with_capacity(MAX_HEDGED),
             next_hedge: 0,
             late_hedges: Vec::with_capacity(MAX_HEDGED),
+            local_hedged: 0,
         };
         // What the bitmaps say each replica lacks shows from the start.
         for index in 0..layer.peers.len() {
@@ -1509,35 +1514,28 @@ impl ReplicationLayer {
     /// open; a replica that cannot take it has it failed (its dirty bits stay).
     /// Takes client read `slot` as a hedged one when reads are hedged and a replica could
     /// answer it: the local copy reads it into a bounce buffer now, a replica is asked once
-    /// it is late ([`ReplicationLayer::send_late_hedges`]). False: it passes to the local
-    /// copy alone.
+    /// it is late ([`ReplicationLayer::send_late_hedges`]). With [`MAX_LOCAL_HEDGED`] local
+    /// reads out already, it goes to a replica alone: a slow device's queue stays bounded
+    /// while reads answered elsewhere let the clients send more. False: it passes to the
+    /// local copy alone.
     fn start_hedge(&mut self, ctx: &mut LayerCtx<'_>, slot: u32, command: &IoCommand) -> bool {
         if self.status.hedge_after_ns.load(Ordering::Relaxed) == u64::MAX
             || self.hedges.len() >= MAX_HEDGED
-            || !(0..self.peers.len()).any(|index| {
-                matches!(self.peers[index].link, Link::Open { .. }) && self.primary.in_sync(index)
-            })
         {
             return false;
         }
-        let bytes = command.blocks as usize * self.block_size as usize;
-        let Ok(buf) = self.pool.alloc(bytes) else {
-            return false;
+        let local = self.local_hedged < MAX_LOCAL_HEDGED;
+        let lba = command.slba - self.first_lba;
+        let answerable = match local {
+            true => (0..self.peers.len()).any(|index| {
+                matches!(self.peers[index].link, Link::Open { .. }) && self.primary.in_sync(index)
+            }),
+            false => self.replica_for(lba, command.blocks).is_some(),
         };
-        let id = self.next_hedge;
-        let io = OwnIo {
-            op: Op::Read,
-            slba: command.slba,
-            blocks: command.blocks,
-            fua: false,
-            tag: HEDGE_TAG | id,
-            buf: Some(buf),
-        };
-        if ctx.issue_own(io).is_err() {
+        if !answerable {
             return false;
         }
-        self.next_hedge = (id + 1) & (HEDGE_TAG - 1);
-        self.held += 1;
+        let id = self.next_hedge;
         self.hedges.insert(
             id,
             Hedge {
@@ -1545,13 +1543,71 @@ impl ReplicationLayer {
                 slba: command.slba,
                 blocks: command.blocks,
                 began: ctx.now(),
-                local_out: true,
+                local_out: false,
                 local_error: None,
                 replica: None,
                 replica_failed: false,
             },
         );
+        if local && !self.issue_local(ctx, id) {
+            self.hedges.remove(&id);
+            return false;
+        }
+        self.next_hedge = (id + 1) & (HEDGE_TAG - 1);
+        self.held += 1;
+        if !local {
+            self.ask_replica(ctx, id);
+        }
         true
+    }
+
+    /// Issues hedged read `id`'s local half, into a bounce buffer; false if it could not go.
+    fn issue_local(&mut self, ctx: &mut LayerCtx<'_>, id: u64) -> bool {
+        let Some(hedge) = self.hedges.get_mut(&id) else {
+            return false;
+        };
+        let bytes = hedge.blocks as usize * self.block_size as usize;
+        let Ok(buf) = self.pool.alloc(bytes) else {
+            return false;
+        };
+        let io = OwnIo {
+            op: Op::Read,
+            slba: hedge.slba,
+            blocks: hedge.blocks,
+            fua: false,
+            tag: HEDGE_TAG | id,
+            buf: Some(buf),
+        };
+        if ctx.issue_own(io).is_err() {
+            return false;
+        }
+        hedge.local_out = true;
+        self.local_hedged += 1;
+        true
+    }
+
+    /// The in-sync, open replica with the least outstanding that holds every write to
+    /// volume blocks `lba..lba + blocks` it was sent (none of them unanswered: an
+    /// acknowledged write is on it, and one in flight may show or not, as on the local copy).
+    fn replica_for(&self, lba: u64, blocks: u32) -> Option<usize> {
+        let overlaps = |sent: &Sent| match *sent {
+            Sent::Write {
+                lba: at, blocks: n, ..
+            } => at < lba + blocks as u64 && lba < at + n as u64,
+            Sent::Resync(chunk) => {
+                chunk.lba < lba + blocks as u64 && lba < chunk.lba + chunk.blocks as u64
+            }
+            _ => false,
+        };
+        (0..self.peers.len())
+            .filter(|&index| {
+                let peer = &self.peers[index];
+                matches!(peer.link, Link::Open { .. })
+                    && self.primary.in_sync(index)
+                    && !peer.copying_overlaps(lba, blocks)
+                    && !peer.outstanding.values().any(overlaps)
+            })
+            .min_by_key(|&index| self.peers[index].outstanding.len())
     }
 
     /// Asks a replica for the hedged reads the local copy has not answered in time (or
@@ -1585,33 +1641,15 @@ impl ReplicationLayer {
         sent
     }
 
-    /// Sends hedged read `id` to the in-sync replica with the least outstanding that holds
-    /// every write to its blocks it was sent (none of them unanswered: an acknowledged write
-    /// is on it, and one in flight may show or not, as on the local copy); true if sent.
-    /// With none such, it waits for the local copy (failing if that failed).
+    /// Sends hedged read `id` to a replica that can answer it ([`Self::replica_for`]); true
+    /// if sent. With none such, the local copy's answer is the only one (its read is issued
+    /// now if it was not).
     fn ask_replica(&mut self, ctx: &mut LayerCtx<'_>, id: u64) -> bool {
         let Some(hedge) = self.hedges.get(&id) else {
             return false;
         };
         let (lba, blocks) = (hedge.slba - self.first_lba, hedge.blocks);
-        let overlaps = |sent: &Sent| match *sent {
-            Sent::Write {
-                lba: at, blocks: n, ..
-            } => at < lba + blocks as u64 && lba < at + n as u64,
-            Sent::Resync(chunk) => {
-                chunk.lba < lba + blocks as u64 && lba < chunk.lba + chunk.blocks as u64
-            }
-            _ => false,
-        };
-        let target = (0..self.peers.len())
-            .filter(|&index| {
-                let peer = &self.peers[index];
-                matches!(peer.link, Link::Open { .. })
-                    && self.primary.in_sync(index)
-                    && !peer.copying_overlaps(lba, blocks)
-                    && !peer.outstanding.values().any(overlaps)
-            })
-            .min_by_key(|&index| self.peers[index].outstanding.len());
+        let target = self.replica_for(lba, blocks);
         let request_id = self.next_request;
         let header = Header {
             epoch: self.epoch,
@@ -1665,6 +1703,7 @@ impl ReplicationLayer {
             return;
         };
         hedge.local_out = false;
+        self.local_hedged -= 1;
         if let Some(slot) = hedge.slot {
             let filled = result.is_ok()
                 && buf.as_ref().is_some_and(|buf| {
@@ -1714,6 +1753,13 @@ impl ReplicationLayer {
                 if let Some(error) = hedge.local_error.clone() {
                     hedge.slot = None;
                     self.finish(ctx, slot, Err(error));
+                } else if !hedge.local_out && !self.issue_local(ctx, id) {
+                    // Sent to the replica alone, which failed it, and no slot to read it
+                    // here now.
+                    if let Some(hedge) = self.hedges.get_mut(&id) {
+                        hedge.slot = None;
+                    }
+                    self.finish(ctx, slot, Err(IoError::Busy));
                 }
             }
         }

@@ -467,6 +467,11 @@ impl Monitor {
             let idle = queue.map(|queue| queues[queue].1);
             let role = roles.get(&entry.name);
             let primary = role.is_some_and(|role| role.primary_here());
+            // A replica being caught up: the primary's device reads for it, and the replica
+            // writes it, so the peer ratio moves by the resync, not by either device.
+            let resyncing = role
+                .and_then(|role| role.primary_status())
+                .is_some_and(|status| status.peers.iter().any(|peer| !peer.in_sync()));
             let tracked = self.volumes.get_mut(&entry.name).expect("tracked above");
             let role = match role {
                 Some(_) if primary => "primary",
@@ -480,7 +485,7 @@ impl Monitor {
                 tracked.detector.relearn();
                 tracked.drift = DriftTracker::new(DRIFT_SPAN);
             }
-            let window = window_of(
+            let mut window = window_of(
                 self.second,
                 &signals,
                 primary,
@@ -488,6 +493,7 @@ impl Monitor {
                 tracked,
                 self.engine.clock(),
             );
+            window.resyncing = resyncing;
             let (sign, reasons) = tracked.detector.judge(&window);
             judged.push((
                 entry.name.clone(),
@@ -1108,6 +1114,8 @@ fn window_of(
         oldest_op_ns: oldest,
         smoke_ns,
         smoke_failed,
+        // Set by the caller, which knows the replicas.
+        resyncing: false,
     }
 }
 
