@@ -351,9 +351,11 @@ impl Detector {
         }
         // A resync loads the primary's device with its reads and a replica's with its
         // writes: a ratio then is neither device's healthy one.
-        for quantile in Quantile::ALL.into_iter().filter(|_| !window.resyncing) {
-            if let Some(ratio) = peer_ratio(window, quantile) {
-                self.ratios[quantile as usize].learn(ratio);
+        if !window.resyncing {
+            for quantile in Quantile::ALL {
+                if let Some(ratio) = peer_ratio(window, quantile) {
+                    self.ratios[quantile as usize].learn(ratio);
+                }
             }
         }
     }

@@ -105,9 +105,10 @@ pub fn volume_signals(
     let op = |name: &str| directory.ops.iter().position(|op| op == name);
     let stage = |name: &str| directory.stages.iter().position(|stage| stage == name);
     let ns = |ticks: u64| ticks as f64 * 1e9 / hz;
-    let p99 = |histogram: &Histogram<u64>| {
-        (!histogram.is_empty()).then(|| ns(histogram.value_at_quantile(0.99)))
+    let at = |histogram: &Histogram<u64>, quantile: f64| {
+        (!histogram.is_empty()).then(|| ns(histogram.value_at_quantile(quantile)))
     };
+    let p99 = |histogram: &Histogram<u64>| at(histogram, 0.99);
     let latency = |histogram: &Histogram<u64>| {
         (!histogram.is_empty()).then(|| Latency {
             p50_ns: ns(histogram.value_at_quantile(0.5)),
@@ -195,8 +196,7 @@ pub fn volume_signals(
         read_p99_ns: read_total.as_ref().and_then(p99),
         read_p95_ns: read_total
             .as_ref()
-            .filter(|histogram| !histogram.is_empty())
-            .map(|histogram| ns(histogram.value_at_quantile(0.95))),
+            .and_then(|histogram| at(histogram, 0.95)),
         write_p99_ns: write_total.as_ref().and_then(p99),
         p99_ns: both_total.as_ref().and_then(p99),
         local_write: local_write.as_ref().and_then(latency),

@@ -357,11 +357,15 @@ impl Peer {
     }
 
     fn copying_overlaps(&self, lba: u64, blocks: u32) -> bool {
-        self.copying.iter().any(|copying| {
-            copying.chunk.lba < lba + blocks as u64
-                && lba < copying.chunk.lba + copying.chunk.blocks as u64
-        })
+        self.copying
+            .iter()
+            .any(|copying| overlaps(copying.chunk.lba, copying.chunk.blocks, lba, blocks))
     }
+}
+
+/// Whether volume blocks `a..a + a_blocks` and `b..b + b_blocks` share one.
+fn overlaps(a: u64, a_blocks: u32, b: u64, b_blocks: u32) -> bool {
+    a < b + b_blocks as u64 && b < a + a_blocks as u64
 }
 
 /// A client IO the layer holds.
@@ -400,8 +404,8 @@ struct Hedge {
     local_out: bool,
     /// The local read failed, and how.
     local_error: Option<IoError>,
-    /// The replica asked: its index and request id.
-    replica: Option<(usize, u64)>,
+    /// A replica was asked and has not answered.
+    replica_out: bool,
     replica_failed: bool,
 }
 
@@ -1510,8 +1514,6 @@ impl ReplicationLayer {
         self.status.fenced.store(true, Ordering::Relaxed);
     }
 
-    /// Sends write `sequence` (`command`, with `payload`) to every replica whose stream is
-    /// open; a replica that cannot take it has it failed (its dirty bits stay).
     /// Takes client read `slot` as a hedged one when reads are hedged and a replica could
     /// answer it: the local copy reads it into a bounce buffer now, a replica is asked once
     /// it is late ([`ReplicationLayer::send_late_hedges`]). With [`MAX_LOCAL_HEDGED`] local
@@ -1545,7 +1547,7 @@ impl ReplicationLayer {
                 began: ctx.now(),
                 local_out: false,
                 local_error: None,
-                replica: None,
+                replica_out: false,
                 replica_failed: false,
             },
         );
@@ -1590,13 +1592,11 @@ impl ReplicationLayer {
     /// volume blocks `lba..lba + blocks` it was sent (none of them unanswered: an
     /// acknowledged write is on it, and one in flight may show or not, as on the local copy).
     fn replica_for(&self, lba: u64, blocks: u32) -> Option<usize> {
-        let overlaps = |sent: &Sent| match *sent {
+        let unanswered = |sent: &Sent| match *sent {
             Sent::Write {
                 lba: at, blocks: n, ..
-            } => at < lba + blocks as u64 && lba < at + n as u64,
-            Sent::Resync(chunk) => {
-                chunk.lba < lba + blocks as u64 && lba < chunk.lba + chunk.blocks as u64
-            }
+            } => overlaps(at, n, lba, blocks),
+            Sent::Resync(chunk) => overlaps(chunk.lba, chunk.blocks, lba, blocks),
             _ => false,
         };
         (0..self.peers.len())
@@ -1605,7 +1605,7 @@ impl ReplicationLayer {
                 matches!(peer.link, Link::Open { .. })
                     && self.primary.in_sync(index)
                     && !peer.copying_overlaps(lba, blocks)
-                    && !peer.outstanding.values().any(overlaps)
+                    && !peer.outstanding.values().any(unanswered)
             })
             .min_by_key(|&index| self.peers[index].outstanding.len())
     }
@@ -1626,7 +1626,7 @@ impl ReplicationLayer {
                 .iter()
                 .filter(|(_, hedge)| {
                     hedge.slot.is_some()
-                        && hedge.replica.is_none()
+                        && !hedge.replica_out
                         && !hedge.replica_failed
                         && (hedge.local_error.is_some() || now.saturating_sub(hedge.began) >= after)
                 })
@@ -1672,7 +1672,7 @@ impl ReplicationLayer {
                     .outstanding
                     .insert(request_id, Sent::Read { hedge: id });
                 if let Some(hedge) = self.hedges.get_mut(&id) {
-                    hedge.replica = Some((index, request_id));
+                    hedge.replica_out = true;
                 }
                 self.status.hedges.fetch_add(1, Ordering::Relaxed);
                 true
@@ -1727,7 +1727,7 @@ impl ReplicationLayer {
                 if hedge.replica_failed {
                     hedge.slot = None;
                     self.finish(ctx, slot, Err(error));
-                } else if hedge.replica.is_none() {
+                } else if !hedge.replica_out {
                     // Failed here before it was late: the replica is asked now.
                     self.ask_replica(ctx, id);
                 }
@@ -1742,7 +1742,7 @@ impl ReplicationLayer {
         let Some(hedge) = self.hedges.get_mut(&id) else {
             return;
         };
-        hedge.replica = None;
+        hedge.replica_out = false;
         if let Some(slot) = hedge.slot {
             if ok {
                 hedge.slot = None;
@@ -1768,13 +1768,17 @@ impl ReplicationLayer {
 
     /// Drops hedged read `id` once it is answered and neither half is out.
     fn forget_hedge(&mut self, id: u64) {
-        if self.hedges.get(&id).is_some_and(|hedge| {
-            hedge.slot.is_none() && !hedge.local_out && hedge.replica.is_none()
-        }) {
+        if self
+            .hedges
+            .get(&id)
+            .is_some_and(|hedge| hedge.slot.is_none() && !hedge.local_out && !hedge.replica_out)
+        {
             self.hedges.remove(&id);
         }
     }
 
+    /// Sends write `sequence` (`command`, with `payload`) to every replica whose stream is
+    /// open; a replica that cannot take it has it failed (its dirty bits stay).
     fn send_write(
         &mut self,
         ctx: &mut LayerCtx<'_>,

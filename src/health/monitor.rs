@@ -29,6 +29,7 @@ use fathom_health::canary::{self, Baseline, Reading};
 use fathom_health::detector::{self, Detector, Health, Latency, Quantile, Sign, Window};
 use fathom_health::drift::{classify, Cause, DriftTracker};
 use fathom_health::signals::{queue_idle_pct, volume_signals, OldestOp, VolumeSignals};
+use fathom_replication::layer::VolumeStatus;
 use fathom_replication::node::Replication;
 use fathom_telemetry::region::{RegionReader, Snapshot};
 use parking_lot::Mutex;
@@ -321,6 +322,21 @@ impl Drop for HealthMonitor {
 }
 
 /// What the monitor keeps per volume.
+/// One volume's window as judged, before the node-wide rule and the state machine.
+struct Judged {
+    name: String,
+    window: Window,
+    signals: VolumeSignals,
+    sign: Sign,
+    reasons: Vec<String>,
+    /// Its device queue's idle time, percent.
+    idle: Option<f64>,
+    /// "primary", "replica" or "local".
+    role: &'static str,
+    /// On a primary: its replication layer's status (hedging, the replicas' sync).
+    primary_status: Option<Arc<VolumeStatus>>,
+}
+
 struct Tracked {
     /// The region slot's generation it was first seen at: another one is another volume.
     generation: u64,
@@ -467,10 +483,11 @@ impl Monitor {
             let idle = queue.map(|queue| queues[queue].1);
             let role = roles.get(&entry.name);
             let primary = role.is_some_and(|role| role.primary_here());
+            let primary_status = role.and_then(|role| role.primary_status());
             // A replica being caught up: the primary's device reads for it, and the replica
             // writes it, so the peer ratio moves by the resync, not by either device.
-            let resyncing = role
-                .and_then(|role| role.primary_status())
+            let resyncing = primary_status
+                .as_ref()
                 .is_some_and(|status| status.peers.iter().any(|peer| !peer.in_sync()));
             let tracked = self.volumes.get_mut(&entry.name).expect("tracked above");
             let role = match role {
@@ -495,21 +512,25 @@ impl Monitor {
             );
             window.resyncing = resyncing;
             let (sign, reasons) = tracked.detector.judge(&window);
-            judged.push((
-                entry.name.clone(),
+            judged.push(Judged {
+                name: entry.name.clone(),
                 window,
                 signals,
                 sign,
                 reasons,
                 idle,
                 role,
-            ));
+                primary_status,
+            });
         }
         // Every volume with IO slowed alike is the node's fault, held against none of them:
         // each sick now, suspect (sick a moment ago), or its peer ratio well up though under
         // the limit (the same slowdown lands on either side of it from one volume to the
         // next).
-        let with_io: Vec<_> = judged.iter().filter(|judged| judged.1.iops > 0.0).collect();
+        let with_io: Vec<_> = judged
+            .iter()
+            .filter(|judged| judged.window.iops > 0.0)
+            .collect();
         let slowed = |name: &String, sign: Sign, window: &Window| {
             let detector = &self.volumes[name].detector;
             let elevated = Quantile::ALL.iter().any(|&quantile| {
@@ -519,7 +540,7 @@ impl Monitor {
             });
             sign == Sign::Sick || detector.health() == Health::Suspect || elevated
         };
-        let any_sick = with_io.iter().any(|judged| judged.3 == Sign::Sick);
+        let any_sick = with_io.iter().any(|judged| judged.sign == Sign::Sick);
         // Once seen, a node fault holds while any volume is still sick: the volumes' own
         // noise must not hand a second of it to one of them.
         let node_wide = with_io.len() >= 2
@@ -527,13 +548,13 @@ impl Monitor {
             && (self.node_fault.is_some()
                 || with_io
                     .iter()
-                    .all(|judged| slowed(&judged.0, judged.3, &judged.1)));
+                    .all(|judged| slowed(&judged.name, judged.sign, &judged.window)));
         let fault = node_wide.then(|| {
             format!(
                 "every volume with IO is slow alike ({}): a node fault or node-wide load, held against no single volume",
                 with_io
                     .iter()
-                    .map(|judged| judged.0.as_str())
+                    .map(|judged| judged.name.as_str())
                     .collect::<Vec<_>>()
                     .join(", ")
             )
@@ -547,7 +568,17 @@ impl Monitor {
         }
         self.node_fault = fault;
         let mut statuses = Vec::new();
-        for (name, window, signals, sign, mut reasons, idle, role) in judged {
+        for Judged {
+            name,
+            window,
+            signals,
+            sign,
+            mut reasons,
+            idle,
+            role,
+            primary_status,
+        } in judged
+        {
             let (sign, reasons) = match (node_wide, sign) {
                 (true, Sign::Sick) => {
                     reasons.push(
@@ -610,8 +641,8 @@ impl Monitor {
                     self.reparent(&name, advise);
                 }
             }
-            if role == "primary" {
-                self.hedge(&name, verdict.health != Health::Healthy && !advise);
+            if let Some(status) = primary_status.as_ref().filter(|_| role == "primary") {
+                self.hedge(&name, status, verdict.health != Health::Healthy && !advise);
             }
             self.canary_interval(&name, snapshot, directory);
             statuses.push(self.volumes[&name].status.clone());
@@ -668,16 +699,7 @@ impl Monitor {
 
     /// Hedges a primary's reads to its in-sync replicas (`on`), after the read p95 it had
     /// healthy, or stops; an event when that changes. The counts show in its inputs.
-    fn hedge(&mut self, name: &str, on: bool) {
-        let Some(status) = self.replication.as_ref().and_then(|replication| {
-            replication
-                .roles()
-                .into_iter()
-                .find(|role| role.volume == name)
-                .and_then(|role| role.primary_status())
-        }) else {
-            return;
-        };
+    fn hedge(&mut self, name: &str, status: &VolumeStatus, on: bool) {
         let tracked = self.volumes.get_mut(name).expect("tracked");
         let after = on.then(|| {
             Duration::from_nanos(tracked.read_p95_ns.unwrap_or(HEDGE_AFTER_UNLEARNED_NS) as u64)
